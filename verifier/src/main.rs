@@ -1,0 +1,2 @@
+//! `attestplane-verify`: placeholder.
+fn main() {}
