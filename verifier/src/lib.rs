@@ -48,6 +48,7 @@
 )]
 
 pub mod attestation;
+pub mod cbor;
 pub mod checkpoint;
 pub mod entry;
 pub mod error;

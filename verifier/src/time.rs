@@ -66,7 +66,11 @@ impl UnixMillis {
 impl fmt::Display for UnixMillis {
     /// RFC 3339 with milliseconds, e.g. `2022-10-13T08:58:02.136Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_rfc3339_millis(self.to_system_time()))
+        write!(
+            f,
+            "{}",
+            humantime::format_rfc3339_millis(self.to_system_time())
+        )
     }
 }
 

@@ -1,0 +1,345 @@
+//! Deterministic CBOR (RFC 8949 §4.2.1, "core deterministic encoding").
+//!
+//! Every byte string Attestplane signs or hashes is encoded here: map keys sorted by their
+//! encoded bytes, integers and lengths in their shortest form, definite lengths only, no floats
+//! and no tags inside signed payloads. Decoding is strict in the other direction: a payload is
+//! accepted only if re-encoding what was decoded gives back exactly the input bytes, so every
+//! accepted value has one and only one encoding. That is what makes "the hash of an entry" a
+//! well-defined thing.
+//!
+//! This module does not know any Attestplane type; [`crate::entry`] and friends build
+//! [`Value`]s and read them back with the small accessors below.
+
+use std::io::Cursor;
+
+use ciborium::value::{Integer, Value};
+use thiserror::Error;
+
+/// The largest signed payload accepted anywhere (a policy set is the largest thing we sign).
+pub const MAX_PAYLOAD_LEN: usize = 1024 * 1024;
+
+/// Nesting depth allowed in a decoded payload.
+pub const MAX_DEPTH: usize = 16;
+
+/// Why a CBOR payload was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CborError {
+    /// The payload is longer than [`MAX_PAYLOAD_LEN`].
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    TooLong {
+        /// Length of the input.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The bytes are not well-formed CBOR.
+    #[error("malformed cbor: {reason}")]
+    Malformed {
+        /// What the decoder reported.
+        reason: String,
+    },
+    /// Bytes follow the single top-level item.
+    #[error("{count} trailing bytes after the cbor item")]
+    TrailingBytes {
+        /// How many bytes follow.
+        count: usize,
+    },
+    /// The item decodes but is not in deterministic form (unsorted or duplicate keys,
+    /// non-shortest integers, indefinite lengths, floats or tags).
+    #[error("cbor is not in deterministic encoding")]
+    NotDeterministic,
+    /// A map holds the same key twice.
+    #[error("duplicate map key")]
+    DuplicateKey,
+    /// The item nests deeper than [`MAX_DEPTH`], or holds a float or a tag.
+    #[error("unsupported cbor item: {what}")]
+    Unsupported {
+        /// What was found.
+        what: &'static str,
+    },
+}
+
+/// Encodes `value` deterministically. Map keys are sorted by their encoded bytes; duplicate
+/// keys, floats and tags are refused because they have no place in a signed payload.
+pub fn encode(value: &Value) -> Result<Vec<u8>, CborError> {
+    let canonical = canonicalize(value, 0)?;
+    let mut out = Vec::new();
+    ciborium::ser::into_writer(&canonical, &mut out).map_err(|e| CborError::Malformed {
+        reason: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+/// Decodes one CBOR item that must make up all of `bytes` and be in deterministic form.
+pub fn decode(bytes: &[u8]) -> Result<Value, CborError> {
+    let value = decode_lenient(bytes)?;
+    let again = encode(&value)?;
+    if again != bytes {
+        return Err(CborError::NotDeterministic);
+    }
+    Ok(value)
+}
+
+/// Decodes one CBOR item that must make up all of `bytes`, in any valid encoding.
+pub fn decode_lenient(bytes: &[u8]) -> Result<Value, CborError> {
+    if bytes.len() > MAX_PAYLOAD_LEN {
+        return Err(CborError::TooLong {
+            len: bytes.len(),
+            max: MAX_PAYLOAD_LEN,
+        });
+    }
+    let mut cursor = Cursor::new(bytes);
+    let value: Value = ciborium::de::from_reader_with_recursion_limit(&mut cursor, MAX_DEPTH)
+        .map_err(|e| CborError::Malformed {
+            reason: e.to_string(),
+        })?;
+    let used = usize::try_from(cursor.position()).unwrap_or(usize::MAX);
+    let count = bytes.len().saturating_sub(used);
+    if count != 0 {
+        return Err(CborError::TrailingBytes { count });
+    }
+    Ok(value)
+}
+
+fn canonicalize(value: &Value, depth: usize) -> Result<Value, CborError> {
+    if depth > MAX_DEPTH {
+        return Err(CborError::Unsupported {
+            what: "nesting too deep",
+        });
+    }
+    Ok(match value {
+        Value::Integer(_) | Value::Bytes(_) | Value::Text(_) | Value::Bool(_) | Value::Null => {
+            value.clone()
+        }
+        Value::Float(_) => return Err(CborError::Unsupported { what: "float" }),
+        Value::Tag(..) => return Err(CborError::Unsupported { what: "tag" }),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| canonicalize(v, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Map(entries) => {
+            let mut keyed = Vec::with_capacity(entries.len());
+            for (k, v) in entries {
+                let k = canonicalize(k, depth + 1)?;
+                let mut key_bytes = Vec::new();
+                ciborium::ser::into_writer(&k, &mut key_bytes).map_err(|e| {
+                    CborError::Malformed {
+                        reason: e.to_string(),
+                    }
+                })?;
+                keyed.push((key_bytes, k, canonicalize(v, depth + 1)?));
+            }
+            keyed.sort_by(|a, b| a.0.cmp(&b.0));
+            if keyed.windows(2).any(|w| matches!(w, [a, b] if a.0 == b.0)) {
+                return Err(CborError::DuplicateKey);
+            }
+            Value::Map(keyed.into_iter().map(|(_, k, v)| (k, v)).collect())
+        }
+        _ => {
+            return Err(CborError::Unsupported {
+                what: "unknown item",
+            });
+        }
+    })
+}
+
+/// Length in bytes of the first complete CBOR item in `bytes`, without decoding it: splits an
+/// RFC 8742 CBOR sequence (an exported log) into its items. Work is bounded by the input
+/// length and nesting by [`MAX_DEPTH`].
+pub fn item_len(bytes: &[u8]) -> Result<usize, CborError> {
+    skip_item(bytes, 0, 0)
+}
+
+fn truncated() -> CborError {
+    CborError::Malformed {
+        reason: "truncated item".into(),
+    }
+}
+
+/// Reads an item head at `pos`: (major type, argument or None for indefinite, next position).
+fn read_head(bytes: &[u8], pos: usize) -> Result<(u8, Option<u64>, usize), CborError> {
+    let initial = *bytes.get(pos).ok_or_else(truncated)?;
+    let major = initial >> 5;
+    let info = initial & 0x1f;
+    let next = pos + 1;
+    let width = match info {
+        0..=23 => return Ok((major, Some(u64::from(info)), next)),
+        24 => 1,
+        25 => 2,
+        26 => 4,
+        27 => 8,
+        31 if matches!(major, 2..=5 | 7) => return Ok((major, None, next)),
+        _ => {
+            return Err(CborError::Malformed {
+                reason: format!("reserved additional information {info}"),
+            });
+        }
+    };
+    let end = next.checked_add(width).ok_or_else(truncated)?;
+    let arg = bytes.get(next..end).ok_or_else(truncated)?;
+    let value = arg.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+    Ok((major, Some(value), end))
+}
+
+fn skip_item(bytes: &[u8], pos: usize, depth: usize) -> Result<usize, CborError> {
+    if depth > MAX_DEPTH {
+        return Err(CborError::Unsupported {
+            what: "nesting too deep",
+        });
+    }
+    let (major, arg, mut pos) = read_head(bytes, pos)?;
+    let skip_bytes = |pos: usize, len: u64| -> Result<usize, CborError> {
+        let len = usize::try_from(len).map_err(|_| truncated())?;
+        let end = pos.checked_add(len).ok_or_else(truncated)?;
+        if end > bytes.len() {
+            return Err(truncated());
+        }
+        Ok(end)
+    };
+    match (major, arg) {
+        (0 | 1 | 7, Some(_)) => Ok(pos),
+        (2 | 3, Some(len)) => skip_bytes(pos, len),
+        (4 | 5, Some(n)) => {
+            let items = if major == 5 {
+                n.checked_mul(2).ok_or_else(truncated)?
+            } else {
+                n
+            };
+            for _ in 0..items {
+                pos = skip_item(bytes, pos, depth + 1)?;
+            }
+            Ok(pos)
+        }
+        (6, Some(_)) => skip_item(bytes, pos, depth + 1),
+        (2..=5, None) => loop {
+            if bytes.get(pos) == Some(&0xff) {
+                return Ok(pos + 1);
+            }
+            pos = skip_item(bytes, pos, depth + 1)?;
+        },
+        _ => Err(CborError::Malformed {
+            reason: "unexpected break".into(),
+        }),
+    }
+}
+
+/// Reads a map with text keys into a list, refusing any other shape.
+pub(crate) fn text_map(value: Value) -> Option<Vec<(String, Value)>> {
+    match value {
+        Value::Map(entries) => entries
+            .into_iter()
+            .map(|(k, v)| match k {
+                Value::Text(k) => Some((k, v)),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// A `u64` from an integer item.
+pub(crate) fn as_u64(value: &Value) -> Option<u64> {
+    match value {
+        Value::Integer(i) => u64::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
+/// An integer item for `v`.
+pub(crate) fn uint(v: u64) -> Value {
+    Value::Integer(Integer::from(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sorts_map_keys_by_encoded_bytes() {
+        // "b" (0x61 0x62) sorts before "aa" (0x62 0x61 0x61): shorter encodings first.
+        let v = Value::Map(vec![
+            (Value::Text("aa".into()), uint(1)),
+            (Value::Text("b".into()), uint(2)),
+        ]);
+        let bytes = encode(&v).unwrap();
+        assert_eq!(hex::encode(&bytes), "a261620262616101");
+    }
+
+    #[test]
+    fn rejects_unsorted_map() {
+        // {"aa": 1, "b": 2} in the order given: not deterministic.
+        let bytes = hex::decode("a262616101616202").unwrap();
+        assert_eq!(decode(&bytes), Err(CborError::NotDeterministic));
+    }
+
+    #[test]
+    fn rejects_non_shortest_integer() {
+        // 1 encoded in two bytes.
+        assert_eq!(decode(&[0x18, 0x01]), Err(CborError::NotDeterministic));
+    }
+
+    #[test]
+    fn rejects_indefinite_length() {
+        // [_ 1]
+        assert_eq!(
+            decode(&[0x9f, 0x01, 0xff]),
+            Err(CborError::NotDeterministic)
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_keys() {
+        let bytes = hex::decode("a2616101616102").unwrap();
+        assert_eq!(decode(&bytes), Err(CborError::DuplicateKey));
+    }
+
+    #[test]
+    fn rejects_trailing_bytes() {
+        assert_eq!(
+            decode(&[0x01, 0x02]),
+            Err(CborError::TrailingBytes { count: 1 })
+        );
+    }
+
+    #[test]
+    fn rejects_floats_and_tags() {
+        assert!(matches!(
+            decode(&[0xf9, 0x3c, 0x00]),
+            Err(CborError::Unsupported { what: "float" })
+        ));
+        assert!(matches!(
+            decode(&[0xc1, 0x01]),
+            Err(CborError::Unsupported { what: "tag" })
+        ));
+    }
+
+    #[test]
+    fn item_len_splits_a_sequence() {
+        let mut seq = encode(&Value::Array(vec![uint(1), Value::Bytes(vec![0; 30])])).unwrap();
+        let first = seq.len();
+        seq.extend_from_slice(&[0x9f, 0x01, 0xff, 0x05]);
+        assert_eq!(item_len(&seq), Ok(first));
+        assert_eq!(item_len(&seq[first..]), Ok(3));
+        assert_eq!(item_len(&seq[first + 3..]), Ok(1));
+        assert!(item_len(&seq[..first - 1]).is_err());
+        assert!(item_len(&[0x5b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn rejects_deep_nesting() {
+        // [[[...[1]...]]] nested 64 deep: well-formed, but deeper than allowed.
+        let mut bytes = vec![0x81; 64];
+        bytes.push(0x01);
+        assert!(matches!(decode(&bytes), Err(CborError::Malformed { .. })));
+        assert!(matches!(
+            item_len(&bytes),
+            Err(CborError::Unsupported { .. })
+        ));
+        let mut shallow = vec![0x81; 4];
+        shallow.push(0x01);
+        assert!(decode(&shallow).is_ok());
+    }
+}
