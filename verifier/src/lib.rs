@@ -55,6 +55,7 @@ pub mod error;
 pub mod handle;
 pub mod log;
 pub mod merkle;
+pub mod policy;
 pub mod time;
 
 pub use error::Error;
