@@ -226,6 +226,165 @@ fn skip_item(bytes: &[u8], pos: usize, depth: usize) -> Result<usize, CborError>
     }
 }
 
+/// A payload map that does not have the expected shape.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ShapeError {
+    /// A field is missing or has the wrong type.
+    #[error("field {field}: expected {expected}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What it should have been.
+        expected: &'static str,
+    },
+    /// A map holds a key this version does not define.
+    #[error("unknown field {key:?} in {within}")]
+    UnknownField {
+        /// The key.
+        key: String,
+        /// The map it was found in.
+        within: &'static str,
+    },
+}
+
+/// Strict reader over a text-keyed map: every field must be taken exactly once, and
+/// [`Fields::finish`] refuses any left over.
+pub(crate) struct Fields {
+    within: &'static str,
+    fields: Vec<(String, Value)>,
+}
+
+fn field_err(field: &'static str, expected: &'static str) -> ShapeError {
+    ShapeError::Field { field, expected }
+}
+
+impl Fields {
+    pub(crate) fn new(value: Value, within: &'static str) -> Result<Self, ShapeError> {
+        let fields = text_map(value).ok_or(field_err(within, "map with text keys"))?;
+        Ok(Self { within, fields })
+    }
+
+    pub(crate) fn take(&mut self, field: &'static str) -> Result<Value, ShapeError> {
+        let pos = self
+            .fields
+            .iter()
+            .position(|(k, _)| k == field)
+            .ok_or(field_err(field, "present"))?;
+        Ok(self.fields.swap_remove(pos).1)
+    }
+
+    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, ShapeError> {
+        as_u64(&self.take(field)?).ok_or(field_err(field, "unsigned integer"))
+    }
+
+    pub(crate) fn opt_u64(&mut self, field: &'static str) -> Result<Option<u64>, ShapeError> {
+        match self.take(field)? {
+            Value::Null => Ok(None),
+            v => as_u64(&v)
+                .map(Some)
+                .ok_or(field_err(field, "unsigned integer or null")),
+        }
+    }
+
+    pub(crate) fn bool(&mut self, field: &'static str) -> Result<bool, ShapeError> {
+        match self.take(field)? {
+            Value::Bool(b) => Ok(b),
+            _ => Err(field_err(field, "bool")),
+        }
+    }
+
+    pub(crate) fn text(&mut self, field: &'static str) -> Result<String, ShapeError> {
+        match self.take(field)? {
+            Value::Text(t) => Ok(t),
+            _ => Err(field_err(field, "text")),
+        }
+    }
+
+    pub(crate) fn opt_text(&mut self, field: &'static str) -> Result<Option<String>, ShapeError> {
+        match self.take(field)? {
+            Value::Null => Ok(None),
+            Value::Text(t) => Ok(Some(t)),
+            _ => Err(field_err(field, "text or null")),
+        }
+    }
+
+    pub(crate) fn bytes(&mut self, field: &'static str) -> Result<Vec<u8>, ShapeError> {
+        match self.take(field)? {
+            Value::Bytes(b) => Ok(b),
+            _ => Err(field_err(field, "byte string")),
+        }
+    }
+
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        field: &'static str,
+    ) -> Result<[u8; N], ShapeError> {
+        self.bytes(field)?
+            .as_slice()
+            .try_into()
+            .map_err(|_| field_err(field, "byte string of the right length"))
+    }
+
+    pub(crate) fn opt_array<const N: usize>(
+        &mut self,
+        field: &'static str,
+    ) -> Result<Option<[u8; N]>, ShapeError> {
+        match self.take(field)? {
+            Value::Null => Ok(None),
+            Value::Bytes(b) => b
+                .as_slice()
+                .try_into()
+                .map(Some)
+                .map_err(|_| field_err(field, "byte string of the right length")),
+            _ => Err(field_err(field, "byte string or null")),
+        }
+    }
+
+    pub(crate) fn texts(&mut self, field: &'static str) -> Result<Vec<String>, ShapeError> {
+        match self.take(field)? {
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::Text(t) => Ok(t),
+                    _ => Err(field_err(field, "array of text")),
+                })
+                .collect(),
+            _ => Err(field_err(field, "array of text")),
+        }
+    }
+
+    pub(crate) fn finish(self) -> Result<(), ShapeError> {
+        match self.fields.into_iter().next() {
+            None => Ok(()),
+            Some((key, _)) => Err(ShapeError::UnknownField {
+                key,
+                within: self.within,
+            }),
+        }
+    }
+}
+
+/// Builds a text-keyed map; [`encode`] sorts it.
+pub(crate) fn map<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::Map(
+        fields
+            .into_iter()
+            .map(|(k, v)| (Value::Text(k.to_string()), v))
+            .collect(),
+    )
+}
+
+/// `Some(text)` as text, `None` as null.
+pub(crate) fn opt_text(v: &Option<String>) -> Value {
+    v.as_ref().map_or(Value::Null, |t| Value::Text(t.clone()))
+}
+
+/// A list of texts.
+pub(crate) fn texts(v: &[String]) -> Value {
+    Value::Array(v.iter().map(|t| Value::Text(t.clone())).collect())
+}
+
 /// Reads a map with text keys into a list, refusing any other shape.
 pub(crate) fn text_map(value: Value) -> Option<Vec<(String, Value)>> {
     match value {

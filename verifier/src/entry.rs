@@ -22,13 +22,13 @@
 use std::fmt;
 
 use ciborium::value::Value;
-use coset::{CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable, iana::Algorithm};
 use ed25519_dalek::{Signature, Signer, VerifyingKey};
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::cbor::{self, CborError, as_u64, text_map, uint};
+use crate::cbor::{self, CborError, Fields, ShapeError, as_u64, map, opt_text, texts, uint};
+use crate::cose::{self, CoseError};
 use crate::time::UnixMillis;
 
 /// Content type in every entry's protected header: binds the signature to this format.
@@ -143,6 +143,24 @@ pub enum Event {
         /// The raw Nitro attestation document (COSE_Sign1 bytes).
         attestation: Vec<u8>,
     },
+    /// The first admin key set, fixed once, right after the genesis epoch opens.
+    Genesis {
+        /// Raw Ed25519 public keys allowed to sign admin requests.
+        admin_keys: Vec<[u8; 32]>,
+    },
+    /// A signed admin request and whether it was applied. Refused requests are logged too.
+    Admin {
+        /// The signed request exactly as received (see [`crate::admin`]).
+        request: Vec<u8>,
+        /// Whether the enclave applied it.
+        accepted: bool,
+        /// Why it was refused.
+        reason: Option<String>,
+    },
+    /// The verification of an MCP server's attestation document, either way.
+    Attestation(AttestationRecord),
+    /// A policy decision (discover, resolve, call), allowed or denied.
+    Decision(DecisionRecord),
     /// The enclave's view of the tree at `size` entries (a signed checkpoint is published
     /// separately; this records that it was taken).
     Checkpoint {
@@ -153,47 +171,281 @@ pub enum Event {
     },
 }
 
+/// An MCP server's attestation, as the enclave verified it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttestationRecord {
+    /// The registered server's id.
+    pub server: String,
+    /// The nonce the enclave issued.
+    pub nonce: Vec<u8>,
+    /// The document the host fetched (verbatim).
+    pub document: Vec<u8>,
+    /// Whether it verified against the registration.
+    pub verified: bool,
+    /// SHA-384 digest of the verified measurement (see `state::measurement_digest`).
+    pub measurement: Option<[u8; 48]>,
+    /// Why it was refused.
+    pub reason: Option<String>,
+}
+
+/// The facts a decision was taken on, and its outcome: enough to re-evaluate it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecisionRecord {
+    /// `discover`, `resolve` or `call`.
+    pub action: String,
+    /// Who asked (from the verified identity token; the token itself is never logged).
+    pub principal: PrincipalRecord,
+    /// The server concerned.
+    pub server: String,
+    /// The tool, for `call`.
+    pub tool: Option<String>,
+    /// Attestation facts given to the policy.
+    pub attestation: AttestationFactsRecord,
+    /// Counters given to the policy.
+    pub calls_last_minute: u64,
+    /// Spend given to the policy, in millionths of the currency unit.
+    pub spend_micros: u64,
+    /// The verdict.
+    pub allowed: bool,
+    /// Ids of the policies that determined it.
+    pub policies: Vec<String>,
+    /// Why it was denied, in words.
+    pub reason: Option<String>,
+    /// The handle issued, for an allowed `resolve`.
+    pub handle: Option<HandleRecord>,
+}
+
+/// An agent's verified identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrincipalRecord {
+    /// Agent id (`sub`).
+    pub agent: String,
+    /// The user it acts for.
+    pub user: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its roles.
+    pub roles: Vec<String>,
+    /// The identity provider that vouched for it.
+    pub issuer: String,
+}
+
+/// Attestation facts as the policy saw them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttestationFactsRecord {
+    /// A verified attestation is on record.
+    pub verified: bool,
+    /// Its age in milliseconds, if any.
+    pub age_ms: Option<u64>,
+    /// Its PCRs matched the registration.
+    pub pcr_match: bool,
+    /// It was taken in debug mode.
+    pub debug: bool,
+}
+
+/// A handle issued by a `resolve`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandleRecord {
+    /// The JWT's `jti`.
+    pub jti: String,
+    /// Its `exp` (Unix seconds).
+    pub expires: u64,
+    /// Its `aud`.
+    pub audience: String,
+}
+
 impl Event {
     /// The event's type name as encoded.
     pub fn type_name(&self) -> &'static str {
         match self {
             Event::EpochStart { .. } => "epoch_start",
+            Event::Genesis { .. } => "genesis",
+            Event::Admin { .. } => "admin",
+            Event::Attestation(_) => "attestation",
+            Event::Decision(_) => "decision",
             Event::Checkpoint { .. } => "checkpoint",
         }
     }
 
     fn to_value(&self) -> Value {
-        let mut fields = vec![(
-            Value::Text("type".into()),
-            Value::Text(self.type_name().into()),
-        )];
+        let kind = ("type", Value::Text(self.type_name().into()));
         match self {
-            Event::EpochStart { attestation } => fields.push((
-                Value::Text("attestation".into()),
-                Value::Bytes(attestation.clone()),
-            )),
-            Event::Checkpoint { size, root } => {
-                fields.push((Value::Text("size".into()), uint(*size)));
-                fields.push((Value::Text("root".into()), Value::Bytes(root.to_vec())));
+            Event::EpochStart { attestation } => {
+                map([kind, ("attestation", Value::Bytes(attestation.clone()))])
             }
+            Event::Genesis { admin_keys } => map([
+                kind,
+                (
+                    "admin_keys",
+                    Value::Array(
+                        admin_keys
+                            .iter()
+                            .map(|k| Value::Bytes(k.to_vec()))
+                            .collect(),
+                    ),
+                ),
+            ]),
+            Event::Admin {
+                request,
+                accepted,
+                reason,
+            } => map([
+                kind,
+                ("request", Value::Bytes(request.clone())),
+                ("accepted", Value::Bool(*accepted)),
+                ("reason", opt_text(reason)),
+            ]),
+            Event::Attestation(a) => map([
+                kind,
+                ("server", Value::Text(a.server.clone())),
+                ("nonce", Value::Bytes(a.nonce.clone())),
+                ("document", Value::Bytes(a.document.clone())),
+                ("verified", Value::Bool(a.verified)),
+                (
+                    "measurement",
+                    a.measurement
+                        .map_or(Value::Null, |m| Value::Bytes(m.to_vec())),
+                ),
+                ("reason", opt_text(&a.reason)),
+            ]),
+            Event::Decision(d) => map([
+                kind,
+                ("action", Value::Text(d.action.clone())),
+                (
+                    "principal",
+                    map([
+                        ("agent", Value::Text(d.principal.agent.clone())),
+                        ("user", Value::Text(d.principal.user.clone())),
+                        ("tenant", Value::Text(d.principal.tenant.clone())),
+                        ("roles", texts(&d.principal.roles)),
+                        ("issuer", Value::Text(d.principal.issuer.clone())),
+                    ]),
+                ),
+                ("server", Value::Text(d.server.clone())),
+                ("tool", opt_text(&d.tool)),
+                (
+                    "attestation",
+                    map([
+                        ("verified", Value::Bool(d.attestation.verified)),
+                        ("age_ms", d.attestation.age_ms.map_or(Value::Null, uint)),
+                        ("pcr_match", Value::Bool(d.attestation.pcr_match)),
+                        ("debug", Value::Bool(d.attestation.debug)),
+                    ]),
+                ),
+                ("calls_last_minute", uint(d.calls_last_minute)),
+                ("spend_micros", uint(d.spend_micros)),
+                ("allowed", Value::Bool(d.allowed)),
+                ("policies", texts(&d.policies)),
+                ("reason", opt_text(&d.reason)),
+                (
+                    "handle",
+                    d.handle.as_ref().map_or(Value::Null, |h| {
+                        map([
+                            ("jti", Value::Text(h.jti.clone())),
+                            ("expires", uint(h.expires)),
+                            ("audience", Value::Text(h.audience.clone())),
+                        ])
+                    }),
+                ),
+            ]),
+            Event::Checkpoint { size, root } => map([
+                kind,
+                ("size", uint(*size)),
+                ("root", Value::Bytes(root.to_vec())),
+            ]),
         }
-        Value::Map(fields)
     }
 
     fn from_value(value: Value) -> Result<Self, EntryError> {
-        let mut fields = Fields::new(value, "event")?;
-        let kind = fields.text("type")?;
+        let mut f = Fields::new(value, "event")?;
+        let kind = f.text("type")?;
         let event = match kind.as_str() {
             "epoch_start" => Event::EpochStart {
-                attestation: fields.bytes("attestation")?,
+                attestation: f.bytes("attestation")?,
             },
+            "genesis" => {
+                let keys = match f.take("admin_keys")? {
+                    Value::Array(items) => items
+                        .into_iter()
+                        .map(|v| match v {
+                            Value::Bytes(b) => <[u8; 32]>::try_from(b.as_slice()).ok(),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<_>>>(),
+                    _ => None,
+                };
+                Event::Genesis {
+                    admin_keys: keys.ok_or(EntryError::Field {
+                        field: "admin_keys",
+                        expected: "array of 32-byte keys",
+                    })?,
+                }
+            }
+            "admin" => Event::Admin {
+                request: f.bytes("request")?,
+                accepted: f.bool("accepted")?,
+                reason: f.opt_text("reason")?,
+            },
+            "attestation" => Event::Attestation(AttestationRecord {
+                server: f.text("server")?,
+                nonce: f.bytes("nonce")?,
+                document: f.bytes("document")?,
+                verified: f.bool("verified")?,
+                measurement: f.opt_array("measurement")?,
+                reason: f.opt_text("reason")?,
+            }),
+            "decision" => {
+                let mut p = Fields::new(f.take("principal")?, "principal")?;
+                let principal = PrincipalRecord {
+                    agent: p.text("agent")?,
+                    user: p.text("user")?,
+                    tenant: p.text("tenant")?,
+                    roles: p.texts("roles")?,
+                    issuer: p.text("issuer")?,
+                };
+                p.finish()?;
+                let mut a = Fields::new(f.take("attestation")?, "attestation")?;
+                let attestation = AttestationFactsRecord {
+                    verified: a.bool("verified")?,
+                    age_ms: a.opt_u64("age_ms")?,
+                    pcr_match: a.bool("pcr_match")?,
+                    debug: a.bool("debug")?,
+                };
+                a.finish()?;
+                let handle = match f.take("handle")? {
+                    Value::Null => None,
+                    v => {
+                        let mut h = Fields::new(v, "handle")?;
+                        let record = HandleRecord {
+                            jti: h.text("jti")?,
+                            expires: h.u64("expires")?,
+                            audience: h.text("audience")?,
+                        };
+                        h.finish()?;
+                        Some(record)
+                    }
+                };
+                Event::Decision(DecisionRecord {
+                    action: f.text("action")?,
+                    principal,
+                    server: f.text("server")?,
+                    tool: f.opt_text("tool")?,
+                    attestation,
+                    calls_last_minute: f.u64("calls_last_minute")?,
+                    spend_micros: f.u64("spend_micros")?,
+                    allowed: f.bool("allowed")?,
+                    policies: f.texts("policies")?,
+                    reason: f.opt_text("reason")?,
+                    handle,
+                })
+            }
             "checkpoint" => Event::Checkpoint {
-                size: fields.u64("size")?,
-                root: fields.hash32("root")?,
+                size: f.u64("size")?,
+                root: f.array("root")?,
             },
             _ => return Err(EntryError::UnknownEvent { kind }),
         };
-        fields.finish()?;
+        f.finish()?;
         Ok(event)
     }
 }
@@ -234,7 +486,7 @@ impl Entry {
         let mut fields = Fields::new(cbor::decode(bytes)?, "entry")?;
         let entry = Entry {
             seq: fields.u64("seq")?,
-            prev: EntryHash(fields.hash32("prev")?),
+            prev: EntryHash(fields.array("prev")?),
             epoch: fields.u64("epoch")?,
             time: UnixMillis::from_millis(fields.u64("time")?),
             event: Event::from_value(fields.take("event")?)?,
@@ -249,30 +501,13 @@ impl Entry {
         kid: &KeyId,
         signer: &S,
     ) -> Result<Vec<u8>, EntryError> {
-        let payload = self.payload()?;
-        let unsigned = unsigned_cose(kid, payload);
-        let tbs = unsigned.tbs_data(&[]);
-        let signature = signer
-            .try_sign(&tbs)
-            .map_err(|_| EntryError::SigningFailed)?;
-        let mut signed = unsigned;
-        signed.signature = signature.to_bytes().to_vec();
-        signed.to_tagged_vec().map_err(|e| EntryError::Cose {
-            reason: e.to_string(),
-        })
+        Ok(cose::sign(
+            ENTRY_CONTENT_TYPE,
+            &kid.0,
+            self.payload()?,
+            signer,
+        )?)
     }
-}
-
-fn unsigned_cose(kid: &KeyId, payload: Vec<u8>) -> CoseSign1 {
-    let protected = HeaderBuilder::new()
-        .algorithm(Algorithm::EdDSA)
-        .content_type(ENTRY_CONTENT_TYPE.to_string())
-        .key_id(kid.0.to_vec())
-        .build();
-    CoseSign1Builder::new()
-        .protected(protected)
-        .payload(payload)
-        .build()
 }
 
 /// A decoded entry with its signature, not yet checked against any key.
@@ -288,62 +523,13 @@ pub struct SignedEntry {
 impl SignedEntry {
     /// Parses an entry's bytes strictly (see the module documentation).
     pub fn decode(bytes: &[u8]) -> Result<Self, EntryError> {
-        if bytes.len() > MAX_ENTRY_LEN {
-            return Err(EntryError::TooLong {
-                len: bytes.len(),
-                max: MAX_ENTRY_LEN,
-            });
-        }
-        let cose = CoseSign1::from_tagged_slice(bytes).map_err(|e| EntryError::Cose {
-            reason: e.to_string(),
-        })?;
-        if cose.protected.header.alg
-            != Some(coset::RegisteredLabelWithPrivate::Assigned(
-                Algorithm::EdDSA,
-            ))
-        {
-            return Err(EntryError::Header {
-                reason: "algorithm is not EdDSA",
-            });
-        }
-        let kid: [u8; 32] = cose
-            .protected
-            .header
-            .key_id
-            .as_slice()
-            .try_into()
-            .map_err(|_| EntryError::Header {
-                reason: "kid is not 32 bytes",
-            })?;
-        let kid = KeyId(kid);
-        let payload = cose.payload.clone().ok_or(EntryError::Header {
-            reason: "payload is detached",
-        })?;
-        let signature: [u8; 64] =
-            cose.signature
-                .as_slice()
-                .try_into()
-                .map_err(|_| EntryError::Header {
-                    reason: "signature is not 64 bytes",
-                })?;
-        let entry = Entry::from_payload(&payload)?;
-
-        // One encoding only: the bytes must be exactly what our encoder makes of them. This
-        // refuses extra header parameters, unprotected headers and non-canonical COSE framing.
-        let mut expected = unsigned_cose(&kid, payload);
-        let tbs = expected.tbs_data(&[]);
-        expected.signature = signature.to_vec();
-        let canonical = expected.to_tagged_vec().map_err(|e| EntryError::Cose {
-            reason: e.to_string(),
-        })?;
-        if canonical != bytes {
-            return Err(EntryError::NotCanonical);
-        }
+        let opened = cose::open(bytes, ENTRY_CONTENT_TYPE, MAX_ENTRY_LEN)?;
+        let entry = Entry::from_payload(&opened.payload)?;
         Ok(Self {
             entry,
-            kid,
-            signature: Signature::from_bytes(&signature),
-            tbs,
+            kid: KeyId(opened.kid),
+            signature: opened.signature,
+            tbs: opened.tbs,
             hash: EntryHash::of(bytes),
         })
     }
@@ -436,6 +622,27 @@ impl EpochBinding {
     }
 }
 
+impl From<CoseError> for EntryError {
+    fn from(e: CoseError) -> Self {
+        match e {
+            CoseError::TooLong { len, max } => EntryError::TooLong { len, max },
+            CoseError::Malformed(reason) => EntryError::Cose { reason },
+            CoseError::Header(reason) => EntryError::Header { reason },
+            CoseError::NotCanonical => EntryError::NotCanonical,
+            CoseError::SigningFailed => EntryError::SigningFailed,
+        }
+    }
+}
+
+impl From<ShapeError> for EntryError {
+    fn from(e: ShapeError) -> Self {
+        match e {
+            ShapeError::Field { field, expected } => EntryError::Field { field, expected },
+            ShapeError::UnknownField { key, within } => EntryError::UnknownField { key, within },
+        }
+    }
+}
+
 /// Why a single entry was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -497,81 +704,6 @@ pub enum EntryError {
     /// The signer failed.
     #[error("signing failed")]
     SigningFailed,
-}
-
-/// Strict reader over a text-keyed map: every field must be taken exactly once.
-struct Fields {
-    within: &'static str,
-    fields: Vec<(String, Value)>,
-}
-
-impl Fields {
-    fn new(value: Value, within: &'static str) -> Result<Self, EntryError> {
-        let fields = text_map(value).ok_or(EntryError::Field {
-            field: within,
-            expected: "map with text keys",
-        })?;
-        Ok(Self { within, fields })
-    }
-
-    fn take(&mut self, field: &'static str) -> Result<Value, EntryError> {
-        let pos = self
-            .fields
-            .iter()
-            .position(|(k, _)| k == field)
-            .ok_or(EntryError::Field {
-                field,
-                expected: "present",
-            })?;
-        Ok(self.fields.swap_remove(pos).1)
-    }
-
-    fn u64(&mut self, field: &'static str) -> Result<u64, EntryError> {
-        as_u64(&self.take(field)?).ok_or(EntryError::Field {
-            field,
-            expected: "unsigned integer",
-        })
-    }
-
-    fn text(&mut self, field: &'static str) -> Result<String, EntryError> {
-        match self.take(field)? {
-            Value::Text(t) => Ok(t),
-            _ => Err(EntryError::Field {
-                field,
-                expected: "text",
-            }),
-        }
-    }
-
-    fn bytes(&mut self, field: &'static str) -> Result<Vec<u8>, EntryError> {
-        match self.take(field)? {
-            Value::Bytes(b) => Ok(b),
-            _ => Err(EntryError::Field {
-                field,
-                expected: "byte string",
-            }),
-        }
-    }
-
-    fn hash32(&mut self, field: &'static str) -> Result<[u8; 32], EntryError> {
-        self.bytes(field)?
-            .as_slice()
-            .try_into()
-            .map_err(|_| EntryError::Field {
-                field,
-                expected: "32 bytes",
-            })
-    }
-
-    fn finish(self) -> Result<(), EntryError> {
-        match self.fields.into_iter().next() {
-            None => Ok(()),
-            Some((key, _)) => Err(EntryError::UnknownField {
-                key,
-                within: self.within,
-            }),
-        }
-    }
 }
 
 #[cfg(test)]
