@@ -49,6 +49,7 @@
 
 pub mod attestation;
 pub mod cbor;
+mod cose;
 pub mod checkpoint;
 pub mod entry;
 pub mod error;
