@@ -1,0 +1,55 @@
+//! The wire protocol between the Attestplane host proxy and its enclave.
+//!
+//! Role. The enclave holds the epoch key, the state and the policy; the host proxy holds the
+//! disk, the network and the clients. Everything between them crosses one channel: vsock in
+//! production, a Unix socket or loopback TCP locally. This crate is that channel's one
+//! definition: the versioned [`messages`] ([`Frame`], [`Request`], [`Response`], [`ErrorCode`]),
+//! their [`frame`] encoding (a big-endian `u32` length prefix and a CBOR body of at most
+//! [`MAX_FRAME_LEN`] bytes), and the [`transport`] ([`Address`], [`Listener`], [`Stream`],
+//! [`read_frame`], [`write_frame`]). Both sides depend on it; the host depends on it and never on
+//! the enclave crate, so that the untrusted side links none of the trusted side's code.
+//!
+//! Conversation. The host opens a few persistent connections and multiplexes requests over them
+//! by request id; the enclave answers each request under its id, out of order. Requests that
+//! write the log are answered in two phases: [`Response::Persist`] with the signed entries, then,
+//! once the host reports them durable with [`Request::Durable`], the final reply. Each request's
+//! documentation lists its replies and its error replies.
+//!
+//! Trust: none, in both directions. The enclave must survive a hostile host and the host must
+//! survive a misbehaving enclave, so every frame is hostile input: lengths are checked against
+//! named limits before anything is allocated, decoding never panics, and every failure is a
+//! typed [`ProtoError`] that says what was wrong and, where it could be read, which request it
+//! concerns. Nothing on this channel is authenticated or encrypted, and nothing needs to be: what
+//! the enclave must believe is signed (admin requests, attestation documents, log entries), and
+//! what it decides is logged and signed by it. Error messages on the wire and the `Debug` output
+//! of messages carry no secrets (bearer tokens and handles are redacted).
+//!
+//! Not here: what the requests mean and how they are decided (the enclave crate), durable storage
+//! and HTTP (the host proxy), the byte formats of log entries, checkpoints and attestation
+//! documents (the verifier crate; here they are opaque byte strings), and connection management:
+//! limits, shutdown, retries and the request-id bookkeeping belong to the server and the client.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod error;
+pub mod frame;
+pub mod messages;
+pub mod transport;
+
+pub use error::{MAX_REASON_LEN, ProtoError};
+pub use frame::{FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN, decode_frame, encode_frame};
+pub use messages::{
+    Body, ED25519_PUBLIC_KEY_LEN, ErrorCode, Frame, MAX_ADMIN_KEYS, MAX_ENTRIES_PER_FRAME,
+    MAX_ERROR_MESSAGE_LEN, MAX_SERVERS_PER_REPLY, NO_REQUEST_ID, PROTOCOL_VERSION, Request,
+    Response, ServerInfo,
+};
+pub use serde_bytes::ByteBuf;
+pub use transport::{Address, Listener, Stream, VSOCK_ANY, connect, read_frame, write_frame};
