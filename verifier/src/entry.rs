@@ -104,6 +104,11 @@ impl KeyId {
         Self(Sha256::digest(key.as_bytes()).into())
     }
 
+    /// Wraps raw id bytes.
+    pub const fn from_bytes(b: [u8; 32]) -> Self {
+        Self(b)
+    }
+
     /// The raw id bytes.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0

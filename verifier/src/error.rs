@@ -14,6 +14,9 @@ pub enum Error {
     /// An attestation document failed to parse or verify.
     #[error("attestation: {0}")]
     Attestation(#[from] crate::attestation::AttestationError),
+    /// An admin request failed to decode or verify.
+    #[error("admin: {0}")]
+    Admin(#[from] crate::admin::AdminError),
     /// A log entry failed to encode, decode or verify on its own.
     #[error("entry: {0}")]
     Entry(#[from] crate::entry::EntryError),

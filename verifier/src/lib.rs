@@ -47,6 +47,7 @@
     )
 )]
 
+pub mod admin;
 pub mod attestation;
 pub mod cbor;
 mod cose;

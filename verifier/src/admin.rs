@@ -1,0 +1,639 @@
+//! Signed admin requests: the only way the registry, the policy, the identity providers and the
+//! admin key set change.
+//!
+//! An admin request is a COSE_Sign1 in the same Ed25519 profile as log entries, with content
+//! type `application/vnd.attestplane.admin+cbor` (so an admin signature can never pass as an
+//! entry, nor the reverse), signed by one of the current admin keys. Its payload is the
+//! deterministic CBOR map `{ "time": ms, "nonce": bstr(16), "action": { "type": ..., ... } }`.
+//! `time` and `nonce` let the enclave refuse a replayed request: it accepts a request only
+//! within [`ADMIN_REQUEST_WINDOW_MS`] of its own clock and only if the nonce was not seen in
+//! that window.
+//!
+//! The enclave logs every admin request it receives, accepted or refused, with the signed bytes
+//! verbatim, so an auditor can check that every change to the state was signed by a key that
+//! was an admin key at that point of the log. This module defines the bytes; applying a request
+//! to the state is [`crate::state`]'s job.
+//!
+//! Admin private keys never enter this crate's types except as a `Signer` passed by reference;
+//! nothing here stores or prints one.
+
+use std::collections::BTreeMap;
+
+use ciborium::value::Value;
+use ed25519_dalek::{Signature, Signer, VerifyingKey};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::attestation::{Pcr, PcrIndex};
+use crate::cbor::{self, CborError, Fields, ShapeError, as_u64, map, uint};
+use crate::cose::{self, CoseError};
+use crate::entry::KeyId;
+use crate::time::UnixMillis;
+
+/// Content type of an admin request's protected header.
+pub const ADMIN_CONTENT_TYPE: &str = "application/vnd.attestplane.admin+cbor";
+
+/// The largest admin request accepted.
+pub const MAX_ADMIN_REQUEST_LEN: usize = cbor::MAX_PAYLOAD_LEN + 512;
+
+/// How far an admin request's time may be from the enclave's clock, either way.
+pub const ADMIN_REQUEST_WINDOW_MS: u64 = 5 * 60 * 1000;
+
+/// The most admin keys a key set may hold.
+pub const MAX_ADMIN_KEYS: usize = 16;
+
+/// The longest identifier (server id, tenant, tool name, issuer) accepted.
+pub const MAX_ID_LEN: usize = 256;
+
+/// The most tools a server registration may pin.
+pub const MAX_TOOLS: usize = 1024;
+
+/// A registration of an MCP server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServerSpec {
+    /// Stable id, unique in the registry.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// The tenant that owns it.
+    pub tenant: String,
+    /// Its OAuth resource URI: the `aud` of the handles issued for it.
+    pub resource: String,
+    /// Where the host fetches `GET {endpoint}/attestation?nonce=HEX`.
+    pub endpoint: String,
+    /// The PCRs its attestation documents must carry, by index.
+    pub pcrs: BTreeMap<PcrIndex, PcrHex>,
+    /// Accept attestation documents from a debug-mode enclave. Never for production.
+    pub allow_debug: bool,
+    /// How old a verified attestation may be before the server counts as unattested.
+    pub max_attestation_age_ms: u64,
+    /// Pinned tool definitions: tool name → SHA-256 of its canonical definition.
+    pub tools: BTreeMap<String, Digest32>,
+}
+
+/// A PCR value that serialises as hex.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PcrHex(pub Pcr);
+
+impl Serialize for PcrHex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_hex())
+    }
+}
+
+/// A SHA-256 digest that serialises as hex.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Digest32(pub [u8; 32]);
+
+impl Serialize for Digest32 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+/// An identity provider whose tokens identify agents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IdentityProviderSpec {
+    /// The `iss` its tokens carry.
+    pub issuer: String,
+    /// The `aud` its tokens must carry.
+    pub audience: String,
+    /// Its JWKS (JSON text) with the keys it signs with.
+    pub jwks: String,
+}
+
+/// What an admin request asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AdminAction {
+    /// Add a server; refused if the id exists.
+    RegisterServer(ServerSpec),
+    /// Replace an existing server's registration; its attestation must be redone.
+    UpdateServer(ServerSpec),
+    /// Remove a server; no handle is issued for it afterwards.
+    RevokeServer {
+        /// The server's id.
+        id: String,
+    },
+    /// Replace the Cedar policy set (validated against the schema before it is accepted).
+    SetPolicy {
+        /// Cedar policy text.
+        text: String,
+    },
+    /// Add or replace an identity provider (keyed by issuer).
+    SetIdentityProvider(IdentityProviderSpec),
+    /// Remove an identity provider.
+    RemoveIdentityProvider {
+        /// Its issuer.
+        issuer: String,
+    },
+    /// Replace the admin key set.
+    RotateAdminKeys {
+        /// The new set of raw Ed25519 public keys.
+        keys: Vec<[u8; 32]>,
+    },
+}
+
+impl AdminAction {
+    /// The action's type name as encoded.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            AdminAction::RegisterServer(_) => "register_server",
+            AdminAction::UpdateServer(_) => "update_server",
+            AdminAction::RevokeServer { .. } => "revoke_server",
+            AdminAction::SetPolicy { .. } => "set_policy",
+            AdminAction::SetIdentityProvider(_) => "set_identity_provider",
+            AdminAction::RemoveIdentityProvider { .. } => "remove_identity_provider",
+            AdminAction::RotateAdminKeys { .. } => "rotate_admin_keys",
+        }
+    }
+}
+
+/// An admin request before signing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminRequest {
+    /// When the admin made it (the enclave refuses it outside its window).
+    pub time: UnixMillis,
+    /// Random, unique per request: a replayed request is refused.
+    pub nonce: [u8; 16],
+    /// What to do.
+    pub action: AdminAction,
+}
+
+impl AdminRequest {
+    /// The deterministic CBOR payload.
+    pub fn payload(&self) -> Result<Vec<u8>, AdminError> {
+        Ok(cbor::encode(&map([
+            ("time", uint(self.time.as_millis())),
+            ("nonce", Value::Bytes(self.nonce.to_vec())),
+            ("action", action_to_value(&self.action)),
+        ]))?)
+    }
+
+    /// Decodes a payload (deterministic form only).
+    pub fn from_payload(bytes: &[u8]) -> Result<Self, AdminError> {
+        let mut f = Fields::new(cbor::decode(bytes)?, "admin request")?;
+        let request = AdminRequest {
+            time: UnixMillis::from_millis(f.u64("time")?),
+            nonce: f.array("nonce")?,
+            action: action_from_value(f.take("action")?)?,
+        };
+        f.finish()?;
+        Ok(request)
+    }
+
+    /// Signs the request with an admin key: the bytes to send to the control plane.
+    pub fn sign<S: Signer<Signature>>(
+        &self,
+        key: &VerifyingKey,
+        signer: &S,
+    ) -> Result<Vec<u8>, AdminError> {
+        let kid = KeyId::of(key);
+        Ok(cose::sign(
+            ADMIN_CONTENT_TYPE,
+            kid.as_bytes(),
+            self.payload()?,
+            signer,
+        )?)
+    }
+}
+
+/// A decoded admin request with its signature, not yet checked.
+#[derive(Clone, Debug)]
+pub struct SignedAdminRequest {
+    request: AdminRequest,
+    kid: KeyId,
+    signature: Signature,
+    tbs: Vec<u8>,
+}
+
+impl SignedAdminRequest {
+    /// Parses signed request bytes strictly.
+    pub fn decode(bytes: &[u8]) -> Result<Self, AdminError> {
+        let opened = cose::open(bytes, ADMIN_CONTENT_TYPE, MAX_ADMIN_REQUEST_LEN)?;
+        Ok(Self {
+            request: AdminRequest::from_payload(&opened.payload)?,
+            kid: KeyId::from_bytes(opened.kid),
+            signature: opened.signature,
+            tbs: opened.tbs,
+        })
+    }
+
+    /// The request (unverified until [`SignedAdminRequest::verify`] succeeds).
+    pub fn request(&self) -> &AdminRequest {
+        &self.request
+    }
+
+    /// The key id it names.
+    pub fn kid(&self) -> &KeyId {
+        &self.kid
+    }
+
+    /// Checks the signature under the admin key it names, which must be in `admin_keys`.
+    /// Returns the key that signed.
+    pub fn verify(&self, admin_keys: &[VerifyingKey]) -> Result<VerifyingKey, AdminError> {
+        let key = admin_keys
+            .iter()
+            .find(|k| KeyId::of(k) == self.kid)
+            .ok_or(AdminError::UnknownAdminKey { kid: self.kid })?;
+        key.verify_strict(&self.tbs, &self.signature)
+            .map_err(|_| AdminError::BadSignature { kid: self.kid })?;
+        Ok(*key)
+    }
+
+    /// Whether `time` (the enclave's clock) is within the request's window.
+    pub fn is_fresh_at(&self, now: UnixMillis) -> bool {
+        let t = self.request.time;
+        let skew = now.millis_since(t).or_else(|| t.millis_since(now));
+        skew.is_some_and(|d| d <= ADMIN_REQUEST_WINDOW_MS)
+    }
+}
+
+/// Why an admin request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The COSE framing or header is wrong.
+    #[error("malformed admin request: {reason}")]
+    Malformed {
+        /// What was wrong.
+        reason: String,
+    },
+    /// The payload is not deterministic CBOR.
+    #[error("admin request payload: {0}")]
+    Cbor(#[from] CborError),
+    /// The payload has the wrong shape.
+    #[error("admin request: {0}")]
+    Shape(#[from] ShapeError),
+    /// The action type is not one this version knows.
+    #[error("unknown admin action {kind:?}")]
+    UnknownAction {
+        /// The type found.
+        kind: String,
+    },
+    /// A value is out of bounds (too long, too many, empty).
+    #[error("admin request: {field} {problem}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// The request names a key that is not a current admin key.
+    #[error("signed by {kid}, which is not a current admin key")]
+    UnknownAdminKey {
+        /// The key id named.
+        kid: KeyId,
+    },
+    /// The signature does not verify.
+    #[error("bad signature by admin key {kid}")]
+    BadSignature {
+        /// The key id named.
+        kid: KeyId,
+    },
+    /// The signer failed.
+    #[error("signing failed")]
+    SigningFailed,
+}
+
+impl From<CoseError> for AdminError {
+    fn from(e: CoseError) -> Self {
+        match e {
+            CoseError::TooLong { len, max } => AdminError::Malformed {
+                reason: format!("{len} bytes exceeds the limit of {max}"),
+            },
+            CoseError::Malformed(reason) => AdminError::Malformed { reason },
+            CoseError::Header(reason) => AdminError::Malformed {
+                reason: reason.to_string(),
+            },
+            CoseError::NotCanonical => AdminError::Malformed {
+                reason: "not in canonical encoding".into(),
+            },
+            CoseError::SigningFailed => AdminError::SigningFailed,
+        }
+    }
+}
+
+fn id(field: &'static str, v: String) -> Result<String, AdminError> {
+    if v.is_empty() {
+        return Err(AdminError::Invalid {
+            field,
+            problem: "is empty",
+        });
+    }
+    if v.len() > MAX_ID_LEN || v.chars().any(char::is_control) {
+        return Err(AdminError::Invalid {
+            field,
+            problem: "is too long or holds control characters",
+        });
+    }
+    Ok(v)
+}
+
+fn server_to_value(s: &ServerSpec) -> Value {
+    map([
+        ("id", Value::Text(s.id.clone())),
+        ("name", Value::Text(s.name.clone())),
+        ("tenant", Value::Text(s.tenant.clone())),
+        ("resource", Value::Text(s.resource.clone())),
+        ("endpoint", Value::Text(s.endpoint.clone())),
+        (
+            "pcrs",
+            Value::Map(
+                s.pcrs
+                    .iter()
+                    .map(|(i, p)| {
+                        (
+                            uint(u64::from(i.get())),
+                            Value::Bytes(p.0.as_bytes().to_vec()),
+                        )
+                    })
+                    .collect(),
+            ),
+        ),
+        ("allow_debug", Value::Bool(s.allow_debug)),
+        ("max_attestation_age_ms", uint(s.max_attestation_age_ms)),
+        (
+            "tools",
+            Value::Map(
+                s.tools
+                    .iter()
+                    .map(|(n, d)| (Value::Text(n.clone()), Value::Bytes(d.0.to_vec())))
+                    .collect(),
+            ),
+        ),
+    ])
+}
+
+fn server_from_value(v: Value) -> Result<ServerSpec, AdminError> {
+    let mut f = Fields::new(v, "server")?;
+    let bad_pcrs = AdminError::Invalid {
+        field: "pcrs",
+        problem: "must map indexes 0..=31 to 48-byte values",
+    };
+    let pcrs = match f.take("pcrs")? {
+        Value::Map(entries) => entries
+            .into_iter()
+            .map(|(k, v)| {
+                let idx = as_u64(&k)
+                    .and_then(|i| u8::try_from(i).ok())
+                    .and_then(|i| PcrIndex::try_from(i).ok())?;
+                let Value::Bytes(b) = v else { return None };
+                let pcr = Pcr::try_from(b.as_slice()).ok()?;
+                Some((idx, PcrHex(pcr)))
+            })
+            .collect::<Option<BTreeMap<_, _>>>()
+            .ok_or(bad_pcrs.clone())?,
+        _ => return Err(bad_pcrs),
+    };
+    if pcrs.is_empty() {
+        return Err(AdminError::Invalid {
+            field: "pcrs",
+            problem: "is empty: a server must be pinned to at least one measurement",
+        });
+    }
+    let bad_tools = AdminError::Invalid {
+        field: "tools",
+        problem: "must map tool names to 32-byte digests",
+    };
+    let tools = match f.take("tools")? {
+        Value::Map(entries) if entries.len() <= MAX_TOOLS => entries
+            .into_iter()
+            .map(|(k, v)| match (k, v) {
+                (Value::Text(n), Value::Bytes(d)) => {
+                    Some((n, Digest32(<[u8; 32]>::try_from(d.as_slice()).ok()?)))
+                }
+                _ => None,
+            })
+            .collect::<Option<BTreeMap<_, _>>>()
+            .ok_or(bad_tools.clone())?,
+        _ => return Err(bad_tools),
+    };
+    for name in tools.keys() {
+        id("tool name", name.clone())?;
+    }
+    let spec = ServerSpec {
+        id: id("id", f.text("id")?)?,
+        name: id("name", f.text("name")?)?,
+        tenant: id("tenant", f.text("tenant")?)?,
+        resource: id("resource", f.text("resource")?)?,
+        endpoint: id("endpoint", f.text("endpoint")?)?,
+        pcrs,
+        allow_debug: f.bool("allow_debug")?,
+        max_attestation_age_ms: f.u64("max_attestation_age_ms")?,
+        tools,
+    };
+    f.finish()?;
+    Ok(spec)
+}
+
+fn action_to_value(a: &AdminAction) -> Value {
+    let kind = ("type", Value::Text(a.type_name().into()));
+    match a {
+        AdminAction::RegisterServer(s) | AdminAction::UpdateServer(s) => {
+            map([kind, ("server", server_to_value(s))])
+        }
+        AdminAction::RevokeServer { id } => map([kind, ("id", Value::Text(id.clone()))]),
+        AdminAction::SetPolicy { text } => map([kind, ("text", Value::Text(text.clone()))]),
+        AdminAction::SetIdentityProvider(p) => map([
+            kind,
+            ("issuer", Value::Text(p.issuer.clone())),
+            ("audience", Value::Text(p.audience.clone())),
+            ("jwks", Value::Text(p.jwks.clone())),
+        ]),
+        AdminAction::RemoveIdentityProvider { issuer } => {
+            map([kind, ("issuer", Value::Text(issuer.clone()))])
+        }
+        AdminAction::RotateAdminKeys { keys } => map([
+            kind,
+            (
+                "keys",
+                Value::Array(keys.iter().map(|k| Value::Bytes(k.to_vec())).collect()),
+            ),
+        ]),
+    }
+}
+
+fn action_from_value(v: Value) -> Result<AdminAction, AdminError> {
+    let mut f = Fields::new(v, "action")?;
+    let kind = f.text("type")?;
+    let action = match kind.as_str() {
+        "register_server" => AdminAction::RegisterServer(server_from_value(f.take("server")?)?),
+        "update_server" => AdminAction::UpdateServer(server_from_value(f.take("server")?)?),
+        "revoke_server" => AdminAction::RevokeServer {
+            id: id("id", f.text("id")?)?,
+        },
+        "set_policy" => AdminAction::SetPolicy {
+            text: f.text("text")?,
+        },
+        "set_identity_provider" => AdminAction::SetIdentityProvider(IdentityProviderSpec {
+            issuer: id("issuer", f.text("issuer")?)?,
+            audience: id("audience", f.text("audience")?)?,
+            jwks: f.text("jwks")?,
+        }),
+        "remove_identity_provider" => AdminAction::RemoveIdentityProvider {
+            issuer: id("issuer", f.text("issuer")?)?,
+        },
+        "rotate_admin_keys" => {
+            let keys = match f.take("keys")? {
+                Value::Array(items) if !items.is_empty() && items.len() <= MAX_ADMIN_KEYS => items
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Bytes(b) => <[u8; 32]>::try_from(b.as_slice()).ok(),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>(),
+                _ => None,
+            };
+            AdminAction::RotateAdminKeys {
+                keys: keys.ok_or(AdminError::Invalid {
+                    field: "keys",
+                    problem: "must be 1 to 16 raw 32-byte Ed25519 keys",
+                })?,
+            }
+        }
+        _ => return Err(AdminError::UnknownAction { kind }),
+    };
+    f.finish()?;
+    Ok(action)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    fn server() -> ServerSpec {
+        ServerSpec {
+            id: "weather".into(),
+            name: "Weather".into(),
+            tenant: "acme".into(),
+            resource: "https://weather.acme.example/mcp".into(),
+            endpoint: "http://127.0.0.1:9000".into(),
+            pcrs: [(PcrIndex::IMAGE, PcrHex(Pcr::new([1; 48])))].into(),
+            allow_debug: false,
+            max_attestation_age_ms: 600_000,
+            tools: [("forecast".to_string(), Digest32([3; 32]))].into(),
+        }
+    }
+
+    fn all_actions() -> Vec<AdminAction> {
+        vec![
+            AdminAction::RegisterServer(server()),
+            AdminAction::UpdateServer(server()),
+            AdminAction::RevokeServer {
+                id: "weather".into(),
+            },
+            AdminAction::SetPolicy {
+                text: "permit(principal, action, resource);".into(),
+            },
+            AdminAction::SetIdentityProvider(IdentityProviderSpec {
+                issuer: "https://idp.example".into(),
+                audience: "attestplane".into(),
+                jwks: "{\"keys\":[]}".into(),
+            }),
+            AdminAction::RemoveIdentityProvider {
+                issuer: "https://idp.example".into(),
+            },
+            AdminAction::RotateAdminKeys {
+                keys: vec![[4; 32]],
+            },
+        ]
+    }
+
+    #[test]
+    fn every_action_round_trips_signed() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        for action in all_actions() {
+            let req = AdminRequest {
+                time: UnixMillis::from_millis(1_000),
+                nonce: [9; 16],
+                action,
+            };
+            let bytes = req.sign(&k.verifying_key(), &k).unwrap();
+            let signed = SignedAdminRequest::decode(&bytes).unwrap();
+            assert_eq!(signed.request(), &req);
+            assert_eq!(
+                signed.verify(&[k.verifying_key()]).unwrap(),
+                k.verifying_key()
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_request_signed_by_non_admin_key() {
+        let admin = SigningKey::from_bytes(&[1; 32]);
+        let intruder = SigningKey::from_bytes(&[2; 32]);
+        let req = AdminRequest {
+            time: UnixMillis::from_millis(1_000),
+            nonce: [9; 16],
+            action: AdminAction::RevokeServer { id: "x".into() },
+        };
+        let bytes = req.sign(&intruder.verifying_key(), &intruder).unwrap();
+        let signed = SignedAdminRequest::decode(&bytes).unwrap();
+        assert!(matches!(
+            signed.verify(&[admin.verifying_key()]),
+            Err(AdminError::UnknownAdminKey { .. })
+        ));
+        // Naming the admin's key id but signing with another key.
+        let forged = req.sign(&admin.verifying_key(), &intruder).unwrap();
+        let signed = SignedAdminRequest::decode(&forged).unwrap();
+        assert!(matches!(
+            signed.verify(&[admin.verifying_key()]),
+            Err(AdminError::BadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn admin_signature_cannot_pass_as_entry() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let req = AdminRequest {
+            time: UnixMillis::from_millis(1_000),
+            nonce: [9; 16],
+            action: AdminAction::RevokeServer { id: "x".into() },
+        };
+        let bytes = req.sign(&k.verifying_key(), &k).unwrap();
+        assert!(crate::entry::SignedEntry::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn freshness_window_is_symmetric() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let req = AdminRequest {
+            time: UnixMillis::from_millis(10_000_000),
+            nonce: [9; 16],
+            action: AdminAction::RevokeServer { id: "x".into() },
+        };
+        let signed =
+            SignedAdminRequest::decode(&req.sign(&k.verifying_key(), &k).unwrap()).unwrap();
+        assert!(signed.is_fresh_at(UnixMillis::from_millis(
+            10_000_000 + ADMIN_REQUEST_WINDOW_MS
+        )));
+        assert!(signed.is_fresh_at(UnixMillis::from_millis(
+            10_000_000 - ADMIN_REQUEST_WINDOW_MS
+        )));
+        assert!(!signed.is_fresh_at(UnixMillis::from_millis(
+            10_000_001 + ADMIN_REQUEST_WINDOW_MS
+        )));
+        assert!(!signed.is_fresh_at(UnixMillis::from_millis(9_999_999 - ADMIN_REQUEST_WINDOW_MS)));
+    }
+
+    #[test]
+    fn rejects_server_without_pcrs_and_empty_ids() {
+        let mut s = server();
+        s.pcrs.clear();
+        assert!(matches!(
+            server_from_value(server_to_value(&s)),
+            Err(AdminError::Invalid { field: "pcrs", .. })
+        ));
+        let mut s = server();
+        s.tenant = String::new();
+        assert!(matches!(
+            server_from_value(server_to_value(&s)),
+            Err(AdminError::Invalid {
+                field: "tenant",
+                ..
+            })
+        ));
+    }
+}
