@@ -1,126 +1,430 @@
-//! Cedar policy decisions (stub: the full engine lands in the next commit).
+//! Cedar policy decisions: the one function the enclave decides with and the auditor replays.
+//!
+//! The enclave asks [`PolicyEngine::decide`] whether an agent may `discover`, `resolve` or `call`
+//! an MCP server (or one of its tools), and logs the request facts, the decision and the policy
+//! text. The auditor's verifier rebuilds the engine from the logged text and calls the same
+//! function with the same facts, so a logged decision that the policy did not produce is caught.
+//! For that to hold this module is a pure function of (policy text, [`DecisionRequest`]): it
+//! reads no clock (the time is [`DecisionRequest::time`]), no counters of its own (they are
+//! [`DecisionRequest::counters`]) and does no I/O.
+//!
+//! ## Model
+//!
+//! Cedar, deny by default: a request is allowed only when at least one `permit` is satisfied
+//! and no `forbid` is. A policy whose evaluation errors (e.g. integer overflow) is skipped, as
+//! Cedar specifies; the error is reported in [`Decision::errors`]. The entity types, actions and
+//! context are fixed by [`SCHEMA`], and every policy set is validated against it in strict mode
+//! before it is accepted, so a policy that names an unknown attribute, type or action is
+//! refused at install time rather than silently never matching.
+//!
+//! For each request the engine builds a handful of entities (the agent, its user, the
+//! tenant(s), the server and, for `call`, the tool) and the context record; nothing else is in
+//! the entity store. In particular, action entities are not in the store and the schema has no
+//! action groups, so `action in [..]` means "is one of".
+//!
+//! ## The index
+//!
+//! Cedar evaluates every policy of a set on every request. The engine therefore splits the set
+//! by scope at construction: per action, one bucket of policies whose resource scope holds for
+//! any resource of that action's type (`resource`, `resource is T`), and one bucket per entity
+//! named in a resource scope (`resource == E`, `resource in E`, `resource is T in E`). A
+//! request evaluates the "any" bucket of its action plus the buckets of its resource and the
+//! resource's ancestors (server and tenant), and merges the results the way Cedar's authorizer
+//! does (forbids win; the determining policies are the satisfied forbids if any, otherwise the
+//! satisfied permits). A policy left out cannot have matched: its scope names an entity that
+//! is neither the resource nor one of its ancestors, or another action or resource type. A
+//! policy put in needlessly is harmless: its scope is still evaluated. Memory is bounded: each
+//! policy is stored at most once per action. [`PolicyEngine::decide_unindexed`] evaluates the
+//! whole set; a property test checks that both always agree.
+//!
+//! ## Trust assumptions
+//!
+//! The policy text comes from a signed admin request, but it is still parsed defensively: it is
+//! bounded by [`MAX_POLICY_TEXT_LEN`] and [`MAX_POLICIES`]. The request facts are whatever the
+//! caller says; this module judges them, it does not check them.
+//!
+//! ## What this module deliberately does not do
+//!
+//! - It does not accept templates or template links: only static policies.
+//! - It does not enable Cedar's `ipaddr`, `decimal` or `datetime` extensions; a policy that
+//!   uses them fails to validate. Times are plain integers (`context.time`, unix seconds).
+//! - It does not count, rate-limit or remember anything: counters are inputs.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::OnceLock;
+
+use cedar_policy as cedar;
+use cedar_policy::{
+    ActionConstraint, Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid,
+    PolicyId, PolicySet, ResourceConstraint, RestrictedExpression, Schema, ValidationMode,
+    Validator,
+};
 
 use crate::time::UnixMillis;
 
-/// The Cedar schema for namespace `Attestplane`.
-pub const SCHEMA: &str = "";
+/// The Cedar schema (human-readable `.cedarschema` syntax) every policy set is validated against.
+pub const SCHEMA: &str = r#"// Attestplane policy schema. Every policy set is validated against it in strict mode.
+//
+// Entities, built per request from the request's facts (nothing else is in the store):
+//   Agent::"<agent id>"              the principal; member of its Tenant
+//   User::"<user id>"                the agent's user; member of the agent's Tenant
+//   Tenant::"<tenant id>"
+//   Server::"<server id>"            member of its Tenant
+//   Tool::"<server id>/<tool name>"  member of its Server (so, transitively, of its Tenant)
+//
+// Actions: discover and resolve apply to (Agent, Server); call applies to (Agent, Tool).
+// There are no action groups: `action in [A, B]` means "action is A or B".
+//
+// Context:
+//   attestation.verified  the server's attestation document verified
+//   attestation.age_ms    milliseconds since that verification. ABSENT when the server has no
+//                         verified attestation: guard it with `context.attestation has age_ms`
+//                         (strict validation insists). Saturates at 9223372036854775807.
+//   attestation.pcr_match the document's PCRs equal the registered ones
+//   attestation.debug     the document came from an enclave in debug mode
+//   time                  the decision's time in whole unix seconds
+//   counters.calls_last_minute, counters.spend_micros
+//                         the agent's counters as the enclave keeps them; saturate at
+//                         9223372036854775807.
+namespace Attestplane {
+  entity Tenant;
+  entity User in [Tenant];
+  entity Agent in [Tenant] = {
+    user: User,
+    tenant: Tenant,
+    roles: Set<String>,
+    issuer: String,
+  };
+  entity Server in [Tenant] = {
+    tenant: Tenant,
+    name: String,
+    resource: String,
+  };
+  // `tenant` is the server's tenant, so `principal.tenant == resource.tenant` works for every
+  // action.
+  entity Tool in [Server] = {
+    name: String,
+    server: Server,
+    tenant: Tenant,
+  };
+  type Attestation = {
+    verified: Bool,
+    age_ms?: Long,
+    pcr_match: Bool,
+    debug: Bool,
+  };
+  type Counters = {
+    calls_last_minute: Long,
+    spend_micros: Long,
+  };
+  type RequestContext = {
+    attestation: Attestation,
+    time: Long,
+    counters: Counters,
+  };
+  action discover, resolve appliesTo {
+    principal: [Agent],
+    resource: [Server],
+    context: RequestContext,
+  };
+  action call appliesTo {
+    principal: [Agent],
+    resource: [Tool],
+    context: RequestContext,
+  };
+}
+"#;
+
 /// Longest policy text accepted, in bytes.
 pub const MAX_POLICY_TEXT_LEN: usize = 256 * 1024;
-/// Most policies accepted in one set.
-pub const MAX_POLICIES: usize = 10_000;
 
-/// The agent asking.
+/// Most policies accepted in one set. Reachable within [`MAX_POLICY_TEXT_LEN`] (the shortest
+/// policy is 34 bytes), so both limits bind.
+pub const MAX_POLICIES: usize = 4_096;
+
+/// The annotation that names a policy: `@id("tenant-isolation")`.
+const ID_ANNOTATION: &str = "id";
+
+/// The agent asking: the principal of every request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
-    /// Agent id.
+    /// The agent's id (`Attestplane::Agent::"<agent>"`).
     pub agent: String,
-    /// User id.
+    /// The user the agent acts for (`Attestplane::User::"<user>"`).
     pub user: String,
-    /// Tenant id.
+    /// The agent's tenant (`Attestplane::Tenant::"<tenant>"`).
     pub tenant: String,
-    /// Roles.
+    /// The agent's roles, as its identity provider asserted them.
     pub roles: Vec<String>,
-    /// Issuer.
+    /// The identity provider that authenticated the agent.
     pub issuer: String,
 }
 
 /// What the agent asks to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
-    /// Discover.
+    /// See that a server exists (resource: the server).
     Discover,
-    /// Resolve.
+    /// Obtain a signed handle for a server (resource: the server).
     Resolve,
-    /// Call.
+    /// Call one of a server's tools (resource: the tool).
     Call,
 }
 
-/// The server.
+impl Action {
+    /// Every action, in a fixed order.
+    pub const ALL: [Action; 3] = [Action::Discover, Action::Resolve, Action::Call];
+
+    /// The Cedar action id: `"discover"`, `"resolve"` or `"call"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Action::Discover => "discover",
+            Action::Resolve => "resolve",
+            Action::Call => "call",
+        }
+    }
+}
+
+/// The server a request is about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerFacts {
-    /// Id.
+    /// The server's registry id (`Attestplane::Server::"<id>"`).
     pub id: String,
-    /// Name.
+    /// Its display name.
     pub name: String,
-    /// Tenant.
+    /// The tenant that registered it.
     pub tenant: String,
-    /// Resource URI.
+    /// Its resource URI (the handle's `aud`).
     pub resource: String,
 }
 
-/// Attestation facts.
+/// What the enclave knows of the server's attestation at decision time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttestationFacts {
-    /// Verified.
+    /// The server's attestation document verified.
     pub verified: bool,
-    /// Age.
+    /// Milliseconds since that verification; `None` when there is none (the context then has
+    /// no `age_ms` attribute).
     pub age_ms: Option<u64>,
-    /// PCR match.
+    /// The document's PCRs equal the registered ones.
     pub pcr_match: bool,
-    /// Debug mode.
+    /// The document came from an enclave in debug mode.
     pub debug: bool,
 }
 
-/// Counters.
+/// The agent's counters, kept by the enclave and passed in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Calls in the last minute.
+    /// Calls the agent made in the last minute.
     pub calls_last_minute: u64,
-    /// Spend.
+    /// The agent's spend so far, in millionths of the currency unit.
     pub spend_micros: u64,
 }
 
-/// A request.
+/// Everything a decision depends on, besides the policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecisionRequest {
-    /// Principal.
+    /// The agent asking.
     pub principal: Principal,
-    /// Action.
+    /// What it asks to do.
     pub action: Action,
-    /// Server.
+    /// The server concerned.
     pub server: ServerFacts,
-    /// Tool.
+    /// The tool's name: required for [`Action::Call`], ignored for the others.
     pub tool: Option<String>,
-    /// Attestation.
+    /// The server's attestation facts.
     pub attestation: AttestationFacts,
-    /// Time.
+    /// The decision's time (passed to Cedar as whole unix seconds).
     pub time: UnixMillis,
-    /// Counters.
+    /// The agent's counters.
     pub counters: Counters,
 }
 
-/// A decision.
+/// The outcome of one decision.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decision {
-    /// Allowed.
+    /// At least one permit was satisfied and no forbid was.
     pub allowed: bool,
-    /// Determining policies.
+    /// Ids of the determining policies, sorted: the satisfied permits when allowed, the
+    /// satisfied forbids when a forbid denied, empty when no permit matched.
     pub policies: Vec<String>,
-    /// Errors.
+    /// Evaluation errors (each names its policy), sorted. A policy that errors is skipped.
     pub errors: Vec<String>,
 }
 
-/// Policy errors.
-#[derive(Debug, thiserror::Error)]
+impl Decision {
+    fn deny_with_error(message: String) -> Self {
+        Self {
+            allowed: false,
+            policies: Vec::new(),
+            errors: vec![message],
+        }
+    }
+}
+
+/// Why a policy set was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    /// Too long.
+    /// The text is longer than [`MAX_POLICY_TEXT_LEN`].
     #[error("policy text is {len} bytes, more than the maximum {max}")]
     TooLong {
-        /// Length.
+        /// The text's length in bytes.
         len: usize,
-        /// Max.
+        /// [`MAX_POLICY_TEXT_LEN`].
         max: usize,
+    },
+    /// The text holds more than [`MAX_POLICIES`] policies.
+    #[error("policy text holds {count} policies, more than the maximum {max}")]
+    TooMany {
+        /// The number of policies (and templates) parsed.
+        count: usize,
+        /// [`MAX_POLICIES`].
+        max: usize,
+    },
+    /// The text is not Cedar.
+    #[error("policy text does not parse: {message}")]
+    Parse {
+        /// Cedar's parse errors, joined with `; `.
+        message: String,
+    },
+    /// The text holds a template (a policy with `?principal` or `?resource` slots).
+    #[error("policy `{id}` is a template; only static policies are accepted")]
+    Template {
+        /// The template's id as Cedar assigned it.
+        id: String,
+    },
+    /// A policy's `@id` annotation is empty.
+    #[error("policy number {index} has an empty @id")]
+    EmptyId {
+        /// The policy's position in the text, from 0.
+        index: usize,
+    },
+    /// Two policies have the same id (from `@id`, or an `@id` equal to a default `policyN`).
+    #[error("policy id `{id}` is used more than once")]
+    DuplicateId {
+        /// The repeated id.
+        id: String,
+    },
+    /// The set does not validate against [`SCHEMA`] in strict mode.
+    #[error("policy set does not validate against the schema: {}", messages.join("; "))]
+    Validation {
+        /// The validator's messages, each naming its policy.
+        messages: Vec<String>,
+    },
+    /// The built-in schema or the index could not be built (a bug in this module).
+    #[error("internal policy engine error: {message}")]
+    Internal {
+        /// What failed.
+        message: String,
     },
 }
 
-/// The engine.
+/// The parsed schema and the names requests are built from; built once per process.
+struct Model {
+    schema: Schema,
+    agent: EntityTypeName,
+    user: EntityTypeName,
+    tenant: EntityTypeName,
+    server: EntityTypeName,
+    tool: EntityTypeName,
+    actions: [EntityUid; 3],
+}
+
+impl Model {
+    fn build() -> Result<Self, String> {
+        let (schema, _warnings) =
+            Schema::from_cedarschema_str(SCHEMA).map_err(|e| format!("schema: {e}"))?;
+        let name = |n: &str| -> Result<EntityTypeName, String> {
+            n.parse::<EntityTypeName>()
+                .map_err(|e| format!("entity type `{n}`: {e}"))
+        };
+        let action_type = name("Attestplane::Action")?;
+        let action = |a: Action| {
+            EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(a.as_str()))
+        };
+        Ok(Self {
+            agent: name("Attestplane::Agent")?,
+            user: name("Attestplane::User")?,
+            tenant: name("Attestplane::Tenant")?,
+            server: name("Attestplane::Server")?,
+            tool: name("Attestplane::Tool")?,
+            actions: [
+                action(Action::Discover),
+                action(Action::Resolve),
+                action(Action::Call),
+            ],
+            schema,
+        })
+    }
+
+    fn get() -> Result<&'static Model, String> {
+        static MODEL: OnceLock<Result<Model, String>> = OnceLock::new();
+        MODEL
+            .get_or_init(Model::build)
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn action(&self, a: Action) -> &EntityUid {
+        let [discover, resolve, call] = &self.actions;
+        match a {
+            Action::Discover => discover,
+            Action::Resolve => resolve,
+            Action::Call => call,
+        }
+    }
+
+    /// The type of the resource of requests for `a`.
+    fn resource_type(&self, a: Action) -> &EntityTypeName {
+        match a {
+            Action::Discover | Action::Resolve => &self.server,
+            Action::Call => &self.tool,
+        }
+    }
+
+    fn uid(ty: &EntityTypeName, id: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
+    }
+}
+
+/// The policies one action's requests may need, split by resource scope.
+#[derive(Debug, Default)]
+struct ActionIndex {
+    /// Policies whose resource scope holds for every resource of the action's type.
+    any: PolicySet,
+    /// Policies whose resource scope names this entity (`==`, `in`, `is .. in`).
+    by_entity: HashMap<EntityUid, PolicySet>,
+}
+
+impl ActionIndex {
+    fn add(set: &mut PolicySet, policy: &cedar::Policy) -> Result<(), PolicyError> {
+        set.add(policy.clone()).map_err(|e| PolicyError::Internal {
+            message: format!("index: {e}"),
+        })
+    }
+}
+
+/// Where one policy goes in an [`ActionIndex`].
+enum ResourceKey {
+    /// Every resource (of the given type, if any).
+    Any(Option<EntityTypeName>),
+    /// Only this entity and its descendants (a superset of `==`).
+    Entity(EntityUid),
+}
+
+/// A validated Cedar policy set, indexed by action and resource scope.
 #[derive(Debug)]
 pub struct PolicyEngine {
     text: String,
+    full: PolicySet,
+    index: [ActionIndex; 3],
+    authorizer: Authorizer,
 }
 
 impl PolicyEngine {
-    /// Parses a policy set.
+    /// Parses `text`, names each policy by its `@id("...")` annotation (or Cedar's `policyN`
+    /// when it has none), validates the set against [`SCHEMA`] in strict mode and builds the
+    /// index. A set that fails any step is refused whole.
     pub fn new(text: &str) -> Result<Self, PolicyError> {
         if text.len() > MAX_POLICY_TEXT_LEN {
             return Err(PolicyError::TooLong {
@@ -128,30 +432,513 @@ impl PolicyEngine {
                 max: MAX_POLICY_TEXT_LEN,
             });
         }
+        let parsed: PolicySet = text.parse().map_err(|e: cedar::ParseErrors| {
+            let message = e
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            PolicyError::Parse { message }
+        })?;
+        let count = parsed
+            .policies()
+            .count()
+            .saturating_add(parsed.templates().count());
+        if count > MAX_POLICIES {
+            return Err(PolicyError::TooMany {
+                count,
+                max: MAX_POLICIES,
+            });
+        }
+        if let Some(template) = parsed.templates().next() {
+            return Err(PolicyError::Template {
+                id: template.id().to_string(),
+            });
+        }
+
+        let mut full = PolicySet::new();
+        let mut seen = HashSet::new();
+        for (index, policy) in parsed.policies().enumerate() {
+            let id = match policy.annotation(ID_ANNOTATION) {
+                Some("") => return Err(PolicyError::EmptyId { index }),
+                Some(id) => id.to_owned(),
+                None => policy.id().to_string(),
+            };
+            if !seen.insert(id.clone()) {
+                return Err(PolicyError::DuplicateId { id });
+            }
+            full.add(policy.new_id(PolicyId::new(&id)))
+                .map_err(|e| PolicyError::Internal {
+                    message: format!("renaming policy `{id}`: {e}"),
+                })?;
+        }
+
+        let model = Model::get().map_err(|message| PolicyError::Internal { message })?;
+        let validation =
+            Validator::new(model.schema.clone()).validate(&full, ValidationMode::Strict);
+        if !validation.validation_passed() {
+            let messages = validation
+                .validation_errors()
+                .map(ToString::to_string)
+                .collect();
+            return Err(PolicyError::Validation { messages });
+        }
+
+        let index = build_index(model, &full)?;
         Ok(Self {
             text: text.to_owned(),
+            full,
+            index,
+            authorizer: Authorizer::new(),
         })
     }
-    /// Denies everything.
+
+    /// The empty policy set: every request is denied.
     pub fn deny_all() -> Self {
         Self {
             text: String::new(),
+            full: PolicySet::new(),
+            index: Default::default(),
+            authorizer: Authorizer::new(),
         }
     }
-    /// Decides.
-    pub fn decide(&self, _req: &DecisionRequest) -> Decision {
-        Decision::default()
+
+    /// Decides `req`, evaluating only the policies whose scope can match it. Always equal to
+    /// [`PolicyEngine::decide_unindexed`].
+    pub fn decide(&self, req: &DecisionRequest) -> Decision {
+        let model = match Model::get() {
+            Ok(m) => m,
+            Err(message) => return Decision::deny_with_error(message),
+        };
+        let built = match BuiltRequest::new(model, req) {
+            Ok(b) => b,
+            Err(message) => return Decision::deny_with_error(message),
+        };
+        let index = self.action_index(req.action);
+        let mut merged = Merge::default();
+        let sets = std::iter::once(&index.any).chain(
+            built
+                .resource_and_ancestors
+                .iter()
+                .filter_map(|uid| index.by_entity.get(uid)),
+        );
+        for set in sets {
+            if set.is_empty() {
+                continue;
+            }
+            merged.add(
+                &self
+                    .authorizer
+                    .is_authorized(&built.request, set, &built.entities),
+            );
+        }
+        merged.finish()
     }
-    /// Decides.
-    pub fn decide_unindexed(&self, _req: &DecisionRequest) -> Decision {
-        Decision::default()
+
+    /// Decides `req` by evaluating every policy of the set: the reference the index is tested
+    /// against, and a baseline for benchmarks.
+    pub fn decide_unindexed(&self, req: &DecisionRequest) -> Decision {
+        let model = match Model::get() {
+            Ok(m) => m,
+            Err(message) => return Decision::deny_with_error(message),
+        };
+        let built = match BuiltRequest::new(model, req) {
+            Ok(b) => b,
+            Err(message) => return Decision::deny_with_error(message),
+        };
+        let mut merged = Merge::default();
+        merged.add(
+            &self
+                .authorizer
+                .is_authorized(&built.request, &self.full, &built.entities),
+        );
+        merged.finish()
     }
-    /// Count.
+
+    /// The number of policies in the set.
     pub fn policy_count(&self) -> usize {
-        0
+        self.full.policies().count()
     }
-    /// Text.
+
+    /// The policy text the engine was built from (empty for [`PolicyEngine::deny_all`]).
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    fn action_index(&self, a: Action) -> &ActionIndex {
+        let [discover, resolve, call] = &self.index;
+        match a {
+            Action::Discover => discover,
+            Action::Resolve => resolve,
+            Action::Call => call,
+        }
+    }
+}
+
+/// Splits `full` by action and resource scope (see the module docs).
+fn build_index(model: &Model, full: &PolicySet) -> Result<[ActionIndex; 3], PolicyError> {
+    let mut index: [ActionIndex; 3] = Default::default();
+    for policy in full.policies() {
+        let key = match policy.resource_constraint() {
+            ResourceConstraint::Any => ResourceKey::Any(None),
+            ResourceConstraint::Is(ty) => ResourceKey::Any(Some(ty)),
+            ResourceConstraint::Eq(uid)
+            | ResourceConstraint::In(uid)
+            | ResourceConstraint::IsIn(_, uid) => ResourceKey::Entity(uid),
+        };
+        let action_constraint = policy.action_constraint();
+        for (action, slot) in Action::ALL.into_iter().zip(index.iter_mut()) {
+            let uid = model.action(action);
+            // No action groups and no action entities in the store: `in` is membership.
+            let applies = match &action_constraint {
+                ActionConstraint::Any => true,
+                ActionConstraint::Eq(a) => a == uid,
+                ActionConstraint::In(list) => list.contains(uid),
+            };
+            if !applies {
+                continue;
+            }
+            match &key {
+                ResourceKey::Any(None) => ActionIndex::add(&mut slot.any, policy)?,
+                ResourceKey::Any(Some(ty)) => {
+                    if ty == model.resource_type(action) {
+                        ActionIndex::add(&mut slot.any, policy)?;
+                    }
+                }
+                ResourceKey::Entity(uid) => {
+                    let set = slot.by_entity.entry(uid.clone()).or_default();
+                    ActionIndex::add(set, policy)?;
+                }
+            }
+        }
+    }
+    Ok(index)
+}
+
+/// A request's Cedar form.
+struct BuiltRequest {
+    request: cedar::Request,
+    entities: Entities,
+    /// The resource, then its ancestors in `entities`.
+    resource_and_ancestors: Vec<EntityUid>,
+}
+
+impl BuiltRequest {
+    fn new(model: &Model, req: &DecisionRequest) -> Result<Self, String> {
+        let p = &req.principal;
+        let s = &req.server;
+        let agent_tenant = Model::uid(&model.tenant, &p.tenant);
+        let server_tenant = Model::uid(&model.tenant, &s.tenant);
+        let user = Model::uid(&model.user, &p.user);
+        let agent = Model::uid(&model.agent, &p.agent);
+        let server = Model::uid(&model.server, &s.id);
+
+        let entity = |uid: &EntityUid,
+                      attrs: Vec<(&str, RestrictedExpression)>,
+                      parent: &EntityUid|
+         -> Result<Entity, String> {
+            Entity::new(
+                uid.clone(),
+                attrs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                HashSet::from([parent.clone()]),
+            )
+            .map_err(|e| format!("building entity {uid}: {e}"))
+        };
+        let uid_expr = |u: &EntityUid| RestrictedExpression::new_entity_uid(u.clone());
+        let str_expr = |v: &str| RestrictedExpression::new_string(v.to_owned());
+
+        let mut entities = Vec::with_capacity(6);
+        entities.push(entity(
+            &agent,
+            vec![
+                ("user", uid_expr(&user)),
+                ("tenant", uid_expr(&agent_tenant)),
+                (
+                    "roles",
+                    RestrictedExpression::new_set(p.roles.iter().map(|r| str_expr(r))),
+                ),
+                ("issuer", str_expr(&p.issuer)),
+            ],
+            &agent_tenant,
+        )?);
+        entities.push(entity(&user, Vec::new(), &agent_tenant)?);
+        entities.push(entity(
+            &server,
+            vec![
+                ("tenant", uid_expr(&server_tenant)),
+                ("name", str_expr(&s.name)),
+                ("resource", str_expr(&s.resource)),
+            ],
+            &server_tenant,
+        )?);
+        entities.push(Entity::new_no_attrs(agent_tenant.clone(), HashSet::new()));
+        if server_tenant != agent_tenant {
+            entities.push(Entity::new_no_attrs(server_tenant.clone(), HashSet::new()));
+        }
+
+        let (resource, resource_and_ancestors) = match req.action {
+            Action::Discover | Action::Resolve => (server.clone(), vec![server, server_tenant]),
+            Action::Call => {
+                let Some(tool_name) = &req.tool else {
+                    return Err("call request names no tool".to_owned());
+                };
+                let tool = Model::uid(&model.tool, &format!("{}/{}", s.id, tool_name));
+                entities.push(entity(
+                    &tool,
+                    vec![
+                        ("name", str_expr(tool_name)),
+                        ("server", uid_expr(&server)),
+                        ("tenant", uid_expr(&server_tenant)),
+                    ],
+                    &server,
+                )?);
+                (tool.clone(), vec![tool, server, server_tenant])
+            }
+        };
+        let entities = Entities::from_entities(entities, None)
+            .map_err(|e| format!("building entities: {e}"))?;
+
+        let context = Context::from_pairs(context_pairs(req)?)
+            .map_err(|e| format!("building context: {e}"))?;
+        let request = cedar::Request::new(
+            agent,
+            model.action(req.action).clone(),
+            resource,
+            context,
+            None,
+        )
+        .map_err(|e| format!("building request: {e}"))?;
+        Ok(Self {
+            request,
+            entities,
+            resource_and_ancestors,
+        })
+    }
+}
+
+/// A Cedar `Long` from a `u64`, saturating at `i64::MAX`.
+fn long(v: u64) -> RestrictedExpression {
+    RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// The request context (see [`SCHEMA`]).
+fn context_pairs(req: &DecisionRequest) -> Result<Vec<(String, RestrictedExpression)>, String> {
+    let a = &req.attestation;
+    let mut attestation = vec![
+        (
+            "verified".to_owned(),
+            RestrictedExpression::new_bool(a.verified),
+        ),
+        (
+            "pcr_match".to_owned(),
+            RestrictedExpression::new_bool(a.pcr_match),
+        ),
+        ("debug".to_owned(), RestrictedExpression::new_bool(a.debug)),
+    ];
+    if let Some(age) = a.age_ms {
+        attestation.push(("age_ms".to_owned(), long(age)));
+    }
+    let counters = vec![
+        (
+            "calls_last_minute".to_owned(),
+            long(req.counters.calls_last_minute),
+        ),
+        ("spend_micros".to_owned(), long(req.counters.spend_micros)),
+    ];
+    let record = |fields| {
+        RestrictedExpression::new_record(fields).map_err(|e| format!("building context: {e}"))
+    };
+    Ok(vec![
+        ("attestation".to_owned(), record(attestation)?),
+        ("time".to_owned(), long(req.time.as_secs())),
+        ("counters".to_owned(), record(counters)?),
+    ])
+}
+
+/// Combines responses over disjoint parts of a policy set into the response over their union,
+/// by Cedar's rule: any satisfied forbid denies and determines; otherwise any satisfied permit
+/// allows and determines; otherwise deny with no determining policy.
+#[derive(Default)]
+struct Merge {
+    /// Determining policies of denying responses: the satisfied forbids.
+    forbids: BTreeSet<String>,
+    /// Determining policies of allowing responses: the satisfied permits.
+    permits: BTreeSet<String>,
+    errors: Vec<String>,
+}
+
+impl Merge {
+    fn add(&mut self, response: &cedar::Response) {
+        let reasons = response.diagnostics().reason().map(ToString::to_string);
+        match response.decision() {
+            cedar::Decision::Allow => self.permits.extend(reasons),
+            cedar::Decision::Deny => self.forbids.extend(reasons),
+        }
+        self.errors
+            .extend(response.diagnostics().errors().map(ToString::to_string));
+    }
+
+    fn finish(self) -> Decision {
+        let mut errors = self.errors;
+        errors.sort();
+        let allowed = self.forbids.is_empty() && !self.permits.is_empty();
+        let policies = if self.forbids.is_empty() {
+            self.permits
+        } else {
+            self.forbids
+        };
+        Decision {
+            allowed,
+            policies: policies.into_iter().collect(),
+            errors,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(action: Action) -> DecisionRequest {
+        DecisionRequest {
+            principal: Principal {
+                agent: "agent-1".into(),
+                user: "alice".into(),
+                tenant: "acme".into(),
+                roles: vec!["tool-user".into()],
+                issuer: "https://idp.example".into(),
+            },
+            action,
+            server: ServerFacts {
+                id: "srv-1".into(),
+                name: "files".into(),
+                tenant: "acme".into(),
+                resource: "https://files.example/mcp".into(),
+            },
+            tool: Some("read".into()),
+            attestation: AttestationFacts {
+                verified: true,
+                age_ms: Some(1_000),
+                pcr_match: true,
+                debug: false,
+            },
+            time: UnixMillis::from_secs(1_700_000_000),
+            counters: Counters::default(),
+        }
+    }
+
+    #[test]
+    fn schema_parses() {
+        assert!(Model::get().is_ok(), "{:?}", Model::get().err());
+    }
+
+    #[test]
+    fn built_requests_conform_to_the_schema() {
+        let model = Model::get().unwrap();
+        for action in Action::ALL {
+            for age in [None, Some(5), Some(u64::MAX)] {
+                let mut req = request(action);
+                req.attestation.age_ms = age;
+                req.counters.spend_micros = u64::MAX;
+                let built = BuiltRequest::new(model, &req).unwrap();
+                let p = built.request.principal().unwrap().clone();
+                let a = built.request.action().unwrap().clone();
+                let r = built.request.resource().unwrap().clone();
+                let c = built.request.context().unwrap().clone();
+                cedar::Request::new(p, a, r, c, Some(&model.schema)).unwrap();
+                let entities: Vec<Entity> = built.entities.iter().cloned().collect();
+                Entities::from_entities(entities, Some(&model.schema)).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn counters_saturate_instead_of_overflowing() {
+        let engine = PolicyEngine::new(
+            r#"@id("huge") permit(principal, action, resource)
+               when { context.counters.spend_micros == 9223372036854775807 };"#,
+        )
+        .unwrap();
+        let mut req = request(Action::Resolve);
+        req.counters.spend_micros = u64::MAX;
+        assert!(engine.decide(&req).allowed);
+        req.counters.spend_micros = 1;
+        assert!(!engine.decide(&req).allowed);
+    }
+
+    #[test]
+    fn age_is_absent_without_attestation() {
+        let engine = PolicyEngine::new(
+            r#"@id("fresh") permit(principal, action, resource)
+               when { context.attestation has age_ms && context.attestation.age_ms < 60000 };"#,
+        )
+        .unwrap();
+        let mut req = request(Action::Resolve);
+        assert!(engine.decide(&req).allowed);
+        req.attestation.age_ms = None;
+        assert!(!engine.decide(&req).allowed);
+        assert!(engine.decide(&req).errors.is_empty());
+    }
+
+    #[test]
+    fn call_without_tool_is_denied_with_an_error() {
+        let engine = PolicyEngine::new("permit(principal, action, resource);").unwrap();
+        let mut req = request(Action::Call);
+        assert!(engine.decide(&req).allowed);
+        req.tool = None;
+        let d = engine.decide(&req);
+        assert!(!d.allowed);
+        assert_eq!(d.errors, vec!["call request names no tool".to_owned()]);
+        assert_eq!(d, engine.decide_unindexed(&req));
+    }
+
+    #[test]
+    fn rejects_templates() {
+        let err =
+            PolicyEngine::new("permit(principal == ?principal, action, resource);").unwrap_err();
+        assert!(matches!(err, PolicyError::Template { .. }), "{err}");
+    }
+
+    #[test]
+    fn rejects_duplicate_and_empty_ids() {
+        let dup = r#"@id("a") permit(principal, action, resource);
+                     @id("a") forbid(principal, action, resource);"#;
+        assert_eq!(
+            PolicyEngine::new(dup).unwrap_err(),
+            PolicyError::DuplicateId { id: "a".into() }
+        );
+        let clash = r#"@id("policy1") permit(principal, action, resource);
+                       forbid(principal, action, resource);"#;
+        assert_eq!(
+            PolicyEngine::new(clash).unwrap_err(),
+            PolicyError::DuplicateId {
+                id: "policy1".into()
+            }
+        );
+        let empty =
+            r#"permit(principal, action, resource); @id("") permit(principal, action, resource);"#;
+        assert_eq!(
+            PolicyEngine::new(empty).unwrap_err(),
+            PolicyError::EmptyId { index: 1 }
+        );
+    }
+
+    #[test]
+    fn rejects_too_many_policies() {
+        let text = "permit(principal,action,resource);".repeat(MAX_POLICIES + 1);
+        assert!(text.len() <= MAX_POLICY_TEXT_LEN);
+        assert_eq!(
+            PolicyEngine::new(&text).unwrap_err(),
+            PolicyError::TooMany {
+                count: MAX_POLICIES + 1,
+                max: MAX_POLICIES
+            }
+        );
+    }
+
+    #[test]
+    fn engine_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<PolicyEngine>();
     }
 }
