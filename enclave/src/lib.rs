@@ -1,2 +1,33 @@
-//! Placeholder: being written.
+//! # attestplane-enclave: what runs inside the Nitro Enclave
+//!
+//! Attestplane's control plane — its policy engine and its audit log — runs inside an AWS Nitro
+//! Enclave, so that an auditor can prove, without trusting the parent instance, what it decided
+//! and that the measured code decided it. This crate is that enclave-side program: it talks to
+//! the Nitro Secure Module, holds the epoch signing key, keeps the live state derived from the
+//! log, evaluates policy and writes signed log entries, and serves framed requests from the host.
+//!
+//! Today it exposes:
+//!
+//! - [`nsm`]: the Nitro Secure Module behind one trait, the real `/dev/nsm` and a deterministic
+//!   mock that signs AWS-shaped attestation documents with a chain generated from a seed.
+//!
+//! ## Trust assumptions
+//!
+//! Trusted: the enclave image (measured into PCR0/1/2), the Nitro hypervisor and its NSM.
+//! Untrusted: the parent instance and everything that reaches the enclave through it — every
+//! request, every stored log entry streamed back in at boot, the host's clock for anything but
+//! liveness.
+//!
+//! ## What this crate deliberately does not do
+//!
+//! - It defines no signed or hashed byte format of Attestplane's own: those live in
+//!   `attestplane-verifier`, whose encoders the enclave uses, so the auditor's decoder and the
+//!   enclave's encoder are one piece of code. (The mock NSM's attestation documents are AWS's
+//!   format, written independently of the verifier's parser on purpose.)
+//! - It knows no HTTP and no database; the host-proxy does.
+//! - Whether the real or the mock NSM runs is decided at start-up by whoever builds the server,
+//!   never by a compile-time switch inside production code.
+
 #![forbid(unsafe_code)]
+
+pub mod nsm;
