@@ -113,8 +113,8 @@ pub enum Body {
 /// Every request may also be answered with `Error { code: BadFrame | TooLarge |
 /// UnsupportedVersion }` when its frame cannot be read, `Error { code: Overloaded }` when the
 /// enclave sheds load (retry later), and `Error { code: Internal }` when the enclave fails
-/// (for example the NSM does not answer). Requests other than `Hello`, `Status` and the replay
-/// sequence are answered `Error { code: NotReady }` until the replay has completed.
+/// (for example the NSM does not answer). Requests other than `Hello`, `Status`, `Durable` and
+/// the replay sequence are answered `Error { code: NotReady }` until the replay has completed.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
