@@ -30,4 +30,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod epoch;
 pub mod nsm;
+pub mod writer;

@@ -50,8 +50,8 @@
 pub mod admin;
 pub mod attestation;
 pub mod cbor;
-mod cose;
 pub mod checkpoint;
+mod cose;
 pub mod entry;
 pub mod error;
 pub mod handle;

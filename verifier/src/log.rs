@@ -1,10 +1,782 @@
-//! Placeholder: being written.
+//! Verification of a whole log.
+//!
+//! A log is a sequence of [entries](crate::entry) in sequence order. It verifies when
+//!
+//! - sequence numbers are dense from 0 and every `prev` is the hash of the entry before;
+//! - entry 0 opens epoch 0, and every epoch is opened by an `epoch_start` entry carrying a Nitro
+//!   attestation document that verifies against the pinned root and the expected PCRs at the
+//!   entry's own time, whose `public_key` is the epoch key that signs the entry, and whose
+//!   `user_data` is the [`EpochBinding`] of exactly that entry (epoch number, position and
+//!   predecessor hash), so no epoch document can be moved elsewhere;
+//! - every other entry belongs to the current epoch, names the current epoch key, and carries a
+//!   valid Ed25519 signature by it, so nothing signed by an earlier epoch's key passes as current;
+//! - times never go backwards and none lies after the verification instant (plus skew);
+//! - given a checkpoint held outside the host, the log reaches its size and its Merkle root.
+//!
+//! The first failure is reported with its sequence number; failures that are consequences of an
+//! earlier one are not looked for.
+//!
+//! ## Throughput
+//!
+//! Entries are decoded and hashed in parallel, linked in one sequential pass, and their
+//! signatures are checked in parallel batches with Ed25519 batch verification. Batch
+//! verification alone is weaker than `verify_strict`, so each signature's `R` is also checked
+//! not to be of small order, and every epoch key is checked once for weakness: together with the
+//! batch equation and the canonical-`s` check that batch parsing does, these are the conditions
+//! `verify_strict` imposes. A batch that fails is re-checked entry by entry with `verify_strict`
+//! to name the first bad entry.
+//!
+//! ## What this module does not do
+//!
+//! It does not replay the state or re-evaluate policy decisions (that needs the state fold),
+//! and it cannot detect a truncated tail without a checkpoint from outside the host.
 
-/// Errors of this module.
-#[derive(Debug, thiserror::Error)]
+use std::collections::BTreeMap;
+
+use curve25519_dalek::edwards::CompressedEdwardsY;
+use ed25519_dalek::{Signature, VerifyingKey};
+use rayon::prelude::*;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::attestation::{
+    AttestationError, AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt,
+};
+use crate::checkpoint::{self, Checkpoint, CheckpointError, VerifiedCheckpoint};
+use crate::entry::{EntryError, EntryHash, EpochBinding, Event, KeyId, SignedEntry};
+use crate::merkle::{self, CompactRange};
+use crate::time::UnixMillis;
+
+/// Signatures checked per batch-verification call.
+pub const SIGNATURE_BATCH: usize = 64;
+
+/// Entries decoded and checked per parallel round.
+pub const ROUND: usize = 4096;
+
+/// What the verifier trusts about the control plane it checks.
+#[derive(Clone, Debug)]
+pub struct LogPolicy {
+    /// The root every epoch document must chain to.
+    pub anchor: TrustAnchor,
+    /// The control plane's expected measurements; at least one is required.
+    pub pcrs: BTreeMap<PcrIndex, Pcr>,
+    /// Accept epochs attested in debug mode (PCR0/1/2 zero). Never for production.
+    pub allow_debug: bool,
+    /// How much older than its `epoch_start` entry an epoch document may be.
+    pub max_epoch_document_age_ms: u64,
+    /// How far after the verification instant an entry's time may lie.
+    pub max_clock_skew_ms: u64,
+}
+
+impl LogPolicy {
+    /// A policy with the given anchor and PCRs, debug refused, 5 minutes' document age and
+    /// 5 minutes' skew.
+    pub fn new(anchor: TrustAnchor, pcrs: BTreeMap<PcrIndex, Pcr>) -> Self {
+        Self {
+            anchor,
+            pcrs,
+            allow_debug: false,
+            max_epoch_document_age_ms: 5 * 60 * 1000,
+            max_clock_skew_ms: 5 * 60 * 1000,
+        }
+    }
+}
+
+/// One epoch of a verified log.
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochSummary {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Sequence number of its `epoch_start` entry.
+    pub start_seq: u64,
+    /// Number of entries in the epoch.
+    pub entries: u64,
+    /// The epoch key's id.
+    pub kid: KeyId,
+    /// The epoch key.
+    #[serde(serialize_with = "ser_key")]
+    pub key: VerifyingKey,
+    /// The NSM module that attested it.
+    pub module_id: String,
+    /// The attestation document's timestamp.
+    pub attested_at: UnixMillis,
+    /// Whether the enclave ran in debug mode.
+    pub debug: bool,
+}
+
+fn ser_key<S: serde::Serializer>(k: &VerifyingKey, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(k.as_bytes()))
+}
+
+/// A log that verified. Only [`LogVerifier::finish`] makes one.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifiedLog {
+    size: u64,
+    head: Option<EntryHash>,
+    root: merkle::Hash,
+    epochs: Vec<EpochSummary>,
+    first_time: Option<UnixMillis>,
+    last_time: Option<UnixMillis>,
+    verified_at: UnixMillis,
+}
+
+impl VerifiedLog {
+    /// Number of entries.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Hash of the last entry.
+    pub fn head(&self) -> Option<EntryHash> {
+        self.head
+    }
+    /// RFC 6962 root over all entry hashes.
+    pub fn root(&self) -> merkle::Hash {
+        self.root
+    }
+    /// The epochs, in order.
+    pub fn epochs(&self) -> &[EpochSummary] {
+        &self.epochs
+    }
+    /// Time of the first entry.
+    pub fn first_time(&self) -> Option<UnixMillis> {
+        self.first_time
+    }
+    /// Time of the last entry.
+    pub fn last_time(&self) -> Option<UnixMillis> {
+        self.last_time
+    }
+    /// The instant it was verified at.
+    pub fn verified_at(&self) -> UnixMillis {
+        self.verified_at
+    }
+}
+
+/// Why a log failed verification. Every variant about an entry names its sequence number (the
+/// position at which the entry was expected) and carries the evidence.
+#[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum LogError {
-    /// Placeholder.
-    #[error("placeholder")]
-    Placeholder,
+    /// No expected PCRs were given: a log checked against no measurement proves nothing.
+    #[error("no expected pcrs given: refusing to verify a log against no measurement")]
+    NoExpectedPcrs,
+    /// The log has no entries.
+    #[error("the log is empty")]
+    Empty,
+    /// The entry at `seq` does not decode.
+    #[error("entry {seq}: {source}")]
+    Entry {
+        /// Position.
+        seq: u64,
+        /// Why.
+        source: EntryError,
+    },
+    /// The entry at position `seq` carries another sequence number (dropped, reordered or
+    /// duplicated entries).
+    #[error("entry {seq}: sequence number is {found}, expected {seq}")]
+    SequenceMismatch {
+        /// Position.
+        seq: u64,
+        /// What the entry says.
+        found: u64,
+    },
+    /// The entry does not link to its predecessor.
+    #[error("entry {seq}: prev is {found_prev}, expected {expected_prev}")]
+    BrokenLink {
+        /// Position.
+        seq: u64,
+        /// Hash of the entry before it.
+        expected_prev: EntryHash,
+        /// What the entry says.
+        found_prev: EntryHash,
+    },
+    /// The log does not open with an epoch.
+    #[error("entry {seq}: the log must open with an epoch_start entry")]
+    MissingEpochStart {
+        /// Position.
+        seq: u64,
+    },
+    /// An entry's epoch number is not the current (or, for `epoch_start`, the next) one.
+    #[error("entry {seq}: epoch is {found}, expected {expected}")]
+    EpochMismatch {
+        /// Position.
+        seq: u64,
+        /// The epoch it should carry.
+        expected: u64,
+        /// The epoch it carries.
+        found: u64,
+    },
+    /// An entry is signed by (names) a key other than the current epoch's.
+    #[error("entry {seq}: signed by key {found}, but the current epoch key is {expected}")]
+    WrongKey {
+        /// Position.
+        seq: u64,
+        /// The current epoch key.
+        expected: KeyId,
+        /// The key the entry names.
+        found: KeyId,
+    },
+    /// The signature does not verify under the epoch key.
+    #[error("entry {seq}: bad signature (entry hash {entry_hash})")]
+    BadSignature {
+        /// Position.
+        seq: u64,
+        /// Hash of the offending entry.
+        entry_hash: EntryHash,
+    },
+    /// The epoch's attestation document does not verify.
+    #[error("entry {seq}: epoch attestation: {source}")]
+    EpochAttestation {
+        /// Position.
+        seq: u64,
+        /// Why.
+        source: AttestationError,
+    },
+    /// The epoch document carries no usable Ed25519 public key, or not the one that signs the
+    /// entry.
+    #[error("entry {seq}: epoch document binds key {attested:?}, entry is signed by {found}")]
+    EpochKeyMismatch {
+        /// Position.
+        seq: u64,
+        /// The key id of the attested key, if it is an Ed25519 key at all.
+        attested: Option<KeyId>,
+        /// The key the entry names.
+        found: KeyId,
+    },
+    /// The epoch document's `user_data` does not bind this entry's place in the log.
+    #[error("entry {seq}: epoch document binds {found:?}, expected {expected:?}")]
+    EpochBindingMismatch {
+        /// Position.
+        seq: u64,
+        /// The binding of this entry.
+        expected: EpochBinding,
+        /// What the document binds, if it decodes.
+        found: Option<EpochBinding>,
+    },
+    /// Time went backwards.
+    #[error("entry {seq}: time {found} is before the previous entry's {previous}")]
+    TimeWentBackwards {
+        /// Position.
+        seq: u64,
+        /// The previous entry's time.
+        previous: UnixMillis,
+        /// This entry's time.
+        found: UnixMillis,
+    },
+    /// An entry claims a time after the verification instant.
+    #[error("entry {seq}: time {time} is after the verification time {at}")]
+    FromTheFuture {
+        /// Position.
+        seq: u64,
+        /// The entry's time.
+        time: UnixMillis,
+        /// The verification instant.
+        at: UnixMillis,
+    },
+    /// The log is shorter than a checkpoint held outside the host: its tail was cut off.
+    #[error(
+        "entry {seq}: missing; the log has {size} entries but checkpoint covers {checkpoint_size}"
+    )]
+    Truncated {
+        /// First missing sequence number.
+        seq: u64,
+        /// Entries present.
+        size: u64,
+        /// Entries the checkpoint covers.
+        checkpoint_size: u64,
+    },
+    /// The checkpoint's root is not the root of the log's first `size` entries.
+    #[error("checkpoint at size {size} has root {checkpoint_root}, the log has {log_root}")]
+    CheckpointRootMismatch {
+        /// The checkpoint's size.
+        size: u64,
+        /// The root it signs.
+        checkpoint_root: merkle::Hash,
+        /// The root of the log's prefix.
+        log_root: merkle::Hash,
+    },
+    /// The log's Merkle tree cannot grow (2^64 entries).
+    #[error("entry {seq}: the tree is full")]
+    TreeFull {
+        /// Position.
+        seq: u64,
+    },
+    /// The checkpoint is not signed by any epoch key of the log.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+}
+
+impl LogError {
+    /// The first bad sequence number, when the failure is about an entry.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            LogError::Entry { seq, .. }
+            | LogError::SequenceMismatch { seq, .. }
+            | LogError::BrokenLink { seq, .. }
+            | LogError::MissingEpochStart { seq }
+            | LogError::EpochMismatch { seq, .. }
+            | LogError::WrongKey { seq, .. }
+            | LogError::BadSignature { seq, .. }
+            | LogError::EpochAttestation { seq, .. }
+            | LogError::EpochKeyMismatch { seq, .. }
+            | LogError::EpochBindingMismatch { seq, .. }
+            | LogError::TimeWentBackwards { seq, .. }
+            | LogError::FromTheFuture { seq, .. }
+            | LogError::TreeFull { seq }
+            | LogError::Truncated { seq, .. } => Some(*seq),
+            LogError::NoExpectedPcrs
+            | LogError::Empty
+            | LogError::CheckpointRootMismatch { .. }
+            | LogError::Checkpoint(_) => None,
+        }
+    }
+}
+
+struct CurrentEpoch {
+    number: u64,
+    key: VerifyingKey,
+    kid: KeyId,
+}
+
+struct PendingSignature {
+    seq: u64,
+    hash: EntryHash,
+    key: VerifyingKey,
+    signature: Signature,
+    message: Vec<u8>,
+}
+
+/// Verifies a log incrementally: feed entries with [`LogVerifier::push`] or
+/// [`LogVerifier::verify_round`], then call [`LogVerifier::finish`]. Memory is bounded by
+/// one round, the epoch list and an O(log n) Merkle frontier, not by the log's length.
+pub struct LogVerifier {
+    policy: LogPolicy,
+    attestation: AttestationVerifier,
+    at: UnixMillis,
+    next_seq: u64,
+    head: Option<EntryHash>,
+    epoch: Option<CurrentEpoch>,
+    first_time: Option<UnixMillis>,
+    last_time: Option<UnixMillis>,
+    frontier: CompactRange,
+    /// Roots of the prefixes a caller asked about, by size.
+    roots_at: BTreeMap<u64, Option<merkle::Hash>>,
+    epochs: Vec<EpochSummary>,
+    buffered: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for LogVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogVerifier")
+            .field("next_seq", &self.next_seq)
+            .field("head", &self.head)
+            .field("epochs", &self.epochs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogVerifier {
+    /// A verifier for a log checked at instant `at` (no entry may be later than `at` plus the
+    /// policy's skew).
+    pub fn new(policy: LogPolicy, at: UnixMillis) -> Result<Self, LogError> {
+        if policy.pcrs.is_empty() {
+            return Err(LogError::NoExpectedPcrs);
+        }
+        Ok(Self {
+            attestation: AttestationVerifier::new(policy.anchor.clone()),
+            policy,
+            at,
+            next_seq: 0,
+            head: None,
+            epoch: None,
+            first_time: None,
+            last_time: None,
+            frontier: CompactRange::new(),
+            roots_at: BTreeMap::new(),
+            epochs: Vec::new(),
+            buffered: Vec::new(),
+        })
+    }
+
+    /// Asks the verifier to remember the Merkle root of the first `size` entries (to check a
+    /// checkpoint of that size at the end). Call before feeding entries.
+    pub fn remember_root_at(&mut self, size: u64) {
+        self.roots_at.insert(size, None);
+        if size == 0 {
+            self.roots_at.insert(0, Some(self.frontier.root()));
+        }
+    }
+
+    /// Number of entries verified so far.
+    pub fn verified(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Buffers one entry; verifies a round when enough are buffered.
+    pub fn push(&mut self, bytes: Vec<u8>) -> Result<(), LogError> {
+        self.buffered.push(bytes);
+        if self.buffered.len() >= ROUND {
+            let round = std::mem::take(&mut self.buffered);
+            self.verify_round(&round)?;
+        }
+        Ok(())
+    }
+
+    /// Verifies the next entries of the log, in order, and returns them decoded. Callers that
+    /// fold the log into state (the enclave at boot) apply what this returns.
+    pub fn verify_round<B: AsRef<[u8]> + Sync>(
+        &mut self,
+        round: &[B],
+    ) -> Result<Vec<SignedEntry>, LogError> {
+        let first = self.next_seq;
+        let decoded: Vec<Result<SignedEntry, EntryError>> = round
+            .par_iter()
+            .map(|b| SignedEntry::decode(b.as_ref()))
+            .collect();
+
+        let mut entries = Vec::with_capacity(decoded.len());
+        let mut pending = Vec::with_capacity(decoded.len());
+        let mut structural: Option<LogError> = None;
+        for (offset, result) in decoded.into_iter().enumerate() {
+            let seq = first.saturating_add(offset as u64);
+            let step = result
+                .map_err(|source| LogError::Entry { seq, source })
+                .and_then(|entry| self.link(seq, &entry).map(|key| (entry, key)));
+            match step {
+                Ok((entry, key)) => {
+                    pending.push(PendingSignature {
+                        seq,
+                        hash: entry.hash(),
+                        key,
+                        signature: *entry.signature(),
+                        message: entry.signed_bytes().to_vec(),
+                    });
+                    entries.push(entry);
+                }
+                Err(e) => {
+                    structural = Some(e);
+                    break;
+                }
+            }
+        }
+        // A bad signature before the structural failure is the first bad entry.
+        check_signatures(&pending)?;
+        match structural {
+            Some(e) => Err(e),
+            None => Ok(entries),
+        }
+    }
+
+    /// Checks the entry's place in the log and advances; returns the key its signature must
+    /// verify under. Signatures themselves are checked in batches by the caller.
+    fn link(&mut self, seq: u64, signed: &SignedEntry) -> Result<VerifyingKey, LogError> {
+        let entry = signed.entry();
+        if entry.seq != seq {
+            return Err(LogError::SequenceMismatch {
+                seq,
+                found: entry.seq,
+            });
+        }
+        let expected_prev = self.head.unwrap_or(EntryHash::ZERO);
+        if entry.prev != expected_prev {
+            return Err(LogError::BrokenLink {
+                seq,
+                expected_prev,
+                found_prev: entry.prev,
+            });
+        }
+        if let Some(previous) = self.last_time {
+            if entry.time < previous {
+                return Err(LogError::TimeWentBackwards {
+                    seq,
+                    previous,
+                    found: entry.time,
+                });
+            }
+        }
+        let latest = self
+            .at
+            .checked_add_millis(self.policy.max_clock_skew_ms)
+            .unwrap_or(UnixMillis::from_millis(u64::MAX));
+        if entry.time > latest {
+            return Err(LogError::FromTheFuture {
+                seq,
+                time: entry.time,
+                at: self.at,
+            });
+        }
+
+        let key = match &entry.event {
+            Event::EpochStart { attestation } => {
+                self.open_epoch(seq, signed, attestation, expected_prev)?
+            }
+            _ => {
+                let current = self
+                    .epoch
+                    .as_ref()
+                    .ok_or(LogError::MissingEpochStart { seq })?;
+                if entry.epoch != current.number {
+                    return Err(LogError::EpochMismatch {
+                        seq,
+                        expected: current.number,
+                        found: entry.epoch,
+                    });
+                }
+                if *signed.kid() != current.kid {
+                    return Err(LogError::WrongKey {
+                        seq,
+                        expected: current.kid,
+                        found: *signed.kid(),
+                    });
+                }
+                current.key
+            }
+        };
+
+        self.head = Some(signed.hash());
+        self.first_time.get_or_insert(entry.time);
+        self.last_time = Some(entry.time);
+        self.frontier
+            .push(merkle::leaf_hash(signed.hash().as_bytes()))
+            .map_err(|_| LogError::TreeFull { seq })?;
+        self.next_seq = seq.saturating_add(1);
+        if let Some(slot) = self.roots_at.get_mut(&self.next_seq) {
+            *slot = Some(self.frontier.root());
+        }
+        if let Some(last) = self.epochs.last_mut() {
+            last.entries = last.entries.saturating_add(1);
+        }
+        Ok(key)
+    }
+
+    fn open_epoch(
+        &mut self,
+        seq: u64,
+        signed: &SignedEntry,
+        attestation: &[u8],
+        prev: EntryHash,
+    ) -> Result<VerifyingKey, LogError> {
+        let entry = signed.entry();
+        let expected_epoch = match &self.epoch {
+            None => 0,
+            Some(current) => current.number.saturating_add(1),
+        };
+        if entry.epoch != expected_epoch {
+            return Err(LogError::EpochMismatch {
+                seq,
+                expected: expected_epoch,
+                found: entry.epoch,
+            });
+        }
+        let expect = Expectations {
+            pcrs: self.policy.pcrs.clone(),
+            allow_debug: self.policy.allow_debug,
+            max_age_ms: Some(self.policy.max_epoch_document_age_ms),
+            ..Expectations::default()
+        };
+        let doc = self
+            .attestation
+            .verify(attestation, &expect, VerifyAt::Instant(entry.time))
+            .map_err(|source| LogError::EpochAttestation { seq, source })?;
+
+        let binding = EpochBinding {
+            epoch: entry.epoch,
+            seq,
+            prev,
+        };
+        let found = doc.user_data().and_then(|b| EpochBinding::decode(b).ok());
+        if found != Some(binding) {
+            return Err(LogError::EpochBindingMismatch {
+                seq,
+                expected: binding,
+                found,
+            });
+        }
+
+        let key = doc
+            .public_key()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+            .filter(|k| !k.is_weak());
+        let attested = key.as_ref().map(KeyId::of);
+        let key = match key {
+            Some(k) if KeyId::of(&k) == *signed.kid() => k,
+            _ => {
+                return Err(LogError::EpochKeyMismatch {
+                    seq,
+                    attested,
+                    found: *signed.kid(),
+                });
+            }
+        };
+        let kid = KeyId::of(&key);
+        self.epoch = Some(CurrentEpoch {
+            number: entry.epoch,
+            key,
+            kid,
+        });
+        self.epochs.push(EpochSummary {
+            epoch: entry.epoch,
+            start_seq: seq,
+            entries: 0,
+            kid,
+            key,
+            module_id: doc.module_id().to_string(),
+            attested_at: doc.timestamp(),
+            debug: doc.is_debug(),
+        });
+        Ok(key)
+    }
+
+    /// Verifies whatever is buffered and returns the verified log.
+    pub fn finish(mut self) -> Result<VerifiedLog, LogError> {
+        let round = std::mem::take(&mut self.buffered);
+        self.verify_round(&round)?;
+        if self.next_seq == 0 {
+            return Err(LogError::Empty);
+        }
+        Ok(VerifiedLog {
+            size: self.next_seq,
+            head: self.head,
+            root: self.frontier.root(),
+            epochs: self.epochs,
+            first_time: self.first_time,
+            last_time: self.last_time,
+            verified_at: self.at,
+        })
+    }
+
+    /// Like [`LogVerifier::finish`], and also checks the log against a signed checkpoint held
+    /// outside the host: it must be signed by one of the log's epoch keys, the log must be at
+    /// least as long, and the root of its first `size` entries must be the checkpoint's root.
+    /// The checkpoint's size must have been announced with [`LogVerifier::remember_root_at`].
+    pub fn finish_with_checkpoint(mut self, note: &str) -> Result<VerifiedLog, LogError> {
+        let round = std::mem::take(&mut self.buffered);
+        self.verify_round(&round)?;
+        let roots_at = std::mem::take(&mut self.roots_at);
+        let log = self.finish()?;
+        let cp = verify_checkpoint_with_epoch_keys(note, &log.epochs);
+        let cp = match cp {
+            Ok(cp) => cp,
+            Err(e) => {
+                // A checkpoint we cannot authenticate against this log's keys may still have
+                // been signed by an epoch that the host cut off: say so when it claims more.
+                if let Some(claimed) = claimed_size(note) {
+                    if claimed > log.size {
+                        return Err(LogError::Truncated {
+                            seq: log.size,
+                            size: log.size,
+                            checkpoint_size: claimed,
+                        });
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+        if cp.size() > log.size {
+            return Err(LogError::Truncated {
+                seq: log.size,
+                size: log.size,
+                checkpoint_size: cp.size(),
+            });
+        }
+        let log_root = roots_at.get(&cp.size()).copied().flatten().ok_or(
+            LogError::CheckpointRootMismatch {
+                size: cp.size(),
+                checkpoint_root: *cp.root(),
+                log_root: log.root,
+            },
+        )?;
+        if log_root != *cp.root() {
+            return Err(LogError::CheckpointRootMismatch {
+                size: cp.size(),
+                checkpoint_root: *cp.root(),
+                log_root,
+            });
+        }
+        Ok(log)
+    }
+}
+
+/// The size an (unverified) checkpoint note claims, if its body parses.
+pub fn claimed_size(note: &str) -> Option<u64> {
+    let (body, _) = note.split_once("\n\n")?;
+    Checkpoint::parse_body(&format!("{body}\n"))
+        .ok()
+        .map(|c| c.size())
+}
+
+/// Verifies a checkpoint note signed by one of the log's epoch keys. By convention the
+/// enclave signs checkpoints under the key name equal to the log's origin.
+fn verify_checkpoint_with_epoch_keys(
+    note: &str,
+    epochs: &[EpochSummary],
+) -> Result<VerifiedCheckpoint, CheckpointError> {
+    let (body, _) = note
+        .split_once("\n\n")
+        .ok_or(CheckpointError::MalformedNote {
+            reason: "no blank line between body and signatures",
+        })?;
+    let claimed = Checkpoint::parse_body(&format!("{body}\n"))?;
+    let mut last = None;
+    for e in epochs.iter().rev() {
+        match checkpoint::verify_checkpoint(note, claimed.origin(), &e.key) {
+            Ok(cp) => return Ok(cp),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or(CheckpointError::MalformedNote {
+        reason: "the log has no epoch key",
+    }))
+}
+
+/// Verifies every pending signature; on failure names the first bad entry.
+fn check_signatures(pending: &[PendingSignature]) -> Result<(), LogError> {
+    let first_bad = pending
+        .par_chunks(SIGNATURE_BATCH)
+        .filter_map(|chunk| {
+            if batch_ok(chunk) {
+                None
+            } else {
+                chunk
+                    .iter()
+                    .find(|p| p.key.verify_strict(&p.message, &p.signature).is_err())
+            }
+        })
+        .min_by_key(|p| p.seq);
+    match first_bad {
+        None => Ok(()),
+        Some(p) => Err(LogError::BadSignature {
+            seq: p.seq,
+            entry_hash: p.hash,
+        }),
+    }
+}
+
+/// Batch-verifies a chunk with the conditions of `verify_strict` (see the module docs).
+fn batch_ok(chunk: &[PendingSignature]) -> bool {
+    let r_ok = chunk.iter().all(|p| {
+        CompressedEdwardsY(p.signature.r_bytes().to_owned())
+            .decompress()
+            .is_some_and(|r| !r.is_small_order())
+    });
+    if !r_ok {
+        return false;
+    }
+    let messages: Vec<&[u8]> = chunk.iter().map(|p| p.message.as_slice()).collect();
+    let signatures: Vec<Signature> = chunk.iter().map(|p| p.signature).collect();
+    let keys: Vec<VerifyingKey> = chunk.iter().map(|p| p.key).collect();
+    ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
+}
+
+/// Verifies a complete log held in memory. See [`LogVerifier`] for streaming.
+pub fn verify_log<B: AsRef<[u8]> + Sync>(
+    entries: &[B],
+    policy: LogPolicy,
+    at: UnixMillis,
+) -> Result<VerifiedLog, LogError> {
+    let mut v = LogVerifier::new(policy, at)?;
+    for round in entries.chunks(ROUND) {
+        v.verify_round(round)?;
+    }
+    v.finish()
 }

@@ -1,2 +1,515 @@
-//! `attestplane-verify`: placeholder.
-fn main() {}
+//! `attestplane-verify`: the auditor's command-line verifier.
+//!
+//! Reads files, hands their bytes to the `attestplane_verifier` library, and prints what was
+//! verified. It trusts nothing on the host that produced the files and uses no network.
+//!
+//! Exit codes are a contract: 0 when everything verified, 1 when something failed
+//! verification, 2 on a usage or I/O error. `--json` prints one JSON object on stdout either way.
+//!
+//! This is the only place in the crate that reads the clock, and only when a subcommand's
+//! `--at` is left to its default of "now".
+
+#![forbid(unsafe_code)]
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, anyhow, bail};
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::attestation::{
+    Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt, verify_attestation,
+};
+use attestplane_verifier::handle::{HandleExpectations, Jwks, verify_handle};
+use attestplane_verifier::log::{LogPolicy, LogVerifier};
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+/// Verify Attestplane attestation documents, logs and handles without trusting the host.
+#[derive(Debug, Parser)]
+#[command(name = "attestplane-verify", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify an AWS Nitro attestation document (raw COSE bytes or base64 text).
+    Attestation(AttestationArgs),
+    /// Verify an exported log: an RFC 8742 CBOR sequence of entries in sequence order.
+    Log(LogArgs),
+    /// Verify a server handle (a JWT) against a JWKS.
+    Handle(HandleArgs),
+}
+
+#[derive(Debug, Args)]
+struct PcrArgs {
+    /// An expected PCR value, as INDEX=HEX (repeatable).
+    #[arg(long = "pcr", value_name = "N=HEX", value_parser = parse_pcr)]
+    pcr: Vec<(PcrIndex, Pcr)>,
+    /// A JSON file of expected PCRs: {"PCR0": "hex", ...} or {"0": "hex", ...}
+    /// (the shape `attestplane-verify eif --json` and nitro-cli print).
+    #[arg(long = "pcrs", value_name = "FILE")]
+    pcrs_file: Option<PathBuf>,
+    /// Accept an enclave running in debug mode (PCR0/1/2 all zero). Never in production.
+    #[arg(long)]
+    allow_debug: bool,
+    /// The root certificate (PEM) to pin instead of the built-in AWS Nitro Enclaves Root G1.
+    #[arg(long, value_name = "PEM")]
+    root: Option<PathBuf>,
+}
+
+impl PcrArgs {
+    fn expected(&self) -> anyhow::Result<BTreeMap<PcrIndex, Pcr>> {
+        let mut out = BTreeMap::new();
+        if let Some(path) = &self.pcrs_file {
+            let text = read(path)?;
+            let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&text)
+                .with_context(|| format!("{}: not a JSON object", path.display()))?;
+            for (k, v) in map {
+                let Some(hex) = v.as_str() else { continue };
+                let idx = k.trim_start_matches("PCR").trim_start_matches("pcr");
+                let idx: PcrIndex = idx
+                    .parse()
+                    .map_err(|e| anyhow!("{}: bad PCR index {k:?}: {e}", path.display()))?;
+                let pcr = Pcr::from_hex(hex)
+                    .map_err(|e| anyhow!("{}: bad PCR{idx} value: {e}", path.display()))?;
+                out.insert(idx, pcr);
+            }
+        }
+        for (i, p) in &self.pcr {
+            out.insert(*i, p.clone());
+        }
+        Ok(out)
+    }
+
+    fn anchor(&self) -> anyhow::Result<TrustAnchor> {
+        match &self.root {
+            None => Ok(TrustAnchor::aws_nitro_root_g1()),
+            Some(p) => TrustAnchor::from_pem(&read(p)?)
+                .map_err(|e| anyhow!("{}: not a usable root certificate: {e}", p.display())),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct AttestationArgs {
+    /// The document: raw COSE_Sign1 bytes or their base64.
+    file: PathBuf,
+    /// Verify at this instant (RFC 3339 or Unix milliseconds), or at the document's own signed
+    /// timestamp (`document`: for archived documents).
+    #[arg(long, value_name = "TIME|document")]
+    at: String,
+    #[command(flatten)]
+    pcrs: PcrArgs,
+    /// The nonce the document must carry (hex).
+    #[arg(long, value_name = "HEX")]
+    nonce: Option<String>,
+    /// The public key the document must carry (hex).
+    #[arg(long, value_name = "HEX")]
+    public_key: Option<String>,
+    /// The user data the document must carry (hex).
+    #[arg(long, value_name = "HEX")]
+    user_data: Option<String>,
+    /// Refuse a document older than this relative to --at (e.g. `5m`, `30s`).
+    #[arg(long, value_name = "DURATION")]
+    max_age: Option<humantime::Duration>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct LogArgs {
+    /// The exported log (RFC 8742 CBOR sequence of COSE_Sign1 entries).
+    file: PathBuf,
+    #[command(flatten)]
+    pcrs: PcrArgs,
+    /// A signed checkpoint held outside the host: detects a truncated tail.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
+    /// The verification instant (RFC 3339 or Unix ms); default now. No entry may be later.
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct HandleArgs {
+    /// A file holding the JWT.
+    token: PathBuf,
+    /// The JWKS to check it against (as served at /.well-known/jwks.json).
+    #[arg(long, value_name = "FILE")]
+    jwks: PathBuf,
+    /// The verification instant (RFC 3339 or Unix ms).
+    #[arg(long, value_name = "TIME")]
+    at: String,
+    /// The issuer the handle must name.
+    #[arg(long)]
+    issuer: Option<String>,
+    /// The audience (server resource URI) the handle must name.
+    #[arg(long)]
+    audience: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A verification that ran to a verdict.
+enum Verdict {
+    Verified,
+    Failed,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = match &cli.command {
+        Command::Attestation(a) => a.json,
+        Command::Log(a) => a.json,
+        Command::Handle(a) => a.json,
+    };
+    let result = match cli.command {
+        Command::Attestation(a) => attestation(a),
+        Command::Log(a) => log(a),
+        Command::Handle(a) => handle(a),
+    };
+    match result {
+        Ok(Verdict::Verified) => ExitCode::SUCCESS,
+        Ok(Verdict::Failed) => ExitCode::from(1),
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({ "verified": false, "usage_error": format!("{e:#}") })
+                );
+            }
+            eprintln!("attestplane-verify: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn parse_pcr(s: &str) -> Result<(PcrIndex, Pcr), String> {
+    let (i, h) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected N=HEX, got {s:?}"))?;
+    let i: PcrIndex = i.parse().map_err(|e| format!("bad PCR index {i:?}: {e}"))?;
+    let p = Pcr::from_hex(h).map_err(|e| format!("bad PCR{i} value: {e}"))?;
+    Ok((i, p))
+}
+
+fn parse_time(s: &str) -> anyhow::Result<UnixMillis> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(UnixMillis::from_millis(ms));
+    }
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| anyhow!("bad time {s:?} (want RFC 3339 or Unix milliseconds): {e}"))?;
+    Ok(UnixMillis::from_system_time(t))
+}
+
+fn now() -> UnixMillis {
+    UnixMillis::from_system_time(SystemTime::now())
+}
+
+fn parse_hex(what: &str, s: &str) -> anyhow::Result<Vec<u8>> {
+    hex::decode(s.trim()).map_err(|e| anyhow!("bad {what} hex: {e}"))
+}
+
+/// Raw COSE bytes start with a CBOR array (0x84) or a tag; anything that is all base64
+/// characters is decoded.
+fn cose_or_base64(bytes: Vec<u8>) -> Vec<u8> {
+    let text: Vec<u8> = bytes
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    let looks_b64 = !text.is_empty()
+        && text
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'));
+    if looks_b64 {
+        let engines = [
+            base64::engine::general_purpose::STANDARD,
+            base64::engine::general_purpose::URL_SAFE,
+        ];
+        for e in engines {
+            if let Ok(raw) = e.decode(&text) {
+                return raw;
+            }
+        }
+        for e in [
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            if let Ok(raw) = e.decode(&text) {
+                return raw;
+            }
+        }
+    }
+    bytes
+}
+
+fn attestation(a: AttestationArgs) -> anyhow::Result<Verdict> {
+    let doc = cose_or_base64(read(&a.file)?);
+    let anchor = a.pcrs.anchor()?;
+    let at = if a.at == "document" {
+        VerifyAt::DocumentTimestamp
+    } else {
+        VerifyAt::Instant(parse_time(&a.at)?)
+    };
+    let expect = Expectations {
+        pcrs: a.pcrs.expected()?,
+        allow_debug: a.pcrs.allow_debug,
+        nonce: a
+            .nonce
+            .as_deref()
+            .map(|s| parse_hex("nonce", s))
+            .transpose()?,
+        public_key: a
+            .public_key
+            .as_deref()
+            .map(|s| parse_hex("public key", s))
+            .transpose()?,
+        user_data: a
+            .user_data
+            .as_deref()
+            .map(|s| parse_hex("user data", s))
+            .transpose()?,
+        max_age_ms: a
+            .max_age
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    };
+    match verify_attestation(&doc, &anchor, &expect, at) {
+        Ok(v) => {
+            if a.json {
+                println!("{}", json!({ "verified": true, "attestation": v }));
+            } else {
+                println!("VERIFIED attestation document {}", a.file.display());
+                println!("  module id:   {}", v.module_id());
+                println!(
+                    "  timestamp:   {} ({} ms)",
+                    v.timestamp(),
+                    v.timestamp().as_millis()
+                );
+                println!("  verified at: {}", v.verified_at());
+                println!(
+                    "  mode:        {}",
+                    if v.is_debug() { "DEBUG" } else { "production" }
+                );
+                println!(
+                    "  chain:       {} certificates to the pinned root",
+                    v.chain_len()
+                );
+                for (i, p) in v.pcrs() {
+                    let mark = if expect.pcrs.contains_key(i) {
+                        "  (matches expected)"
+                    } else {
+                        ""
+                    };
+                    println!("  {:<6}{}{mark}", format!("PCR{i}"), p.to_hex());
+                }
+                for c in v.checks() {
+                    println!("  checked: {c}");
+                }
+                if expect.pcrs.is_empty() {
+                    println!("  note: no --pcr given, so no measurement was compared");
+                }
+            }
+            Ok(Verdict::Verified)
+        }
+        Err(e) => {
+            if a.json {
+                println!("{}", json!({ "verified": false, "error": e.to_string() }));
+            } else {
+                println!("FAILED attestation document {}: {e}", a.file.display());
+            }
+            Ok(Verdict::Failed)
+        }
+    }
+}
+
+/// Splits an RFC 8742 CBOR sequence into its top-level items without interpreting them.
+fn split_cbor_sequence(bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut items = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let len = attestplane_verifier::cbor::item_len(rest).map_err(|e| {
+            anyhow!(
+                "the file is not a CBOR sequence: item {} at byte {}: {e}",
+                items.len(),
+                bytes.len() - rest.len()
+            )
+        })?;
+        let (item, tail) = rest
+            .split_at_checked(len)
+            .ok_or_else(|| anyhow!("truncated item"))?;
+        items.push(item.to_vec());
+        rest = tail;
+    }
+    Ok(items)
+}
+
+fn log(a: LogArgs) -> anyhow::Result<Verdict> {
+    let bytes = read(&a.file)?;
+    let pcrs = a.pcrs.expected()?;
+    if pcrs.is_empty() {
+        bail!("give the control plane's expected measurements with --pcr N=HEX or --pcrs FILE");
+    }
+    let mut policy = LogPolicy::new(a.pcrs.anchor()?, pcrs);
+    policy.allow_debug = a.pcrs.allow_debug;
+    let at = match &a.at {
+        Some(s) => parse_time(s)?,
+        None => now(),
+    };
+    let checkpoint = a
+        .checkpoint
+        .as_deref()
+        .map(|p| {
+            read(p).and_then(|b| {
+                String::from_utf8(b).map_err(|_| anyhow!("{}: not UTF-8 text", p.display()))
+            })
+        })
+        .transpose()?;
+    let entries = split_cbor_sequence(&bytes);
+    let result = entries.map(
+        |entries| -> Result<_, attestplane_verifier::log::LogError> {
+            let mut v = LogVerifier::new(policy, at)?;
+            if let Some(note) = &checkpoint {
+                if let Some(size) = attestplane_verifier::log::claimed_size(note) {
+                    v.remember_root_at(size);
+                }
+            }
+            for round in entries.chunks(attestplane_verifier::log::ROUND) {
+                v.verify_round(round)?;
+            }
+            match &checkpoint {
+                Some(note) => v.finish_with_checkpoint(note),
+                None => v.finish(),
+            }
+        },
+    );
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if a.json {
+                println!(
+                    "{}",
+                    json!({ "verified": false, "error": format!("{e:#}") })
+                );
+            } else {
+                println!("FAILED log {}: {e:#}", a.file.display());
+            }
+            return Ok(Verdict::Failed);
+        }
+    };
+    match result {
+        Ok(log) => {
+            if a.json {
+                println!("{}", json!({ "verified": true, "log": log }));
+            } else {
+                println!("VERIFIED log {}", a.file.display());
+                println!("  entries:     {}", log.size());
+                if let Some(h) = log.head() {
+                    println!("  head:        {h}");
+                }
+                println!("  merkle root: {}", log.root());
+                if let (Some(f), Some(l)) = (log.first_time(), log.last_time()) {
+                    println!("  time span:   {f} .. {l}");
+                }
+                for e in log.epochs() {
+                    println!(
+                        "  epoch {}: entries {}..{} key {} attested by {} at {}{}",
+                        e.epoch,
+                        e.start_seq,
+                        e.start_seq + e.entries,
+                        e.kid,
+                        e.module_id,
+                        e.attested_at,
+                        if e.debug { " (DEBUG MODE)" } else { "" }
+                    );
+                }
+                if checkpoint.is_some() {
+                    println!("  checkpoint:  signed by an epoch key and consistent with the log");
+                } else {
+                    println!("  note: no --checkpoint given, so a cut-off tail cannot be detected");
+                }
+            }
+            Ok(Verdict::Verified)
+        }
+        Err(e) => {
+            if a.json {
+                println!(
+                    "{}",
+                    json!({ "verified": false, "first_bad_seq": e.seq(), "error": e.to_string() })
+                );
+            } else {
+                match e.seq() {
+                    Some(seq) => println!(
+                        "FAILED log {}: first bad entry {seq}: {e}",
+                        a.file.display()
+                    ),
+                    None => println!("FAILED log {}: {e}", a.file.display()),
+                }
+            }
+            Ok(Verdict::Failed)
+        }
+    }
+}
+
+fn handle(a: HandleArgs) -> anyhow::Result<Verdict> {
+    let token = String::from_utf8(read(&a.token)?)
+        .map_err(|_| anyhow!("{}: not UTF-8 text", a.token.display()))?;
+    let jwks = Jwks::parse(&read(&a.jwks)?)
+        .map_err(|e| anyhow!("{}: not a usable JWKS: {e}", a.jwks.display()))?;
+    let at = parse_time(&a.at)?;
+    let expect = HandleExpectations {
+        issuer: a.issuer,
+        audience: a.audience,
+        ..HandleExpectations::default()
+    };
+    match verify_handle(token.trim(), &jwks, &expect, at) {
+        Ok(h) => {
+            if a.json {
+                println!(
+                    "{}",
+                    json!({ "verified": true, "kid": h.kid(), "claims": h.claims() })
+                );
+            } else {
+                let c = h.claims();
+                println!("VERIFIED handle {}", a.token.display());
+                println!("  issuer:      {}", c.iss);
+                println!("  agent:       {}", c.sub);
+                println!("  audience:    {}", c.aud);
+                println!("  tenant:      {}", c.tenant);
+                println!("  tools:       {}", c.tools.join(", "));
+                println!("  measurement: {}", c.measurement);
+                println!("  log entry:   {}", c.seq);
+                println!("  expires:     {}", UnixMillis::from_secs(c.exp));
+            }
+            Ok(Verdict::Verified)
+        }
+        Err(e) => {
+            if a.json {
+                println!("{}", json!({ "verified": false, "error": e.to_string() }));
+            } else {
+                println!("FAILED handle {}: {e}", a.token.display());
+            }
+            Ok(Verdict::Failed)
+        }
+    }
+}

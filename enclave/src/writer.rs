@@ -1,0 +1,189 @@
+//! The log writer: turns events into signed entries, in order, under the epoch key.
+//!
+//! One writer exists per epoch. [`LogWriter::open`] starts an epoch after a given head: it asks
+//! the NSM for an attestation document whose `public_key` is the new epoch key and whose
+//! `user_data` is the [`EpochBinding`] of the entry it writes, and makes that document the
+//! `epoch_start` entry. [`LogWriter::append`] signs each further event as the next entry.
+//! Entry times never go backwards: a clock that steps back is clamped to the last entry's time.
+//!
+//! The writer keeps an O(log n) Merkle frontier so it can sign checkpoints without holding the
+//! log. It does not decide what is durable: the service releases replies and signs checkpoints
+//! only over entries the host has reported durable.
+
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::checkpoint::{Checkpoint, sign_checkpoint};
+use attestplane_verifier::entry::{Entry, EntryError, EntryHash, EpochBinding, Event, KeyId};
+use attestplane_verifier::merkle::{self, CompactRange};
+use ed25519_dalek::VerifyingKey;
+use thiserror::Error;
+
+use crate::epoch::EpochKey;
+use crate::nsm::{Nsm, NsmError};
+
+/// Where a log stands: what a new epoch continues from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// Number of entries (the next sequence number).
+    pub size: u64,
+    /// Hash of the last entry ([`EntryHash::ZERO`] when empty).
+    pub hash: EntryHash,
+    /// The last epoch's number, if any.
+    pub epoch: Option<u64>,
+    /// Time of the last entry.
+    pub time: UnixMillis,
+    /// Merkle frontier over all entries.
+    pub frontier: CompactRange,
+}
+
+impl Head {
+    /// The head of the empty log: genesis follows.
+    pub fn empty() -> Self {
+        Self {
+            size: 0,
+            hash: EntryHash::ZERO,
+            epoch: None,
+            time: UnixMillis::from_millis(0),
+            frontier: CompactRange::new(),
+        }
+    }
+}
+
+/// One entry as written.
+#[derive(Clone, Debug)]
+pub struct Written {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its encoded bytes, to persist.
+    pub bytes: Vec<u8>,
+    /// Its hash.
+    pub hash: EntryHash,
+}
+
+/// Why an entry could not be written.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum WriterError {
+    /// The NSM refused randomness or an attestation document.
+    #[error("nsm: {0}")]
+    Nsm(#[from] NsmError),
+    /// The entry could not be encoded or signed.
+    #[error("entry: {0}")]
+    Entry(#[from] EntryError),
+    /// The checkpoint could not be made.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// Sequence numbers or the Merkle tree are exhausted.
+    #[error("the log is full")]
+    Full,
+}
+
+/// Writes the entries of one epoch.
+#[derive(Debug)]
+pub struct LogWriter {
+    key: EpochKey,
+    epoch: u64,
+    head: Head,
+    origin: String,
+}
+
+impl LogWriter {
+    /// Opens a new epoch after `head` with a key drawn from `nsm`, at time `now`. Returns the
+    /// writer and the `epoch_start` entry, which must be persisted like any other.
+    pub fn open(
+        nsm: &dyn Nsm,
+        head: Head,
+        origin: &str,
+        now: UnixMillis,
+    ) -> Result<(Self, Written), WriterError> {
+        let key = EpochKey::generate(nsm)?;
+        let epoch = match head.epoch {
+            None => 0,
+            Some(e) => e.checked_add(1).ok_or(WriterError::Full)?,
+        };
+        let binding = EpochBinding {
+            epoch,
+            seq: head.size,
+            prev: head.hash,
+        };
+        let document = nsm.attest(
+            Some(binding.encode()?),
+            None,
+            Some(key.verifying_key().as_bytes().to_vec()),
+        )?;
+        let mut writer = Self {
+            key,
+            epoch,
+            head,
+            origin: origin.to_string(),
+        };
+        let written = writer.append(
+            Event::EpochStart {
+                attestation: document,
+            },
+            now,
+        )?;
+        Ok((writer, written))
+    }
+
+    /// Signs `event` as the next entry.
+    pub fn append(&mut self, event: Event, now: UnixMillis) -> Result<Written, WriterError> {
+        let time = now.max(self.head.time);
+        let seq = self.head.size;
+        let entry = Entry {
+            seq,
+            prev: self.head.hash,
+            epoch: self.epoch,
+            time,
+            event,
+        };
+        let bytes = entry.sign(&self.key.kid(), &self.key)?;
+        let hash = EntryHash::of(&bytes);
+        self.head
+            .frontier
+            .push(merkle::leaf_hash(hash.as_bytes()))
+            .map_err(|_| WriterError::Full)?;
+        self.head.size = seq.checked_add(1).ok_or(WriterError::Full)?;
+        self.head.hash = hash;
+        self.head.time = time;
+        self.head.epoch = Some(self.epoch);
+        Ok(Written { seq, bytes, hash })
+    }
+
+    /// A signed checkpoint note over every entry written so far, under the key name equal to
+    /// the log's origin.
+    pub fn checkpoint(&self) -> Result<String, WriterError> {
+        let cp = Checkpoint::new(
+            self.origin.clone(),
+            self.head.size,
+            self.head.frontier.root(),
+        )
+        .map_err(|e| WriterError::Checkpoint(e.to_string()))?;
+        sign_checkpoint(&cp, &self.origin, &self.key)
+            .map_err(|e| WriterError::Checkpoint(e.to_string()))
+    }
+
+    /// Where the log stands.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+
+    /// The epoch number.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The epoch key's public half.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// The epoch key's id.
+    pub fn kid(&self) -> KeyId {
+        self.key.kid()
+    }
+
+    /// The epoch key, for signing handles.
+    pub(crate) fn key(&self) -> &EpochKey {
+        &self.key
+    }
+}
