@@ -14,8 +14,9 @@
 //! and no `forbid` is. A policy whose evaluation errors (e.g. integer overflow) is skipped, as
 //! Cedar specifies; the error is reported in [`Decision::errors`]. The entity types, actions and
 //! context are fixed by [`SCHEMA`], and every policy set is validated against it in strict mode
-//! before it is accepted, so a policy that names an unknown attribute, type or action is
-//! refused at install time rather than silently never matching.
+//! before it is accepted, so a policy that names an unknown attribute, type or action, or whose
+//! scope can never match (a `call` on a `Server`), is refused at install time rather than
+//! silently never applying. Validator warnings are refused like errors.
 //!
 //! For each request the engine builds a handful of entities (the agent, its user, the
 //! tenant(s), the server and, for `call`, the tool) and the context record; nothing else is in
@@ -423,8 +424,9 @@ pub struct PolicyEngine {
 
 impl PolicyEngine {
     /// Parses `text`, names each policy by its `@id("...")` annotation (or Cedar's `policyN`
-    /// when it has none), validates the set against [`SCHEMA`] in strict mode and builds the
-    /// index. A set that fails any step is refused whole.
+    /// when it has none), validates the set against [`SCHEMA`] in strict mode (refusing
+    /// warnings as well as errors: impossible policies, bidi or confusable characters) and
+    /// builds the index. A set that fails any step is refused whole.
     pub fn new(text: &str) -> Result<Self, PolicyError> {
         if text.len() > MAX_POLICY_TEXT_LEN {
             return Err(PolicyError::TooLong {
@@ -476,10 +478,14 @@ impl PolicyEngine {
         let model = Model::get().map_err(|message| PolicyError::Internal { message })?;
         let validation =
             Validator::new(model.schema.clone()).validate(&full, ValidationMode::Strict);
-        if !validation.validation_passed() {
+        // Warnings are refused too: an impossible policy (say a forbid on `call` scoped to a
+        // Server) would silently never apply, and bidi or confusable characters make a policy
+        // read differently from how it evaluates.
+        if !validation.validation_passed_without_warnings() {
             let messages = validation
                 .validation_errors()
                 .map(ToString::to_string)
+                .chain(validation.validation_warnings().map(ToString::to_string))
                 .collect();
             return Err(PolicyError::Validation { messages });
         }
@@ -514,18 +520,8 @@ impl PolicyEngine {
             Ok(b) => b,
             Err(message) => return Decision::deny_with_error(message),
         };
-        let index = self.action_index(req.action);
         let mut merged = Merge::default();
-        let sets = std::iter::once(&index.any).chain(
-            built
-                .resource_and_ancestors
-                .iter()
-                .filter_map(|uid| index.by_entity.get(uid)),
-        );
-        for set in sets {
-            if set.is_empty() {
-                continue;
-            }
+        for set in self.candidates(req.action, &built) {
             merged.add(
                 &self
                     .authorizer
@@ -563,6 +559,24 @@ impl PolicyEngine {
     /// The policy text the engine was built from (empty for [`PolicyEngine::deny_all`]).
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// The non-empty parts of the index a request must evaluate: its action's "any" bucket and
+    /// the buckets of its resource and the resource's ancestors.
+    fn candidates<'a>(
+        &'a self,
+        action: Action,
+        built: &'a BuiltRequest,
+    ) -> impl Iterator<Item = &'a PolicySet> + 'a {
+        let index = self.action_index(action);
+        std::iter::once(&index.any)
+            .chain(
+                built
+                    .resource_and_ancestors
+                    .iter()
+                    .filter_map(|uid| index.by_entity.get(uid)),
+            )
+            .filter(|set| !set.is_empty())
     }
 
     fn action_index(&self, a: Action) -> &ActionIndex {
@@ -933,6 +947,57 @@ mod tests {
                 count: MAX_POLICIES + 1,
                 max: MAX_POLICIES
             }
+        );
+    }
+
+    #[test]
+    fn rejects_impossible_policies_and_bidi_text() {
+        for text in [
+            // `call`'s resource is a Tool, so this forbid could never apply.
+            r#"forbid(principal, action == Attestplane::Action::"call",
+                      resource == Attestplane::Server::"evil");"#,
+            r#"permit(principal, action, resource == Attestplane::Tenant::"t");"#,
+            "permit(principal, action, resource) when { principal.issuer == \"a\u{202e}b\" };",
+        ] {
+            let err = PolicyEngine::new(text).unwrap_err();
+            assert!(
+                matches!(err, PolicyError::Validation { .. }),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn index_evaluates_only_policies_whose_scope_can_match() {
+        let engine = PolicyEngine::new(
+            r#"@id("any") permit(principal, action, resource);
+               @id("srv-1") permit(principal, action, resource == Attestplane::Server::"srv-1");
+               @id("srv-2") permit(principal, action, resource == Attestplane::Server::"srv-2");
+               @id("in-srv-2") permit(principal, action, resource in Attestplane::Server::"srv-2");
+               @id("acme") permit(principal, action, resource in Attestplane::Tenant::"acme");
+               @id("globex") permit(principal, action, resource in Attestplane::Tenant::"globex");
+               @id("read") forbid(principal, action, resource == Attestplane::Tool::"srv-1/read");
+               @id("write") forbid(principal, action, resource == Attestplane::Tool::"srv-1/write");
+               @id("tools") permit(principal, action, resource is Attestplane::Tool);
+               @id("calls") permit(principal, action == Attestplane::Action::"call", resource);"#,
+        )
+        .unwrap();
+        let model = Model::get().unwrap();
+        let evaluated = |req: &DecisionRequest| -> BTreeSet<String> {
+            let built = BuiltRequest::new(model, req).unwrap();
+            engine
+                .candidates(req.action, &built)
+                .flat_map(|set| set.policies().map(|p| p.id().to_string()))
+                .collect()
+        };
+        let ids = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(
+            evaluated(&request(Action::Resolve)),
+            ids(&["any", "srv-1", "acme"])
+        );
+        assert_eq!(
+            evaluated(&request(Action::Call)),
+            ids(&["any", "srv-1", "acme", "read", "tools", "calls"])
         );
     }
 
