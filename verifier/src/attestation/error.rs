@@ -358,7 +358,8 @@ pub enum AttestationError {
         /// What was wrong.
         reason: String,
     },
-    /// A PCR value given as text is not 96 hex digits.
+    /// A PCR value given by the caller is not 48 bytes / 96 hex digits, or a PCR index given
+    /// as text is not a number.
     #[error("pcr value: {reason}")]
     PcrValue {
         /// What was wrong.

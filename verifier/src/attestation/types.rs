@@ -59,11 +59,16 @@ impl FromStr for PcrIndex {
     type Err = AttestationError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let n: u8 = s
-            .trim()
-            .parse()
-            .map_err(|_| AttestationError::PcrIndexOutOfRange { index: -1 })?;
-        Self::try_from(n)
+        let n: i128 = s.trim().parse().map_err(|_| AttestationError::PcrValue {
+            reason: format!(
+                "pcr index {:?} is not a number",
+                s.chars().take(16).collect::<String>()
+            ),
+        })?;
+        u8::try_from(n)
+            .ok()
+            .and_then(|n| Self::try_from(n).ok())
+            .ok_or(AttestationError::PcrIndexOutOfRange { index: n })
     }
 }
 
@@ -174,7 +179,14 @@ mod tests {
             Err(AttestationError::PcrIndexOutOfRange { index: 32 })
         );
         assert_eq!("8".parse::<PcrIndex>().map(PcrIndex::get), Ok(8));
-        assert!("x".parse::<PcrIndex>().is_err());
+        assert!(matches!(
+            "x".parse::<PcrIndex>(),
+            Err(AttestationError::PcrValue { .. })
+        ));
+        assert_eq!(
+            "300".parse::<PcrIndex>(),
+            Err(AttestationError::PcrIndexOutOfRange { index: 300 })
+        );
     }
 
     #[test]
