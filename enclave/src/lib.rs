@@ -31,5 +31,7 @@
 #![forbid(unsafe_code)]
 
 pub mod epoch;
+pub mod identity;
 pub mod nsm;
+pub mod service;
 pub mod writer;

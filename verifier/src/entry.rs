@@ -164,8 +164,15 @@ pub enum Event {
     },
     /// The verification of an MCP server's attestation document, either way.
     Attestation(AttestationRecord),
-    /// A policy decision (discover, resolve, call), allowed or denied.
-    Decision(DecisionRecord),
+    /// A policy decision (resolve, call), allowed or denied.
+    Decision(Box<DecisionRecord>),
+    /// A `discover`: which servers the agent was shown.
+    Discovery {
+        /// Who asked.
+        principal: PrincipalRecord,
+        /// Ids of the servers the policy let it see, sorted.
+        servers: Vec<String>,
+    },
     /// The enclave's view of the tree at `size` entries (a signed checkpoint is published
     /// separately; this records that it was taken).
     Checkpoint {
@@ -257,6 +264,8 @@ pub struct HandleRecord {
     pub expires: u64,
     /// Its `aud`.
     pub audience: String,
+    /// The tools it allows, sorted.
+    pub tools: Vec<String>,
 }
 
 impl Event {
@@ -268,6 +277,7 @@ impl Event {
             Event::Admin { .. } => "admin",
             Event::Attestation(_) => "attestation",
             Event::Decision(_) => "decision",
+            Event::Discovery { .. } => "discovery",
             Event::Checkpoint { .. } => "checkpoint",
         }
     }
@@ -316,16 +326,7 @@ impl Event {
             Event::Decision(d) => map([
                 kind,
                 ("action", Value::Text(d.action.clone())),
-                (
-                    "principal",
-                    map([
-                        ("agent", Value::Text(d.principal.agent.clone())),
-                        ("user", Value::Text(d.principal.user.clone())),
-                        ("tenant", Value::Text(d.principal.tenant.clone())),
-                        ("roles", texts(&d.principal.roles)),
-                        ("issuer", Value::Text(d.principal.issuer.clone())),
-                    ]),
-                ),
+                ("principal", principal_to_value(&d.principal)),
                 ("server", Value::Text(d.server.clone())),
                 ("tool", opt_text(&d.tool)),
                 (
@@ -349,9 +350,15 @@ impl Event {
                             ("jti", Value::Text(h.jti.clone())),
                             ("expires", uint(h.expires)),
                             ("audience", Value::Text(h.audience.clone())),
+                            ("tools", texts(&h.tools)),
                         ])
                     }),
                 ),
+            ]),
+            Event::Discovery { principal, servers } => map([
+                kind,
+                ("principal", principal_to_value(principal)),
+                ("servers", texts(servers)),
             ]),
             Event::Checkpoint { size, root } => map([
                 kind,
@@ -400,15 +407,7 @@ impl Event {
                 reason: f.opt_text("reason")?,
             }),
             "decision" => {
-                let mut p = Fields::new(f.take("principal")?, "principal")?;
-                let principal = PrincipalRecord {
-                    agent: p.text("agent")?,
-                    user: p.text("user")?,
-                    tenant: p.text("tenant")?,
-                    roles: p.texts("roles")?,
-                    issuer: p.text("issuer")?,
-                };
-                p.finish()?;
+                let principal = principal_from_value(f.take("principal")?)?;
                 let mut a = Fields::new(f.take("attestation")?, "attestation")?;
                 let attestation = AttestationFactsRecord {
                     verified: a.bool("verified")?,
@@ -425,12 +424,13 @@ impl Event {
                             jti: h.text("jti")?,
                             expires: h.u64("expires")?,
                             audience: h.text("audience")?,
+                            tools: h.texts("tools")?,
                         };
                         h.finish()?;
                         Some(record)
                     }
                 };
-                Event::Decision(DecisionRecord {
+                Event::Decision(Box::new(DecisionRecord {
                     action: f.text("action")?,
                     principal,
                     server: f.text("server")?,
@@ -442,8 +442,12 @@ impl Event {
                     policies: f.texts("policies")?,
                     reason: f.opt_text("reason")?,
                     handle,
-                })
+                }))
             }
+            "discovery" => Event::Discovery {
+                principal: principal_from_value(f.take("principal")?)?,
+                servers: f.texts("servers")?,
+            },
             "checkpoint" => Event::Checkpoint {
                 size: f.u64("size")?,
                 root: f.array("root")?,
@@ -453,6 +457,29 @@ impl Event {
         f.finish()?;
         Ok(event)
     }
+}
+
+fn principal_to_value(p: &PrincipalRecord) -> Value {
+    map([
+        ("agent", Value::Text(p.agent.clone())),
+        ("user", Value::Text(p.user.clone())),
+        ("tenant", Value::Text(p.tenant.clone())),
+        ("roles", texts(&p.roles)),
+        ("issuer", Value::Text(p.issuer.clone())),
+    ])
+}
+
+fn principal_from_value(v: Value) -> Result<PrincipalRecord, EntryError> {
+    let mut p = Fields::new(v, "principal")?;
+    let principal = PrincipalRecord {
+        agent: p.text("agent")?,
+        user: p.text("user")?,
+        tenant: p.text("tenant")?,
+        roles: p.texts("roles")?,
+        issuer: p.text("issuer")?,
+    };
+    p.finish()?;
+    Ok(principal)
 }
 
 /// The unsigned content of an entry.

@@ -414,13 +414,11 @@ impl VerifiedHandle {
     }
 }
 
-/// Verifies a handle against the keys of `jwks` at the instant `at`.
-pub fn verify_handle(
-    token: &str,
-    jwks: &Jwks,
-    expect: &HandleExpectations,
-    at: UnixMillis,
-) -> Result<VerifiedHandle, HandleError> {
+/// Verifies the JWS layer of an EdDSA JWT against the keys of `jwks`: length, shape, header
+/// (`alg` EdDSA, no `crit`, `typ` JWT if present, a known `kid`) and signature. Returns the
+/// `kid` and the claims object, without interpreting any claim. Handles and agents' identity
+/// tokens both go through it.
+pub fn verify_jws(token: &str, jwks: &Jwks) -> Result<(String, Map<String, Value>), HandleError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(HandleError::TooLong {
             len: token.len(),
@@ -493,8 +491,20 @@ pub fn verify_handle(
     key.verify_strict(signing_input.as_bytes(), &signature)
         .map_err(|_| HandleError::BadSignature { kid: kid.clone() })?;
 
-    // Claims.
     let members = decode_object(payload_b64, "claims")?;
+    Ok((kid.clone(), members))
+}
+
+/// Verifies a handle against the keys of `jwks` at the instant `at`.
+pub fn verify_handle(
+    token: &str,
+    jwks: &Jwks,
+    expect: &HandleExpectations,
+    at: UnixMillis,
+) -> Result<VerifiedHandle, HandleError> {
+    let (kid, members) = verify_jws(token, jwks)?;
+    let kid = &kid;
+    // Claims.
     let claims: HandleClaims =
         serde_json::from_value(Value::Object(members)).map_err(|e| HandleError::InvalidClaims {
             reason: e.to_string(),

@@ -58,6 +58,7 @@ pub mod handle;
 pub mod log;
 pub mod merkle;
 pub mod policy;
+pub mod state;
 pub mod time;
 
 pub use error::Error;

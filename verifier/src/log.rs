@@ -229,7 +229,7 @@ pub enum LogError {
         /// Position.
         seq: u64,
         /// Why.
-        source: AttestationError,
+        source: Box<AttestationError>,
     },
     /// The epoch document carries no usable Ed25519 public key, or not the one that signs the
     /// entry.
@@ -302,7 +302,7 @@ pub enum LogError {
     },
     /// The checkpoint is not signed by any epoch key of the log.
     #[error("checkpoint: {0}")]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(Box<CheckpointError>),
 }
 
 impl LogError {
@@ -411,6 +411,26 @@ impl LogVerifier {
         self.next_seq
     }
 
+    /// Hash of the last verified entry.
+    pub fn head(&self) -> Option<EntryHash> {
+        self.head
+    }
+
+    /// The current epoch's number, once one opened.
+    pub fn current_epoch(&self) -> Option<u64> {
+        self.epoch.as_ref().map(|e| e.number)
+    }
+
+    /// Time of the last verified entry.
+    pub fn last_time(&self) -> Option<UnixMillis> {
+        self.last_time
+    }
+
+    /// The Merkle frontier over the verified entries.
+    pub fn frontier(&self) -> &CompactRange {
+        &self.frontier
+    }
+
     /// Buffers one entry; verifies a round when enough are buffered.
     pub fn push(&mut self, bytes: Vec<u8>) -> Result<(), LogError> {
         self.buffered.push(bytes);
@@ -484,14 +504,14 @@ impl LogVerifier {
                 found_prev: entry.prev,
             });
         }
-        if let Some(previous) = self.last_time {
-            if entry.time < previous {
-                return Err(LogError::TimeWentBackwards {
-                    seq,
-                    previous,
-                    found: entry.time,
-                });
-            }
+        if let Some(previous) = self.last_time
+            && entry.time < previous
+        {
+            return Err(LogError::TimeWentBackwards {
+                seq,
+                previous,
+                found: entry.time,
+            });
         }
         let latest = self
             .at
@@ -576,7 +596,10 @@ impl LogVerifier {
         let doc = self
             .attestation
             .verify(attestation, &expect, VerifyAt::Instant(entry.time))
-            .map_err(|source| LogError::EpochAttestation { seq, source })?;
+            .map_err(|source| LogError::EpochAttestation {
+                seq,
+                source: Box::new(source),
+            })?;
 
         let binding = EpochBinding {
             epoch: entry.epoch,
@@ -660,16 +683,16 @@ impl LogVerifier {
             Err(e) => {
                 // A checkpoint we cannot authenticate against this log's keys may still have
                 // been signed by an epoch that the host cut off: say so when it claims more.
-                if let Some(claimed) = claimed_size(note) {
-                    if claimed > log.size {
-                        return Err(LogError::Truncated {
-                            seq: log.size,
-                            size: log.size,
-                            checkpoint_size: claimed,
-                        });
-                    }
+                if let Some(claimed) = claimed_size(note)
+                    && claimed > log.size
+                {
+                    return Err(LogError::Truncated {
+                        seq: log.size,
+                        size: log.size,
+                        checkpoint_size: claimed,
+                    });
                 }
-                return Err(e.into());
+                return Err(LogError::Checkpoint(Box::new(e)));
             }
         };
         if cp.size() > log.size {

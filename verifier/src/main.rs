@@ -87,7 +87,7 @@ impl PcrArgs {
             }
         }
         for (i, p) in &self.pcr {
-            out.insert(*i, p.clone());
+            out.insert(*i, *p);
         }
         Ok(out)
     }
@@ -389,10 +389,11 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
     let result = entries.map(
         |entries| -> Result<_, attestplane_verifier::log::LogError> {
             let mut v = LogVerifier::new(policy, at)?;
-            if let Some(note) = &checkpoint {
-                if let Some(size) = attestplane_verifier::log::claimed_size(note) {
-                    v.remember_root_at(size);
-                }
+            if let Some(size) = checkpoint
+                .as_deref()
+                .and_then(attestplane_verifier::log::claimed_size)
+            {
+                v.remember_root_at(size);
             }
             for round in entries.chunks(attestplane_verifier::log::ROUND) {
                 v.verify_round(round)?;

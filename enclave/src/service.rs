@@ -1,0 +1,710 @@
+//! The enclave's request handling: a plain function of (request, time) that returns the
+//! replies to send, sans I/O.
+//!
+//! Every request that changes the log is answered in two phases. The enclave signs the new
+//! entries, applies them to its state, and answers `Persist { entries }` under the request's id;
+//! the final reply (a handle, an admin result …) is held until the host reports the entries
+//! durable with `Durable { through_seq }`. So no answer that depends on an entry leaves the
+//! enclave before the host has said it is stored. A host that lies about durability can lose
+//! entries, but never without the loss showing: the next boot's replay, an auditor's
+//! checkpoint and every receipt (a handle names its entry's sequence number) expose it.
+//!
+//! Boot: the host streams the stored log in (`ReplayBegin`, `ReplayEntries`…, `ReplayEnd`).
+//! The enclave verifies it with the verifier library — every signature, link and epoch
+//! document, against the PCRs the enclave itself is running with — and folds it into its
+//! state. A log that fails verification leaves the enclave refusing to serve, with the reason.
+//! Then it opens a new epoch linked to the old head (and, on an empty log, writes the genesis
+//! admin key set).
+//!
+//! A known limit: replay expects every earlier epoch to carry the enclave's own PCRs, so an
+//! upgrade to a new image needs the previous image's measurements to be accepted too (not yet
+//! supported).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use attestplane_proto::{ByteBuf, ErrorCode, PROTOCOL_VERSION, Request, Response, ServerInfo};
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
+use attestplane_verifier::entry::{AttestationRecord, EntryHash, Event, SignedEntry};
+use attestplane_verifier::handle::{HandleClaims, Jwks, encode_handle};
+use attestplane_verifier::log::{LogPolicy, LogVerifier};
+use attestplane_verifier::policy::Action;
+use attestplane_verifier::state::State;
+
+use crate::identity::authenticate;
+use crate::nsm::Nsm;
+use crate::writer::{Head, LogWriter, Written};
+
+/// How long an attestation challenge nonce stays valid.
+pub const CHALLENGE_TTL_MS: u64 = 5 * 60 * 1000;
+
+/// The most outstanding attestation challenges.
+pub const MAX_CHALLENGES: usize = 10_000;
+
+/// The most replies held waiting for durability.
+pub const MAX_HELD: usize = 100_000;
+
+/// Length of an attestation challenge nonce.
+pub const NONCE_LEN: usize = 32;
+
+/// What the enclave is configured with at start-up.
+#[derive(Clone, Debug)]
+pub struct EnclaveConfig {
+    /// The log's origin: the checkpoint key name.
+    pub origin: String,
+    /// The `iss` of the handles it issues.
+    pub issuer: String,
+    /// The root its own NSM's documents chain to (AWS's in production, the mock's locally).
+    pub self_anchor: TrustAnchor,
+    /// The root MCP servers' documents must chain to.
+    pub server_anchor: TrustAnchor,
+    /// Accept its own epochs from a debug-mode enclave when replaying (local development).
+    pub allow_debug: bool,
+}
+
+struct Replay {
+    verifier: LogVerifier,
+    genesis_keys: Vec<[u8; 32]>,
+    expected: u64,
+}
+
+enum Phase {
+    /// Waiting for `ReplayBegin`.
+    Booting,
+    /// Receiving the stored log.
+    Replaying(Box<Replay>),
+    /// Serving.
+    Ready(Box<LogWriter>),
+    /// The stored log failed verification: refuse everything.
+    Broken { seq: Option<u64>, message: String },
+}
+
+struct Held {
+    id: u64,
+    through_seq: u64,
+    response: Response,
+}
+
+/// The enclave.
+pub struct Enclave {
+    nsm: Arc<dyn Nsm>,
+    config: EnclaveConfig,
+    state: State,
+    phase: Phase,
+    durable: Option<u64>,
+    held: Vec<Held>,
+    challenges: BTreeMap<String, (Vec<u8>, UnixMillis)>,
+}
+
+impl std::fmt::Debug for Enclave {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enclave")
+            .field("state", &self.state)
+            .field("durable", &self.durable)
+            .field("held", &self.held.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Replies to send, each under a request id.
+pub type Replies = Vec<(u64, Response)>;
+
+fn error(id: u64, code: ErrorCode, message: &str) -> Replies {
+    vec![(id, Response::error(code, message))]
+}
+
+impl Enclave {
+    /// A booting enclave over `nsm`.
+    pub fn new(nsm: Arc<dyn Nsm>, config: EnclaveConfig) -> Self {
+        Self {
+            state: State::new(config.server_anchor.clone()),
+            nsm,
+            config,
+            phase: Phase::Booting,
+            durable: None,
+            held: Vec::new(),
+            challenges: BTreeMap::new(),
+        }
+    }
+
+    /// The state derived from the log so far.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Whether it serves requests.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.phase, Phase::Ready(_))
+    }
+
+    fn writer(&self) -> Option<&LogWriter> {
+        match &self.phase {
+            Phase::Ready(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Handles one request at time `now` (the enclave's clock).
+    pub fn handle(&mut self, id: u64, request: Request, now: UnixMillis) -> Replies {
+        if let Phase::Broken { seq, message } = &self.phase {
+            return vec![(id, Response::broken_log(*seq, message))];
+        }
+        match request {
+            Request::Hello { version } => {
+                if version != PROTOCOL_VERSION {
+                    return error(
+                        id,
+                        ErrorCode::UnsupportedVersion,
+                        "unsupported protocol version",
+                    );
+                }
+                let head = self.writer().map(|w| w.head().clone());
+                vec![(
+                    id,
+                    Response::Hello {
+                        version: PROTOCOL_VERSION,
+                        ready: self.is_ready(),
+                        epoch: head.as_ref().and_then(|h| h.epoch),
+                        head_seq: head.and_then(|h| h.size.checked_sub(1)),
+                    },
+                )]
+            }
+            Request::ReplayBegin {
+                genesis_admin_keys,
+                total_entries,
+            } => self.replay_begin(id, genesis_admin_keys, total_entries),
+            Request::ReplayEntries { entries } => self.replay_entries(id, &entries),
+            Request::ReplayEnd => self.replay_end(id, now),
+            Request::Durable { through_seq } => self.durable(id, through_seq),
+            Request::Status => {
+                let head = self.writer().map(|w| w.head().clone());
+                vec![(
+                    id,
+                    Response::Status {
+                        ready: self.is_ready(),
+                        epoch: head.as_ref().and_then(|h| h.epoch),
+                        head_seq: head.and_then(|h| h.size.checked_sub(1)),
+                        durable_seq: self.durable,
+                        servers: self.state.servers().count() as u64,
+                        held_replies: self.held.len() as u64,
+                    },
+                )]
+            }
+            other => {
+                if !self.is_ready() {
+                    return error(
+                        id,
+                        ErrorCode::NotReady,
+                        "the enclave has not finished booting",
+                    );
+                }
+                if self.held.len() >= MAX_HELD {
+                    return error(
+                        id,
+                        ErrorCode::Overloaded,
+                        "too many replies await durability",
+                    );
+                }
+                self.serve(id, other, now)
+            }
+        }
+    }
+
+    fn replay_begin(&mut self, id: u64, keys: Vec<ByteBuf>, total: u64) -> Replies {
+        if !matches!(self.phase, Phase::Booting) {
+            return error(id, ErrorCode::Conflict, "replay already started");
+        }
+        let mut genesis_keys = Vec::with_capacity(keys.len());
+        for k in &keys {
+            match <[u8; 32]>::try_from(k.as_slice()) {
+                Ok(k) => genesis_keys.push(k),
+                Err(_) => return error(id, ErrorCode::BadRequest, "admin keys must be 32 bytes"),
+            }
+        }
+        let pcrs = match self.own_pcrs() {
+            Ok(p) => p,
+            Err(m) => return error(id, ErrorCode::Internal, &m),
+        };
+        let mut policy = LogPolicy::new(self.config.self_anchor.clone(), pcrs);
+        policy.allow_debug = self.config.allow_debug;
+        // The enclave's own clock is what entries must not postdate; the host cannot move it.
+        let verifier = match LogVerifier::new(policy, UnixMillis::from_millis(u64::MAX / 2)) {
+            Ok(v) => v,
+            Err(e) => return error(id, ErrorCode::Internal, &e.to_string()),
+        };
+        self.phase = Phase::Replaying(Box::new(Replay {
+            verifier,
+            genesis_keys,
+            expected: total,
+        }));
+        vec![(id, Response::Ack)]
+    }
+
+    fn own_pcrs(&self) -> Result<BTreeMap<PcrIndex, Pcr>, String> {
+        let mut out = BTreeMap::new();
+        for i in 0u8..3 {
+            let state = self
+                .nsm
+                .describe_pcr(u16::from(i))
+                .map_err(|e| format!("cannot read own PCR{i}: {e}"))?;
+            let index = PcrIndex::try_from(i).map_err(|e| e.to_string())?;
+            let pcr = Pcr::try_from(state.value.as_slice()).map_err(|e| e.to_string())?;
+            out.insert(index, pcr);
+        }
+        Ok(out)
+    }
+
+    fn broken(&mut self, id: u64, seq: Option<u64>, message: String) -> Replies {
+        let reply = Response::broken_log(seq, &message);
+        self.phase = Phase::Broken { seq, message };
+        vec![(id, reply)]
+    }
+
+    fn replay_entries(&mut self, id: u64, entries: &[ByteBuf]) -> Replies {
+        let Phase::Replaying(replay) = &mut self.phase else {
+            return error(id, ErrorCode::Conflict, "no replay in progress");
+        };
+        let verified = match replay.verifier.verify_round(entries) {
+            Ok(v) => v,
+            Err(e) => return self.broken(id, e.seq(), e.to_string()),
+        };
+        let first = replay
+            .verifier
+            .verified()
+            .saturating_sub(verified.len() as u64);
+        for (offset, signed) in verified.iter().enumerate() {
+            let seq = first.saturating_add(offset as u64);
+            if let Err(e) = self.state.apply(seq, signed.entry()) {
+                return self.broken(id, Some(e.seq()), e.to_string());
+            }
+        }
+        vec![(id, Response::Ack)]
+    }
+
+    fn replay_end(&mut self, id: u64, now: UnixMillis) -> Replies {
+        let phase = std::mem::replace(&mut self.phase, Phase::Booting);
+        let Phase::Replaying(replay) = phase else {
+            self.phase = phase;
+            return error(id, ErrorCode::Conflict, "no replay in progress");
+        };
+        let v = &replay.verifier;
+        if v.verified() != replay.expected {
+            let message = format!(
+                "the host announced {} entries and sent {}",
+                replay.expected,
+                v.verified()
+            );
+            return self.broken(id, Some(v.verified()), message);
+        }
+        let head = Head {
+            size: v.verified(),
+            hash: v.head().unwrap_or(EntryHash::ZERO),
+            epoch: v.current_epoch(),
+            time: v.last_time().unwrap_or(UnixMillis::from_millis(0)),
+            frontier: v.frontier().clone(),
+        };
+        let needs_genesis = !self.state.has_genesis();
+        if needs_genesis && replay.genesis_keys.is_empty() {
+            self.phase = Phase::Booting;
+            return error(
+                id,
+                ErrorCode::BadRequest,
+                "an empty log needs the genesis admin keys",
+            );
+        }
+        let (mut writer, start) =
+            match LogWriter::open(self.nsm.as_ref(), head, &self.config.origin, now) {
+                Ok(w) => w,
+                Err(e) => {
+                    self.phase = Phase::Booting;
+                    return error(
+                        id,
+                        ErrorCode::Internal,
+                        &format!("cannot open an epoch: {e}"),
+                    );
+                }
+            };
+        let mut written = vec![start];
+        if needs_genesis {
+            match writer.append(
+                Event::Genesis {
+                    admin_keys: replay.genesis_keys.clone(),
+                },
+                now,
+            ) {
+                Ok(w) => written.push(w),
+                Err(e) => return error(id, ErrorCode::Internal, &e.to_string()),
+            }
+        }
+        for w in &written {
+            if let Err(e) = self.apply_written(w) {
+                return self.broken(id, Some(w.seq), e);
+            }
+        }
+        self.phase = Phase::Ready(Box::new(writer));
+        self.persist_then(id, &written, Response::Ack)
+    }
+
+    fn apply_written(&mut self, w: &Written) -> Result<(), String> {
+        let signed = SignedEntry::decode(&w.bytes).map_err(|e| e.to_string())?;
+        self.state
+            .apply(w.seq, signed.entry())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Answers `Persist` now and holds `response` until the entries are durable.
+    fn persist_then(&mut self, id: u64, written: &[Written], response: Response) -> Replies {
+        let Some(last) = written.last() else {
+            return vec![(id, response)];
+        };
+        let first_seq = written.first().map_or(last.seq, |w| w.seq);
+        self.held.push(Held {
+            id,
+            through_seq: last.seq,
+            response,
+        });
+        vec![(
+            id,
+            Response::Persist {
+                first_seq,
+                entries: written
+                    .iter()
+                    .map(|w| ByteBuf::from(w.bytes.clone()))
+                    .collect(),
+            },
+        )]
+    }
+
+    fn durable(&mut self, id: u64, through_seq: u64) -> Replies {
+        let head = self.writer().map(|w| w.head().size);
+        match head {
+            Some(size) if through_seq < size => {}
+            _ => return error(id, ErrorCode::BadRequest, "durable beyond the log's head"),
+        }
+        self.durable = Some(self.durable.map_or(through_seq, |d| d.max(through_seq)));
+        let durable = through_seq;
+        let mut out = Vec::new();
+        self.held.retain_mut(|h| {
+            if h.through_seq <= durable {
+                out.push((h.id, std::mem::replace(&mut h.response, Response::Ack)));
+                false
+            } else {
+                true
+            }
+        });
+        out.push((id, Response::Ack));
+        out
+    }
+
+    /// Writes one event, applies it, and returns what was written.
+    fn write(&mut self, event: Event, now: UnixMillis) -> Result<Written, String> {
+        let Phase::Ready(writer) = &mut self.phase else {
+            return Err("not ready".into());
+        };
+        let written = writer.append(event, now).map_err(|e| e.to_string())?;
+        self.apply_written(&written)?;
+        Ok(written)
+    }
+
+    fn serve(&mut self, id: u64, request: Request, now: UnixMillis) -> Replies {
+        match request {
+            Request::Admin { request } => {
+                let (accepted, reason) = match self.state.check_admin(&request, now) {
+                    Ok(_) => (true, None),
+                    Err(reason) => (false, Some(reason)),
+                };
+                let event = Event::Admin {
+                    request: request.into_vec(),
+                    accepted,
+                    reason: reason.clone(),
+                };
+                match self.write(event, now) {
+                    Ok(w) => {
+                        let seq = w.seq;
+                        self.persist_then(
+                            id,
+                            &[w],
+                            Response::AdminResult {
+                                accepted,
+                                seq,
+                                reason,
+                            },
+                        )
+                    }
+                    Err(e) => error(id, ErrorCode::Internal, &e),
+                }
+            }
+            Request::AttestChallenge { server_id } => self.challenge(id, server_id, now),
+            Request::AttestEvidence {
+                server_id,
+                nonce,
+                document,
+            } => self.evidence(id, server_id, nonce.into_vec(), document.into_vec(), now),
+            Request::Resolve { bearer, server_id } => self.resolve(id, &bearer, &server_id, now),
+            Request::Discover { bearer } => self.discover(id, &bearer, now),
+            Request::Authorize {
+                bearer,
+                server_id,
+                tool,
+            } => self.authorize(id, &bearer, &server_id, &tool, now),
+            Request::Checkpoint => self.checkpoint(id),
+            Request::GetAttestation { nonce } => self.own_attestation(id, nonce),
+            _ => error(id, ErrorCode::BadRequest, "unexpected request"),
+        }
+    }
+
+    fn challenge(&mut self, id: u64, server_id: String, now: UnixMillis) -> Replies {
+        if self.state.server(&server_id).is_none() {
+            return error(id, ErrorCode::NotFound, "unknown server");
+        }
+        self.challenges.retain(|_, (_, expires)| *expires > now);
+        if self.challenges.len() >= MAX_CHALLENGES && !self.challenges.contains_key(&server_id) {
+            return error(id, ErrorCode::Overloaded, "too many outstanding challenges");
+        }
+        let nonce = match self.nsm.random(NONCE_LEN) {
+            Ok(n) => n,
+            Err(e) => return error(id, ErrorCode::Internal, &format!("nsm: {e}")),
+        };
+        let expires = now.checked_add_millis(CHALLENGE_TTL_MS).unwrap_or(now);
+        self.challenges.insert(server_id, (nonce.clone(), expires));
+        vec![(
+            id,
+            Response::Challenge {
+                nonce: ByteBuf::from(nonce),
+                expires_at_ms: expires.as_millis(),
+            },
+        )]
+    }
+
+    fn evidence(
+        &mut self,
+        id: u64,
+        server_id: String,
+        nonce: Vec<u8>,
+        document: Vec<u8>,
+        now: UnixMillis,
+    ) -> Replies {
+        // The nonce must be the one this enclave issued for this server, unexpired, used once.
+        match self.challenges.get(&server_id) {
+            Some((issued, expires)) if *issued == nonce && *expires > now => {
+                self.challenges.remove(&server_id);
+            }
+            _ => {
+                return error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "no outstanding challenge with this nonce for this server",
+                );
+            }
+        }
+        let outcome = self
+            .state
+            .check_attestation(&server_id, &nonce, &document, now);
+        let (verified, measurement, reason) = match outcome {
+            Ok(a) => (true, Some(a.measurement), None),
+            Err(reason) => (false, None, Some(reason)),
+        };
+        let event = Event::Attestation(AttestationRecord {
+            server: server_id,
+            nonce,
+            document,
+            verified,
+            measurement,
+            reason: reason.clone(),
+        });
+        match self.write(event, now) {
+            Ok(w) => {
+                let seq = w.seq;
+                self.persist_then(
+                    id,
+                    &[w],
+                    Response::AttestResult {
+                        verified,
+                        seq,
+                        measurement: measurement.map(hex::encode),
+                        reason,
+                    },
+                )
+            }
+            Err(e) => error(id, ErrorCode::Internal, &e),
+        }
+    }
+
+    fn resolve(&mut self, id: u64, bearer: &str, server_id: &str, now: UnixMillis) -> Replies {
+        let principal = match authenticate(&self.state, bearer, now) {
+            Ok(p) => p,
+            Err(e) => return error(id, ErrorCode::Unauthenticated, &e.to_string()),
+        };
+        let mut record = self
+            .state
+            .decide(&principal, Action::Resolve, server_id, None, now);
+        let Some(writer) = self.writer() else {
+            return error(id, ErrorCode::NotReady, "not ready");
+        };
+        let seq = writer.head().size;
+        let kid = writer.kid().to_hex();
+        let mut token = None;
+        if let Some(handle) = record.handle.as_mut() {
+            let jti = match self.nsm.random(16) {
+                Ok(r) => hex::encode(r),
+                Err(e) => return error(id, ErrorCode::Internal, &format!("nsm: {e}")),
+            };
+            handle.jti = jti.clone();
+            let measurement = self
+                .state
+                .server(server_id)
+                .and_then(|s| s.attested.as_ref())
+                .map(|a| hex::encode(a.measurement))
+                .unwrap_or_default();
+            let claims = HandleClaims {
+                iss: self.config.issuer.clone(),
+                sub: principal.agent.clone(),
+                aud: handle.audience.clone(),
+                exp: handle.expires,
+                iat: now.as_secs(),
+                nbf: None,
+                jti,
+                tenant: principal.tenant.clone(),
+                tools: handle.tools.clone(),
+                measurement,
+                seq,
+                server: server_id.to_string(),
+            };
+            let Some(writer) = self.writer() else {
+                return error(id, ErrorCode::NotReady, "not ready");
+            };
+            match encode_handle(&claims, &kid, writer.key()) {
+                Ok(t) => token = Some((t, handle.expires)),
+                Err(e) => return error(id, ErrorCode::Internal, &e.to_string()),
+            }
+        }
+        let reason = record.reason.clone().unwrap_or_default();
+        match self.write(Event::Decision(Box::new(record)), now) {
+            Ok(w) => {
+                let seq = w.seq;
+                let response = match token {
+                    Some((token, expires_at)) => Response::Handle {
+                        token,
+                        seq,
+                        expires_at,
+                    },
+                    None => Response::denied(seq, ErrorCode::Denied, &reason),
+                };
+                self.persist_then(id, &[w], response)
+            }
+            Err(e) => error(id, ErrorCode::Internal, &e),
+        }
+    }
+
+    fn discover(&mut self, id: u64, bearer: &str, now: UnixMillis) -> Replies {
+        let principal = match authenticate(&self.state, bearer, now) {
+            Ok(p) => p,
+            Err(e) => return error(id, ErrorCode::Unauthenticated, &e.to_string()),
+        };
+        let servers = self.state.discover(&principal, now);
+        let infos: Vec<ServerInfo> = servers
+            .iter()
+            .filter_map(|s| self.state.server(s))
+            .map(|s| ServerInfo {
+                id: s.spec.id.clone(),
+                name: s.spec.name.clone(),
+                tenant: s.spec.tenant.clone(),
+                resource: s.spec.resource.clone(),
+                attested: self.state.attestation_facts(s, now).verified,
+            })
+            .collect();
+        match self.write(Event::Discovery { principal, servers }, now) {
+            Ok(w) => {
+                let seq = w.seq;
+                self.persist_then(
+                    id,
+                    &[w],
+                    Response::Servers {
+                        servers: infos,
+                        seq,
+                    },
+                )
+            }
+            Err(e) => error(id, ErrorCode::Internal, &e),
+        }
+    }
+
+    fn authorize(
+        &mut self,
+        id: u64,
+        bearer: &str,
+        server_id: &str,
+        tool: &str,
+        now: UnixMillis,
+    ) -> Replies {
+        let principal = match authenticate(&self.state, bearer, now) {
+            Ok(p) => p,
+            Err(e) => return error(id, ErrorCode::Unauthenticated, &e.to_string()),
+        };
+        let record = self
+            .state
+            .decide(&principal, Action::Call, server_id, Some(tool), now);
+        let allowed = record.allowed;
+        let reason = record.reason.clone();
+        match self.write(Event::Decision(Box::new(record)), now) {
+            Ok(w) => {
+                let seq = w.seq;
+                self.persist_then(
+                    id,
+                    &[w],
+                    Response::Authorized {
+                        allowed,
+                        seq,
+                        reason,
+                    },
+                )
+            }
+            Err(e) => error(id, ErrorCode::Internal, &e),
+        }
+    }
+
+    fn checkpoint(&mut self, id: u64) -> Replies {
+        let Some(writer) = self.writer() else {
+            return error(id, ErrorCode::NotReady, "not ready");
+        };
+        let size = writer.head().size;
+        if self.durable.map_or(0, |d| d.saturating_add(1)) < size {
+            return error(
+                id,
+                ErrorCode::NotReady,
+                "entries await durability; a checkpoint covers durable entries only",
+            );
+        }
+        match writer.checkpoint() {
+            Ok(note) => vec![(id, Response::Checkpoint { note })],
+            Err(e) => error(id, ErrorCode::Internal, &e.to_string()),
+        }
+    }
+
+    fn own_attestation(&mut self, id: u64, nonce: Option<ByteBuf>) -> Replies {
+        let Some(writer) = self.writer() else {
+            return error(id, ErrorCode::NotReady, "not ready");
+        };
+        let key = writer.verifying_key();
+        let kid = writer.kid().to_hex();
+        let document = match self.nsm.attest(
+            None,
+            nonce.map(ByteBuf::into_vec),
+            Some(key.as_bytes().to_vec()),
+        ) {
+            Ok(d) => d,
+            Err(e) => return error(id, ErrorCode::BadRequest, &format!("nsm: {e}")),
+        };
+        match Jwks::from_keys([(kid, key)]) {
+            Ok(jwks) => vec![(
+                id,
+                Response::Attestation {
+                    document: ByteBuf::from(document),
+                    jwks: jwks.to_json(),
+                },
+            )],
+            Err(e) => error(id, ErrorCode::Internal, &e.to_string()),
+        }
+    }
+}
