@@ -29,6 +29,7 @@ use attestplane_verifier::attestation::{
 };
 use attestplane_verifier::handle::{HandleExpectations, Jwks, verify_handle};
 use attestplane_verifier::log::{LogPolicy, LogVerifier};
+use attestplane_verifier::state::State;
 use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -140,9 +141,31 @@ struct LogArgs {
     /// The verification instant (RFC 3339 or Unix ms); default now. No entry may be later.
     #[arg(long, value_name = "TIME")]
     at: Option<String>,
+    /// The root MCP servers' attestation documents chain to, for re-checking the logged server
+    /// attestations (default: the AWS Nitro root; the local dev stack's servers use the mock's).
+    #[arg(long, value_name = "PEM")]
+    server_root: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// Why a log failed: its chain, or the replay of its state.
+#[derive(Debug, thiserror::Error)]
+enum LogFailure {
+    #[error(transparent)]
+    Log(#[from] attestplane_verifier::log::LogError),
+    #[error("replay: {0}")]
+    State(#[from] attestplane_verifier::state::StateError),
+}
+
+impl LogFailure {
+    fn seq(&self) -> Option<u64> {
+        match self {
+            LogFailure::Log(e) => e.seq(),
+            LogFailure::State(e) => Some(e.seq()),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -385,25 +408,38 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
             })
         })
         .transpose()?;
+    let server_anchor = match &a.server_root {
+        None => TrustAnchor::aws_nitro_root_g1(),
+        Some(p) => TrustAnchor::from_pem(&read(p)?)
+            .map_err(|e| anyhow!("{}: not a usable root certificate: {e}", p.display()))?,
+    };
     let entries = split_cbor_sequence(&bytes);
-    let result = entries.map(
-        |entries| -> Result<_, attestplane_verifier::log::LogError> {
-            let mut v = LogVerifier::new(policy, at)?;
-            if let Some(size) = checkpoint
-                .as_deref()
-                .and_then(attestplane_verifier::log::claimed_size)
-            {
-                v.remember_root_at(size);
+    let result = entries.map(|entries| -> Result<_, LogFailure> {
+        let mut v = LogVerifier::new(policy, at)?;
+        if let Some(size) = checkpoint
+            .as_deref()
+            .and_then(attestplane_verifier::log::claimed_size)
+        {
+            v.remember_root_at(size);
+        }
+        // Replay: fold every verified entry into the state, which re-checks every admin
+        // change, server attestation and policy decision the log records.
+        let mut state = State::new(server_anchor);
+        let mut events: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for round in entries.chunks(attestplane_verifier::log::ROUND) {
+            let first = v.verified();
+            for (i, signed) in v.verify_round(round)?.iter().enumerate() {
+                let seq = first + i as u64;
+                state.apply(seq, signed.entry())?;
+                *events.entry(signed.entry().event.type_name()).or_default() += 1;
             }
-            for round in entries.chunks(attestplane_verifier::log::ROUND) {
-                v.verify_round(round)?;
-            }
-            match &checkpoint {
-                Some(note) => v.finish_with_checkpoint(note),
-                None => v.finish(),
-            }
-        },
-    );
+        }
+        let log = match &checkpoint {
+            Some(note) => v.finish_with_checkpoint(note)?,
+            None => v.finish()?,
+        };
+        Ok((log, state.snapshot(), events))
+    });
     let result = match result {
         Ok(r) => r,
         Err(e) => {
@@ -419,9 +455,12 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
         }
     };
     match result {
-        Ok(log) => {
+        Ok((log, state, events)) => {
             if a.json {
-                println!("{}", json!({ "verified": true, "log": log }));
+                println!(
+                    "{}",
+                    json!({ "verified": true, "log": log, "state": state, "events": events })
+                );
             } else {
                 println!("VERIFIED log {}", a.file.display());
                 println!("  entries:     {}", log.size());
@@ -444,6 +483,16 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
                         if e.debug { " (DEBUG MODE)" } else { "" }
                     );
                 }
+                let counts: Vec<String> = events.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                println!("  events:      {}", counts.join(", "));
+                println!(
+                    "  replayed:    every admin change, attestation and decision re-checked; \
+                     {} admin keys, {} servers, policy of {} bytes, {} identity providers",
+                    state.admin_keys.len(),
+                    state.servers.len(),
+                    state.policy.len(),
+                    state.identity_providers.len()
+                );
                 if checkpoint.is_some() {
                     println!("  checkpoint:  signed by an epoch key and consistent with the log");
                 } else {
