@@ -408,6 +408,11 @@ impl Enclave {
     }
 
     fn serve(&mut self, id: u64, request: Request, now: UnixMillis) -> Replies {
+        // The writer never lets an entry's time go back (it clamps to the head's time), and
+        // replay decides at the entry's time: so decide at that time too. Otherwise a clock
+        // read out of order would log a decision that replay contradicts, after the writer
+        // had already chained the entry.
+        let now = self.writer().map_or(now, |w| now.max(w.head().time));
         match request {
             Request::Admin { request } => {
                 let (accepted, reason) = match self.state.check_admin(&request, now) {
