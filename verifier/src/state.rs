@@ -59,6 +59,12 @@ pub const MAX_SERVERS: usize = 10_000;
 /// The most identity providers.
 pub const MAX_IDENTITY_PROVIDERS: usize = 64;
 
+/// The reason [`State::decide`] gives when the server is not registered.
+pub const REASON_UNKNOWN_SERVER: &str = "unknown server";
+
+/// The reason [`State::decide`] gives for a `call` of a tool the registration does not pin.
+pub const REASON_TOOL_NOT_PINNED: &str = "tool is not pinned in the registration";
+
 /// SHA-384 over the deterministic CBOR map `{index: value}` of the given PCRs: the
 /// "measurement" a handle and an attestation entry name.
 pub fn measurement_digest(pcrs: &BTreeMap<PcrIndex, Pcr>) -> [u8; 48] {
@@ -545,7 +551,7 @@ impl State {
             handle: None,
         };
         let Some(server) = self.servers.get(server_id) else {
-            record.reason = Some("unknown server".into());
+            record.reason = Some(REASON_UNKNOWN_SERVER.into());
             return record;
         };
         let req = self.policy_request(principal, action, server, tool, now);
@@ -573,7 +579,7 @@ impl State {
             match tool {
                 Some(t) if server.spec.tools.contains_key(t) => {}
                 _ => {
-                    record.reason = Some("tool is not pinned in the registration".into());
+                    record.reason = Some(REASON_TOOL_NOT_PINNED.into());
                     return record;
                 }
             }
