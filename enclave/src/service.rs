@@ -25,12 +25,13 @@ use std::sync::Arc;
 
 use attestplane_proto::{ByteBuf, ErrorCode, PROTOCOL_VERSION, Request, Response, ServerInfo};
 use attestplane_verifier::UnixMillis;
+use attestplane_verifier::admin::SignedAdminRequest;
 use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
 use attestplane_verifier::entry::{AttestationRecord, EntryHash, Event, SignedEntry};
 use attestplane_verifier::handle::{HandleClaims, Jwks, encode_handle};
 use attestplane_verifier::log::{LogPolicy, LogVerifier};
 use attestplane_verifier::policy::Action;
-use attestplane_verifier::state::State;
+use attestplane_verifier::state::{REASON_TOOL_NOT_PINNED, REASON_UNKNOWN_SERVER, State};
 
 use crate::identity::authenticate;
 use crate::nsm::Nsm;
@@ -112,6 +113,15 @@ pub type Replies = Vec<(u64, Response)>;
 
 fn error(id: u64, code: ErrorCode, message: &str) -> Replies {
     vec![(id, Response::error(code, message))]
+}
+
+/// The code of a logged refusal: `NotFound` for an unknown server or tool, else `Denied`.
+fn refusal_code(reason: &str) -> ErrorCode {
+    if reason == REASON_UNKNOWN_SERVER || reason == REASON_TOOL_NOT_PINNED {
+        ErrorCode::NotFound
+    } else {
+        ErrorCode::Denied
+    }
 }
 
 impl Enclave {
@@ -415,6 +425,15 @@ impl Enclave {
         let now = self.writer().map_or(now, |w| now.max(w.head().time));
         match request {
             Request::Admin { request } => {
+                // Bytes that are not an admin request at all are refused unlogged (the
+                // protocol's contract); anything that decodes is logged, accepted or not.
+                if let Err(e) = SignedAdminRequest::decode(&request) {
+                    return error(
+                        id,
+                        ErrorCode::BadRequest,
+                        &format!("not an admin request: {e}"),
+                    );
+                }
                 let (accepted, reason) = match self.state.check_admin(&request, now) {
                     Ok(_) => (true, None),
                     Err(reason) => (false, Some(reason)),
@@ -490,22 +509,26 @@ impl Enclave {
         document: Vec<u8>,
         now: UnixMillis,
     ) -> Replies {
+        if self.state.server(&server_id).is_none() {
+            return error(id, ErrorCode::NotFound, "unknown server");
+        }
         // The nonce must be the one this enclave issued for this server, unexpired, used once.
-        match self.challenges.get(&server_id) {
+        // Evidence that fails this is logged as refused, like any other failed attestation.
+        let issued = match self.challenges.get(&server_id) {
             Some((issued, expires)) if *issued == nonce && *expires > now => {
                 self.challenges.remove(&server_id);
+                true
             }
-            _ => {
-                return error(
-                    id,
-                    ErrorCode::BadRequest,
-                    "no outstanding challenge with this nonce for this server",
-                );
-            }
-        }
-        let outcome = self
-            .state
-            .check_attestation(&server_id, &nonce, &document, now);
+            _ => false,
+        };
+        let outcome = if issued {
+            self.state
+                .check_attestation(&server_id, &nonce, &document, now)
+        } else {
+            Err("no outstanding challenge with this nonce for this server \
+                 (never issued, already used or expired)"
+                .to_string())
+        };
         let (verified, measurement, reason) = match outcome {
             Ok(a) => (true, Some(a.measurement), None),
             Err(reason) => (false, None, Some(reason)),
@@ -594,7 +617,7 @@ impl Enclave {
                         seq,
                         expires_at,
                     },
-                    None => Response::denied(seq, ErrorCode::Denied, &reason),
+                    None => Response::denied(seq, refusal_code(&reason), &reason),
                 };
                 self.persist_then(id, &[w], response)
             }
@@ -655,15 +678,18 @@ impl Enclave {
         match self.write(Event::Decision(Box::new(record)), now) {
             Ok(w) => {
                 let seq = w.seq;
-                self.persist_then(
-                    id,
-                    &[w],
-                    Response::Authorized {
+                let response = match reason {
+                    // An unknown server or tool is a `Denied` with `NotFound`, not a verdict.
+                    Some(r) if refusal_code(&r) == ErrorCode::NotFound => {
+                        Response::denied(seq, ErrorCode::NotFound, &r)
+                    }
+                    reason => Response::Authorized {
                         allowed,
                         seq,
                         reason,
                     },
-                )
+                };
+                self.persist_then(id, &[w], response)
             }
             Err(e) => error(id, ErrorCode::Internal, &e),
         }
