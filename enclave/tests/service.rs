@@ -1,0 +1,1513 @@
+//! The enclave's service, driven request by request without sockets: every request type through
+//! its allowed and refused paths, with the log entries each leaves behind, and one test per
+//! "must NOT be able to" line of DESIGN.md that concerns the enclave, named for it.
+//!
+//! The host is played by [`common::Harness`]: it stores `Persist`ed entries, reports them
+//! durable and collects the released final replies. Time is pinned: the enclave's clock starts
+//! at [`common::T0`] and moves only when a test moves it.
+
+mod common;
+
+use attestplane_enclave::service::{CHALLENGE_TTL_MS, Enclave, Replies};
+use attestplane_proto::{ByteBuf, ErrorCode, PROTOCOL_VERSION, Request, Response};
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::admin::{AdminAction, AdminRequest};
+use attestplane_verifier::attestation::{
+    Expectations, TrustAnchor, VerifyAt, parse_attestation, verify_attestation,
+};
+use attestplane_verifier::checkpoint::verify_checkpoint;
+use attestplane_verifier::entry::{EntryHash, EpochBinding, Event, SignedEntry};
+use attestplane_verifier::handle::{HandleError, HandleExpectations, verify_handle};
+use attestplane_verifier::log::{LogError, verify_log};
+use attestplane_verifier::state::{ATTESTATION_FRESHNESS_MS, Snapshot};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::*;
+use coset::{CoseSign1, TaggedCborSerializable as _};
+
+const ACME_AGENT: &str = "agent-7";
+
+/// A snapshot with the entry count cleared, to compare states across entries that change
+/// nothing but the count.
+fn sans_applied(mut s: Snapshot) -> Snapshot {
+    s.applied = 0;
+    s
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn expect_error(reply: Response, code: ErrorCode) -> String {
+    match reply {
+        Response::Error { code: c, message } if c == code => message,
+        other => panic!("expected Error {code:?}, got {other:?}"),
+    }
+}
+
+fn expect_handle(reply: Response) -> (String, u64, u64) {
+    match reply {
+        Response::Handle {
+            token,
+            seq,
+            expires_at,
+        } => (token, seq, expires_at),
+        other => panic!("expected a Handle, got {other:?}"),
+    }
+}
+
+fn expect_denied(reply: &Response) -> (u64, String, ErrorCode) {
+    match reply {
+        Response::Denied { seq, reason, code } => (*seq, reason.clone(), *code),
+        other => panic!("expected Denied, got {other:?}"),
+    }
+}
+
+fn expect_attest(reply: &Response) -> (bool, u64, Option<String>, Option<String>) {
+    match reply {
+        Response::AttestResult {
+            verified,
+            seq,
+            measurement,
+            reason,
+        } => (*verified, *seq, measurement.clone(), reason.clone()),
+        other => panic!("expected AttestResult, got {other:?}"),
+    }
+}
+
+fn expect_authorized(reply: &Response) -> (bool, u64, Option<String>) {
+    match reply {
+        Response::Authorized {
+            allowed,
+            seq,
+            reason,
+        } => (*allowed, *seq, reason.clone()),
+        other => panic!("expected Authorized, got {other:?}"),
+    }
+}
+
+fn expect_servers(reply: Response) -> (Vec<String>, u64) {
+    match reply {
+        Response::Servers { servers, seq } => (servers.into_iter().map(|s| s.id).collect(), seq),
+        other => panic!("expected Servers, got {other:?}"),
+    }
+}
+
+/// The decision logged at `seq`.
+fn decision(h: &Harness, seq: u64) -> attestplane_verifier::entry::DecisionRecord {
+    match h.entry(seq).event {
+        Event::Decision(d) => *d,
+        other => panic!("entry {seq} is not a decision: {other:?}"),
+    }
+}
+
+/// The admin event logged at `seq`: (request bytes, accepted, reason).
+fn admin_event(h: &Harness, seq: u64) -> (Vec<u8>, bool, Option<String>) {
+    match h.entry(seq).event {
+        Event::Admin {
+            request,
+            accepted,
+            reason,
+        } => (request, accepted, reason),
+        other => panic!("entry {seq} is not an admin event: {other:?}"),
+    }
+}
+
+/// The attestation record logged at `seq`.
+fn attestation_event(h: &Harness, seq: u64) -> attestplane_verifier::entry::AttestationRecord {
+    match h.entry(seq).event {
+        Event::Attestation(a) => a,
+        other => panic!("entry {seq} is not an attestation: {other:?}"),
+    }
+}
+
+/// A control plane with `servers` registered, the starter policy and an identity provider.
+fn started(admin: &Admin, servers: &[&McpServer], idp: &Idp) -> Harness {
+    let mut h = Harness::new(&[admin]);
+    h.setup(admin, servers, STARTER_POLICY, idp);
+    h
+}
+
+fn idp() -> Idp {
+    Idp::new(40, "https://idp.acme.example")
+}
+
+/// A policy allowing every same-tenant action on verified servers, debug or not, with a rate
+/// limit of `limit` calls a minute.
+fn permissive_policy(limit: u64) -> String {
+    format!(
+        r#"
+@id("same-tenant")
+permit (principal, action, resource)
+when {{ principal.tenant == resource.tenant && context.attestation.verified }};
+
+@id("discover")
+permit (principal, action == Attestplane::Action::"discover", resource);
+
+@id("rate")
+forbid (principal, action == Attestplane::Action::"call", resource)
+unless {{ context.counters.calls_last_minute < {limit} }};
+"#
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin requests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn refuses_forged_admin_request() {
+    let admin = Admin::new(1);
+    let mallory = Admin::new(66);
+    let server = McpServer::new("search", "acme", 1);
+    let mut h = Harness::new(&[&admin]);
+    let before = h.enclave.state().snapshot();
+
+    // Signed by a key that is not an admin key.
+    let forged = h.signed(&mallory, server.register());
+    let (accepted, seq, reason) = h.admin_bytes(forged.clone());
+    assert!(!accepted);
+    let reason = reason.unwrap();
+    assert!(reason.contains("not a current admin key"), "{reason}");
+    let (logged, logged_accepted, logged_reason) = admin_event(&h, seq);
+    assert_eq!(logged, forged, "the refused request is logged verbatim");
+    assert!(!logged_accepted);
+    assert_eq!(logged_reason.as_deref(), Some(reason.as_str()));
+    assert!(h.enclave.state().server("search").is_none());
+    assert_eq!(
+        sans_applied(h.enclave.state().snapshot()),
+        sans_applied(before.clone())
+    );
+
+    // A genuine admin signature, carried over bytes the admin never signed.
+    let genuine = h.signed(
+        &admin,
+        AdminAction::SetPolicy {
+            text: STARTER_POLICY.into(),
+        },
+    );
+    let other_payload = AdminRequest {
+        time: h.now,
+        nonce: h.nonce(),
+        action: server.register(),
+    }
+    .payload()
+    .unwrap();
+    let mut cose = CoseSign1::from_tagged_slice(&genuine).unwrap();
+    cose.payload = Some(other_payload);
+    let spliced = cose.to_tagged_vec().unwrap();
+    let (accepted, seq, reason) = h.admin_bytes(spliced.clone());
+    assert!(!accepted);
+    let reason = reason.unwrap();
+    assert!(reason.contains("bad signature"), "{reason}");
+    let (logged, logged_accepted, _) = admin_event(&h, seq);
+    assert_eq!(logged, spliced);
+    assert!(!logged_accepted);
+    assert!(h.enclave.state().server("search").is_none());
+    assert_eq!(
+        sans_applied(h.enclave.state().snapshot()),
+        sans_applied(before)
+    );
+
+    // The signature itself was good: over its own bytes it is accepted.
+    let (accepted, _, reason) = h.admin_bytes(genuine);
+    assert!(accepted, "{reason:?}");
+    assert_eq!(h.enclave.state().policy().text(), STARTER_POLICY);
+
+    // Every entry written verifies as a log.
+    verify_log(&h.store, log_policy(&h.nsm), h.now).unwrap();
+}
+
+#[test]
+fn refuses_replayed_admin_request() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let mut h = Harness::new(&[&admin]);
+
+    let register = h.signed(&admin, server.register());
+    let (accepted, _, reason) = h.admin_bytes(register.clone());
+    assert!(accepted, "{reason:?}");
+    let after_first = h.enclave.state().snapshot();
+
+    // The same bytes again, a second later.
+    h.advance(1_000);
+    let (accepted, seq, reason) = h.admin_bytes(register.clone());
+    assert!(!accepted);
+    assert!(reason.unwrap().contains("replayed"));
+    let (logged, logged_accepted, _) = admin_event(&h, seq);
+    assert_eq!(logged, register);
+    assert!(!logged_accepted);
+    assert_eq!(
+        sans_applied(h.enclave.state().snapshot()),
+        sans_applied(after_first)
+    );
+
+    // Even once the action would apply again (the server is revoked), the nonce is spent.
+    h.admin_ok(
+        &admin,
+        AdminAction::RevokeServer {
+            id: "search".into(),
+        },
+    );
+    assert!(h.enclave.state().server("search").is_none());
+    let (accepted, _, reason) = h.admin_bytes(register.clone());
+    assert!(!accepted);
+    assert!(reason.unwrap().contains("replayed"));
+    assert!(h.enclave.state().server("search").is_none());
+
+    // Stale and future requests fall outside the 5-minute window.
+    let before = h.enclave.state().snapshot();
+    for time in [
+        UnixMillis::from_millis(h.now.as_millis() - 5 * MINUTE_MS - 1),
+        UnixMillis::from_millis(h.now.as_millis() + 5 * MINUTE_MS + 1),
+    ] {
+        let nonce = h.nonce();
+        let stale = admin.sign(time, nonce, server.register());
+        let (accepted, seq, reason) = h.admin_bytes(stale.clone());
+        assert!(!accepted);
+        assert!(reason.unwrap().contains("outside the window"));
+        assert_eq!(admin_event(&h, seq).0, stale);
+    }
+    assert_eq!(
+        sans_applied(h.enclave.state().snapshot()),
+        sans_applied(before)
+    );
+    // Just inside the window is fine.
+    let nonce = h.nonce();
+    let edge = admin.sign(
+        UnixMillis::from_millis(h.now.as_millis() - 5 * MINUTE_MS),
+        nonce,
+        server.register(),
+    );
+    assert!(h.admin_bytes(edge).0);
+
+    // Long after, the first request is refused as stale (its nonce may have been forgotten).
+    h.advance(20 * MINUTE_MS);
+    let (accepted, _, reason) = h.admin_bytes(register);
+    assert!(!accepted);
+    assert!(reason.unwrap().contains("outside the window"));
+}
+
+#[test]
+fn key_rotation_takes_effect() {
+    let old = Admin::new(1);
+    let new = Admin::new(2);
+    let a = McpServer::new("alpha", "acme", 1);
+    let b = McpServer::new("beta", "acme", 2);
+    let mut h = Harness::new(&[&old]);
+
+    // Signed by the old key before the rotation, sent after it.
+    let signed_before = h.signed(&old, a.register());
+    h.admin_ok(
+        &old,
+        AdminAction::RotateAdminKeys {
+            keys: vec![new.public()],
+        },
+    );
+    assert_eq!(
+        h.enclave.state().snapshot().admin_keys,
+        vec![hex::encode(new.public())]
+    );
+
+    let (accepted, seq, reason) = h.admin_bytes(signed_before);
+    assert!(!accepted);
+    assert!(reason.unwrap().contains("not a current admin key"));
+    assert!(!admin_event(&h, seq).1);
+    let fresh_old = h.signed(&old, a.register());
+    let (accepted, _, reason) = h.admin_bytes(fresh_old);
+    assert!(!accepted);
+    assert!(reason.unwrap().contains("not a current admin key"));
+    assert!(h.enclave.state().server("alpha").is_none());
+
+    h.admin_ok(&new, b.register());
+    assert!(h.enclave.state().server("beta").is_some());
+
+    // An unusable key set is refused and the current one stays.
+    let weak = h.signed(
+        &new,
+        AdminAction::RotateAdminKeys {
+            keys: vec![[0; 32]],
+        },
+    );
+    let (accepted, _, reason) = h.admin_bytes(weak);
+    assert!(!accepted);
+    assert!(reason.unwrap().contains("unusable admin key"));
+    assert_eq!(
+        h.enclave.state().snapshot().admin_keys,
+        vec![hex::encode(new.public())]
+    );
+
+    // The rotation replays: a fresh enclave over the stored log has the same keys.
+    let store = h.store.clone();
+    h.advance(1_000);
+    let restarted = Harness::boot(h.nsm.clone(), store, &[old.public()], h.now)
+        .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
+    assert_eq!(
+        restarted.enclave.state().snapshot().admin_keys,
+        vec![hex::encode(new.public())]
+    );
+}
+
+#[test]
+fn refuses_policy_that_fails_schema_validation() {
+    let admin = Admin::new(1);
+    let mut h = Harness::new(&[&admin]);
+    h.admin_ok(
+        &admin,
+        AdminAction::SetPolicy {
+            text: STARTER_POLICY.into(),
+        },
+    );
+
+    for bad in [
+        // An attribute the schema does not have.
+        r#"permit (principal, action == Attestplane::Action::"resolve", resource)
+           when { principal.clearance > 3 };"#,
+        // An action the schema does not have.
+        r#"permit (principal, action == Attestplane::Action::"delete", resource);"#,
+        // A call scoped to a Server: can never match.
+        r#"permit (principal, action == Attestplane::Action::"call", resource is Attestplane::Server);"#,
+        // Not Cedar.
+        "permit (principal, action, resource",
+    ] {
+        let request = h.signed(&admin, AdminAction::SetPolicy { text: bad.into() });
+        let (accepted, seq, reason) = h.admin_bytes(request.clone());
+        assert!(!accepted, "accepted: {bad}");
+        assert!(reason.is_some());
+        let (logged, logged_accepted, logged_reason) = admin_event(&h, seq);
+        assert_eq!(logged, request);
+        assert!(!logged_accepted);
+        assert_eq!(logged_reason, reason);
+        assert_eq!(h.enclave.state().policy().text(), STARTER_POLICY);
+    }
+
+    // The old policy still decides: the starter policy lets a same-tenant agent discover.
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    h.admin_ok(&admin, server.register());
+    h.admin_ok(&admin, idp.install());
+    let bearer = idp.token(ACME_AGENT, "acme", &[], h.now);
+    assert_eq!(expect_servers(h.discover(&bearer)).0, vec!["search"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server attestation and handles
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn no_handle_for_unattested_server() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+
+    let reply = h.resolve(&bearer, "search");
+    let (seq, reason, code) = expect_denied(&reply);
+    assert_eq!(code, ErrorCode::Denied);
+    assert_eq!(reason, "server has no verified attestation");
+    let d = decision(&h, seq);
+    assert!(!d.allowed);
+    assert!(d.handle.is_none());
+    assert!(!d.attestation.verified);
+    assert_eq!(d.reason.as_deref(), Some(reason.as_str()));
+
+    // Nor may its tools be called.
+    let (allowed, seq, reason) = expect_authorized(&h.authorize(&bearer, "search", "search"));
+    assert!(!allowed);
+    assert_eq!(
+        reason.as_deref(),
+        Some("server has no verified attestation")
+    );
+    assert!(!decision(&h, seq).allowed);
+}
+
+#[test]
+fn no_handle_for_stale_attestation() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+
+    assert!(expect_attest(&h.attest(&server)).0);
+    h.advance(MAX_ATTESTATION_AGE_MS);
+    expect_handle(h.resolve(&bearer, "search"));
+
+    // One millisecond past the registration's max age: no handle.
+    h.advance(1);
+    let reply = h.resolve(&bearer, "search");
+    let (seq, reason, _) = expect_denied(&reply);
+    assert_eq!(reason, "server attestation is stale");
+    let d = decision(&h, seq);
+    assert!(!d.attestation.verified);
+    assert_eq!(d.attestation.age_ms, Some(MAX_ATTESTATION_AGE_MS + 1));
+    assert!(d.handle.is_none());
+
+    // A document that was already old when presented does not verify.
+    let nonce = h.challenge("search");
+    let old = server.attest(
+        &nonce,
+        UnixMillis::from_millis(h.now.as_millis() - ATTESTATION_FRESHNESS_MS - 1),
+    );
+    let (verified, seq, _, reason) = expect_attest(&h.evidence("search", &nonce, old));
+    assert!(!verified);
+    assert!(reason.unwrap().contains("old"));
+    assert!(!attestation_event(&h, seq).verified);
+    expect_denied(&h.resolve(&bearer, "search"));
+
+    // A fresh attestation restores it.
+    assert!(expect_attest(&h.attest(&server)).0);
+    expect_handle(h.resolve(&bearer, "search"));
+}
+
+#[test]
+fn no_handle_for_mismatched_pcrs() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    // Same root, same id, another image.
+    let impostor = McpServer::new("search", "acme", 2);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+
+    let nonce = h.challenge("search");
+    let document = impostor.attest(&nonce, h.now);
+    let (verified, seq, measurement, reason) =
+        expect_attest(&h.evidence("search", &nonce, document.clone()));
+    assert!(!verified);
+    assert!(measurement.is_none());
+    assert!(reason.unwrap().contains("pcr"));
+    let record = attestation_event(&h, seq);
+    assert!(!record.verified);
+    assert!(record.measurement.is_none());
+    assert_eq!(record.document, document, "the refused document is logged");
+    assert_eq!(record.nonce, nonce);
+    expect_denied(&h.resolve(&bearer, "search"));
+
+    // The genuine image verifies and gets a handle…
+    let (verified, seq, measurement, _) = expect_attest(&h.attest(&server));
+    assert!(verified);
+    let record = attestation_event(&h, seq);
+    assert_eq!(
+        record.measurement.map(hex::encode),
+        measurement,
+        "the logged measurement is the one answered"
+    );
+    expect_handle(h.resolve(&bearer, "search"));
+
+    // …and a later mismatching document withdraws it.
+    let nonce = h.challenge("search");
+    let document = impostor.attest(&nonce, h.now);
+    assert!(!expect_attest(&h.evidence("search", &nonce, document)).0);
+    let (_, reason, _) = expect_denied(&h.resolve(&bearer, "search"));
+    assert_eq!(reason, "server has no verified attestation");
+}
+
+#[test]
+fn no_handle_for_debug_server() {
+    let admin = Admin::new(1);
+    let debug = McpServer::debug("dbg", "acme");
+    let idp = idp();
+    let mut h = started(&admin, &[&debug], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+
+    // The registration does not allow debug: the document is refused.
+    let (verified, seq, _, reason) = expect_attest(&h.attest(&debug));
+    assert!(!verified);
+    assert!(reason.unwrap().contains("debug"));
+    assert!(!attestation_event(&h, seq).verified);
+    expect_denied(&h.resolve(&bearer, "dbg"));
+
+    // Allowed by the registration, the document verifies, marked debug; the starter policy still
+    // refuses a handle to a debug server.
+    let mut spec = debug.spec.clone();
+    spec.allow_debug = true;
+    h.admin_ok(&admin, AdminAction::UpdateServer(spec));
+    assert!(expect_attest(&h.attest(&debug)).0);
+    let (seq, reason, _) = expect_denied(&h.resolve(&bearer, "dbg"));
+    assert_eq!(reason, "no policy permits it (deny by default)");
+    let d = decision(&h, seq);
+    assert!(d.attestation.verified);
+    assert!(d.attestation.debug);
+
+    // Only registration and policy together let a debug server through.
+    h.admin_ok(
+        &admin,
+        AdminAction::SetPolicy {
+            text: permissive_policy(600),
+        },
+    );
+    let (token, seq, _) = expect_handle(h.resolve(&bearer, "dbg"));
+    assert!(!token.is_empty());
+    assert!(decision(&h, seq).attestation.debug);
+}
+
+#[test]
+fn attestation_with_wrong_or_reused_nonce_is_refused() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let other = McpServer::new("other", "acme", 3);
+    let idp = idp();
+    let mut h = started(&admin, &[&server, &other], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+
+    // The document carries another nonce than the one issued and presented.
+    let issued = h.challenge("search");
+    let document = server.attest(b"a nonce the enclave never issued", h.now);
+    let (verified, seq, _, reason) = expect_attest(&h.evidence("search", &issued, document));
+    assert!(!verified);
+    assert!(reason.unwrap().contains("nonce"));
+    assert!(!attestation_event(&h, seq).verified);
+
+    // A nonce the enclave never issued, carried by the document and presented.
+    let invented = b"a nonce the enclave never issued".to_vec();
+    let document = server.attest(&invented, h.now);
+    let (verified, seq, _, reason) = expect_attest(&h.evidence("search", &invented, document));
+    assert!(!verified);
+    assert!(reason.unwrap().contains("challenge"));
+    assert_eq!(attestation_event(&h, seq).nonce, invented);
+    expect_denied(&h.resolve(&bearer, "search"));
+
+    // A good presentation, then the same nonce and document again.
+    let nonce = h.challenge("search");
+    let document = server.attest(&nonce, h.now);
+    assert!(expect_attest(&h.evidence("search", &nonce, document.clone())).0);
+    expect_handle(h.resolve(&bearer, "search"));
+    h.advance(1_000);
+    let (verified, seq, _, reason) = expect_attest(&h.evidence("search", &nonce, document));
+    assert!(!verified);
+    assert!(reason.unwrap().contains("challenge"));
+    assert!(!attestation_event(&h, seq).verified);
+
+    // A nonce issued for another server.
+    let for_other = h.challenge("other");
+    let document = server.attest(&for_other, h.now);
+    let (verified, _, _, _) = expect_attest(&h.evidence("search", &for_other, document));
+    assert!(!verified);
+
+    // An expired nonce.
+    let nonce = h.challenge("search");
+    h.advance(CHALLENGE_TTL_MS);
+    let document = server.attest(&nonce, h.now);
+    let (verified, _, _, reason) = expect_attest(&h.evidence("search", &nonce, document));
+    assert!(!verified);
+    assert!(reason.unwrap().contains("challenge"));
+    expect_denied(&h.resolve(&bearer, "search"));
+
+    // Evidence for a server that is not registered is refused without an entry.
+    let len = h.store.len();
+    let reply = h.evidence("nobody", &nonce, server.attest(&nonce, h.now));
+    expect_error(reply, ErrorCode::NotFound);
+    assert_eq!(h.store.len(), len);
+
+    // All of it replays.
+    verify_log(&h.store, log_policy(&h.nsm), h.now).unwrap();
+    let store = h.store.clone();
+    h.advance(1);
+    Harness::boot(h.nsm.clone(), store, &[], h.now)
+        .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
+}
+
+#[test]
+fn handle_verifies_against_served_jwks() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let (_, _, measurement, _) = expect_attest(&h.attest(&server));
+    h.advance(2_000);
+
+    let (token, seq, expires_at) = expect_handle(h.resolve(&bearer, "search"));
+    let (document, jwks) = h.own_attestation(Some(b"relying party nonce"));
+
+    // The document is the enclave's own, fresh, with the caller's nonce, and attests the JWKS key.
+    let self_anchor = TrustAnchor::from_pem(h.nsm.root_pem().unwrap().as_bytes()).unwrap();
+    let verified = verify_attestation(
+        &document,
+        &self_anchor,
+        &Expectations {
+            pcrs: image_pcrs(&h.nsm),
+            nonce: Some(b"relying party nonce".to_vec()),
+            max_age_ms: Some(1_000),
+            ..Expectations::default()
+        },
+        VerifyAt::Instant(h.now),
+    )
+    .unwrap();
+    assert_eq!(jwks.len(), 1);
+    let kid = jwks.kids().next().unwrap().to_string();
+    let key = jwks.get(&kid).unwrap();
+    assert_eq!(verified.public_key(), Some(key.as_bytes().as_slice()));
+
+    // The handle verifies under that key, for the server's resource.
+    let expect = HandleExpectations {
+        issuer: Some(ISSUER.into()),
+        audience: Some(server.spec.resource.clone()),
+        leeway_secs: 0,
+    };
+    let handle = verify_handle(&token, &jwks, &expect, h.now).unwrap();
+    assert_eq!(handle.kid(), kid);
+    let claims = handle.claims();
+    assert_eq!(claims.sub, ACME_AGENT);
+    assert_eq!(claims.aud, server.spec.resource);
+    assert_eq!(claims.tenant, "acme");
+    assert_eq!(claims.server, "search");
+    assert_eq!(claims.seq, seq);
+    assert_eq!(claims.exp, expires_at);
+    assert_eq!(claims.iat, h.now.as_secs());
+    assert_eq!(claims.tools, vec!["search", "write"]);
+    assert_eq!(Some(claims.measurement.clone()), measurement);
+
+    // The entry at `seq` is in the persisted log, signed by the same key, and issued this handle.
+    let signed = SignedEntry::decode(&h.store[seq as usize]).unwrap();
+    assert_eq!(signed.kid().to_hex(), kid);
+    let d = decision(&h, seq);
+    assert!(d.allowed);
+    let record = d.handle.unwrap();
+    assert_eq!(record.jti, claims.jti);
+    assert_eq!(record.expires, claims.exp);
+    assert_eq!(record.audience, claims.aud);
+    assert_eq!(record.tools, claims.tools);
+
+    // Not for another audience, not after it expires.
+    let wrong = HandleExpectations {
+        audience: Some("https://other.example/mcp".into()),
+        ..expect.clone()
+    };
+    assert!(matches!(
+        verify_handle(&token, &jwks, &wrong, h.now),
+        Err(HandleError::WrongAudience { .. })
+    ));
+    assert!(matches!(
+        verify_handle(&token, &jwks, &expect, UnixMillis::from_secs(expires_at)),
+        Err(HandleError::Expired { .. })
+    ));
+
+    // A handle names only the tools the policy lets the agent call.
+    let plain = idp.token("agent-8", "acme", &[], h.now);
+    let (token, _, _) = expect_handle(h.resolve(&plain, "search"));
+    let handle = verify_handle(&token, &jwks, &expect, h.now).unwrap();
+    assert!(handle.claims().tools.is_empty());
+
+    // Neither handles nor bearer tokens are logged.
+    for secret in [&token, &bearer, &plain] {
+        assert!(!h.store.iter().any(|e| contains(e, secret.as_bytes())));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agents' requests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn refuses_cross_tenant_resolve() {
+    let admin = Admin::new(1);
+    let ours = McpServer::new("ours", "acme", 1);
+    let theirs = McpServer::new("theirs", "globex", 2);
+    let idp = idp();
+    let mut h = started(&admin, &[&ours, &theirs], &idp);
+    assert!(expect_attest(&h.attest(&ours)).0);
+    assert!(expect_attest(&h.attest(&theirs)).0);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+
+    expect_handle(h.resolve(&bearer, "ours"));
+    let (seq, reason, code) = expect_denied(&h.resolve(&bearer, "theirs"));
+    assert_eq!(code, ErrorCode::Denied);
+    assert_eq!(reason, "server belongs to another tenant");
+    let d = decision(&h, seq);
+    assert!(!d.allowed && d.handle.is_none());
+    assert_eq!(d.principal.tenant, "acme");
+    assert_eq!(d.server, "theirs");
+
+    // Not even under a policy that permits everything: tenancy is a hard rule.
+    h.admin_ok(
+        &admin,
+        AdminAction::SetPolicy {
+            text: r#"permit (principal, action, resource);"#.into(),
+        },
+    );
+    let (_, reason, _) = expect_denied(&h.resolve(&bearer, "theirs"));
+    assert_eq!(reason, "server belongs to another tenant");
+    let (allowed, _, reason) = expect_authorized(&h.authorize(&bearer, "theirs", "search"));
+    assert!(!allowed);
+    assert_eq!(reason.as_deref(), Some("server belongs to another tenant"));
+    assert_eq!(expect_servers(h.discover(&bearer)).0, vec!["ours"]);
+}
+
+#[test]
+fn discover_filters_by_tenant_and_policy() {
+    let admin = Admin::new(1);
+    let alpha = McpServer::new("alpha", "acme", 1);
+    let hidden = McpServer::new("hidden", "acme", 2);
+    let gamma = McpServer::new("gamma", "globex", 3);
+    let idp = idp();
+    let mut h = Harness::new(&[&admin]);
+    for s in [&alpha, &hidden, &gamma] {
+        h.admin_ok(&admin, s.register());
+    }
+    h.admin_ok(&admin, idp.install());
+    let acme = idp.token(ACME_AGENT, "acme", &[], h.now);
+    let globex = idp.token("agent-g", "globex", &[], h.now);
+
+    // No policy yet: deny by default, nothing to see (and that is logged).
+    let (servers, seq) = expect_servers(h.discover(&acme));
+    assert!(servers.is_empty());
+    assert!(
+        matches!(h.entry(seq).event, Event::Discovery { ref servers, .. } if servers.is_empty())
+    );
+
+    h.admin_ok(
+        &admin,
+        AdminAction::SetPolicy {
+            text: r#"
+@id("discover-visible")
+permit (principal, action == Attestplane::Action::"discover", resource)
+when { resource.name != "hidden server" };
+"#
+            .into(),
+        },
+    );
+    assert!(expect_attest(&h.attest(&alpha)).0);
+
+    let reply = h.discover(&acme);
+    let Response::Servers { servers, seq } = reply else {
+        panic!("expected Servers, got {reply:?}");
+    };
+    assert_eq!(servers.len(), 1);
+    assert_eq!(servers[0].id, "alpha");
+    assert_eq!(servers[0].tenant, "acme");
+    assert_eq!(servers[0].resource, alpha.spec.resource);
+    assert!(servers[0].attested);
+    match h.entry(seq).event {
+        Event::Discovery { principal, servers } => {
+            assert_eq!(principal.agent, ACME_AGENT);
+            assert_eq!(principal.tenant, "acme");
+            assert_eq!(servers, vec!["alpha"]);
+        }
+        other => panic!("expected a discovery entry, got {other:?}"),
+    }
+
+    let (servers, _) = expect_servers(h.discover(&globex));
+    assert_eq!(servers, vec!["gamma"]);
+
+    // The starter policy shows every server of the agent's tenant.
+    h.admin_ok(
+        &admin,
+        AdminAction::SetPolicy {
+            text: STARTER_POLICY.into(),
+        },
+    );
+    assert_eq!(expect_servers(h.discover(&acme)).0, vec!["alpha", "hidden"]);
+}
+
+#[test]
+fn authorize_call_respects_pinned_tools_and_rate_limit() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    assert!(expect_attest(&h.attest(&server)).0);
+    let user = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let plain = idp.token("agent-8", "acme", &[], h.now);
+
+    let (allowed, seq, reason) = expect_authorized(&h.authorize(&user, "search", "search"));
+    assert!(allowed, "{reason:?}");
+    let d = decision(&h, seq);
+    assert!(d.allowed);
+    assert_eq!(d.tool.as_deref(), Some("search"));
+    assert_eq!(d.policies, vec!["call-tool-user"]);
+
+    // A tool that is not pinned in the registration.
+    let reply = h.authorize(&user, "search", "delete-everything");
+    let (seq, reason, code) = expect_denied(&reply);
+    assert_eq!(code, ErrorCode::NotFound);
+    assert_eq!(reason, "tool is not pinned in the registration");
+    assert!(!decision(&h, seq).allowed);
+
+    // No role, no permit.
+    let (allowed, _, reason) = expect_authorized(&h.authorize(&plain, "search", "search"));
+    assert!(!allowed);
+    assert_eq!(
+        reason.as_deref(),
+        Some("no policy permits it (deny by default)")
+    );
+
+    // A rate limit of 3 calls a minute.
+    h.admin_ok(
+        &admin,
+        AdminAction::SetPolicy {
+            text: permissive_policy(3),
+        },
+    );
+    let bot = idp.token("bot", "acme", &[], h.now);
+    for n in 0..3 {
+        let (allowed, seq, reason) = expect_authorized(&h.authorize(&bot, "search", "write"));
+        assert!(allowed, "call {n}: {reason:?}");
+        assert_eq!(decision(&h, seq).calls_last_minute, n);
+        h.advance(1_000);
+    }
+    let first_call = h.now.as_millis() - 3_000;
+    for _ in 0..2 {
+        let (allowed, seq, reason) = expect_authorized(&h.authorize(&bot, "search", "write"));
+        assert!(!allowed);
+        assert_eq!(reason.as_deref(), Some("forbidden by policy rate"));
+        let d = decision(&h, seq);
+        assert_eq!(d.calls_last_minute, 3, "refused calls do not count");
+        assert_eq!(d.policies, vec!["rate"]);
+    }
+    // Another agent has its own budget.
+    assert!(expect_authorized(&h.authorize(&plain, "search", "write")).0);
+    // Once the first call leaves the window, one more is allowed.
+    h.now = UnixMillis::from_millis(first_call + MINUTE_MS + 1);
+    let (allowed, seq, _) = expect_authorized(&h.authorize(&bot, "search", "write"));
+    assert!(allowed);
+    assert_eq!(decision(&h, seq).calls_last_minute, 2);
+
+    // Unknown servers are refused as such, and logged.
+    let (seq, reason, code) = expect_denied(&h.authorize(&bot, "nowhere", "write"));
+    assert_eq!(code, ErrorCode::NotFound);
+    assert_eq!(reason, "unknown server");
+    assert_eq!(decision(&h, seq).server, "nowhere");
+
+    // The counters replay.
+    let store = h.store.clone();
+    let snapshot = h.enclave.state().snapshot();
+    let restarted = Harness::boot(h.nsm.clone(), store, &[], h.now)
+        .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
+    assert_eq!(restarted.enclave.state().snapshot().calls, snapshot.calls);
+}
+
+#[test]
+fn denied_requests_are_logged() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    let user = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+
+    let mut refusals = Vec::new();
+    let (seq, reason, _) = expect_denied(&h.resolve(&user, "search"));
+    refusals.push((seq, reason));
+    let (seq, reason, code) = expect_denied(&h.resolve(&user, "nowhere"));
+    assert_eq!(code, ErrorCode::NotFound);
+    refusals.push((seq, reason));
+    let (allowed, seq, reason) = expect_authorized(&h.authorize(&user, "search", "search"));
+    assert!(!allowed);
+    refusals.push((seq, reason.unwrap()));
+    let (seq, reason, _) = expect_denied(&h.authorize(&user, "nowhere", "search"));
+    refusals.push((seq, reason));
+
+    for (seq, reason) in &refusals {
+        let d = decision(&h, *seq);
+        assert!(!d.allowed);
+        assert!(d.handle.is_none());
+        assert_eq!(d.reason.as_deref(), Some(reason.as_str()));
+        assert_eq!(d.principal.agent, ACME_AGENT);
+    }
+    // Each reply names its own entry, and the entries are the last ones written.
+    let seqs: Vec<u64> = refusals.iter().map(|(s, _)| *s).collect();
+    let len = h.store.len() as u64;
+    assert_eq!(seqs, (len - 4..len).collect::<Vec<_>>());
+
+    // A refused admin request and a refused attestation are logged too.
+    let mallory = Admin::new(9);
+    let forged = h.signed(
+        &mallory,
+        AdminAction::RevokeServer {
+            id: "search".into(),
+        },
+    );
+    let (accepted, seq, _) = h.admin_bytes(forged);
+    assert!(!accepted);
+    assert!(!admin_event(&h, seq).1);
+    let nonce = h.challenge("search");
+    let (verified, seq, _, _) =
+        expect_attest(&h.evidence("search", &nonce, b"not a document".to_vec()));
+    assert!(!verified);
+    assert!(attestation_event(&h, seq).reason.is_some());
+
+    // Everything logged replays to the same decisions.
+    let store = h.store.clone();
+    Harness::boot(h.nsm.clone(), store, &[], h.now)
+        .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
+}
+
+#[test]
+fn unauthenticated_requests_are_not_logged() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    assert!(expect_attest(&h.attest(&server)).0);
+
+    let now = h.now;
+    let mut impostor = Idp::new(41, &idp.issuer);
+    impostor.kid = idp.kid.clone();
+    let unknown_issuer = Idp::new(42, "https://idp.evil.example");
+    let mut expired = idp.claims(ACME_AGENT, "acme", &["tool-user"], now);
+    expired["exp"] = serde_json::json!(now.as_secs() - 120);
+    let mut wrong_aud = idp.claims(ACME_AGENT, "acme", &["tool-user"], now);
+    wrong_aud["aud"] = serde_json::json!("someone-else");
+    let mut no_tenant = idp.claims(ACME_AGENT, "acme", &["tool-user"], now);
+    no_tenant.as_object_mut().unwrap().remove("tenant");
+    let good = idp.token(ACME_AGENT, "acme", &["tool-user"], now);
+    let parts: Vec<&str> = good.split('.').collect();
+    let b64 = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
+    // `alg: none`, no signature.
+    let unsigned_none = format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), parts[1]);
+    // A genuine signature over claims naming another tenant.
+    let other_tenant = idp.claims(ACME_AGENT, "globex", &["tool-user"], now);
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64(&serde_json::to_vec(&other_tenant).unwrap()),
+        parts[2]
+    );
+
+    let bad_bearers = [
+        "".to_string(),
+        "not a token".to_string(),
+        impostor.token(ACME_AGENT, "acme", &["tool-user"], now),
+        unknown_issuer.token(ACME_AGENT, "acme", &["tool-user"], now),
+        idp.sign_claims(&expired),
+        idp.sign_claims(&wrong_aud),
+        idp.sign_claims(&no_tenant),
+        unsigned_none,
+        tampered,
+        "x".repeat(9_000),
+    ];
+    let len = h.store.len();
+    let head = h.status();
+    for bearer in &bad_bearers {
+        for request in [
+            Request::Resolve {
+                bearer: bearer.clone(),
+                server_id: "search".into(),
+            },
+            Request::Discover {
+                bearer: bearer.clone(),
+            },
+            Request::Authorize {
+                bearer: bearer.clone(),
+                server_id: "search".into(),
+                tool: "search".into(),
+            },
+        ] {
+            let message = expect_error(h.send(request), ErrorCode::Unauthenticated);
+            if bearer.len() > 8 {
+                assert!(!message.contains(bearer.as_str()), "the token leaks");
+            }
+        }
+    }
+    assert_eq!(h.store.len(), len, "nothing was logged");
+    assert_eq!(h.status(), head);
+
+    // The good token works, and is logged as the identity only.
+    expect_handle(h.resolve(&good, "search"));
+    assert_eq!(h.store.len(), len + 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The log: durability, boot, restart
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn final_reply_waits_for_durability() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let mut h = Harness::new(&[&admin]);
+
+    let first = h.signed(&admin, server.register());
+    let second = h.signed(
+        &admin,
+        AdminAction::SetPolicy {
+            text: STARTER_POLICY.into(),
+        },
+    );
+    let (id1, r1) = h.send_raw(Request::Admin {
+        request: ByteBuf::from(first),
+    });
+    let (id2, r2) = h.send_raw(Request::Admin {
+        request: ByteBuf::from(second),
+    });
+    let seq_of = |replies: &Replies, id: u64| match replies.as_slice() {
+        [(rid, Response::Persist { first_seq, entries })] if *rid == id => {
+            assert_eq!(entries.len(), 1);
+            (*first_seq, entries[0].to_vec())
+        }
+        other => panic!("expected only a Persist, got {other:?}"),
+    };
+    let (s1, e1) = seq_of(&r1, id1);
+    let (s2, e2) = seq_of(&r2, id2);
+    assert_eq!(s2, s1 + 1);
+    assert_eq!(decode(&e2).prev, EntryHash::of(&e1));
+
+    // Nothing is final yet; a checkpoint would cover undurable entries.
+    let message = expect_error(h.send(Request::Checkpoint), ErrorCode::NotReady);
+    assert!(message.contains("durab"));
+    match h.status() {
+        Response::Status { held_replies, .. } => assert_eq!(held_replies, 2),
+        other => panic!("{other:?}"),
+    }
+
+    // Durable through the first releases the first only.
+    h.store.extend([e1, e2]);
+    let (did, released) = h.send_raw(Request::Durable { through_seq: s1 });
+    assert_eq!(
+        released,
+        vec![
+            (
+                id1,
+                Response::AdminResult {
+                    accepted: true,
+                    seq: s1,
+                    reason: None
+                }
+            ),
+            (did, Response::Ack)
+        ]
+    );
+    let (did, released) = h.send_raw(Request::Durable { through_seq: s2 });
+    assert_eq!(
+        released,
+        vec![
+            (
+                id2,
+                Response::AdminResult {
+                    accepted: true,
+                    seq: s2,
+                    reason: None
+                }
+            ),
+            (did, Response::Ack)
+        ]
+    );
+    // Beyond the head is refused.
+    expect_error(
+        h.send(Request::Durable {
+            through_seq: s2 + 1,
+        }),
+        ErrorCode::BadRequest,
+    );
+
+    // Now a checkpoint covers the whole log, signed by the epoch key.
+    let Response::Checkpoint { note } = h.send(Request::Checkpoint) else {
+        panic!("expected a checkpoint");
+    };
+    let (_, jwks) = h.own_attestation(None);
+    let key = jwks.get(jwks.kids().next().unwrap()).unwrap();
+    let cp = verify_checkpoint(&note, ORIGIN, key).unwrap();
+    assert_eq!(cp.size(), h.store.len() as u64);
+    let verified = verify_log(&h.store, log_policy(&h.nsm), h.now).unwrap();
+    assert_eq!(*cp.root(), verified.root());
+}
+
+#[test]
+fn requests_out_of_sequence_are_refused() {
+    let admin = Admin::new(1);
+    let nsm = enclave_nsm();
+    let mut e = Enclave::new(nsm.clone(), config(&nsm));
+    let now = at(0);
+    let one = |e: &mut Enclave, r: Request| {
+        let mut replies = e.handle(5, r, now);
+        assert_eq!(replies.len(), 1);
+        replies.remove(0).1
+    };
+
+    assert_eq!(
+        one(
+            &mut e,
+            Request::Hello {
+                version: PROTOCOL_VERSION
+            }
+        ),
+        Response::Hello {
+            version: PROTOCOL_VERSION,
+            ready: false,
+            epoch: None,
+            head_seq: None
+        }
+    );
+    expect_error(
+        one(
+            &mut e,
+            Request::Hello {
+                version: PROTOCOL_VERSION + 1,
+            },
+        ),
+        ErrorCode::UnsupportedVersion,
+    );
+    expect_error(
+        one(
+            &mut e,
+            Request::Resolve {
+                bearer: "t".into(),
+                server_id: "s".into(),
+            },
+        ),
+        ErrorCode::NotReady,
+    );
+    expect_error(one(&mut e, Request::Checkpoint), ErrorCode::NotReady);
+    expect_error(
+        one(&mut e, Request::Durable { through_seq: 0 }),
+        ErrorCode::BadRequest,
+    );
+    expect_error(
+        one(&mut e, Request::ReplayEntries { entries: vec![] }),
+        ErrorCode::Conflict,
+    );
+    expect_error(one(&mut e, Request::ReplayEnd), ErrorCode::Conflict);
+    expect_error(
+        one(
+            &mut e,
+            Request::ReplayBegin {
+                genesis_admin_keys: vec![ByteBuf::from(vec![1; 31])],
+                total_entries: 0,
+            },
+        ),
+        ErrorCode::BadRequest,
+    );
+
+    // An empty log without genesis keys cannot start; the host may try again with keys.
+    assert_eq!(
+        one(
+            &mut e,
+            Request::ReplayBegin {
+                genesis_admin_keys: vec![],
+                total_entries: 0,
+            }
+        ),
+        Response::Ack
+    );
+    expect_error(
+        one(
+            &mut e,
+            Request::ReplayBegin {
+                genesis_admin_keys: vec![],
+                total_entries: 0,
+            },
+        ),
+        ErrorCode::Conflict,
+    );
+    let message = expect_error(one(&mut e, Request::ReplayEnd), ErrorCode::BadRequest);
+    assert!(message.contains("genesis"));
+    assert!(!e.is_ready());
+
+    let mut h = Harness::boot(nsm, Vec::new(), &[admin.public()], now)
+        .unwrap_or_else(|(r, _)| panic!("boot failed: {r:?}"));
+    // The new epoch opens with the genesis epoch start and the genesis key set.
+    assert_eq!(h.store.len(), 2);
+    assert!(matches!(h.entry(0).event, Event::EpochStart { .. }));
+    assert_eq!(
+        h.entry(1).event,
+        Event::Genesis {
+            admin_keys: vec![admin.public()]
+        }
+    );
+    assert_eq!(
+        h.hello(),
+        Response::Hello {
+            version: PROTOCOL_VERSION,
+            ready: true,
+            epoch: Some(0),
+            head_seq: Some(1)
+        }
+    );
+    expect_error(
+        h.send(Request::ReplayBegin {
+            genesis_admin_keys: vec![],
+            total_entries: 0,
+        }),
+        ErrorCode::Conflict,
+    );
+    expect_error(
+        h.send(Request::AttestChallenge {
+            server_id: "nobody".into(),
+        }),
+        ErrorCode::NotFound,
+    );
+    expect_error(
+        h.send(Request::GetAttestation {
+            nonce: Some(ByteBuf::from(vec![0; 2_000])),
+        }),
+        ErrorCode::BadRequest,
+    );
+    // Bytes that are not an admin request at all are refused without an entry.
+    let len = h.store.len();
+    expect_error(
+        h.send(Request::Admin {
+            request: ByteBuf::from(b"definitely not cose".to_vec()),
+        }),
+        ErrorCode::BadRequest,
+    );
+    assert_eq!(h.store.len(), len);
+}
+
+/// A stored log of a short session: genesis, registrations, policy, identity provider,
+/// attestation, handle, call, discovery, a refused admin request.
+fn session() -> (Harness, Admin, Idp, McpServer) {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let other = McpServer::new("gamma", "globex", 2);
+    let idp = idp();
+    let mut h = started(&admin, &[&server, &other], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    h.advance(1_000);
+    assert!(expect_attest(&h.attest(&server)).0);
+    h.advance(1_000);
+    expect_handle(h.resolve(&bearer, "search"));
+    assert!(expect_authorized(&h.authorize(&bearer, "search", "search")).0);
+    expect_denied(&h.resolve(&bearer, "gamma"));
+    expect_servers(h.discover(&bearer));
+    let mallory = Admin::new(9);
+    let forged = h.signed(
+        &mallory,
+        AdminAction::RevokeServer {
+            id: "search".into(),
+        },
+    );
+    assert!(!h.admin_bytes(forged).0);
+    h.advance(1_000);
+    (h, admin, idp, server)
+}
+
+#[test]
+fn refuses_to_serve_on_broken_chain_at_boot() {
+    let (h, admin, idp, _) = session();
+    let good = h.store.clone();
+    let n = good.len();
+    assert!(n > 10);
+    let k = 8;
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+
+    let mut flipped_signature = good.clone();
+    *flipped_signature[k].last_mut().unwrap() ^= 0x01;
+    let mut flipped_payload = good.clone();
+    let middle = flipped_payload[k].len() / 2;
+    flipped_payload[k][middle] ^= 0x01;
+    let mut dropped = good.clone();
+    dropped.remove(k);
+    let mut swapped = good.clone();
+    swapped.swap(k, k + 1);
+
+    for (name, log) in [
+        ("flipped signature byte", flipped_signature),
+        ("flipped payload byte", flipped_payload),
+        ("dropped entry", dropped),
+        ("swapped entries", swapped),
+    ] {
+        let Err((reply, mut broken)) = Harness::boot(h.nsm.clone(), log, &[admin.public()], h.now)
+        else {
+            panic!("{name}: the enclave booted on a broken log");
+        };
+        match &reply {
+            Response::BrokenLog { seq, message } => {
+                assert_eq!(*seq, Some(k as u64), "{name}: {message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{name}: expected BrokenLog, got {other:?}"),
+        }
+        assert!(!broken.enclave.is_ready());
+        // Every later request gets the same answer, and nothing new is written.
+        let before = broken.store.len();
+        for request in [
+            Request::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            Request::Status,
+            Request::ReplayEnd,
+            Request::Resolve {
+                bearer: bearer.clone(),
+                server_id: "search".into(),
+            },
+            Request::GetAttestation { nonce: None },
+            Request::Checkpoint,
+        ] {
+            assert_eq!(broken.send(request), reply, "{name}");
+        }
+        assert_eq!(broken.store.len(), before);
+    }
+
+    // A host that announces more entries than it sends.
+    let mut e = Enclave::new(h.nsm.clone(), config(&h.nsm));
+    let now = h.now;
+    let mut send = |r: Request| {
+        let mut replies = e.handle(3, r, now);
+        assert_eq!(replies.len(), 1);
+        replies.remove(0).1
+    };
+    assert_eq!(
+        send(Request::ReplayBegin {
+            genesis_admin_keys: vec![],
+            total_entries: n as u64 + 1,
+        }),
+        Response::Ack
+    );
+    assert_eq!(
+        send(Request::ReplayEntries {
+            entries: good.iter().map(|e| ByteBuf::from(e.clone())).collect(),
+        }),
+        Response::Ack
+    );
+    match send(Request::ReplayEnd) {
+        Response::BrokenLog { seq, .. } => assert_eq!(seq, Some(n as u64)),
+        other => panic!("expected BrokenLog, got {other:?}"),
+    }
+
+    // The untouched log boots.
+    Harness::boot(h.nsm.clone(), good, &[admin.public()], h.now)
+        .unwrap_or_else(|(r, _)| panic!("the good log did not boot: {r:?}"));
+}
+
+#[test]
+fn restart_replays_to_the_same_state_and_opens_a_linked_epoch() {
+    let (mut h, admin, idp, server) = session();
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let (old_token, _, _) = expect_handle(h.resolve(&bearer, "search"));
+    let (_, old_jwks) = h.own_attestation(None);
+    let old_store = h.store.clone();
+    let old_snapshot = h.enclave.state().snapshot();
+    let old_last = decode(old_store.last().unwrap());
+    assert_eq!(old_snapshot.applied, old_store.len() as u64);
+
+    // A new enclave over the same NSM (same image), a second later.
+    h.advance(1_000);
+    let mut r = Harness::boot(h.nsm.clone(), old_store.clone(), &[admin.public()], h.now)
+        .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
+
+    // The same state; one more entry applied (the new epoch's start).
+    let new_snapshot = r.enclave.state().snapshot();
+    assert_eq!(new_snapshot.applied, old_snapshot.applied + 1);
+    assert_eq!(sans_applied(new_snapshot), sans_applied(old_snapshot));
+
+    // The new epoch starts right after the old head and links to it.
+    assert_eq!(r.store.len(), old_store.len() + 1);
+    assert_eq!(&r.store[..old_store.len()], &old_store[..]);
+    let start_seq = old_store.len() as u64;
+    let start = r.entry(start_seq);
+    assert_eq!(start.seq, start_seq);
+    assert_eq!(start.prev, EntryHash::of(old_store.last().unwrap()));
+    assert_eq!(start.epoch, old_last.epoch + 1);
+    let Event::EpochStart { attestation } = &start.event else {
+        panic!("expected an epoch start, got {:?}", start.event);
+    };
+    let document = parse_attestation(attestation).unwrap();
+    assert_eq!(
+        EpochBinding::decode(document.user_data().unwrap()).unwrap(),
+        EpochBinding {
+            epoch: start.epoch,
+            seq: start_seq,
+            prev: start.prev,
+        }
+    );
+    assert_eq!(
+        r.hello(),
+        Response::Hello {
+            version: PROTOCOL_VERSION,
+            ready: true,
+            epoch: Some(1),
+            head_seq: Some(start_seq),
+        }
+    );
+
+    // An auditor accepts the two-epoch log…
+    let policy = log_policy(&r.nsm);
+    let verified = verify_log(&r.store, policy.clone(), r.now).unwrap();
+    assert_eq!(verified.epochs().len(), 2);
+    assert_eq!(verified.size(), r.store.len() as u64);
+    // …and names the cut when the first epoch's last entry is removed.
+    let mut cut = r.store.clone();
+    cut.remove(old_store.len() - 1);
+    let err = verify_log(&cut, policy.clone(), r.now).unwrap_err();
+    assert_eq!(err.seq(), Some(start_seq - 1), "{err}");
+    assert!(matches!(err, LogError::SequenceMismatch { .. }), "{err}");
+
+    // The server's attestation survived the restart: a handle is issued without re-attesting,
+    // signed by the new epoch's key.
+    let (new_token, seq, _) = expect_handle(r.resolve(&bearer, "search"));
+    let (_, new_jwks) = r.own_attestation(None);
+    let old_kid = old_jwks.kids().next().unwrap().to_string();
+    let new_kid = new_jwks.kids().next().unwrap().to_string();
+    assert_ne!(old_kid, new_kid);
+    let expect = HandleExpectations {
+        issuer: Some(ISSUER.into()),
+        audience: Some(server.spec.resource.clone()),
+        leeway_secs: 0,
+    };
+    let handle = verify_handle(&new_token, &new_jwks, &expect, r.now).unwrap();
+    assert_eq!(handle.kid(), new_kid);
+    assert_eq!(handle.claims().seq, seq);
+    assert_eq!(
+        SignedEntry::decode(&r.store[seq as usize])
+            .unwrap()
+            .kid()
+            .to_hex(),
+        new_kid
+    );
+    // The previous epoch's key is not passed off as current.
+    assert!(matches!(
+        verify_handle(&old_token, &new_jwks, &expect, r.now),
+        Err(HandleError::UnknownKid { .. })
+    ));
+    assert!(verify_handle(&new_token, &old_jwks, &expect, r.now).is_err());
+
+    // The whole log still verifies, and a third boot replays both epochs.
+    verify_log(&r.store, policy, r.now).unwrap();
+    let snapshot = r.enclave.state().snapshot();
+    r.advance(1_000);
+    let third = Harness::boot(r.nsm.clone(), r.store.clone(), &[], r.now)
+        .unwrap_or_else(|(r, _)| panic!("second restart failed: {r:?}"));
+    assert_eq!(
+        sans_applied(third.enclave.state().snapshot()),
+        sans_applied(snapshot)
+    );
+    assert_eq!(
+        third.store.len() as u64 - 1,
+        verify_log(&third.store, log_policy(&third.nsm), third.now)
+            .unwrap()
+            .epochs()
+            .last()
+            .unwrap()
+            .start_seq
+    );
+}
+
+#[test]
+fn clock_stepping_back_does_not_break_the_log() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    h.advance(10_000);
+    assert!(expect_attest(&h.attest(&server)).0);
+    h.advance(5_000);
+    expect_handle(h.resolve(&bearer, "search"));
+
+    // Two requests whose clock readings arrive out of order (or a clock that steps back).
+    let later = h.now;
+    h.now = UnixMillis::from_millis(later.as_millis() - 3_000);
+    expect_handle(h.resolve(&bearer, "search"));
+    assert!(expect_authorized(&h.authorize(&bearer, "search", "search")).0);
+    let signed = h.signed(
+        &admin,
+        AdminAction::SetPolicy {
+            text: STARTER_POLICY.into(),
+        },
+    );
+    assert!(h.admin_bytes(signed).0);
+    expect_servers(h.discover(&bearer));
+    assert!(expect_attest(&h.attest(&server)).0);
+    h.now = later;
+    expect_handle(h.resolve(&bearer, "search"));
+
+    // Entry times never go back, and the log replays.
+    let times: Vec<u64> = h.store.iter().map(|e| decode(e).time.as_millis()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]));
+    verify_log(&h.store, log_policy(&h.nsm), h.now).unwrap();
+    h.advance(1_000);
+    Harness::boot(h.nsm.clone(), h.store.clone(), &[], h.now)
+        .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
+}
