@@ -651,10 +651,11 @@ impl BuiltRequest {
                       attrs: Vec<(&str, RestrictedExpression)>,
                       parent: &EntityUid|
          -> Result<Entity, String> {
-            Entity::new(
+            Entity::new_with_tags(
                 uid.clone(),
-                attrs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
-                HashSet::from([parent.clone()]),
+                attrs.into_iter().map(|(k, v)| (k.to_owned(), v)),
+                [parent.clone()],
+                [],
             )
             .map_err(|e| format!("building entity {uid}: {e}"))
         };
