@@ -1511,3 +1511,59 @@ fn clock_stepping_back_does_not_break_the_log() {
     Harness::boot(h.nsm.clone(), h.store.clone(), &[], h.now)
         .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
 }
+
+#[test]
+fn updates_and_revocations_take_effect() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    assert!(expect_attest(&h.attest(&server)).0);
+    expect_handle(h.resolve(&bearer, "search"));
+
+    // A new registration must be attested again; its tools are what handles then carry.
+    let mut spec = server.spec.clone();
+    spec.tools.remove("write");
+    h.admin_ok(&admin, AdminAction::UpdateServer(spec));
+    let (_, reason, _) = expect_denied(&h.resolve(&bearer, "search"));
+    assert_eq!(reason, "server has no verified attestation");
+    assert!(expect_attest(&h.attest(&server)).0);
+    let (token, _, _) = expect_handle(h.resolve(&bearer, "search"));
+    let (_, jwks) = h.own_attestation(None);
+    let handle = verify_handle(&token, &jwks, &HandleExpectations::default(), h.now).unwrap();
+    assert_eq!(handle.claims().tools, vec!["search"]);
+    let (seq, _, code) = expect_denied(&h.authorize(&bearer, "search", "write"));
+    assert_eq!(code, ErrorCode::NotFound);
+    assert!(!decision(&h, seq).allowed);
+
+    // A revoked server gets no handle and no challenge.
+    h.admin_ok(
+        &admin,
+        AdminAction::RevokeServer {
+            id: "search".into(),
+        },
+    );
+    let (seq, reason, code) = expect_denied(&h.resolve(&bearer, "search"));
+    assert_eq!(code, ErrorCode::NotFound);
+    assert_eq!(reason, "unknown server");
+    assert!(decision(&h, seq).handle.is_none());
+    expect_error(
+        h.send(Request::AttestChallenge {
+            server_id: "search".into(),
+        }),
+        ErrorCode::NotFound,
+    );
+
+    // A removed identity provider's tokens no longer authenticate anyone.
+    h.admin_ok(
+        &admin,
+        AdminAction::RemoveIdentityProvider {
+            issuer: idp.issuer.clone(),
+        },
+    );
+    let len = h.store.len();
+    expect_error(h.discover(&bearer), ErrorCode::Unauthenticated);
+    assert_eq!(h.store.len(), len);
+    assert!(h.enclave.state().identity_provider(&idp.issuer).is_none());
+}
