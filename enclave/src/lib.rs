@@ -33,5 +33,6 @@
 pub mod epoch;
 pub mod identity;
 pub mod nsm;
+pub mod server;
 pub mod service;
 pub mod writer;

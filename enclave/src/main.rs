@@ -1,0 +1,349 @@
+//! `attestplane-enclave`: the program that runs inside the Nitro Enclave.
+//!
+//! It opens the NSM (the real `/dev/nsm`, or the mock for local development), builds the
+//! [`Enclave`] from its configuration and serves the host on one address until SIGINT or SIGTERM,
+//! then shuts down gracefully. It prints the bound address on stdout (one line, so a script or a
+//! test that listens on port 0 can read it) and its log lines on stderr.
+//!
+//! Trust: its arguments come from whoever starts the enclave image, which in production is fixed
+//! at image build time and measured; nothing in them can weaken what the enclave checks except
+//! `--allow-debug` and the trust roots, which belong to the measured command line for exactly
+//! that reason. `--nsm mock` is for development only and says so loudly: a mock's documents are
+//! signed by a root anyone can generate from the seed.
+//!
+//! Not here: request handling ([`attestplane_enclave::service`]) and the connection logic
+//! ([`attestplane_enclave::server`]). Log lines carry no secrets and no request bodies.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, bail};
+use attestplane_enclave::nsm::{Clock, MockNsm, Nsm, PCR_LEN, RealNsm};
+use attestplane_enclave::server::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, ServerLimits, run,
+};
+use attestplane_enclave::service::{Enclave, EnclaveConfig};
+use attestplane_proto::{Address, Listener};
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::attestation::TrustAnchor;
+use clap::{Parser, ValueEnum};
+
+/// The mock's seed when none is given: public, fixed, for development only.
+const DEV_SEED: [u8; 32] = *b"attestplane-enclave dev seed 001";
+
+/// The largest `--mock-pcrs` file read.
+const MAX_PCR_FILE_LEN: u64 = 64 * 1024;
+
+/// PCRs a `--mock-pcrs` file may set: those the hypervisor measures and locks at boot.
+const MAX_MOCK_PCR_INDEX: u16 = 15;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum NsmKind {
+    /// The enclave's own `/dev/nsm`.
+    Real,
+    /// A software NSM with a seeded root: NOT an attested enclave (development and tests).
+    Mock,
+}
+
+/// The Attestplane control plane inside a Nitro Enclave.
+#[derive(Debug, Parser)]
+#[command(name = "attestplane-enclave", version)]
+struct Cli {
+    /// Where to listen: vsock:CID:PORT, unix:PATH or tcp:IP:PORT. The bound address is printed
+    /// on stdout.
+    #[arg(long, value_name = "ADDR", default_value = "vsock:any:5005")]
+    listen: Address,
+    /// Which NSM to use (no default: nobody runs the mock by accident).
+    #[arg(long, value_enum)]
+    nsm: NsmKind,
+    /// The mock's 32-byte seed, hex (default: a fixed, public development seed).
+    #[arg(long, value_name = "HEX")]
+    mock_seed: Option<String>,
+    /// JSON file of the measurements the mock reports: {"PCR0": hex, "PCR1": hex, "PCR2": hex}
+    /// (keys may also be plain indices, "0" … "15").
+    #[arg(long, value_name = "FILE")]
+    mock_pcrs: Option<PathBuf>,
+    /// Make the mock behave like an enclave started in debug mode (PCRs 0, 1, 2 and 8 zero).
+    #[arg(long)]
+    mock_debug: bool,
+    /// The log's origin (the checkpoint key name).
+    #[arg(long, default_value = "attestplane/log")]
+    origin: String,
+    /// The `iss` of the handles it issues.
+    #[arg(long, default_value = "attestplane")]
+    issuer: String,
+    /// PEM root that MCP servers' attestation documents must chain to (default: AWS Nitro root
+    /// G1).
+    #[arg(long, value_name = "PEM")]
+    server_root: Option<PathBuf>,
+    /// PEM root of its own epochs' documents (default: AWS's with --nsm real, the mock's own
+    /// root with --nsm mock).
+    #[arg(long, value_name = "PEM")]
+    self_root: Option<PathBuf>,
+    /// Accept its own earlier epochs from a debug-mode enclave when replaying.
+    #[arg(long)]
+    allow_debug: bool,
+    /// Connections served at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION)]
+    max_in_flight: usize,
+    /// Write the mock NSM's root certificate (PEM) to PATH, so the host and tests can pin it,
+    /// then continue.
+    #[arg(long, value_name = "PATH")]
+    print_mock_root: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let (nsm, mock_root) = open_nsm(&cli)?;
+    if let Some(path) = &cli.print_mock_root {
+        let pem = mock_root
+            .as_ref()
+            .context("--print-mock-root needs --nsm mock")?;
+        std::fs::write(path, pem)
+            .with_context(|| format!("cannot write the mock root to {}", path.display()))?;
+        eprintln!(
+            "attestplane-enclave: mock root written to {}",
+            path.display()
+        );
+    }
+    for i in 0u16..3 {
+        let pcr = nsm
+            .describe_pcr(i)
+            .with_context(|| format!("cannot read PCR{i}"))?;
+        eprintln!("attestplane-enclave: PCR{i} {}", hex::encode(&pcr.value));
+    }
+
+    let server_anchor = match &cli.server_root {
+        Some(path) => anchor_from_file(path)?,
+        None => TrustAnchor::aws_nitro_root_g1(),
+    };
+    let self_anchor = match (&cli.self_root, &mock_root) {
+        (Some(path), _) => anchor_from_file(path)?,
+        (None, Some(pem)) => {
+            TrustAnchor::from_pem(pem.as_bytes()).context("cannot pin the mock's own root")?
+        }
+        (None, None) => TrustAnchor::aws_nitro_root_g1(),
+    };
+    let config = EnclaveConfig {
+        origin: cli.origin.clone(),
+        issuer: cli.issuer.clone(),
+        self_anchor,
+        server_anchor,
+        allow_debug: cli.allow_debug,
+    };
+    let enclave = Enclave::new(nsm, config);
+
+    let socket_path = match &cli.listen {
+        Address::Unix(path) => {
+            remove_stale_socket(path)?;
+            Some(path.clone())
+        }
+        _ => None,
+    };
+    let listener = Listener::bind(&cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let bound = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    println!("{bound}");
+    eprintln!("attestplane-enclave: listening on {bound}");
+
+    let limits = ServerLimits {
+        max_connections: cli.max_connections,
+        max_in_flight_per_connection: cli.max_in_flight,
+        ..ServerLimits::default()
+    };
+    let clock = || UnixMillis::from_system_time(SystemTime::now());
+    let result = run(listener, enclave, clock, limits, shutdown_signal()).await;
+    if let Some(path) = socket_path {
+        let _ = std::fs::remove_file(path);
+    }
+    result.context("the server failed")?;
+    eprintln!("attestplane-enclave: stopped");
+    Ok(())
+}
+
+/// Opens the NSM; for the mock, also its root PEM.
+fn open_nsm(cli: &Cli) -> Result<(Arc<dyn Nsm>, Option<String>)> {
+    match cli.nsm {
+        NsmKind::Real => {
+            if cli.mock_seed.is_some() || cli.mock_pcrs.is_some() || cli.mock_debug {
+                bail!("--mock-seed, --mock-pcrs and --mock-debug need --nsm mock");
+            }
+            let nsm = RealNsm::open().context("cannot open the NSM")?;
+            Ok((Arc::new(nsm), None))
+        }
+        NsmKind::Mock => {
+            eprintln!(
+                "attestplane-enclave: WARNING: --nsm mock: this is NOT an attested enclave. Its \
+                 attestation documents are signed by a root anyone can derive from the seed; \
+                 nothing it signs proves anything. Use it for development and tests only."
+            );
+            let seed = match &cli.mock_seed {
+                Some(hex) => parse_seed(hex)?,
+                None => DEV_SEED,
+            };
+            let mut builder = MockNsm::builder(seed, Clock::System).debug_mode(cli.mock_debug);
+            if let Some(path) = &cli.mock_pcrs {
+                for (index, value) in read_pcr_file(path)? {
+                    builder = builder.boot_pcr(index, value);
+                }
+            }
+            let mock = builder.build();
+            let root = mock.root_pem().context("cannot build the mock's root")?;
+            Ok((Arc::new(mock), Some(root)))
+        }
+    }
+}
+
+fn parse_seed(text: &str) -> Result<[u8; 32]> {
+    let bytes = hex::decode(text.trim()).context("--mock-seed is not hex")?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| anyhow::anyhow!("--mock-seed must be 32 bytes, found {}", bytes.len()))
+}
+
+/// Reads `{"PCR0": hex, …}` or `{"0": hex, …}`.
+fn read_pcr_file(path: &Path) -> Result<BTreeMap<u16, [u8; PCR_LEN]>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if len > MAX_PCR_FILE_LEN {
+        bail!(
+            "{} is {len} bytes; a PCR file is at most {MAX_PCR_FILE_LEN}",
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_pcrs(&text).with_context(|| format!("bad PCR file {}", path.display()))
+}
+
+fn parse_pcrs(text: &str) -> Result<BTreeMap<u16, [u8; PCR_LEN]>> {
+    let map: BTreeMap<String, String> =
+        serde_json::from_str(text).context("expected a JSON object of hex strings")?;
+    let mut out = BTreeMap::new();
+    for (key, value) in map {
+        let digits = key
+            .strip_prefix("PCR")
+            .or_else(|| key.strip_prefix("pcr"))
+            .unwrap_or(&key);
+        let index: u16 = digits
+            .parse()
+            .ok()
+            .filter(|i| *i <= MAX_MOCK_PCR_INDEX && digits.bytes().all(|b| b.is_ascii_digit()))
+            .with_context(|| format!("key {key:?} is not PCR0 … PCR{MAX_MOCK_PCR_INDEX}"))?;
+        let bytes = hex::decode(value.trim()).with_context(|| format!("{key} is not hex"))?;
+        let value = <[u8; PCR_LEN]>::try_from(bytes.as_slice())
+            .map_err(|_| anyhow::anyhow!("{key} must be {PCR_LEN} bytes, found {}", bytes.len()))?;
+        if out.insert(index, value).is_some() {
+            bail!("PCR{index} is given twice");
+        }
+    }
+    Ok(out)
+}
+
+fn anchor_from_file(path: &Path) -> Result<TrustAnchor> {
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    TrustAnchor::from_pem(&pem).with_context(|| format!("{} is not a root", path.display()))
+}
+
+/// Removes a socket file left by an earlier run; refuses to touch anything else.
+fn remove_stale_socket(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("{} is in use by a running server", path.display());
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            eprintln!(
+                "attestplane-enclave: removed stale socket {}",
+                path.display()
+            );
+            Ok(())
+        }
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            eprintln!("attestplane-enclave: cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                eprintln!("attestplane-enclave: cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    eprintln!("attestplane-enclave: shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pcr_file_accepts_named_and_numeric_keys() {
+        let a = "aa".repeat(PCR_LEN);
+        let b = "bb".repeat(PCR_LEN);
+        let map = parse_pcrs(&format!(r#"{{"PCR0": "{a}", "2": "{b}"}}"#)).unwrap();
+        assert_eq!(map.get(&0), Some(&[0xaa; PCR_LEN]));
+        assert_eq!(map.get(&2), Some(&[0xbb; PCR_LEN]));
+        assert_eq!(map.len(), 2);
+    }
+
+    #[test]
+    fn pcr_file_refuses_bad_keys_lengths_and_duplicates() {
+        let a = "aa".repeat(PCR_LEN);
+        for bad in [
+            format!(r#"{{"PCR16": "{a}"}}"#),
+            format!(r#"{{"PCRx": "{a}"}}"#),
+            format!(r#"{{"+1": "{a}"}}"#),
+            r#"{"PCR0": "aabb"}"#.to_owned(),
+            r#"{"PCR0": "zz"}"#.to_owned(),
+            format!(r#"{{"PCR1": "{a}", "1": "{a}"}}"#),
+            "[]".to_owned(),
+        ] {
+            assert!(parse_pcrs(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn seed_must_be_32_bytes_of_hex() {
+        assert_eq!(parse_seed(&hex::encode(DEV_SEED)).unwrap(), DEV_SEED);
+        assert!(parse_seed("00").is_err());
+        assert!(parse_seed("not hex").is_err());
+    }
+
+    #[test]
+    fn nsm_has_no_default() {
+        assert!(Cli::try_parse_from(["attestplane-enclave"]).is_err());
+        let cli = Cli::try_parse_from(["attestplane-enclave", "--nsm", "mock"]).unwrap();
+        assert_eq!(cli.nsm, NsmKind::Mock);
+        assert_eq!(cli.listen.to_string(), "vsock:any:5005");
+    }
+}

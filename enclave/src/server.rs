@@ -1,0 +1,741 @@
+//! The enclave's server: frames in from the host over vsock (or a Unix socket or loopback TCP),
+//! requests through the one [`Enclave`], replies back to the connection that asked.
+//!
+//! Role. [`run`] is the thin async shell around the sans-I/O [`Enclave`]: it accepts
+//! connections on a [`Listener`], decodes frames with the wire crate's bounded decoder, hands
+//! each request to a single handler that owns the enclave, and writes every reply on the
+//! connection that sent the request id it answers. The shape is mini-redis's: `run(listener,
+//! shutdown)`, a connection limit, graceful shutdown.
+//!
+//! Structure.
+//! - One *handler* owns the [`Enclave`] and calls [`Enclave::handle`] for one request at a time,
+//!   in arrival order, on a blocking thread (a replay batch verifies thousands of signatures; it
+//!   must not stall the async workers). It keeps the routing table: request id → connection.
+//!   One request may produce several replies under different ids — a `Durable` releases replies
+//!   held for earlier requests, possibly sent on other connections — so replies are routed by
+//!   id, never by "whoever asked last". An id is in flight from its request until its final
+//!   reply (any reply but [`Response::Persist`]); a second request under an id in flight is
+//!   answered `Conflict` and never reaches the enclave.
+//! - One task per connection reads frames and writes replies. Frame errors are answered on the
+//!   spot with [`ProtoError::reply`]; after an error that loses the stream's place
+//!   ([`ProtoError::is_fatal`]) the connection is closed, otherwise it continues. A response
+//!   frame sent by the host is answered `BadFrame`. Request id [`NO_REQUEST_ID`] is reserved and
+//!   answered `BadRequest`.
+//!
+//! Limits. At most [`ServerLimits::max_connections`] connections; one more is accepted, told
+//! `Overloaded` under [`NO_REQUEST_ID`], and closed. At most
+//! [`ServerLimits::max_in_flight_per_connection`] requests in flight per connection (counted from
+//! the request until its final reply has been written, so a host that does not read its replies
+//! stops being read); more are answered `Overloaded`. `Durable` is exempt: it is answered at
+//! once, and it is what releases held replies, so refusing it could deadlock. Frames are bounded
+//! by [`attestplane_proto::MAX_FRAME_LEN`] before any allocation; the handler's queue holds at
+//! most one request per allowed connection plus one being sent by each connection, so memory is
+//! bounded by about `2 × max_connections × MAX_FRAME_LEN`.
+//!
+//! Shutdown. When the `shutdown` future completes the listener is dropped (no new connections),
+//! every connection stops admitting new requests (answered `Overloaded`: the enclave is going
+//! away) but keeps reading `Durable` so that held replies can still be released, and closes as
+//! soon as it has nothing in flight. After [`ServerLimits::shutdown_grace`] the remaining
+//! connections are closed regardless.
+//!
+//! Lost replies. A `Persist` carries entries the enclave has already signed and applied; if the
+//! host never stores them, the log it keeps has a hole and the next boot's replay refuses it. So
+//! a `Persist` whose connection has gone (closed before the reply could be written) is sent on
+//! another live connection, under its original id, as a best effort; a host client should store
+//! a `Persist` even when it does not know its id. Other replies for a closed connection are
+//! dropped.
+//!
+//! Trust: the host is untrusted and is the only peer. Every frame is hostile input; nothing here
+//! panics on it, and the server logs (to stderr) only connection events and counts, never
+//! request or reply bodies. A host can always refuse service (it owns the socket); what the
+//! server guards is that one bad connection cannot stall, crash or corrupt the others.
+//!
+//! Not here: what the requests mean ([`crate::service`]), which NSM is used and where the
+//! enclave's clock comes from (the caller passes `clock`, read once per request), and retries or
+//! reconnection (the host's client).
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use attestplane_proto::{
+    Body, ErrorCode, Frame, FrameDecoder, Listener, NO_REQUEST_ID, ProtoError, Request, Response,
+    Stream, read_frame, write_frame,
+};
+use attestplane_verifier::UnixMillis;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::service::Enclave;
+
+/// Default for [`ServerLimits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+/// Default for [`ServerLimits::max_in_flight_per_connection`].
+pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
+
+/// Default for [`ServerLimits::shutdown_grace`].
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long the server tries to tell a connection over the limit that it is refused.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long closing a connection may wait for the socket's shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Consecutive `accept` failures after which [`run`] gives up.
+const MAX_ACCEPT_FAILURES: u32 = 8;
+
+/// The first pause after a failed `accept`; it doubles with each further failure.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// How many connections, requests and seconds the server allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections served at once; one more is told `Overloaded` and closed.
+    pub max_connections: usize,
+    /// Requests in flight on one connection (from the request until its final reply has been
+    /// written); more are answered `Overloaded`. `Durable` is exempt.
+    pub max_in_flight_per_connection: usize,
+    /// How long a graceful shutdown waits for in-flight requests before closing connections.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// Why [`run`] stopped other than by its shutdown signal.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The listener kept failing to accept connections.
+    #[error("accepting connections failed {failures} times in a row: {source}")]
+    Accept {
+        /// Consecutive failures.
+        failures: u32,
+        /// The last failure.
+        #[source]
+        source: io::Error,
+    },
+    /// The handler that owns the enclave stopped (it panicked): nothing more can be served.
+    #[error("the request handler stopped: {reason}")]
+    Handler {
+        /// `panicked` or `cancelled` (no panic message: it could carry state).
+        reason: &'static str,
+    },
+}
+
+/// Identifies a connection within one [`run`].
+type ConnId = u64;
+
+/// Work for the handler.
+enum Job {
+    /// A connection opened; its replies go to `replies`.
+    Open {
+        conn: ConnId,
+        replies: mpsc::UnboundedSender<Outgoing>,
+    },
+    /// A request read on `conn`.
+    Request {
+        conn: ConnId,
+        id: u64,
+        request: Request,
+    },
+    /// `conn` closed; `undelivered` are the `Persist` replies queued for it but never written.
+    Closed {
+        conn: ConnId,
+        undelivered: Vec<Frame>,
+    },
+}
+
+/// A reply on its way to a connection.
+struct Outgoing {
+    frame: Frame,
+    /// Whether it ends a request this connection counted as in flight.
+    done: bool,
+}
+
+fn is_persist(frame: &Frame) -> bool {
+    matches!(frame.body, Body::Response(Response::Persist { .. }))
+}
+
+/// Serves `enclave` on `listener` until `shutdown` completes, then shuts down gracefully (see
+/// the module documentation). `clock` is the enclave's clock, read once per request.
+///
+/// Errors: [`ServerError::Accept`] when the listener fails [`MAX_ACCEPT_FAILURES`] times in a
+/// row, [`ServerError::Handler`] when the request handler panicked. Connections are drained
+/// before either is returned.
+pub async fn run<C>(
+    listener: Listener,
+    enclave: Enclave,
+    clock: C,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError>
+where
+    C: Fn() -> UnixMillis + Send + Sync + 'static,
+{
+    let (jobs, queue) = mpsc::channel(limits.max_connections.max(1));
+    let handler = Handler {
+        enclave,
+        clock,
+        conns: BTreeMap::new(),
+        routes: HashMap::new(),
+    };
+    let mut handler_task = Some(tokio::task::spawn_blocking(move || handler.run(queue)));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let mut conns: JoinSet<()> = JoinSet::new();
+    let mut next_conn: ConnId = 0;
+    let mut failures: u32 = 0;
+    let mut outcome = Ok(());
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            joined = async {
+                match handler_task.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                handler_task = None;
+                outcome = Err(handler_failure(joined.err()));
+                break;
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => {
+                    failures = 0;
+                    while conns.try_join_next().is_some() {}
+                    if conns.len() >= limits.max_connections {
+                        eprintln!(
+                            "attestplane-enclave: connection refused: {} connections open (limit {})",
+                            conns.len(),
+                            limits.max_connections
+                        );
+                        refuse(stream).await;
+                        continue;
+                    }
+                    next_conn = next_conn.wrapping_add(1);
+                    let conn = next_conn;
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    if jobs.send(Job::Open { conn, replies: tx }).await.is_err() {
+                        // The handler is gone; the branch above reports why.
+                        continue;
+                    }
+                    let connection = Connection {
+                        conn,
+                        io: BufReader::new(stream),
+                        decoder: FrameDecoder::new(),
+                        in_flight: 0,
+                        limit: limits.max_in_flight_per_connection,
+                        jobs: jobs.clone(),
+                    };
+                    conns.spawn(connection.serve(rx, drain_rx.clone()));
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    eprintln!("attestplane-enclave: accept failed ({failures} in a row): {e}");
+                    if failures >= MAX_ACCEPT_FAILURES {
+                        outcome = Err(ServerError::Accept { failures, source: e });
+                        break;
+                    }
+                    let pause = ACCEPT_BACKOFF.saturating_mul(1u32 << failures.min(16));
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    drop(listener);
+    let _ = drain_tx.send(true);
+    let drained = tokio::time::timeout(limits.shutdown_grace, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        eprintln!(
+            "attestplane-enclave: {} connections still busy after {:?}; closing them",
+            conns.len(),
+            limits.shutdown_grace
+        );
+        conns.shutdown().await;
+    }
+    // With every connection gone and this last sender dropped, the handler's queue closes and
+    // it returns after the request it is handling, if any.
+    drop(jobs);
+    if let Some(task) = handler_task
+        && let Err(e) = task.await
+    {
+        outcome = outcome.and(Err(handler_failure(Some(e))));
+    }
+    outcome
+}
+
+fn handler_failure(e: Option<tokio::task::JoinError>) -> ServerError {
+    let reason = match e {
+        Some(e) if e.is_panic() => "panicked",
+        Some(_) => "cancelled",
+        None => "returned early",
+    };
+    eprintln!("attestplane-enclave: the request handler stopped: {reason}");
+    ServerError::Handler { reason }
+}
+
+/// Tells a connection over the limit that it is refused, then closes it.
+async fn refuse(mut stream: Stream) {
+    let frame = Frame::response(
+        NO_REQUEST_ID,
+        Response::error(ErrorCode::Overloaded, "too many connections; retry later"),
+    );
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+        let _ = write_frame(&mut stream, &frame).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Owns the enclave and the routing table; runs on a blocking thread.
+struct Handler<C> {
+    enclave: Enclave,
+    clock: C,
+    /// Open connections and where their replies go (ordered, so rerouting is deterministic).
+    conns: BTreeMap<ConnId, mpsc::UnboundedSender<Outgoing>>,
+    /// Request ids in flight and the connection each came from.
+    routes: HashMap<u64, ConnId>,
+}
+
+impl<C: Fn() -> UnixMillis> Handler<C> {
+    fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+        while let Some(job) = queue.blocking_recv() {
+            self.job(job);
+        }
+    }
+
+    fn job(&mut self, job: Job) {
+        match job {
+            Job::Open { conn, replies } => {
+                self.conns.insert(conn, replies);
+            }
+            Job::Request { conn, id, request } => self.request(conn, id, request),
+            Job::Closed { conn, undelivered } => {
+                self.conns.remove(&conn);
+                self.routes.retain(|_, c| *c != conn);
+                for frame in undelivered {
+                    self.reroute(frame);
+                }
+            }
+        }
+    }
+
+    fn request(&mut self, conn: ConnId, id: u64, request: Request) {
+        if self.routes.contains_key(&id) {
+            let reply = Response::error(ErrorCode::Conflict, "request id already in flight");
+            self.send(conn, Frame::response(id, reply), true);
+            return;
+        }
+        self.routes.insert(id, conn);
+        let now = (self.clock)();
+        let replies = self.enclave.handle(id, request, now);
+        let mut answered = false;
+        for (reply_id, response) in replies {
+            answered |= reply_id == id;
+            self.route(reply_id, response);
+        }
+        if !answered {
+            // The enclave answers every request; should it not, the id must not stay in flight.
+            self.route(
+                id,
+                Response::error(ErrorCode::Internal, "the request produced no reply"),
+            );
+        }
+    }
+
+    /// Sends `response` to the connection that issued `id`; a final reply ends the id.
+    fn route(&mut self, id: u64, response: Response) {
+        let frame = Frame::response(id, response);
+        let done = !is_persist(&frame);
+        let conn = if done {
+            self.routes.remove(&id)
+        } else {
+            self.routes.get(&id).copied()
+        };
+        match conn {
+            Some(conn) => self.send(conn, frame, done),
+            None => self.reroute(frame),
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, frame: Frame, done: bool) {
+        let Some(tx) = self.conns.get(&conn) else {
+            self.reroute(frame);
+            return;
+        };
+        if let Err(mpsc::error::SendError(out)) = tx.send(Outgoing { frame, done }) {
+            self.reroute(out.frame);
+        }
+    }
+
+    /// A reply whose connection has gone: a `Persist` goes to another live connection (its
+    /// entries must reach the store); anything else is dropped.
+    fn reroute(&mut self, mut frame: Frame) {
+        if !is_persist(&frame) {
+            eprintln!(
+                "attestplane-enclave: reply to request {} dropped: its connection has closed",
+                frame.id
+            );
+            return;
+        }
+        for tx in self.conns.values() {
+            match tx.send(Outgoing { frame, done: false }) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(out)) => frame = out.frame,
+            }
+        }
+        eprintln!(
+            "attestplane-enclave: entries for request {} could not be handed to the host: no connection is open",
+            frame.id
+        );
+    }
+}
+
+/// Why a connection ends.
+enum Close {
+    /// The host closed it at a frame boundary.
+    Eof,
+    /// A frame error lost the stream's place.
+    Fatal(ProtoError),
+    /// Writing a reply failed.
+    WriteFailed(ProtoError),
+    /// Shutting down and nothing is in flight.
+    Drained,
+    /// The handler is gone.
+    HandlerGone,
+}
+
+/// One connection's task state.
+struct Connection {
+    conn: ConnId,
+    io: BufReader<Stream>,
+    decoder: FrameDecoder,
+    /// Requests sent to the handler whose final reply has not been written yet.
+    in_flight: usize,
+    limit: usize,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Connection {
+    async fn serve(
+        mut self,
+        mut replies: mpsc::UnboundedReceiver<Outgoing>,
+        mut drain: watch::Receiver<bool>,
+    ) {
+        let mut draining = *drain.borrow_and_update();
+        // Persist replies that never reached the host; the handler sends them elsewhere.
+        let mut undelivered = Vec::new();
+        let close = loop {
+            if draining && self.in_flight == 0 && replies.is_empty() {
+                break Close::Drained;
+            }
+            tokio::select! {
+                biased;
+                out = replies.recv() => match out {
+                    Some(out) => {
+                        if let Err(e) = self.write(&out.frame).await {
+                            if is_persist(&out.frame) {
+                                undelivered.push(out.frame);
+                            }
+                            break Close::WriteFailed(e);
+                        }
+                        if out.done {
+                            self.in_flight = self.in_flight.saturating_sub(1);
+                        }
+                    }
+                    None => break Close::HandlerGone,
+                },
+                changed = drain.changed(), if !draining => {
+                    draining = changed.is_err() || *drain.borrow_and_update();
+                }
+                read = read_frame(&mut self.io, &mut self.decoder) => match read {
+                    Ok(None) => break Close::Eof,
+                    Ok(Some(frame)) => match self.on_frame(frame, draining).await {
+                        Ok(()) => {}
+                        Err(close) => break close,
+                    },
+                    Err(e) => {
+                        if !matches!(e, ProtoError::Io(_))
+                            && let Err(w) = self.write(&e.reply()).await
+                        {
+                            break Close::WriteFailed(w);
+                        }
+                        if e.is_fatal() {
+                            break Close::Fatal(e);
+                        }
+                    }
+                },
+            }
+        };
+        match &close {
+            Close::Eof | Close::Drained | Close::HandlerGone => {}
+            Close::Fatal(e) => {
+                eprintln!("attestplane-enclave: connection {} closed: {e}", self.conn);
+            }
+            Close::WriteFailed(e) => {
+                eprintln!(
+                    "attestplane-enclave: connection {} closed: cannot write a reply: {e}",
+                    self.conn
+                );
+            }
+        }
+        replies.close();
+        while let Ok(out) = replies.try_recv() {
+            if is_persist(&out.frame) {
+                undelivered.push(out.frame);
+            }
+        }
+        let _ = self
+            .jobs
+            .send(Job::Closed {
+                conn: self.conn,
+                undelivered,
+            })
+            .await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.io.get_mut().shutdown()).await;
+    }
+
+    /// Handles one decoded frame: answers it here or hands it to the handler.
+    async fn on_frame(&mut self, frame: Frame, draining: bool) -> Result<(), Close> {
+        let id = frame.id;
+        let request = match frame.body {
+            Body::Request(request) => request,
+            Body::Response(_) => {
+                return self
+                    .refuse(
+                        id,
+                        ErrorCode::BadFrame,
+                        "the host sends requests, not responses",
+                    )
+                    .await;
+            }
+        };
+        if id == NO_REQUEST_ID {
+            return self
+                .refuse(id, ErrorCode::BadRequest, "request id 0 is reserved")
+                .await;
+        }
+        let durable = matches!(request, Request::Durable { .. });
+        if draining && !durable {
+            return self
+                .refuse(id, ErrorCode::Overloaded, "the enclave is shutting down")
+                .await;
+        }
+        if self.in_flight >= self.limit && !durable {
+            return self
+                .refuse(
+                    id,
+                    ErrorCode::Overloaded,
+                    "too many requests in flight on this connection",
+                )
+                .await;
+        }
+        self.in_flight = self.in_flight.saturating_add(1);
+        let job = Job::Request {
+            conn: self.conn,
+            id,
+            request,
+        };
+        self.jobs.send(job).await.map_err(|_| Close::HandlerGone)
+    }
+
+    async fn refuse(&mut self, id: u64, code: ErrorCode, message: &str) -> Result<(), Close> {
+        let frame = Frame::response(id, Response::error(code, message));
+        self.write(&frame).await.map_err(Close::WriteFailed)
+    }
+
+    /// Writes one reply. A reply that cannot be encoded is replaced by an `Internal` error under
+    /// the same id, so that the host does not wait for it forever.
+    async fn write(&mut self, frame: &Frame) -> Result<(), ProtoError> {
+        match write_frame(&mut self.io, frame).await {
+            Err(ProtoError::TooLarge { .. } | ProtoError::Encode { .. }) => {
+                let reply = Response::error(ErrorCode::Internal, "the reply could not be encoded");
+                write_frame(&mut self.io, &Frame::response(frame.id, reply)).await
+            }
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use attestplane_proto::ByteBuf;
+    use attestplane_verifier::attestation::TrustAnchor;
+
+    use super::*;
+    use crate::nsm::{Clock, MockNsm};
+    use crate::service::EnclaveConfig;
+
+    const T0: UnixMillis = UnixMillis::from_millis(1_756_728_000_250);
+    const A: ConnId = 1;
+    const B: ConnId = 2;
+
+    type Inbox = mpsc::UnboundedReceiver<Outgoing>;
+
+    fn handler() -> (Handler<impl Fn() -> UnixMillis>, Inbox, Inbox) {
+        let nsm = MockNsm::builder(*b"attestplane server unit tests v1", Clock::Fixed(T0)).build();
+        let root = TrustAnchor::from_der(&nsm.root_der().unwrap()).unwrap();
+        let config = EnclaveConfig {
+            origin: "attestplane.test/log".to_owned(),
+            issuer: "attestplane-test".to_owned(),
+            self_anchor: root.clone(),
+            server_anchor: root,
+            allow_debug: false,
+        };
+        let mut h = Handler {
+            enclave: Enclave::new(Arc::new(nsm), config),
+            clock: || T0,
+            conns: BTreeMap::new(),
+            routes: HashMap::new(),
+        };
+        let (tx_a, rx_a) = mpsc::unbounded_channel();
+        let (tx_b, rx_b) = mpsc::unbounded_channel();
+        h.job(Job::Open {
+            conn: A,
+            replies: tx_a,
+        });
+        h.job(Job::Open {
+            conn: B,
+            replies: tx_b,
+        });
+        (h, rx_a, rx_b)
+    }
+
+    fn begin(h: &mut Handler<impl Fn() -> UnixMillis>, conn: ConnId, id: u64) {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let request = Request::ReplayBegin {
+            genesis_admin_keys: vec![ByteBuf::from(key.to_bytes().to_vec())],
+            total_entries: 0,
+        };
+        h.job(Job::Request { conn, id, request });
+    }
+
+    fn next(inbox: &mut Inbox) -> (u64, Response, bool) {
+        let out = inbox.try_recv().expect("a reply");
+        match out.frame.body {
+            Body::Response(r) => (out.frame.id, r, out.done),
+            Body::Request(r) => panic!("a request: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn persist_for_a_closed_connection_goes_to_another_and_its_final_reply_is_dropped() {
+        let (mut h, mut a, mut b) = handler();
+        begin(&mut h, A, 1);
+        assert_eq!(next(&mut a), (1, Response::Ack, true));
+        drop(a); // Connection A's task has gone.
+        h.job(Job::Request {
+            conn: A,
+            id: 2,
+            request: Request::ReplayEnd,
+        });
+        let (id, reply, done) = next(&mut b);
+        assert_eq!(id, 2);
+        assert!(
+            matches!(reply, Response::Persist { first_seq: 0, .. }),
+            "{reply:?}"
+        );
+        assert!(!done, "a rerouted Persist is not B's request");
+        h.job(Job::Closed {
+            conn: A,
+            undelivered: Vec::new(),
+        });
+        h.job(Job::Request {
+            conn: B,
+            id: 3,
+            request: Request::Durable { through_seq: 1 },
+        });
+        assert_eq!(next(&mut b), (3, Response::Ack, true), "not A's held Ack");
+        assert!(b.try_recv().is_err());
+        assert!(h.routes.is_empty());
+    }
+
+    #[test]
+    fn undelivered_persist_handed_back_on_close_is_rerouted() {
+        let (mut h, mut a, mut b) = handler();
+        begin(&mut h, A, 1);
+        h.job(Job::Request {
+            conn: A,
+            id: 2,
+            request: Request::ReplayEnd,
+        });
+        assert_eq!(next(&mut a).0, 1);
+        let persist = a.try_recv().unwrap().frame;
+        assert!(is_persist(&persist));
+        let ack = Frame::response(9, Response::Ack);
+        h.job(Job::Closed {
+            conn: A,
+            undelivered: vec![persist.clone(), ack],
+        });
+        let out = b.try_recv().unwrap();
+        assert_eq!(out.frame, persist);
+        assert!(!out.done);
+        assert!(b.try_recv().is_err(), "only the Persist is rerouted");
+        assert!(h.routes.is_empty(), "A's ids are no longer in flight");
+    }
+
+    #[test]
+    fn duplicate_id_is_refused_without_reaching_the_enclave() {
+        let (mut h, mut a, mut b) = handler();
+        begin(&mut h, A, 1);
+        h.job(Job::Request {
+            conn: A,
+            id: 2,
+            request: Request::ReplayEnd,
+        });
+        h.job(Job::Request {
+            conn: B,
+            id: 2,
+            request: Request::Status,
+        });
+        let (id, reply, done) = next(&mut b);
+        assert_eq!(id, 2);
+        assert!(
+            matches!(
+                reply,
+                Response::Error {
+                    code: ErrorCode::Conflict,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+        assert!(done);
+        assert_eq!(h.routes.get(&2), Some(&A), "the original keeps its route");
+        assert_eq!(next(&mut a).0, 1);
+        assert!(matches!(next(&mut a).1, Response::Persist { .. }));
+    }
+}

@@ -1,0 +1,636 @@
+//! The enclave's server driven over real sockets: a Unix socket in a temporary directory and
+//! loopback TCP on port 0 (never a fixed port), in front of an enclave over a mock NSM whose
+//! clock is pinned at [`T0`].
+//!
+//! What is checked: requests are answered on the connection that sent them, including replies a
+//! `Durable` on another connection releases; the boot sequence works over the wire; frame errors
+//! are answered and either leave the connection usable or close it, and never stop the server;
+//! the connection and in-flight limits; graceful shutdown. A live-vsock test runs where the
+//! kernel offers vsock loopback and is skipped elsewhere (it never connects to CID 2 or 3).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use attestplane_enclave::nsm::{Clock, MockNsm};
+use attestplane_enclave::server::{ServerError, ServerLimits, run};
+use attestplane_enclave::service::{Enclave, EnclaveConfig};
+use attestplane_proto::{
+    Address, Body, ByteBuf, ErrorCode, Frame, FrameDecoder, Listener, MAX_FRAME_LEN, NO_REQUEST_ID,
+    PROTOCOL_VERSION, Request, Response, Stream, connect, encode_frame, read_frame, write_frame,
+};
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::attestation::TrustAnchor;
+use attestplane_verifier::entry::SignedEntry;
+use proptest::prelude::*;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const SEED: [u8; 32] = *b"attestplane server tests seed v1";
+/// 2025-09-01T12:00:00.250Z.
+const T0: UnixMillis = UnixMillis::from_millis(1_756_728_000_250);
+/// How long a test waits for any one reply before it fails.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn genesis_key() -> ByteBuf {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    ByteBuf::from(key.verifying_key().to_bytes().to_vec())
+}
+
+fn enclave() -> Enclave {
+    let nsm = MockNsm::builder(SEED, Clock::Fixed(T0)).build();
+    let root = TrustAnchor::from_der(&nsm.root_der().unwrap()).unwrap();
+    let config = EnclaveConfig {
+        origin: "attestplane.test/log".to_owned(),
+        issuer: "attestplane-test".to_owned(),
+        self_anchor: root.clone(),
+        server_anchor: root,
+        allow_debug: false,
+    };
+    Enclave::new(Arc::new(nsm), config)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Unix,
+    Tcp,
+}
+
+struct TestServer {
+    addr: Address,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServerError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    async fn start(transport: Transport, limits: ServerLimits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = match transport {
+            Transport::Unix => Address::Unix(dir.path().join("enclave.sock")),
+            Transport::Tcp => "tcp:127.0.0.1:0".parse().unwrap(),
+        };
+        let listener = Listener::bind(&addr).await.unwrap();
+        Self::serve(listener, limits, dir)
+    }
+
+    fn serve(listener: Listener, limits: ServerLimits, dir: tempfile::TempDir) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(run(listener, enclave(), || T0, limits, shutdown));
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client {
+            stream: connect(&self.addr).await.unwrap(),
+            decoder: FrameDecoder::new(),
+        }
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    async fn stop(mut self) -> Result<(), ServerError> {
+        let _ = self.stop.take().map(|s| s.send(()));
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("run did not return after shutdown")
+            .unwrap()
+    }
+}
+
+struct Client {
+    stream: Stream,
+    decoder: FrameDecoder,
+}
+
+impl Client {
+    async fn send(&mut self, id: u64, request: Request) {
+        write_frame(&mut self.stream, &Frame::request(id, request))
+            .await
+            .unwrap();
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    /// The next frame, or `None` when the server closed the connection.
+    async fn next(&mut self) -> Option<Frame> {
+        tokio::time::timeout(PATIENCE, read_frame(&mut self.stream, &mut self.decoder))
+            .await
+            .expect("no reply in time")
+            .unwrap()
+    }
+
+    /// The next reply, which must be a response.
+    async fn recv(&mut self) -> (u64, Response) {
+        let frame = self.next().await.expect("connection closed");
+        assert_eq!(frame.version, PROTOCOL_VERSION);
+        match frame.body {
+            Body::Response(r) => (frame.id, r),
+            Body::Request(r) => panic!("the server sent a request: {r:?}"),
+        }
+    }
+
+    /// Sends `request` and returns the one reply it expects next.
+    async fn call(&mut self, id: u64, request: Request) -> Response {
+        self.send(id, request).await;
+        let (got, reply) = self.recv().await;
+        assert_eq!(got, id, "reply under another id: {reply:?}");
+        reply
+    }
+
+    async fn expect_closed(&mut self) {
+        let next = self.next().await;
+        assert!(
+            next.is_none(),
+            "expected the connection closed, got {next:?}"
+        );
+    }
+
+    async fn hello(&mut self, id: u64) -> bool {
+        match self
+            .call(
+                id,
+                Request::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+            )
+            .await
+        {
+            Response::Hello { ready, version, .. } => {
+                assert_eq!(version, PROTOCOL_VERSION);
+                ready
+            }
+            other => panic!("not a hello: {other:?}"),
+        }
+    }
+}
+
+fn error_code(reply: &Response) -> ErrorCode {
+    match reply {
+        Response::Error { code, .. } => *code,
+        other => panic!("not an error reply: {other:?}"),
+    }
+}
+
+fn replay_begin(total_entries: u64) -> Request {
+    Request::ReplayBegin {
+        genesis_admin_keys: vec![genesis_key()],
+        total_entries,
+    }
+}
+
+/// Starts and ends an empty replay on `client` (ids 1 and 2); returns the Persist's entries.
+/// The final `Ack` for id 2 is held until entry 1 is durable.
+async fn begin_boot(client: &mut Client) -> Vec<ByteBuf> {
+    assert_eq!(client.call(1, replay_begin(0)).await, Response::Ack);
+    match client.call(2, Request::ReplayEnd).await {
+        Response::Persist { first_seq, entries } => {
+            assert_eq!(first_seq, 0);
+            assert_eq!(entries.len(), 2, "epoch start and genesis");
+            entries
+        }
+        other => panic!("ReplayEnd did not ask to persist: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn hello_is_answered_on_unix_and_tcp() {
+    for transport in [Transport::Unix, Transport::Tcp] {
+        let server = TestServer::start(transport, ServerLimits::default()).await;
+        let mut client = server.client().await;
+        assert!(
+            !client.hello(1).await,
+            "{transport:?}: not ready before boot"
+        );
+        assert_eq!(
+            error_code(&client.call(2, Request::Checkpoint).await),
+            ErrorCode::NotReady,
+            "{transport:?}"
+        );
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn boot_sequence_over_the_wire_releases_the_held_ack_on_durable() {
+    let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
+    let mut client = server.client().await;
+    let entries = begin_boot(&mut client).await;
+    for (seq, bytes) in (0u64..).zip(&entries) {
+        assert_eq!(SignedEntry::decode(bytes).unwrap().entry().seq, seq);
+    }
+    match client.call(3, Request::Status).await {
+        Response::Status {
+            ready,
+            held_replies,
+            durable_seq,
+            ..
+        } => {
+            assert!(ready);
+            assert_eq!(held_replies, 1);
+            assert_eq!(durable_seq, None);
+        }
+        other => panic!("not a status: {other:?}"),
+    }
+    client.send(4, Request::Durable { through_seq: 1 }).await;
+    assert_eq!(
+        client.recv().await,
+        (2, Response::Ack),
+        "the held Ack first"
+    );
+    assert_eq!(client.recv().await, (4, Response::Ack));
+    assert!(client.hello(5).await, "ready after the boot");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_enclave_replays_what_the_first_persisted() {
+    let first = TestServer::start(Transport::Tcp, ServerLimits::default()).await;
+    let mut client = first.client().await;
+    let entries = begin_boot(&mut client).await;
+    first.stop().await.unwrap();
+
+    let second = TestServer::start(Transport::Tcp, ServerLimits::default()).await;
+    let mut client = second.client().await;
+    assert_eq!(client.call(1, replay_begin(2)).await, Response::Ack);
+    assert_eq!(
+        client.call(2, Request::ReplayEntries { entries }).await,
+        Response::Ack
+    );
+    match client.call(3, Request::ReplayEnd).await {
+        Response::Persist { first_seq, entries } => {
+            assert_eq!(first_seq, 2, "the new epoch continues the replayed log");
+            assert_eq!(entries.len(), 1, "no second genesis");
+        }
+        other => panic!("not a persist: {other:?}"),
+    }
+    second.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn replies_are_routed_to_the_connection_that_sent_the_request() {
+    let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    begin_boot(&mut a).await;
+
+    // B reports durability: B gets only its own Ack; the Ack held for A's id 2 goes to A.
+    b.send(3, Request::Durable { through_seq: 1 }).await;
+    assert_eq!(b.recv().await, (3, Response::Ack));
+    assert_eq!(a.recv().await, (2, Response::Ack));
+    assert!(b.hello(4).await, "nothing else was queued on B");
+
+    // Pipelined requests on both connections, interleaved.
+    a.send(10, Request::Status).await;
+    b.send(11, Request::Status).await;
+    a.send(12, Request::Hello { version: 1 }).await;
+    b.send(13, Request::Hello { version: 1 }).await;
+    let (id, reply) = a.recv().await;
+    assert_eq!(id, 10);
+    assert!(matches!(reply, Response::Status { .. }), "{reply:?}");
+    let (id, reply) = a.recv().await;
+    assert_eq!(id, 12);
+    assert!(matches!(reply, Response::Hello { .. }), "{reply:?}");
+    let (id, reply) = b.recv().await;
+    assert_eq!(id, 11);
+    assert!(matches!(reply, Response::Status { .. }), "{reply:?}");
+    let (id, reply) = b.recv().await;
+    assert_eq!(id, 13);
+    assert!(matches!(reply, Response::Hello { .. }), "{reply:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn duplicate_request_id_in_flight_is_refused_with_conflict() {
+    let server = TestServer::start(Transport::Tcp, ServerLimits::default()).await;
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    begin_boot(&mut a).await; // id 2 stays in flight until Durable.
+    assert_eq!(
+        error_code(&b.call(2, Request::Status).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        error_code(&a.call(2, Request::Status).await),
+        ErrorCode::Conflict
+    );
+    // The original request still gets its final reply, on its own connection.
+    a.send(5, Request::Durable { through_seq: 1 }).await;
+    assert_eq!(a.recv().await, (2, Response::Ack));
+    assert_eq!(a.recv().await, (5, Response::Ack));
+    // Once answered, the id may be used again.
+    assert!(matches!(
+        b.call(2, Request::Status).await,
+        Response::Status { .. }
+    ));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_body_gets_bad_frame_and_the_connection_continues() {
+    let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
+    let mut client = server.client().await;
+    client.send_raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await;
+    let (id, reply) = client.recv().await;
+    assert_eq!(id, NO_REQUEST_ID);
+    assert_eq!(error_code(&reply), ErrorCode::BadFrame);
+    client.send_raw(&[0, 0, 0, 0]).await; // An empty body.
+    assert_eq!(error_code(&client.recv().await.1), ErrorCode::BadFrame);
+    assert!(!client.hello(1).await);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unsupported_version_is_answered_under_the_frame_id() {
+    let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
+    let mut client = server.client().await;
+    let mut frame = Frame::request(41, Request::Status);
+    frame.version = PROTOCOL_VERSION + 1;
+    client.send_raw(&encode_frame(&frame).unwrap()).await;
+    let (id, reply) = client.recv().await;
+    assert_eq!(id, 41);
+    assert_eq!(error_code(&reply), ErrorCode::UnsupportedVersion);
+    assert!(!client.hello(42).await);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_response_frame_from_the_host_gets_bad_frame() {
+    let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
+    let mut client = server.client().await;
+    let frame = Frame::response(7, Response::Ack);
+    client.send_raw(&encode_frame(&frame).unwrap()).await;
+    let (id, reply) = client.recv().await;
+    assert_eq!(id, 7);
+    assert_eq!(error_code(&reply), ErrorCode::BadFrame);
+    assert!(!client.hello(8).await);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn request_id_zero_is_reserved() {
+    let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
+    let mut client = server.client().await;
+    assert_eq!(
+        error_code(&client.call(NO_REQUEST_ID, Request::Status).await),
+        ErrorCode::BadRequest
+    );
+    assert!(!client.hello(1).await);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_frame_gets_too_large_then_close_and_others_are_served() {
+    let server = TestServer::start(Transport::Tcp, ServerLimits::default()).await;
+    let mut other = server.client().await;
+    let mut client = server.client().await;
+    let prefix = u32::try_from(MAX_FRAME_LEN + 1).unwrap().to_be_bytes();
+    client.send_raw(&prefix).await;
+    let (id, reply) = client.recv().await;
+    assert_eq!(id, NO_REQUEST_ID);
+    assert_eq!(error_code(&reply), ErrorCode::TooLarge);
+    client.expect_closed().await;
+    assert!(!other.hello(1).await);
+    assert!(!server.client().await.hello(2).await);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn truncated_frame_gets_bad_frame_then_close() {
+    let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
+    let mut client = server.client().await;
+    let frame = encode_frame(&Frame::request(3, Request::Status)).unwrap();
+    client.send_raw(&frame[..frame.len() - 2]).await;
+    client.stream.shutdown().await.unwrap();
+    let (id, reply) = client.recv().await;
+    assert_eq!(id, NO_REQUEST_ID);
+    assert_eq!(error_code(&reply), ErrorCode::BadFrame);
+    client.expect_closed().await;
+    assert!(!server.client().await.hello(4).await);
+    server.stop().await.unwrap();
+}
+
+/// Random bytes: either a raw byte soup (usually an absurd length prefix) or a plausible prefix
+/// followed by random body bytes, possibly fewer than announced.
+fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..2048),
+        (0u32..600, proptest::collection::vec(any::<u8>(), 0..600)).prop_map(|(len, body)| {
+            let mut bytes = len.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&body);
+            bytes
+        }),
+    ]
+}
+
+#[test]
+fn random_bytes_on_one_connection_never_stop_the_server() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(TestServer::start(Transport::Unix, ServerLimits::default()));
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 64,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let next_id = AtomicU64::new(1_000_000);
+    runner
+        .run(&hostile_bytes(), |bytes| {
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            rt.block_on(async {
+                let mut hostile = server.client().await;
+                // The server may close early (an oversized prefix); later writes may then fail.
+                let _ = hostile.stream.write_all(&bytes).await;
+                let _ = hostile.stream.shutdown().await;
+                // Whatever comes back are well-formed replies, and then the server closes.
+                let mut replies = 0;
+                loop {
+                    let read = tokio::time::timeout(
+                        PATIENCE,
+                        read_frame(&mut hostile.stream, &mut hostile.decoder),
+                    )
+                    .await
+                    .expect("the server neither answered nor closed");
+                    match read {
+                        Ok(Some(frame)) => {
+                            prop_assert!(matches!(frame.body, Body::Response(_)), "{frame:?}");
+                            replies += 1;
+                            prop_assert!(replies <= bytes.len().max(1), "more replies than bytes");
+                        }
+                        Ok(None) => break,
+                        Err(e) => prop_assert!(false, "the server sent a bad frame: {e}"),
+                    }
+                }
+                let mut probe = server.client().await;
+                prop_assert!(!probe.hello(id).await);
+                Ok(())
+            })
+        })
+        .unwrap();
+    rt.block_on(server.stop()).unwrap();
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_told_overloaded_and_closed() {
+    let limits = ServerLimits {
+        max_connections: 2,
+        ..ServerLimits::default()
+    };
+    let server = TestServer::start(Transport::Unix, limits).await;
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    assert!(!a.hello(1).await);
+    assert!(!b.hello(2).await);
+
+    let mut c = server.client().await;
+    let (id, reply) = c.recv().await;
+    assert_eq!(id, NO_REQUEST_ID);
+    assert_eq!(error_code(&reply), ErrorCode::Overloaded);
+    c.expect_closed().await;
+    assert!(!a.hello(3).await, "the admitted connections are unaffected");
+
+    // A closed connection frees its slot (the server notices the close asynchronously).
+    drop(b);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut d = server.client().await;
+        d.send(4, Request::Hello { version: 1 }).await;
+        match d.recv().await {
+            (4, Response::Hello { .. }) => break,
+            (
+                NO_REQUEST_ID,
+                Response::Error {
+                    code: ErrorCode::Overloaded,
+                    ..
+                },
+            ) => {
+                assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn in_flight_limit_answers_overloaded_but_admits_durable() {
+    let limits = ServerLimits {
+        max_in_flight_per_connection: 1,
+        ..ServerLimits::default()
+    };
+    let server = TestServer::start(Transport::Unix, limits).await;
+    let mut client = server.client().await;
+    begin_boot(&mut client).await; // id 2 in flight: the limit is reached.
+    assert_eq!(
+        error_code(&client.call(3, Request::Status).await),
+        ErrorCode::Overloaded
+    );
+    client.send(4, Request::Durable { through_seq: 1 }).await;
+    assert_eq!(client.recv().await, (2, Response::Ack));
+    assert_eq!(client.recv().await, (4, Response::Ack));
+    assert!(client.hello(5).await, "the slot is free again");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_returns_and_closes_idle_connections() {
+    let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
+    let addr = server.addr.clone();
+    let mut client = server.client().await;
+    assert!(!client.hello(1).await);
+    server.stop().await.unwrap();
+    client.expect_closed().await;
+    assert!(connect(&addr).await.is_err(), "no longer accepting");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_in_flight_requests_finish() {
+    let server = TestServer::start(Transport::Tcp, ServerLimits::default()).await;
+    let mut client = server.client().await;
+    begin_boot(&mut client).await; // id 2 awaits durability.
+    let TestServer {
+        stop, task, _dir, ..
+    } = server;
+    let _ = stop.map(|s| s.send(()));
+
+    // Draining: new work is refused, but Durable is admitted and releases the held reply.
+    assert_eq!(
+        error_code(&client.call(3, Request::Status).await),
+        ErrorCode::Overloaded
+    );
+    assert!(!task.is_finished());
+    client.send(4, Request::Durable { through_seq: 1 }).await;
+    assert_eq!(client.recv().await, (2, Response::Ack));
+    assert_eq!(client.recv().await, (4, Response::Ack));
+    client.expect_closed().await;
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("run did not return")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_gives_up_on_in_flight_requests_after_the_grace_period() {
+    let limits = ServerLimits {
+        shutdown_grace: Duration::from_millis(200),
+        ..ServerLimits::default()
+    };
+    let server = TestServer::start(Transport::Unix, limits).await;
+    let mut client = server.client().await;
+    begin_boot(&mut client).await; // id 2 awaits a Durable that never comes.
+    let started = tokio::time::Instant::now();
+    server.stop().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    client.expect_closed().await;
+}
+
+#[tokio::test]
+async fn serves_over_vsock_where_the_kernel_offers_loopback() {
+    let addr: Address = "vsock:any:any".parse().unwrap();
+    let Ok(listener) = Listener::bind(&addr).await else {
+        eprintln!("skipping: vsock unavailable");
+        return;
+    };
+    let Ok(Address::Vsock { port, .. }) = listener.local_addr() else {
+        eprintln!("skipping: vsock unavailable (no local address)");
+        return;
+    };
+    let server = TestServer::serve(
+        listener,
+        ServerLimits::default(),
+        tempfile::tempdir().unwrap(),
+    );
+    // CID 1 is the local loopback; never the host (2) or hypervisor (3).
+    let local = Address::Vsock { cid: 1, port };
+    let stream = match tokio::time::timeout(Duration::from_secs(2), connect(&local)).await {
+        Ok(Ok(stream)) => stream,
+        _ => {
+            eprintln!("skipping: vsock unavailable (no loopback)");
+            server.stop().await.unwrap();
+            return;
+        }
+    };
+    let mut client = Client {
+        stream,
+        decoder: FrameDecoder::new(),
+    };
+    assert!(!client.hello(1).await);
+    server.stop().await.unwrap();
+}
