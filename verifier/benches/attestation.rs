@@ -1,0 +1,341 @@
+//! Cost of verifying a real AWS Nitro attestation document, cold and warm, against the raw cost
+//! of the P-384 ECDSA-SHA384 verifications it needs, measured in the same run.
+//!
+//! The document is `testdata/nitro/nitro-01-evervault-2022-prod-pcr8.cose` (a chain of five:
+//! root, regional, zonal, instance, leaf), verified at its own timestamp. In setup the exact
+//! inputs of its five signature checks are extracted independently of the verifier (x509-parser
+//! for the four certificate links: tbsCertificate bytes, DER signature, issuer key; the COSE
+//! Sig_structure and the 96-byte r‖s under the leaf key for the fifth), and each is checked to
+//! verify before anything is timed.
+//!
+//! Groups:
+//! - `attestation/cold`: [`verify_attestation`], the whole chain every time; against
+//!   `attestation/raw/five_p384_verifies`. Target: cold ≤ 1.2 × five verifies.
+//! - `attestation/warm`: [`AttestationVerifier::verify`] with the CA chain cached. A warm check
+//!   still verifies the leaf link and the COSE signature (two verifies); it is reported against
+//!   one verify (the brief's target) and against two.
+//! - `attestation/parts`: what a verification does besides the five signature checks (document
+//!   parsing, certificate parsing, public-key decoding, hashing, summaries), to say where any
+//!   time above the signature checks goes.
+//!
+//! Run: `cargo bench -p attestplane-verifier --bench attestation`.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use attestplane_verifier::attestation::{
+    AttestationVerifier, Expectations, TrustAnchor, VerifyAt, parse_attestation, verify_attestation,
+};
+use criterion::{Criterion, criterion_group, criterion_main};
+use p384::ecdsa::signature::Verifier;
+use p384::ecdsa::{Signature, VerifyingKey};
+use p384::pkcs8::DecodePublicKey;
+use sha2::{Digest, Sha256};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::oid_registry::{OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE};
+use x509_parser::prelude::FromDer;
+
+const DOC: &[u8] = include_bytes!("../testdata/nitro/nitro-01-evervault-2022-prod-pcr8.cose");
+
+/// One signature check: key, message, signature.
+struct SigCheck {
+    key: VerifyingKey,
+    message: Vec<u8>,
+    signature: Signature,
+}
+
+impl SigCheck {
+    fn verify(&self) -> bool {
+        self.key.verify(&self.message, &self.signature).is_ok()
+    }
+}
+
+/// A CBOR head with the shortest argument (major type, length), enough for byte and text
+/// strings under 64 KiB.
+fn cbor_head(out: &mut Vec<u8>, major: u8, len: usize) {
+    let m = major << 5;
+    if len < 24 {
+        out.push(m | len as u8);
+    } else if let Ok(n) = u8::try_from(len) {
+        out.extend_from_slice(&[m | 24, n]);
+    } else if let Ok(n) = u16::try_from(len) {
+        out.push(m | 25);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else {
+        panic!("string of {len} bytes is too long for this bench");
+    }
+}
+
+/// `["Signature1", protected, h'', payload]` (RFC 9052 §4.4), built here independently of the
+/// verifier.
+fn sig_structure(protected: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x84];
+    cbor_head(&mut out, 3, 10);
+    out.extend_from_slice(b"Signature1");
+    cbor_head(&mut out, 2, protected.len());
+    out.extend_from_slice(protected);
+    cbor_head(&mut out, 2, 0);
+    cbor_head(&mut out, 2, payload.len());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn p384_key(cert: &X509Certificate<'_>) -> VerifyingKey {
+    let key = p384::PublicKey::from_public_key_der(cert.public_key().raw)
+        .unwrap_or_else(|e| panic!("certificate key is not p-384: {e}"));
+    VerifyingKey::from(key)
+}
+
+/// The five signature checks of `DOC`: four certificate links (root → regional → zonal →
+/// instance → leaf), then the COSE signature.
+fn extract_checks() -> Vec<SigCheck> {
+    let doc = parse_attestation(DOC).unwrap_or_else(|e| panic!("document: {e}"));
+    let mut path: Vec<&[u8]> = doc.cabundle().iter().map(Vec::as_slice).collect();
+    path.push(doc.certificate());
+    let certs: Vec<X509Certificate<'_>> = path
+        .iter()
+        .map(|der| {
+            let (rest, cert) =
+                X509Certificate::from_der(der).unwrap_or_else(|e| panic!("certificate: {e}"));
+            assert!(rest.is_empty(), "bytes after a certificate");
+            cert
+        })
+        .collect();
+    assert_eq!(certs.len(), 5, "a real document has a path of five");
+    let mut checks: Vec<SigCheck> = certs
+        .windows(2)
+        .map(|pair| {
+            let [issuer, subject] = pair else {
+                unreachable!("windows(2)")
+            };
+            SigCheck {
+                key: p384_key(issuer),
+                message: subject.tbs_certificate.as_ref().to_vec(),
+                signature: Signature::from_der(&subject.signature_value.data)
+                    .unwrap_or_else(|e| panic!("certificate signature: {e}")),
+            }
+        })
+        .collect();
+    let leaf = certs.last().unwrap_or_else(|| unreachable!("five certs"));
+    checks.push(SigCheck {
+        key: p384_key(leaf),
+        message: sig_structure(doc.protected_header(), doc.payload()),
+        signature: Signature::from_slice(doc.signature())
+            .unwrap_or_else(|e| panic!("cose signature: {e}")),
+    });
+    for (i, c) in checks.iter().enumerate() {
+        assert!(c.verify(), "signature check {i} of the document fails");
+    }
+    checks
+}
+
+/// Times `a` and `b` back to back, `rounds` times (alternating which goes first), and returns
+/// the medians of `time(a) / time(b)`, of `time(a)` and of `time(b)`. On a noisy machine a
+/// ratio of two criterion medians taken minutes apart mixes in the load's drift; pairs taken
+/// within milliseconds of each other do not.
+fn paired(rounds: usize, mut a: impl FnMut() -> bool, mut b: impl FnMut() -> bool) -> Paired {
+    let mut ta = Vec::with_capacity(rounds);
+    let mut tb = Vec::with_capacity(rounds);
+    let mut ratios = Vec::with_capacity(rounds);
+    let time = |f: &mut dyn FnMut() -> bool| {
+        let start = Instant::now();
+        assert!(black_box(f()), "a paired measurement failed");
+        start.elapsed().as_secs_f64()
+    };
+    for round in 0..rounds {
+        let (x, y) = if round % 2 == 0 {
+            let x = time(&mut a);
+            (x, time(&mut b))
+        } else {
+            let y = time(&mut b);
+            (time(&mut a), y)
+        };
+        ta.push(x);
+        tb.push(y);
+        ratios.push(x / y);
+    }
+    Paired {
+        ratio: median(&mut ratios),
+        a: median(&mut ta),
+        b: median(&mut tb),
+    }
+}
+
+struct Paired {
+    ratio: f64,
+    a: f64,
+    b: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn report(what: &str, p: &Paired) {
+    eprintln!(
+        "paired ratio {what}: {:.3} (medians {:.3} ms / {:.3} ms)",
+        p.ratio,
+        p.a * 1e3,
+        p.b * 1e3
+    );
+}
+
+fn bench(c: &mut Criterion) {
+    let anchor = TrustAnchor::aws_nitro_root_g1();
+    let expect = Expectations::default();
+    let at = VerifyAt::DocumentTimestamp;
+    let checks = extract_checks();
+    let (links, cose) = checks.split_at(4);
+    let leaf_link = links.last().unwrap_or_else(|| unreachable!("four links"));
+    let cose = cose
+        .first()
+        .unwrap_or_else(|| unreachable!("one cose check"));
+    eprintln!(
+        "attestation bench: {} bytes; link messages {:?} bytes; cose sig_structure {} bytes",
+        DOC.len(),
+        links.iter().map(|l| l.message.len()).collect::<Vec<_>>(),
+        cose.message.len()
+    );
+
+    verify_attestation(DOC, &anchor, &expect, at)
+        .unwrap_or_else(|e| panic!("the document must verify at its timestamp: {e}"));
+    let warm = AttestationVerifier::with_cache_capacity(anchor.clone(), 16);
+    warm.verify(DOC, &expect, at)
+        .unwrap_or_else(|e| panic!("warm-up verification: {e}"));
+    let cached = warm
+        .verify(DOC, &expect, at)
+        .unwrap_or_else(|e| panic!("cached verification: {e}"));
+    assert!(
+        cached
+            .checks()
+            .iter()
+            .any(|c| c.to_string().ends_with("[cached]")),
+        "the second verification must hit the chain cache"
+    );
+
+    // Ratios from back-to-back pairs (see `paired`), printed before criterion's own figures.
+    let rounds = 60;
+    let cold = || verify_attestation(DOC, &anchor, &expect, at).is_ok();
+    let five = || checks.iter().all(SigCheck::verify);
+    let warm_check = || warm.verify(DOC, &expect, at).is_ok();
+    let one = || cose.verify();
+    let two = || leaf_link.verify() && cose.verify();
+    report("cold / five p-384 verifies", &paired(rounds, cold, five));
+    report(
+        "warm / one p-384 verify (cose)",
+        &paired(rounds, warm_check, one),
+    );
+    report(
+        "warm / one p-384 verify (leaf link)",
+        &paired(rounds, warm_check, || leaf_link.verify()),
+    );
+    report(
+        "warm / two p-384 verifies",
+        &paired(rounds, warm_check, two),
+    );
+
+    let mut group = c.benchmark_group("attestation");
+
+    group.bench_function("cold/verify_attestation", |b| {
+        b.iter(|| verify_attestation(black_box(DOC), &anchor, &expect, at).is_ok())
+    });
+    group.bench_function("raw/five_p384_verifies", |b| {
+        b.iter(|| black_box(&checks).iter().all(SigCheck::verify))
+    });
+    group.bench_function("warm/verifier_verify_cached_chain", |b| {
+        b.iter(|| warm.verify(black_box(DOC), &expect, at).is_ok())
+    });
+    group.bench_function("raw/one_p384_verify_leaf_link", |b| {
+        b.iter(|| black_box(leaf_link).verify())
+    });
+    group.bench_function("raw/one_p384_verify_cose", |b| {
+        b.iter(|| black_box(cose).verify())
+    });
+    group.bench_function("raw/two_p384_verifies_leaf_link_and_cose", |b| {
+        b.iter(|| black_box(leaf_link).verify() && black_box(cose).verify())
+    });
+
+    // Where the time above the signature checks goes.
+    let doc = parse_attestation(DOC).unwrap_or_else(|e| panic!("document: {e}"));
+    let mut path: Vec<Vec<u8>> = doc.cabundle().to_vec();
+    path.push(doc.certificate().to_vec());
+    group.bench_function("parts/parse_attestation", |b| {
+        b.iter(|| parse_attestation(black_box(DOC)).is_ok())
+    });
+    group.bench_function("parts/x509_parse_five_certs", |b| {
+        b.iter(|| {
+            black_box(&path)
+                .iter()
+                .all(|der| X509Certificate::from_der(der).is_ok())
+        })
+    });
+    group.bench_function("parts/x509_parse_leaf", |b| {
+        b.iter(|| X509Certificate::from_der(black_box(doc.certificate())).is_ok())
+    });
+    let parsed: Vec<X509Certificate<'_>> = path
+        .iter()
+        .filter_map(|der| X509Certificate::from_der(der).ok().map(|(_, c)| c))
+        .collect();
+    group.bench_function("parts/p384_key_from_spki_five", |b| {
+        b.iter(|| {
+            black_box(&parsed)
+                .iter()
+                .all(|c| p384::PublicKey::from_public_key_der(c.public_key().raw).is_ok())
+        })
+    });
+    group.bench_function("parts/sha256_root_pin_and_chain_key", |b| {
+        b.iter(|| {
+            let cabundle = black_box(doc.cabundle());
+            let pin: [u8; 32] = cabundle
+                .first()
+                .map(|root| Sha256::digest(root).into())
+                .unwrap_or_default();
+            let mut h = Sha256::new();
+            for der in cabundle {
+                h.update((der.len() as u64).to_be_bytes());
+                h.update(der);
+            }
+            let key: [u8; 32] = h.finalize().into();
+            (pin, key)
+        })
+    });
+    group.bench_function("parts/summaries_subject_and_sha256_five", |b| {
+        b.iter(|| {
+            black_box(&parsed)
+                .iter()
+                .zip(&path)
+                .map(|(c, der)| {
+                    let subject = c.subject().to_string();
+                    let digest: [u8; 32] = Sha256::digest(der).into();
+                    subject.len() + usize::from(digest[0])
+                })
+                .sum::<usize>()
+        })
+    });
+    group.bench_function("parts/ca_rules_extensions_five", |b| {
+        b.iter(|| {
+            black_box(&parsed).iter().all(|c| {
+                c.basic_constraints().is_ok()
+                    && c.key_usage().is_ok()
+                    && c.extensions().iter().all(|e| {
+                        !e.critical
+                            || e.oid == OID_X509_EXT_BASIC_CONSTRAINTS
+                            || e.oid == OID_X509_EXT_KEY_USAGE
+                    })
+            })
+        })
+    });
+    group.bench_function("parts/signature_from_der_four_links", |b| {
+        b.iter(|| {
+            black_box(&parsed)
+                .iter()
+                .skip(1)
+                .all(|c| Signature::from_der(&c.signature_value.data).is_ok())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
