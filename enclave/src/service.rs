@@ -183,7 +183,7 @@ impl Enclave {
             Request::ReplayBegin {
                 genesis_admin_keys,
                 total_entries,
-            } => self.replay_begin(id, genesis_admin_keys, total_entries),
+            } => self.replay_begin(id, genesis_admin_keys, total_entries, now),
             Request::ReplayEntries { entries } => self.replay_entries(id, &entries),
             Request::ReplayEnd => self.replay_end(id, now),
             Request::Durable { through_seq } => self.durable(id, through_seq),
@@ -221,7 +221,13 @@ impl Enclave {
         }
     }
 
-    fn replay_begin(&mut self, id: u64, keys: Vec<ByteBuf>, total: u64) -> Replies {
+    fn replay_begin(
+        &mut self,
+        id: u64,
+        keys: Vec<ByteBuf>,
+        total: u64,
+        now: UnixMillis,
+    ) -> Replies {
         if !matches!(self.phase, Phase::Booting) {
             return error(id, ErrorCode::Conflict, "replay already started");
         }
@@ -239,7 +245,7 @@ impl Enclave {
         let mut policy = LogPolicy::new(self.config.self_anchor.clone(), pcrs);
         policy.allow_debug = self.config.allow_debug;
         // The enclave's own clock is what entries must not postdate; the host cannot move it.
-        let verifier = match LogVerifier::new(policy, UnixMillis::from_millis(u64::MAX / 2)) {
+        let verifier = match LogVerifier::new(policy, now) {
             Ok(v) => v,
             Err(e) => return error(id, ErrorCode::Internal, &e.to_string()),
         };
@@ -316,23 +322,14 @@ impl Enclave {
         };
         let needs_genesis = !self.state.has_genesis();
         if needs_genesis && replay.genesis_keys.is_empty() {
-            self.phase = Phase::Booting;
-            return error(
-                id,
-                ErrorCode::BadRequest,
-                "an empty log needs the genesis admin keys",
-            );
+            // The replayed state is in place: a retry cannot start over, so refuse to serve.
+            return self.broken(id, None, "an empty log needs the genesis admin keys".into());
         }
         let (mut writer, start) =
             match LogWriter::open(self.nsm.as_ref(), head, &self.config.origin, now) {
                 Ok(w) => w,
                 Err(e) => {
-                    self.phase = Phase::Booting;
-                    return error(
-                        id,
-                        ErrorCode::Internal,
-                        &format!("cannot open an epoch: {e}"),
-                    );
+                    return self.broken(id, None, format!("cannot open an epoch: {e}"));
                 }
             };
         let mut written = vec![start];
@@ -413,7 +410,16 @@ impl Enclave {
             return Err("not ready".into());
         };
         let written = writer.append(event, now).map_err(|e| e.to_string())?;
-        self.apply_written(&written)?;
+        if let Err(e) = self.apply_written(&written) {
+            // The writer has chained an entry the host will never see: every later entry
+            // would link to a missing one. Stop serving rather than write a broken log.
+            let message = format!("entry {} could not be applied: {e}", written.seq);
+            self.phase = Phase::Broken {
+                seq: Some(written.seq),
+                message: message.clone(),
+            };
+            return Err(message);
+        }
         Ok(written)
     }
 
