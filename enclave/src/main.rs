@@ -69,6 +69,10 @@ struct Cli {
     /// Make the mock behave like an enclave started in debug mode (PCRs 0, 1, 2 and 8 zero).
     #[arg(long)]
     mock_debug: bool,
+    /// Pin the genesis admin key set (hex Ed25519 public key; repeatable). Without it the host
+    /// chooses the admin keys of a new log. In production, bake this into the image.
+    #[arg(long = "genesis-admin-key", value_name = "HEX")]
+    genesis_admin_keys: Vec<String>,
     /// The log's origin (the checkpoint key name).
     #[arg(long, default_value = "attestplane/log")]
     origin: String,
@@ -138,7 +142,22 @@ async fn main() -> Result<()> {
         server_anchor,
         allow_debug: cli.allow_debug,
     };
-    let enclave = Enclave::new(nsm, config);
+    let mut enclave = Enclave::new(nsm, config);
+    if cli.genesis_admin_keys.is_empty() {
+        eprintln!(
+            "attestplane-enclave: warning: no --genesis-admin-key: the host chooses the admin keys of a new log"
+        );
+    } else {
+        let mut keys = Vec::new();
+        for k in &cli.genesis_admin_keys {
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(k.trim(), &mut key).map_err(|e| {
+                anyhow::anyhow!("--genesis-admin-key {k:?}: expected 64 hex digits: {e}")
+            })?;
+            keys.push(key);
+        }
+        enclave = enclave.with_pinned_genesis(keys);
+    }
 
     let socket_path = match &cli.listen {
         Address::Unix(path) => {

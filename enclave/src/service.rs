@@ -33,6 +33,8 @@ use attestplane_verifier::log::{LogPolicy, LogVerifier};
 use attestplane_verifier::policy::Action;
 use attestplane_verifier::state::{REASON_TOOL_NOT_PINNED, REASON_UNKNOWN_SERVER, State};
 
+use ed25519_dalek::VerifyingKey;
+
 use crate::identity::authenticate;
 use crate::nsm::Nsm;
 use crate::writer::{Head, LogWriter, Written};
@@ -96,6 +98,7 @@ pub struct Enclave {
     durable: Option<u64>,
     held: Vec<Held>,
     challenges: BTreeMap<String, (Vec<u8>, UnixMillis)>,
+    pinned_genesis: Option<Vec<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for Enclave {
@@ -135,7 +138,20 @@ impl Enclave {
             durable: None,
             held: Vec::new(),
             challenges: BTreeMap::new(),
+            pinned_genesis: None,
         }
+    }
+
+    /// Pins the genesis admin key set. Without it, the host supplies the genesis keys of an
+    /// empty log at `ReplayBegin`, so a compromised host could start a fresh log under its own
+    /// admin keys; with it, the enclave uses exactly these keys for a new log and refuses a
+    /// stored log whose genesis names others. In production the keys belong in the measured
+    /// image (the EIF's command line), so that PCRs attest them.
+    pub fn with_pinned_genesis(mut self, mut keys: Vec<[u8; 32]>) -> Self {
+        keys.sort_unstable();
+        keys.dedup();
+        self.pinned_genesis = Some(keys);
+        self
     }
 
     /// The state derived from the log so far.
@@ -233,10 +249,31 @@ impl Enclave {
         }
         let mut genesis_keys = Vec::with_capacity(keys.len());
         for k in &keys {
-            match <[u8; 32]>::try_from(k.as_slice()) {
-                Ok(k) => genesis_keys.push(k),
-                Err(_) => return error(id, ErrorCode::BadRequest, "admin keys must be 32 bytes"),
+            let usable = <[u8; 32]>::try_from(k.as_slice())
+                .ok()
+                .filter(|k| VerifyingKey::from_bytes(k).is_ok_and(|k| !k.is_weak()));
+            match usable {
+                Some(k) => genesis_keys.push(k),
+                None => {
+                    return error(
+                        id,
+                        ErrorCode::BadRequest,
+                        "genesis admin keys must be valid 32-byte Ed25519 public keys",
+                    );
+                }
             }
+        }
+        genesis_keys.sort_unstable();
+        genesis_keys.dedup();
+        if let Some(pinned) = &self.pinned_genesis {
+            if !genesis_keys.is_empty() && genesis_keys != *pinned {
+                return error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "genesis admin keys differ from the keys pinned in the enclave",
+                );
+            }
+            genesis_keys = pinned.clone();
         }
         let pcrs = match self.own_pcrs() {
             Ok(p) => p,
@@ -291,6 +328,20 @@ impl Enclave {
             .saturating_sub(verified.len() as u64);
         for (offset, signed) in verified.iter().enumerate() {
             let seq = first.saturating_add(offset as u64);
+            if let (Some(pinned), Event::Genesis { admin_keys }) =
+                (&self.pinned_genesis, &signed.entry().event)
+            {
+                let mut stored = admin_keys.clone();
+                stored.sort_unstable();
+                stored.dedup();
+                if stored != *pinned {
+                    return self.broken(
+                        id,
+                        Some(seq),
+                        "the stored log's genesis admin keys differ from the pinned ones".into(),
+                    );
+                }
+            }
             if let Err(e) = self.state.apply(seq, signed.entry()) {
                 return self.broken(id, Some(e.seq()), e.to_string());
             }

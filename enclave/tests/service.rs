@@ -1567,3 +1567,75 @@ fn updates_and_revocations_take_effect() {
     assert_eq!(h.store.len(), len);
     assert!(h.enclave.state().identity_provider(&idp.issuer).is_none());
 }
+
+/// DESIGN.md: the host must not be able to change the registry or policy without a signed admin
+/// request. With the genesis keys pinned in the enclave, a host cannot start a fresh log under
+/// admin keys of its own choosing, nor replay a stored log whose genesis names other keys.
+#[test]
+fn host_cannot_choose_genesis_keys_when_pinned() {
+    let operator = Admin::new(1);
+    let intruder = Admin::new(66);
+    let boot = |keys: &[[u8; 32]], store: &[Vec<u8>]| -> Vec<Response> {
+        let nsm = enclave_nsm();
+        let mut enclave =
+            Enclave::new(nsm.clone(), config(&nsm)).with_pinned_genesis(vec![operator.public()]);
+        let mut replies = Vec::new();
+        let mut send = |id: u64, r: Request| {
+            let out: Replies = enclave.handle(id, r, at(0));
+            replies.extend(out.into_iter().map(|(_, r)| r));
+        };
+        send(
+            1,
+            Request::ReplayBegin {
+                genesis_admin_keys: keys.iter().map(|k| ByteBuf::from(k.to_vec())).collect(),
+                total_entries: store.len() as u64,
+            },
+        );
+        if !store.is_empty() {
+            send(
+                2,
+                Request::ReplayEntries {
+                    entries: store.iter().map(|e| ByteBuf::from(e.clone())).collect(),
+                },
+            );
+        }
+        send(3, Request::ReplayEnd);
+        replies
+    };
+
+    // The host offers its own key for a new log: refused.
+    let replies = boot(&[intruder.public()], &[]);
+    assert!(
+        matches!(
+            &replies[0],
+            Response::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ),
+        "{replies:?}"
+    );
+
+    // The host offers nothing: the pinned keys are used.
+    let replies = boot(&[], &[]);
+    let Some(Response::Persist { entries, .. }) = replies.last() else {
+        panic!("no genesis written: {replies:?}");
+    };
+    let genesis = SignedEntry::decode(&entries[1]).unwrap().into_entry().event;
+    assert_eq!(
+        genesis,
+        Event::Genesis {
+            admin_keys: vec![operator.public()]
+        }
+    );
+
+    // A stored log whose genesis names the intruder's key is refused at replay.
+    let foreign = Harness::new(&[&intruder]);
+    let replies = boot(&[], &foreign.store);
+    assert!(
+        replies
+            .iter()
+            .any(|r| matches!(r, Response::BrokenLog { seq: Some(1), .. })),
+        "{replies:?}"
+    );
+}
