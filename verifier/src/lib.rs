@@ -52,6 +52,7 @@ pub mod attestation;
 pub mod cbor;
 pub mod checkpoint;
 mod cose;
+pub mod eif;
 pub mod entry;
 pub mod error;
 pub mod handle;

@@ -50,6 +50,8 @@ enum Command {
     Log(LogArgs),
     /// Verify a server handle (a JWT) against a JWKS.
     Handle(HandleArgs),
+    /// Measure an enclave image file (EIF): print PCR0, PCR1, PCR2 (and PCR8 if signed).
+    Eif(EifArgs),
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +191,16 @@ struct HandleArgs {
     json: bool,
 }
 
+#[derive(Debug, Args)]
+struct EifArgs {
+    /// The enclave image file.
+    file: PathBuf,
+    /// Print one JSON object: the PCRs as top-level "PCR0".."PCR2" (and "PCR8") keys, usable
+    /// as-is with `--pcrs FILE`, and the image's layout under "eif".
+    #[arg(long)]
+    json: bool,
+}
+
 /// A verification that ran to a verdict.
 enum Verdict {
     Verified,
@@ -201,11 +213,13 @@ fn main() -> ExitCode {
         Command::Attestation(a) => a.json,
         Command::Log(a) => a.json,
         Command::Handle(a) => a.json,
+        Command::Eif(a) => a.json,
     };
     let result = match cli.command {
         Command::Attestation(a) => attestation(a),
         Command::Log(a) => log(a),
         Command::Handle(a) => handle(a),
+        Command::Eif(a) => eif(a),
     };
     match result {
         Ok(Verdict::Verified) => ExitCode::SUCCESS,
@@ -562,4 +576,73 @@ fn handle(a: HandleArgs) -> anyhow::Result<Verdict> {
             Ok(Verdict::Failed)
         }
     }
+}
+
+/// Measures an EIF. Exit 0 with the PCRs, 1 when the image is malformed, 2 on I/O errors.
+fn eif(a: EifArgs) -> anyhow::Result<Verdict> {
+    use attestplane_verifier::eif::{EifError, MAX_EIF_LEN, measure_eif};
+    let len = std::fs::metadata(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?
+        .len();
+    let measured = if len > MAX_EIF_LEN {
+        Err(EifError::TooLarge {
+            len,
+            max: MAX_EIF_LEN,
+        })
+    } else {
+        measure_eif(&read(&a.file)?)
+    };
+    let m = match measured {
+        Ok(m) => m,
+        Err(e) => {
+            if a.json {
+                println!("{}", json!({ "valid": false, "error": e.to_string() }));
+            } else {
+                println!("FAILED eif {}: {e}", a.file.display());
+            }
+            return Ok(Verdict::Failed);
+        }
+    };
+    if a.json {
+        let mut out = m.to_pcrs_json();
+        if let Some(obj) = out.as_object_mut() {
+            obj.insert("valid".into(), json!(true));
+            obj.insert("eif".into(), json!(m));
+        }
+        println!("{out}");
+    } else {
+        println!("MEASURED eif {}", a.file.display());
+        println!(
+            "  format:   version {}, {}, crc32 {:#010x} {}",
+            m.version,
+            m.arch,
+            m.crc32,
+            if m.crc_checked {
+                "(checked)"
+            } else {
+                "(none before version 2)"
+            }
+        );
+        println!(
+            "  defaults: {} cpus, {} memory",
+            m.default_cpus, m.default_mem
+        );
+        println!("  cmdline:  {}", m.cmdline.escape_debug());
+        for (i, s) in m.sections.iter().enumerate() {
+            println!(
+                "  section {i}: {:<9} {:>12} bytes at byte {}",
+                s.kind.to_string(),
+                s.size,
+                s.offset
+            );
+        }
+        println!("  PCR0  {}", m.pcr0);
+        println!("  PCR1  {}", m.pcr1);
+        println!("  PCR2  {}", m.pcr2);
+        match m.pcr8 {
+            Some(p) => println!("  PCR8  {p}"),
+            None => println!("  note: unsigned image, so no PCR8"),
+        }
+    }
+    Ok(Verdict::Verified)
 }
