@@ -387,7 +387,7 @@ impl Event {
                     _ => None,
                 };
                 Event::Genesis {
-                    admin_keys: keys.ok_or(EntryError::Field {
+                    admin_keys: keys.ok_or(ShapeError::Field {
                         field: "admin_keys",
                         expected: "array of 32-byte keys",
                     })?,
@@ -634,12 +634,12 @@ impl EpochBinding {
 
     /// Parses the encoding of [`EpochBinding::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self, EntryError> {
-        let bad = || EntryError::Field {
+        let bad = || ShapeError::Field {
             field: "epoch binding",
             expected: "[context, epoch, seq, prev]",
         };
         let Value::Array(items) = cbor::decode(bytes)? else {
-            return Err(bad());
+            return Err(bad().into());
         };
         match items.as_slice() {
             [Value::Text(ctx), epoch, seq, Value::Bytes(prev)] if ctx == EPOCH_BINDING_CONTEXT => {
@@ -649,7 +649,7 @@ impl EpochBinding {
                     prev: EntryHash(prev.as_slice().try_into().map_err(|_| bad())?),
                 })
             }
-            _ => Err(bad()),
+            _ => Err(bad().into()),
         }
     }
 }
@@ -662,15 +662,6 @@ impl From<CoseError> for EntryError {
             CoseError::Header(reason) => EntryError::Header { reason },
             CoseError::NotCanonical => EntryError::NotCanonical,
             CoseError::SigningFailed => EntryError::SigningFailed,
-        }
-    }
-}
-
-impl From<ShapeError> for EntryError {
-    fn from(e: ShapeError) -> Self {
-        match e {
-            ShapeError::Field { field, expected } => EntryError::Field { field, expected },
-            ShapeError::UnknownField { key, within } => EntryError::UnknownField { key, within },
         }
     }
 }
@@ -702,22 +693,9 @@ pub enum EntryError {
     /// The payload is not deterministic CBOR.
     #[error("payload: {0}")]
     Cbor(#[from] CborError),
-    /// A field is missing or has the wrong type.
-    #[error("field {field}: expected {expected}")]
-    Field {
-        /// The field.
-        field: &'static str,
-        /// What it should have been.
-        expected: &'static str,
-    },
-    /// A map holds a key this version does not define.
-    #[error("unknown field {key:?} in {within}")]
-    UnknownField {
-        /// The key.
-        key: String,
-        /// The map it was found in.
-        within: &'static str,
-    },
+    /// A field is missing, has the wrong type, or is not defined by this version.
+    #[error("{0}")]
+    Shape(#[from] ShapeError),
     /// The event type is not one this version knows; refusing is the only safe choice.
     #[error("unknown event type {kind:?}")]
     UnknownEvent {
@@ -826,7 +804,7 @@ mod tests {
         let bytes = cbor::encode(&Value::Map(fields)).unwrap();
         assert!(matches!(
             Entry::from_payload(&bytes),
-            Err(EntryError::UnknownField { key, .. }) if key == "extra"
+            Err(EntryError::Shape(ShapeError::UnknownField { key, .. })) if key == "extra"
         ));
     }
 
