@@ -150,6 +150,8 @@ const CHECKPOINT_TMP: &str = "checkpoint.tmp";
 const LOCK_FILE: &str = "LOCK";
 const QUARANTINE_DIR: &str = "quarantine";
 const SCAN_BUFFER: usize = 1024 * 1024;
+/// Most saved tails for one segment offset.
+const MAX_QUARANTINE_VERSIONS: u32 = 100;
 /// Leaf hashes are kept in immutable chunks of this many, so that proofs can snapshot them
 /// without holding the index lock.
 const LEAF_CHUNK: usize = 4096;
@@ -911,6 +913,7 @@ impl Iterator for EntryStream<'_> {
 
 /// Completes with the last seq of an append once it is durable; see [`Store::submit`].
 /// Await it, or call [`Commit::wait`] from a thread that is not async.
+#[must_use = "an append is durable only once its commit completes"]
 pub struct Commit {
     slot: Arc<Slot>,
 }
@@ -1788,21 +1791,38 @@ fn quarantine(dir: &Path, first_seq: u64, offset: u64, tail: &[u8]) -> Result<Pa
         fs::create_dir(&qdir).map_err(StoreError::io("create quarantine directory", &qdir))?;
         sync_dir(dir)?;
     }
-    let path = qdir.join(format!(
-        "{first_seq:0w$}-{offset:0w$}.torn",
-        w = SEGMENT_NAME_DIGITS
-    ));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(StoreError::io("create", &path))?;
-    file.write_all(tail)
-        .map_err(StoreError::io("write", &path))?;
-    file.sync_all().map_err(StoreError::io("fsync", &path))?;
-    sync_dir(&qdir)?;
-    Ok(path)
+    // A tail cut at the same place before (a crash between saving and cutting, or a later
+    // torn write at the same offset) keeps its file: identical bytes reuse it, others get the
+    // next free suffix.
+    for version in 0..MAX_QUARANTINE_VERSIONS {
+        let suffix = if version == 0 {
+            String::new()
+        } else {
+            format!(".{version}")
+        };
+        let path = qdir.join(format!(
+            "{first_seq:0w$}-{offset:0w$}{suffix}.torn",
+            w = SEGMENT_NAME_DIGITS
+        ));
+        let mut file = match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if fs::read(&path).map_err(StoreError::io("read", &path))? == tail {
+                    return Ok(path);
+                }
+                continue;
+            }
+            Err(e) => return Err(StoreError::io("create", &path)(e)),
+        };
+        file.write_all(tail)
+            .map_err(StoreError::io("write", &path))?;
+        file.sync_all().map_err(StoreError::io("fsync", &path))?;
+        sync_dir(&qdir)?;
+        return Ok(path);
+    }
+    Err(StoreError::io("save torn tail in", &qdir)(
+        io::Error::other("too many saved tails at this offset"),
+    ))
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), StoreError> {

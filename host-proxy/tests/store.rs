@@ -473,6 +473,43 @@ fn a_torn_header_is_dropped() {
     });
 }
 
+#[test]
+fn torn_tails_cut_at_the_same_offset_are_all_kept() {
+    let dir = one_segment_of(10);
+    let seg = segment_path(dir.path(), 0);
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(9 * RECORD_LEN + 5)
+        .unwrap();
+    let first = Store::open(dir.path())
+        .unwrap()
+        .recovery()
+        .torn_tail
+        .clone()
+        .unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&[1, 2, 3])
+        .unwrap();
+    let second = Store::open(dir.path())
+        .unwrap()
+        .recovery()
+        .torn_tail
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (first.offset, second.offset),
+        (9 * RECORD_LEN, 9 * RECORD_LEN)
+    );
+    assert_ne!(first.saved_to, second.saved_to);
+    assert_eq!(fs::read(&first.saved_to).unwrap().len(), 5);
+    assert_eq!(fs::read(&second.saved_to).unwrap(), [1, 2, 3]);
+}
+
 fn flip_byte(path: &Path, at: u64) {
     let mut bytes = fs::read(path).unwrap();
     let at = usize::try_from(at).unwrap();
