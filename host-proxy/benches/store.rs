@@ -6,6 +6,18 @@
 //! - `STORE_BENCH_SECS` (default 3): seconds per append phase;
 //! - `STORE_BENCH_REBUILD` (default 1000000): entries for the rebuild phase (0 skips it);
 //! - `STORE_BENCH_DIR`: where to write (default: a temporary directory, which is deleted).
+//!
+//! Measured on the 2-core development VM (ext4 on a virtio disk), 3 s phases, two runs while
+//! other builds were running (fdatasync cost varies with disk load):
+//!
+//! | | run 1 (loaded disk) | run 2 |
+//! |---|---|---|
+//! | one fdatasync per entry | 226 entries/s, p50 4.0 ms | 10,159 entries/s, p50 0.10 ms |
+//! | group commit, 64 writers | 4,815 entries/s, 35.7 per sync, p99 31.7 ms | 88,603 entries/s, 51.2 per sync, p99 2.6 ms |
+//! | ratio | 21.3x | 8.7x |
+//! | open (index rebuild), 1M entries of 300 B, 308 MB | 1.13 s | 0.72 s |
+//! | get, random seq | 7.5 µs | 3.2 µs |
+//! | inclusion / consistency proof at 1M | 0.38 s each (flat O(n)) | 1 ms each (chunk roots) |
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
