@@ -76,14 +76,26 @@ impl PcrArgs {
         let mut out = BTreeMap::new();
         if let Some(path) = &self.pcrs_file {
             let text = read(path)?;
-            let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&text)
-                .with_context(|| format!("{}: not a JSON object", path.display()))?;
-            for (k, v) in map {
-                let Some(hex) = v.as_str() else { continue };
+            let value: serde_json::Value = serde_json::from_slice(&text)
+                .with_context(|| format!("{}: not JSON", path.display()))?;
+            // nitro-cli's describe-eif / build-enclave output nests the PCRs under
+            // "Measurements" next to a "HashAlgorithm" string; accept that shape too.
+            let object = value
+                .get("Measurements")
+                .unwrap_or(&value)
+                .as_object()
+                .ok_or_else(|| anyhow!("{}: not a JSON object of PCRs", path.display()))?;
+            for (k, v) in object {
+                if k == "HashAlgorithm" {
+                    continue;
+                }
                 let idx = k.trim_start_matches("PCR").trim_start_matches("pcr");
                 let idx: PcrIndex = idx
                     .parse()
                     .map_err(|e| anyhow!("{}: bad PCR index {k:?}: {e}", path.display()))?;
+                let hex = v
+                    .as_str()
+                    .ok_or_else(|| anyhow!("{}: PCR{idx} is not a hex string", path.display()))?;
                 let pcr = Pcr::from_hex(hex)
                     .map_err(|e| anyhow!("{}: bad PCR{idx} value: {e}", path.display()))?;
                 out.insert(idx, pcr);

@@ -201,3 +201,39 @@ fn a_non_log_file_fails_log_verification() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["first_bad_seq"], 0);
 }
+
+#[test]
+fn pcrs_file_accepts_nitro_cli_measurements() {
+    let dir = tempfile::tempdir().unwrap();
+    let nitro = dir.path().join("measurements.json");
+    std::fs::write(
+        &nitro,
+        format!(
+            r#"{{"Measurements": {{"HashAlgorithm": "Sha384 {{ ... }}", "PCR0": "{PROD_PCR0}"}}}}"#
+        ),
+    )
+    .unwrap();
+    let o = run(&[
+        "attestation",
+        &doc(PROD),
+        "--at",
+        "document",
+        "--pcrs",
+        nitro.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).contains("(matches expected)"));
+
+    // Anything that is not a PCR is a usage error, not silently ignored.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"PCR0": 5}"#).unwrap();
+    let o = run(&[
+        "attestation",
+        &doc(PROD),
+        "--at",
+        "document",
+        "--pcrs",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
