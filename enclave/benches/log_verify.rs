@@ -15,6 +15,8 @@
 //!   log (decode, hashing and the Merkle frontier, the small-order check on `R`, copying the
 //!   signed bytes), plus the two epoch documents' attestation checks, to say where any time
 //!   above the batch verification goes.
+//! - `decode_parts`: [`SignedEntry::decode`] split into its steps (COSE parse, canonical
+//!   re-encoding with the Sig_structure, strict payload CBOR decode, field extraction, hash).
 //!
 //! Run: `cargo bench -p attestplane-enclave --bench log_verify`.
 
@@ -26,11 +28,14 @@ use attestplane_enclave::nsm::{Clock, MockNsm, Nsm};
 use attestplane_enclave::writer::{Head, LogWriter};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::attestation::{
-    Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt, verify_attestation,
+    AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt, verify_attestation,
 };
-use attestplane_verifier::entry::{EntryHash, Event, SignedEntry};
+use attestplane_verifier::cbor;
+use attestplane_verifier::entry::{ENTRY_CONTENT_TYPE, Entry, EntryHash, Event, SignedEntry};
 use attestplane_verifier::log::{LogPolicy, SIGNATURE_BATCH, verify_log};
 use attestplane_verifier::merkle::{self, CompactRange};
+use coset::iana::Algorithm;
+use coset::{CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::{Signature, VerifyingKey};
 
@@ -156,45 +161,73 @@ fn last_epoch_signatures(log: &Log, decoded: &[SignedEntry]) -> Vec<Sig> {
         .collect()
 }
 
-/// Times `a` and `b` back to back, `rounds` times (alternating which goes first), and returns
-/// the medians of `time(a) / time(b)`, of `time(a)` and of `time(b)`. On a noisy machine a
-/// ratio of two criterion medians taken minutes apart mixes in the load's drift; pairs taken
-/// back to back do not.
-fn paired(rounds: usize, mut a: impl FnMut() -> bool, mut b: impl FnMut() -> bool) -> Paired {
-    let mut ta = Vec::with_capacity(rounds);
-    let mut tb = Vec::with_capacity(rounds);
-    let mut ratios = Vec::with_capacity(rounds);
-    let time = |f: &mut dyn FnMut() -> bool| {
-        let start = Instant::now();
-        assert!(black_box(f()), "a paired measurement failed");
-        start.elapsed().as_secs_f64()
-    };
+/// Back-to-back timings of several operations: each round runs every operation once, starting
+/// from a different one each round, so that the load of a noisy machine falls on all of them
+/// alike. Ratios of criterion medians taken minutes apart mix in the drift of that load; ratios
+/// within one interleaved run do not.
+struct Interleaved {
+    names: Vec<&'static str>,
+    /// `times[i][round]`, seconds.
+    times: Vec<Vec<f64>>,
+}
+
+type Op<'a> = (&'static str, Box<dyn FnMut() -> bool + 'a>);
+
+fn interleave(rounds: usize, mut ops: Vec<Op<'_>>) -> Interleaved {
+    let k = ops.len();
+    let mut times = vec![Vec::with_capacity(rounds); k];
     for round in 0..rounds {
-        let (x, y) = if round % 2 == 0 {
-            let x = time(&mut a);
-            (x, time(&mut b))
-        } else {
-            let y = time(&mut b);
-            (time(&mut a), y)
-        };
-        ta.push(x);
-        tb.push(y);
-        ratios.push(x / y);
+        for j in 0..k {
+            let i = (round + j) % k;
+            let (name, f) = &mut ops[i];
+            let start = Instant::now();
+            let ok = black_box(f());
+            times[i].push(start.elapsed().as_secs_f64());
+            assert!(ok, "interleaved operation {name} failed");
+        }
     }
-    Paired {
-        ratio: median(&mut ratios),
-        a: median(&mut ta),
-        b: median(&mut tb),
+    Interleaved {
+        names: ops.iter().map(|(n, _)| *n).collect(),
+        times,
     }
 }
 
-struct Paired {
-    ratio: f64,
-    a: f64,
-    b: f64,
+impl Interleaved {
+    fn series(&self, name: &str) -> &[f64] {
+        let i = self
+            .names
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or_else(|| panic!("no operation {name}"));
+        &self.times[i]
+    }
+
+    /// Median time of `name`, seconds.
+    fn median(&self, name: &str) -> f64 {
+        median(self.series(name).to_vec())
+    }
+
+    /// Fastest time of `name` (the least disturbed run), seconds.
+    fn min(&self, name: &str) -> f64 {
+        self.series(name)
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Median over rounds of `time(a) / time(b)`, and the ratio of the two minima.
+    fn ratio(&self, a: &str, b: &str) -> (f64, f64) {
+        let ratios = self
+            .series(a)
+            .iter()
+            .zip(self.series(b))
+            .map(|(x, y)| x / y)
+            .collect();
+        (median(ratios), self.min(a) / self.min(b))
+    }
 }
 
-fn median(v: &mut [f64]) -> f64 {
+fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
@@ -220,29 +253,192 @@ fn bench(c: &mut Criterion) {
         rayon::current_num_threads()
     );
 
+    // What `SignedEntry::decode` does, step by step (the steps of the verifier's COSE profile
+    // opening and strict payload decoding, replayed with the same crates), over the last
+    // epoch's ordinary entries.
+    let start = log.entries.len() - sigs.len();
+    let ordinary = log.entries.get(start..).unwrap_or_default();
+    let opened: Vec<CoseSign1> = ordinary
+        .iter()
+        .map(|b| CoseSign1::from_tagged_slice(b).unwrap_or_else(|e| panic!("coset: {e}")))
+        .collect();
+    let payloads: Vec<Vec<u8>> = opened
+        .iter()
+        .map(|c| c.payload.clone().unwrap_or_default())
+        .collect();
+    let kid = opened
+        .first()
+        .map(|c| c.protected.header.key_id.clone())
+        .unwrap_or_default();
+    let docs: Vec<&[u8]> = decoded
+        .iter()
+        .filter_map(|d| match &d.entry().event {
+            Event::EpochStart { attestation } => Some(attestation.as_slice()),
+            _ => None,
+        })
+        .collect();
+    let expect = Expectations {
+        pcrs: log.policy.pcrs.clone(),
+        ..Expectations::default()
+    };
+    let canonical = |c: &CoseSign1, payload: &Vec<u8>| {
+        let protected = HeaderBuilder::new()
+            .algorithm(Algorithm::EdDSA)
+            .content_type(ENTRY_CONTENT_TYPE.to_string())
+            .key_id(kid.clone())
+            .build();
+        let mut expected = CoseSign1Builder::new()
+            .protected(protected)
+            .payload(payload.clone())
+            .build();
+        let tbs = expected.tbs_data(&[]);
+        expected.signature = c.signature.clone();
+        let bytes = expected.to_tagged_vec().unwrap_or_default();
+        tbs.len() + bytes.len()
+    };
+
+    // Rates and the breakdown from one interleaved run (see `Interleaved`), printed before
+    // criterion's own figures. Every part runs on one thread.
     let n = log.entries.len() as u64;
-    // Rates from back-to-back pairs (see `paired`), printed before criterion's own figures.
     let all_batches: Vec<Batch<'_>> = sigs.chunks(SIGNATURE_BATCH).map(Batch::of).collect();
+    let verify_in = |pool: &rayon::ThreadPool| {
+        pool.install(|| verify_log(&log.entries, log.policy.clone(), log.at).is_ok())
+    };
+    let ops: Vec<Op<'_>> = vec![
+        ("log_1_thread", Box::new(|| verify_in(&one))),
+        ("log_2_threads", Box::new(|| verify_in(&two))),
+        (
+            "raw_batch",
+            Box::new(|| all_batches.iter().all(Batch::verify)),
+        ),
+        (
+            "decode",
+            Box::new(|| log.entries.iter().all(|e| SignedEntry::decode(e).is_ok())),
+        ),
+        (
+            "r_check",
+            Box::new(|| {
+                decoded.iter().all(|d| {
+                    VerifyingKey::from_bytes(d.signature().r_bytes()).is_ok_and(|r| !r.is_weak())
+                })
+            }),
+        ),
+        (
+            "hash_frontier",
+            Box::new(|| {
+                let mut range = CompactRange::new();
+                log.entries.iter().all(|e| {
+                    range
+                        .push(merkle::leaf_hash(EntryHash::of(e).as_bytes()))
+                        .is_ok()
+                })
+            }),
+        ),
+        (
+            "copy_tbs",
+            Box::new(|| {
+                decoded
+                    .iter()
+                    .all(|d| !black_box(d.signed_bytes().to_vec()).is_empty())
+            }),
+        ),
+        (
+            "epoch_docs",
+            Box::new(|| {
+                let v = AttestationVerifier::new(log.policy.anchor.clone());
+                docs.iter().all(|doc| {
+                    v.verify(doc, &expect, VerifyAt::Instant(UnixMillis::from_millis(T0)))
+                        .is_ok()
+                })
+            }),
+        ),
+        (
+            "coset_parse",
+            Box::new(|| {
+                ordinary
+                    .iter()
+                    .all(|e| CoseSign1::from_tagged_slice(e).is_ok())
+            }),
+        ),
+        (
+            "coset_reencode",
+            Box::new(|| {
+                opened
+                    .iter()
+                    .zip(&payloads)
+                    .all(|(c, p)| canonical(c, p) > 0)
+            }),
+        ),
+        (
+            "payload_strict",
+            Box::new(|| payloads.iter().all(|p| cbor::decode(p).is_ok())),
+        ),
+        (
+            "payload_lenient",
+            Box::new(|| payloads.iter().all(|p| cbor::decode_lenient(p).is_ok())),
+        ),
+        (
+            "entry_from_payload",
+            Box::new(|| payloads.iter().all(|p| Entry::from_payload(p).is_ok())),
+        ),
+    ];
+    let run = interleave(9, ops);
     let m = sigs.len() as f64;
-    let rounds = 7;
-    let log_1 = || one.install(|| verify_log(&log.entries, log.policy.clone(), log.at).is_ok());
-    let log_2 = || two.install(|| verify_log(&log.entries, log.policy.clone(), log.at).is_ok());
-    let raw = || all_batches.iter().all(Batch::verify);
-    let p = paired(rounds, log_1, raw);
+    let nf = n as f64;
+    let per = |name: &str| {
+        if matches!(
+            name,
+            "raw_batch"
+                | "coset_parse"
+                | "coset_reencode"
+                | "payload_strict"
+                | "payload_lenient"
+                | "entry_from_payload"
+        ) {
+            m
+        } else {
+            nf
+        }
+    };
+    for name in &run.names {
+        eprintln!(
+            "interleaved {name:>18}: per entry median {:8.2} µs, fastest {:8.2} µs",
+            run.median(name) / per(name) * 1e6,
+            run.min(name) / per(name) * 1e6
+        );
+    }
+    let (med, fastest) = run.ratio("raw_batch", "log_1_thread");
     eprintln!(
-        "paired: verify_log on 1 thread {:.0} entries/s, raw verify_batch on 1 thread {:.0} \
-         signatures/s; ratio {:.3} (target >= 0.9)",
-        n as f64 / p.a,
-        m / p.b,
-        (n as f64 / m) / p.ratio
+        "rate verify_log 1 thread: {:.0} entries/s (fastest {:.0}); raw verify_batch 1 thread: \
+         {:.0} signatures/s (fastest {:.0}); log / raw = {:.3} per-round median, {:.3} fastest \
+         (target >= 0.9)",
+        nf / run.median("log_1_thread"),
+        nf / run.min("log_1_thread"),
+        m / run.median("raw_batch"),
+        m / run.min("raw_batch"),
+        med * nf / m,
+        fastest * nf / m
     );
-    let p = paired(rounds, log_2, log_1);
+    let (med, fastest) = run.ratio("log_1_thread", "log_2_threads");
     eprintln!(
-        "paired: verify_log on 2 threads {:.0} entries/s, on 1 thread {:.0} entries/s; \
-         speed-up {:.3}",
-        n as f64 / p.a,
-        n as f64 / p.b,
-        1.0 / p.ratio
+        "rate verify_log 2 threads: {:.0} entries/s (fastest {:.0}); speed-up over 1 thread \
+         {med:.3} per-round median, {fastest:.3} fastest",
+        nf / run.median("log_2_threads"),
+        nf / run.min("log_2_threads"),
+    );
+    let parts = run.median("decode")
+        + run.median("r_check")
+        + run.median("hash_frontier")
+        + run.median("copy_tbs")
+        + run.median("epoch_docs")
+        + run.median("raw_batch") * (nf - docs.len() as f64) / m;
+    eprintln!(
+        "sum of the parts (decode, r check, hashing and frontier, copy, epoch documents, batch \
+         verification) {:.3} s against verify_log on 1 thread {:.3} s: {:.1}% unaccounted \
+         (linking, collecting, allocation)",
+        parts,
+        run.median("log_1_thread"),
+        (1.0 - parts / run.median("log_1_thread")) * 100.0
     );
 
     let mut group = c.benchmark_group("log_verify");
@@ -330,8 +526,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             black_box(&decoded)
                 .iter()
-                .map(|d| d.signed_bytes().to_vec())
-                .map(|v| v.len())
+                .map(|d| black_box(d.signed_bytes().to_vec()).len())
                 .sum::<usize>()
         })
     });
@@ -341,19 +536,70 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
+    let mut group = c.benchmark_group("decode_parts");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(ordinary.len() as u64));
+    group.bench_function("signed_entry_decode", |b| {
+        b.iter(|| {
+            black_box(ordinary)
+                .iter()
+                .filter(|e| SignedEntry::decode(e).is_ok())
+                .count()
+        })
+    });
+    group.bench_function("coset_from_tagged_slice", |b| {
+        b.iter(|| {
+            black_box(ordinary)
+                .iter()
+                .filter(|e| CoseSign1::from_tagged_slice(e).is_ok())
+                .count()
+        })
+    });
+    group.bench_function("coset_canonical_reencode_and_tbs", |b| {
+        b.iter(|| {
+            black_box(&opened)
+                .iter()
+                .zip(&payloads)
+                .map(|(c, payload)| canonical(c, payload))
+                .sum::<usize>()
+        })
+    });
+    group.bench_function("payload_cbor_decode_strict", |b| {
+        b.iter(|| {
+            black_box(&payloads)
+                .iter()
+                .filter(|p| cbor::decode(p).is_ok())
+                .count()
+        })
+    });
+    group.bench_function("payload_cbor_decode_lenient", |b| {
+        b.iter(|| {
+            black_box(&payloads)
+                .iter()
+                .filter(|p| cbor::decode_lenient(p).is_ok())
+                .count()
+        })
+    });
+    group.bench_function("entry_from_payload", |b| {
+        b.iter(|| {
+            black_box(&payloads)
+                .iter()
+                .filter(|p| Entry::from_payload(p).is_ok())
+                .count()
+        })
+    });
+    group.bench_function("sha256_entry_bytes", |b| {
+        b.iter(|| {
+            black_box(ordinary)
+                .iter()
+                .map(|e| EntryHash::of(e).as_bytes()[0])
+                .fold(0u8, u8::wrapping_add)
+        })
+    });
+    group.finish();
+
     // The two epoch documents (the log verifier checks each once; the second reuses the
     // cached CA chain).
-    let docs: Vec<&[u8]> = decoded
-        .iter()
-        .filter_map(|d| match &d.entry().event {
-            Event::EpochStart { attestation } => Some(attestation.as_slice()),
-            _ => None,
-        })
-        .collect();
-    let expect = Expectations {
-        pcrs: log.policy.pcrs.clone(),
-        ..Expectations::default()
-    };
     let mut group = c.benchmark_group("log_parts");
     group.throughput(Throughput::Elements(1));
     let mut i = 0;

@@ -129,56 +129,75 @@ fn extract_checks() -> Vec<SigCheck> {
     checks
 }
 
-/// Times `a` and `b` back to back, `rounds` times (alternating which goes first), and returns
-/// the medians of `time(a) / time(b)`, of `time(a)` and of `time(b)`. On a noisy machine a
-/// ratio of two criterion medians taken minutes apart mixes in the load's drift; pairs taken
-/// within milliseconds of each other do not.
-fn paired(rounds: usize, mut a: impl FnMut() -> bool, mut b: impl FnMut() -> bool) -> Paired {
-    let mut ta = Vec::with_capacity(rounds);
-    let mut tb = Vec::with_capacity(rounds);
-    let mut ratios = Vec::with_capacity(rounds);
-    let time = |f: &mut dyn FnMut() -> bool| {
-        let start = Instant::now();
-        assert!(black_box(f()), "a paired measurement failed");
-        start.elapsed().as_secs_f64()
-    };
+/// Back-to-back timings of several operations: each round runs every operation once, starting
+/// from a different one each round, so that the load of a noisy machine falls on all of them
+/// alike. Ratios of criterion medians taken minutes apart mix in the drift of that load; ratios
+/// within one interleaved run do not.
+struct Interleaved {
+    names: Vec<&'static str>,
+    /// `times[i][round]`, seconds.
+    times: Vec<Vec<f64>>,
+}
+
+type Op<'a> = (&'static str, Box<dyn FnMut() -> bool + 'a>);
+
+fn interleave(rounds: usize, mut ops: Vec<Op<'_>>) -> Interleaved {
+    let k = ops.len();
+    let mut times = vec![Vec::with_capacity(rounds); k];
     for round in 0..rounds {
-        let (x, y) = if round % 2 == 0 {
-            let x = time(&mut a);
-            (x, time(&mut b))
-        } else {
-            let y = time(&mut b);
-            (time(&mut a), y)
-        };
-        ta.push(x);
-        tb.push(y);
-        ratios.push(x / y);
+        for j in 0..k {
+            let i = (round + j) % k;
+            let (name, f) = &mut ops[i];
+            let start = Instant::now();
+            let ok = black_box(f());
+            times[i].push(start.elapsed().as_secs_f64());
+            assert!(ok, "interleaved operation {name} failed");
+        }
     }
-    Paired {
-        ratio: median(&mut ratios),
-        a: median(&mut ta),
-        b: median(&mut tb),
+    Interleaved {
+        names: ops.iter().map(|(n, _)| *n).collect(),
+        times,
     }
 }
 
-struct Paired {
-    ratio: f64,
-    a: f64,
-    b: f64,
+impl Interleaved {
+    fn series(&self, name: &str) -> &[f64] {
+        let i = self
+            .names
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or_else(|| panic!("no operation {name}"));
+        &self.times[i]
+    }
+
+    /// Median time of `name`, seconds.
+    fn median(&self, name: &str) -> f64 {
+        median(self.series(name).to_vec())
+    }
+
+    /// Fastest time of `name` (the least disturbed run), seconds.
+    fn min(&self, name: &str) -> f64 {
+        self.series(name)
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Median over rounds of `time(a) / time(b)`, and the ratio of the two minima.
+    fn ratio(&self, a: &str, b: &str) -> (f64, f64) {
+        let ratios = self
+            .series(a)
+            .iter()
+            .zip(self.series(b))
+            .map(|(x, y)| x / y)
+            .collect();
+        (median(ratios), self.min(a) / self.min(b))
+    }
 }
 
-fn median(v: &mut [f64]) -> f64 {
+fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn report(what: &str, p: &Paired) {
-    eprintln!(
-        "paired ratio {what}: {:.3} (medians {:.3} ms / {:.3} ms)",
-        p.ratio,
-        p.a * 1e3,
-        p.b * 1e3
-    );
 }
 
 fn bench(c: &mut Criterion) {
@@ -214,26 +233,57 @@ fn bench(c: &mut Criterion) {
         "the second verification must hit the chain cache"
     );
 
-    // Ratios from back-to-back pairs (see `paired`), printed before criterion's own figures.
-    let rounds = 60;
-    let cold = || verify_attestation(DOC, &anchor, &expect, at).is_ok();
-    let five = || checks.iter().all(SigCheck::verify);
-    let warm_check = || warm.verify(DOC, &expect, at).is_ok();
-    let one = || cose.verify();
-    let two = || leaf_link.verify() && cose.verify();
-    report("cold / five p-384 verifies", &paired(rounds, cold, five));
-    report(
-        "warm / one p-384 verify (cose)",
-        &paired(rounds, warm_check, one),
-    );
-    report(
-        "warm / one p-384 verify (leaf link)",
-        &paired(rounds, warm_check, || leaf_link.verify()),
-    );
-    report(
-        "warm / two p-384 verifies",
-        &paired(rounds, warm_check, two),
-    );
+    // Ratios from one interleaved run (see `Interleaved`), printed before criterion's figures.
+    let doc = parse_attestation(DOC).unwrap_or_else(|e| panic!("document: {e}"));
+    let mut path: Vec<Vec<u8>> = doc.cabundle().to_vec();
+    path.push(doc.certificate().to_vec());
+    let ops: Vec<Op<'_>> = vec![
+        (
+            "cold",
+            Box::new(|| verify_attestation(DOC, &anchor, &expect, at).is_ok()),
+        ),
+        ("five", Box::new(|| checks.iter().all(SigCheck::verify))),
+        ("warm", Box::new(|| warm.verify(DOC, &expect, at).is_ok())),
+        ("one_cose", Box::new(|| cose.verify())),
+        ("one_link", Box::new(|| leaf_link.verify())),
+        ("two", Box::new(|| leaf_link.verify() && cose.verify())),
+        ("parse", Box::new(|| parse_attestation(DOC).is_ok())),
+        (
+            "x509_five",
+            Box::new(|| {
+                path.iter()
+                    .all(|der| X509Certificate::from_der(der).is_ok())
+            }),
+        ),
+    ];
+    let run = interleave(150, ops);
+    for name in &run.names {
+        eprintln!(
+            "interleaved {name:>10}: median {:9.1} µs, fastest {:9.1} µs",
+            run.median(name) * 1e6,
+            run.min(name) * 1e6
+        );
+    }
+    for (a, b, what) in [
+        ("cold", "five", "cold / five p-384 verifies (target <= 1.2)"),
+        (
+            "warm",
+            "one_cose",
+            "warm / one p-384 verify, cose (target <= 1.2)",
+        ),
+        ("warm", "one_link", "warm / one p-384 verify, leaf link"),
+        (
+            "warm",
+            "two",
+            "warm / two p-384 verifies (leaf link + cose)",
+        ),
+        ("one_cose", "one_link", "cose verify / leaf-link verify"),
+    ] {
+        let (med, fastest) = run.ratio(a, b);
+        eprintln!(
+            "ratio {what}: median of per-round ratios {med:.3}, of the fastest runs {fastest:.3}"
+        );
+    }
 
     let mut group = c.benchmark_group("attestation");
 
@@ -257,9 +307,6 @@ fn bench(c: &mut Criterion) {
     });
 
     // Where the time above the signature checks goes.
-    let doc = parse_attestation(DOC).unwrap_or_else(|e| panic!("document: {e}"));
-    let mut path: Vec<Vec<u8>> = doc.cabundle().to_vec();
-    path.push(doc.certificate().to_vec());
     group.bench_function("parts/parse_attestation", |b| {
         b.iter(|| parse_attestation(black_box(DOC)).is_ok())
     });
