@@ -373,7 +373,16 @@ impl Enclave {
         };
         let needs_genesis = !self.state.has_genesis();
         if needs_genesis && replay.genesis_keys.is_empty() {
-            // The replayed state is in place: a retry cannot start over, so refuse to serve.
+            if head.size == 0 {
+                // Nothing was replayed: the host may start over with the keys.
+                self.phase = Phase::Booting;
+                return error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "an empty log needs the genesis admin keys",
+                );
+            }
+            // A stored log without genesis: its state is in place and cannot be retried.
             return self.broken(id, None, "an empty log needs the genesis admin keys".into());
         }
         let (mut writer, start) =
