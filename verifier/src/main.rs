@@ -86,10 +86,12 @@ impl PcrArgs {
                 .as_object()
                 .ok_or_else(|| anyhow!("{}: not a JSON object of PCRs", path.display()))?;
             for (k, v) in object {
-                if k == "HashAlgorithm" {
+                // PCR keys are `PCRn`, `pcrn` or `n`; other keys ("HashAlgorithm", the
+                // metadata of `attestplane-verify eif --json`) are not measurements.
+                let idx = k.trim_start_matches("PCR").trim_start_matches("pcr");
+                if idx.is_empty() || !idx.bytes().all(|b| b.is_ascii_digit()) {
                     continue;
                 }
-                let idx = k.trim_start_matches("PCR").trim_start_matches("pcr");
                 let idx: PcrIndex = idx
                     .parse()
                     .map_err(|e| anyhow!("{}: bad PCR index {k:?}: {e}", path.display()))?;

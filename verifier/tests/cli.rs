@@ -224,7 +224,7 @@ fn pcrs_file_accepts_nitro_cli_measurements() {
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     assert!(stdout(&o).contains("(matches expected)"));
 
-    // Anything that is not a PCR is a usage error, not silently ignored.
+    // A PCR entry that is not a hex string is a usage error, not silently ignored.
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"PCR0": 5}"#).unwrap();
     let o = run(&[
