@@ -17,6 +17,9 @@ use attestplane_verifier::merkle::{
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const TREE_SIZE: u64 = 1_000_000;
+/// Tree size when the binary runs as a smoke test (`cargo test --all-targets` runs each
+/// benchmark once, unoptimised, without `--bench`); positions are scaled down to it.
+const SMOKE_TEST_TREE_SIZE: u64 = 10_000;
 const INCLUSION_INDICES: [u64; 4] = [0, 123_457, 654_321, TREE_SIZE - 1];
 const CONSISTENCY_OLD_SIZES: [u64; 4] = [123_457, 524_288, 777_777, TREE_SIZE - 1];
 /// Leaves pushed per timed iteration of the compact-range benchmark.
@@ -38,13 +41,24 @@ fn leaves(n: u64) -> Vec<Hash> {
     (0..n).map(|i| leaf_hash(&i.to_be_bytes())).collect()
 }
 
+fn bench_mode() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
 fn bench(c: &mut Criterion) {
-    let leaves = leaves(TREE_SIZE);
+    let size = if bench_mode() {
+        TREE_SIZE
+    } else {
+        SMOKE_TEST_TREE_SIZE
+    };
+    // Positions scaled to the tree (identity at full size), at least 1, below `size`.
+    let scaled = |x: u64| (x * size / TREE_SIZE).clamp(1, size - 1);
+    let leaves = leaves(size);
     let tree_root = root(&leaves);
-    let size = TREE_SIZE;
     let inclusions: Vec<Inclusion> = INCLUSION_INDICES
         .iter()
         .map(|&index| {
+            let index = if index == 0 { 0 } else { scaled(index) };
             let proof = inclusion_proof(&leaves, index)
                 .unwrap_or_else(|e| panic!("inclusion proof for {index}: {e}"));
             let leaf = leaves
@@ -59,6 +73,7 @@ fn bench(c: &mut Criterion) {
     let consistencies: Vec<Consistency> = CONSISTENCY_OLD_SIZES
         .iter()
         .map(|&old_size| {
+            let old_size = scaled(old_size);
             let proof = consistency_proof(&leaves, old_size)
                 .unwrap_or_else(|e| panic!("consistency proof from {old_size}: {e}"));
             let old_root = root(leaves.get(..old_size as usize).unwrap_or_default());
@@ -72,7 +87,7 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     eprintln!(
-        "merkle bench: {TREE_SIZE} leaves; inclusion proof lengths {:?}; consistency proof \
+        "merkle bench: {size} leaves; inclusion proof lengths {:?}; consistency proof \
          lengths {:?}",
         inclusions.iter().map(|p| p.proof.len()).collect::<Vec<_>>(),
         consistencies
@@ -115,9 +130,11 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
-    let batch = leaves.get(..PUSH_BATCH as usize).unwrap_or_default();
+    let batch = leaves
+        .get(..PUSH_BATCH.min(size) as usize)
+        .unwrap_or_default();
     let mut group = c.benchmark_group("compact_range");
-    group.throughput(Throughput::Elements(PUSH_BATCH));
+    group.throughput(Throughput::Elements(batch.len() as u64));
     group.bench_function("push_65536", |b| {
         b.iter(|| {
             let mut range = CompactRange::new();
