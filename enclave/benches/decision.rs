@@ -11,7 +11,7 @@
 //! `Persist` → `Durable` dance. Every benchmarked request is a same-tenant `call` of a pinned
 //! tool on an attested server, so every one reaches the Cedar evaluation (none is settled by a
 //! hard rule first). The clock moves 2 ms per decision, so the agents' call windows reach a
-//! steady state (about 150 calls a minute each).
+//! steady state (about 100 allowed calls a minute each).
 //!
 //! Groups (criterion):
 //! - `decision/service_authorize`: the full service path: [`Enclave::handle`] with
