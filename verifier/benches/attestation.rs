@@ -314,6 +314,13 @@ fn bench(c: &mut Criterion) {
     group.bench_function("raw/two_p384_verifies_leaf_link_and_cose", |b| {
         b.iter(|| black_box(leaf_link).verify() && black_box(cose).verify())
     });
+    // Each of the five alone. They do the same work; differences between them show how much
+    // the machine's speed drifts between criterion runs.
+    for (i, check) in checks.iter().enumerate() {
+        group.bench_function(format!("raw/p384_verify_check_{i}"), |b| {
+            b.iter(|| black_box(check).verify())
+        });
+    }
 
     // Where the time above the signature checks goes.
     group.bench_function("parts/parse_attestation", |b| {
