@@ -79,11 +79,40 @@ const AGENTS_PER_TENANT: usize = 10;
 const REQUESTS: usize = 1024;
 /// How far the enclave's clock moves per decision.
 const STEP_MS: u64 = 2;
-/// Decisions timed one by one for the latency distribution.
-const SAMPLES: usize = 10_000;
-/// Back-to-back blocks for the paired ratio.
-const ROUNDS: usize = 31;
-const BLOCK: usize = 256;
+
+/// Sizes of the set-up and of the runs outside criterion.
+#[derive(Clone, Copy)]
+struct Sizes {
+    /// Decisions made before measuring, to bring the call windows to their steady state.
+    warm: usize,
+    /// Decisions timed one by one for each latency distribution.
+    samples: usize,
+    /// Back-to-back blocks for the paired ratios, and decisions per block.
+    rounds: usize,
+    block: usize,
+}
+
+impl Sizes {
+    /// Full sizes under `cargo bench` (which passes `--bench`); small ones when
+    /// `cargo test --all-targets` runs the binary once as a smoke test.
+    fn get() -> Self {
+        if std::env::args().any(|a| a == "--bench") {
+            Self {
+                warm: 60_000 / STEP_MS as usize,
+                samples: 10_000,
+                rounds: 31,
+                block: 256,
+            }
+        } else {
+            Self {
+                warm: 200,
+                samples: 100,
+                rounds: 3,
+                block: 8,
+            }
+        }
+    }
+}
 
 fn at(ms: u64) -> UnixMillis {
     UnixMillis::from_millis(ms)
@@ -588,7 +617,7 @@ fn setup() -> Bench {
     // Warm the core state's call windows to their steady state, and keep what it wrote.
     let mut entries = Vec::new();
     let mut records = Vec::new();
-    for i in 0..60_000 / STEP_MS as usize {
+    for i in 0..Sizes::get().warm {
         let w = core.authorize(&calls[i % REQUESTS], true);
         if entries.len() < REQUESTS {
             let signed = SignedEntry::decode(&w.bytes).unwrap_or_else(|e| panic!("{e}"));
@@ -652,7 +681,7 @@ fn setup() -> Bench {
         .unwrap_or_else(|e| panic!("open: {e}"))
         .0;
     // Warm the service's call windows too.
-    for i in 0..60_000 / STEP_MS as usize {
+    for i in 0..Sizes::get().warm {
         service_authorize(&mut host, &calls[i % REQUESTS]);
     }
     Bench {
@@ -734,20 +763,20 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Medians over `ROUNDS` back-to-back blocks of `a` and `b` (alternating which goes first):
+/// Medians over `sizes.rounds` back-to-back blocks of `a` and `b` (alternating which goes first):
 /// (time of a per call, time of b per call, median of the per-round ratios).
-fn paired(mut a: impl FnMut(usize), mut b: impl FnMut(usize)) -> (f64, f64, f64) {
+fn paired(sizes: Sizes, mut a: impl FnMut(usize), mut b: impl FnMut(usize)) -> (f64, f64, f64) {
     let mut ta = Vec::new();
     let mut tb = Vec::new();
     let mut ratios = Vec::new();
     let block = |f: &mut dyn FnMut(usize), round: usize| {
         let start = Instant::now();
-        for i in 0..BLOCK {
-            f(round * BLOCK + i);
+        for i in 0..sizes.block {
+            f(round * sizes.block + i);
         }
-        start.elapsed().as_secs_f64() * 1e6 / BLOCK as f64
+        start.elapsed().as_secs_f64() * 1e6 / sizes.block as f64
     };
-    for round in 0..ROUNDS {
+    for round in 0..sizes.rounds {
         let (x, y) = if round % 2 == 0 {
             let x = block(&mut a, round);
             (x, block(&mut b, round))
@@ -876,37 +905,39 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     // Distributions, decision by decision, and the sustained rate on one core.
-    eprintln!("\nlatency over {SAMPLES} decisions each (one core):");
-    let service = latency(SAMPLES, |i| {
+    let sizes = Sizes::get();
+    let samples = sizes.samples;
+    eprintln!("\nlatency over {samples} decisions each (one core):");
+    let service = latency(samples, |i| {
         black_box(service_authorize(&mut host, &calls[i % n]));
     });
     show("service Authorize (+ Durable)", &service);
-    let resolve = latency(SAMPLES, |i| {
+    let resolve = latency(samples, |i| {
         black_box(service_resolve(&mut host, &calls[i % n]));
     });
     show("service Resolve (+ Durable)", &resolve);
-    let core_full = latency(SAMPLES, |i| {
+    let core_full = latency(samples, |i| {
         black_box(core.authorize(&calls[i % n], true));
     });
     show("core decide+sign+hash+apply", &core_full);
-    let core_sign = latency(SAMPLES, |i| {
+    let core_sign = latency(samples, |i| {
         black_box(core.authorize(&calls[i % n], false));
     });
     show("core decide+sign+hash", &core_sign);
-    let sign = latency(SAMPLES, |i| {
+    let sign = latency(samples, |i| {
         black_box(sign_key.sign(&messages[i % messages.len()]));
     });
     show("ed25519 sign alone", &sign);
-    let cedar_alone = latency(SAMPLES, |i| {
+    let cedar_alone = latency(samples, |i| {
         black_box(engine.decide(&cedar[i % n]));
     });
     show("cedar decide alone", &cedar_alone);
-    let reference = latency(SAMPLES, |i| {
+    let reference = latency(samples, |i| {
         black_box(sign_key.sign(&messages[i % messages.len()]));
         black_box(engine.decide(&cedar[i % n]));
     });
     show("reference: sign + cedar", &reference);
-    let auth = latency(SAMPLES, |i| {
+    let auth = latency(samples, |i| {
         black_box(authenticate(host.enclave.state(), &calls[i % n].bearer, host.now).is_ok());
     });
     show("bearer authenticate alone", &auth);
@@ -928,6 +959,7 @@ fn bench(c: &mut Criterion) {
         black_box(engine.decide(&cedar[i % n]));
     };
     let (a, b, r) = paired(
+        sizes,
         |i| {
             black_box(core.authorize(&calls[i % n], true));
         },
@@ -937,6 +969,7 @@ fn bench(c: &mut Criterion) {
         "  paired blocks: core decide+sign+hash+apply {a:.1} us vs reference {b:.1} us: {r:.2}x"
     );
     let (a, b, r) = paired(
+        sizes,
         |i| {
             black_box(core.authorize(&calls[i % n], false));
         },
@@ -944,6 +977,7 @@ fn bench(c: &mut Criterion) {
     );
     eprintln!("  paired blocks: core decide+sign+hash {a:.1} us vs reference {b:.1} us: {r:.2}x");
     let (a, b, r) = paired(
+        sizes,
         |i| {
             black_box(service_authorize(&mut host, &calls[i % n]));
         },
