@@ -25,7 +25,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::attestation::{Pcr, PcrIndex};
-use crate::cbor::{self, CborError, Fields, ShapeError, as_u64, map, uint};
+use crate::cbor::{self, CborError, Fields, ShapeError, as_u64, keys32, map, uint};
 use crate::cose::{self, CoseError};
 use crate::entry::KeyId;
 use crate::time::UnixMillis;
@@ -444,13 +444,7 @@ fn action_to_value(a: &AdminAction) -> Value {
         AdminAction::RemoveIdentityProvider { issuer } => {
             map([kind, ("issuer", Value::Text(issuer.clone()))])
         }
-        AdminAction::RotateAdminKeys { keys } => map([
-            kind,
-            (
-                "keys",
-                Value::Array(keys.iter().map(|k| Value::Bytes(k.to_vec())).collect()),
-            ),
-        ]),
+        AdminAction::RotateAdminKeys { keys } => map([kind, ("keys", keys32(keys))]),
     }
 }
 
@@ -475,22 +469,14 @@ fn action_from_value(v: Value) -> Result<AdminAction, AdminError> {
             issuer: id("issuer", f.text("issuer")?)?,
         },
         "rotate_admin_keys" => {
-            let keys = match f.take("keys")? {
-                Value::Array(items) if !items.is_empty() && items.len() <= MAX_ADMIN_KEYS => items
-                    .into_iter()
-                    .map(|v| match v {
-                        Value::Bytes(b) => <[u8; 32]>::try_from(b.as_slice()).ok(),
-                        _ => None,
-                    })
-                    .collect::<Option<Vec<_>>>(),
-                _ => None,
-            };
-            AdminAction::RotateAdminKeys {
-                keys: keys.ok_or(AdminError::Invalid {
+            let keys = f.keys32("keys")?;
+            if keys.is_empty() || keys.len() > MAX_ADMIN_KEYS {
+                return Err(AdminError::Invalid {
                     field: "keys",
                     problem: "must be 1 to 16 raw 32-byte Ed25519 keys",
-                })?,
+                });
             }
+            AdminAction::RotateAdminKeys { keys }
         }
         _ => return Err(AdminError::UnknownAction { kind }),
     };

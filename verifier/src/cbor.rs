@@ -341,6 +341,21 @@ impl Fields {
         }
     }
 
+    /// An array of 32-byte byte strings (raw Ed25519 public keys).
+    pub(crate) fn keys32(&mut self, field: &'static str) -> Result<Vec<[u8; 32]>, ShapeError> {
+        let bad = || field_err(field, "array of 32-byte byte strings");
+        match self.take(field)? {
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::Bytes(b) => <[u8; 32]>::try_from(b.as_slice()).map_err(|_| bad()),
+                    _ => Err(bad()),
+                })
+                .collect(),
+            _ => Err(bad()),
+        }
+    }
+
     pub(crate) fn texts(&mut self, field: &'static str) -> Result<Vec<String>, ShapeError> {
         match self.take(field)? {
             Value::Array(items) => items
@@ -378,6 +393,11 @@ pub(crate) fn map<const N: usize>(fields: [(&str, Value); N]) -> Value {
 /// `Some(text)` as text, `None` as null.
 pub(crate) fn opt_text(v: &Option<String>) -> Value {
     v.as_ref().map_or(Value::Null, |t| Value::Text(t.clone()))
+}
+
+/// A list of 32-byte byte strings.
+pub(crate) fn keys32(keys: &[[u8; 32]]) -> Value {
+    Value::Array(keys.iter().map(|k| Value::Bytes(k.to_vec())).collect())
 }
 
 /// A list of texts.

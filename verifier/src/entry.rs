@@ -27,7 +27,9 @@ use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::cbor::{self, CborError, Fields, ShapeError, as_u64, map, opt_text, texts, uint};
+use crate::cbor::{
+    self, CborError, Fields, ShapeError, as_u64, keys32, map, opt_text, texts, uint,
+};
 use crate::cose::{self, CoseError};
 use crate::time::UnixMillis;
 
@@ -288,18 +290,7 @@ impl Event {
             Event::EpochStart { attestation } => {
                 map([kind, ("attestation", Value::Bytes(attestation.clone()))])
             }
-            Event::Genesis { admin_keys } => map([
-                kind,
-                (
-                    "admin_keys",
-                    Value::Array(
-                        admin_keys
-                            .iter()
-                            .map(|k| Value::Bytes(k.to_vec()))
-                            .collect(),
-                    ),
-                ),
-            ]),
+            Event::Genesis { admin_keys } => map([kind, ("admin_keys", keys32(admin_keys))]),
             Event::Admin {
                 request,
                 accepted,
@@ -375,24 +366,9 @@ impl Event {
             "epoch_start" => Event::EpochStart {
                 attestation: f.bytes("attestation")?,
             },
-            "genesis" => {
-                let keys = match f.take("admin_keys")? {
-                    Value::Array(items) => items
-                        .into_iter()
-                        .map(|v| match v {
-                            Value::Bytes(b) => <[u8; 32]>::try_from(b.as_slice()).ok(),
-                            _ => None,
-                        })
-                        .collect::<Option<Vec<_>>>(),
-                    _ => None,
-                };
-                Event::Genesis {
-                    admin_keys: keys.ok_or(ShapeError::Field {
-                        field: "admin_keys",
-                        expected: "array of 32-byte keys",
-                    })?,
-                }
-            }
+            "genesis" => Event::Genesis {
+                admin_keys: f.keys32("admin_keys")?,
+            },
             "admin" => Event::Admin {
                 request: f.bytes("request")?,
                 accepted: f.bool("accepted")?,
