@@ -36,6 +36,10 @@
     )
 )]
 
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod proxy;
 pub mod store;
 
 pub use store::{Store, StoreError};
