@@ -173,8 +173,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused() {
-        let err = ConfigFile::parse("[proxy]\nlisten = \"127.0.0.1:1\"\nlistne = \"x\"\n")
-            .unwrap_err();
+        let err =
+            ConfigFile::parse("[proxy]\nlisten = \"127.0.0.1:1\"\nlistne = \"x\"\n").unwrap_err();
         assert!(err.contains("listne"), "{err}");
         assert!(ConfigFile::parse("[proxi]\n").is_err());
     }

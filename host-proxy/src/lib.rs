@@ -36,10 +36,13 @@
     )
 )]
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod enclave_client;
 pub mod proxy;
+pub mod registry;
 pub mod store;
 
 pub use store::{Store, StoreError};

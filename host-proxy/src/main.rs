@@ -37,7 +37,12 @@ struct Cli {
     #[arg(long, global = true, env = "ATTESTPLANE_URL", value_name = "URL")]
     url: Option<String>,
     /// Admin key file (hex ed25519 secret) that signs admin requests.
-    #[arg(long, global = true, env = "ATTESTPLANE_ADMIN_KEY", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "ATTESTPLANE_ADMIN_KEY",
+        value_name = "FILE"
+    )]
     admin_key: Option<PathBuf>,
     /// Agent bearer token file (a JWT).
     #[arg(long, global = true, env = "ATTESTPLANE_TOKEN", value_name = "FILE")]
@@ -91,10 +96,7 @@ fn main() -> ExitCode {
             Command::Client(command) => {
                 let c = file.client;
                 let context = ClientContext {
-                    url: cli
-                        .url
-                        .or(c.url)
-                        .unwrap_or_else(|| DEFAULT_URL.to_owned()),
+                    url: cli.url.or(c.url).unwrap_or_else(|| DEFAULT_URL.to_owned()),
                     json: cli.json,
                     admin_key: cli.admin_key.or(c.admin_key),
                     token: cli.token.or(c.token),

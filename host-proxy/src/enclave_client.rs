@@ -1,0 +1,809 @@
+//! The host's client of the enclave: a few persistent connections, requests multiplexed over
+//! them by id, the two-phase durability protocol, and the replay of the stored log at boot.
+//!
+//! Role. Everything the HTTP API asks of the enclave goes through [`EnclaveClient::call`]. The
+//! client keeps [`ClientOptions::connections`] connections open (DESIGN.md, "Transport": never a
+//! connection per request), sends each request on one of them under a fresh id, and completes
+//! the caller's future when the *final* reply arrives under that id.
+//!
+//! Durability. A request that writes the log is answered first with [`Response::Persist`]. The
+//! client hands those entries to the [`Store`] **in sequence order** — replies travel on
+//! different connections and may arrive out of order, and a `Persist` whose own connection died
+//! is re-sent by the enclave on another one under an id this client may not know — so every
+//! `Persist`, known id or not, goes through one sequencer that parks early batches until the gap
+//! before them is filled. When a group commit completes, the client reports the highest durable
+//! seq with [`Request::Durable`]; only then does the enclave release the final replies. So no
+//! caller is ever answered on the strength of an entry that is not on disk.
+//!
+//! Boot and reconnection. On every new connection the client says `Hello`. If the enclave has
+//! not replayed (a fresh enclave, or one that restarted), one connection streams the whole
+//! stored log into it (`ReplayBegin`, `ReplayEntries`…, `ReplayEnd`, whose `Persist` carries the
+//! new epoch's opening entries) while requests wait. If the enclave is ready but its head is not
+//! the store's head (entries the enclave signed never reached this disk, e.g. the proxy was
+//! killed between the two), the client refuses to serve: continuing would extend a chain whose
+//! links the store does not have. Restarting the enclave recovers (it replays what is stored,
+//! and opens a new epoch after it). Nothing acknowledged to anyone is lost that way, because
+//! nothing is acknowledged before it is durable.
+//!
+//! Trust. The enclave's replies are input like any other: a malformed reply, an id this client
+//! never used, a `Persist` overlapping stored entries, all end in an error, never a panic. The
+//! client checks nothing cryptographic: the enclave verifies the log at replay and auditors
+//! verify it afterwards. It never logs request or reply bodies (bearer tokens and handles pass
+//! through it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use attestplane_proto::{
+    Address, Body, ByteBuf, ErrorCode, Frame, FrameDecoder, MAX_ENTRIES_PER_FRAME,
+    PROTOCOL_VERSION, ProtoError, Request, Response, encode_frame, read_frame,
+};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::store::{Store, StoreError};
+
+/// Persistent connections to the enclave by default.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+
+/// Frames queued for writing per connection.
+const WRITE_QUEUE: usize = 1024;
+
+/// How long one replay step may take (a batch of 4096 entries is verified in well under this).
+const REPLAY_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Reconnection back-off bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Tunables of the client.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Persistent connections to keep open.
+    pub connections: usize,
+    /// The admin keys trusted at genesis, sent with `ReplayBegin`.
+    pub genesis_admin_keys: Vec<[u8; 32]>,
+    /// How long [`EnclaveClient::call`] waits for the enclave to become ready.
+    pub ready_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connections: DEFAULT_CONNECTIONS,
+            genesis_admin_keys: Vec::new(),
+            ready_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a call did not get a final reply.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// No connection to the enclave could be used.
+    #[error("the enclave is unavailable: {0}")]
+    Unavailable(String),
+    /// The enclave has not finished replaying the log.
+    #[error("the enclave is replaying the log")]
+    NotReady,
+    /// The client refuses to serve (broken log at replay, store failure, enclave ahead of
+    /// the store); the reason says which and what to do.
+    #[error("not serving: {0}")]
+    Failed(String),
+    /// No final reply within the deadline. The request may still complete in the enclave.
+    #[error("the enclave did not answer in time")]
+    Timeout,
+    /// The enclave broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// What the client is doing, for `/readyz` and the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// No usable connection yet.
+    Connecting,
+    /// Streaming the stored log into the enclave: entries sent so far, of `total`.
+    Replaying {
+        /// Entries sent.
+        sent: u64,
+        /// Entries stored.
+        total: u64,
+    },
+    /// Serving: the enclave's current epoch.
+    Ready {
+        /// The epoch opened at the enclave's last boot.
+        epoch: u64,
+    },
+    /// Refusing to serve, and why.
+    Failed(String),
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClientMetrics {
+    /// Final replies received.
+    pub replies: AtomicU64,
+    /// Sum of round-trip times of final replies, in microseconds.
+    pub round_trip_us: AtomicU64,
+    /// `Persist` batches stored.
+    pub persists: AtomicU64,
+    /// `Persist` batches that arrived under an id this client did not know.
+    pub rerouted_persists: AtomicU64,
+    /// `Persist` batches parked because an earlier one had not arrived yet.
+    pub parked_persists: AtomicU64,
+    /// Connections established.
+    pub connects: AtomicU64,
+    /// Replays run.
+    pub replays: AtomicU64,
+}
+
+/// The client. Cheap to clone; all clones share the connections.
+#[derive(Clone)]
+pub struct EnclaveClient {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for EnclaveClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnclaveClient")
+            .field("address", &self.shared.address)
+            .field("phase", &*self.shared.phase.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    address: Address,
+    store: Arc<Store>,
+    options: ClientOptions,
+    next_id: AtomicU64,
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    links: Mutex<Vec<Option<Link>>>,
+    round_robin: AtomicUsize,
+    phase: watch::Sender<Phase>,
+    /// Serialises the decision to replay: one connection replays, the others wait.
+    control: tokio::sync::Mutex<()>,
+    sequencer: Mutex<Sequencer>,
+    /// One more than the highest seq reported durable to the current enclave (0: none).
+    reported: AtomicU64,
+    metrics: ClientMetrics,
+}
+
+enum Waiter {
+    /// A caller waits for the final reply.
+    Call {
+        slot: usize,
+        sent: Instant,
+        reply: oneshot::Sender<Result<Response, ClientError>>,
+    },
+    /// Nobody waits (the `Ack` of a `Durable`).
+    Ignore { slot: usize },
+}
+
+impl Waiter {
+    fn slot(&self) -> usize {
+        match self {
+            Waiter::Call { slot, .. } | Waiter::Ignore { slot } => *slot,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Link {
+    /// Distinguishes this connection from an earlier one in the same slot.
+    generation: u64,
+    frames: mpsc::Sender<Frame>,
+}
+
+/// Orders `Persist` batches by seq before they reach the store.
+struct Sequencer {
+    /// The seq the next stored batch must start with.
+    next: u64,
+    /// Batches that arrived before the one at `next`.
+    parked: BTreeMap<u64, Vec<ByteBuf>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl EnclaveClient {
+    /// Starts the client: it connects in the background, replays the stored log if the
+    /// enclave needs it, and serves calls once ready. Must run inside a Tokio runtime.
+    pub fn start(address: Address, store: Arc<Store>, options: ClientOptions) -> EnclaveClient {
+        let connections = options.connections.max(1);
+        let (phase, _) = watch::channel(Phase::Connecting);
+        let next = store.next_seq();
+        let shared = Arc::new(Shared {
+            address,
+            store,
+            options,
+            next_id: AtomicU64::new(1),
+            waiters: Mutex::new(HashMap::new()),
+            links: Mutex::new(vec![None; connections]),
+            round_robin: AtomicUsize::new(0),
+            phase,
+            control: tokio::sync::Mutex::new(()),
+            sequencer: Mutex::new(Sequencer {
+                next,
+                parked: BTreeMap::new(),
+            }),
+            reported: AtomicU64::new(0),
+            metrics: ClientMetrics::default(),
+        });
+        for slot in 0..connections {
+            tokio::spawn(Arc::clone(&shared).keep_connected(slot));
+        }
+        EnclaveClient { shared }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.shared.phase.borrow().clone()
+    }
+
+    /// Waits until the client is ready or has failed, at most `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<u64, ClientError> {
+        self.shared.wait_ready(timeout).await
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &ClientMetrics {
+        &self.shared.metrics
+    }
+
+    /// The store the client persists into.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    /// Sends `request` and returns its final reply (for a two-phase request: after its
+    /// entries are durable). Waits for readiness first, at most the client's ready timeout;
+    /// gives up on the reply after `timeout`.
+    pub async fn call(&self, request: Request, timeout: Duration) -> Result<Response, ClientError> {
+        self.shared
+            .wait_ready(self.shared.options.ready_timeout)
+            .await?;
+        let slot = self.shared.pick_slot()?;
+        self.shared.call_on(slot, request, timeout).await
+    }
+}
+
+impl Shared {
+    async fn wait_ready(&self, timeout: Duration) -> Result<u64, ClientError> {
+        let mut rx = self.phase.subscribe();
+        let wait = async {
+            loop {
+                match &*rx.borrow_and_update() {
+                    Phase::Ready { epoch } => return Ok(*epoch),
+                    Phase::Failed(why) => return Err(ClientError::Failed(why.clone())),
+                    Phase::Connecting | Phase::Replaying { .. } => {}
+                }
+                if rx.changed().await.is_err() {
+                    return Err(ClientError::Unavailable("client stopped".into()));
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(match &*self.phase.borrow() {
+                Phase::Replaying { .. } => ClientError::NotReady,
+                _ => ClientError::Unavailable("no connection to the enclave".into()),
+            }),
+        }
+    }
+
+    fn pick_slot(&self) -> Result<usize, ClientError> {
+        let links = lock(&self.links);
+        let n = links.len();
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| start.wrapping_add(i) % n)
+            .find(|&s| links.get(s).is_some_and(Option::is_some))
+            .ok_or_else(|| ClientError::Unavailable("no connection to the enclave".into()))
+    }
+
+    fn fresh_id(&self) -> u64 {
+        // Ids start at 1 (0 is NO_REQUEST_ID) and are never reused within a process.
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn call_on(
+        &self,
+        slot: usize,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let id = self.fresh_id();
+        let (tx, rx) = oneshot::channel();
+        let link = lock(&self.links)
+            .get(slot)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| ClientError::Unavailable("connection closed".into()))?;
+        lock(&self.waiters).insert(
+            id,
+            Waiter::Call {
+                slot,
+                sent: Instant::now(),
+                reply: tx,
+            },
+        );
+        if link.frames.send(Frame::request(id, request)).await.is_err() {
+            lock(&self.waiters).remove(&id);
+            return Err(ClientError::Unavailable("connection closed".into()));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClientError::Unavailable("connection closed".into())),
+            Err(_) => {
+                lock(&self.waiters).remove(&id);
+                Err(ClientError::Timeout)
+            }
+        }
+    }
+
+    /// One connection slot: connect, greet, serve, and reconnect when it drops.
+    async fn keep_connected(self: Arc<Self>, slot: usize) {
+        let mut backoff = BACKOFF_MIN;
+        let mut generation = 0u64;
+        loop {
+            if matches!(*self.phase.borrow(), Phase::Failed(_)) {
+                return;
+            }
+            let stream = match attestplane_proto::connect(&self.address).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if slot == 0 {
+                        tracing_line(&format!(
+                            "cannot connect to the enclave at {}: {e}",
+                            self.address
+                        ));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = BACKOFF_MIN;
+            generation += 1;
+            self.metrics.connects.fetch_add(1, Ordering::Relaxed);
+            let (reader, writer) = tokio::io::split(stream);
+            let (frames_tx, frames_rx) = mpsc::channel(WRITE_QUEUE);
+            if let Some(l) = lock(&self.links).get_mut(slot) {
+                *l = Some(Link {
+                    generation,
+                    frames: frames_tx,
+                });
+            }
+            let writer_task = tokio::spawn(write_loop(writer, frames_rx));
+            let reader_task = tokio::spawn(Arc::clone(&self).read_loop(slot, reader));
+            let greeted = self.greet(slot).await;
+            if let Err(e) = &greeted {
+                tracing_line(&format!("connection {slot}: {e}"));
+            }
+            if greeted.is_ok() {
+                let _ = reader_task.await;
+            } else {
+                reader_task.abort();
+            }
+            writer_task.abort();
+            self.drop_link(slot, generation);
+            if matches!(*self.phase.borrow(), Phase::Failed(_)) {
+                return;
+            }
+            tokio::time::sleep(BACKOFF_MIN).await;
+        }
+    }
+
+    /// `Hello`, then, if the enclave needs it, the replay; or the head check.
+    async fn greet(&self, slot: usize) -> Result<(), ClientError> {
+        let hello = self
+            .call_on(
+                slot,
+                Request::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+                Duration::from_secs(10),
+            )
+            .await?;
+        if !matches!(hello, Response::Hello { .. }) {
+            return Err(unexpected("Hello", &hello));
+        }
+        // One connection at a time decides (and maybe replays); the state is read after
+        // taking the lock, since another connection may have replayed meanwhile.
+        let _control = self.control.lock().await;
+        let status = self
+            .call_on(slot, Request::Status, Duration::from_secs(10))
+            .await?;
+        let Response::Status {
+            ready,
+            epoch,
+            head_seq,
+            ..
+        } = status
+        else {
+            return Err(unexpected("Status", &status));
+        };
+        let phase = self.phase.borrow().clone();
+        match (ready, phase) {
+            (_, Phase::Failed(why)) => Err(ClientError::Failed(why)),
+            (true, Phase::Ready { epoch: known }) if epoch == Some(known) => Ok(()),
+            (true, _) => {
+                // An enclave this client has not seen ready: its head must be the store's.
+                let stored = self.store.next_seq();
+                let enclave_next = head_seq.map_or(0, |h| h.saturating_add(1));
+                if enclave_next != stored {
+                    let why = format!(
+                        "the enclave's log has {enclave_next} entries but the store holds \
+                         {stored}: entries the enclave signed were never stored (was the proxy \
+                         killed?); restart the enclave so that it replays the stored log"
+                    );
+                    self.fail(&why);
+                    return Err(ClientError::Failed(why));
+                }
+                let epoch = epoch.ok_or_else(|| {
+                    ClientError::Protocol("a ready enclave reported no epoch".into())
+                })?;
+                self.reset_sequencer(stored, enclave_next);
+                self.phase.send_replace(Phase::Ready { epoch });
+                tracing_line(&format!(
+                    "enclave ready (epoch {epoch}, {stored} entries stored)"
+                ));
+                Ok(())
+            }
+            (false, _) => self.replay(slot).await,
+        }
+    }
+
+    fn reset_sequencer(&self, next: u64, reported: u64) {
+        let mut seq = lock(&self.sequencer);
+        seq.next = next;
+        seq.parked.clear();
+        self.reported.store(reported, Ordering::SeqCst);
+    }
+
+    /// Streams the stored log into the enclave on `slot`.
+    async fn replay(&self, slot: usize) -> Result<(), ClientError> {
+        self.metrics.replays.fetch_add(1, Ordering::Relaxed);
+        let total = self.store.len();
+        self.reset_sequencer(self.store.next_seq(), 0);
+        self.phase.send_replace(Phase::Replaying { sent: 0, total });
+        tracing_line(&format!(
+            "replaying {total} stored entries into the enclave"
+        ));
+        let started = Instant::now();
+        let keys = self
+            .options
+            .genesis_admin_keys
+            .iter()
+            .map(|k| ByteBuf::from(k.to_vec()))
+            .collect();
+        self.replay_step(
+            slot,
+            Request::ReplayBegin {
+                genesis_admin_keys: keys,
+                total_entries: total,
+            },
+        )
+        .await?;
+        let mut sent = 0u64;
+        // Read the next batch on a blocking thread while the enclave verifies this one.
+        let mut stream_from = 0u64;
+        while stream_from < total {
+            let store = Arc::clone(&self.store);
+            let from = stream_from;
+            let batch = tokio::task::spawn_blocking(move || {
+                store.range(
+                    from,
+                    total.min(from.saturating_add(MAX_ENTRIES_PER_FRAME as u64)),
+                )
+            })
+            .await
+            .map_err(|e| ClientError::Failed(format!("reading the store: {e}")))?
+            .map_err(|e| self.fail_store(&e))?;
+            if batch.is_empty() {
+                let why = format!("the store returned no entries at seq {from}");
+                self.fail(&why);
+                return Err(ClientError::Failed(why));
+            }
+            let n = batch.len() as u64;
+            stream_from = stream_from.saturating_add(n);
+            self.replay_step(
+                slot,
+                Request::ReplayEntries {
+                    entries: batch.into_iter().map(ByteBuf::from).collect(),
+                },
+            )
+            .await?;
+            sent = sent.saturating_add(n);
+            self.phase.send_replace(Phase::Replaying { sent, total });
+        }
+        // ReplayEnd is two-phase: its Persist (the new epoch's opening entries) is stored and
+        // reported durable by the read loop; the Ack follows.
+        self.replay_step(slot, Request::ReplayEnd).await?;
+        let status = self
+            .call_on(slot, Request::Status, Duration::from_secs(10))
+            .await?;
+        let Response::Status {
+            ready: true,
+            epoch: Some(epoch),
+            ..
+        } = status
+        else {
+            return Err(unexpected("Status after the replay", &status));
+        };
+        self.phase.send_replace(Phase::Ready { epoch });
+        tracing_line(&format!(
+            "replay of {total} entries done in {:.1} s; serving epoch {epoch}",
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    async fn replay_step(&self, slot: usize, request: Request) -> Result<(), ClientError> {
+        match self.call_on(slot, request, REPLAY_STEP_TIMEOUT).await? {
+            Response::Ack => Ok(()),
+            Response::BrokenLog { seq, message } => {
+                let why = match seq {
+                    Some(seq) => {
+                        format!("the enclave refused the stored log at entry {seq}: {message}")
+                    }
+                    None => format!("the enclave refused the stored log: {message}"),
+                };
+                self.fail(&why);
+                Err(ClientError::Failed(why))
+            }
+            other => Err(unexpected("replay", &other)),
+        }
+    }
+
+    fn fail(&self, why: &str) {
+        tracing_line(&format!("not serving: {why}"));
+        self.phase.send_replace(Phase::Failed(why.to_owned()));
+        let waiters: Vec<Waiter> = lock(&self.waiters).drain().map(|(_, w)| w).collect();
+        for w in waiters {
+            if let Waiter::Call { reply, .. } = w {
+                let _ = reply.send(Err(ClientError::Failed(why.to_owned())));
+            }
+        }
+    }
+
+    fn fail_store(&self, e: &StoreError) -> ClientError {
+        let why = format!("the log store failed: {e}");
+        self.fail(&why);
+        ClientError::Failed(why)
+    }
+
+    fn drop_link(&self, slot: usize, generation: u64) {
+        {
+            let mut links = lock(&self.links);
+            if let Some(l) = links.get_mut(slot)
+                && l.as_ref().is_some_and(|l| l.generation == generation)
+            {
+                *l = None;
+            }
+        }
+        let orphans: Vec<Waiter> = {
+            let mut waiters = lock(&self.waiters);
+            let ids: Vec<u64> = waiters
+                .iter()
+                .filter(|(_, w)| w.slot() == slot)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| waiters.remove(id)).collect()
+        };
+        for w in orphans {
+            if let Waiter::Call { reply, .. } = w {
+                let _ = reply.send(Err(ClientError::Unavailable(
+                    "the connection to the enclave closed before the reply".into(),
+                )));
+            }
+        }
+    }
+
+    async fn read_loop(
+        self: Arc<Self>,
+        slot: usize,
+        reader: tokio::io::ReadHalf<attestplane_proto::Stream>,
+    ) {
+        let mut reader = BufReader::with_capacity(64 * 1024, reader);
+        let mut decoder = FrameDecoder::new();
+        loop {
+            match read_frame(&mut reader, &mut decoder).await {
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.on_frame(frame) {
+                        tracing_line(&format!("connection {slot}: {e}; closing it"));
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) if e.is_fatal() => {
+                    tracing_line(&format!("connection {slot}: {e}"));
+                    return;
+                }
+                Err(e) => {
+                    tracing_line(&format!(
+                        "connection {slot}: bad frame from the enclave: {e}"
+                    ));
+                    if let Some(id) = e.request_id()
+                        && let Some(Waiter::Call { reply, .. }) = lock(&self.waiters).remove(&id)
+                    {
+                        let _ = reply.send(Err(ClientError::Protocol(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_frame(self: &Arc<Self>, frame: Frame) -> Result<(), ClientError> {
+        if frame.version != PROTOCOL_VERSION {
+            return Err(ClientError::Protocol(format!(
+                "protocol version {} (this client speaks {PROTOCOL_VERSION})",
+                frame.version
+            )));
+        }
+        let response = match frame.body {
+            Body::Response(r) => r,
+            Body::Request(_) => {
+                return Err(ClientError::Protocol("the enclave sent a request".into()));
+            }
+        };
+        if let Response::Persist { first_seq, entries } = response {
+            let known = lock(&self.waiters).contains_key(&frame.id);
+            if !known {
+                self.metrics
+                    .rerouted_persists
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return self.persist(first_seq, entries);
+        }
+        let waiter = lock(&self.waiters).remove(&frame.id);
+        match waiter {
+            Some(Waiter::Call { sent, reply, .. }) => {
+                self.metrics.replies.fetch_add(1, Ordering::Relaxed);
+                let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.metrics.round_trip_us.fetch_add(us, Ordering::Relaxed);
+                let result = match response {
+                    Response::Error {
+                        code: ErrorCode::Overloaded,
+                        ..
+                    } => Err(ClientError::Unavailable("the enclave is overloaded".into())),
+                    r => Ok(r),
+                };
+                let _ = reply.send(result);
+            }
+            Some(Waiter::Ignore { .. }) => {}
+            None => {
+                if let Response::Error { code, message } = &response {
+                    tracing_line(&format!(
+                        "the enclave reported {code} for request {}: {message}",
+                        frame.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a `Persist` batch for the store in seq order and reports durability as commits
+    /// complete.
+    fn persist(self: &Arc<Self>, first_seq: u64, entries: Vec<ByteBuf>) -> Result<(), ClientError> {
+        if entries.is_empty() {
+            return Err(ClientError::Protocol("an empty Persist".into()));
+        }
+        let mut seq = lock(&self.sequencer);
+        if first_seq < seq.next {
+            let why = format!(
+                "the enclave asked to store seq {first_seq} again (the store is at {})",
+                seq.next
+            );
+            drop(seq);
+            self.fail(&why);
+            return Err(ClientError::Failed(why));
+        }
+        if first_seq > seq.next {
+            self.metrics.parked_persists.fetch_add(1, Ordering::Relaxed);
+            if seq.parked.len() >= 4 * WRITE_QUEUE {
+                return Err(ClientError::Protocol(
+                    "too many out-of-order Persists".into(),
+                ));
+            }
+            seq.parked.insert(first_seq, entries);
+            return Ok(());
+        }
+        let mut batch = Some((first_seq, entries));
+        while let Some((first, entries)) = batch.take() {
+            let n = entries.len() as u64;
+            let commit = self
+                .store
+                .submit(first, entries.into_iter().map(ByteBuf::into_vec).collect())
+                .map_err(|e| self.fail_store(&e))?;
+            self.metrics.persists.fetch_add(1, Ordering::Relaxed);
+            seq.next = first.saturating_add(n);
+            let next = seq.next;
+            batch = seq.parked.remove(&next).map(|e| (next, e));
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                match commit.await {
+                    Ok(last) => this.report_durable(last).await,
+                    Err(e) => {
+                        this.fail_store(&e);
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn report_durable(&self, last: u64) {
+        let reported_next = last.saturating_add(1);
+        if self.reported.fetch_max(reported_next, Ordering::SeqCst) >= reported_next {
+            return; // A later commit already reported this one.
+        }
+        let Ok(slot) = self.pick_slot() else {
+            return; // No connection: the next report (or the next replay) covers it.
+        };
+        let id = self.fresh_id();
+        let link = lock(&self.links).get(slot).cloned().flatten();
+        let Some(link) = link else { return };
+        lock(&self.waiters).insert(id, Waiter::Ignore { slot });
+        if link
+            .frames
+            .send(Frame::request(id, Request::Durable { through_seq: last }))
+            .await
+            .is_err()
+        {
+            lock(&self.waiters).remove(&id);
+        }
+    }
+}
+
+fn unexpected(what: &str, got: &Response) -> ClientError {
+    let kind = match got {
+        Response::Error { code, message } => format!("error {code}: {message}"),
+        other => format!("{other:?}"),
+    };
+    ClientError::Protocol(format!("unexpected reply to {what}: {kind}"))
+}
+
+/// Writes frames as they come, flushing when the queue runs dry (one write for a burst).
+async fn write_loop(
+    writer: tokio::io::WriteHalf<attestplane_proto::Stream>,
+    mut frames: mpsc::Receiver<Frame>,
+) {
+    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
+    while let Some(frame) = frames.recv().await {
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            match encode_frame(&frame) {
+                Ok(bytes) => {
+                    if writer.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing_line(&format!("cannot encode a request: {e}")),
+            }
+            next = frames.try_recv().ok();
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One line on stderr (the proxy's log). Never called with a request or reply body.
+pub(crate) fn tracing_line(line: &str) {
+    eprintln!("attestplane: {line}");
+}
+
+/// Converts a [`ProtoError`] into a client error.
+impl From<ProtoError> for ClientError {
+    fn from(e: ProtoError) -> Self {
+        ClientError::Protocol(e.to_string())
+    }
+}
