@@ -139,14 +139,12 @@ pub async fn main(args: DevArgs) -> Result<u8> {
     .await?;
     let url = format!("http://{}", running.local_addr);
 
-    let marker = dir.join("bootstrapped");
-    if !marker.exists() {
+    if running.entries_at_open == 0 {
         bootstrap(&running.client, &admin, &idp).await?;
-        std::fs::write(
-            &marker,
-            b"starter policy and dev identity provider installed\n",
-        )
-        .with_context(|| format!("cannot write {}", marker.display()))?;
+    }
+    if let Some(demo) = &demo_url {
+        std::fs::write(dir.join("demo-server-url"), format!("{demo}\n"))
+            .context("cannot write demo-server-url")?;
     }
     write_control_plane_pcrs(&running.client, &dir).await?;
     write_client_config(&dir, &url)?;

@@ -161,6 +161,8 @@ pub struct Running {
     pub local_addr: SocketAddr,
     /// The enclave client.
     pub client: EnclaveClient,
+    /// Entries the store held when it was opened (0: a new log).
+    pub entries_at_open: u64,
     listener: tokio::net::TcpListener,
     state: AppState,
     store: Arc<Store>,
@@ -195,6 +197,7 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
             None => String::new(),
         }
     );
+    let entries_at_open = recovery.entries;
     let store = Arc::new(store);
     let client = EnclaveClient::start(
         config.enclave.clone(),
@@ -223,6 +226,7 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
     Ok(Running {
         local_addr,
         client,
+        entries_at_open,
         listener,
         state,
         store,
