@@ -342,7 +342,7 @@ fn print_next_steps(dir: &Path, url: &str, demo: Option<&str>) {
     if let Some(demo) = demo {
         println!(
             "    attestplane servers register --id weather --name Weather --tenant acme \\\n      \
-             --resource {demo}/mcp --endpoint {demo} --pcrs {d}/demo-server-pcrs.json"
+             --resource {demo}/mcp --endpoint {demo} --server-pcrs {d}/demo-server-pcrs.json"
         );
         println!("    attestplane servers attest weather");
     }

@@ -163,13 +163,13 @@ pub struct Running {
     pub client: EnclaveClient,
     /// Entries the store held when it was opened (0: a new log).
     pub entries_at_open: u64,
-    listener: tokio::net::TcpListener,
-    state: AppState,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Arc<Store>,
 }
 
-/// Opens the store, connects to the enclave and waits until it serves (replay included), then
-/// binds the API. The API is not served until [`Running::wait`].
+/// Opens the store, binds and serves the API, connects to the enclave and returns once the
+/// enclave serves (replay included). Fails if the enclave refuses the stored log.
 pub async fn start(config: ProxyConfig) -> Result<Running> {
     let dir = config.store_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&dir))
@@ -208,38 +208,56 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
             ready_timeout: config.request_timeout,
         },
     );
-    // Wait for the replay however long it takes; fail if the enclave refuses the log.
-    loop {
-        match client.wait_ready(Duration::from_secs(3600)).await {
-            Ok(_) => break,
-            Err(crate::enclave_client::ClientError::Failed(why)) => {
-                bail!("the enclave cannot serve this log: {why}")
-            }
-            Err(_) => continue,
-        }
-    }
+    // Serve at once (so /healthz and /readyz answer during a long replay; other routes wait
+    // for readiness within their timeout), then wait for the replay however long it takes.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
     let state = AppState::new(client.clone(), config.request_timeout, config.max_in_flight);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    loop {
+        match client.wait_ready(Duration::from_secs(3600)).await {
+            Ok(_) => break,
+            Err(crate::enclave_client::ClientError::Failed(why)) => {
+                let _ = stop.send(());
+                let _ = server.await;
+                bail!("the enclave cannot serve this log: {why}")
+            }
+            Err(_) => continue,
+        }
+    }
     Ok(Running {
         local_addr,
         client,
         entries_at_open,
-        listener,
-        state,
+        stop,
+        server,
         store,
     })
 }
 
 impl Running {
-    /// Serves the API until `shutdown` completes, then drains and closes.
+    /// Serves the API until `shutdown` completes, then drains (requests in flight finish, their
+    /// entries stored) and closes.
     pub async fn wait(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
-        axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("the HTTP server failed")?;
+        let mut server = self.server;
+        tokio::select! {
+            () = shutdown => {
+                let _ = self.stop.send(());
+                server.await.context("the HTTP server panicked")?.context("the HTTP server failed")?;
+            }
+            result = &mut server => {
+                result.context("the HTTP server panicked")?.context("the HTTP server failed")?;
+            }
+        }
         eprintln!("attestplane: stopped; {} entries stored", self.store.len());
         Ok(())
     }
