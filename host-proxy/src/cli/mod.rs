@@ -1,8 +1,41 @@
 //! The operator's, agent's and auditor's commands of the `attestplane` CLI: HTTP clients of the
 //! proxy's API (docs/http-api.md).
+//!
+//! - Operators sign admin requests locally with their admin key ([`admin`]): `servers
+//!   register|update|revoke`, `policy set`, `idp set|remove`, `keys rotate`. The proxy forwards
+//!   the signed bytes untouched; the enclave checks them.
+//! - Agents list servers and resolve handles with a bearer token ([`servers`], [`handle`]).
+//!   `handle resolve` believes nothing the host says: it verifies the control plane's
+//!   attestation document (fresh nonce, pinned root, expected PCRs) and the handle against the
+//!   attested key before printing it.
+//! - Auditors export the log for `attestplane-verify log` and read it ([`log`]).
+//! - `keys gen` and `token mint` are local ([`keys`], [`token`]); `token mint` is the
+//!   development identity provider of `attestplane dev`, not a production issuer.
+//!
+//! Plain HTTP only: this build has no TLS (see [`http`]).
+//!
+//! Exit codes: 0 success; 1 refused by the control plane (a 4xx answer) or failed
+//! verification; 2 usage, I/O, transport or server (5xx) errors. Errors are printed on stderr
+//! as `error: <code>: <message> (log entry <seq>)`.
+//!
+//! What it deliberately does not do: `log tail` and `policy show` display entries as the host
+//! serves them without verifying signatures or hash links (that is `attestplane-verify log`'s
+//! job on an exported log); secrets (key files, bearer tokens, handles) are never printed
+//! except the token a command exists to produce (`token mint`, `handle resolve`).
 
-use std::path::PathBuf;
+pub mod admin;
+pub mod handle;
+pub mod http;
+pub mod keys;
+pub mod log;
+pub mod pcrs;
+pub mod servers;
+pub mod token;
 
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use attestplane_verifier::UnixMillis;
 use clap::Subcommand;
 
 /// Settings every client command may use, resolved from flags, environment and the TOML config
@@ -34,10 +67,183 @@ pub struct ClientContext {
 
 /// The client commands.
 #[derive(Debug, Subcommand)]
-pub enum ClientCommand {}
+pub enum ClientCommand {
+    /// Admin and identity-provider key files; rotate the admin key set.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Register, update, revoke, attest and list MCP servers.
+    #[command(subcommand)]
+    Servers(servers::ServersCommand),
+    /// Install or show the Cedar policy.
+    #[command(subcommand)]
+    Policy(admin::PolicyCommand),
+    /// Install or remove an identity provider (issuer, audience, JWKS).
+    #[command(subcommand)]
+    Idp(admin::IdpCommand),
+    /// Mint an agent token with the development identity provider.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Resolve a server handle and verify it (and the control plane) before printing it.
+    #[command(subcommand)]
+    Handle(handle::HandleCommand),
+    /// Export the log for `attestplane-verify log`, or print its latest entries.
+    #[command(subcommand)]
+    Log(log::LogCommand),
+}
 
 /// Runs one client command; the returned code is the process's exit code (0 success, 1 refused
 /// or failed verification, 2 usage or I/O error).
-pub async fn run(command: ClientCommand, _context: &ClientContext) -> anyhow::Result<u8> {
-    match command {}
+pub async fn run(command: ClientCommand, context: &ClientContext) -> anyhow::Result<u8> {
+    let result = match command {
+        ClientCommand::Keys(c) => keys::run(c, context).await,
+        ClientCommand::Servers(c) => servers::run(c, context).await,
+        ClientCommand::Policy(c) => admin::run_policy(c, context).await,
+        ClientCommand::Idp(c) => admin::run_idp(c, context).await,
+        ClientCommand::Token(c) => token::run(c, context),
+        ClientCommand::Handle(c) => handle::run(c, context).await,
+        ClientCommand::Log(c) => log::run(c, context).await,
+    };
+    match result {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(e.exit_code())
+        }
+    }
+}
+
+/// Why a client command failed; decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The API answered with an error (`{"error": {...}}`); 4xx exit 1, others exit 2.
+    #[error("{code}: {message}{}", seq_suffix(*.seq))]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The stable machine code.
+        code: String,
+        /// The message (control characters replaced).
+        message: String,
+        /// The log entry that recorded the refusal, if any.
+        seq: Option<u64>,
+    },
+    /// Something did not verify, or a refusal decided locally (exit 1).
+    #[error("{0}")]
+    Failed(String),
+    /// Bad flags or settings (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// I/O, transport or an answer of the wrong shape (exit 2).
+    #[error("{0:#}")]
+    Io(#[from] anyhow::Error),
+}
+
+fn seq_suffix(seq: Option<u64>) -> String {
+    seq.map(|s| format!(" (log entry {s})")).unwrap_or_default()
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Api { status, .. } if (400..500).contains(status) => 1,
+            CliError::Failed(_) => 1,
+            CliError::Api { .. } | CliError::Usage(_) | CliError::Io(_) => 2,
+        }
+    }
+}
+
+/// The result of a client command.
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+/// Replaces control characters (terminal escapes included) in text the host or a log entry
+/// supplied, before it reaches a terminal.
+pub fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Now, from the system clock.
+pub fn now() -> UnixMillis {
+    UnixMillis::from_system_time(SystemTime::now())
+}
+
+/// RFC 3339 (UTC, milliseconds) of an instant.
+pub fn rfc3339(t: UnixMillis) -> String {
+    humantime::format_rfc3339_millis(t.to_system_time()).to_string()
+}
+
+/// Prints a JSON value on stdout.
+pub fn print_json(value: &serde_json::Value) -> CliResult {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Io(anyhow::anyhow!("cannot encode JSON output: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Reads a whole file of at most `max` bytes.
+pub fn read_file(path: &Path, max: u64) -> CliResult<Vec<u8>> {
+    let io =
+        |e: std::io::Error| CliError::Io(anyhow::anyhow!("cannot read {}: {e}", path.display()));
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > max {
+        return Err(CliError::Usage(format!(
+            "{} is {len} bytes, more than the limit of {max}",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(io)
+}
+
+/// The agent's bearer token from the `--token` file.
+pub fn read_bearer(context: &ClientContext) -> CliResult<String> {
+    let path = context.token.as_deref().ok_or_else(|| {
+        CliError::Usage(
+            "this command needs an agent token: --token FILE (or ATTESTPLANE_TOKEN, or token = in \
+             the [client] config)"
+                .into(),
+        )
+    })?;
+    let bytes = read_file(
+        path,
+        attestplane_verifier::handle::MAX_TOKEN_LEN as u64 + 64,
+    )?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| CliError::Usage(format!("{}: the token is not text", path.display())))?;
+    let token = text.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(CliError::Usage(format!(
+            "{}: not a bearer token (one JWT on one line)",
+            path.display()
+        )));
+    }
+    Ok(token.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        let api = |status| CliError::Api {
+            status,
+            code: "x".into(),
+            message: "y".into(),
+            seq: None,
+        };
+        assert_eq!(api(403).exit_code(), 1);
+        assert_eq!(api(422).exit_code(), 1);
+        assert_eq!(api(500).exit_code(), 2);
+        assert_eq!(api(503).exit_code(), 2);
+        assert_eq!(CliError::Failed("bad".into()).exit_code(), 1);
+        assert_eq!(CliError::Usage("bad".into()).exit_code(), 2);
+        assert_eq!(CliError::Io(anyhow::anyhow!("bad")).exit_code(), 2);
+    }
+
+    #[test]
+    fn clean_replaces_terminal_escapes() {
+        assert_eq!(clean("a\x1b[2Jb\nc\u{9b}d"), "a?[2Jb?c?d");
+    }
 }

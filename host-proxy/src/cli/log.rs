@@ -1,0 +1,560 @@
+//! `log export`, `log tail` and `policy show`: reading the log the host serves.
+//!
+//! `log export` writes exactly the bytes of the entries, concatenated in sequence order: the
+//! RFC 8742 CBOR sequence `attestplane-verify log` reads. It pages `GET /v1/log/entries` 4096
+//! entries at a time until the head's size, checks that each page holds the entries asked for
+//! (so a short page cannot silently shorten the export), and writes the file under a temporary
+//! name, renamed when complete. With `--checkpoint`, it first asks for a fresh signed checkpoint
+//! (`POST /v1/log/checkpoint`, falling back to the latest stored one) and exports at least the
+//! entries it covers, so the verifier can detect a truncated log.
+//!
+//! `log tail` and `policy show` decode entries with the verifier's decoder but verify nothing
+//! (no signature, no hash link): they show what the host serves. They never print a bearer
+//! token or a handle (entries hold neither: only handle ids and the verified identity).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::admin::{AdminAction, SignedAdminRequest};
+use attestplane_verifier::cbor::item_len;
+use attestplane_verifier::entry::{Entry, Event, SignedEntry};
+use attestplane_verifier::log::claimed_size;
+use clap::Subcommand;
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::admin::subject_of;
+use super::http::{Api, MAX_ENTRIES_PAGE_LEN, MAX_NOTE_LEN};
+use super::{CliError, CliResult, ClientContext, clean, print_json, rfc3339};
+
+/// Entries asked for per page (the API's maximum).
+pub const PAGE: u64 = 4096;
+
+/// How often `log tail --follow` polls the head.
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `log ...`.
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Write the whole log as the CBOR sequence `attestplane-verify log` reads.
+    Export {
+        /// The file to write (replaced when the export completes).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Also write a signed checkpoint (a fresh one if the proxy can sign it) covering at
+        /// most the exported entries: `attestplane-verify log --checkpoint FILE`.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Print the last entries, one line each (as served by the host, not verified).
+    Tail {
+        /// How many of the last entries.
+        #[arg(short = 'n', long = "lines", default_value_t = 10)]
+        n: u64,
+        /// Keep printing new entries as they are appended.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+/// `GET /v1/log/head`.
+#[derive(Debug, Deserialize)]
+struct Head {
+    size: u64,
+}
+
+/// Runs a `log` command.
+pub async fn run(command: LogCommand, context: &ClientContext) -> CliResult {
+    let api = Api::new(&context.url)?;
+    match command {
+        LogCommand::Export { out, checkpoint } => {
+            export(&api, context, &out, checkpoint.as_deref()).await
+        }
+        LogCommand::Tail { n, follow } => tail(&api, context, n, follow).await,
+    }
+}
+
+async fn head(api: &Api) -> CliResult<u64> {
+    let head: Head = api.get_json(&["v1", "log", "head"], &[], None).await?;
+    Ok(head.size)
+}
+
+/// Splits a CBOR sequence into its items.
+pub fn split_sequence(bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut items = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let offset = bytes.len() - rest.len();
+        let len = item_len(rest)
+            .map_err(|e| format!("item {} at byte {offset} is not CBOR: {e}", items.len()))?;
+        let (item, tail) = rest
+            .split_at_checked(len)
+            .ok_or_else(|| format!("item {} at byte {offset} is truncated", items.len()))?;
+        items.push(item);
+        rest = tail;
+    }
+    Ok(items)
+}
+
+/// Entries `start..end` as stored; refuses a page that does not hold exactly them.
+async fn fetch(api: &Api, start: u64, end: u64) -> CliResult<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    let mut next = start;
+    while next < end {
+        let page_end = end.min(next.saturating_add(PAGE));
+        let bytes = api
+            .bytes(
+                Method::GET,
+                &["v1", "log", "entries"],
+                &[("start", next.to_string()), ("end", page_end.to_string())],
+                MAX_ENTRIES_PAGE_LEN,
+            )
+            .await?;
+        let items = split_sequence(&bytes).map_err(|e| {
+            CliError::Failed(format!(
+                "the entries served from {next} are not a CBOR sequence: {e}"
+            ))
+        })?;
+        let got = items.len() as u64;
+        if got == 0 || got > page_end - next {
+            return Err(CliError::Failed(format!(
+                "asked for entries {next}..{page_end}, the proxy served {got}"
+            )));
+        }
+        out.extend(items.into_iter().map(<[u8]>::to_vec));
+        next = next.saturating_add(got);
+    }
+    Ok(out)
+}
+
+async fn fetch_checkpoint(api: &Api) -> CliResult<String> {
+    let fresh = api
+        .bytes(
+            Method::POST,
+            &["v1", "log", "checkpoint"],
+            &[],
+            MAX_NOTE_LEN,
+        )
+        .await;
+    let bytes = match fresh {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("warning: no fresh checkpoint ({e}); using the latest stored one");
+            api.bytes(Method::GET, &["v1", "log", "checkpoint"], &[], MAX_NOTE_LEN)
+                .await?
+        }
+    };
+    String::from_utf8(bytes)
+        .map_err(|_| CliError::Failed("the checkpoint note is not UTF-8 text".into()))
+}
+
+async fn export(
+    api: &Api,
+    context: &ClientContext,
+    out: &Path,
+    checkpoint: Option<&Path>,
+) -> CliResult {
+    // The checkpoint first: the export must cover every entry it commits to.
+    let note = match checkpoint {
+        Some(_) => Some(fetch_checkpoint(api).await?),
+        None => None,
+    };
+    let mut size = head(api).await?;
+    if let Some(claimed) = note.as_deref().and_then(claimed_size)
+        && claimed > size
+    {
+        // The head moved under us or the host is cutting the log: export what the
+        // checkpoint claims; the verifier decides.
+        size = claimed;
+    }
+    let partial = partial_name(out);
+    let io = |p: &Path, e: std::io::Error| {
+        CliError::Io(anyhow::anyhow!("cannot write {}: {e}", p.display()))
+    };
+    let mut file = std::fs::File::create(&partial).map_err(|e| io(&partial, e))?;
+    let mut next = 0u64;
+    let mut bytes_written = 0u64;
+    let result = async {
+        while next < size {
+            let end = size.min(next.saturating_add(PAGE));
+            let entries = fetch(api, next, end).await?;
+            for e in &entries {
+                file.write_all(e).map_err(|err| io(&partial, err))?;
+                bytes_written = bytes_written.saturating_add(e.len() as u64);
+            }
+            next = next.saturating_add(entries.len() as u64);
+        }
+        file.sync_all().map_err(|e| io(&partial, e))?;
+        Ok::<(), CliError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, out).map_err(|e| io(out, e))?;
+    if let (Some(path), Some(note)) = (checkpoint, &note) {
+        std::fs::write(path, note).map_err(|e| io(path, e))?;
+    }
+    let checkpoint_size = note.as_deref().and_then(claimed_size);
+    if context.json {
+        print_json(&json!({
+            "entries": size,
+            "bytes": bytes_written,
+            "out": out.display().to_string(),
+            "checkpoint": checkpoint.map(|p| p.display().to_string()),
+            "checkpoint_size": checkpoint_size,
+        }))
+    } else {
+        println!(
+            "{size} entries ({bytes_written} bytes) written to {}",
+            out.display()
+        );
+        if let Some(path) = checkpoint {
+            println!(
+                "checkpoint (size {}) written to {}",
+                checkpoint_size.map_or_else(|| "?".into(), |s| s.to_string()),
+                path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn partial_name(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+async fn tail(api: &Api, context: &ClientContext, n: u64, follow: bool) -> CliResult {
+    let mut size = head(api).await?;
+    let mut next = size.saturating_sub(n);
+    loop {
+        if next < size {
+            for (i, bytes) in fetch(api, next, size).await?.iter().enumerate() {
+                print_entry(next.saturating_add(i as u64), bytes, context.json)?;
+            }
+            next = size;
+        }
+        if !follow {
+            return Ok(());
+        }
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(FOLLOW_INTERVAL).await;
+        size = head(api).await?;
+        if size < next {
+            return Err(CliError::Failed(format!(
+                "the log shrank from {next} to {size} entries"
+            )));
+        }
+    }
+}
+
+fn print_entry(position: u64, bytes: &[u8], json: bool) -> CliResult {
+    let entry = match SignedEntry::decode(bytes) {
+        Ok(e) => e.into_entry(),
+        Err(e) => {
+            let message = format!("undecodable entry: {e}");
+            if json {
+                println!("{}", json!({ "seq": position, "error": message }));
+            } else {
+                println!("{position:>8}  {}", clean(&message));
+            }
+            return Ok(());
+        }
+    };
+    let summary = summary(&entry.event);
+    let kind = entry.event.type_name();
+    if json {
+        println!(
+            "{}",
+            json!({
+                "seq": entry.seq,
+                "epoch": entry.epoch,
+                "time": rfc3339(entry.time),
+                "event": kind,
+                "summary": summary,
+            })
+        );
+    } else {
+        let mismatch = if entry.seq == position {
+            String::new()
+        } else {
+            format!(" [served at position {position}]")
+        };
+        println!(
+            "{:>8}  epoch {:<3} {}  {:<12} {}{mismatch}",
+            entry.seq,
+            entry.epoch,
+            rfc3339(entry.time),
+            kind,
+            clean(&summary)
+        );
+    }
+    Ok(())
+}
+
+/// A one-line summary of an event. Holds no secret: entries carry none.
+pub fn summary(event: &Event) -> String {
+    match event {
+        Event::EpochStart { attestation } => {
+            format!(
+                "enclave boot, attestation document of {} bytes",
+                attestation.len()
+            )
+        }
+        Event::Genesis { admin_keys } => format!(
+            "{} admin key(s): {}",
+            admin_keys.len(),
+            admin_keys.iter().map(short).collect::<Vec<_>>().join(" ")
+        ),
+        Event::Admin {
+            request,
+            accepted,
+            reason,
+        } => {
+            let what = match SignedAdminRequest::decode(request) {
+                Ok(r) => {
+                    let action = &r.request().action;
+                    match subject_of(action) {
+                        Some(s) => format!(
+                            "{} {s} by {}",
+                            action.type_name(),
+                            short_kid(r.kid().as_bytes())
+                        ),
+                        None => format!(
+                            "{} by {}",
+                            action.type_name(),
+                            short_kid(r.kid().as_bytes())
+                        ),
+                    }
+                }
+                Err(e) => format!("undecodable request ({e})"),
+            };
+            if *accepted {
+                format!("accepted {what}")
+            } else {
+                format!(
+                    "REFUSED {what}: {}",
+                    reason.as_deref().unwrap_or("no reason")
+                )
+            }
+        }
+        Event::Attestation(a) => {
+            if a.verified {
+                format!(
+                    "server {} verified, measurement {}",
+                    a.server,
+                    a.measurement.map(|m| short48(&m)).unwrap_or_default()
+                )
+            } else {
+                format!(
+                    "server {} REFUSED: {}",
+                    a.server,
+                    a.reason.as_deref().unwrap_or("no reason")
+                )
+            }
+        }
+        Event::Decision(d) => {
+            let tool = d
+                .tool
+                .as_deref()
+                .map(|t| format!(" tool {t}"))
+                .unwrap_or_default();
+            let verdict = if d.allowed {
+                "allowed".to_owned()
+            } else {
+                format!("DENIED: {}", d.reason.as_deref().unwrap_or("no reason"))
+            };
+            format!(
+                "{} by {} (user {}, tenant {}) on {}{tool}: {verdict}",
+                d.action, d.principal.agent, d.principal.user, d.principal.tenant, d.server
+            )
+        }
+        Event::Discovery { principal, servers } => format!(
+            "discover by {} (tenant {}): {} server(s)",
+            principal.agent,
+            principal.tenant,
+            servers.len()
+        ),
+        Event::Checkpoint { size, root } => format!("size {size}, root {}", short(root)),
+        other => other.type_name().to_owned(),
+    }
+}
+
+fn short(b: &[u8; 32]) -> String {
+    hex::encode(b.get(..8).unwrap_or_default())
+}
+
+fn short_kid(b: &[u8; 32]) -> String {
+    format!("key {}", short(b))
+}
+
+fn short48(b: &[u8; 48]) -> String {
+    hex::encode(b.get(..8).unwrap_or_default())
+}
+
+/// `policy show`: the latest accepted `set_policy` of the log the host serves.
+pub async fn policy_show(context: &ClientContext) -> CliResult {
+    let api = Api::new(&context.url)?;
+    let size = head(&api).await?;
+    let mut latest: Option<(u64, UnixMillis, String)> = None;
+    let mut next = 0u64;
+    while next < size {
+        let end = size.min(next.saturating_add(PAGE));
+        let entries = fetch(&api, next, end).await?;
+        for bytes in &entries {
+            if let Some((seq, time, text)) = accepted_policy(bytes) {
+                latest = Some((seq, time, text));
+            }
+        }
+        next = next.saturating_add(entries.len() as u64);
+    }
+    let Some((seq, time, text)) = latest else {
+        return Err(CliError::Failed(format!(
+            "no accepted policy in the {size} entries of the log"
+        )));
+    };
+    if context.json {
+        print_json(&json!({ "seq": seq, "time": rfc3339(time), "text": text }))
+    } else {
+        eprintln!(
+            "policy installed by log entry {seq} at {} (as served by the host; verify the log \
+             with attestplane-verify)",
+            rfc3339(time)
+        );
+        print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
+        Ok(())
+    }
+}
+
+/// The policy text of an entry recording an accepted `set_policy`.
+fn accepted_policy(bytes: &[u8]) -> Option<(u64, UnixMillis, String)> {
+    let Entry {
+        seq, time, event, ..
+    } = SignedEntry::decode(bytes).ok()?.into_entry();
+    let Event::Admin {
+        request,
+        accepted: true,
+        ..
+    } = event
+    else {
+        return None;
+    };
+    let request = SignedAdminRequest::decode(&request).ok()?;
+    match &request.request().action {
+        AdminAction::SetPolicy { text } => Some((seq, time, text.clone())),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use attestplane_verifier::entry::{EntryHash, KeyId};
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+    use crate::cli::admin::sign_admin;
+
+    fn entry(seq: u64, event: Event, key: &SigningKey) -> Vec<u8> {
+        Entry {
+            seq,
+            prev: EntryHash::ZERO,
+            epoch: 0,
+            time: UnixMillis::from_millis(1_764_870_000_000 + seq),
+            event,
+        }
+        .sign(&KeyId::of(&key.verifying_key()), key)
+        .unwrap()
+    }
+
+    #[test]
+    fn splits_a_sequence_and_refuses_a_truncated_tail() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let a = entry(
+            0,
+            Event::Checkpoint {
+                size: 0,
+                root: [0; 32],
+            },
+            &key,
+        );
+        let b = entry(
+            1,
+            Event::Checkpoint {
+                size: 1,
+                root: [1; 32],
+            },
+            &key,
+        );
+        let seq = [a.clone(), b.clone()].concat();
+        let items = split_sequence(&seq).unwrap();
+        assert_eq!(items, [a.as_slice(), b.as_slice()]);
+        assert!(split_sequence(&seq[..seq.len() - 1]).is_err());
+        assert!(split_sequence(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn policy_show_takes_accepted_set_policy_only() {
+        let enclave = SigningKey::from_bytes(&[3; 32]);
+        let admin = SigningKey::from_bytes(&[4; 32]);
+        let t = UnixMillis::from_millis(1);
+        let set = |text: &str| {
+            sign_admin(AdminAction::SetPolicy { text: text.into() }, &admin, t).unwrap()
+        };
+        let accepted = entry(
+            5,
+            Event::Admin {
+                request: set("permit(principal, action, resource);"),
+                accepted: true,
+                reason: None,
+            },
+            &enclave,
+        );
+        let refused = entry(
+            6,
+            Event::Admin {
+                request: set("forbid"),
+                accepted: false,
+                reason: Some("bad".into()),
+            },
+            &enclave,
+        );
+        let revoke = entry(
+            7,
+            Event::Admin {
+                request: sign_admin(AdminAction::RevokeServer { id: "x".into() }, &admin, t)
+                    .unwrap(),
+                accepted: true,
+                reason: None,
+            },
+            &enclave,
+        );
+        assert_eq!(
+            accepted_policy(&accepted).unwrap().2,
+            "permit(principal, action, resource);"
+        );
+        assert_eq!(accepted_policy(&accepted).unwrap().0, 5);
+        assert!(accepted_policy(&refused).is_none());
+        assert!(accepted_policy(&revoke).is_none());
+        assert!(
+            summary(&SignedEntry::decode(&refused).unwrap().into_entry().event)
+                .starts_with("REFUSED set_policy")
+        );
+    }
+
+    #[test]
+    fn partial_name_is_next_to_the_output() {
+        assert_eq!(
+            partial_name(Path::new("/tmp/x/log.cbor")),
+            Path::new("/tmp/x/log.cbor.partial")
+        );
+    }
+}

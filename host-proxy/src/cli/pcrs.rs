@@ -1,0 +1,167 @@
+//! Expected PCR values from flags (`--pcr N=HEX`) and JSON files (`--pcrs FILE`), in the shapes
+//! `attestplane-verify --pcrs` reads: `{"PCR0": "hex", ...}`, `{"0": "hex", ...}`, or nitro-cli's
+//! `{"Measurements": {...}, "HashAlgorithm": ...}`. Keys that name no PCR (metadata such as
+//! `HashAlgorithm`) are ignored; a PCR key with a bad index or value, or the same PCR twice, is
+//! refused.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use attestplane_verifier::attestation::{Pcr, PcrIndex};
+
+use super::{CliError, CliResult, read_file};
+
+/// The largest PCR file read.
+pub const MAX_PCRS_FILE_LEN: u64 = 64 * 1024;
+
+/// Parses `N=HEX` (a clap value parser).
+pub fn parse_pcr_flag(s: &str) -> Result<(PcrIndex, Pcr), String> {
+    let (i, h) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected N=HEX, got {s:?}"))?;
+    let i: PcrIndex = i
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad PCR index {i:?}: {e}"))?;
+    let p = Pcr::from_hex(h.trim()).map_err(|e| format!("bad PCR{i} value: {e}"))?;
+    Ok((i, p))
+}
+
+/// Parses a JSON document of PCRs.
+pub fn parse_pcrs_json(bytes: &[u8]) -> Result<BTreeMap<PcrIndex, Pcr>, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let object = value
+        .get("Measurements")
+        .unwrap_or(&value)
+        .as_object()
+        .ok_or("not a JSON object of PCRs")?;
+    let mut out = BTreeMap::new();
+    for (k, v) in object {
+        let idx = k
+            .strip_prefix("PCR")
+            .or_else(|| k.strip_prefix("pcr"))
+            .unwrap_or(k);
+        if idx.is_empty() || !idx.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let idx: PcrIndex = idx
+            .parse()
+            .map_err(|e| format!("bad PCR index {k:?}: {e}"))?;
+        let hex = v
+            .as_str()
+            .ok_or_else(|| format!("PCR{idx} is not a hex string"))?;
+        let pcr = Pcr::from_hex(hex).map_err(|e| format!("bad PCR{idx} value: {e}"))?;
+        if out.insert(idx, pcr).is_some() {
+            return Err(format!("PCR{idx} is given twice"));
+        }
+    }
+    if out.is_empty() {
+        return Err("no PCR values (want {\"PCR0\": \"hex\", ...})".into());
+    }
+    Ok(out)
+}
+
+/// Reads a PCR file.
+pub fn read_pcrs_file(path: &Path) -> CliResult<BTreeMap<PcrIndex, Pcr>> {
+    let bytes = read_file(path, MAX_PCRS_FILE_LEN)?;
+    parse_pcrs_json(&bytes).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+}
+
+/// The PCRs of a file and flags together; a flag may not contradict the file.
+pub fn merge(file: Option<&Path>, flags: &[(PcrIndex, Pcr)]) -> CliResult<BTreeMap<PcrIndex, Pcr>> {
+    let mut out = match file {
+        Some(path) => read_pcrs_file(path)?,
+        None => BTreeMap::new(),
+    };
+    for (i, p) in flags {
+        if let Some(old) = out.insert(*i, *p)
+            && old != *p
+        {
+            return Err(CliError::Usage(format!(
+                "PCR{i} is given twice with different values"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex48(b: u8) -> String {
+        hex::encode([b; 48])
+    }
+
+    #[test]
+    fn pcr_flag_refuses_bad_input() {
+        let ok = parse_pcr_flag(&format!("2={}", hex48(7))).unwrap();
+        assert_eq!(ok.0.get(), 2);
+        assert_eq!(ok.1, Pcr::new([7; 48]));
+        for bad in [
+            hex48(1),                         // no index
+            format!("x={}", hex48(1)),        // index not a number
+            format!("99={}", hex48(1)),       // index out of range
+            format!("0={}", &hex48(1)[..94]), // too short
+            format!("0={}00", hex48(1)),      // too long
+            format!("0={}", "zz".repeat(48)), // not hex
+            "0=".to_string(),                 // empty
+        ] {
+            assert!(parse_pcr_flag(&bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn pcrs_json_reads_the_shapes_verify_reads() {
+        let a = parse_pcrs_json(
+            format!(
+                r#"{{"PCR0":"{}","PCR1":"{}","HashAlgorithm":"Sha384 {{ ... }}"}}"#,
+                hex48(1),
+                hex48(2)
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(a.len(), 2);
+        let b = parse_pcrs_json(
+            format!(
+                r#"{{"Measurements":{{"PCR0":"{}","2":"{}"}}}}"#,
+                hex48(1),
+                hex48(3)
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(b.keys().map(|i| i.get()).collect::<Vec<_>>(), [0, 2]);
+    }
+
+    #[test]
+    fn pcrs_json_refuses_bad_input() {
+        for bad in [
+            "[]".to_string(),
+            "{}".to_string(),
+            r#"{"HashAlgorithm":"x"}"#.to_string(),
+            format!(r#"{{"PCR0":"{}"}}"#, &hex48(1)[..10]),
+            r#"{"PCR0": 5}"#.to_string(),
+            format!(r#"{{"PCR99":"{}"}}"#, hex48(1)),
+            format!(r#"{{"PCR0":"{}","0":"{}"}}"#, hex48(1), hex48(2)),
+            "not json".to_string(),
+        ] {
+            assert!(parse_pcrs_json(bad.as_bytes()).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_flag_may_not_contradict_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        std::fs::write(&path, format!(r#"{{"PCR0":"{}"}}"#, hex48(1))).unwrap();
+        let same = parse_pcr_flag(&format!("0={}", hex48(1))).unwrap();
+        let other = parse_pcr_flag(&format!("0={}", hex48(2))).unwrap();
+        let extra = parse_pcr_flag(&format!("1={}", hex48(2))).unwrap();
+        assert_eq!(merge(Some(&path), &[same, extra]).unwrap().len(), 2);
+        assert!(merge(Some(&path), &[other]).is_err());
+        assert!(merge(None, &[same, other]).is_err());
+    }
+}

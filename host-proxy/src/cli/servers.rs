@@ -1,0 +1,412 @@
+//! `servers register|update|revoke|attest|list`.
+//!
+//! Registration, update and revocation are signed admin requests ([`super::admin`]). `attest`
+//! asks the proxy to fetch the server's attestation document with a nonce from the enclave and
+//! hand it over; the enclave verifies and logs the result. `list` is the agent's view (the
+//! servers the policy lets its token discover).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use attestplane_verifier::admin::{AdminAction, Digest32, PcrHex, ServerSpec};
+use attestplane_verifier::attestation::{Pcr, PcrIndex};
+use clap::{Args, Subcommand};
+use reqwest::Url;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::admin::submit_admin;
+use super::http::Api;
+use super::keys::admin_key;
+use super::pcrs::{merge, parse_pcr_flag};
+use super::{CliError, CliResult, ClientContext, clean, print_json, read_bearer};
+
+/// `servers ...`.
+#[derive(Debug, Subcommand)]
+pub enum ServersCommand {
+    /// Register an MCP server with the measurements (PCRs) it must attest to.
+    Register(ServerArgs),
+    /// Replace a server's registration (its attestation must then be redone).
+    Update(ServerArgs),
+    /// Revoke a server: no handle is issued for it afterwards.
+    Revoke {
+        /// The server's id.
+        id: String,
+    },
+    /// Have the control plane fetch and verify the server's attestation now.
+    Attest {
+        /// The server's id.
+        id: String,
+    },
+    /// List the servers the agent's token (--token) may discover.
+    List,
+}
+
+/// A server registration: [`ServerFlags`], with `--pcrs` taken from the command line only.
+///
+/// `--pcrs` shares its id with the global `--pcrs` of `main` (the control plane's PCRs), so
+/// that the global is not defined twice on this command. Clap copies a global's value into
+/// subcommands by id, though, so `ATTESTPLANE_PCRS` (the control plane's file) would become the
+/// server's PCRs; a value whose source is the environment is therefore dropped here.
+#[derive(Debug)]
+pub struct ServerArgs {
+    /// The flags.
+    pub flags: ServerFlags,
+}
+
+impl clap::FromArgMatches for ServerArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = ServerFlags::from_arg_matches(matches)?;
+        if matches.value_source("pcrs") == Some(clap::parser::ValueSource::EnvVariable) {
+            flags.pcrs = None;
+        }
+        Ok(Self { flags })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for ServerArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        ServerFlags::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        ServerFlags::augment_args_for_update(cmd)
+    }
+}
+
+/// The flags of a server registration.
+#[derive(Debug, Args)]
+pub struct ServerFlags {
+    /// Stable id, unique in the registry.
+    #[arg(long)]
+    pub id: String,
+    /// Human name (default: the id).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The tenant that owns it.
+    #[arg(long)]
+    pub tenant: String,
+    /// Its OAuth resource URI: the `aud` of the handles issued for it.
+    #[arg(long, value_name = "URI")]
+    pub resource: String,
+    /// Base URL the proxy fetches `{URL}/attestation?nonce=HEX` from (http://).
+    #[arg(long, value_name = "URL")]
+    pub endpoint: String,
+    /// JSON file of the PCRs the server's attestation must carry ({"PCR0": "hex", ...}, as the
+    /// demo server's --print-pcrs and `attestplane-verify eif --json` write). Here --pcrs names
+    /// the server's PCRs, not the control plane's; ATTESTPLANE_PCRS is not read for it.
+    #[arg(long = "pcrs", value_name = "FILE")]
+    pub pcrs: Option<PathBuf>,
+    /// An expected PCR as N=HEX (repeatable; combines with --pcrs).
+    #[arg(long = "pcr", value_name = "N=HEX", value_parser = parse_pcr_flag)]
+    pub pcr: Vec<(PcrIndex, Pcr)>,
+    /// Accept attestations from a debug-mode enclave (all-zero PCRs). Never in production.
+    #[arg(long)]
+    pub allow_debug: bool,
+    /// How old its verified attestation may get before it counts as unattested.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub max_age: humantime::Duration,
+    /// A pinned tool: NAME=SHA256HEX of its canonical definition (repeatable).
+    #[arg(long = "tool", value_name = "NAME=SHA256HEX", value_parser = parse_tool)]
+    pub tools: Vec<(String, [u8; 32])>,
+}
+
+/// Parses `NAME=SHA256HEX` (a clap value parser).
+pub fn parse_tool(s: &str) -> Result<(String, [u8; 32]), String> {
+    let (name, digest) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected NAME=SHA256HEX, got {s:?}"))?;
+    if name.is_empty() {
+        return Err(format!("empty tool name in {s:?}"));
+    }
+    let mut raw = [0u8; 32];
+    hex::decode_to_slice(digest, &mut raw)
+        .map_err(|_| format!("tool {name:?}: the digest is not 64 hex digits"))?;
+    Ok((name.to_owned(), raw))
+}
+
+impl ServerFlags {
+    /// The registration these flags describe.
+    pub fn spec(&self) -> CliResult<ServerSpec> {
+        let pcrs = merge(self.pcrs.as_deref(), &self.pcr)?;
+        if pcrs.is_empty() {
+            return Err(CliError::Usage(
+                "give the PCRs the server must attest to: --pcrs FILE or --pcr N=HEX (after \
+                 `servers register`; ATTESTPLANE_PCRS is the control plane's and not used here)"
+                    .into(),
+            ));
+        }
+        if !self.allow_debug
+            && [0u8, 1, 2]
+                .iter()
+                .filter_map(|i| PcrIndex::try_from(*i).ok())
+                .all(|i| pcrs.get(&i).is_some_and(Pcr::is_zero))
+        {
+            return Err(CliError::Usage(
+                "PCR0, PCR1 and PCR2 are all zero: that is a debug-mode enclave; pass \
+                 --allow-debug if you mean it (never in production)"
+                    .into(),
+            ));
+        }
+        let endpoint = Url::parse(&self.endpoint)
+            .map_err(|e| CliError::Usage(format!("bad --endpoint {:?}: {e}", self.endpoint)))?;
+        if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host().is_none() {
+            return Err(CliError::Usage(format!(
+                "bad --endpoint {:?}: want an http:// URL",
+                self.endpoint
+            )));
+        }
+        let max_age: Duration = self.max_age.into();
+        let max_attestation_age_ms = u64::try_from(max_age.as_millis())
+            .ok()
+            .filter(|ms| *ms > 0)
+            .ok_or_else(|| CliError::Usage("--max-age must be positive".into()))?;
+        let mut tools = BTreeMap::new();
+        for (name, digest) in &self.tools {
+            if tools.insert(name.clone(), Digest32(*digest)).is_some() {
+                return Err(CliError::Usage(format!("tool {name:?} is pinned twice")));
+            }
+        }
+        Ok(ServerSpec {
+            id: self.id.clone(),
+            name: self.name.clone().unwrap_or_else(|| self.id.clone()),
+            tenant: self.tenant.clone(),
+            resource: self.resource.clone(),
+            endpoint: self.endpoint.clone(),
+            pcrs: pcrs.into_iter().map(|(i, p)| (i, PcrHex(p))).collect(),
+            allow_debug: self.allow_debug,
+            max_attestation_age_ms,
+            tools,
+        })
+    }
+}
+
+/// `{"verified": true, "seq": 9, "measurement": "<hex>"}`.
+#[derive(Debug, Deserialize, Serialize)]
+struct AttestAnswer {
+    verified: bool,
+    seq: u64,
+    #[serde(default)]
+    measurement: Option<String>,
+}
+
+/// One server of `GET /v1/servers`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ListedServer {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its resource URI (the `aud` of its handles).
+    pub resource: String,
+    /// Whether a verified attestation is on record.
+    pub attested: bool,
+}
+
+/// `{"servers": [...], "seq": 10}`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ServerList {
+    /// The servers the agent may discover.
+    pub servers: Vec<ListedServer>,
+    /// The log entry recording the discovery.
+    pub seq: u64,
+}
+
+/// `GET /v1/servers` with the agent's token.
+pub async fn list(api: &Api, bearer: &str) -> CliResult<ServerList> {
+    api.get_json(&["v1", "servers"], &[], Some(bearer)).await
+}
+
+/// Runs a `servers` command.
+pub async fn run(command: ServersCommand, context: &ClientContext) -> CliResult {
+    match command {
+        ServersCommand::Register(args) => {
+            let spec = args.flags.spec()?;
+            let key = admin_key(context)?;
+            submit_admin(context, &key, AdminAction::RegisterServer(spec)).await
+        }
+        ServersCommand::Update(args) => {
+            let spec = args.flags.spec()?;
+            let key = admin_key(context)?;
+            submit_admin(context, &key, AdminAction::UpdateServer(spec)).await
+        }
+        ServersCommand::Revoke { id } => {
+            let key = admin_key(context)?;
+            submit_admin(context, &key, AdminAction::RevokeServer { id }).await
+        }
+        ServersCommand::Attest { id } => {
+            let api = Api::new(&context.url)?;
+            let answer: AttestAnswer = api
+                .post_json(&["v1", "servers", &id, "attest"], None, None)
+                .await?;
+            if !answer.verified {
+                return Err(CliError::Failed(format!(
+                    "attestation_refused: the attestation of {id} did not verify (log entry {})",
+                    answer.seq
+                )));
+            }
+            if context.json {
+                print_json(&json!(answer))
+            } else {
+                let m = answer.measurement.as_deref().map(clean).unwrap_or_default();
+                println!("verified: {id} measurement {m} (log entry {})", answer.seq);
+                Ok(())
+            }
+        }
+        ServersCommand::List => {
+            let api = Api::new(&context.url)?;
+            let bearer = read_bearer(context)?;
+            let answer = list(&api, &bearer).await?;
+            if context.json {
+                return print_json(&json!(answer));
+            }
+            if answer.servers.is_empty() {
+                println!("no server visible to this agent (log entry {})", answer.seq);
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<12} {:<9} {:<24} RESOURCE",
+                "ID", "TENANT", "ATTESTED", "NAME"
+            );
+            for s in &answer.servers {
+                println!(
+                    "{:<20} {:<12} {:<9} {:<24} {}",
+                    clean(&s.id),
+                    clean(&s.tenant),
+                    if s.attested { "yes" } else { "no" },
+                    clean(&s.name),
+                    clean(&s.resource)
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        server: ServerFlags,
+    }
+
+    fn args(extra: &[&str]) -> Result<ServerFlags, clap::Error> {
+        let mut argv = vec![
+            "t",
+            "--id",
+            "weather",
+            "--tenant",
+            "acme",
+            "--resource",
+            "https://weather.acme.example/mcp",
+            "--endpoint",
+            "http://127.0.0.1:7401",
+        ];
+        argv.extend_from_slice(extra);
+        T::try_parse_from(argv).map(|t| t.server)
+    }
+
+    /// `main`'s shape: a global `--pcrs` (the control plane's) with an environment variable
+    /// (`PATH`: one that is always set) above the client commands.
+    #[derive(Debug, Parser)]
+    struct Main {
+        #[arg(long, global = true, env = "PATH")]
+        pcrs: Option<PathBuf>,
+        #[command(subcommand)]
+        command: ServersCommand,
+    }
+
+    fn register(argv: &[&str]) -> Option<PathBuf> {
+        let m = Main::try_parse_from(argv).unwrap();
+        let ServersCommand::Register(args) = m.command else {
+            panic!("{:?}", m.command)
+        };
+        args.flags.pcrs
+    }
+
+    #[test]
+    fn the_control_planes_pcrs_from_the_environment_never_become_the_servers() {
+        let base = [
+            "register",
+            "--id",
+            "w",
+            "--tenant",
+            "t",
+            "--resource",
+            "https://w/mcp",
+            "--endpoint",
+            "http://127.0.0.1:1",
+        ];
+        // Only the environment (the control plane's file): not the server's PCRs.
+        assert_eq!(register(&[&["m"][..], &base[..]].concat()), None);
+        // On the command line after the command: the server's.
+        assert_eq!(
+            register(&[&["m"][..], &base[..], &["--pcrs", "/s.json"][..]].concat()),
+            Some(PathBuf::from("/s.json"))
+        );
+    }
+
+    #[test]
+    fn builds_the_spec_from_flags() {
+        let pcr0 = format!("0={}", hex::encode([1u8; 48]));
+        let tool = format!("forecast={}", hex::encode([9u8; 32]));
+        let spec = args(&["--pcr", &pcr0, "--tool", &tool, "--max-age", "90s"])
+            .unwrap()
+            .spec()
+            .unwrap();
+        assert_eq!(spec.name, "weather");
+        assert_eq!(spec.max_attestation_age_ms, 90_000);
+        assert_eq!(spec.pcrs.len(), 1);
+        assert_eq!(spec.tools.get("forecast"), Some(&Digest32([9; 32])));
+        assert!(!spec.allow_debug);
+    }
+
+    #[test]
+    fn refuses_specs_the_enclave_should_never_see() {
+        let pcr0 = format!("0={}", hex::encode([1u8; 48]));
+        // No PCRs at all.
+        assert!(args(&[]).unwrap().spec().is_err());
+        // Debug-mode PCRs without --allow-debug, accepted with it.
+        let zero: Vec<String> = (0..3)
+            .map(|i| format!("{i}={}", hex::encode([0u8; 48])))
+            .collect();
+        let z: Vec<&str> = zero.iter().flat_map(|p| ["--pcr", p.as_str()]).collect();
+        assert!(args(&z).unwrap().spec().is_err());
+        let mut zd = z.clone();
+        zd.push("--allow-debug");
+        assert!(args(&zd).unwrap().spec().unwrap().allow_debug);
+        // A tool pinned twice, a bad digest, a bad endpoint, a zero max age.
+        let t1 = format!("a={}", hex::encode([1u8; 32]));
+        let t2 = format!("a={}", hex::encode([2u8; 32]));
+        assert!(
+            args(&["--pcr", &pcr0, "--tool", &t1, "--tool", &t2])
+                .unwrap()
+                .spec()
+                .is_err()
+        );
+        assert!(args(&["--pcr", &pcr0, "--tool", "a=abcd"]).is_err());
+        assert!(args(&["--pcr", &pcr0, "--tool", "abcd"]).is_err());
+        assert!(
+            args(&["--pcr", &pcr0, "--max-age", "0s"])
+                .unwrap()
+                .spec()
+                .is_err()
+        );
+        let mut bad_endpoint = args(&["--pcr", &pcr0]).unwrap();
+        bad_endpoint.endpoint = "127.0.0.1:7401".into();
+        assert!(bad_endpoint.spec().is_err());
+    }
+}
