@@ -66,6 +66,9 @@ struct Inner {
     http: reqwest::Client,
     request_timeout: Duration,
     in_flight: Semaphore,
+    /// Servers with an attestation in progress (the enclave keeps one nonce per server, so
+    /// concurrent attestations of one server would invalidate each other's nonces).
+    attesting: Mutex<std::collections::HashSet<String>>,
     metrics: Metrics,
 }
 
@@ -86,6 +89,7 @@ impl AppState {
                 http,
                 request_timeout,
                 in_flight: Semaphore::new(max_in_flight.max(1)),
+                attesting: Mutex::default(),
                 metrics: Metrics::default(),
             }),
         }
@@ -382,8 +386,40 @@ async fn admin(
     }
 }
 
+/// Removes a server from the in-progress set when its attestation ends, however it ends.
+struct AttestGuard<'a> {
+    set: &'a Mutex<std::collections::HashSet<String>>,
+    id: String,
+}
+
+impl Drop for AttestGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 async fn attest(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let server_id = path_id("server id", &id)?;
+    let inserted = state
+        .inner
+        .attesting
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(server_id.clone());
+    if !inserted {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "an attestation of this server is already in progress",
+        ));
+    }
+    let _guard = AttestGuard {
+        set: &state.inner.attesting,
+        id: server_id.clone(),
+    };
     let challenge = state
         .call(Request::AttestChallenge {
             server_id: server_id.clone(),
