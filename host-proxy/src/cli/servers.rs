@@ -43,10 +43,11 @@ pub enum ServersCommand {
     List,
 }
 
-/// A server registration: [`ServerFlags`], with `--pcrs` taken from the command line only.
+/// A server registration: [`ServerFlags`], with `--server-pcrs` taken from the command line
+/// only.
 ///
-/// `--pcrs` shares its id with the global `--pcrs` of `main` (the control plane's PCRs), so
-/// that the global is not defined twice on this command. Clap copies a global's value into
+/// `--server-pcrs` (alias `--pcrs`) has the id `pcrs` of the global `--pcrs` of `main` (the
+/// control plane's PCRs), so that the global is not defined twice on this command. Clap copies a global's value into
 /// subcommands by id, though, so `ATTESTPLANE_PCRS` (the control plane's file) would become the
 /// server's PCRs; a value whose source is the environment is therefore dropped here.
 #[derive(Debug)]
@@ -99,11 +100,11 @@ pub struct ServerFlags {
     #[arg(long, value_name = "URL")]
     pub endpoint: String,
     /// JSON file of the PCRs the server's attestation must carry ({"PCR0": "hex", ...}, as the
-    /// demo server's --print-pcrs and `attestplane-verify eif --json` write). Here --pcrs names
-    /// the server's PCRs, not the control plane's; ATTESTPLANE_PCRS is not read for it.
-    #[arg(long = "pcrs", value_name = "FILE")]
+    /// demo server's --print-pcrs and `attestplane-verify eif --json` write). After this command
+    /// --pcrs means the same; ATTESTPLANE_PCRS (the control plane's) is not read for it.
+    #[arg(long = "server-pcrs", visible_alias = "pcrs", value_name = "FILE")]
     pub pcrs: Option<PathBuf>,
-    /// An expected PCR as N=HEX (repeatable; combines with --pcrs).
+    /// An expected PCR as N=HEX (repeatable; combines with --server-pcrs).
     #[arg(long = "pcr", value_name = "N=HEX", value_parser = parse_pcr_flag)]
     pub pcr: Vec<(PcrIndex, Pcr)>,
     /// Accept attestations from a debug-mode enclave (all-zero PCRs). Never in production.
@@ -137,8 +138,8 @@ impl ServerFlags {
         let pcrs = merge(self.pcrs.as_deref(), &self.pcr)?;
         if pcrs.is_empty() {
             return Err(CliError::Usage(
-                "give the PCRs the server must attest to: --pcrs FILE or --pcr N=HEX (after \
-                 `servers register`; ATTESTPLANE_PCRS is the control plane's and not used here)"
+                "give the PCRs the server must attest to: --server-pcrs FILE or --pcr N=HEX \
+                 (ATTESTPLANE_PCRS is the control plane's and not used here)"
                     .into(),
             ));
         }
@@ -352,11 +353,13 @@ mod tests {
         ];
         // Only the environment (the control plane's file): not the server's PCRs.
         assert_eq!(register(&[&["m"][..], &base[..]].concat()), None);
-        // On the command line after the command: the server's.
-        assert_eq!(
-            register(&[&["m"][..], &base[..], &["--pcrs", "/s.json"][..]].concat()),
-            Some(PathBuf::from("/s.json"))
-        );
+        // On the command line after the command: the server's, under either name.
+        for flag in ["--server-pcrs", "--pcrs"] {
+            assert_eq!(
+                register(&[&["m"][..], &base[..], &[flag, "/s.json"][..]].concat()),
+                Some(PathBuf::from("/s.json"))
+            );
+        }
     }
 
     #[test]
