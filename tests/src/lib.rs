@@ -141,24 +141,33 @@ impl Proc {
     /// Waits until the child prints a stdout line starting with `prefix` and returns it.
     /// Panics (quoting the child's output) on timeout or if the child exits first.
     pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.try_wait_line(prefix, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Proc::wait_line`], but the timeout or an early exit is an `Err` quoting the
+    /// child's output.
+    pub fn try_wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "{} printed no line starting with {prefix:?} within {timeout:?}\n{}",
-                    self.name,
-                    self.diagnostics()
-                ),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "{} printed no line starting with {prefix:?} within {timeout:?}\n{}",
+                        self.name,
+                        self.diagnostics()
+                    ));
+                }
                 Err(RecvTimeoutError::Disconnected) => {
                     let status = self.child.as_mut().and_then(|c| c.wait().ok());
-                    panic!(
+                    return Err(format!(
                         "{} exited ({status:?}) before printing a line starting with {prefix:?}\n{}",
                         self.name,
                         self.diagnostics()
-                    )
+                    ));
                 }
             }
         }
@@ -332,4 +341,422 @@ pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
         dir.disable_cleanup(true);
     }
     dir
+}
+
+/// A minimal blocking HTTP/1.1 GET (`Connection: close`) to a `http://IP:PORT/...` URL:
+/// status and body. For readiness polling and log heads without an async runtime.
+pub fn http_get(url: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    use std::io::Write as _;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| std::io::Error::other(format!("not an http:// URL: {url}")))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    let mut stream = std::net::TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..i]).trim(), 16).unwrap_or(0);
+        if size == 0 || data.len() < i + 2 + size {
+            break;
+        }
+        out.extend_from_slice(&data[i + 2..i + 2 + size]);
+        data = &data[(i + 4 + size).min(data.len())..];
+    }
+    out
+}
+
+/// `GET {url}/v1/log/head`: the log's size and head hash.
+pub fn log_head(url: &str) -> (u64, Option<String>) {
+    let (status, body) =
+        http_get(&format!("{url}/v1/log/head")).unwrap_or_else(|e| panic!("GET /v1/log/head: {e}"));
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("/v1/log/head is not JSON ({e}): {body:?}"));
+    assert_eq!(status, 200, "GET /v1/log/head: {json}");
+    let size = json["size"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("/v1/log/head has no size: {json}"));
+    (size, json["head"].as_str().map(str::to_owned))
+}
+
+/// Polls `GET {url}/readyz` until it answers 200; false after `timeout`.
+pub fn wait_ready(url: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if matches!(http_get(&format!("{url}/readyz")), Ok((200, _))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// `GET {url}/readyz`: the epoch the proxy reports serving in (`ready (epoch N)`), or `None`
+/// when it is not ready (or unreachable).
+pub fn ready_epoch(url: &str) -> Option<u64> {
+    match http_get(&format!("{url}/readyz")) {
+        Ok((200, body)) => String::from_utf8_lossy(&body)
+            .trim()
+            .strip_prefix("ready (epoch ")?
+            .strip_suffix(')')?
+            .parse()
+            .ok(),
+        _ => None,
+    }
+}
+
+/// The development identity provider's issuer and audience (STACK.md).
+pub const DEV_ISSUER: &str = "https://dev-idp.attestplane.local";
+/// See [`DEV_ISSUER`].
+pub const DEV_AUDIENCE: &str = "attestplane";
+
+/// The starter Cedar policy the verifier's tests and `attestplane dev` use.
+pub fn starter_policy_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../verifier/testdata/policy/starter.cedar")
+}
+
+/// The files of a local stack's data directory, named as `attestplane dev` names them, and the
+/// commands that use them.
+#[derive(Debug)]
+pub struct StackFiles {
+    /// The data directory.
+    pub dir: PathBuf,
+}
+
+impl StackFiles {
+    /// `DIR/NAME`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `attestplane --config DIR/config.toml ARGS...`.
+    pub fn cli(&self, args: &[&str]) -> Ran {
+        let mut cmd = Command::new(binary("attestplane"));
+        cmd.arg("--config").arg(self.path("config.toml")).args(args);
+        cmd.env_remove("ATTESTPLANE_CONFIG")
+            .env_remove("ATTESTPLANE_URL")
+            .env_remove("ATTESTPLANE_TOKEN");
+        run(cmd)
+    }
+
+    /// `attestplane-verify log FILE --pcrs --root --server-root [--checkpoint] --json`.
+    pub fn verify_log(&self, log: &Path, checkpoint: Option<&Path>) -> (Ran, serde_json::Value) {
+        let mut cmd = Command::new(binary("attestplane-verify"));
+        cmd.arg("log")
+            .arg(log)
+            .arg("--pcrs")
+            .arg(self.path("control-plane-pcrs.json"))
+            .arg("--root")
+            .arg(self.path("control-plane-root.pem"))
+            .arg("--server-root")
+            .arg(self.path("server-root.pem"))
+            .arg("--json");
+        if let Some(c) = checkpoint {
+            cmd.arg("--checkpoint").arg(c);
+        }
+        let ran = run(cmd);
+        let json = ran.json();
+        (ran, json)
+    }
+
+    /// Registers the demo server at `demo_url` as `weather` (tenant `acme`) and attests it.
+    pub fn register_and_attest_weather(&self, demo_url: &str) {
+        let resource = format!("{demo_url}/mcp");
+        let pcrs = self.path("demo-server-pcrs.json");
+        self.cli(&[
+            "servers",
+            "register",
+            "--id",
+            "weather",
+            "--name",
+            "Weather",
+            "--tenant",
+            "acme",
+            "--resource",
+            &resource,
+            "--endpoint",
+            demo_url,
+            // STACK.md says `--pcrs`; the CLI calls it `--server-pcrs` (the global `--pcrs` is
+            // the control plane's).
+            "--server-pcrs",
+            &pcrs.display().to_string(),
+        ])
+        .ok();
+        self.cli(&["servers", "attest", "weather"]).ok();
+    }
+
+    /// Mints an agent token (agent-7 for alice in acme, role tool-user) into `DIR/agent.jwt`
+    /// and returns it.
+    pub fn mint_agent_token(&self) -> String {
+        let out = self.path("agent.jwt");
+        let _ = std::fs::remove_file(&out);
+        self.cli(&[
+            "token",
+            "mint",
+            "--sub",
+            "agent-7",
+            "--user",
+            "alice",
+            "--tenant",
+            "acme",
+            "--role",
+            "tool-user",
+            "--out",
+            &out.display().to_string(),
+        ])
+        .ok();
+        std::fs::read_to_string(&out)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", out.display()))
+            .trim()
+            .to_owned()
+    }
+
+    /// `attestplane log export` into `DIR/NAME` (with `DIR/NAME.checkpoint`): the log's path
+    /// and the checkpoint's.
+    pub fn export(&self, name: &str) -> (PathBuf, PathBuf) {
+        let out = self.path(name);
+        let checkpoint = self.path(&format!("{name}.checkpoint"));
+        self.cli(&[
+            "log",
+            "export",
+            "--out",
+            &out.display().to_string(),
+            "--checkpoint",
+            &checkpoint.display().to_string(),
+        ])
+        .ok();
+        (out, checkpoint)
+    }
+}
+
+/// `attestplane dev` in a temp directory, on free ports.
+#[derive(Debug)]
+pub struct DevStack {
+    /// The data directory's files.
+    pub files: StackFiles,
+    /// The API's base URL.
+    pub url: String,
+    /// The demo server's base URL.
+    pub demo_url: String,
+    /// The `attestplane dev` process.
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl DevStack {
+    /// Starts `attestplane dev --listen 127.0.0.1:0 --demo-server-listen 127.0.0.1:0` and waits
+    /// for its ready line.
+    pub fn start() -> DevStack {
+        let tmp = temp_dir("attestplane-dev-");
+        let dir = tmp.path().join("dev");
+        let mut cmd = Command::new(binary("attestplane"));
+        cmd.arg("dev")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--demo-server-listen", "127.0.0.1:0"]);
+        let mut proc = Proc::spawn("attestplane dev", cmd, &tmp.path().join("dev.stderr"));
+        let line = proc.wait_line("attestplane dev ready: ", Duration::from_secs(60));
+        let url = line
+            .trim_start_matches("attestplane dev ready: ")
+            .trim()
+            .to_owned();
+        let files = StackFiles { dir };
+        let demo_url = std::fs::read_to_string(files.path("demo-server-url"))
+            .unwrap_or_else(|e| panic!("attestplane dev wrote no demo-server-url: {e}"))
+            .trim()
+            .to_owned();
+        DevStack {
+            files,
+            url,
+            demo_url,
+            proc,
+            _dir: tmp,
+        }
+    }
+}
+
+/// The local stack as three separate processes (enclave on a Unix socket with its own mock PCRs,
+/// demo MCP server, `attestplane proxy`), so a test can kill and restart each. Keys and the
+/// client configuration are made the way an operator would, with the CLI.
+#[derive(Debug)]
+pub struct SplitStack {
+    /// The data directory's files (named as `attestplane dev` names them).
+    pub files: StackFiles,
+    /// The API's base URL (changes when the proxy restarts).
+    pub url: String,
+    /// The demo server's base URL.
+    pub demo_url: String,
+    /// The admin's public key (hex).
+    pub admin_public: String,
+    /// The enclave process.
+    pub enclave: Option<Proc>,
+    /// The proxy process.
+    pub proxy: Option<Proc>,
+    /// The demo server process.
+    pub demo: Proc,
+    starts: u32,
+    _dir: tempfile::TempDir,
+}
+
+impl SplitStack {
+    /// Starts the three processes, installs the starter policy and the development identity
+    /// provider, registers and attests the demo server as `weather`.
+    pub fn start() -> SplitStack {
+        let tmp = temp_dir("attestplane-split-");
+        let dir = tmp.path().to_path_buf();
+        let files = StackFiles { dir: dir.clone() };
+
+        let keys_gen = |name: &str| {
+            let mut cmd = Command::new(binary("attestplane"));
+            cmd.args(["keys", "gen", "--out"]).arg(files.path(name));
+            let ran = run(cmd);
+            ran.ok();
+            ran.stdout.trim().to_owned()
+        };
+        let admin_public = keys_gen("admin.key");
+        keys_gen("idp.key");
+
+        // The control plane's image measurements: chosen here, so the auditor's expected PCRs
+        // do not come from the thing being checked.
+        let pcrs: serde_json::Map<String, serde_json::Value> = (0..3)
+            .map(|i| {
+                let digest = <sha2::Sha384 as sha2::Digest>::digest(
+                    format!("e2e control plane pcr{i}").as_bytes(),
+                );
+                (format!("PCR{i}"), hex::encode(digest).into())
+            })
+            .collect();
+        std::fs::write(
+            files.path("control-plane-pcrs.json"),
+            serde_json::to_string(&pcrs).unwrap_or_default(),
+        )
+        .unwrap_or_else(|e| panic!("cannot write the PCRs: {e}"));
+
+        let mut cmd = Command::new(binary("attestplane-demo-server"));
+        cmd.args(["--listen", "127.0.0.1:0", "--print-mock-root"])
+            .arg(files.path("server-root.pem"))
+            .arg("--print-pcrs")
+            .arg(files.path("demo-server-pcrs.json"));
+        let mut demo = Proc::spawn("attestplane-demo-server", cmd, &dir.join("demo.stderr"));
+        let demo_url = demo.wait_line("http://", READY_TIMEOUT);
+
+        let mut stack = SplitStack {
+            files,
+            url: String::new(),
+            demo_url,
+            admin_public,
+            enclave: None,
+            proxy: None,
+            demo,
+            starts: 0,
+            _dir: tmp,
+        };
+        stack.start_enclave();
+        if let Err(e) = stack.start_proxy() {
+            panic!("{e}");
+        }
+        stack
+            .files
+            .cli(&[
+                "policy",
+                "set",
+                &starter_policy_path().display().to_string(),
+            ])
+            .ok();
+        let idp_key = stack.files.path("idp.key").display().to_string();
+        stack.files.cli(&["idp", "set", "--key", &idp_key]).ok();
+        let demo_url = stack.demo_url.clone();
+        stack.files.register_and_attest_weather(&demo_url);
+        stack
+    }
+
+    /// Starts the enclave (again) on `DIR/enclave.sock` and waits for its address line.
+    pub fn start_enclave(&mut self) {
+        let f = &self.files;
+        let mut cmd = Command::new(binary("attestplane-enclave"));
+        cmd.args(["--nsm", "mock", "--listen"])
+            .arg(format!("unix:{}", f.path("enclave.sock").display()))
+            .arg("--mock-pcrs")
+            .arg(f.path("control-plane-pcrs.json"))
+            .arg("--print-mock-root")
+            .arg(f.path("control-plane-root.pem"))
+            .arg("--server-root")
+            .arg(f.path("server-root.pem"))
+            .args(["--genesis-admin-key", &self.admin_public])
+            .args(["--origin", "attestplane.e2e/log"]);
+        self.starts += 1;
+        let stderr = f.path(&format!("enclave-{}.stderr", self.starts));
+        let mut proc = Proc::spawn("attestplane-enclave", cmd, &stderr);
+        proc.wait_line("", READY_TIMEOUT);
+        self.enclave = Some(proc);
+    }
+
+    /// Starts `attestplane proxy` (again) on a free port and waits for its ready line; on
+    /// success rewrites `DIR/config.toml` for the new URL. `Err` (with the proxy's output)
+    /// when it exits or times out instead.
+    pub fn start_proxy(&mut self) -> Result<(), String> {
+        let f = &self.files;
+        let mut cmd = Command::new(binary("attestplane"));
+        cmd.arg("proxy")
+            .arg("--enclave")
+            .arg(format!("unix:{}", f.path("enclave.sock").display()))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&f.dir)
+            .args(["--genesis-admin-key", &self.admin_public]);
+        self.starts += 1;
+        let stderr = f.path(&format!("proxy-{}.stderr", self.starts));
+        let mut proc = Proc::spawn("attestplane proxy", cmd, &stderr);
+        let line = proc.try_wait_line("attestplane proxy ready: ", Duration::from_secs(60))?;
+        self.url = line
+            .trim_start_matches("attestplane proxy ready: ")
+            .trim()
+            .to_owned();
+        self.proxy = Some(proc);
+        let d = |name: &str| self.files.path(name).display().to_string();
+        let config = format!(
+            "[client]\nurl = \"{}\"\nadmin_key = \"{}\"\ntoken = \"{}\"\nidp_key = \"{}\"\n\
+             idp_issuer = \"{DEV_ISSUER}\"\nidp_audience = \"{DEV_AUDIENCE}\"\nroot = \"{}\"\n\
+             pcrs = \"{}\"\n",
+            self.url,
+            d("admin.key"),
+            d("agent.jwt"),
+            d("idp.key"),
+            d("control-plane-root.pem"),
+            d("control-plane-pcrs.json"),
+        );
+        std::fs::write(self.files.path("config.toml"), config)
+            .map_err(|e| format!("cannot write config.toml: {e}"))?;
+        Ok(())
+    }
 }

@@ -1,0 +1,169 @@
+//! Issue 4's crash acceptance, with the enclave, the proxy and the demo server as separate
+//! processes (`SplitStack`):
+//! - the enclave is killed (SIGKILL) and restarted: the same proxy reconnects, replays, and the
+//!   log continues in a new epoch; the exported two-epoch log verifies;
+//! - the proxy is killed (SIGKILL) during a burst of concurrent handle resolutions: after a
+//!   restart, every handle whose response was delivered has its seq in the exported log, which
+//!   verifies.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use attestplane_tests::{SplitStack, log_head, ready_epoch};
+
+fn resolve_seq(stack: &SplitStack) -> u64 {
+    let ran = stack.files.cli(&["--json", "handle", "resolve", "weather"]);
+    ran.ok();
+    ran.json()["seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no seq:\n{ran}"))
+}
+
+#[test]
+fn enclave_restart_continues_the_log_in_a_new_epoch_that_verifies() {
+    let mut stack = SplitStack::start();
+    stack.files.mint_agent_token();
+    let first = resolve_seq(&stack);
+    let (size_before, _) = log_head(&stack.url);
+    assert!(first < size_before);
+
+    let epoch_before = ready_epoch(&stack.url);
+    assert_eq!(epoch_before, Some(0), "the proxy is not ready in epoch 0");
+
+    stack.enclave.as_mut().unwrap().kill();
+    stack.start_enclave();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut epoch = epoch_before;
+    while epoch != Some(1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        epoch = ready_epoch(&stack.url);
+    }
+    assert_eq!(
+        epoch,
+        Some(1),
+        "the proxy did not become ready in epoch 1 after the enclave restarted\n{}",
+        stack.proxy.as_ref().unwrap().diagnostics()
+    );
+    assert!(
+        stack.proxy.as_mut().unwrap().is_running(),
+        "the proxy exited when the enclave restarted"
+    );
+    let second = resolve_seq(&stack);
+    assert!(
+        second > first,
+        "handle after restart at {second}, before at {first}"
+    );
+
+    let (log, checkpoint) = stack.files.export("log.cbor");
+    let (ran, report) = stack.files.verify_log(&log, Some(&checkpoint));
+    assert_eq!(ran.code, Some(0), "the two-epoch log did not verify\n{ran}");
+    let epochs = report["log"]["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 2, "expected two epochs: {report}");
+    assert_eq!(
+        epochs[1]["start_seq"], size_before,
+        "the new epoch does not start right after the old log: {report}"
+    );
+    assert!(second >= size_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_sigkill_during_a_burst_loses_no_delivered_handle() {
+    let mut stack = SplitStack::start();
+    let token = stack.files.mint_agent_token();
+    let url = format!("{}/v1/servers/weather/handle", stack.url);
+    let http = reqwest::Client::new();
+    let delivered = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        let (delivered, stop) = (delivered.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let resp = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                let Ok(resp) = resp else { break };
+                if resp.status() != 200 {
+                    continue;
+                }
+                // Delivered: the whole body arrived.
+                let Ok(body) = resp.json::<serde_json::Value>().await else {
+                    break;
+                };
+                let seq = body["seq"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("a handle without seq: {body}"));
+                delivered.lock().unwrap().push(seq);
+            }
+        }));
+    }
+    // Let the burst run, then kill the proxy in the middle of it.
+    let started = Instant::now();
+    while delivered.lock().unwrap().len() < 200 && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stack.proxy.as_mut().unwrap().kill();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let delivered = delivered.lock().unwrap().clone();
+    assert!(
+        delivered.len() >= 50,
+        "too few handles before the kill ({}) to test anything",
+        delivered.len()
+    );
+
+    // Restart the proxy over the same store; if it refuses an enclave that is ahead of the
+    // store (entries it persisted but the proxy never synced), restart the enclave too.
+    let restarted = tokio::task::block_in_place(|| match stack.start_proxy() {
+        Ok(()) => "proxy",
+        Err(first) => {
+            eprintln!("proxy refused to restart alone:\n{first}");
+            stack.enclave.as_mut().unwrap().kill();
+            stack.start_enclave();
+            stack
+                .start_proxy()
+                .unwrap_or_else(|e| panic!("the proxy did not restart: {e}"));
+            "proxy and enclave"
+        }
+    });
+    eprintln!(
+        "restarted the {restarted} after {} delivered handles",
+        delivered.len()
+    );
+
+    // It serves again: a new handle comes after every delivered one.
+    let after = tokio::task::block_in_place(|| resolve_seq(&stack));
+    assert!(
+        delivered.iter().all(|s| *s < after),
+        "a handle after the restart has seq {after}, not after all delivered ones"
+    );
+
+    let files = &stack.files;
+    let (log, checkpoint) = tokio::task::block_in_place(|| files.export("log.cbor"));
+    let (ran, report) = tokio::task::block_in_place(|| files.verify_log(&log, Some(&checkpoint)));
+    assert_eq!(
+        ran.code,
+        Some(0),
+        "the log after the crash did not verify\n{ran}"
+    );
+    let size = report["log"]["size"].as_u64().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    assert!(
+        after < size,
+        "the handle after the restart ({after}) is not in the log ({size})"
+    );
+    for seq in &delivered {
+        assert!(
+            *seq < size,
+            "handle with seq {seq} was delivered but the log has {size} entries"
+        );
+        assert!(seen.insert(*seq), "two handles with seq {seq}");
+    }
+}
