@@ -131,8 +131,8 @@ pub async fn submit_admin(
         )
     } else {
         match subject {
-            Some(s) => println!("accepted: {kind} {s} (log entry {})", answer.seq),
-            None => println!("accepted: {kind} (log entry {})", answer.seq),
+            Some(s) => outln!("accepted: {kind} {s} (log entry {})", answer.seq),
+            None => outln!("accepted: {kind} (log entry {})", answer.seq),
         }
         Ok(())
     }

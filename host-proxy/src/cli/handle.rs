@@ -245,12 +245,6 @@ pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
             }
         },
     };
-    if audience.is_none() {
-        eprintln!(
-            "warning: {server}'s resource URI is unknown (not in the agent's listing); the \
-             handle's audience is not checked (give --audience URI)"
-        );
-    }
     let answer: HandleAnswer = api
         .post_json(&["v1", "servers", &server, "handle"], None, Some(&bearer))
         .await?;
@@ -264,6 +258,12 @@ pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
     )?;
 
     // Output.
+    if audience.is_none() {
+        eprintln!(
+            "warning: {server}'s resource URI is unknown (not in the agent's listing); the \
+             handle's audience was not checked (give --audience URI)"
+        );
+    }
     let claims = handle.claims();
     let pcrs: serde_json::Map<String, serde_json::Value> = attestation
         .pcrs()
@@ -336,7 +336,7 @@ pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
     );
     match &out {
         Some(path) => eprintln!("handle written to {}", path.display()),
-        None => println!("{}", answer.token),
+        None => outln!("{}", answer.token),
     }
     Ok(())
 }

@@ -85,7 +85,7 @@ fn print_public(key: &VerifyingKey, json: bool, file: Option<&Path>) -> CliResul
             "file": file.map(|f| f.display().to_string()),
         }))
     } else {
-        println!("{public}");
+        outln!("{public}");
         Ok(())
     }
 }

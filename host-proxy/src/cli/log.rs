@@ -19,9 +19,10 @@ use std::time::Duration;
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{AdminAction, SignedAdminRequest};
 use attestplane_verifier::cbor::item_len;
-use attestplane_verifier::entry::{Entry, Event, SignedEntry};
+use attestplane_verifier::entry::{Entry, Event, KeyId, SignedEntry};
 use attestplane_verifier::log::claimed_size;
 use clap::Subcommand;
+use ed25519_dalek::VerifyingKey;
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::json;
@@ -209,12 +210,12 @@ async fn export(
             "checkpoint_size": checkpoint_size,
         }))
     } else {
-        println!(
+        outln!(
             "{size} entries ({bytes_written} bytes) written to {}",
             out.display()
         );
         if let Some(path) = checkpoint {
-            println!(
+            outln!(
                 "checkpoint (size {}) written to {}",
                 checkpoint_size.map_or_else(|| "?".into(), |s| s.to_string()),
                 path.display()
@@ -260,9 +261,9 @@ fn print_entry(position: u64, bytes: &[u8], json: bool) -> CliResult {
         Err(e) => {
             let message = format!("undecodable entry: {e}");
             if json {
-                println!("{}", json!({ "seq": position, "error": message }));
+                outln!("{}", json!({ "seq": position, "error": message }));
             } else {
-                println!("{position:>8}  {}", clean(&message));
+                outln!("{position:>8}  {}", clean(&message));
             }
             return Ok(());
         }
@@ -270,7 +271,7 @@ fn print_entry(position: u64, bytes: &[u8], json: bool) -> CliResult {
     let summary = summary(&entry.event);
     let kind = entry.event.type_name();
     if json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "seq": entry.seq,
@@ -286,7 +287,7 @@ fn print_entry(position: u64, bytes: &[u8], json: bool) -> CliResult {
         } else {
             format!(" [served at position {position}]")
         };
-        println!(
+        outln!(
             "{:>8}  epoch {:<3} {}  {:<12} {}{mismatch}",
             entry.seq,
             entry.epoch,
@@ -310,7 +311,14 @@ pub fn summary(event: &Event) -> String {
         Event::Genesis { admin_keys } => format!(
             "{} admin key(s): {}",
             admin_keys.len(),
-            admin_keys.iter().map(short).collect::<Vec<_>>().join(" ")
+            admin_keys
+                .iter()
+                .map(|k| match VerifyingKey::from_bytes(k) {
+                    Ok(key) => short_kid(KeyId::of(&key).as_bytes()),
+                    Err(_) => format!("invalid key {}", short(k)),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         Event::Admin {
             request,
@@ -427,9 +435,9 @@ pub async fn policy_show(context: &ClientContext) -> CliResult {
              with attestplane-verify)",
             rfc3339(time)
         );
-        print!("{text}");
+        crate::cli::write_out(format_args!("{text}"))?;
         if !text.ends_with('\n') {
-            println!();
+            outln!("");
         }
         Ok(())
     }
@@ -457,7 +465,7 @@ fn accepted_policy(bytes: &[u8]) -> Option<(u64, UnixMillis, String)> {
 
 #[cfg(test)]
 mod tests {
-    use attestplane_verifier::entry::{EntryHash, KeyId};
+    use attestplane_verifier::entry::EntryHash;
     use ed25519_dalek::SigningKey;
 
     use super::*;

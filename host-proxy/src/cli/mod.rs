@@ -23,6 +23,14 @@
 //! job on an exported log); secrets (key files, bearer tokens, handles) are never printed
 //! except the token a command exists to produce (`token mint`, `handle resolve`).
 
+/// `println!` to stdout that returns [`CliError::Closed`] instead of panicking when stdout is
+/// closed (`attestplane log tail | head`); use inside functions returning [`CliResult`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 pub mod admin;
 pub mod handle;
 pub mod http;
@@ -105,6 +113,7 @@ pub async fn run(command: ClientCommand, context: &ClientContext) -> anyhow::Res
     };
     match result {
         Ok(()) => Ok(0),
+        Err(CliError::Closed) => Ok(0),
         Err(e) => {
             eprintln!("error: {e}");
             Ok(e.exit_code())
@@ -133,6 +142,9 @@ pub enum CliError {
     /// Bad flags or settings (exit 2).
     #[error("{0}")]
     Usage(String),
+    /// Stdout was closed by the reader (exit 0, nothing printed).
+    #[error("stdout closed")]
+    Closed,
     /// I/O, transport or an answer of the wrong shape (exit 2).
     #[error("{0:#}")]
     Io(#[from] anyhow::Error),
@@ -148,6 +160,7 @@ impl CliError {
         match self {
             CliError::Api { status, .. } if (400..500).contains(status) => 1,
             CliError::Failed(_) => 1,
+            CliError::Closed => 0,
             CliError::Api { .. } | CliError::Usage(_) | CliError::Io(_) => 2,
         }
     }
@@ -178,8 +191,21 @@ pub fn rfc3339(t: UnixMillis) -> String {
 pub fn print_json(value: &serde_json::Value) -> CliResult {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| CliError::Io(anyhow::anyhow!("cannot encode JSON output: {e}")))?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
+}
+
+/// Writes to stdout; a closed stdout is [`CliError::Closed`].
+pub fn write_out(args: std::fmt::Arguments<'_>) -> CliResult {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            CliError::Closed
+        } else {
+            CliError::Io(anyhow::anyhow!("cannot write to stdout: {e}"))
+        }
+    })
 }
 
 /// Reads a whole file of at most `max` bytes.
@@ -240,6 +266,7 @@ mod tests {
         assert_eq!(CliError::Failed("bad".into()).exit_code(), 1);
         assert_eq!(CliError::Usage("bad".into()).exit_code(), 2);
         assert_eq!(CliError::Io(anyhow::anyhow!("bad")).exit_code(), 2);
+        assert_eq!(CliError::Closed.exit_code(), 0);
     }
 
     #[test]

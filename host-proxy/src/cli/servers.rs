@@ -258,7 +258,7 @@ pub async fn run(command: ServersCommand, context: &ClientContext) -> CliResult 
                 print_json(&json!(answer))
             } else {
                 let m = answer.measurement.as_deref().map(clean).unwrap_or_default();
-                println!("verified: {id} measurement {m} (log entry {})", answer.seq);
+                outln!("verified: {id} measurement {m} (log entry {})", answer.seq);
                 Ok(())
             }
         }
@@ -270,15 +270,18 @@ pub async fn run(command: ServersCommand, context: &ClientContext) -> CliResult 
                 return print_json(&json!(answer));
             }
             if answer.servers.is_empty() {
-                println!("no server visible to this agent (log entry {})", answer.seq);
+                outln!("no server visible to this agent (log entry {})", answer.seq);
                 return Ok(());
             }
-            println!(
+            outln!(
                 "{:<20} {:<12} {:<9} {:<24} RESOURCE",
-                "ID", "TENANT", "ATTESTED", "NAME"
+                "ID",
+                "TENANT",
+                "ATTESTED",
+                "NAME"
             );
             for s in &answer.servers {
-                println!(
+                outln!(
                     "{:<20} {:<12} {:<9} {:<24} {}",
                     clean(&s.id),
                     clean(&s.tenant),

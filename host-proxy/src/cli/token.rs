@@ -189,7 +189,7 @@ pub fn run(command: TokenCommand, context: &ClientContext) -> CliResult {
         }
         None if context.json => print_json(&json!({ "token": token, "expires_at": expires })),
         None => {
-            println!("{token}");
+            outln!("{token}");
             Ok(())
         }
     }
