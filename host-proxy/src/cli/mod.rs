@@ -73,29 +73,36 @@ pub struct ClientContext {
     pub allow_debug: bool,
 }
 
+/// Shown under the help of every client command group.
+pub const PLAIN_HTTP_NOTE: &str = "The proxy is reached over plain HTTP (--url http://HOST:PORT): \
+this build has no TLS. Bearer tokens cross that connection, so reach a remote proxy through an SSH \
+tunnel or a TLS-terminating proxy on the same host. The host is not trusted: `handle resolve` \
+verifies the control plane's attestation and the handle; the log is verified offline by \
+`attestplane-verify log` (log tail and policy show only display it).";
+
 /// The client commands.
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Admin and identity-provider key files; rotate the admin key set.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Keys(keys::KeysCommand),
     /// Register, update, revoke, attest and list MCP servers.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Servers(servers::ServersCommand),
     /// Install or show the Cedar policy.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Policy(admin::PolicyCommand),
     /// Install or remove an identity provider (issuer, audience, JWKS).
-    #[command(subcommand)]
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Idp(admin::IdpCommand),
     /// Mint an agent token with the development identity provider.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Token(token::TokenCommand),
     /// Resolve a server handle and verify it (and the control plane) before printing it.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Handle(handle::HandleCommand),
     /// Export the log for `attestplane-verify log`, or print its latest entries.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Log(log::LogCommand),
 }
 
