@@ -226,8 +226,12 @@ pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
     let document = BASE64
         .decode(answer.document.as_bytes())
         .map_err(|e| CliError::Failed(format!("the attestation document is not base64: {e}")))?;
-    let jwks_json = serde_json::to_vec(&answer.jwks)
-        .map_err(|e| CliError::Io(anyhow::anyhow!("cannot re-encode the JWKS: {e}")))?;
+    // The JWKS as an object (the API's shape) or as JSON text.
+    let jwks_json = match answer.jwks {
+        serde_json::Value::String(text) => text.into_bytes(),
+        other => serde_json::to_vec(&other)
+            .map_err(|e| CliError::Io(anyhow::anyhow!("cannot re-encode the JWKS: {e}")))?,
+    };
     let (attestation, jwks) = verify_control_plane(&document, &jwks_json, &trust, &nonce, now())?;
 
     // 3. The audience, then the handle.

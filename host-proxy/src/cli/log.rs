@@ -163,13 +163,16 @@ async fn export(
         Some(_) => Some(fetch_checkpoint(api).await?),
         None => None,
     };
-    let mut size = head(api).await?;
+    let size = head(api).await?;
     if let Some(claimed) = note.as_deref().and_then(claimed_size)
         && claimed > size
     {
-        // The head moved under us or the host is cutting the log: export what the
-        // checkpoint claims; the verifier decides.
-        size = claimed;
+        // The checkpoint was taken before the head was read, so the host is serving fewer
+        // entries than it signed for: export what it serves; the verifier names the cut.
+        eprintln!(
+            "warning: the checkpoint covers {claimed} entries but the host serves {size}: \
+             attestplane-verify log --checkpoint will report the log as truncated"
+        );
     }
     let partial = partial_name(out);
     let io = |p: &Path, e: std::io::Error| {
@@ -556,6 +559,118 @@ mod tests {
             summary(&SignedEntry::decode(&refused).unwrap().into_entry().event)
                 .starts_with("REFUSED set_policy")
         );
+    }
+
+    /// A fake proxy serving `size` one-byte CBOR items (`i % 24` at position `i`), with pages
+    /// `short_by` items short or `extra` items too long; no fresh checkpoint, a stored one.
+    #[derive(Clone, Copy)]
+    struct Fake {
+        size: u64,
+        short_by: u64,
+        extra: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct Range {
+        start: u64,
+        end: Option<u64>,
+    }
+
+    fn item(i: u64) -> u8 {
+        (i % 24) as u8
+    }
+
+    fn note(size: u64) -> String {
+        use base64::Engine as _;
+        let root = base64::engine::general_purpose::STANDARD.encode([0u8; 32]);
+        format!("fake.test/log\n{size}\n{root}\n\n\u{2014} fake AAAA\n")
+    }
+
+    async fn serve(fake: Fake) -> ClientContext {
+        use axum::extract::{Query, State};
+        use axum::http::StatusCode;
+        use axum::routing::get;
+        async fn head(State(f): State<Fake>) -> axum::Json<serde_json::Value> {
+            axum::Json(json!({ "size": f.size, "head": null }))
+        }
+        async fn entries(State(f): State<Fake>, Query(r): Query<Range>) -> Vec<u8> {
+            let end = r.end.unwrap_or(u64::MAX).min(r.start + PAGE).min(f.size);
+            let count = (end - r.start).saturating_sub(f.short_by).max(1) + f.extra;
+            (r.start..r.start + count).map(item).collect()
+        }
+        async fn fresh() -> (StatusCode, axum::Json<serde_json::Value>) {
+            let e =
+                json!({ "error": { "code": "not_ready", "message": "entries await durability" } });
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(e))
+        }
+        async fn stored(State(f): State<Fake>) -> String {
+            note(f.size)
+        }
+        let app = axum::Router::new()
+            .route("/v1/log/head", get(head))
+            .route("/v1/log/entries", get(entries))
+            .route("/v1/log/checkpoint", get(stored).post(fresh))
+            .with_state(fake);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        ClientContext {
+            url: format!("http://{addr}"),
+            json: false,
+            admin_key: None,
+            token: None,
+            idp_key: None,
+            idp_issuer: None,
+            idp_audience: None,
+            root: None,
+            pcrs: None,
+            allow_debug: false,
+        }
+    }
+
+    async fn export_from(fake: Fake) -> (CliResult, tempfile::TempDir) {
+        let context = serve(fake).await;
+        let dir = tempfile::tempdir().unwrap();
+        let command = LogCommand::Export {
+            out: dir.path().join("log.cbor"),
+            checkpoint: Some(dir.path().join("checkpoint.txt")),
+        };
+        (run(command, &context).await, dir)
+    }
+
+    #[tokio::test]
+    async fn export_pages_through_the_log_and_writes_exactly_the_served_bytes() {
+        // Two pages (4096 + 904), and pages served short, which the export completes.
+        for short_by in [0, 300] {
+            let fake = Fake {
+                size: 5000,
+                short_by,
+                extra: 0,
+            };
+            let (result, dir) = export_from(fake).await;
+            result.unwrap();
+            let written = std::fs::read(dir.path().join("log.cbor")).unwrap();
+            let expected: Vec<u8> = (0..5000).map(item).collect();
+            assert_eq!(written, expected, "short_by {short_by}");
+            // No fresh checkpoint (503): the stored one, verbatim.
+            let cp = std::fs::read_to_string(dir.path().join("checkpoint.txt")).unwrap();
+            assert_eq!(cp, note(5000));
+            assert!(!dir.path().join("log.cbor.partial").exists());
+        }
+    }
+
+    #[tokio::test]
+    async fn export_refuses_a_page_with_more_entries_than_asked_and_leaves_no_file() {
+        let (result, dir) = export_from(Fake {
+            size: 5000,
+            short_by: 0,
+            extra: 1,
+        })
+        .await;
+        let e = result.unwrap_err();
+        assert!(matches!(e, CliError::Failed(_)), "{e:?}");
+        assert!(!dir.path().join("log.cbor").exists());
+        assert!(!dir.path().join("log.cbor.partial").exists());
     }
 
     #[test]
