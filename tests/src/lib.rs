@@ -489,30 +489,45 @@ impl StackFiles {
         (ran, json)
     }
 
-    /// Registers the demo server at `demo_url` as `weather` (tenant `acme`) and attests it.
+    /// Registers the demo server at `demo_url` as `weather` (tenant `acme`, resource
+    /// `{demo_url}/mcp`) and attests it.
     pub fn register_and_attest_weather(&self, demo_url: &str) {
-        let resource = format!("{demo_url}/mcp");
-        let pcrs = self.path("demo-server-pcrs.json");
-        self.cli(&[
-            "servers",
-            "register",
-            "--id",
-            "weather",
-            "--name",
-            "Weather",
-            "--tenant",
-            "acme",
-            "--resource",
-            &resource,
-            "--endpoint",
-            demo_url,
-            // STACK.md says `--pcrs`; the CLI calls it `--server-pcrs` (the global `--pcrs` is
-            // the control plane's).
-            "--server-pcrs",
-            &pcrs.display().to_string(),
-        ])
-        .ok();
-        self.cli(&["servers", "attest", "weather"]).ok();
+        self.register_and_attest("weather", &format!("{demo_url}/mcp"), demo_url);
+    }
+
+    /// Registers the demo server at `endpoint` as `id` (tenant `acme`) with the given resource
+    /// URI, its PCRs and (if `DIR/demo-server-tools.json` exists) its tools, and attests it.
+    pub fn register_and_attest(&self, id: &str, resource: &str, endpoint: &str) {
+        let pcrs = self.path("demo-server-pcrs.json").display().to_string();
+        // The CLI's flag is `--server-pcrs` (STACK.md's `--pcrs` is an alias of it; the global
+        // `--pcrs` is the control plane's).
+        let mut args = vec![
+            "servers".to_owned(),
+            "register".into(),
+            "--id".into(),
+            id.into(),
+            "--name".into(),
+            id.into(),
+            "--tenant".into(),
+            "acme".into(),
+            "--resource".into(),
+            resource.into(),
+            "--endpoint".into(),
+            endpoint.into(),
+            "--server-pcrs".into(),
+            pcrs,
+        ];
+        if let Ok(text) = std::fs::read_to_string(self.path("demo-server-tools.json")) {
+            let tools: std::collections::BTreeMap<String, String> = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("demo-server-tools.json: {e}"));
+            for (name, digest) in tools {
+                args.push("--tool".into());
+                args.push(format!("{name}={digest}"));
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.cli(&args).ok();
+        self.cli(&["servers", "attest", id]).ok();
     }
 
     /// Mints an agent token (agent-7 for alice in acme, role tool-user) into `DIR/agent.jwt`
@@ -606,6 +621,25 @@ impl DevStack {
     }
 }
 
+/// Starts the demo server (its root, PCRs and tool digests written into the data directory).
+fn start_demo(files: &StackFiles, listen: &str, control_plane: Option<&str>) -> (Proc, String) {
+    let mut cmd = Command::new(binary("attestplane-demo-server"));
+    cmd.args(["--listen", listen, "--print-mock-root"])
+        .arg(files.path("server-root.pem"))
+        .arg("--print-pcrs")
+        .arg(files.path("demo-server-pcrs.json"))
+        .arg("--print-tools")
+        .arg(files.path("demo-server-tools.json"));
+    if let Some(cp) = control_plane {
+        cmd.args(["--control-plane", cp]);
+    }
+    let n = std::fs::read_dir(&files.dir).map_or(0, |d| d.count());
+    let stderr = files.path(&format!("demo-{n}.stderr"));
+    let mut demo = Proc::spawn("attestplane-demo-server", cmd, &stderr);
+    let url = demo.wait_line("http://", READY_TIMEOUT);
+    (demo, url)
+}
+
 /// The local stack as three separate processes (enclave on a Unix socket with its own mock PCRs,
 /// demo MCP server, `attestplane proxy`), so a test can kill and restart each. Keys and the
 /// client configuration are made the way an operator would, with the CLI.
@@ -663,13 +697,7 @@ impl SplitStack {
         )
         .unwrap_or_else(|e| panic!("cannot write the PCRs: {e}"));
 
-        let mut cmd = Command::new(binary("attestplane-demo-server"));
-        cmd.args(["--listen", "127.0.0.1:0", "--print-mock-root"])
-            .arg(files.path("server-root.pem"))
-            .arg("--print-pcrs")
-            .arg(files.path("demo-server-pcrs.json"));
-        let mut demo = Proc::spawn("attestplane-demo-server", cmd, &dir.join("demo.stderr"));
-        let demo_url = demo.wait_line("http://", READY_TIMEOUT);
+        let (demo, demo_url) = start_demo(&files, "127.0.0.1:0", None);
 
         let mut stack = SplitStack {
             files,
@@ -699,6 +727,17 @@ impl SplitStack {
         let demo_url = stack.demo_url.clone();
         stack.files.register_and_attest_weather(&demo_url);
         stack
+    }
+
+    /// Restarts the demo server on the same address, now accepting handles on `/mcp` from
+    /// this stack's control plane (its URL is only known once the proxy runs).
+    pub fn restart_demo_for_mcp(&mut self) {
+        self.demo.kill();
+        let addr = self.demo_url.trim_start_matches("http://").to_owned();
+        let url = self.url.clone();
+        let (demo, demo_url) = start_demo(&self.files, &addr, Some(&url));
+        assert_eq!(demo_url, self.demo_url, "the demo server moved");
+        self.demo = demo;
     }
 
     /// Starts the enclave (again) on `DIR/enclave.sock` and waits for its address line.
@@ -759,4 +798,68 @@ impl SplitStack {
             .map_err(|e| format!("cannot write config.toml: {e}"))?;
         Ok(())
     }
+}
+
+/// The proxy's store as a host with write access to its disk sees it: the records of the
+/// segment files under `DATA_DIR/log/segments/` (STORE layout: `len: u32 BE ‖ check: u32 BE ‖
+/// entry`, `check` = the first four bytes of the entry's SHA-256, files named by their first
+/// seq).
+#[derive(Debug)]
+pub struct StoredEntry {
+    /// The segment file.
+    pub segment: PathBuf,
+    /// Offset of the record header in it.
+    pub offset: usize,
+    /// The entry's bytes.
+    pub entry: Vec<u8>,
+}
+
+/// Every stored entry in seq order.
+pub fn stored_entries(data_dir: &Path) -> Vec<StoredEntry> {
+    let dir = data_dir.join("log").join("segments");
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segments.sort();
+    let mut out = Vec::new();
+    for segment in segments {
+        let bytes = std::fs::read(&segment)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", segment.display()));
+        let mut offset = 0;
+        while offset + 8 <= bytes.len() {
+            let len = u32::from_be_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+            let end = offset + 8 + len;
+            assert!(
+                end <= bytes.len(),
+                "{}: record at {offset} runs past the end",
+                segment.display()
+            );
+            out.push(StoredEntry {
+                segment: segment.clone(),
+                offset,
+                entry: bytes[offset + 8..end].to_vec(),
+            });
+            offset = end;
+        }
+    }
+    out
+}
+
+/// Flips one byte in the middle of stored entry `seq`; with `fix_check`, also rewrites the
+/// record's checksum as a deliberate (not accidental) tamperer would.
+pub fn flip_stored_entry(data_dir: &Path, seq: usize, fix_check: bool) {
+    let entries = stored_entries(data_dir);
+    let e = entries
+        .get(seq)
+        .unwrap_or_else(|| panic!("no stored entry {seq} (the store holds {})", entries.len()));
+    let mut bytes = std::fs::read(&e.segment).unwrap();
+    let body = e.offset + 8;
+    bytes[body + e.entry.len() / 2] ^= 0x01;
+    if fix_check {
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&bytes[body..body + e.entry.len()]);
+        bytes[e.offset + 4..e.offset + 8].copy_from_slice(&digest[..4]);
+    }
+    std::fs::write(&e.segment, bytes).unwrap();
 }

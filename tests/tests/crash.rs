@@ -6,11 +6,12 @@
 //!   restart, every handle whose response was delivered has its seq in the exported log, which
 //!   verifies.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use attestplane_tests::{SplitStack, log_head, ready_epoch};
+use attestplane_tests::{SplitStack, flip_stored_entry, log_head, ready_epoch, stored_entries};
 
 fn resolve_seq(stack: &SplitStack) -> u64 {
     let ran = stack.files.cli(&["--json", "handle", "resolve", "weather"]);
@@ -125,6 +126,10 @@ async fn proxy_sigkill_during_a_burst_loses_no_delivered_handle() {
         Ok(()) => "proxy",
         Err(first) => {
             eprintln!("proxy refused to restart alone:\n{first}");
+            assert!(
+                first.contains("exited") && first.contains("restart the enclave"),
+                "the proxy did not restart, and not because the enclave is ahead:\n{first}"
+            );
             stack.enclave.as_mut().unwrap().kill();
             stack.start_enclave();
             stack
@@ -166,4 +171,57 @@ async fn proxy_sigkill_during_a_burst_loses_no_delivered_handle() {
         );
         assert!(seen.insert(*seq), "two handles with seq {seq}");
     }
+}
+
+/// A host that edits one stored entry (fixing the record's checksum, so its own store accepts
+/// it) serves the edited bytes; the auditor's verifier names the entry. An accidental edit
+/// (checksum not fixed) makes the proxy refuse to open its store, naming the entry.
+#[test]
+fn tampered_store_entry_is_named() {
+    let mut stack = SplitStack::start();
+    stack.files.mint_agent_token();
+    let handle = resolve_seq(&stack) as usize;
+    stack.files.cli(&["--json", "servers", "list"]).ok();
+    let (size, _) = log_head(&stack.url);
+    assert!(handle + 1 < size as usize);
+    let data = stack.files.dir.clone();
+
+    // Accidental: the proxy refuses its own store.
+    stack
+        .proxy
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(10));
+    assert_eq!(stored_entries(&data).len() as u64, size);
+    let pristine: Vec<(PathBuf, Vec<u8>)> = stored_entries(&data)
+        .iter()
+        .map(|e| e.segment.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    flip_stored_entry(&data, handle, false);
+    let refused = stack
+        .start_proxy()
+        .expect_err("the proxy served a store with a corrupt record");
+    assert!(
+        refused.contains(&format!("seq {handle}")),
+        "the proxy's refusal does not name seq {handle}:\n{refused}"
+    );
+
+    // Deliberate: the store accepts it, the enclave (same head) serves on, the auditor names it.
+    for (path, bytes) in &pristine {
+        std::fs::write(path, bytes).unwrap();
+    }
+    flip_stored_entry(&data, handle, true);
+    stack
+        .start_proxy()
+        .unwrap_or_else(|e| panic!("the proxy did not restart: {e}"));
+    let (log, _) = stack.files.export("log.cbor");
+    let (ran, report) = stack.files.verify_log(&log, None);
+    assert_eq!(ran.code, Some(1), "the edited log verified\n{ran}");
+    assert_eq!(report["first_bad_seq"], handle as u64, "{report}");
 }

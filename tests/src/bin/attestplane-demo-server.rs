@@ -19,21 +19,37 @@
 //! anyone can derive from the seed, and the default seed is public. It exists so a newcomer can
 //! walk through register → attest → resolve on one machine.
 //!
-//! Not here: the MCP protocol beyond what the walk-through needs (no `/mcp` endpoint yet).
+//! `POST /mcp` is a minimal MCP streamable-HTTP endpoint (JSON responses only): `initialize`,
+//! `ping`, `tools/list` and `tools/call` of one `forecast` tool. Every request must carry
+//! `Authorization: Bearer <handle>`: a handle the control plane issued, verified with the
+//! verifier's handle module against the control plane's JWKS (`--control-plane URL`, fetched
+//! from `{URL}/v1/jwks`, cached for 30 s and refetched when a handle names an unknown key), with
+//! `aud` = this server's resource URI (`--resource`, default `http://IP:PORT/mcp`); a tool is
+//! called only if the handle's `tools` claim names it. `--print-tools PATH` writes
+//! `{"forecast": "<SHA-256 hex of its definition>"}` for `servers register --tool`.
+//!
+//! Not here: the rest of MCP (no SSE streams, sessions, resources or prompts), and any check of
+//! the control plane's attestation (the JWKS is believed as fetched: the CLI's `handle resolve`
+//! shows how an agent checks it; a production server would do the same).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm, PCR_LEN};
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::handle::{HandleExpectations, Jwks, verify_handle};
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use clap::Parser;
-use sha2::{Digest as _, Sha384};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256, Sha384};
 
 /// The mock's seed when none is given: public, fixed, for development only, and different from
 /// the enclave's development seed.
@@ -41,6 +57,18 @@ const DEV_SEED: [u8; 32] = *b"attestplane demo server seed 001";
 
 /// The largest nonce accepted, in bytes (the NSM accepts at most 1024; the HTTP API allows 512).
 const MAX_NONCE_LEN: usize = 512;
+
+/// How long a fetched JWKS is used before it is fetched again.
+const JWKS_TTL: Duration = Duration::from_secs(30);
+
+/// The largest JWKS document read from the control plane.
+const MAX_JWKS_LEN: usize = 64 * 1024;
+
+/// Clock skew allowed on a handle's times.
+const HANDLE_LEEWAY_SECS: u64 = 60;
+
+/// The MCP protocol version answered when the client names none.
+const MCP_PROTOCOL_VERSION: &str = "2025-06-18";
 
 /// An attested MCP server on a mock NSM (development and tests only).
 #[derive(Debug, Parser)]
@@ -64,6 +92,37 @@ struct Cli {
     /// Write the image's PCR0/1/2 as JSON ({"PCR0": hex, ...}) to PATH, then continue.
     #[arg(long, value_name = "PATH")]
     print_pcrs: Option<PathBuf>,
+    /// Write its tools' digests as JSON ({"forecast": sha256 hex}) to PATH, then continue.
+    #[arg(long, value_name = "PATH")]
+    print_tools: Option<PathBuf>,
+    /// The control plane whose handles /mcp accepts (its JWKS: GET URL/v1/jwks). Without it,
+    /// /mcp answers 503.
+    #[arg(long, value_name = "URL")]
+    control_plane: Option<String>,
+    /// This server's resource URI, the `aud` its handles must name (default: http://IP:PORT/mcp).
+    #[arg(long, value_name = "URI")]
+    resource: Option<String>,
+    /// The `iss` its handles must name (default: not checked).
+    #[arg(long)]
+    issuer: Option<String>,
+}
+
+/// The `forecast` tool's definition, as `tools/list` serves it.
+fn forecast_tool() -> Value {
+    json!({
+        "name": "forecast",
+        "description": "Weather forecast for a city (demo data).",
+        "inputSchema": {
+            "type": "object",
+            "properties": { "city": { "type": "string" } },
+            "required": ["city"]
+        }
+    })
+}
+
+/// SHA-256 of a tool definition's JSON bytes (keys sorted, no whitespace).
+fn tool_digest(tool: &Value) -> String {
+    hex::encode(Sha256::digest(tool.to_string().as_bytes()))
 }
 
 /// The image measurements of `--image NAME`: `SHA-384("NAME pcr0")`, `… pcr1`, `… pcr2`.
@@ -129,6 +188,12 @@ async fn main() -> Result<()> {
     for (name, value) in &pcrs {
         eprintln!("attestplane-demo-server: {name} {value}");
     }
+    let digest = tool_digest(&forecast_tool());
+    eprintln!("attestplane-demo-server: tool forecast sha256 {digest}");
+    if let Some(path) = &cli.print_tools {
+        let json = json!({ "forecast": digest }).to_string();
+        write_file(path, "tool digests", json.as_bytes())?;
+    }
 
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
@@ -146,7 +211,33 @@ async fn main() -> Result<()> {
         "attestplane-demo-server: image {:?} listening on http://{bound}",
         cli.image
     );
-    axum::serve(listener, router(Arc::new(nsm)))
+    let control_plane = cli
+        .control_plane
+        .as_deref()
+        .map(|u| u.trim_end_matches('/').to_owned());
+    let state = Arc::new(AppState {
+        nsm,
+        resource: cli
+            .resource
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}/mcp")),
+        issuer: cli.issuer.clone(),
+        control_plane,
+        jwks: Mutex::new(None),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("cannot build the HTTP client")?,
+    });
+    eprintln!(
+        "attestplane-demo-server: /mcp accepts handles for {}{}",
+        state.resource,
+        match &state.control_plane {
+            Some(cp) => format!(" from {cp}"),
+            None => " (no --control-plane: /mcp answers 503)".to_owned(),
+        }
+    );
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the server failed")?;
@@ -154,11 +245,22 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-fn router(nsm: Arc<MockNsm>) -> Router {
+/// What the handlers share.
+struct AppState {
+    nsm: MockNsm,
+    resource: String,
+    issuer: Option<String>,
+    control_plane: Option<String>,
+    jwks: Mutex<Option<(Arc<Jwks>, Instant)>>,
+    http: reqwest::Client,
+}
+
+fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/attestation", get(attestation))
+        .route("/mcp", post(mcp))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(nsm)
+        .with_state(state)
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -168,7 +270,7 @@ struct AttestationQuery {
 
 /// `GET /attestation?nonce=HEX`: the mock's attestation document over that nonce.
 async fn attestation(
-    State(nsm): State<Arc<MockNsm>>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<AttestationQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let nonce = match query {
@@ -187,7 +289,8 @@ async fn attestation(
         Err(e) => return bad_request(format!("the nonce is not hex: {e}")),
     };
     // Signing is a few milliseconds of P-384 arithmetic: keep it off the reactor.
-    let signed = tokio::task::spawn_blocking(move || nsm.attest(None, Some(nonce), None)).await;
+    let signed =
+        tokio::task::spawn_blocking(move || state.nsm.attest(None, Some(nonce), None)).await;
     match signed {
         Ok(Ok(document)) => (
             StatusCode::OK,
@@ -212,6 +315,186 @@ async fn attestation(
             )
         }
     }
+}
+
+impl AppState {
+    /// The control plane's JWKS: cached unless `fresh` or older than [`JWKS_TTL`].
+    async fn jwks(&self, fresh: bool) -> Result<Arc<Jwks>, String> {
+        if !fresh {
+            let cached = self.jwks.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((jwks, at)) = cached.as_ref()
+                && at.elapsed() < JWKS_TTL
+            {
+                return Ok(Arc::clone(jwks));
+            }
+        }
+        let base = self
+            .control_plane
+            .as_deref()
+            .ok_or("no control plane configured (--control-plane)")?;
+        let url = format!("{base}/v1/jwks");
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url} answered {}", resp.status()));
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| format!("cannot read {url}: {e}"))?;
+        if body.len() > MAX_JWKS_LEN {
+            return Err(format!("{url}: a JWKS of {} bytes", body.len()));
+        }
+        let jwks = Arc::new(Jwks::parse(&body).map_err(|e| format!("{url}: {e}"))?);
+        *self.jwks.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((Arc::clone(&jwks), Instant::now()));
+        Ok(jwks)
+    }
+
+    /// Verifies the bearer handle; refetches the JWKS once if the cached one does not verify
+    /// it (the control plane may have opened a new epoch).
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<Vec<String>, Response> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| unauthorized("a bearer handle is required".into()))?;
+        let expect = HandleExpectations {
+            issuer: self.issuer.clone(),
+            audience: Some(self.resource.clone()),
+            leeway_secs: HANDLE_LEEWAY_SECS,
+        };
+        let now = UnixMillis::from_system_time(SystemTime::now());
+        let mut last = String::new();
+        for fresh in [false, true] {
+            let jwks = self.jwks(fresh).await.map_err(|e| {
+                eprintln!("attestplane-demo-server: {e}");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the control plane's keys are unavailable".into(),
+                )
+            })?;
+            match verify_handle(token, &jwks, &expect, now) {
+                Ok(handle) => return Ok(handle.into_claims().tools),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(unauthorized(format!("the handle did not verify: {last}")))
+    }
+}
+
+/// `POST /mcp`: one JSON-RPC message.
+async fn mcp(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let tools = match state.authenticate(&headers).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be application/json".into(),
+        );
+    }
+    let Ok(message) = serde_json::from_slice::<Value>(&body) else {
+        return rpc(
+            StatusCode::BAD_REQUEST,
+            rpc_error(&Value::Null, -32700, "parse error"),
+        );
+    };
+    let id = message.get("id").cloned().unwrap_or(Value::Null);
+    let Some(method) = message.get("method").and_then(Value::as_str) else {
+        return rpc(
+            StatusCode::BAD_REQUEST,
+            rpc_error(&id, -32600, "invalid request"),
+        );
+    };
+    if message.get("id").is_none() {
+        // A notification (e.g. notifications/initialized): accepted, no answer.
+        return StatusCode::ACCEPTED.into_response();
+    }
+    let params = message.get("params").cloned().unwrap_or(Value::Null);
+    let answer = match method {
+        "initialize" => {
+            let version = params
+                .get("protocolVersion")
+                .and_then(Value::as_str)
+                .unwrap_or(MCP_PROTOCOL_VERSION);
+            rpc_result(
+                &id,
+                json!({
+                    "protocolVersion": version,
+                    "capabilities": { "tools": {} },
+                    "serverInfo": {
+                        "name": "attestplane-demo-server",
+                        "version": env!("CARGO_PKG_VERSION")
+                    }
+                }),
+            )
+        }
+        "ping" => rpc_result(&id, json!({})),
+        "tools/list" => rpc_result(&id, json!({ "tools": [forecast_tool()] })),
+        "tools/call" => call_tool(&id, &params, &tools),
+        _ => rpc_error(&id, -32601, "method not found"),
+    };
+    rpc(StatusCode::OK, answer)
+}
+
+fn call_tool(id: &Value, params: &Value, allowed: &[String]) -> Value {
+    let name = params.get("name").and_then(Value::as_str).unwrap_or("");
+    if name != "forecast" {
+        return rpc_error(id, -32602, "unknown tool");
+    }
+    if !allowed.iter().any(|t| t == name) {
+        return rpc_error(id, -32003, "the handle does not allow this tool");
+    }
+    let Some(city) = params
+        .get("arguments")
+        .and_then(|a| a.get("city"))
+        .and_then(Value::as_str)
+    else {
+        return rpc_error(id, -32602, "forecast needs a string argument `city`");
+    };
+    let city: String = city.chars().filter(|c| !c.is_control()).take(100).collect();
+    rpc_result(
+        id,
+        json!({
+            "content": [{ "type": "text", "text": format!("Forecast for {city}: sunny, 21 °C (demo data)") }],
+            "isError": false
+        }),
+    )
+}
+
+fn rpc_result(id: &Value, result: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "result": result })
+}
+
+fn rpc_error(id: &Value, code: i64, message: &str) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message } })
+}
+
+fn rpc(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+fn unauthorized(message: String) -> Response {
+    let mut r = error(StatusCode::UNAUTHORIZED, "unauthenticated", message);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    );
+    r
 }
 
 fn bad_request(message: String) -> Response {
