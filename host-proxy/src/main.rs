@@ -33,7 +33,8 @@ struct Cli {
     /// Print data as JSON.
     #[arg(long, global = true)]
     json: bool,
-    /// The proxy's base URL (client commands).
+    /// The proxy's base URL (client commands); http:// only: this build has no TLS, so put the
+    /// proxy on loopback or behind a TLS-terminating front end.
     #[arg(long, global = true, env = "ATTESTPLANE_URL", value_name = "URL")]
     url: Option<String>,
     /// Admin key file (hex ed25519 secret) that signs admin requests.

@@ -43,42 +43,17 @@ pub enum ServersCommand {
     List,
 }
 
-/// A server registration: [`ServerFlags`], with `--server-pcrs` taken from the command line
-/// only.
+/// A server registration: [`ServerFlags`].
 ///
-/// `--server-pcrs` (alias `--pcrs`) has the id `pcrs` of the global `--pcrs` of `main` (the
-/// control plane's PCRs), so that the global is not defined twice on this command. Clap copies a global's value into
-/// subcommands by id, though, so `ATTESTPLANE_PCRS` (the control plane's file) would become the
-/// server's PCRs; a value whose source is the environment is therefore dropped here.
-#[derive(Debug)]
+/// The server's PCR file is `--server-pcrs`, an argument with its own id: the global `--pcrs`
+/// (and `ATTESTPLANE_PCRS`) names the *control plane's* PCRs, and clap hands a global's value to
+/// every subcommand argument sharing its id, so sharing it would let the control plane's file
+/// become a server's expected measurements.
+#[derive(Debug, Args)]
 pub struct ServerArgs {
     /// The flags.
+    #[command(flatten)]
     pub flags: ServerFlags,
-}
-
-impl clap::FromArgMatches for ServerArgs {
-    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
-        let mut flags = ServerFlags::from_arg_matches(matches)?;
-        if matches.value_source("pcrs") == Some(clap::parser::ValueSource::EnvVariable) {
-            flags.pcrs = None;
-        }
-        Ok(Self { flags })
-    }
-
-    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(matches)?;
-        Ok(())
-    }
-}
-
-impl clap::Args for ServerArgs {
-    fn augment_args(cmd: clap::Command) -> clap::Command {
-        ServerFlags::augment_args(cmd)
-    }
-
-    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        ServerFlags::augment_args_for_update(cmd)
-    }
 }
 
 /// The flags of a server registration.
@@ -100,9 +75,9 @@ pub struct ServerFlags {
     #[arg(long, value_name = "URL")]
     pub endpoint: String,
     /// JSON file of the PCRs the server's attestation must carry ({"PCR0": "hex", ...}, as the
-    /// demo server's --print-pcrs and `attestplane-verify eif --json` write). After this command
-    /// --pcrs means the same; ATTESTPLANE_PCRS (the control plane's) is not read for it.
-    #[arg(long = "server-pcrs", visible_alias = "pcrs", value_name = "FILE")]
+    /// demo server's --print-pcrs and `attestplane-verify eif --json` write). Not the global
+    /// --pcrs, which names the control plane's PCRs.
+    #[arg(id = "server_pcrs", long = "server-pcrs", value_name = "FILE")]
     pub pcrs: Option<PathBuf>,
     /// An expected PCR as N=HEX (repeatable; combines with --server-pcrs).
     #[arg(long = "pcr", value_name = "N=HEX", value_parser = parse_pcr_flag)]
@@ -356,13 +331,20 @@ mod tests {
         ];
         // Only the environment (the control plane's file): not the server's PCRs.
         assert_eq!(register(&[&["m"][..], &base[..]].concat()), None);
-        // On the command line after the command: the server's, under either name.
-        for flag in ["--server-pcrs", "--pcrs"] {
-            assert_eq!(
-                register(&[&["m"][..], &base[..], &[flag, "/s.json"][..]].concat()),
-                Some(PathBuf::from("/s.json"))
-            );
-        }
+        // The global flag, before or after the command: still the control plane's.
+        assert_eq!(
+            register(&[&["m", "--pcrs", "/cp.json"][..], &base[..]].concat()),
+            None
+        );
+        assert_eq!(
+            register(&[&["m"][..], &base[..], &["--pcrs", "/cp.json"][..]].concat()),
+            None
+        );
+        // --server-pcrs is the server's.
+        assert_eq!(
+            register(&[&["m"][..], &base[..], &["--server-pcrs", "/s.json"][..]].concat()),
+            Some(PathBuf::from("/s.json"))
+        );
     }
 
     #[test]
