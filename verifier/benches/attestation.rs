@@ -11,9 +11,11 @@
 //! Groups:
 //! - `attestation/cold`: [`verify_attestation`], the whole chain every time; against
 //!   `attestation/raw/five_p384_verifies`. Target: cold ≤ 1.2 × five verifies.
-//! - `attestation/warm`: [`AttestationVerifier::verify`] with the CA chain cached. A warm check
-//!   still verifies the leaf link and the COSE signature (two verifies); it is reported against
-//!   one verify (the brief's target) and against two.
+//! - `attestation/warm`: [`AttestationVerifier::verify`] with the whole path cached (the CA
+//!   chain and the leaf link, valid at the verification time). A warm check verifies the COSE
+//!   signature only, plus parsing and hashing; it is reported against one verify (target:
+//!   warm ≤ 1.2 × one verify), and for comparison against two (what a warm check cost when only
+//!   the CA chain was cached).
 //! - `attestation/parts`: what a verification does besides the five signature checks (document
 //!   parsing, certificate parsing, public-key decoding, hashing, summaries), to say where any
 //!   time above the signature checks goes.
@@ -236,8 +238,10 @@ fn bench(c: &mut Criterion) {
         cached
             .checks()
             .iter()
-            .any(|c| c.to_string().ends_with("[cached]")),
-        "the second verification must hit the chain cache"
+            .filter(|c| c.to_string().ends_with("[cached]"))
+            .count()
+            == 5,
+        "the second verification must hit the path cache"
     );
 
     let doc = parse_attestation(DOC).unwrap_or_else(|e| panic!("document: {e}"));
@@ -283,7 +287,7 @@ fn bench(c: &mut Criterion) {
             (
                 "warm",
                 "two",
-                "warm / two p-384 verifies (leaf link + cose)",
+                "warm / two p-384 verifies (leaf link + cose, the cost with only the ca chain cached)",
             ),
             ("one_cose", "one_link", "cose verify / leaf-link verify"),
         ] {
@@ -302,7 +306,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("raw/five_p384_verifies", |b| {
         b.iter(|| black_box(&checks).iter().all(SigCheck::verify))
     });
-    group.bench_function("warm/verifier_verify_cached_chain", |b| {
+    group.bench_function("warm/verifier_verify_cached_path", |b| {
         b.iter(|| warm.verify(black_box(DOC), &expect, at).is_ok())
     });
     group.bench_function("raw/one_p384_verify_leaf_link", |b| {

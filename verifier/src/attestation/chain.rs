@@ -143,13 +143,6 @@ pub(crate) struct VerifiedCaChain {
     pub certs: Vec<CertSummary>,
 }
 
-impl VerifiedCaChain {
-    /// Whether `at` lies within every CA's validity window.
-    pub fn valid_at(&self, at: UnixMillis) -> bool {
-        self.not_before <= at && at <= self.not_after
-    }
-}
-
 /// The verified leaf: the key that must have signed the COSE_Sign1.
 #[derive(Debug, Clone)]
 pub(crate) struct VerifiedLeaf {

@@ -52,7 +52,7 @@ pub use document::{AttestationDocument, parse_attestation};
 pub use error::AttestationError;
 pub use types::{Pcr, PcrIndex};
 
-use cache::ChainCache;
+use cache::{PathCaches, VerifiedPath};
 use chain::VerifiedCaChain;
 use types::{ser_hex, ser_hex_opt};
 
@@ -82,7 +82,8 @@ pub const MAX_CBOR_DEPTH: usize = 8;
 /// clock differences between the NSM and the verifier: one minute.
 pub const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
-/// Default number of verified CA chains an [`AttestationVerifier`] remembers.
+/// Default number of verified CA chains, and of verified whole paths (CA chain and leaf), an
+/// [`AttestationVerifier`] remembers.
 pub const DEFAULT_CACHE_CAPACITY: usize = 64;
 
 /// When to check certificate validity and freshness.
@@ -127,8 +128,8 @@ pub enum Check {
         #[serde(serialize_with = "ser_hex")]
         fingerprint: [u8; 32],
     },
-    /// A certificate of the path satisfied its rules at the verification time (`cached`: the
-    /// CA part was verified earlier by the same verifier and reused).
+    /// A certificate of the path satisfied its rules at the verification time (`cached`: it was
+    /// verified earlier by the same verifier, in a path of the very same bytes, and reused).
     Certificate {
         /// What was checked about it.
         #[serde(flatten)]
@@ -309,12 +310,15 @@ pub fn verify_attestation(
     verify_inner(doc, anchor, expect, at, None)
 }
 
-/// A reusable verifier: one trust anchor and a bounded cache of verified CA chains, so that a
-/// warm verification costs the leaf link and the COSE signature only. `Send + Sync`; share it.
+/// A reusable verifier: one trust anchor and bounded caches of verified CA chains and of verified
+/// whole paths (CA chain and leaf), each entry usable only while every certificate it covers is
+/// valid at the verification time. A warm verification (a document under a path already seen)
+/// costs the COSE signature only; one under a new leaf but a known CA chain, the leaf link and
+/// the COSE signature. `Send + Sync`; share it.
 #[derive(Debug)]
 pub struct AttestationVerifier {
     anchor: TrustAnchor,
-    cache: ChainCache,
+    cache: PathCaches,
 }
 
 impl AttestationVerifier {
@@ -323,11 +327,12 @@ impl AttestationVerifier {
         Self::with_cache_capacity(anchor, DEFAULT_CACHE_CAPACITY)
     }
 
-    /// A verifier remembering at most `n` CA chains (`0` disables the cache).
+    /// A verifier remembering at most `n` CA chains and `n` whole paths (`0` disables the
+    /// caches).
     pub fn with_cache_capacity(anchor: TrustAnchor, n: usize) -> Self {
         Self {
             anchor,
-            cache: ChainCache::new(n),
+            cache: PathCaches::new(n),
         }
     }
 
@@ -336,7 +341,7 @@ impl AttestationVerifier {
         &self.anchor
     }
 
-    /// Same as [`verify_attestation`] with this verifier's anchor, reusing cached CA chains.
+    /// Same as [`verify_attestation`] with this verifier's anchor, reusing cached paths.
     pub fn verify(
         &self,
         doc: &[u8],
@@ -347,12 +352,64 @@ impl AttestationVerifier {
     }
 }
 
+/// A verified path, and which parts of it came from the cache.
+struct PathOutcome {
+    path: Arc<VerifiedPath>,
+    cas_cached: bool,
+    leaf_cached: bool,
+}
+
+/// Verifies `cabundle` and `leaf` at `at`, reusing and filling the caches if given. A cached
+/// entry is used only if it is valid at `at`; otherwise the full check runs, so the result (and
+/// on failure the error) is the same as without a cache.
+fn verified_path(
+    cabundle: &[Vec<u8>],
+    leaf: &[u8],
+    anchor: &TrustAnchor,
+    at: UnixMillis,
+    cache: Option<&PathCaches>,
+) -> Result<PathOutcome, AttestationError> {
+    let Some(cache) = cache else {
+        let cas = Arc::new(chain::verify_ca_chain(cabundle, anchor, at)?);
+        let leaf = chain::verify_leaf(leaf, &cas, at)?;
+        return Ok(PathOutcome {
+            path: Arc::new(VerifiedPath::new(cas, leaf)),
+            cas_cached: false,
+            leaf_cached: false,
+        });
+    };
+    let (chain_key, path_key) = cache::path_keys(cabundle, leaf);
+    if let Some(path) = cache.paths.get(&path_key, at) {
+        return Ok(PathOutcome {
+            path,
+            cas_cached: true,
+            leaf_cached: true,
+        });
+    }
+    let (cas, cas_cached): (Arc<VerifiedCaChain>, bool) = match cache.chains.get(&chain_key, at) {
+        Some(hit) => (hit, true),
+        None => {
+            let fresh = Arc::new(chain::verify_ca_chain(cabundle, anchor, at)?);
+            cache.chains.insert(chain_key, Arc::clone(&fresh), at);
+            (fresh, false)
+        }
+    };
+    let leaf = chain::verify_leaf(leaf, &cas, at)?;
+    let path = Arc::new(VerifiedPath::new(cas, leaf));
+    cache.paths.insert(path_key, Arc::clone(&path), at);
+    Ok(PathOutcome {
+        path,
+        cas_cached,
+        leaf_cached: false,
+    })
+}
+
 fn verify_inner(
     doc: &[u8],
     anchor: &TrustAnchor,
     expect: &Expectations,
     at: VerifyAt,
-    cache: Option<&ChainCache>,
+    cache: Option<&PathCaches>,
 ) -> Result<VerifiedAttestation, AttestationError> {
     let parsed = parse_attestation(doc)?;
     let mut checks = vec![Check::Structure];
@@ -365,8 +422,8 @@ fn verify_inner(
         return Err(AttestationError::MaxAgeNeedsInstant);
     }
 
-    // 1. The chain: pinned root, then every CA link (or a cached result for these exact bytes),
-    //    then the leaf.
+    // 1. The chain: pinned root, then every CA link, then the leaf link; or a cached result for
+    //    these exact bytes, if it is valid at this time (see `cache`).
     let cabundle = parsed.cabundle();
     let root = cabundle
         .first()
@@ -375,25 +432,15 @@ fn verify_inner(
     checks.push(Check::RootPinned {
         fingerprint: anchor.fingerprint(),
     });
-    let key = cache::chain_key(cabundle);
-    let (cas, cached): (Arc<VerifiedCaChain>, bool) = match cache.and_then(|c| c.get(&key, at_ms)) {
-        Some(hit) => (hit, true),
-        None => {
-            let fresh = Arc::new(chain::verify_ca_chain(cabundle, anchor, at_ms)?);
-            if let Some(c) = cache {
-                c.insert(key, Arc::clone(&fresh), at_ms);
-            }
-            (fresh, false)
-        }
-    };
-    let leaf = chain::verify_leaf(parsed.certificate(), &cas, at_ms)?;
+    let path = verified_path(cabundle, parsed.certificate(), anchor, at_ms, cache)?;
+    let (cas, leaf) = (&path.path.cas, &path.path.leaf);
     checks.extend(cas.certs.iter().map(|cert| Check::Certificate {
         cert: cert.clone(),
-        cached,
+        cached: path.cas_cached,
     }));
     checks.push(Check::Certificate {
         cert: leaf.summary.clone(),
-        cached: false,
+        cached: path.leaf_cached,
     });
 
     // 2. The COSE signature over the raw bytes.
@@ -505,11 +552,12 @@ mod tests {
     }
 
     #[test]
-    fn cache_hit_marks_ca_checks_cached_and_agrees_with_full_verification() {
+    fn cache_hit_marks_every_certificate_cached_and_agrees_with_full_verification() {
         let v = AttestationVerifier::new(TrustAnchor::aws_nitro_root_g1());
         let e = Expectations::default();
         let cold = v.verify(PROD, &e, VerifyAt::DocumentTimestamp).unwrap();
-        assert_eq!(v.cache.len(), 1);
+        assert_eq!(v.cache.chains.len(), 1);
+        assert_eq!(v.cache.paths.len(), 1);
         let warm = v.verify(PROD, &e, VerifyAt::DocumentTimestamp).unwrap();
         let cached = |a: &VerifiedAttestation| {
             a.checks()
@@ -518,7 +566,7 @@ mod tests {
                 .count()
         };
         assert_eq!(cached(&cold), 0);
-        assert_eq!(cached(&warm), 4);
+        assert_eq!(cached(&warm), 5);
         assert_eq!(cold.pcrs(), warm.pcrs());
         assert_eq!(cold.document_sha256(), warm.document_sha256());
     }
@@ -545,10 +593,12 @@ mod tests {
         };
         v.verify(PROD, &e, VerifyAt::DocumentTimestamp).unwrap();
         v.verify(DEBUG, &e, VerifyAt::DocumentTimestamp).unwrap();
-        assert_eq!(v.cache.len(), 1);
+        assert_eq!(v.cache.chains.len(), 1);
+        assert_eq!(v.cache.paths.len(), 1);
         let none = AttestationVerifier::with_cache_capacity(TrustAnchor::aws_nitro_root_g1(), 0);
         none.verify(PROD, &e, VerifyAt::DocumentTimestamp).unwrap();
-        assert_eq!(none.cache.len(), 0);
+        assert_eq!(none.cache.chains.len(), 0);
+        assert_eq!(none.cache.paths.len(), 0);
     }
 
     #[test]
