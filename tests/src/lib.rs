@@ -863,3 +863,25 @@ pub fn flip_stored_entry(data_dir: &Path, seq: usize, fix_check: bool) {
     }
     std::fs::write(&e.segment, bytes).unwrap();
 }
+
+/// Rewrites the store's segments as holding `entries` (valid records, checksums included): a
+/// host deleting or reordering stored entries. All entries go into the first segment's file.
+pub fn rewrite_store(data_dir: &Path, entries: &[Vec<u8>]) {
+    let stored = stored_entries(data_dir);
+    let mut segments: Vec<PathBuf> = stored.iter().map(|e| e.segment.clone()).collect();
+    segments.dedup();
+    let mut bytes = Vec::new();
+    for e in entries {
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(e);
+        bytes.extend_from_slice(&(e.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&digest[..4]);
+        bytes.extend_from_slice(e);
+    }
+    for (i, s) in segments.iter().enumerate() {
+        if i == 0 {
+            std::fs::write(s, &bytes).unwrap();
+        } else {
+            std::fs::remove_file(s).unwrap();
+        }
+    }
+}

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use attestplane_tests::{SplitStack, flip_stored_entry, log_head, ready_epoch, stored_entries};
+use attestplane_tests::{
+    SplitStack, flip_stored_entry, log_head, ready_epoch, rewrite_store, stored_entries,
+};
 
 fn resolve_seq(stack: &SplitStack) -> u64 {
     let ran = stack.files.cli(&["--json", "handle", "resolve", "weather"]);
@@ -224,4 +226,56 @@ fn tampered_store_entry_is_named() {
     let (ran, report) = stack.files.verify_log(&log, None);
     assert_eq!(ran.code, Some(1), "the edited log verified\n{ran}");
     assert_eq!(report["first_bad_seq"], handle as u64, "{report}");
+
+    // Deleting or swapping stored entries (valid records): a restarted enclave replays the
+    // store and refuses it; the proxy does not serve and names the entry.
+    let entries: Vec<Vec<u8>> = pristine_entries(&pristine);
+    for (what, edited) in [
+        ("deleted", {
+            let mut e = entries.clone();
+            e.remove(handle);
+            e
+        }),
+        ("swapped", {
+            let mut e = entries.clone();
+            e.swap(handle - 1, handle);
+            e
+        }),
+    ] {
+        if let Some(proxy) = stack.proxy.as_mut() {
+            proxy.terminate(Duration::from_secs(10));
+        }
+        stack.enclave.as_mut().unwrap().kill();
+        rewrite_store(&data, &edited);
+        stack.start_enclave();
+        let first_bad = if what == "deleted" {
+            handle
+        } else {
+            handle - 1
+        };
+        let refused = stack
+            .start_proxy()
+            .expect_err(&format!("the proxy served a store with {what} entries"));
+        assert!(
+            refused.contains(&format!("entry {first_bad}:")),
+            "{what}: the refusal does not name entry {first_bad}:\n{refused}"
+        );
+        for (path, bytes) in &pristine {
+            std::fs::write(path, bytes).unwrap();
+        }
+        stack.proxy = None;
+    }
+}
+
+fn pristine_entries(segments: &[(PathBuf, Vec<u8>)]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (_, bytes) in segments {
+        let mut offset = 0;
+        while offset + 8 <= bytes.len() {
+            let len = u32::from_be_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+            out.push(bytes[offset + 8..offset + 8 + len].to_vec());
+            offset += 8 + len;
+        }
+    }
+    out
 }
