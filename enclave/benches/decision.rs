@@ -15,15 +15,18 @@
 //!
 //! Groups (criterion):
 //! - `decision/service_authorize`: the full service path: [`Enclave::handle`] with
-//!   `Request::Authorize` (bearer JWT verification, `State::decide`, the entry encoded, signed,
-//!   hashed into the Merkle frontier, decoded and applied, the `Persist` reply) and then
-//!   `Durable`, which releases the final reply. `decision/service_resolve`: the same for a
-//!   `Resolve` (one more Cedar evaluation per pinned tool, and the handle JWT signed).
+//!   `Request::Authorize` (the bearer JWT — verified once per token, then answered from the
+//!   enclave's bounded cache of verified tokens, as for an agent that presents its token again
+//!   — `State::decide`, the entry encoded, signed, hashed into the Merkle frontier and applied
+//!   in trusted mode, the `Persist` reply) and then `Durable`, which releases the final reply.
+//!   `decision/service_resolve`: the same for a `Resolve` (one more Cedar evaluation per pinned
+//!   tool, and the handle JWT signed).
 //! - `decision/core_decide_sign_apply`: what the service does for an `Authorize` minus the
 //!   bearer and the transport: `State::decide` + `LogWriter::append` (encode, sign, hash,
-//!   frontier) + `SignedEntry::decode` + `State::apply` (which evaluates the decision again, as
-//!   replay does, and counts the call). `decision/core_decide_sign`: the same without the
-//!   decode and apply.
+//!   frontier) + `State::apply_with(Trusted)` of the entry just signed (counts the call).
+//!   `decision/core_decide_sign`: the same without the apply. `decision/core_decide_sign_recheck`:
+//!   the old live path, which decoded the entry back and applied it with `State::apply`
+//!   (evaluating the decision again, as a re-checking replay does).
 //! - `parts/*`: one Ed25519 signature over a decision entry's own signed bytes (~600 bytes),
 //!   the Cedar evaluation alone (`PolicyEngine::decide` for the same requests), and the other
 //!   pieces (`State::decide`, `append`, decode, bearer verification, SHA-256 of an entry).
@@ -42,7 +45,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-use attestplane_enclave::identity::authenticate;
+use attestplane_enclave::identity::{BearerCache, authenticate};
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm};
 use attestplane_enclave::service::{Enclave, EnclaveConfig};
 use attestplane_enclave::writer::{Head, LogWriter, Written};
@@ -56,7 +59,7 @@ use attestplane_verifier::entry::{DecisionRecord, EntryHash, Event, PrincipalRec
 use attestplane_verifier::handle::Jwks;
 use attestplane_verifier::log::{LogPolicy, LogVerifier};
 use attestplane_verifier::policy::{Action, DecisionRequest, PolicyEngine, Principal, ServerFacts};
-use attestplane_verifier::state::State;
+use attestplane_verifier::state::{ApplyMode, State};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -433,6 +436,17 @@ struct Call {
     tool: String,
 }
 
+/// How the core path applies the entry it has signed.
+#[derive(Clone, Copy)]
+enum Apply {
+    /// Not at all.
+    None,
+    /// As the service does: the entry as signed, the decision not evaluated again.
+    Trusted,
+    /// As the service used to: decoded back from its bytes and re-checked by `State::apply`.
+    DecodeRecheck,
+}
+
 /// The core path: the enclave's state and a writer of its own, without the service around.
 struct Core {
     state: State,
@@ -446,9 +460,9 @@ impl Core {
         self.now
     }
 
-    /// `decide` + encode, sign, hash (+ decode + apply when `apply`): what
-    /// `Enclave::handle(Authorize)` does once the bearer is verified.
-    fn authorize(&mut self, c: &Call, apply: bool) -> Written {
+    /// `decide` + encode, sign, hash (+ the apply chosen): what `Enclave::handle(Authorize)`
+    /// does once the bearer is verified.
+    fn authorize(&mut self, c: &Call, apply: Apply) -> Written {
         let now = self.step();
         let record = self
             .state
@@ -457,11 +471,18 @@ impl Core {
             .writer
             .append(Event::Decision(Box::new(record)), now)
             .unwrap_or_else(|e| panic!("append: {e}"));
-        if apply {
-            let signed = SignedEntry::decode(&written.bytes).unwrap_or_else(|e| panic!("{e}"));
-            self.state
-                .apply(written.seq, signed.entry())
-                .unwrap_or_else(|e| panic!("apply: {e}"));
+        match apply {
+            Apply::None => {}
+            Apply::Trusted => self
+                .state
+                .apply_with(written.seq, &written.entry, ApplyMode::Trusted)
+                .unwrap_or_else(|e| panic!("apply: {e}")),
+            Apply::DecodeRecheck => {
+                let signed = SignedEntry::decode(&written.bytes).unwrap_or_else(|e| panic!("{e}"));
+                self.state
+                    .apply(written.seq, signed.entry())
+                    .unwrap_or_else(|e| panic!("apply: {e}"));
+            }
         }
         written
     }
@@ -618,7 +639,7 @@ fn setup() -> Bench {
     let mut entries = Vec::new();
     let mut records = Vec::new();
     for i in 0..Sizes::get().warm {
-        let w = core.authorize(&calls[i % REQUESTS], true);
+        let w = core.authorize(&calls[i % REQUESTS], Apply::Trusted);
         if entries.len() < REQUESTS {
             let signed = SignedEntry::decode(&w.bytes).unwrap_or_else(|e| panic!("{e}"));
             if let Event::Decision(d) = &signed.entry().event {
@@ -835,13 +856,19 @@ fn bench(c: &mut Criterion) {
     group.bench_function("core_decide_sign_apply", |b| {
         b.iter(|| {
             i += 1;
-            core.authorize(&calls[i % n], true).seq
+            core.authorize(&calls[i % n], Apply::Trusted).seq
         })
     });
     group.bench_function("core_decide_sign", |b| {
         b.iter(|| {
             i += 1;
-            core.authorize(&calls[i % n], false).seq
+            core.authorize(&calls[i % n], Apply::None).seq
+        })
+    });
+    group.bench_function("core_decide_sign_recheck", |b| {
+        b.iter(|| {
+            i += 1;
+            core.authorize(&calls[i % n], Apply::DecodeRecheck).seq
         })
     });
     group.finish();
@@ -902,6 +929,15 @@ fn bench(c: &mut Criterion) {
             authenticate(host.enclave.state(), &calls[i % n].bearer, host.now).is_ok()
         })
     });
+    let mut bearers = BearerCache::default();
+    group.bench_function("bearer_authenticate_cached", |b| {
+        b.iter(|| {
+            i += 1;
+            bearers
+                .authenticate(host.enclave.state(), &calls[i % n].bearer, host.now)
+                .is_ok()
+        })
+    });
     group.finish();
 
     // Distributions, decision by decision, and the sustained rate on one core.
@@ -917,13 +953,17 @@ fn bench(c: &mut Criterion) {
     });
     show("service Resolve (+ Durable)", &resolve);
     let core_full = latency(samples, |i| {
-        black_box(core.authorize(&calls[i % n], true));
+        black_box(core.authorize(&calls[i % n], Apply::Trusted));
     });
     show("core decide+sign+hash+apply", &core_full);
     let core_sign = latency(samples, |i| {
-        black_box(core.authorize(&calls[i % n], false));
+        black_box(core.authorize(&calls[i % n], Apply::None));
     });
     show("core decide+sign+hash", &core_sign);
+    let core_recheck = latency(samples, |i| {
+        black_box(core.authorize(&calls[i % n], Apply::DecodeRecheck));
+    });
+    show("core (old) +decode+recheck apply", &core_recheck);
     let sign = latency(samples, |i| {
         black_box(sign_key.sign(&messages[i % messages.len()]));
     });
@@ -946,6 +986,7 @@ fn bench(c: &mut Criterion) {
     for (name, l) in [
         ("core decide+sign+hash+apply", &core_full),
         ("core decide+sign+hash", &core_sign),
+        ("core (old) +decode+recheck apply", &core_recheck),
         ("service Authorize", &service),
     ] {
         eprintln!(
@@ -961,7 +1002,7 @@ fn bench(c: &mut Criterion) {
     let (a, b, r) = paired(
         sizes,
         |i| {
-            black_box(core.authorize(&calls[i % n], true));
+            black_box(core.authorize(&calls[i % n], Apply::Trusted));
         },
         reference_block,
     );
@@ -971,7 +1012,7 @@ fn bench(c: &mut Criterion) {
     let (a, b, r) = paired(
         sizes,
         |i| {
-            black_box(core.authorize(&calls[i % n], false));
+            black_box(core.authorize(&calls[i % n], Apply::None));
         },
         reference_block,
     );

@@ -30,9 +30,11 @@
 //!      alternating which goes first. On a shared machine whose load drifts by the minute, this
 //!      is the ratio to trust; separate runs are printed too;
 //!    - `verify`: the streaming [`LogVerifier`] alone;
-//!    - `fold`: the enclave's replay loop written out (`verify_round`, then `State::apply` per
-//!      entry) with each part timed, and `apply` timed per event type: what re-checking the
-//!      logged decisions (Cedar evaluated again) costs.
+//!    - `fold`: the enclave's replay loop written out (`verify_round`, then
+//!      `State::apply_with` per entry in the mode [`EpochTrust`] chooses, trusted for the
+//!      enclave's own image) with each part timed, and the apply timed per event type;
+//!      `recheck`: the same with every epoch re-decided (`State::apply`, Cedar evaluated
+//!      again), as for epochs written by another image and as an auditor does.
 //!
 //! Target: replay ≥ 0.8 × `verify_log` throughput; memory bounded by the state.
 
@@ -46,7 +48,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm};
-use attestplane_enclave::service::{Enclave, EnclaveConfig};
+use attestplane_enclave::service::{Enclave, EnclaveConfig, EpochTrust};
 use attestplane_enclave::writer::{Head, LogWriter};
 use attestplane_proto::{ByteBuf, MAX_ENTRIES_PER_FRAME, Request, Response};
 use attestplane_verifier::UnixMillis;
@@ -59,7 +61,7 @@ use attestplane_verifier::entry::{AttestationRecord, Entry, EntryHash, Event, Pr
 use attestplane_verifier::handle::Jwks;
 use attestplane_verifier::log::{LogPolicy, LogVerifier, verify_log};
 use attestplane_verifier::policy::Action;
-use attestplane_verifier::state::State;
+use attestplane_verifier::state::{ApplyMode, State};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest as _, Sha256};
 
@@ -357,9 +359,10 @@ fn write_log(nsm: MockNsm, path: &Path, total: u64, jobs: Receiver<Job>) -> Writ
 }
 
 /// The state side: decides as the enclave does and folds each entry into its [`State`] before
-/// handing the event to the writer side (which signs it on the other core). `State::apply` reads
-/// an entry's time and event only, so it is applied to the entry as the writer will make it
-/// (`prev` aside); the replays below re-check every entry against the signed bytes.
+/// handing the event to the writer side (which signs it on the other core). `State::apply_with`
+/// reads an entry's time and event only, so it is applied to the entry as the writer will make
+/// it (`prev` aside), in trusted mode as the enclave applies what it has just decided; the
+/// replays below check every entry against the signed bytes (and `recheck` re-decides all).
 struct Generator {
     servers: MockNsm,
     state: State,
@@ -381,7 +384,7 @@ impl Generator {
             event,
         };
         self.state
-            .apply(self.seq, &entry)
+            .apply_with(self.seq, &entry, ApplyMode::Trusted)
             .unwrap_or_else(|e| panic!("apply {}: {e}", self.seq));
         self.seq += 1;
         let job = match entry.event {
@@ -835,8 +838,9 @@ fn child(mode: &str) {
             fields.push(("replay_secs", format!("{replay_secs:.3}")));
             fields.push(("median_batch_ratio", format!("{median:.3}")));
         }
-        "fold" => {
+        "fold" | "recheck" => {
             let nsm = enclave_nsm(now);
+            let mut trust = EpochTrust::new(image_pcrs(&nsm));
             let policy = LogPolicy::new(anchor_of(&nsm), image_pcrs(&nsm));
             let mut verifier =
                 LogVerifier::new(policy, now).unwrap_or_else(|e| panic!("verifier: {e}"));
@@ -856,8 +860,12 @@ fn child(mode: &str) {
                 verify_secs += t.elapsed().as_secs_f64();
                 for signed in &verified {
                     let t = Instant::now();
+                    let m = match mode {
+                        "fold" => trust.mode(signed.entry()),
+                        _ => ApplyMode::Recheck,
+                    };
                     state
-                        .apply(seq, signed.entry())
+                        .apply_with(seq, signed.entry(), m)
                         .unwrap_or_else(|e| panic!("apply: {e}"));
                     let e = apply.entry(signed.entry().event.type_name()).or_default();
                     e.0 += 1;
@@ -995,6 +1003,7 @@ fn parent() {
         ("paired", total, 2),
         ("replay", small, 1),
         ("fold", small, 1),
+        ("recheck", small, 1),
     ] {
         let f = run_child(mode, &path, n, threads, g.end);
         eprintln!(
@@ -1020,11 +1029,11 @@ fn parent() {
                 field(&f, "median_batch_ratio"),
             );
         }
-        if mode == "fold" {
+        if mode == "fold" || mode == "recheck" {
             let secs = field(&f, "secs");
             eprintln!(
-                "  fold: verify_round {:.2} s ({:.0} %), State::apply {:.2} s ({:.0} %); apply by type \
-                 (count: seconds, us/entry):",
+                "  {mode}: verify_round {:.2} s ({:.0} %), State::apply_with {:.2} s ({:.0} %); apply by \
+                 type (count: seconds, us/entry):",
                 field(&f, "verify_secs"),
                 100.0 * field(&f, "verify_secs") / secs,
                 field(&f, "apply_secs"),

@@ -10,6 +10,16 @@
 //! A development issuer for local use is an ordinary admin-installed provider: there is no
 //! bypass. Tokens are secrets: they never appear in errors, logs or entries; only the verified
 //! identity is logged.
+//!
+//! Agents present the same token on request after request, so [`BearerCache`] remembers the
+//! tokens already verified: a token seen again costs a SHA-256 and a lookup instead of a
+//! signature verification and two JSON parses. The cache never holds a token, only its
+//! SHA-256 (a hash of a high-entropy signed token reveals nothing usable: the enclave accepts
+//! tokens, not hashes); it answers for a token only while [`authenticate`] would accept it
+//! (before `exp` plus leeway, not earlier than the instant it was verified, and while the
+//! identity providers are the ones it was verified against); and it is bounded.
+
+use std::collections::{HashMap, VecDeque};
 
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::entry::PrincipalRecord;
@@ -18,6 +28,7 @@ use attestplane_verifier::state::State;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::Value;
+use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
 /// The longest bearer token accepted.
@@ -28,6 +39,9 @@ pub const MAX_ROLES: usize = 64;
 
 /// Clock skew allowed on `exp`, `nbf`, `iat`, in seconds.
 pub const LEEWAY_SECS: u64 = 60;
+
+/// The most verified tokens a [`BearerCache`] remembers.
+pub const BEARER_CACHE_CAPACITY: usize = 4096;
 
 /// Why a bearer token was refused. Messages never include the token.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -91,6 +105,138 @@ pub fn authenticate(
     bearer: &str,
     now: UnixMillis,
 ) -> Result<PrincipalRecord, IdentityError> {
+    verify(state, bearer, now).map(|(principal, _)| principal)
+}
+
+/// A verified token's remembered identity.
+struct Cached {
+    principal: PrincipalRecord,
+    /// When it was verified: not used for an earlier instant (`nbf`, `iat`).
+    verified_at: UnixMillis,
+    /// `exp` plus leeway, in Unix seconds: not used from then on.
+    until_secs: u64,
+    /// The identity providers it was verified against.
+    generation: u64,
+    /// Insertion order, to tell a current entry from a replaced one in `order`.
+    serial: u64,
+}
+
+/// Bearer tokens already verified, keyed by their SHA-256 (see the module documentation).
+/// One cache serves one [`State`].
+pub struct BearerCache {
+    entries: HashMap<[u8; 32], Cached>,
+    order: VecDeque<([u8; 32], u64)>,
+    serial: u64,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for BearerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BearerCache")
+            .field("entries", &self.entries.len())
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for BearerCache {
+    fn default() -> Self {
+        Self::new(BEARER_CACHE_CAPACITY)
+    }
+}
+
+impl BearerCache {
+    /// An empty cache of at most `capacity` tokens (0 remembers nothing).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            serial: 0,
+            capacity,
+        }
+    }
+
+    /// How many tokens it remembers.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether it remembers none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// [`authenticate`], answered from the cache when `bearer` was verified before and would
+    /// verify now: the same identity or the same refusal as [`authenticate`] gives.
+    pub fn authenticate(
+        &mut self,
+        state: &State,
+        bearer: &str,
+        now: UnixMillis,
+    ) -> Result<PrincipalRecord, IdentityError> {
+        if bearer.len() > MAX_BEARER_LEN {
+            return Err(IdentityError::Malformed("token too long"));
+        }
+        let key: [u8; 32] = Sha256::digest(bearer.as_bytes()).into();
+        let generation = state.identity_generation();
+        if let Some(c) = self.entries.get(&key) {
+            if c.generation == generation && now >= c.verified_at && now.as_secs() < c.until_secs {
+                return Ok(c.principal.clone());
+            }
+            self.entries.remove(&key);
+        }
+        let (principal, exp) = verify(state, bearer, now)?;
+        if self.capacity > 0 {
+            self.insert(
+                key,
+                Cached {
+                    principal: principal.clone(),
+                    verified_at: now,
+                    until_secs: exp.saturating_add(LEEWAY_SECS),
+                    generation,
+                    serial: 0,
+                },
+                now,
+            );
+        }
+        Ok(principal)
+    }
+
+    fn insert(&mut self, key: [u8; 32], mut cached: Cached, now: UnixMillis) {
+        if self.entries.len() >= self.capacity {
+            let now_s = now.as_secs();
+            self.entries.retain(|_, c| now_s < c.until_secs);
+            let entries = &self.entries;
+            self.order
+                .retain(|(k, serial)| entries.get(k).is_some_and(|c| c.serial == *serial));
+        }
+        while self.entries.len() >= self.capacity {
+            let Some((k, serial)) = self.order.pop_front() else {
+                break;
+            };
+            if self.entries.get(&k).is_some_and(|c| c.serial == serial) {
+                self.entries.remove(&k);
+            }
+        }
+        self.serial = self.serial.wrapping_add(1);
+        cached.serial = self.serial;
+        self.order.push_back((key, self.serial));
+        self.entries.insert(key, cached);
+        // Entries removed on lookup leave stale positions behind: keep `order` bounded too.
+        if self.order.len() > self.capacity.saturating_mul(2) {
+            let entries = &self.entries;
+            self.order
+                .retain(|(k, serial)| entries.get(k).is_some_and(|c| c.serial == *serial));
+        }
+    }
+}
+
+/// Verifies `bearer`; returns the identity and the token's `exp`.
+fn verify(
+    state: &State,
+    bearer: &str,
+    now: UnixMillis,
+) -> Result<(PrincipalRecord, u64), IdentityError> {
     if bearer.len() > MAX_BEARER_LEN {
         return Err(IdentityError::Malformed("token too long"));
     }
@@ -193,11 +339,14 @@ pub fn authenticate(
     let mut roles = roles;
     roles.sort();
     roles.dedup();
-    Ok(PrincipalRecord {
-        agent,
-        user,
-        tenant,
-        roles,
-        issuer,
-    })
+    Ok((
+        PrincipalRecord {
+            agent,
+            user,
+            tenant,
+            roles,
+            issuer,
+        },
+        exp,
+    ))
 }

@@ -16,9 +16,33 @@
 //! Then it opens a new epoch linked to the old head (and, on an empty log, writes the genesis
 //! admin key set).
 //!
-//! A known limit: replay expects every earlier epoch to carry the enclave's own PCRs, so an
-//! upgrade to a new image needs the previous image's measurements to be accepted too (not yet
-//! supported).
+//! ## Which logged decisions are evaluated again
+//!
+//! Live, the enclave decides, signs the entry, and applies that entry to its state in
+//! [`ApplyMode::Trusted`]: from the entry as it was signed, without decoding the bytes back and
+//! without evaluating the decision a second time (the decision it has just made is the one it
+//! applies). The state change is the one [`State::apply`] makes for the same entry.
+//!
+//! At boot, every entry's signature, link and epoch binding is verified, always. What differs
+//! is whether a logged decision (or discovery) is evaluated again against the replayed state,
+//! and that is chosen per epoch ([`EpochTrust`]):
+//!
+//! - An epoch whose opening attestation document carries this enclave's own PCR0/1/2 (not in
+//!   debug mode) was written by the same measured image: the same code made those decisions,
+//!   on the state the same code had derived from the same verified prefix of the log, and only
+//!   that image's enclave ever held the epoch key that signed them. Evaluating them again would
+//!   re-run this very code on the very same inputs; it could reveal only a non-deterministic
+//!   policy engine, not a forgery. So they are applied as logged ([`ApplyMode::Trusted`]).
+//!   Admin requests and server attestations are still checked in full (they are rare, and they
+//!   are what the later decisions depend on).
+//! - Any other epoch (another image, or debug mode, where PCRs are zero and attest nothing) is
+//!   re-decided entry by entry ([`ApplyMode::Recheck`]): a logged decision that the policy
+//!   would not make stops the boot.
+//!
+//! An auditor who replays the log with the verifier CLI re-decides everything, whoever wrote it.
+//! Today the log verifier accepts only epochs carrying the enclave's own PCRs, so every epoch
+//! it lets through is applied trusted; the per-epoch choice is what keeps the re-check in place
+//! once earlier images' measurements are accepted too (an upgrade; not yet supported).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,16 +50,18 @@ use std::sync::Arc;
 use attestplane_proto::{ByteBuf, ErrorCode, PROTOCOL_VERSION, Request, Response, ServerInfo};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::SignedAdminRequest;
-use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
-use attestplane_verifier::entry::{AttestationRecord, EntryHash, Event, SignedEntry};
+use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor, parse_attestation};
+use attestplane_verifier::entry::{AttestationRecord, Entry, EntryHash, Event};
 use attestplane_verifier::handle::{HandleClaims, Jwks, encode_handle};
 use attestplane_verifier::log::{LogPolicy, LogVerifier};
 use attestplane_verifier::policy::Action;
-use attestplane_verifier::state::{REASON_TOOL_NOT_PINNED, REASON_UNKNOWN_SERVER, State};
+use attestplane_verifier::state::{
+    ApplyMode, REASON_TOOL_NOT_PINNED, REASON_UNKNOWN_SERVER, State,
+};
 
 use ed25519_dalek::VerifyingKey;
 
-use crate::identity::authenticate;
+use crate::identity::BearerCache;
 use crate::nsm::Nsm;
 use crate::writer::{Head, LogWriter, Written};
 
@@ -66,10 +92,63 @@ pub struct EnclaveConfig {
     pub allow_debug: bool,
 }
 
+/// Chooses, entry by entry of a log verified in order, how boot replay applies it: trusted in
+/// an epoch opened by an attestation document that carries the enclave's own image PCRs (not in
+/// debug mode), re-checked in any other (see the module documentation).
+#[derive(Clone, Debug)]
+pub struct EpochTrust {
+    own: BTreeMap<PcrIndex, Pcr>,
+    current: Option<(u64, ApplyMode)>,
+}
+
+impl EpochTrust {
+    /// For an enclave whose own image PCRs are `own`. Empty or all-zero (debug-mode) PCRs
+    /// trust no epoch.
+    pub fn new(own: BTreeMap<PcrIndex, Pcr>) -> Self {
+        Self { own, current: None }
+    }
+
+    /// How to apply `entry`, the next entry of a log the verifier has accepted so far. An
+    /// `epoch_start` entry decides the mode of its epoch.
+    pub fn mode(&mut self, entry: &Entry) -> ApplyMode {
+        if let Event::EpochStart { attestation } = &entry.event {
+            let mode = if self.own_image(attestation) {
+                ApplyMode::Trusted
+            } else {
+                ApplyMode::Recheck
+            };
+            self.current = Some((entry.epoch, mode));
+        }
+        match self.current {
+            Some((epoch, mode)) if epoch == entry.epoch => mode,
+            _ => ApplyMode::Recheck,
+        }
+    }
+
+    fn own_image(&self, document: &[u8]) -> bool {
+        if self.own.is_empty() || self.own.values().any(Pcr::is_zero) {
+            return false;
+        }
+        // The log verifier has verified this document (chain, signature, binding); only its
+        // measurements are read here.
+        match parse_attestation(document) {
+            Ok(doc) => {
+                !doc.is_debug()
+                    && self
+                        .own
+                        .iter()
+                        .all(|(i, p)| doc.pcrs().get(i).is_some_and(|d| d == p))
+            }
+            Err(_) => false,
+        }
+    }
+}
+
 struct Replay {
     verifier: LogVerifier,
     genesis_keys: Vec<[u8; 32]>,
     expected: u64,
+    trust: EpochTrust,
 }
 
 enum Phase {
@@ -99,6 +178,7 @@ pub struct Enclave {
     held: Vec<Held>,
     challenges: BTreeMap<String, (Vec<u8>, UnixMillis)>,
     pinned_genesis: Option<Vec<[u8; 32]>>,
+    bearers: BearerCache,
 }
 
 impl std::fmt::Debug for Enclave {
@@ -139,6 +219,7 @@ impl Enclave {
             held: Vec::new(),
             challenges: BTreeMap::new(),
             pinned_genesis: None,
+            bearers: BearerCache::default(),
         }
     }
 
@@ -279,6 +360,7 @@ impl Enclave {
             Ok(p) => p,
             Err(m) => return error(id, ErrorCode::Internal, &m),
         };
+        let trust = EpochTrust::new(pcrs.clone());
         let mut policy = LogPolicy::new(self.config.self_anchor.clone(), pcrs);
         policy.allow_debug = self.config.allow_debug;
         // The enclave's own clock is what entries must not postdate; the host cannot move it.
@@ -290,6 +372,7 @@ impl Enclave {
             verifier,
             genesis_keys,
             expected: total,
+            trust,
         }));
         vec![(id, Response::Ack)]
     }
@@ -342,7 +425,8 @@ impl Enclave {
                     );
                 }
             }
-            if let Err(e) = self.state.apply(seq, signed.entry()) {
+            let mode = replay.trust.mode(signed.entry());
+            if let Err(e) = self.state.apply_with(seq, signed.entry(), mode) {
                 return self.broken(id, Some(e.seq()), e.to_string());
             }
         }
@@ -410,25 +494,28 @@ impl Enclave {
             }
         }
         self.phase = Phase::Ready(Box::new(writer));
-        self.persist_then(id, &written, Response::Ack)
+        self.persist_then(id, written, Response::Ack)
     }
 
+    /// Applies an entry this enclave has just decided and signed: from the entry as signed,
+    /// without decoding it back or deciding again (see the module documentation).
     fn apply_written(&mut self, w: &Written) -> Result<(), String> {
-        let signed = SignedEntry::decode(&w.bytes).map_err(|e| e.to_string())?;
         self.state
-            .apply(w.seq, signed.entry())
+            .apply_with(w.seq, &w.entry, ApplyMode::Trusted)
             .map_err(|e| e.to_string())
     }
 
     /// Answers `Persist` now and holds `response` until the entries are durable.
-    fn persist_then(&mut self, id: u64, written: &[Written], response: Response) -> Replies {
-        let Some(last) = written.last() else {
+    fn persist_then(&mut self, id: u64, written: Vec<Written>, response: Response) -> Replies {
+        let (Some(first_seq), Some(through_seq)) = (
+            written.first().map(|w| w.seq),
+            written.last().map(|w| w.seq),
+        ) else {
             return vec![(id, response)];
         };
-        let first_seq = written.first().map_or(last.seq, |w| w.seq);
         self.held.push(Held {
             id,
-            through_seq: last.seq,
+            through_seq,
             response,
         });
         vec![(
@@ -436,8 +523,8 @@ impl Enclave {
             Response::Persist {
                 first_seq,
                 entries: written
-                    .iter()
-                    .map(|w| ByteBuf::from(w.bytes.clone()))
+                    .into_iter()
+                    .map(|w| ByteBuf::from(w.bytes))
                     .collect(),
             },
         )]
@@ -514,7 +601,7 @@ impl Enclave {
                         let seq = w.seq;
                         self.persist_then(
                             id,
-                            &[w],
+                            vec![w],
                             Response::AdminResult {
                                 accepted,
                                 seq,
@@ -612,7 +699,7 @@ impl Enclave {
                 let seq = w.seq;
                 self.persist_then(
                     id,
-                    &[w],
+                    vec![w],
                     Response::AttestResult {
                         verified,
                         seq,
@@ -626,7 +713,7 @@ impl Enclave {
     }
 
     fn resolve(&mut self, id: u64, bearer: &str, server_id: &str, now: UnixMillis) -> Replies {
-        let principal = match authenticate(&self.state, bearer, now) {
+        let principal = match self.bearers.authenticate(&self.state, bearer, now) {
             Ok(p) => p,
             Err(e) => return error(id, ErrorCode::Unauthenticated, &e.to_string()),
         };
@@ -685,14 +772,14 @@ impl Enclave {
                     },
                     None => Response::denied(seq, refusal_code(&reason), &reason),
                 };
-                self.persist_then(id, &[w], response)
+                self.persist_then(id, vec![w], response)
             }
             Err(e) => error(id, ErrorCode::Internal, &e),
         }
     }
 
     fn discover(&mut self, id: u64, bearer: &str, now: UnixMillis) -> Replies {
-        let principal = match authenticate(&self.state, bearer, now) {
+        let principal = match self.bearers.authenticate(&self.state, bearer, now) {
             Ok(p) => p,
             Err(e) => return error(id, ErrorCode::Unauthenticated, &e.to_string()),
         };
@@ -713,7 +800,7 @@ impl Enclave {
                 let seq = w.seq;
                 self.persist_then(
                     id,
-                    &[w],
+                    vec![w],
                     Response::Servers {
                         servers: infos,
                         seq,
@@ -732,7 +819,7 @@ impl Enclave {
         tool: &str,
         now: UnixMillis,
     ) -> Replies {
-        let principal = match authenticate(&self.state, bearer, now) {
+        let principal = match self.bearers.authenticate(&self.state, bearer, now) {
             Ok(p) => p,
             Err(e) => return error(id, ErrorCode::Unauthenticated, &e.to_string()),
         };
@@ -755,7 +842,7 @@ impl Enclave {
                         reason,
                     },
                 };
-                self.persist_then(id, &[w], response)
+                self.persist_then(id, vec![w], response)
             }
             Err(e) => error(id, ErrorCode::Internal, &e),
         }

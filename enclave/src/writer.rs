@@ -57,6 +57,9 @@ pub struct Written {
     pub bytes: Vec<u8>,
     /// Its hash.
     pub hash: EntryHash,
+    /// What it says: the entry exactly as encoded into `bytes`, so the writer's caller can
+    /// apply what it has just signed without decoding it back.
+    pub entry: Entry,
 }
 
 /// Why an entry could not be written.
@@ -146,7 +149,12 @@ impl LogWriter {
         self.head.hash = hash;
         self.head.time = time;
         self.head.epoch = Some(self.epoch);
-        Ok(Written { seq, bytes, hash })
+        Ok(Written {
+            seq,
+            bytes,
+            hash,
+            entry,
+        })
     }
 
     /// A signed checkpoint note over every entry written so far, under the key name equal to

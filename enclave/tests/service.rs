@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use attestplane_enclave::service::{CHALLENGE_TTL_MS, Enclave, Replies};
 use attestplane_proto::{ByteBuf, ErrorCode, PROTOCOL_VERSION, Request, Response};
 use attestplane_verifier::UnixMillis;
@@ -1638,4 +1640,350 @@ fn host_cannot_choose_genesis_keys_when_pinned() {
             .any(|r| matches!(r, Response::BrokenLog { seq: Some(1), .. })),
         "{replies:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trusted application: live, and at boot for the enclave's own image
+// ---------------------------------------------------------------------------------------------
+
+/// A log of one epoch opened on `nsm`: the epoch start, genesis under `admin`, and a decision
+/// no policy makes (a `call` allowed on a server nobody registered, with no policy installed),
+/// signed by the epoch key like any other entry.
+fn log_with_a_decision_policy_would_not_make(
+    nsm: &attestplane_enclave::nsm::MockNsm,
+    admin: &Admin,
+) -> Vec<Vec<u8>> {
+    use attestplane_enclave::writer::{Head, LogWriter};
+    use attestplane_verifier::entry::{AttestationFactsRecord, DecisionRecord, PrincipalRecord};
+    let (mut writer, start) = LogWriter::open(nsm, Head::empty(), ORIGIN, at(0)).unwrap();
+    let genesis = writer
+        .append(
+            Event::Genesis {
+                admin_keys: vec![admin.public()],
+            },
+            at(1_000),
+        )
+        .unwrap();
+    let forged = DecisionRecord {
+        action: "call".into(),
+        principal: PrincipalRecord {
+            agent: ACME_AGENT.into(),
+            user: ACME_AGENT.into(),
+            tenant: "acme".into(),
+            roles: vec![],
+            issuer: "https://idp.acme.example".into(),
+        },
+        server: "nowhere".into(),
+        tool: Some("write".into()),
+        attestation: AttestationFactsRecord {
+            verified: true,
+            age_ms: Some(0),
+            pcr_match: true,
+            debug: false,
+        },
+        calls_last_minute: 0,
+        spend_micros: 0,
+        allowed: true,
+        policies: vec!["made-up".into()],
+        reason: None,
+        handle: None,
+    };
+    let decision = writer
+        .append(Event::Decision(Box::new(forged)), at(2_000))
+        .unwrap();
+    vec![start.bytes, genesis.bytes, decision.bytes]
+}
+
+#[test]
+fn own_image_epoch_is_applied_as_logged_at_boot() {
+    // Only this image's enclave holds an epoch key bound to its PCRs, so a decision in such an
+    // epoch was made by this code: boot replay applies it without deciding again.
+    let admin = Admin::new(1);
+    let nsm = enclave_nsm();
+    let log = log_with_a_decision_policy_would_not_make(&nsm, &admin);
+    let h = Harness::boot(nsm, log, &[], at(3_000))
+        .unwrap_or_else(|(r, _)| panic!("an own-image epoch was not applied as logged: {r:?}"));
+    let snapshot = h.enclave.state().snapshot();
+    // Applied as logged: the allowed call counts against the agent's window.
+    assert_eq!(
+        snapshot.call_times.get(ACME_AGENT),
+        Some(&vec![at(2_000).as_millis()])
+    );
+}
+
+#[test]
+fn foreign_image_epoch_is_re_decided_at_boot() {
+    use attestplane_enclave::service::EpochTrust;
+    use attestplane_verifier::log::LogVerifier;
+    use attestplane_verifier::state::{ApplyMode, State, StateError};
+
+    let admin = Admin::new(1);
+    let own = enclave_nsm();
+    let foreign = other_image_nsm(7);
+    assert_ne!(image_pcrs(&own), image_pcrs(&foreign));
+    let log = log_with_a_decision_policy_would_not_make(&foreign, &admin);
+
+    // The boot loop over a log whose epoch another image wrote (the log verifier told to
+    // accept that image's PCRs, as it would be for an upgrade): every signature and link
+    // verifies, and the decision is evaluated again and refused.
+    let fold = |own_pcrs| -> (Vec<ApplyMode>, Result<State, StateError>) {
+        let mut verifier = LogVerifier::new(log_policy(&foreign), at(3_000)).unwrap();
+        let verified = verifier.verify_round(&log).unwrap();
+        let mut trust = EpochTrust::new(own_pcrs);
+        let mut state = State::new(server_anchor());
+        let mut modes = Vec::new();
+        for (seq, signed) in (0u64..).zip(&verified) {
+            let mode = trust.mode(signed.entry());
+            modes.push(mode);
+            if let Err(e) = state.apply_with(seq, signed.entry(), mode) {
+                return (modes, Err(e));
+            }
+        }
+        (modes, Ok(state))
+    };
+    let (modes, result) = fold(image_pcrs(&own));
+    assert_eq!(modes, vec![ApplyMode::Recheck; 3]);
+    match result {
+        Err(StateError::DecisionMismatch { seq, field }) => {
+            assert_eq!(seq, 2);
+            assert_eq!(field, "allowed");
+        }
+        other => panic!("a foreign epoch's forged decision was not refused: {other:?}"),
+    }
+    // The same log, replayed by an enclave of the image that wrote it, is applied as logged.
+    let (modes, result) = fold(image_pcrs(&foreign));
+    assert_eq!(modes, vec![ApplyMode::Trusted; 3]);
+    let state = result.unwrap_or_else(|e| panic!("own epoch refused: {e}"));
+    assert_eq!(state.snapshot().calls.get(ACME_AGENT), Some(&1));
+
+    // The enclave itself verifies epochs against its own PCRs today, so it refuses the foreign
+    // epoch before any decision is looked at.
+    match Harness::boot(own.clone(), log.clone(), &[], at(3_000)) {
+        Err((Response::BrokenLog { seq, .. }, _)) => assert_eq!(seq, Some(0)),
+        Err((other, _)) => panic!("expected BrokenLog, got {other:?}"),
+        Ok(_) => panic!("the enclave booted on another image's epoch"),
+    }
+
+    // Debug mode attests nothing (PCRs read zero whatever runs): never trusted, even when the
+    // replaying enclave runs in debug mode too.
+    let debug = Arc::new(
+        attestplane_enclave::nsm::MockNsm::builder(
+            ENCLAVE_SEED,
+            attestplane_enclave::nsm::Clock::Fixed(at(0)),
+        )
+        .debug_mode(true)
+        .build(),
+    );
+    let debug_log = log_with_a_decision_policy_would_not_make(&debug, &admin);
+    let start = SignedEntry::decode(&debug_log[0]).unwrap();
+    assert_eq!(
+        EpochTrust::new(image_pcrs(&debug)).mode(start.entry()),
+        ApplyMode::Recheck
+    );
+    // An entry outside the epoch the last start opened is never trusted.
+    let mut trust = EpochTrust::new(image_pcrs(&own));
+    let own_log = log_with_a_decision_policy_would_not_make(&own, &admin);
+    let own_start = SignedEntry::decode(&own_log[0]).unwrap();
+    assert_eq!(trust.mode(own_start.entry()), ApplyMode::Trusted);
+    let mut elsewhere = SignedEntry::decode(&own_log[2]).unwrap().into_entry();
+    elsewhere.epoch += 1;
+    assert_eq!(trust.mode(&elsewhere), ApplyMode::Recheck);
+}
+
+/// One request of the live/replay equivalence property.
+#[derive(Clone, Debug)]
+enum Op {
+    Authorize {
+        agent: usize,
+        server: usize,
+        tool: usize,
+    },
+    Resolve {
+        agent: usize,
+        server: usize,
+    },
+    Discover {
+        agent: usize,
+    },
+    Advance {
+        ms: u64,
+    },
+    Attest {
+        server: usize,
+    },
+    RateLimit {
+        limit: u64,
+    },
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (0..4usize, 0..4usize, 0..3usize)
+            .prop_map(|(agent, server, tool)| Op::Authorize { agent, server, tool }),
+        2 => (0..4usize, 0..4usize).prop_map(|(agent, server)| Op::Resolve { agent, server }),
+        1 => (0..4usize).prop_map(|agent| Op::Discover { agent }),
+        3 => (0..90_000u64).prop_map(|ms| Op::Advance { ms }),
+        1 => (0..3usize).prop_map(|server| Op::Attest { server }),
+        1 => (1..5u64).prop_map(|limit| Op::RateLimit { limit }),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
+
+    /// The enclave applies what it has just decided without deciding again; the state it
+    /// reaches is, after every request, exactly the state a replay reaches that decodes the
+    /// stored bytes and re-checks every decision (`State::apply`).
+    #[test]
+    fn live_trusted_apply_changes_state_as_rechecking_replay_does(
+        ops in proptest::collection::vec(op(), 1..40)
+    ) {
+        use attestplane_verifier::state::State;
+        let admin = Admin::new(1);
+        let servers = [
+            McpServer::new("alpha", "acme", 1),
+            McpServer::new("beta", "acme", 2),
+            McpServer::new("gamma", "globex", 3),
+        ];
+        let idp = idp();
+        let mut h = Harness::new(&[&admin]);
+        h.setup(&admin, &servers.iter().collect::<Vec<_>>(), &permissive_policy(3), &idp);
+        for s in &servers {
+            assert!(expect_attest(&h.attest(s)).0);
+        }
+        let agents = [
+            idp.token("a1", "acme", &["tool-user"], h.now),
+            idp.token("a2", "acme", &[], h.now),
+            idp.token("g1", "globex", &["ops"], h.now),
+            idp.token("a3", "acme", &["ops"], h.now),
+        ];
+        let server_ids = ["alpha", "beta", "gamma", "nowhere"];
+        let tools = ["search", "write", "delete"];
+        let mut replayed = State::new(server_anchor());
+        let mut folded = 0usize;
+        for op in ops {
+            match op {
+                Op::Authorize { agent, server, tool } => {
+                    h.authorize(&agents[agent], server_ids[server], tools[tool]);
+                }
+                Op::Resolve { agent, server } => {
+                    h.resolve(&agents[agent], server_ids[server]);
+                }
+                Op::Discover { agent } => {
+                    h.discover(&agents[agent]);
+                }
+                Op::Advance { ms } => h.advance(ms),
+                Op::Attest { server } => {
+                    h.attest(&servers[server]);
+                }
+                Op::RateLimit { limit } => {
+                    h.admin_ok(&admin, AdminAction::SetPolicy { text: permissive_policy(limit) });
+                }
+            }
+            for (seq, bytes) in (folded as u64..).zip(&h.store[folded..]) {
+                replayed
+                    .apply(seq, SignedEntry::decode(bytes).unwrap().entry())
+                    .unwrap_or_else(|e| panic!("re-checking replay refused: {e}"));
+            }
+            folded = h.store.len();
+            proptest::prop_assert_eq!(h.enclave.state().snapshot(), replayed.snapshot());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verified bearer tokens remembered
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn remembered_bearer_token_is_refused_once_expired() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    assert!(expect_attest(&h.attest(&server)).0);
+    let mut claims = idp.claims(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let exp = h.now.as_secs() + 120;
+    claims["exp"] = serde_json::json!(exp);
+    let bearer = idp.sign_claims(&claims);
+    assert!(expect_authorized(&h.authorize(&bearer, "search", "search")).0);
+    // Within the leeway after `exp` it is still accepted (from the cache)…
+    h.now = UnixMillis::from_millis((exp + attestplane_enclave::identity::LEEWAY_SECS - 1) * 1000);
+    assert!(expect_attest(&h.attest(&server)).0);
+    assert!(expect_authorized(&h.authorize(&bearer, "search", "search")).0);
+    // …and refused from then on, as a token never seen before would be.
+    h.advance(1_000);
+    let len = h.store.len();
+    let message = expect_error(
+        h.authorize(&bearer, "search", "search"),
+        ErrorCode::Unauthenticated,
+    );
+    assert!(message.contains("exp"), "{message}");
+    assert_eq!(h.store.len(), len, "a refused token is not logged");
+}
+
+#[test]
+fn remembered_bearer_token_is_refused_once_its_provider_changes() {
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    assert!(expect_attest(&h.attest(&server)).0);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    assert!(expect_authorized(&h.authorize(&bearer, "search", "search")).0);
+
+    // The provider's key is rotated: tokens signed by the old key no longer verify.
+    let rotated = Idp::new(41, &idp.issuer);
+    h.admin_ok(&admin, rotated.install());
+    expect_error(
+        h.authorize(&bearer, "search", "search"),
+        ErrorCode::Unauthenticated,
+    );
+    let fresh = rotated.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    assert!(expect_authorized(&h.authorize(&fresh, "search", "search")).0);
+
+    // The provider is removed: its tokens are refused, remembered or not.
+    h.admin_ok(
+        &admin,
+        AdminAction::RemoveIdentityProvider {
+            issuer: idp.issuer.clone(),
+        },
+    );
+    let message = expect_error(
+        h.authorize(&fresh, "search", "search"),
+        ErrorCode::Unauthenticated,
+    );
+    assert!(message.contains("unknown token issuer"), "{message}");
+}
+
+#[test]
+fn bearer_cache_is_bounded_and_holds_no_token() {
+    use attestplane_enclave::identity::BearerCache;
+    let admin = Admin::new(1);
+    let idp = idp();
+    let h = started(&admin, &[], &idp);
+    let mut cache = BearerCache::new(3);
+    let tokens: Vec<String> = (0..5)
+        .map(|i| idp.token(&format!("agent-{i}"), "acme", &[], h.now))
+        .collect();
+    for (i, t) in tokens.iter().enumerate() {
+        let p = cache.authenticate(h.enclave.state(), t, h.now).unwrap();
+        assert_eq!(p.agent, format!("agent-{i}"));
+        assert!(cache.len() <= 3);
+    }
+    assert_eq!(cache.len(), 3);
+    // A refused token is not remembered.
+    assert!(
+        cache
+            .authenticate(h.enclave.state(), "x.y.z", h.now)
+            .is_err()
+    );
+    assert_eq!(cache.len(), 3);
+    let debug = format!("{cache:?}");
+    for t in &tokens {
+        assert!(!debug.contains(t.as_str()));
+        let signature = t.rsplit('.').next().unwrap();
+        assert!(!debug.contains(signature));
+    }
 }

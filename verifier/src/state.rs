@@ -17,6 +17,20 @@
 //!
 //! A mismatch is a [`StateError`] naming the entry. Time comes only from entries.
 //!
+//! ## Re-checked and trusted application
+//!
+//! [`State::apply`] re-checks everything above ([`ApplyMode::Recheck`]). [`State::apply_with`]
+//! in [`ApplyMode::Trusted`] takes the logged decisions and discoveries as made: it does not
+//! evaluate them again, and applies only what they change (an allowed `call` counts against
+//! the agent's call window). Everything else — genesis, admin requests (signature, freshness,
+//! nonce, schema validation), attestations (the document verified again) — is checked as in
+//! `Recheck`. The state change of an entry is the same in both modes whenever `Recheck`
+//! accepts it; the modes differ only in what they refuse. `Trusted` is for entries whose
+//! decisions were made by this very code on this very state: the enclave applying the entry it
+//! has just decided and signed, and the enclave's boot replay of an epoch written by its own
+//! measured image (see the enclave's `service` module). An auditor, and a replay of an epoch
+//! written by any other image, use `Recheck`.
+//!
 //! ## What it does not do
 //!
 //! It does not authenticate agents (their bearer tokens are secrets and are never logged; the
@@ -124,6 +138,17 @@ impl PreparedAdmin {
     }
 }
 
+/// How [`State::apply_with`] treats a logged decision or discovery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// Evaluate it again against the state and refuse the entry unless the logged outcome is
+    /// the one the state gives: what an auditor does.
+    Recheck,
+    /// Take it as logged, without evaluating the policy again: only for decisions this code
+    /// made on this state (see the module documentation).
+    Trusted,
+}
+
 /// A comparable summary of the state (for "the state after replay equals the state before").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
@@ -139,6 +164,10 @@ pub struct Snapshot {
     pub admin_nonces: usize,
     /// Calls in the current window, by agent.
     pub calls: BTreeMap<String, usize>,
+    /// The times (Unix milliseconds) of those calls, by agent.
+    pub call_times: BTreeMap<String, Vec<u64>>,
+    /// The admin nonces still remembered, with their request times.
+    pub admin_nonce_times: BTreeMap<String, u64>,
     /// Entries applied.
     pub applied: u64,
 }
@@ -153,6 +182,7 @@ pub struct State {
     calls: BTreeMap<String, VecDeque<UnixMillis>>,
     server_attestation: AttestationVerifier,
     applied: u64,
+    identity_generation: u64,
 }
 
 impl std::fmt::Debug for State {
@@ -245,6 +275,7 @@ impl State {
             calls: BTreeMap::new(),
             server_attestation: AttestationVerifier::new(server_anchor),
             applied: 0,
+            identity_generation: 0,
         }
     }
 
@@ -266,6 +297,13 @@ impl State {
     /// The identity provider for `issuer`.
     pub fn identity_provider(&self, issuer: &str) -> Option<(&IdentityProviderSpec, &Jwks)> {
         self.providers.get(issuer).map(|(s, j)| (s, j))
+    }
+
+    /// A number that changes whenever the identity providers change (one is installed,
+    /// replaced or removed): what was verified against the providers of one generation need
+    /// not hold for the next.
+    pub fn identity_generation(&self) -> u64 {
+        self.identity_generation
     }
 
     /// The policy engine in force.
@@ -298,6 +336,16 @@ impl State {
                 .calls
                 .iter()
                 .map(|(k, v)| (k.clone(), v.len()))
+                .collect(),
+            call_times: self
+                .calls
+                .iter()
+                .map(|(k, v)| (k.clone(), v.iter().map(|t| t.as_millis()).collect()))
+                .collect(),
+            admin_nonce_times: self
+                .admin_nonces
+                .iter()
+                .map(|(n, t)| (hex::encode(n), t.as_millis()))
                 .collect(),
             applied: self.applied,
         }
@@ -395,10 +443,12 @@ impl State {
             AdminAction::SetIdentityProvider(spec) => {
                 if let Some(jwks) = prepared.jwks {
                     self.providers.insert(spec.issuer.clone(), (spec, jwks));
+                    self.identity_generation = self.identity_generation.wrapping_add(1);
                 }
             }
             AdminAction::RemoveIdentityProvider { issuer } => {
                 self.providers.remove(&issuer);
+                self.identity_generation = self.identity_generation.wrapping_add(1);
             }
             AdminAction::RotateAdminKeys { .. } => {
                 if let Some(keys) = prepared.keys {
@@ -632,8 +682,21 @@ impl State {
             .collect()
     }
 
-    /// Applies entry `seq` (already verified by [`crate::log`]) to the state.
+    /// Applies entry `seq` (already verified by [`crate::log`]) to the state, re-checking every
+    /// logged decision ([`ApplyMode::Recheck`]).
     pub fn apply(&mut self, seq: u64, entry: &Entry) -> Result<(), StateError> {
+        self.apply_with(seq, entry, ApplyMode::Recheck)
+    }
+
+    /// Applies entry `seq` to the state in `mode`. With [`ApplyMode::Trusted`], a logged
+    /// decision or discovery is not evaluated again; the state changes exactly as
+    /// [`ApplyMode::Recheck`] would change it for an entry that `Recheck` accepts.
+    pub fn apply_with(
+        &mut self,
+        seq: u64,
+        entry: &Entry,
+        mode: ApplyMode,
+    ) -> Result<(), StateError> {
         let now = entry.time;
         self.prune(now);
         match &entry.event {
@@ -667,14 +730,16 @@ impl State {
                         });
                     }
                 };
-                let replayed = self.decide(
-                    &rec.principal,
-                    action,
-                    &rec.server,
-                    rec.tool.as_deref(),
-                    now,
-                );
-                compare_decision(seq, rec, &replayed)?;
+                if mode == ApplyMode::Recheck {
+                    let replayed = self.decide(
+                        &rec.principal,
+                        action,
+                        &rec.server,
+                        rec.tool.as_deref(),
+                        now,
+                    );
+                    compare_decision(seq, rec, &replayed)?;
+                }
                 if action == Action::Call && rec.allowed {
                     self.calls
                         .entry(rec.principal.agent.clone())
@@ -683,7 +748,7 @@ impl State {
                 }
             }
             Event::Discovery { principal, servers } => {
-                if *servers != self.discover(principal, now) {
+                if mode == ApplyMode::Recheck && *servers != self.discover(principal, now) {
                     return Err(StateError::DecisionMismatch {
                         seq,
                         field: "servers",

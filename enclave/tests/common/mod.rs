@@ -54,6 +54,20 @@ pub fn enclave_nsm() -> Arc<MockNsm> {
     Arc::new(MockNsm::builder(ENCLAVE_SEED, Clock::Fixed(at(0))).build())
 }
 
+/// A control plane's mock NSM at `T0` with [`enclave_nsm`]'s root but running another image,
+/// labelled `image`.
+pub fn other_image_nsm(image: u8) -> Arc<MockNsm> {
+    Arc::new(
+        MockNsm::builder(ENCLAVE_SEED, Clock::Fixed(at(0)))
+            .image_measurements(
+                measurement(image, 0),
+                measurement(image, 1),
+                measurement(image, 2),
+            )
+            .build(),
+    )
+}
+
 fn anchor_of(nsm: &MockNsm) -> TrustAnchor {
     TrustAnchor::from_pem(nsm.root_pem().unwrap().as_bytes()).unwrap()
 }
