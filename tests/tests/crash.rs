@@ -12,8 +12,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use attestplane_tests::{
-    SplitStack, flip_stored_entry, log_head, ready_epoch, rewrite_store, stored_entries,
+    SplitStack, flip_stored_entry, log_head, ready_epoch, rewrite_store, split_log, stored_entries,
 };
+use attestplane_verifier::entry::{Event, SignedEntry};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// The `jti` claim of a JWT (unverified: only to find its log entry).
+fn jti_of(token: &str) -> String {
+    let payload = token
+        .split('.')
+        .nth(1)
+        .unwrap_or_else(|| panic!("not a JWT: {token}"));
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    claims["jti"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no jti: {claims}"))
+        .to_owned()
+}
 
 fn resolve_seq(stack: &SplitStack) -> u64 {
     let ran = stack.files.cli(&["--json", "handle", "resolve", "weather"]);
@@ -76,7 +93,7 @@ async fn proxy_sigkill_during_a_burst_loses_no_delivered_handle() {
     let token = stack.files.mint_agent_token();
     let url = format!("{}/v1/servers/weather/handle", stack.url);
     let http = reqwest::Client::new();
-    let delivered = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let delivered = Arc::new(Mutex::new(Vec::<(u64, String)>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..16 {
@@ -101,7 +118,8 @@ async fn proxy_sigkill_during_a_burst_loses_no_delivered_handle() {
                 let seq = body["seq"]
                     .as_u64()
                     .unwrap_or_else(|| panic!("a handle without seq: {body}"));
-                delivered.lock().unwrap().push(seq);
+                let jti = jti_of(body["token"].as_str().unwrap_or(""));
+                delivered.lock().unwrap().push((seq, jti));
             }
         }));
     }
@@ -148,7 +166,7 @@ async fn proxy_sigkill_during_a_burst_loses_no_delivered_handle() {
     // It serves again: a new handle comes after every delivered one.
     let after = tokio::task::block_in_place(|| resolve_seq(&stack));
     assert!(
-        delivered.iter().all(|s| *s < after),
+        delivered.iter().all(|(s, _)| *s < after),
         "a handle after the restart has seq {after}, not after all delivered ones"
     );
 
@@ -166,12 +184,27 @@ async fn proxy_sigkill_during_a_burst_loses_no_delivered_handle() {
         after < size,
         "the handle after the restart ({after}) is not in the log ({size})"
     );
-    for seq in &delivered {
+    let entries = split_log(&std::fs::read(&log).unwrap());
+    for (seq, jti) in &delivered {
         assert!(
             *seq < size,
             "handle with seq {seq} was delivered but the log has {size} entries"
         );
         assert!(seen.insert(*seq), "two handles with seq {seq}");
+        // The entry at that seq is the decision that issued this very handle.
+        let entry = SignedEntry::decode(&entries[*seq as usize])
+            .unwrap_or_else(|e| panic!("entry {seq}: {e}"));
+        match &entry.entry().event {
+            Event::Decision(d) => assert_eq!(
+                d.handle.as_ref().map(|h| h.jti.as_str()),
+                Some(jti.as_str()),
+                "entry {seq} records another handle"
+            ),
+            other => panic!(
+                "entry {seq} is a {}, not the handle's decision",
+                other.type_name()
+            ),
+        }
     }
 }
 
