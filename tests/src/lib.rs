@@ -11,12 +11,26 @@
 //!   workspace binary before it runs any test; `cargo test -p attestplane-tests` builds only this
 //!   crate's own, so a missing binary fails the test with a message that says which command
 //!   builds it.
+//!   A binary left over from an earlier build is used as found: after changing another crate,
+//!   run the tests through `cargo test --workspace` (or rebuild that binary) first.
 //! - [`Proc`]: a child process with piped stdout, read on a thread so that [`Proc::wait_line`]
 //!   can wait for the ready line with a timeout; its stderr goes to a file whose tail is quoted
 //!   in failure messages. It is killed (SIGKILL) and reaped on drop, so a failing test leaves no
 //!   process behind.
-//! - Small helpers: running a command to completion ([`run`]), splitting an exported log (a CBOR
-//!   sequence) into entries ([`split_log`]), temporary directories ([`temp_dir`]).
+//! - [`DevStack`]: `attestplane dev` on free ports in a temp directory. [`SplitStack`]: the
+//!   enclave (Unix socket, its own mock PCRs), the demo server and `attestplane proxy` as separate
+//!   processes, keys made with `attestplane keys gen`, the starter policy and the development
+//!   identity provider installed and the demo server registered and attested with the CLI, so a
+//!   test can kill and restart each process. Both share [`StackFiles`]: the data directory's
+//!   files (named as `attestplane dev` names them), `attestplane --config DIR/config.toml ...`
+//!   and `attestplane-verify log ...`.
+//! - The store as a host with disk access sees it ([`stored_entries`], [`flip_stored_entry`],
+//!   [`rewrite_store`]): the segment record layout of `host-proxy/src/store.rs`, for the tamper
+//!   tests.
+//! - Small helpers: running a command to completion ([`run`]), a blocking HTTP GET
+//!   ([`http_get`], [`log_head`], [`ready_epoch`]), splitting an exported log (a CBOR sequence)
+//!   into entries ([`split_log`]), temporary directories ([`temp_dir`], kept when
+//!   `ATTESTPLANE_KEEP_TEST_DIRS` is set).
 //!
 //! Not here: assertions about the API (each test states its own), and any knowledge of the
 //! proxy's internals beyond the on-disk layout of its store that the tamper tests edit.
