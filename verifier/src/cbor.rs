@@ -72,7 +72,20 @@ pub fn encode(value: &Value) -> Result<Vec<u8>, CborError> {
 }
 
 /// Decodes one CBOR item that must make up all of `bytes` and be in deterministic form.
+///
+/// One pass over the bytes when they are deterministic CBOR of the kinds signed payloads use
+/// (see [`decode_one_pass`]); anything else gets the verdict, and the precise error, of
+/// [`decode_reference`]. Property tests hold the two to the same answers.
 pub fn decode(bytes: &[u8]) -> Result<Value, CborError> {
+    match decode_one_pass(bytes) {
+        Some(value) => Ok(value),
+        None => decode_reference(bytes),
+    }
+}
+
+/// The reference decoder: lenient decoding, then re-encoding, which must give back exactly
+/// `bytes`. Two allocating passes; it names what is wrong with a refused input.
+pub fn decode_reference(bytes: &[u8]) -> Result<Value, CborError> {
     let value = decode_lenient(bytes)?;
     let again = encode(&value)?;
     if again != bytes {
@@ -100,6 +113,110 @@ pub fn decode_lenient(bytes: &[u8]) -> Result<Value, CborError> {
         return Err(CborError::TrailingBytes { count });
     }
     Ok(value)
+}
+
+/// Nesting the one-pass decoder follows (deeper input goes to the reference decoder).
+const ONE_PASS_MAX_DEPTH: usize = 8;
+
+/// Decodes `bytes` in one pass if they are exactly one item in deterministic encoding: heads
+/// in shortest form, definite lengths, map keys in strictly increasing order of their encoded
+/// bytes, valid UTF-8 text, only integers, byte and text strings, arrays, maps, booleans and
+/// null, nesting at most [`ONE_PASS_MAX_DEPTH`], nothing after the item. `None` for anything
+/// else: it accepts a subset of what [`decode_reference`] accepts, with the same value.
+pub fn decode_one_pass(bytes: &[u8]) -> Option<Value> {
+    if bytes.len() > MAX_PAYLOAD_LEN {
+        return None;
+    }
+    let mut r = OnePass { bytes, pos: 0 };
+    let value = r.item(0)?;
+    (r.pos == bytes.len()).then_some(value)
+}
+
+struct OnePass<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> OnePass<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let taken = self.bytes.get(self.pos..end)?;
+        self.pos = end;
+        Some(taken)
+    }
+
+    /// A head in shortest form with a definite argument: (major type, argument).
+    fn head(&mut self) -> Option<(u8, u64)> {
+        let initial = *self.take(1)?.first()?;
+        let (major, info) = (initial >> 5, initial & 0x1f);
+        let (width, min) = match info {
+            0..=23 => return Some((major, u64::from(info))),
+            24 => (1, 24),
+            25 => (2, 0x100),
+            26 => (4, 0x1_0000),
+            27 => (8, 0x1_0000_0000),
+            _ => return None,
+        };
+        let arg = self
+            .take(width)?
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        (arg >= min).then_some((major, arg))
+    }
+
+    /// A length that cannot exceed what is left (each element takes at least one byte).
+    fn count(&self, n: u64) -> Option<usize> {
+        let n = usize::try_from(n).ok()?;
+        (n <= self.bytes.len().saturating_sub(self.pos)).then_some(n)
+    }
+
+    fn item(&mut self, depth: usize) -> Option<Value> {
+        if depth > ONE_PASS_MAX_DEPTH {
+            return None;
+        }
+        let (major, arg) = self.head()?;
+        Some(match major {
+            0 => Value::Integer(Integer::from(arg)),
+            1 => Value::Integer(Integer::try_from(-1i128 - i128::from(arg)).ok()?),
+            2 => Value::Bytes(self.take(usize::try_from(arg).ok()?)?.to_vec()),
+            3 => {
+                let raw = self.take(usize::try_from(arg).ok()?)?;
+                Value::Text(std::str::from_utf8(raw).ok()?.to_owned())
+            }
+            4 => {
+                let n = self.count(arg)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.item(depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            5 => {
+                let n = self.count(arg)?;
+                let mut entries = Vec::with_capacity(n);
+                let mut previous_key: Option<&[u8]> = None;
+                for _ in 0..n {
+                    let start = self.pos;
+                    let key = self.item(depth + 1)?;
+                    let encoded = self.bytes.get(start..self.pos)?;
+                    if previous_key.is_some_and(|p| p >= encoded) {
+                        return None;
+                    }
+                    previous_key = Some(encoded);
+                    entries.push((key, self.item(depth + 1)?));
+                }
+                Value::Map(entries)
+            }
+            7 => match arg {
+                20 => Value::Bool(false),
+                21 => Value::Bool(true),
+                22 => Value::Null,
+                _ => return None,
+            },
+            // Tags (6) have no place in a signed payload.
+            _ => return None,
+        })
+    }
 }
 
 fn canonicalize(value: &Value, depth: usize) -> Result<Value, CborError> {

@@ -16,6 +16,13 @@
 //! [`SignedEntry::decode`]. Decoding is strict: an entry is accepted only if encoding what was
 //! decoded reproduces its bytes exactly, so each entry has one encoding and one hash.
 //!
+//! Decoding reads the bytes once: the COSE_Sign1 envelope is compared with the profile's fixed
+//! layout and the payload read by a one-pass deterministic CBOR reader
+//! ([`cbor::decode_one_pass`]), without re-encoding. The earlier decoding (parse, re-encode,
+//! compare) is kept as [`SignedEntry::decode_reference`]: it gives the answer, and the precise
+//! error, whenever the one-pass path does not accept, and property tests and the `entry` fuzz
+//! target hold the two to the same answers.
+//!
 //! This module checks one entry on its own (shape and, given a key, its signature). Whether it
 //! belongs where it stands in a log is [`crate::log`]'s question.
 
@@ -491,7 +498,18 @@ impl Entry {
 
     /// Decodes a payload, which must be in deterministic form.
     pub fn from_payload(bytes: &[u8]) -> Result<Self, EntryError> {
-        let mut fields = Fields::new(cbor::decode(bytes)?, "entry")?;
+        Self::from_value(cbor::decode(bytes)?)
+    }
+
+    /// [`Entry::from_payload`] with the reference CBOR decoder only (see
+    /// [`SignedEntry::decode_reference`]).
+    #[doc(hidden)]
+    pub fn from_payload_reference(bytes: &[u8]) -> Result<Self, EntryError> {
+        Self::from_value(cbor::decode_reference(bytes)?)
+    }
+
+    fn from_value(value: Value) -> Result<Self, EntryError> {
+        let mut fields = Fields::new(value, "entry")?;
         let entry = Entry {
             seq: fields.u64("seq")?,
             prev: EntryHash(fields.array("prev")?),
@@ -531,8 +549,25 @@ pub struct SignedEntry {
 impl SignedEntry {
     /// Parses an entry's bytes strictly (see the module documentation).
     pub fn decode(bytes: &[u8]) -> Result<Self, EntryError> {
-        let opened = cose::open(bytes, ENTRY_CONTENT_TYPE, MAX_ENTRY_LEN)?;
+        let opened = cose::open_borrowed(bytes, ENTRY_CONTENT_TYPE, MAX_ENTRY_LEN)?;
         let entry = Entry::from_payload(&opened.payload)?;
+        Ok(Self {
+            entry,
+            kid: KeyId(opened.kid),
+            signature: opened.signature,
+            tbs: opened.tbs,
+            hash: EntryHash::of(bytes),
+        })
+    }
+
+    /// [`SignedEntry::decode`] with the reference decoders only: `coset` parsing and
+    /// re-encoding of the COSE_Sign1, lenient CBOR decoding and re-encoding of the payload.
+    /// Slower; property tests and the `entry` fuzz target hold [`SignedEntry::decode`] (which
+    /// reads the bytes once) to its answers. Not meant for other uses.
+    #[doc(hidden)]
+    pub fn decode_reference(bytes: &[u8]) -> Result<Self, EntryError> {
+        let opened = cose::open_reference(bytes, ENTRY_CONTENT_TYPE, MAX_ENTRY_LEN)?;
+        let entry = Entry::from_payload_reference(&opened.payload)?;
         Ok(Self {
             entry,
             kid: KeyId(opened.kid),

@@ -18,10 +18,12 @@
 //!
 //! ## Throughput
 //!
-//! Entries are decoded and hashed in parallel, linked in one sequential pass, and their
-//! signatures are checked in parallel batches with Ed25519 batch verification. Batch
-//! verification alone is weaker than `verify_strict`, so each signature's `R` is also checked
-//! not to be of small order, and every epoch key is checked once for weakness: together with the
+//! Entries are decoded (one pass over their bytes, see [`crate::entry`]) and hashed in
+//! parallel, linked in one sequential pass, and their signatures are checked in parallel
+//! batches with Ed25519 batch verification. Batch verification alone is weaker than
+//! `verify_strict`, so each signature's `R` is also checked not to be of small order (by
+//! comparison with the fourteen encodings of such points, [`is_small_order_encoding`], instead
+//! of decompressing it), and every epoch key is checked once for weakness: together with the
 //! batch equation and the canonical-`s` check that batch parsing does, these are the conditions
 //! `verify_strict` imposes. A batch that fails is re-checked entry by entry with `verify_strict`
 //! to name the first bad entry.
@@ -33,7 +35,6 @@
 
 use std::collections::BTreeMap;
 
-use curve25519_dalek::edwards::CompressedEdwardsY;
 use ed25519_dalek::{Signature, VerifyingKey};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -337,14 +338,6 @@ struct CurrentEpoch {
     kid: KeyId,
 }
 
-struct PendingSignature {
-    seq: u64,
-    hash: EntryHash,
-    key: VerifyingKey,
-    signature: Signature,
-    message: Vec<u8>,
-}
-
 /// Verifies a log incrementally: feed entries with [`LogVerifier::push`] or
 /// [`LogVerifier::verify_round`], then call [`LogVerifier::finish`]. Memory is bounded by
 /// one round, the epoch list and an O(log n) Merkle frontier, not by the log's length.
@@ -453,8 +446,9 @@ impl LogVerifier {
             .map(|b| SignedEntry::decode(b.as_ref()))
             .collect();
 
+        // `entries[i]`, at `first + i`, must verify under `keys[i]`.
         let mut entries = Vec::with_capacity(decoded.len());
-        let mut pending = Vec::with_capacity(decoded.len());
+        let mut keys = Vec::with_capacity(decoded.len());
         let mut structural: Option<LogError> = None;
         for (offset, result) in decoded.into_iter().enumerate() {
             let seq = first.saturating_add(offset as u64);
@@ -463,13 +457,7 @@ impl LogVerifier {
                 .and_then(|entry| self.link(seq, &entry).map(|key| (entry, key)));
             match step {
                 Ok((entry, key)) => {
-                    pending.push(PendingSignature {
-                        seq,
-                        hash: entry.hash(),
-                        key,
-                        signature: *entry.signature(),
-                        message: entry.signed_bytes().to_vec(),
-                    });
+                    keys.push(key);
                     entries.push(entry);
                 }
                 Err(e) => {
@@ -479,7 +467,7 @@ impl LogVerifier {
             }
         }
         // A bad signature before the structural failure is the first bad entry.
-        check_signatures(&pending)?;
+        check_signatures(first, &entries, &keys)?;
         match structural {
             Some(e) => Err(e),
             None => Ok(entries),
@@ -752,43 +740,137 @@ fn verify_checkpoint_with_epoch_keys(
     }))
 }
 
-/// Verifies every pending signature; on failure names the first bad entry.
-fn check_signatures(pending: &[PendingSignature]) -> Result<(), LogError> {
-    let first_bad = pending
+/// Verifies the signatures of `entries` (the first at `first`), `entries[i]` under `keys[i]`;
+/// on failure names the first bad entry.
+fn check_signatures(
+    first: u64,
+    entries: &[SignedEntry],
+    keys: &[VerifyingKey],
+) -> Result<(), LogError> {
+    let first_bad = entries
         .par_chunks(SIGNATURE_BATCH)
-        .filter_map(|chunk| {
-            if batch_ok(chunk) {
-                None
-            } else {
-                chunk
-                    .iter()
-                    .find(|p| p.key.verify_strict(&p.message, &p.signature).is_err())
+        .zip(keys.par_chunks(SIGNATURE_BATCH))
+        .enumerate()
+        .filter_map(|(n, (chunk, chunk_keys))| {
+            if batch_ok(chunk, chunk_keys) {
+                return None;
             }
+            let i = chunk
+                .iter()
+                .zip(chunk_keys)
+                .position(|(e, k)| k.verify_strict(e.signed_bytes(), e.signature()).is_err())?;
+            let e = chunk.get(i)?;
+            let offset = n.saturating_mul(SIGNATURE_BATCH).saturating_add(i);
+            Some((first.saturating_add(offset as u64), e.hash()))
         })
-        .min_by_key(|p| p.seq);
+        .min_by_key(|(seq, _)| *seq);
     match first_bad {
         None => Ok(()),
-        Some(p) => Err(LogError::BadSignature {
-            seq: p.seq,
-            entry_hash: p.hash,
-        }),
+        Some((seq, entry_hash)) => Err(LogError::BadSignature { seq, entry_hash }),
     }
 }
 
 /// Batch-verifies a chunk with the conditions of `verify_strict` (see the module docs).
-fn batch_ok(chunk: &[PendingSignature]) -> bool {
-    let r_ok = chunk.iter().all(|p| {
-        CompressedEdwardsY(p.signature.r_bytes().to_owned())
-            .decompress()
-            .is_some_and(|r| !r.is_small_order())
-    });
-    if !r_ok {
+fn batch_ok(chunk: &[SignedEntry], keys: &[VerifyingKey]) -> bool {
+    if chunk
+        .iter()
+        .any(|e| is_small_order_encoding(e.signature().r_bytes()))
+    {
         return false;
     }
-    let messages: Vec<&[u8]> = chunk.iter().map(|p| p.message.as_slice()).collect();
-    let signatures: Vec<Signature> = chunk.iter().map(|p| p.signature).collect();
-    let keys: Vec<VerifyingKey> = chunk.iter().map(|p| p.key).collect();
-    ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
+    let messages: Vec<&[u8]> = chunk.iter().map(SignedEntry::signed_bytes).collect();
+    let signatures: Vec<Signature> = chunk.iter().map(|e| *e.signature()).collect();
+    ed25519_dalek::verify_batch(&messages, &signatures, keys).is_ok()
+}
+
+/// Every 32-byte string that decompresses to a point of small order: the eight torsion points
+/// in their canonical encodings, and the six non-canonical encodings decompression also
+/// accepts (`y` written as `y + p`, or the sign bit set on `x = 0`). The same set as
+/// ed25519-zebra's and ZIP 215's lists; the test `small_order_encodings_are_exactly_the_torsion_encodings`
+/// derives it again from the curve.
+const SMALL_ORDER_ENCODINGS: [[u8; 32]; 14] = [
+    // The identity (0, 1), and with the sign bit set.
+    [
+        0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00,
+    ],
+    [
+        0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x80,
+    ],
+    // (0, -1), of order 2, and with the sign bit set.
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff,
+    ],
+    // (±sqrt(-1), 0), of order 4; then the same with y = p.
+    [
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00,
+    ],
+    [
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x80,
+    ],
+    [
+        0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    [
+        0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff,
+    ],
+    // The identity with y = p + 1.
+    [
+        0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    [
+        0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff,
+    ],
+    // The four points of order 8.
+    [
+        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
+        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
+        0xfc, 0x05,
+    ],
+    [
+        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
+        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
+        0xfc, 0x85,
+    ],
+    [
+        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
+        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
+        0x03, 0x7a,
+    ],
+    [
+        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
+        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
+        0x03, 0xfa,
+    ],
+];
+
+/// Whether `r` (a signature's `R`, or a public key) is an encoding of a point of small order.
+/// Equivalent to decompressing it and asking `is_small_order`, for every `r` that decompresses
+/// (one that does not fails the batch equation anyway), at the cost of fourteen comparisons.
+pub fn is_small_order_encoding(r: &[u8; 32]) -> bool {
+    SMALL_ORDER_ENCODINGS.iter().any(|e| e == r)
 }
 
 /// Verifies a complete log held in memory. See [`LogVerifier`] for streaming.
@@ -802,4 +884,115 @@ pub fn verify_log<B: AsRef<[u8]> + Sync>(
         v.verify_round(round)?;
     }
     v.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
+    use curve25519_dalek::scalar::Scalar;
+    use sha2::{Digest, Sha512};
+
+    use super::*;
+
+    fn decompresses_to_small_order(r: &[u8; 32]) -> bool {
+        CompressedEdwardsY(*r)
+            .decompress()
+            .is_some_and(|p| p.is_small_order())
+    }
+
+    /// The torsion subgroup, found from the curve: `[l]P` for points `P` from hashed `y`s.
+    fn torsion_points() -> Vec<EdwardsPoint> {
+        let l_minus_one = -Scalar::ONE;
+        let mut found: Vec<EdwardsPoint> = Vec::new();
+        for i in 0u64..10_000 {
+            if found.len() == 8 {
+                break;
+            }
+            let mut y = [0u8; 32];
+            y.copy_from_slice(&Sha512::digest(i.to_le_bytes())[..32]);
+            let Some(p) = CompressedEdwardsY(y).decompress() else {
+                continue;
+            };
+            let t = p * l_minus_one + p;
+            assert!(t.is_small_order());
+            if !found.contains(&t) {
+                found.push(t);
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn small_order_encodings_are_exactly_the_torsion_encodings() {
+        for e in &SMALL_ORDER_ENCODINGS {
+            assert!(decompresses_to_small_order(e), "{}", hex::encode(e));
+        }
+        let torsion = torsion_points();
+        assert_eq!(torsion.len(), 8, "the torsion subgroup has eight points");
+        // Every string that decompresses to one of them: y canonical or, below 19, y + p
+        // (p = 2^255 - 19, so y + p still fits in 255 bits), with either sign bit.
+        let mut all = BTreeSet::new();
+        for t in &torsion {
+            let mut y = t.compress().to_bytes();
+            y[31] &= 0x7f;
+            let mut ys = vec![y];
+            if y[1..].iter().all(|b| *b == 0) && y[0] < 19 {
+                let mut p = [0xffu8; 32];
+                p[0] = 0xed + y[0];
+                p[31] = 0x7f;
+                ys.push(p);
+            }
+            for y in ys {
+                for sign in [0u8, 0x80] {
+                    let mut e = y;
+                    e[31] |= sign;
+                    if CompressedEdwardsY(e).decompress() == Some(*t) {
+                        all.insert(e);
+                    }
+                }
+            }
+        }
+        let listed: BTreeSet<[u8; 32]> = SMALL_ORDER_ENCODINGS.iter().copied().collect();
+        assert_eq!(listed.len(), SMALL_ORDER_ENCODINGS.len(), "no duplicates");
+        assert_eq!(all, listed);
+    }
+
+    #[test]
+    fn small_order_check_agrees_with_decompression() {
+        let mut cases: Vec<[u8; 32]> = SMALL_ORDER_ENCODINGS.to_vec();
+        // Every one-bit change of each listed encoding.
+        for e in &SMALL_ORDER_ENCODINGS {
+            for bit in 0..256 {
+                let mut c = *e;
+                c[bit / 8] ^= 1 << (bit % 8);
+                cases.push(c);
+            }
+        }
+        // Arbitrary strings, and real signatures' R.
+        for i in 0u64..2_000 {
+            let mut c = [0u8; 32];
+            c.copy_from_slice(&Sha512::digest(i.to_be_bytes())[..32]);
+            cases.push(c);
+        }
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        for i in 0u64..200 {
+            use ed25519_dalek::Signer;
+            cases.push(*key.sign(&i.to_le_bytes()).r_bytes());
+        }
+        for c in &cases {
+            // A string that does not decompress is refused by the batch equation itself.
+            if CompressedEdwardsY(*c).decompress().is_some() {
+                assert_eq!(
+                    is_small_order_encoding(c),
+                    decompresses_to_small_order(c),
+                    "{}",
+                    hex::encode(c)
+                );
+            } else {
+                assert!(!is_small_order_encoding(c));
+            }
+        }
+    }
 }
