@@ -1,0 +1,185 @@
+//! The reference: the enclave's decision rate in-process, on one thread.
+//!
+//! An [`Enclave`] over a [`MockNsm`] is booted and set up through its own requests, exactly as
+//! the real stack is (genesis, the same policy, identity provider and registration, and an
+//! attestation of the server by a second mock NSM with the same image measurements), with the
+//! host's part played in memory: every `Persist` is acknowledged at once with `Durable` (nothing
+//! stored), as `enclave/benches/decision.rs` does. The measured request is the one the HTTP
+//! clients send: `Resolve` for the registered server with one of the agents' bearer tokens,
+//! then the `Durable` that releases the handle. Time is the system clock, as in the enclave
+//! binary.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Result, bail};
+use attestplane_enclave::nsm::{Clock, MockNsm, Nsm};
+use attestplane_enclave::service::{Enclave, EnclaveConfig};
+use attestplane_proto::{ByteBuf, Request, Response};
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::attestation::TrustAnchor;
+
+use crate::world::{self, World};
+
+const ENCLAVE_SEED: [u8; 32] = *b"attestplane load: in-proc enclav";
+const SERVER_SEED: [u8; 32] = *b"attestplane load: in-proc server";
+
+fn now() -> UnixMillis {
+    UnixMillis::from_system_time(SystemTime::now())
+}
+
+fn anchor(nsm: &MockNsm) -> Result<TrustAnchor> {
+    let pem = nsm.root_pem()?;
+    Ok(TrustAnchor::from_pem(pem.as_bytes())?)
+}
+
+/// The enclave with the host played in memory.
+pub struct InProcess {
+    enclave: Enclave,
+    next_id: u64,
+    tokens: Vec<String>,
+    turn: usize,
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess")
+            .field("requests", &self.next_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InProcess {
+    /// Boots and sets up the enclave; the agents present `tokens` in turn.
+    pub fn new(world: &mut World, tokens: Vec<String>) -> Result<Self> {
+        if tokens.is_empty() {
+            bail!("no bearer tokens");
+        }
+        let nsm = Arc::new(MockNsm::builder(ENCLAVE_SEED, Clock::System).build());
+        let pcrs = world::image_pcrs(world::IMAGE);
+        let server = MockNsm::builder(SERVER_SEED, Clock::System)
+            .image_measurements(pcrs[0], pcrs[1], pcrs[2])
+            .build();
+        let config = EnclaveConfig {
+            origin: world::ORIGIN.into(),
+            issuer: "attestplane".into(),
+            self_anchor: anchor(&nsm)?,
+            server_anchor: anchor(&server)?,
+            allow_debug: false,
+        };
+        let mut this = Self {
+            enclave: Enclave::new(nsm, config),
+            next_id: 0,
+            tokens,
+            turn: 0,
+        };
+        let admin = world.admin.verifying_key().to_bytes();
+        this.expect_ack(Request::ReplayBegin {
+            genesis_admin_keys: vec![ByteBuf::from(admin.to_vec())],
+            total_entries: 0,
+        })?;
+        this.expect_ack(Request::ReplayEnd)?;
+        let spec = World::spec("http://127.0.0.1:9", &pcrs)?;
+        for action in world.setup_actions(spec)? {
+            let name = action.type_name();
+            let bytes = world.admin_request(action, now())?;
+            match this.send(Request::Admin {
+                request: ByteBuf::from(bytes),
+            })? {
+                Response::AdminResult { accepted: true, .. } => {}
+                other => bail!("in-process enclave refused {name}: {other:?}"),
+            }
+        }
+        let challenge = this.send(Request::AttestChallenge {
+            server_id: world::SERVER_ID.into(),
+        })?;
+        let Response::Challenge { nonce, .. } = challenge else {
+            bail!("in-process enclave: no challenge: {challenge:?}");
+        };
+        let document = server.attest(None, Some(nonce.to_vec()), None)?;
+        match this.send(Request::AttestEvidence {
+            server_id: world::SERVER_ID.into(),
+            nonce,
+            document: ByteBuf::from(document),
+        })? {
+            Response::AttestResult { verified: true, .. } => {}
+            other => bail!("in-process attestation refused: {other:?}"),
+        }
+        // One resolution per token, so that every token is in the enclave's bearer cache (as
+        // it is in the proxied enclave after the warm-up).
+        for _ in 0..this.tokens.len() {
+            this.resolve()?;
+        }
+        Ok(this)
+    }
+
+    fn expect_ack(&mut self, request: Request) -> Result<()> {
+        match self.send(request)? {
+            Response::Ack => Ok(()),
+            other => bail!("in-process enclave: expected Ack, got {other:?}"),
+        }
+    }
+
+    /// Sends `request`; a `Persist` is acknowledged durable at once and the released final
+    /// reply returned.
+    fn send(&mut self, request: Request) -> Result<Response> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let t = now();
+        let mut replies = self.enclave.handle(id, request, t);
+        let Some((_, reply)) = replies.pop() else {
+            bail!("in-process enclave: no reply");
+        };
+        let Response::Persist { first_seq, entries } = reply else {
+            return Ok(reply);
+        };
+        let through_seq = first_seq + entries.len() as u64 - 1;
+        self.next_id += 1;
+        self.enclave
+            .handle(self.next_id, Request::Durable { through_seq }, t)
+            .into_iter()
+            .find(|(rid, _)| *rid == id)
+            .map(|(_, r)| r)
+            .ok_or_else(|| anyhow::anyhow!("in-process enclave: the held reply was not released"))
+    }
+
+    /// One resolution with the next token; fails unless a handle is issued.
+    fn resolve(&mut self) -> Result<()> {
+        self.turn = (self.turn + 1) % self.tokens.len();
+        let bearer = self.tokens[self.turn].clone();
+        match self.send(Request::Resolve {
+            bearer,
+            server_id: world::SERVER_ID.into(),
+        })? {
+            Response::Handle { .. } => Ok(()),
+            other => bail!("in-process resolve: expected a handle, got {other:?}"),
+        }
+    }
+
+    /// Resolves back to back for `duration` (at least 100 resolutions); returns the rate per
+    /// second of wall time and, if the thread's CPU time is readable, per second of CPU time
+    /// (what the rate would be on a core of its own: robust to other load on the machine).
+    pub fn run(&mut self, duration: Duration) -> Result<(f64, Option<f64>)> {
+        let cpu_before = crate::stack::thread_cpu_time();
+        let started = Instant::now();
+        let mut n = 0u64;
+        loop {
+            for _ in 0..100 {
+                self.resolve()?;
+            }
+            n += 100;
+            if started.elapsed() >= duration {
+                break;
+            }
+        }
+        let wall = started.elapsed();
+        let cpu = crate::stack::thread_cpu_time()
+            .zip(cpu_before)
+            .map(|(after, before)| after.saturating_sub(before))
+            .filter(|c| !c.is_zero());
+        Ok((
+            n as f64 / wall.as_secs_f64(),
+            cpu.map(|c| n as f64 / c.as_secs_f64()),
+        ))
+    }
+}
