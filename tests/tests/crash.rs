@@ -87,6 +87,25 @@ fn enclave_restart_continues_the_log_in_a_new_epoch_that_verifies() {
     assert!(second >= size_before);
 }
 
+#[test]
+fn readyz_reports_a_dead_enclave() {
+    let mut stack = SplitStack::start();
+    assert_eq!(ready_epoch(&stack.url), Some(0));
+    stack.enclave.as_mut().unwrap().kill();
+    // With no enclave the proxy does not serve: /readyz says so (http-api.md: 200 once the
+    // enclave has replayed the log and serves, else 503).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut readyz = ready_epoch(&stack.url);
+    while readyz.is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        readyz = ready_epoch(&stack.url);
+    }
+    assert_eq!(
+        readyz, None,
+        "/readyz still answers 200 (epoch 0) 5 s after the enclave died"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_sigkill_during_a_burst_loses_no_delivered_handle() {
     let mut stack = SplitStack::start();
