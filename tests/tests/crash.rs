@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use attestplane_tests::{
-    SplitStack, flip_stored_entry, log_head, ready_epoch, rewrite_store, split_log, stored_entries,
+    SplitStack, flip_stored_entry, http_get, log_head, ready_epoch, rewrite_store, split_log,
+    stored_entries,
 };
 use attestplane_verifier::entry::{Event, SignedEntry};
 use base64::Engine as _;
@@ -104,6 +105,9 @@ fn readyz_reports_a_dead_enclave() {
         readyz, None,
         "/readyz still answers 200 (epoch 0) 5 s after the enclave died"
     );
+    assert!(stack.proxy.as_mut().unwrap().is_running(), "the proxy died");
+    let status = http_get(&format!("{}/readyz", stack.url)).map(|(s, _)| s);
+    assert_eq!(status.ok(), Some(503), "/readyz without an enclave");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
