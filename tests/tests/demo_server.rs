@@ -18,7 +18,7 @@ struct Demo {
     url: String,
     root: TrustAnchor,
     pcrs: BTreeMap<PcrIndex, Pcr>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn start(extra: &[&str]) -> Demo {
@@ -52,7 +52,7 @@ fn start(extra: &[&str]) -> Demo {
         url,
         root: anchor,
         pcrs,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -118,6 +118,20 @@ async fn serves_attestation_documents_that_verify_against_its_printed_root_and_p
         .unwrap_or_else(|e| panic!("{e}\n{}", demo.proc.diagnostics()));
     assert_eq!(verified.nonce(), Some(nonce.as_slice()));
     assert!(!verified.is_debug());
+
+    // The auditor's CLI agrees, with the printed PCR file as its --pcrs.
+    let doc_file = demo.dir.path().join("doc.cbor");
+    std::fs::write(&doc_file, &doc).unwrap();
+    let mut cmd = Command::new(binary("attestplane-verify"));
+    cmd.arg("attestation")
+        .arg(&doc_file)
+        .arg("--pcrs")
+        .arg(demo.dir.path().join("pcrs.json"))
+        .arg("--root")
+        .arg(demo.dir.path().join("root.pem"))
+        .args(["--nonce", &hex::encode(&nonce)])
+        .args(["--at", &now().as_millis().to_string()]);
+    run(cmd).ok();
 
     // The same document does not pass for another nonce, nor under another root.
     let other_nonce = Expectations {
