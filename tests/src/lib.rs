@@ -654,6 +654,43 @@ fn start_demo(files: &StackFiles, listen: &str, control_plane: Option<&str>) -> 
     (demo, url)
 }
 
+impl DevStack {
+    /// Stops `attestplane dev` as Ctrl-C would (SIGTERM) and returns whether it exited
+    /// successfully within `timeout`, and the processes still running with the data directory
+    /// on their command line afterwards (its children, if it failed to stop them).
+    pub fn stop(&mut self, timeout: Duration) -> (bool, Vec<String>) {
+        let ok = self.proc.terminate(timeout).is_some_and(|s| s.success());
+        std::thread::sleep(Duration::from_millis(200));
+        (ok, processes_mentioning(&self.files.dir))
+    }
+}
+
+impl Drop for DevStack {
+    fn drop(&mut self) {
+        // SIGTERM first: a SIGKILLed `attestplane dev` cannot stop its children.
+        self.proc.terminate(Duration::from_secs(10));
+    }
+}
+
+/// Command lines of running processes that mention `path` (Linux `/proc`).
+pub fn processes_mentioning(path: &Path) -> Vec<String> {
+    let needle = path.display().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
+}
+
 /// The local stack as three separate processes (enclave on a Unix socket with its own mock PCRs,
 /// demo MCP server, `attestplane proxy`), so a test can kill and restart each. Keys and the
 /// client configuration are made the way an operator would, with the CLI.

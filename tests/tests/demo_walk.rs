@@ -4,6 +4,7 @@
 //! caught by the verifier naming the right sequence number.
 
 use std::path::Path;
+use std::time::Duration;
 
 use attestplane_tests::{DevStack, Ran, StackFiles, log_head, split_log};
 
@@ -114,4 +115,13 @@ fn demo_walk_exports_a_log_the_verifier_accepts_and_tampering_is_named() {
     let (ran, report): (Ran, _) = files.verify_log(&cut, Some(&checkpoint));
     assert_eq!(ran.code, Some(1), "a cut tail passed the checkpoint\n{ran}");
     assert_eq!(report["verified"], false, "{report}");
+
+    // Ctrl-C (SIGTERM) stops dev and its children.
+    let mut stack = stack;
+    let (ok, left) = stack.stop(Duration::from_secs(10));
+    assert!(ok, "attestplane dev did not exit cleanly on SIGTERM");
+    assert!(
+        left.is_empty(),
+        "still running after dev stopped: {left:#?}"
+    );
 }
