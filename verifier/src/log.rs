@@ -25,8 +25,12 @@
 //! comparison with the fourteen encodings of such points, [`is_small_order_encoding`], instead
 //! of decompressing it), and every epoch key is checked once for weakness: together with the
 //! batch equation and the canonical-`s` check that batch parsing does, these are the conditions
-//! `verify_strict` imposes. A batch that fails is re-checked entry by entry with `verify_strict`
-//! to name the first bad entry.
+//! `verify_strict` imposes. A chunk whose signatures all fall under one epoch key (every chunk
+//! but those spanning an epoch boundary) is checked with the same batch equation as
+//! `ed25519_dalek::verify_batch`, its key's terms gathered into one (see
+//! `verify_batch_one_key`), which saves a third of the work; other chunks go to
+//! `ed25519_dalek::verify_batch`. A batch that fails is re-checked entry by entry with
+//! `verify_strict` to name the first bad entry.
 //!
 //! ## What this module does not do
 //!
@@ -35,9 +39,14 @@
 
 use std::collections::BTreeMap;
 
+use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
+use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
+use curve25519_dalek::scalar::Scalar;
+use curve25519_dalek::traits::{IsIdentity, VartimeMultiscalarMul};
 use ed25519_dalek::{Signature, VerifyingKey};
 use rayon::prelude::*;
 use serde::Serialize;
+use sha2::{Digest, Sha512};
 use thiserror::Error;
 
 use crate::attestation::{
@@ -780,7 +789,84 @@ fn batch_ok(chunk: &[SignedEntry], keys: &[VerifyingKey]) -> bool {
     }
     let messages: Vec<&[u8]> = chunk.iter().map(SignedEntry::signed_bytes).collect();
     let signatures: Vec<Signature> = chunk.iter().map(|e| *e.signature()).collect();
-    ed25519_dalek::verify_batch(&messages, &signatures, keys).is_ok()
+    match keys.split_first() {
+        Some((key, rest)) if rest.iter().all(|k| k == key) => {
+            verify_batch_one_key(&messages, &signatures, key)
+        }
+        _ => ed25519_dalek::verify_batch(&messages, &signatures, keys).is_ok(),
+    }
+}
+
+/// Ed25519 batch verification of signatures that must all verify under one `key` (every chunk
+/// inside an epoch). It checks the equation of `ed25519_dalek::verify_batch`,
+/// `Σ zᵢRᵢ + Σ (zᵢhᵢ)A − (Σ zᵢsᵢ)B = 0` with `hᵢ = H(Rᵢ ‖ A ‖ Mᵢ)` and random 128-bit `zᵢ`, with
+/// the key's terms gathered into one, `(Σ zᵢhᵢ)A`: the same group element, computed with one
+/// point in the multiscalar multiplication instead of one per signature. As in ed25519-dalek,
+/// each `sᵢ` must be canonical and each `Rᵢ` must decompress, and the `zᵢ` are derived from a
+/// hash of every input (each `hᵢ`, which covers `Rᵢ`, `A` and `Mᵢ`, and each `sᵢ`), so whoever
+/// chooses the inputs cannot choose them.
+fn verify_batch_one_key(messages: &[&[u8]], signatures: &[Signature], key: &VerifyingKey) -> bool {
+    if messages.len() != signatures.len() {
+        return false;
+    }
+    let a_bytes = key.as_bytes();
+    let Some(a) = CompressedEdwardsY(*a_bytes).decompress() else {
+        return false;
+    };
+    let mut transcript = Sha512::new();
+    transcript.update(b"attestplane/log/ed25519-batch-one-key/v1");
+    let mut hrams = Vec::with_capacity(signatures.len());
+    for (message, signature) in messages.iter().zip(signatures) {
+        let h: [u8; 64] = Sha512::new()
+            .chain_update(signature.r_bytes())
+            .chain_update(a_bytes)
+            .chain_update(message)
+            .finalize()
+            .into();
+        transcript.update(h);
+        hrams.push(Scalar::from_bytes_mod_order_wide(&h));
+    }
+    for signature in signatures {
+        transcript.update(signature.s_bytes());
+    }
+    let seed = transcript.finalize();
+
+    let mut b_coefficient = Scalar::ZERO;
+    let mut a_coefficient = Scalar::ZERO;
+    let mut zs = Vec::with_capacity(signatures.len());
+    let mut rs = Vec::with_capacity(signatures.len());
+    // Four 128-bit z per SHA-512 block of the seed's stream.
+    let mut block = [0u8; 64];
+    for (i, (signature, h)) in signatures.iter().zip(&hrams).enumerate() {
+        let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(*signature.s_bytes()))
+        else {
+            return false;
+        };
+        let Some(r) = CompressedEdwardsY(*signature.r_bytes()).decompress() else {
+            return false;
+        };
+        if i % 4 == 0 {
+            block = Sha512::new()
+                .chain_update(seed)
+                .chain_update(((i / 4) as u64).to_le_bytes())
+                .finalize()
+                .into();
+        }
+        let mut z_bytes = [0u8; 16];
+        for (dst, src) in z_bytes.iter_mut().zip(block.iter().skip(16 * (i % 4))) {
+            *dst = *src;
+        }
+        let z = Scalar::from(u128::from_le_bytes(z_bytes));
+        b_coefficient += z * s;
+        a_coefficient += z * h;
+        zs.push(z);
+        rs.push(r);
+    }
+    let sum = EdwardsPoint::vartime_multiscalar_mul(
+        [-b_coefficient, a_coefficient].into_iter().chain(zs),
+        [ED25519_BASEPOINT_POINT, a].into_iter().chain(rs),
+    );
+    sum.is_identity()
 }
 
 /// Every 32-byte string that decompresses to a point of small order: the eight torsion points
@@ -890,10 +976,6 @@ pub fn verify_log<B: AsRef<[u8]> + Sync>(
 mod tests {
     use std::collections::BTreeSet;
 
-    use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
-    use curve25519_dalek::scalar::Scalar;
-    use sha2::{Digest, Sha512};
-
     use super::*;
 
     fn decompresses_to_small_order(r: &[u8; 32]) -> bool {
@@ -993,6 +1075,82 @@ mod tests {
             } else {
                 assert!(!is_small_order_encoding(c));
             }
+        }
+    }
+
+    fn signed_batch(n: usize) -> (SigningKeyForTests, Vec<Vec<u8>>, Vec<Signature>) {
+        use ed25519_dalek::Signer;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[11; 32]);
+        let messages: Vec<Vec<u8>> = (0..n)
+            .map(|i| format!("entry {i} {}", "x".repeat(i % 300)).into_bytes())
+            .collect();
+        let signatures = messages.iter().map(|m| key.sign(m)).collect();
+        (key, messages, signatures)
+    }
+
+    type SigningKeyForTests = ed25519_dalek::SigningKey;
+
+    /// Both batch verifiers' answers, which must agree.
+    fn both(messages: &[Vec<u8>], signatures: &[Signature], key: &VerifyingKey) -> bool {
+        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        let keys = vec![*key; signatures.len()];
+        let ours = verify_batch_one_key(&refs, signatures, key);
+        let dalek = ed25519_dalek::verify_batch(&refs, signatures, &keys).is_ok();
+        assert_eq!(ours, dalek);
+        ours
+    }
+
+    #[test]
+    fn one_key_batch_accepts_valid_batches_of_every_size() {
+        for n in [1, 2, 3, 4, 5, 17, 63, 64] {
+            let (key, messages, signatures) = signed_batch(n);
+            assert!(
+                both(&messages, &signatures, &key.verifying_key()),
+                "n = {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_key_batch_refuses_any_bad_signature() {
+        let (key, messages, signatures) = signed_batch(64);
+        let vk = key.verifying_key();
+        let other = ed25519_dalek::SigningKey::from_bytes(&[12; 32]).verifying_key();
+        assert!(!both(&messages, &signatures, &other));
+        for i in [0, 1, 31, 62, 63] {
+            // Message changed.
+            let mut m = messages.clone();
+            m[i].push(b'!');
+            assert!(!both(&m, &signatures, &vk));
+            // A bit of R, of s (low bits, so s stays canonical), of the high bit of s.
+            for (byte, bit) in [(0, 0), (17, 3), (32, 0), (40, 5), (63, 4)] {
+                let mut sigs = signatures.clone();
+                let mut raw = sigs[i].to_bytes();
+                raw[byte] ^= 1 << bit;
+                sigs[i] = Signature::from_bytes(&raw);
+                assert!(
+                    !both(&messages, &sigs, &vk),
+                    "sig {i} byte {byte} bit {bit}"
+                );
+            }
+            // s replaced by s + l: the same residue, not canonical.
+            let mut sigs = signatures.clone();
+            let mut raw = sigs[i].to_bytes();
+            let l = Scalar::ZERO - Scalar::ONE;
+            let mut carry = 1u16;
+            let mut s_plus_l = [0u8; 32];
+            for j in 0..32 {
+                let sum = u16::from(raw[32 + j]) + u16::from(l.as_bytes()[j]) + carry;
+                s_plus_l[j] = sum as u8;
+                carry = sum >> 8;
+            }
+            raw[32..].copy_from_slice(&s_plus_l);
+            sigs[i] = Signature::from_bytes(&raw);
+            assert!(!both(&messages, &sigs, &vk));
+            // Two signatures swapped.
+            let mut sigs = signatures.clone();
+            sigs.swap(i, (i + 1) % 64);
+            assert!(!both(&messages, &sigs, &vk));
         }
     }
 }
