@@ -399,6 +399,8 @@ struct Round {
     wall: Duration,
     /// The machine's load average when the round started.
     loadavg: String,
+    /// Growth of the proxy's counters over the round.
+    proxy: BTreeMap<String, f64>,
 }
 
 impl Round {
@@ -426,6 +428,23 @@ struct HandleBody {
 #[derive(serde::Deserialize)]
 struct LogHead {
     size: u64,
+}
+
+/// The proxy's counters (`GET /metrics`) that split the latency: name → value.
+async fn proxy_metrics(api: SocketAddr) -> Result<BTreeMap<String, f64>> {
+    let reply = http::once(api, "GET", "/metrics", None, None).await?;
+    if reply.status != 200 {
+        bail!("GET /metrics answered {}", reply.status);
+    }
+    let text = String::from_utf8_lossy(&reply.body);
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect())
 }
 
 async fn log_size(api: SocketAddr) -> Result<u64> {
@@ -529,6 +548,7 @@ async fn http_round(cli: &Cli, stack: &Stack, requests: &Arc<Vec<Vec<u8>>>) -> R
     .collect();
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let size_before = log_size(stack.api).await?;
+    let metrics_before = proxy_metrics(stack.api).await?;
     let cpu_before: Vec<Option<Duration>> = pids.iter().map(|(_, p)| stack::cpu_time(*p)).collect();
     let started = Instant::now();
     let measure_from = started + cli.warmup;
@@ -569,6 +589,11 @@ async fn http_round(cli: &Cli, stack: &Stack, requests: &Arc<Vec<Vec<u8>>>) -> R
         .collect();
     round.window = last_done.duration_since(measure_from);
     round.log_growth = log_size(stack.api).await? - size_before;
+    let metrics_after = proxy_metrics(stack.api).await?;
+    round.proxy = metrics_after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - metrics_before.get(k).copied().unwrap_or(0.0)))
+        .collect();
     round.latencies_us.sort_unstable();
     round.loadavg = loadavg
         .split_whitespace()
@@ -669,6 +694,29 @@ fn measure(
         println!(
             "         machine load average before the round: {}",
             round.loadavg
+        );
+        let m = |k: &str| round.proxy.get(k).copied().unwrap_or(0.0);
+        let per = |sum: f64, count: f64| {
+            if count > 0.0 {
+                sum / count * 1e3
+            } else {
+                f64::NAN
+            }
+        };
+        let client_mean =
+            l.iter().map(|&u| f64::from(u)).sum::<f64>() / l.len().max(1) as f64 / 1e3;
+        println!(
+            "         mean latency: client {client_mean:.2} ms; inside the proxy {:.2} ms, of which \
+             enclave round trip (durable wait included) {:.2} ms; {:.1} entries per fdatasync",
+            per(
+                m("attestplane_http_request_duration_seconds_sum"),
+                m("attestplane_http_request_duration_seconds_count")
+            ),
+            per(
+                m("attestplane_enclave_round_trip_seconds_sum"),
+                m("attestplane_enclave_round_trip_seconds_count")
+            ),
+            round.log_growth as f64 / m("attestplane_store_syncs_total").max(1.0),
         );
         println!(
             "         log grew by {} entries for {} handles issued (warm-up included)",
