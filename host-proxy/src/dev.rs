@@ -79,6 +79,18 @@ pub async fn main(args: DevArgs) -> Result<u8> {
     let idp = load_or_create_key(&dir.join("idp.key"))?;
     let admin_pub = hex::encode(admin.verifying_key().as_bytes());
 
+    // The API's address is fixed before anything starts, so that the demo server can be told
+    // where the control plane's JWKS is (port 0: a free port, picked now).
+    let mut listen: std::net::SocketAddr = args
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} is not IP:PORT", args.listen))?;
+    if listen.port() == 0 {
+        listen = std::net::TcpListener::bind(listen)
+            .and_then(|l| l.local_addr())
+            .with_context(|| format!("cannot find a free port on {}", listen.ip()))?;
+    }
+
     let mut children = Vec::new();
     let mut demo_url = None;
     if !args.no_demo_server {
@@ -91,6 +103,10 @@ pub async fn main(args: DevArgs) -> Result<u8> {
                 path_arg(&dir.join("server-root.pem")),
                 "--print-pcrs".into(),
                 path_arg(&dir.join("demo-server-pcrs.json")),
+                "--print-tools".into(),
+                path_arg(&dir.join("demo-server-tools.json")),
+                "--control-plane".into(),
+                format!("http://{listen}"),
             ],
         )
         .await?;
@@ -126,10 +142,7 @@ pub async fn main(args: DevArgs) -> Result<u8> {
         enclave: format!("unix:{}", socket.display())
             .parse()
             .map_err(|e| anyhow::anyhow!("{e}"))?,
-        listen: args
-            .listen
-            .parse()
-            .with_context(|| format!("--listen {:?} is not IP:PORT", args.listen))?,
+        listen,
         store_dir: dir.join("log"),
         genesis_admin_keys: vec![admin.verifying_key().to_bytes()],
         connections: 2,
@@ -273,7 +286,7 @@ async fn bootstrap(client: &EnclaveClient, admin: &SigningKey, idp: &SigningKey)
                 "the enclave refused {name} (log entry {seq}): {}",
                 reason.unwrap_or_default()
             ),
-            other => bail!("unexpected reply to {name}: {other:?}"),
+            _ => bail!("unexpected reply to {name}"),
         }
     }
     Ok(())

@@ -424,6 +424,7 @@ impl Shared {
             ready,
             epoch,
             head_seq,
+            durable_seq,
             ..
         } = status
         else {
@@ -449,11 +450,17 @@ impl Shared {
                 let epoch = epoch.ok_or_else(|| {
                     ClientError::Protocol("a ready enclave reported no epoch".into())
                 })?;
-                self.reset_sequencer(stored, enclave_next);
+                // What the enclave knows to be durable; everything it holds is stored, so
+                // report it all (a proxy that restarted after storing entries it never got to
+                // report would otherwise leave the enclave waiting, e.g. for checkpoints).
+                self.reset_sequencer(stored, durable_seq.map_or(0, |d| d.saturating_add(1)));
                 self.phase.send_replace(Phase::Ready { epoch });
                 tracing_line(&format!(
                     "enclave ready (epoch {epoch}, {stored} entries stored)"
                 ));
+                if let Some(last) = stored.checked_sub(1) {
+                    self.report_durable(last).await;
+                }
                 Ok(())
             }
             (false, _) => self.replay(slot).await,
@@ -586,6 +593,18 @@ impl Shared {
                 && l.as_ref().is_some_and(|l| l.generation == generation)
             {
                 *l = None;
+            }
+            // No connection left: not ready until one is re-established and the enclave
+            // checked again (it may have restarted and need the replay).
+            if links.iter().all(Option::is_none) {
+                self.phase.send_if_modified(|phase| {
+                    if matches!(phase, Phase::Ready { .. } | Phase::Replaying { .. }) {
+                        *phase = Phase::Connecting;
+                        true
+                    } else {
+                        false
+                    }
+                });
             }
         }
         let orphans: Vec<Waiter> = {
@@ -766,9 +785,37 @@ impl Shared {
 fn unexpected(what: &str, got: &Response) -> ClientError {
     let kind = match got {
         Response::Error { code, message } => format!("error {code}: {message}"),
-        other => format!("{other:?}"),
+        Response::BrokenLog {
+            seq: Some(seq),
+            message,
+        } => format!("the enclave refuses the stored log at entry {seq}: {message}"),
+        Response::BrokenLog { seq: None, message } => {
+            format!("the enclave refuses the stored log: {message}")
+        }
+        other => format!("a {} reply", response_kind(other)),
     };
     ClientError::Protocol(format!("unexpected reply to {what}: {kind}"))
+}
+
+/// The name of a reply's variant (never its contents: handles and tokens travel in some).
+fn response_kind(r: &Response) -> &'static str {
+    match r {
+        Response::Hello { .. } => "Hello",
+        Response::Ack => "Ack",
+        Response::Persist { .. } => "Persist",
+        Response::Challenge { .. } => "Challenge",
+        Response::AdminResult { .. } => "AdminResult",
+        Response::AttestResult { .. } => "AttestResult",
+        Response::Handle { .. } => "Handle",
+        Response::Denied { .. } => "Denied",
+        Response::Servers { .. } => "Servers",
+        Response::Authorized { .. } => "Authorized",
+        Response::Checkpoint { .. } => "Checkpoint",
+        Response::Attestation { .. } => "Attestation",
+        Response::Status { .. } => "Status",
+        Response::BrokenLog { .. } => "BrokenLog",
+        Response::Error { .. } => "Error",
+    }
 }
 
 /// Writes frames as they come, flushing when the queue runs dry (one write for a burst).
