@@ -399,6 +399,8 @@ struct Round {
     wall: Duration,
     /// The machine's load average when the round started.
     loadavg: String,
+    /// Per process, the cores its busiest threads used (descending).
+    threads: Vec<(&'static str, Vec<f64>)>,
     /// Growth of the proxy's counters over the round.
     proxy: BTreeMap<String, f64>,
 }
@@ -550,6 +552,10 @@ async fn http_round(cli: &Cli, stack: &Stack, requests: &Arc<Vec<Vec<u8>>>) -> R
     let size_before = log_size(stack.api).await?;
     let metrics_before = proxy_metrics(stack.api).await?;
     let cpu_before: Vec<Option<Duration>> = pids.iter().map(|(_, p)| stack::cpu_time(*p)).collect();
+    let threads_before: Vec<_> = [stack.enclave_pid, stack.proxy_pid]
+        .iter()
+        .map(|&p| stack::threads_cpu_time(p))
+        .collect();
     let started = Instant::now();
     let measure_from = started + cli.warmup;
     let end = measure_from + cli.duration;
@@ -580,6 +586,21 @@ async fn http_round(cli: &Cli, stack: &Stack, requests: &Arc<Vec<Vec<u8>>>) -> R
         }
     }
     round.wall = started.elapsed();
+    for ((name, pid), before) in [("enclave", stack.enclave_pid), ("proxy", stack.proxy_pid)]
+        .into_iter()
+        .zip(threads_before)
+    {
+        let mut busy: Vec<f64> = stack::threads_cpu_time(pid)
+            .into_iter()
+            .map(|(tid, t)| {
+                let b = before.get(&tid).copied().unwrap_or_default();
+                t.saturating_sub(b).as_secs_f64() / round.wall.as_secs_f64()
+            })
+            .filter(|&cores| cores >= 0.01)
+            .collect();
+        busy.sort_by(|a, b| b.total_cmp(a));
+        round.threads.push((name, busy));
+    }
     round.cpu = pids
         .iter()
         .zip(cpu_before)
@@ -694,6 +715,25 @@ fn measure(
         println!(
             "         machine load average before the round: {}",
             round.loadavg
+        );
+        let threads: Vec<String> = round
+            .threads
+            .iter()
+            .map(|(name, busy)| {
+                let cores: Vec<String> = busy.iter().map(|c| format!("{c:.2}")).collect();
+                format!("{name} [{}]", cores.join(" "))
+            })
+            .collect();
+        println!(
+            "         busiest threads (cores): {}  (the busiest enclave thread, normally its one request handler: \
+             {:.0} us per resolution)",
+            threads.join(", "),
+            round
+                .threads
+                .first()
+                .and_then(|(_, b)| b.first())
+                .map_or(f64::NAN, |c| c * round.wall.as_secs_f64() * 1e6
+                    / round.handles_total.max(1) as f64)
         );
         let m = |k: &str| round.proxy.get(k).copied().unwrap_or(0.0);
         let per = |sum: f64, count: f64| {

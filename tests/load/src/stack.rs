@@ -9,6 +9,7 @@
 //! document source inside the bench on a mock NSM with the demo server's measurements, which
 //! answers `GET /attestation?nonce=HEX` the same way.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -128,6 +129,19 @@ pub fn cpu_time(pid: Option<u32>) -> Option<Duration> {
         None => "/proc/self/stat".into(),
     };
     stat_cpu(&path)
+}
+
+/// CPU time used so far by each thread of process `pid`, by thread id.
+pub fn threads_cpu_time(pid: u32) -> BTreeMap<u32, Duration> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return BTreeMap::new();
+    };
+    dir.filter_map(|e| {
+        let name = e.ok()?.file_name();
+        let tid: u32 = name.to_str()?.parse().ok()?;
+        Some((tid, stat_cpu(&format!("/proc/{pid}/task/{tid}/stat"))?))
+    })
+    .collect()
 }
 
 /// CPU time the calling thread has used so far.
