@@ -37,6 +37,13 @@
 //!      again), as for epochs written by another image and as an auditor does.
 //!
 //! Target: replay ≥ 0.8 × `verify_log` throughput; memory bounded by the state.
+//!
+//! Measured (2026-12-04, 2 shared cores, load average 2–13 from other builds), 1,000,000
+//! entries, paired batch by batch: replay / verify 0.98 and 0.98 on one thread, 0.92 and 0.97
+//! on two (two runs); 100,000 entries: 0.91 and 0.87. Peak RSS of the replaying enclave 28.2
+//! MiB over 1,000,000 entries and 27.1–27.9 MiB over 100,000 (bounded by the state). Own-image
+//! epochs applied trusted: the apply is ~5 % of the fold (decisions ~1–3 µs each); re-deciding
+//! every epoch (`recheck`) makes it ~50 % and halves the rate.
 
 use std::collections::BTreeMap;
 use std::fs::File;
