@@ -18,15 +18,14 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use attestplane_proto::{ByteBuf, Request, Response};
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest, IdentityProviderSpec};
+use attestplane_verifier::admin::{AdminAction, IdentityProviderSpec};
 use attestplane_verifier::attestation::{Expectations, TrustAnchor, VerifyAt, verify_attestation};
-use attestplane_verifier::handle::Jwks;
 use clap::Args;
 use ed25519_dalek::SigningKey;
-use rand_core::{OsRng, RngCore};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::cli::{admin, keys};
 use crate::enclave_client::EnclaveClient;
 use crate::proxy::{self, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REQUEST_TIMEOUT, ProxyConfig};
 
@@ -35,7 +34,7 @@ pub const DEV_ISSUER: &str = "https://dev-idp.attestplane.local";
 /// The audience its tokens carry.
 pub const DEV_AUDIENCE: &str = "attestplane";
 /// Its key id.
-pub const DEV_KID: &str = "dev";
+pub const DEV_KID: &str = admin::DEV_IDP_KID;
 /// The starter policy installed on a new log.
 pub const STARTER_POLICY: &str = include_str!("../../verifier/testdata/policy/starter.cedar");
 
@@ -185,31 +184,14 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot create {}", dir.display()))
 }
 
-/// Reads a hex Ed25519 secret key file, creating it (mode 0600) if it does not exist.
+/// Reads a hex Ed25519 secret key file, creating it (mode 0600) if it does not exist; the
+/// CLI's key-file code, so that secret keys are handled in one place.
 fn load_or_create_key(path: &Path) -> Result<SigningKey> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
     if path.exists() {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let bytes: [u8; 32] = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .with_context(|| format!("{} is not a hex Ed25519 secret key", path.display()))?;
-        return Ok(SigningKey::from_bytes(&bytes));
+        return Ok(keys::read_secret_key(path)?);
     }
-    let mut secret = [0u8; 32];
-    OsRng.fill_bytes(&mut secret);
-    let key = SigningKey::from_bytes(&secret);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(format!("{}\n", hex::encode(secret)).as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let key = keys::generate()?;
+    keys::write_secret_key(path, &key)?;
     Ok(key)
 }
 
@@ -244,10 +226,8 @@ async fn spawn(exe: &Path, args: &[String]) -> Result<(Child, String)> {
 }
 
 /// Installs the starter policy and the development identity provider.
-async fn bootstrap(client: &EnclaveClient, admin: &SigningKey, idp: &SigningKey) -> Result<()> {
-    let jwks = Jwks::from_keys([(DEV_KID, idp.verifying_key())])
-        .map_err(|e| anyhow::anyhow!("cannot build the dev JWKS: {e}"))?
-        .to_json();
+async fn bootstrap(client: &EnclaveClient, admin_key: &SigningKey, idp: &SigningKey) -> Result<()> {
+    let jwks = admin::jwks_of(idp, DEV_KID)?;
     for action in [
         AdminAction::SetPolicy {
             text: STARTER_POLICY.into(),
@@ -259,15 +239,11 @@ async fn bootstrap(client: &EnclaveClient, admin: &SigningKey, idp: &SigningKey)
         }),
     ] {
         let name = action.type_name();
-        let mut nonce = [0u8; 16];
-        OsRng.fill_bytes(&mut nonce);
-        let bytes = AdminRequest {
-            time: UnixMillis::from_system_time(SystemTime::now()),
-            nonce,
+        let bytes = admin::sign_admin(
             action,
-        }
-        .sign(&admin.verifying_key(), admin)
-        .map_err(|e| anyhow::anyhow!("cannot sign {name}: {e}"))?;
+            admin_key,
+            UnixMillis::from_system_time(SystemTime::now()),
+        )?;
         match client
             .call(
                 Request::Admin {
