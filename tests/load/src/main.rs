@@ -36,6 +36,9 @@
 //! CPU-second), ratio 41-88 % — 41-48 % whenever the in-process thread had a core to itself.
 //! CPU per resolution: enclave ~145 us (its handler thread ~105-125 us; ~90 us in-process),
 //! proxy ~65 us, load generator ~15 us; the mean latency is almost all enclave round trip.
+//! On the same machine with nothing else running (load average below 1.5, two runs of the
+//! defaults at commit 7671047): 6244 and 6875 durable resolutions/s (run medians), p99 20.2 and
+//! 17.9 ms, in-process ~11100/s, ratio 54.8 % and 62.0 %, no errors.
 //!
 //! The load generator runs on the same machine as the stack (and takes CPU from it); it is a
 //! minimal HTTP/1.1 client (`http.rs`) on `--client-threads` runtime threads to keep that small,
