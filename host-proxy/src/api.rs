@@ -73,15 +73,23 @@ struct Inner {
 }
 
 impl AppState {
-    /// State over a started client and its store.
-    pub fn new(client: EnclaveClient, request_timeout: Duration, max_in_flight: usize) -> Self {
+    /// State over a started client and its store. Fails only if the HTTP client for
+    /// attestation fetches cannot be built (never with a weaker configuration instead).
+    pub fn new(
+        client: EnclaveClient,
+        request_timeout: Duration,
+        max_in_flight: usize,
+    ) -> Result<Self, reqwest::Error> {
         let store = Arc::clone(client.store());
+        // Attestation fetches go to the registered endpoint and nowhere else: no redirects
+        // (a server could otherwise point the host at its internal services) and no proxy from
+        // the environment.
         let http = reqwest::Client::builder()
             .timeout(ATTESTATION_FETCH_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        AppState {
+            .no_proxy()
+            .build()?;
+        Ok(AppState {
             inner: Arc::new(Inner {
                 client,
                 store,
@@ -92,7 +100,7 @@ impl AppState {
                 attesting: Mutex::default(),
                 metrics: Metrics::default(),
             }),
-        }
+        })
     }
 
     /// The enclave client.

@@ -214,7 +214,8 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
-    let state = AppState::new(client.clone(), config.request_timeout, config.max_in_flight);
+    let state = AppState::new(client.clone(), config.request_timeout, config.max_in_flight)
+        .context("cannot build the HTTP client for attestation fetches")?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(listener, router(state))
