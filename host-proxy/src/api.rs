@@ -46,8 +46,9 @@ pub const MAX_ATTESTATION_DOCUMENT: usize = 64 * 1024;
 /// How long fetching a server's attestation document may take.
 pub const ATTESTATION_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Most entries one `/v1/log/entries` response carries.
-pub const MAX_ENTRIES_PER_RESPONSE: u64 = 4096;
+/// Most entries one `/v1/log/entries` response carries (the store's own range bound; it also
+/// bounds the bytes).
+pub const MAX_ENTRIES_PER_RESPONSE: u64 = crate::store::MAX_RANGE_ENTRIES as u64;
 
 /// Longest nonce a caller may ask the enclave's attestation document to carry.
 pub const MAX_NONCE: usize = 512;
@@ -313,6 +314,22 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Runs blocking store work off the async workers.
+async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> ApiResult<T>
+where
+    T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("a store task failed: {e}"),
+        )),
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> ApiResult<String> {
     let unauthenticated =
         |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", m.to_owned());
@@ -439,9 +456,8 @@ async fn attest(State(state): State<AppState>, Path(id): Path<String>) -> ApiRes
     let store = Arc::clone(&state.inner.store);
     let inner = Arc::clone(&state.inner);
     let lookup = server_id.clone();
-    let endpoint = tokio::task::spawn_blocking(move || inner.registry.endpoint(&store, &lookup))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??
+    let endpoint = blocking(move || inner.registry.endpoint(&store, &lookup))
+        .await?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -705,11 +721,7 @@ async fn log_entries(
         return Err(ApiError::bad_request("end is before start"));
     }
     let start = q.start;
-    let entries = tokio::task::spawn_blocking(move || store.range(start, end))
-        .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+    let entries = blocking(move || store.range(start, end)).await?;
     let mut body = Vec::with_capacity(entries.iter().map(Vec::len).sum());
     for e in &entries {
         body.extend_from_slice(e);
@@ -746,11 +758,7 @@ async fn new_checkpoint(State(state): State<AppState>) -> ApiResult<HttpResponse
             Response::Checkpoint { note } => {
                 let store = Arc::clone(&state.inner.store);
                 let stored = note.clone();
-                tokio::task::spawn_blocking(move || store.put_checkpoint(&stored))
-                    .await
-                    .map_err(|e| {
-                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                    })??;
+                blocking(move || store.put_checkpoint(&stored)).await?;
                 return Ok(text(note));
             }
             Response::Error {
@@ -787,15 +795,14 @@ async fn inclusion_proof(
             store.len()
         )));
     }
-    let (leaf, root, proof) = tokio::task::spawn_blocking(move || {
+    let (leaf, root, proof) = blocking(move || {
         Ok::<_, StoreError>((
             store.leaf_hash(q.index)?,
             store.root(q.size)?,
             store.inclusion_proof(q.index, q.size)?,
         ))
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    .await?;
     Ok(Json(json!({
         "index": q.index,
         "size": q.size,
@@ -824,15 +831,14 @@ async fn consistency_proof(
             store.len()
         )));
     }
-    let (old_root, new_root, proof) = tokio::task::spawn_blocking(move || {
+    let (old_root, new_root, proof) = blocking(move || {
         Ok::<_, StoreError>((
             store.root(q.old)?,
             store.root(q.new)?,
             store.consistency_proof(q.old, q.new)?,
         ))
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    .await?;
     Ok(Json(json!({
         "old": q.old,
         "new": q.new,

@@ -38,8 +38,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use attestplane_proto::{
-    Address, Body, ByteBuf, ErrorCode, Frame, FrameDecoder, MAX_ENTRIES_PER_FRAME,
-    PROTOCOL_VERSION, ProtoError, Request, Response, encode_frame, read_frame,
+    Address, Body, ByteBuf, Frame, FrameDecoder, MAX_ENTRIES_PER_FRAME, PROTOCOL_VERSION, Request,
+    Response, encode_frame, read_frame,
 };
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -691,14 +691,9 @@ impl Shared {
                 self.metrics.replies.fetch_add(1, Ordering::Relaxed);
                 let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
                 self.metrics.round_trip_us.fetch_add(us, Ordering::Relaxed);
-                let result = match response {
-                    Response::Error {
-                        code: ErrorCode::Overloaded,
-                        ..
-                    } => Err(ClientError::Unavailable("the enclave is overloaded".into())),
-                    r => Ok(r),
-                };
-                let _ = reply.send(result);
+                // Error replies (Overloaded included) go to the caller like any reply; the API
+                // maps every enclave code in one place.
+                let _ = reply.send(Ok(response));
             }
             Some(Waiter::Ignore { .. }) => {}
             None => {
@@ -850,11 +845,4 @@ async fn write_loop(
 /// One line on stderr (the proxy's log). Never called with a request or reply body.
 pub(crate) fn tracing_line(line: &str) {
     eprintln!("attestplane: {line}");
-}
-
-/// Converts a [`ProtoError`] into a client error.
-impl From<ProtoError> for ClientError {
-    fn from(e: ProtoError) -> Self {
-        ClientError::Protocol(e.to_string())
-    }
 }
