@@ -91,8 +91,8 @@ struct AttestationAnswer {
     jwks: serde_json::Value,
 }
 
-/// `POST /v1/servers/{id}/handle` answer.
-#[derive(Debug, Deserialize)]
+/// `POST /v1/servers/{id}/handle` answer. No `Debug`: it holds the handle.
+#[derive(Deserialize)]
 struct HandleAnswer {
     token: String,
     seq: u64,
@@ -234,7 +234,9 @@ pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
     };
     let (attestation, jwks) = verify_control_plane(&document, &jwks_json, &trust, &nonce, now())?;
 
-    // 3. The audience, then the handle.
+    // 3. The audience, then the handle. Given with --audience, it is the caller's own
+    // expectation; otherwise it comes from the host's server listing, which nothing signs.
+    let audience_pinned = audience.is_some();
     let audience = match audience {
         Some(a) => Some(a),
         None => match list(&api, &bearer).await {
@@ -294,6 +296,11 @@ pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
             "seq": claims.seq,
             "claims": claims,
             "audience_checked": audience.is_some(),
+            "audience_source": match (audience_pinned, audience.is_some()) {
+                (true, _) => "--audience",
+                (false, true) => "the host's server listing (not signed)",
+                (false, false) => "none",
+            },
             "control_plane": control_plane,
         });
         if out.is_none()

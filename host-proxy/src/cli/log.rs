@@ -438,6 +438,17 @@ pub async fn policy_show(context: &ClientContext) -> CliResult {
              with attestplane-verify)",
             rfc3339(time)
         );
+        // Served by the host: no terminal escapes reach the terminal (newlines and tabs kept).
+        let text: String = text
+            .split('\n')
+            .map(|line| {
+                line.split('\t')
+                    .map(crate::cli::clean)
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
         crate::cli::write_out(format_args!("{text}"))?;
         if !text.ends_with('\n') {
             outln!("");

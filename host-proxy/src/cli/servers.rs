@@ -26,9 +26,9 @@ use super::{CliError, CliResult, ClientContext, clean, print_json, read_bearer};
 #[derive(Debug, Subcommand)]
 pub enum ServersCommand {
     /// Register an MCP server with the measurements (PCRs) it must attest to.
-    Register(ServerArgs),
+    Register(ServerFlags),
     /// Replace a server's registration (its attestation must then be redone).
-    Update(ServerArgs),
+    Update(ServerFlags),
     /// Revoke a server: no handle is issued for it afterwards.
     Revoke {
         /// The server's id.
@@ -43,20 +43,12 @@ pub enum ServersCommand {
     List,
 }
 
-/// A server registration: [`ServerFlags`].
+/// The flags of a server registration.
 ///
 /// The server's PCR file is `--server-pcrs`, an argument with its own id: the global `--pcrs`
 /// (and `ATTESTPLANE_PCRS`) names the *control plane's* PCRs, and clap hands a global's value to
 /// every subcommand argument sharing its id, so sharing it would let the control plane's file
 /// become a server's expected measurements.
-#[derive(Debug, Args)]
-pub struct ServerArgs {
-    /// The flags.
-    #[command(flatten)]
-    pub flags: ServerFlags,
-}
-
-/// The flags of a server registration.
 #[derive(Debug, Args)]
 pub struct ServerFlags {
     /// Stable id, unique in the registry.
@@ -132,7 +124,9 @@ impl ServerFlags {
         }
         let endpoint = Url::parse(&self.endpoint)
             .map_err(|e| CliError::Usage(format!("bad --endpoint {:?}: {e}", self.endpoint)))?;
-        if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host().is_none() {
+        // http only: the proxy's fetch client has no TLS (the document is signed and carries
+        // the enclave's nonce, so it needs none), and an https endpoint could never attest.
+        if endpoint.scheme() != "http" || endpoint.host().is_none() {
             return Err(CliError::Usage(format!(
                 "bad --endpoint {:?}: want an http:// URL",
                 self.endpoint
@@ -205,12 +199,12 @@ pub async fn list(api: &Api, bearer: &str) -> CliResult<ServerList> {
 pub async fn run(command: ServersCommand, context: &ClientContext) -> CliResult {
     match command {
         ServersCommand::Register(args) => {
-            let spec = args.flags.spec()?;
+            let spec = args.spec()?;
             let key = admin_key(context)?;
             submit_admin(context, &key, AdminAction::RegisterServer(spec)).await
         }
         ServersCommand::Update(args) => {
-            let spec = args.flags.spec()?;
+            let spec = args.spec()?;
             let key = admin_key(context)?;
             submit_admin(context, &key, AdminAction::UpdateServer(spec)).await
         }
@@ -313,7 +307,7 @@ mod tests {
         let ServersCommand::Register(args) = m.command else {
             panic!("{:?}", m.command)
         };
-        args.flags.pcrs
+        args.pcrs
     }
 
     #[test]
@@ -395,6 +389,9 @@ mod tests {
         );
         let mut bad_endpoint = args(&["--pcr", &pcr0]).unwrap();
         bad_endpoint.endpoint = "127.0.0.1:7401".into();
+        assert!(bad_endpoint.spec().is_err());
+        // https could never attest: the proxy's fetch client has no TLS.
+        bad_endpoint.endpoint = "https://127.0.0.1:7401".into();
         assert!(bad_endpoint.spec().is_err());
     }
 }
