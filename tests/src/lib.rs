@@ -449,7 +449,7 @@ pub fn ready_epoch(url: &str) -> Option<u64> {
     }
 }
 
-/// The development identity provider's issuer and audience (STACK.md).
+/// The development identity provider's issuer and audience (as `attestplane dev` installs them).
 pub const DEV_ISSUER: &str = "https://dev-idp.attestplane.local";
 /// See [`DEV_ISSUER`].
 pub const DEV_AUDIENCE: &str = "attestplane";
@@ -513,8 +513,7 @@ impl StackFiles {
     /// URI, its PCRs and (if `DIR/demo-server-tools.json` exists) its tools, and attests it.
     pub fn register_and_attest(&self, id: &str, resource: &str, endpoint: &str) {
         let pcrs = self.path("demo-server-pcrs.json").display().to_string();
-        // The CLI's flag is `--server-pcrs` (STACK.md's `--pcrs` is an alias of it; the global
-        // `--pcrs` is the control plane's).
+        // The CLI's flag is `--server-pcrs` (the global `--pcrs` is the control plane's).
         let mut args = vec![
             "servers".to_owned(),
             "register".into(),

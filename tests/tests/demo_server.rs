@@ -1,6 +1,6 @@
 //! `attestplane-demo-server` as a process: its ready line, its printed root and PCRs, and its
 //! `/attestation` documents, checked with the verifier library against what it printed and
-//! against the PCRs its `--image` name defines (STACK.md: PCRn = SHA-384("NAME pcrN")).
+//! against the PCRs its `--image` name defines (PCRn = SHA-384("NAME pcrN")).
 
 use std::collections::BTreeMap;
 use std::process::Command;

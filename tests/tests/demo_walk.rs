@@ -96,7 +96,7 @@ fn demo_walk_exports_a_log_the_verifier_accepts_and_tampering_is_named() {
     flipped[k][mid] ^= 0x01;
     assert_rejected_at(files, "flipped.cbor", &flipped, k);
 
-    // ... deletes one entry (the attestation, two before the handle's, or the handle's).
+    // ... deletes one entry (the discovery just before the handle's, or the handle's).
     for k in [k - 1, k] {
         let mut deleted = entries.clone();
         deleted.remove(k);

@@ -117,6 +117,11 @@ async fn mcp_accepts_only_handles_for_its_resource() {
         while ready_epoch(&stack.url) != Some(1) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
+        assert_eq!(
+            ready_epoch(&stack.url),
+            Some(1),
+            "the restarted enclave did not open epoch 1 within 30 s"
+        );
     });
     let handle = tokio::task::block_in_place(|| resolve(&stack, "weather"));
     let (status, body) = mcp.call(Some(&handle), call).await;

@@ -7,11 +7,11 @@
 //! COSE_Sign1 attestation document the mock signs over that nonce. The control plane fetches it
 //! (through the host proxy) to attest the server before issuing handles for it.
 //!
-//! Flags (the contract in notes/STACK.md): `--listen IP:PORT` (default 127.0.0.1:7401, port 0
+//! Flags: `--listen IP:PORT` (default 127.0.0.1:7401, port 0
 //! allowed; a non-loopback address is refused unless `--allow-remote`), `--mock-seed HEX`,
 //! `--image NAME`, `--print-mock-root PATH` (PEM of the mock's root, what the control plane must
 //! pin as its server root), `--print-pcrs PATH` (JSON `{"PCR0": hex, "PCR1": hex, "PCR2": hex}`,
-//! usable as `attestplane-verify --pcrs` and `attestplane servers register --pcrs`). Once
+//! usable as `attestplane-verify --pcrs` and `attestplane servers register --server-pcrs`). Once
 //! listening it prints `http://IP:PORT` as its first stdout line; log lines go to stderr. It
 //! stops on SIGINT or SIGTERM.
 //!
@@ -120,7 +120,8 @@ fn forecast_tool() -> Value {
     })
 }
 
-/// SHA-256 of a tool definition's JSON bytes (keys sorted, no whitespace).
+/// SHA-256 of a tool definition's compact JSON bytes, keys in the order `serde_json` writes
+/// them (the digest `tools/list` clients and `--print-tools` agree on within this binary).
 fn tool_digest(tool: &Value) -> String {
     hex::encode(Sha256::digest(tool.to_string().as_bytes()))
 }
