@@ -118,6 +118,10 @@ pub fn decode_lenient(bytes: &[u8]) -> Result<Value, CborError> {
 /// Nesting the one-pass decoder follows (deeper input goes to the reference decoder).
 const ONE_PASS_MAX_DEPTH: usize = 8;
 
+/// Most array or map items the one-pass reader reserves room for before reading them (a count
+/// is bounded only by the bytes left, and each item is much larger in memory than on the wire).
+const PREALLOCATE_ITEMS: usize = 64;
+
 /// Decodes `bytes` in one pass if they are exactly one item in deterministic encoding: heads
 /// in shortest form, definite lengths, map keys in strictly increasing order of their encoded
 /// bytes, valid UTF-8 text, only integers, byte and text strings, arrays, maps, booleans and
@@ -185,7 +189,8 @@ impl<'a> OnePass<'a> {
             }
             4 => {
                 let n = self.count(arg)?;
-                let mut items = Vec::with_capacity(n);
+                // The count is bounded only by the bytes left; reserve little up front.
+                let mut items = Vec::with_capacity(n.min(PREALLOCATE_ITEMS));
                 for _ in 0..n {
                     items.push(self.item(depth + 1)?);
                 }
@@ -193,7 +198,7 @@ impl<'a> OnePass<'a> {
             }
             5 => {
                 let n = self.count(arg)?;
-                let mut entries = Vec::with_capacity(n);
+                let mut entries = Vec::with_capacity(n.min(PREALLOCATE_ITEMS));
                 let mut previous_key: Option<&[u8]> = None;
                 for _ in 0..n {
                     let start = self.pos;

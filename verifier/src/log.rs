@@ -803,8 +803,12 @@ fn batch_ok(chunk: &[SignedEntry], keys: &[VerifyingKey]) -> bool {
 /// the key's terms gathered into one, `(Σ zᵢhᵢ)A`: the same group element, computed with one
 /// point in the multiscalar multiplication instead of one per signature. As in ed25519-dalek,
 /// each `sᵢ` must be canonical and each `Rᵢ` must decompress, and the `zᵢ` are derived from a
-/// hash of every input (each `hᵢ`, which covers `Rᵢ`, `A` and `Mᵢ`, and each `sᵢ`), so whoever
-/// chooses the inputs cannot choose them.
+/// hash of every input (each `hᵢ`, which covers `Rᵢ`, `A` and `Mᵢ`, and each `sᵢ`) and 16 fresh
+/// random bytes. The randomness matters: the check is cofactorless, so an `Rᵢ` with a torsion
+/// component (which `verify_strict` refuses) cancels out when `zᵢ ≡ 0 (mod 8)`; with
+/// multipliers fixed by the inputs alone, the key holder could retry until that happened. If
+/// the operating system gives no randomness the batch is refused, and the caller falls back to
+/// `verify_strict` for each signature.
 fn verify_batch_one_key(messages: &[&[u8]], signatures: &[Signature], key: &VerifyingKey) -> bool {
     if messages.len() != signatures.len() {
         return false;
@@ -829,6 +833,11 @@ fn verify_batch_one_key(messages: &[&[u8]], signatures: &[Signature], key: &Veri
     for signature in signatures {
         transcript.update(signature.s_bytes());
     }
+    let mut fresh = [0u8; 16];
+    if rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut fresh).is_err() {
+        return false;
+    }
+    transcript.update(fresh);
     let seed = transcript.finalize();
 
     let mut b_coefficient = Scalar::ZERO;
