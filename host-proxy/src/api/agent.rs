@@ -1,0 +1,122 @@
+//! Agent routes (bearer JWT, forwarded to the enclave untouched): discover, resolve a handle,
+//! authorize a tool call.
+
+use attestplane_proto::{ErrorCode, Request, Response, ServerInfo};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::error::{ApiError, ApiResult};
+use super::{AppState, path_id};
+
+#[derive(Serialize)]
+struct ServerView<'a> {
+    id: &'a str,
+    name: &'a str,
+    tenant: &'a str,
+    resource: &'a str,
+    attested: bool,
+}
+
+fn denied(seq: u64, code: ErrorCode, reason: &str) -> ApiError {
+    ApiError::from_code(code, reason).logged(seq)
+}
+
+pub(super) async fn discover(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let bearer = bearer(&headers)?;
+    match state.call(Request::Discover { bearer }).await? {
+        Response::Servers { servers, seq } => {
+            let views: Vec<ServerView<'_>> = servers.iter().map(view).collect();
+            Ok(Json(json!({"servers": views, "seq": seq})))
+        }
+        Response::Denied { seq, reason, code } => Err(denied(seq, code, &reason)),
+        other => Err(ApiError::unexpected(&other)),
+    }
+}
+
+fn view(s: &ServerInfo) -> ServerView<'_> {
+    ServerView {
+        id: &s.id,
+        name: &s.name,
+        tenant: &s.tenant,
+        resource: &s.resource,
+        attested: s.attested,
+    }
+}
+
+pub(super) async fn resolve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let bearer = bearer(&headers)?;
+    let server_id = path_id("server id", &id)?;
+    match state.call(Request::Resolve { bearer, server_id }).await? {
+        Response::Handle {
+            token,
+            seq,
+            expires_at,
+        } => Ok(Json(
+            json!({"token": token, "seq": seq, "expires_at": expires_at}),
+        )),
+        Response::Denied { seq, reason, code } => Err(denied(seq, code, &reason)),
+        other => Err(ApiError::unexpected(&other)),
+    }
+}
+
+pub(super) async fn authorize(
+    State(state): State<AppState>,
+    Path((id, tool)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let bearer = bearer(&headers)?;
+    let server_id = path_id("server id", &id)?;
+    let tool = path_id("tool name", &tool)?;
+    match state
+        .call(Request::Authorize {
+            bearer,
+            server_id,
+            tool,
+        })
+        .await?
+    {
+        Response::Authorized {
+            allowed,
+            seq,
+            reason,
+        } => {
+            let mut body = json!({"allowed": allowed, "seq": seq});
+            if let (Some(reason), Some(obj)) = (reason, body.as_object_mut()) {
+                obj.insert("reason".into(), reason.into());
+            }
+            Ok(Json(body))
+        }
+        Response::Denied { seq, reason, code } => Err(denied(seq, code, &reason)),
+        other => Err(ApiError::unexpected(&other)),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> ApiResult<String> {
+    let unauthenticated =
+        |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", m.to_owned());
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthenticated("missing Authorization: Bearer token"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| unauthenticated("the Authorization header is not text"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| unauthenticated("the Authorization header is not a Bearer token"))?
+        .trim();
+    if token.is_empty() {
+        return Err(unauthenticated("empty bearer token"));
+    }
+    Ok(token.to_owned())
+}
