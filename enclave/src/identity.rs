@@ -105,7 +105,7 @@ pub fn authenticate(
     bearer: &str,
     now: UnixMillis,
 ) -> Result<PrincipalRecord, IdentityError> {
-    verify(state, bearer, now).map(|(principal, _)| principal)
+    verify(state, bearer, Audience::Provider, now).map(|(principal, _)| principal)
 }
 
 /// A verified token's remembered identity.
@@ -174,10 +174,30 @@ impl BearerCache {
         bearer: &str,
         now: UnixMillis,
     ) -> Result<PrincipalRecord, IdentityError> {
+        self.authenticate_for(state, bearer, Audience::Provider, now)
+    }
+
+    /// [`BearerCache::authenticate`] for a token that must name `audience`. The cache key
+    /// covers the audience too, so a token verified for one endpoint is never answered for
+    /// another from the cache.
+    pub fn authenticate_for(
+        &mut self,
+        state: &State,
+        bearer: &str,
+        audience: Audience<'_>,
+        now: UnixMillis,
+    ) -> Result<PrincipalRecord, IdentityError> {
         if bearer.len() > MAX_BEARER_LEN {
             return Err(IdentityError::Malformed("token too long"));
         }
-        let key: [u8; 32] = Sha256::digest(bearer.as_bytes()).into();
+        let mut hasher = Sha256::new();
+        hasher.update(bearer.as_bytes());
+        if let Audience::Resource(uri) = audience {
+            // A NUL cannot occur in a JWS compact token: the two parts cannot run together.
+            hasher.update([0u8]);
+            hasher.update(uri.as_bytes());
+        }
+        let key: [u8; 32] = hasher.finalize().into();
         let generation = state.identity_generation();
         if let Some(c) = self.entries.get(&key) {
             if c.generation == generation && now >= c.verified_at && now.as_secs() < c.until_secs {
@@ -185,7 +205,7 @@ impl BearerCache {
             }
             self.entries.remove(&key);
         }
-        let (principal, exp) = verify(state, bearer, now)?;
+        let (principal, exp) = verify(state, bearer, audience, now)?;
         if self.capacity > 0 {
             self.insert(
                 key,
@@ -231,10 +251,21 @@ impl BearerCache {
     }
 }
 
+/// Which audience a token must name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience<'a> {
+    /// The identity provider's configured audience: the control plane's own API.
+    Provider,
+    /// A protected resource of the control plane: an MCP endpoint's resource URI (RFC 8707),
+    /// so a token minted for one endpoint is refused at every other.
+    Resource(&'a str),
+}
+
 /// Verifies `bearer`; returns the identity and the token's `exp`.
 fn verify(
     state: &State,
     bearer: &str,
+    audience: Audience<'_>,
     now: UnixMillis,
 ) -> Result<(PrincipalRecord, u64), IdentityError> {
     if bearer.len() > MAX_BEARER_LEN {
@@ -267,11 +298,13 @@ fn verify(
             problem: "does not match the provider",
         });
     }
+    let expected = match audience {
+        Audience::Provider => provider.audience.as_str(),
+        Audience::Resource(uri) => uri,
+    };
     let aud_ok = match claims.get("aud") {
-        Some(Value::String(a)) => *a == provider.audience,
-        Some(Value::Array(items)) => items
-            .iter()
-            .any(|a| a.as_str() == Some(provider.audience.as_str())),
+        Some(Value::String(a)) => a == expected,
+        Some(Value::Array(items)) => items.iter().any(|a| a.as_str() == Some(expected)),
         _ => false,
     };
     if !aud_ok {

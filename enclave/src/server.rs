@@ -165,6 +165,78 @@ enum Job {
         conn: ConnId,
         undelivered: Vec<Frame>,
     },
+    /// Work from inside the enclave (the MCP gateway) that needs the enclave itself.
+    Inside(InsideJob),
+}
+
+/// A closure run on the handler thread with the enclave, at the enclave's clock. What it
+/// returns are replies to route like any request's: the `Persist` of entries it wrote goes to
+/// a live host connection under an id no host request uses.
+pub type InsideJob = Box<dyn FnOnce(&mut Enclave, UnixMillis) -> Vec<(u64, Response)> + Send>;
+
+/// The enclave's side door for work that originates inside it (the MCP gateway): closures run
+/// on the one handler thread, in order with the host's requests, and the durable watermark the
+/// host has reported. Cloned freely; made by [`inside_channel`], served by [`run_with_inside`].
+#[derive(Clone, Debug)]
+pub struct EnclaveAccess {
+    jobs: mpsc::Sender<InsideJob>,
+    durable: watch::Receiver<Option<u64>>,
+}
+
+/// The receiving half of [`EnclaveAccess`], handed to [`run_with_inside`].
+#[derive(Debug)]
+pub struct InsideQueue {
+    jobs: mpsc::Receiver<InsideJob>,
+    durable: watch::Sender<Option<u64>>,
+}
+
+/// The enclave has stopped serving (its handler is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the enclave's request handler has stopped")]
+pub struct HandlerGone;
+
+/// A side door to the enclave and its queue; `capacity` bounds the jobs waiting.
+pub fn inside_channel(capacity: usize) -> (EnclaveAccess, InsideQueue) {
+    let (jobs_tx, jobs_rx) = mpsc::channel(capacity.max(1));
+    let (durable_tx, durable_rx) = watch::channel(None);
+    (
+        EnclaveAccess {
+            jobs: jobs_tx,
+            durable: durable_rx,
+        },
+        InsideQueue {
+            jobs: jobs_rx,
+            durable: durable_tx,
+        },
+    )
+}
+
+impl EnclaveAccess {
+    /// Runs `f` with the enclave on its handler thread; `f` returns its result and the replies
+    /// to route (the `Persist` of the entries it wrote).
+    pub async fn run<T, F>(&self, f: F) -> Result<T, HandlerGone>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Enclave, UnixMillis) -> (T, Vec<(u64, Response)>) + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: InsideJob = Box::new(move |enclave, now| {
+            let (value, replies) = f(enclave, now);
+            let _ = tx.send(value);
+            replies
+        });
+        self.jobs.send(job).await.map_err(|_| HandlerGone)?;
+        rx.await.map_err(|_| HandlerGone)
+    }
+
+    /// Waits until the host has reported every entry up to `seq` durable.
+    pub async fn durable(&self, seq: u64) -> Result<(), HandlerGone> {
+        let mut rx = self.durable.clone();
+        rx.wait_for(|d| d.is_some_and(|d| d >= seq))
+            .await
+            .map(|_| ())
+            .map_err(|_| HandlerGone)
+    }
 }
 
 /// A reply on its way to a connection.
@@ -194,12 +266,42 @@ pub async fn run<C>(
 where
     C: Fn() -> UnixMillis + Send + Sync + 'static,
 {
+    let (_access, inside) = inside_channel(1);
+    run_with_inside(listener, enclave, clock, limits, inside, shutdown).await
+}
+
+/// [`run`], also serving the jobs sent through the [`EnclaveAccess`] of `inside` (the MCP
+/// gateway's) on the same handler, and publishing the durable watermark to it.
+pub async fn run_with_inside<C>(
+    listener: Listener,
+    enclave: Enclave,
+    clock: C,
+    limits: ServerLimits,
+    inside: InsideQueue,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError>
+where
+    C: Fn() -> UnixMillis + Send + Sync + 'static,
+{
     let (jobs, queue) = mpsc::channel(limits.max_connections.max(1));
+    let InsideQueue {
+        jobs: mut inside_jobs,
+        durable: durable_tx,
+    } = inside;
+    let forward = jobs.clone();
+    let inside_task = tokio::spawn(async move {
+        while let Some(job) = inside_jobs.recv().await {
+            if forward.send(Job::Inside(job)).await.is_err() {
+                break;
+            }
+        }
+    });
     let handler = Handler {
         enclave,
         clock,
         conns: BTreeMap::new(),
         routes: HashMap::new(),
+        durable: durable_tx,
     };
     let mut handler_task = Some(tokio::task::spawn_blocking(move || handler.run(queue)));
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -286,6 +388,9 @@ where
     }
     // With every connection gone and this last sender dropped, the handler's queue closes and
     // it returns after the request it is handling, if any.
+    // The gateway's side door holds a sender too: close it so the handler's queue can end.
+    inside_task.abort();
+    let _ = inside_task.await;
     drop(jobs);
     if let Some(task) = handler_task
         && let Err(e) = task.await
@@ -326,6 +431,8 @@ struct Handler<C> {
     conns: BTreeMap<ConnId, mpsc::UnboundedSender<Outgoing>>,
     /// Request ids in flight and the connection each came from.
     routes: HashMap<u64, ConnId>,
+    /// Where the durable watermark is published to the gateway.
+    durable: watch::Sender<Option<u64>>,
 }
 
 impl<C: Fn() -> UnixMillis> Handler<C> {
@@ -340,7 +447,21 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
             Job::Open { conn, replies } => {
                 self.conns.insert(conn, replies);
             }
-            Job::Request { conn, id, request } => self.request(conn, id, request),
+            Job::Request { conn, id, request } => {
+                self.request(conn, id, request);
+                let durable = self.enclave.durable_through();
+                self.durable.send_if_modified(|d| {
+                    let changed = *d != durable;
+                    *d = durable;
+                    changed
+                });
+            }
+            Job::Inside(job) => {
+                let now = (self.clock)();
+                for (id, response) in job(&mut self.enclave, now) {
+                    self.route(id, response);
+                }
+            }
             Job::Closed { conn, undelivered } => {
                 self.conns.remove(&conn);
                 self.routes.retain(|_, c| *c != conn);

@@ -892,3 +892,11 @@ impl Enclave {
         }
     }
 }
+
+/// What work from inside the enclave (the MCP gateway) reads of the enclave.
+impl Enclave {
+    /// The highest sequence number the host has reported durable.
+    pub fn durable_through(&self) -> Option<u64> {
+        self.durable
+    }
+}

@@ -1987,3 +1987,41 @@ fn bearer_cache_is_bounded_and_holds_no_token() {
         assert!(!debug.contains(signature));
     }
 }
+
+#[test]
+fn token_for_one_endpoint_is_refused_at_another_even_from_the_cache() {
+    use attestplane_enclave::identity::{Audience, BearerCache};
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let h = started(&admin, &[&server], &idp);
+    let endpoint = "http://127.0.0.1:7300/mcp/search";
+    let mut claims = idp.claims(ACME_AGENT, "acme", &["tool-user"], h.now);
+    claims["aud"] = serde_json::json!(endpoint);
+    let bearer = idp.sign_claims(&claims);
+    let mut cache = BearerCache::new(16);
+    let state = h.enclave.state();
+    assert!(
+        cache
+            .authenticate_for(state, &bearer, Audience::Resource(endpoint), h.now)
+            .is_ok()
+    );
+    // The same token, now in the cache, at another endpoint and at the control plane's API.
+    for audience in [
+        Audience::Resource("http://127.0.0.1:7300/mcp/other"),
+        Audience::Provider,
+    ] {
+        let e = cache
+            .authenticate_for(state, &bearer, audience, h.now)
+            .unwrap_err();
+        assert!(e.to_string().contains("aud"), "{audience:?}: {e}");
+    }
+    // A token for the control plane's API is no token for an endpoint.
+    let api_token = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    assert!(cache.authenticate(state, &api_token, h.now).is_ok());
+    assert!(
+        cache
+            .authenticate_for(state, &api_token, Audience::Resource(endpoint), h.now)
+            .is_err()
+    );
+}

@@ -182,6 +182,18 @@ pub enum Event {
         /// Ids of the servers the policy let it see, sorted.
         servers: Vec<String>,
     },
+    /// How a call the gateway forwarded ended: written before the answer reaches the agent,
+    /// or when the upstream failed or timed out (`aborted`).
+    CallResult {
+        /// The sequence number of the call's decision entry.
+        call: u64,
+        /// `ok` (a JSON-RPC result), `error` (a JSON-RPC error or a tool result with
+        /// `isError`), or `aborted` (no answer: the upstream failed, timed out or answered
+        /// garbage).
+        outcome: String,
+        /// SHA-256 of the answer's bytes as the agent receives them (zero when aborted).
+        result: [u8; 32],
+    },
     /// The enclave's view of the tree at `size` entries (a signed checkpoint is published
     /// separately; this records that it was taken).
     Checkpoint {
@@ -287,6 +299,7 @@ impl Event {
             Event::Attestation(_) => "attestation",
             Event::Decision(_) => "decision",
             Event::Discovery { .. } => "discovery",
+            Event::CallResult { .. } => "call_result",
             Event::Checkpoint { .. } => "checkpoint",
         }
     }
@@ -357,6 +370,16 @@ impl Event {
                 kind,
                 ("principal", principal_to_value(principal)),
                 ("servers", texts(servers)),
+            ]),
+            Event::CallResult {
+                call,
+                outcome,
+                result,
+            } => map([
+                kind,
+                ("call", uint(*call)),
+                ("outcome", Value::Text(outcome.clone())),
+                ("result", Value::Bytes(result.to_vec())),
             ]),
             Event::Checkpoint { size, root } => map([
                 kind,
@@ -430,6 +453,11 @@ impl Event {
             "discovery" => Event::Discovery {
                 principal: principal_from_value(f.take("principal")?)?,
                 servers: f.texts("servers")?,
+            },
+            "call_result" => Event::CallResult {
+                call: f.u64("call")?,
+                outcome: f.text("outcome")?,
+                result: f.array("result")?,
             },
             "checkpoint" => Event::Checkpoint {
                 size: f.u64("size")?,

@@ -237,6 +237,13 @@ pub enum StateError {
         /// The first differing field.
         field: &'static str,
     },
+    /// A call result that names no earlier entry, or an outcome outside `ok`, `error`,
+    /// `aborted`.
+    #[error("entry {seq}: call result is malformed")]
+    BadCallResult {
+        /// Position.
+        seq: u64,
+    },
 }
 
 impl StateError {
@@ -247,7 +254,8 @@ impl StateError {
             | StateError::BadGenesis { seq }
             | StateError::ForgedAdmin { seq, .. }
             | StateError::AttestationMismatch { seq, .. }
-            | StateError::DecisionMismatch { seq, .. } => *seq,
+            | StateError::DecisionMismatch { seq, .. }
+            | StateError::BadCallResult { seq } => *seq,
         }
     }
 }
@@ -701,6 +709,11 @@ impl State {
         self.prune(now);
         match &entry.event {
             Event::EpochStart { .. } | Event::Checkpoint { .. } => {}
+            Event::CallResult { call, outcome, .. } => {
+                if *call >= seq || !matches!(outcome.as_str(), "ok" | "error" | "aborted") {
+                    return Err(StateError::BadCallResult { seq });
+                }
+            }
             Event::Genesis { admin_keys } => {
                 if seq != 1 || self.has_genesis() {
                     return Err(StateError::GenesisOutOfPlace { seq });

@@ -1,0 +1,499 @@
+//! The gateway's HTTP client toward MCP servers.
+//!
+//! Connections come from a [`Connect`]: in production the host's dialer, which opens the TCP
+//! connection to the registered endpoint and relays bytes (the enclave names the server id;
+//! the host may refuse, and later cannot read what TLS protects). Connections are kept alive
+//! and reused per server.
+//!
+//! Each upstream speaks one era, found once by probing (`server/discover` first; on anything
+//! but a modern answer, `initialize` + `notifications/initialized`), remembered, and logged by
+//! the caller. A legacy upstream's session id is the gateway's, never the agent's; a 404 on it
+//! (the server forgot the session) re-initializes once.
+//!
+//! Answers are read bounded ([`super::MAX_RESPONSE_BODY`]): plain JSON, or an SSE stream from
+//! which the JSON-RPC response to the request's id is taken (notifications before it are
+//! counted and dropped, bounded too).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use attestplane_verifier::gateway::jsonrpc::{Kind, parse_message};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::MAX_RESPONSE_BODY;
+use super::era::{Era, LEGACY_VERSION, META_PROTOCOL_VERSION, MODERN_VERSION};
+
+/// A byte stream to an upstream: where TLS will wrap it.
+pub trait UpstreamIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpstreamIo for T {}
+
+/// A boxed upstream stream.
+pub type BoxedIo = Box<dyn UpstreamIo>;
+
+/// The future a [`Connect`] returns.
+pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<BoxedIo>> + Send>>;
+
+/// Opens byte streams to registered servers, by server id.
+pub trait Connect: Send + Sync + 'static {
+    /// A new connection to server `server_id`'s registered endpoint.
+    fn connect(&self, server_id: &str) -> ConnectFuture;
+}
+
+/// The most SSE events read before the response.
+pub const MAX_SSE_EVENTS: usize = 1024;
+
+/// Why an upstream call failed: every variant ends the call with an `aborted` entry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// No connection could be opened.
+    #[error("cannot connect to the server: {0}")]
+    Connect(io::Error),
+    /// HTTP failed on the connection.
+    #[error("http: {0}")]
+    Http(String),
+    /// The server answered with an HTTP error status.
+    #[error("the server answered HTTP {0}")]
+    Status(u16),
+    /// The answer was too large, not JSON-RPC, or did not answer the request.
+    #[error("bad answer from the server: {0}")]
+    BadAnswer(&'static str),
+    /// The call took too long.
+    #[error("the server did not answer in time")]
+    Timeout,
+}
+
+/// A server's endpoint, as registered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The server id (what the dialer is asked for).
+    pub server: String,
+    /// `Host` header value.
+    pub authority: String,
+    /// The MCP endpoint's path.
+    pub path: String,
+}
+
+impl Endpoint {
+    /// The endpoint of server `server` whose MCP URL is `url` (`http://host:port/path`).
+    pub fn parse(server: &str, url: &str) -> Option<Self> {
+        let rest = url.strip_prefix("http://")?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (rest.get(..i)?, rest.get(i..)?),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return None;
+        }
+        Some(Self {
+            server: server.to_owned(),
+            authority: authority.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Known {
+    era: Era,
+    session: Option<String>,
+}
+
+/// An upstream's answer to one request.
+#[derive(Debug)]
+pub struct Answer {
+    /// The JSON-RPC message that answers the request (bytes as the server sent them).
+    pub body: Bytes,
+    /// Whether the server streamed it as SSE.
+    pub streamed: bool,
+    /// Notifications the server sent before the answer (dropped; counted).
+    pub notifications: usize,
+}
+
+/// The client: connections, eras and sessions per server.
+pub struct Upstreams {
+    connect: Arc<dyn Connect>,
+    idle: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+    known: Mutex<HashMap<String, Known>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Idle connections kept per server.
+const MAX_IDLE_PER_SERVER: usize = 32;
+
+impl Upstreams {
+    /// A client opening connections with `connect`, each call bounded by `timeout`.
+    pub fn new(connect: Arc<dyn Connect>, timeout: Duration) -> Self {
+        Self {
+            connect,
+            idle: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    /// The era of `endpoint`'s server, probing it the first time.
+    pub async fn era(&self, endpoint: &Endpoint) -> Result<Era, UpstreamError> {
+        Ok(self.known(endpoint).await?.era)
+    }
+
+    async fn known(&self, endpoint: &Endpoint) -> Result<Known, UpstreamError> {
+        if let Some(k) = self.lock_known().get(&endpoint.server).cloned() {
+            return Ok(k);
+        }
+        let known = self.probe(endpoint).await?;
+        self.lock_known()
+            .insert(endpoint.server.clone(), known.clone());
+        Ok(known)
+    }
+
+    fn lock_known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_idle(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Vec<SendRequest<Full<Bytes>>>>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets what is known of `server` (its era and session): the next call probes again.
+    pub fn forget(&self, server: &str) {
+        self.lock_known().remove(server);
+    }
+
+    async fn probe(&self, endpoint: &Endpoint) -> Result<Known, UpstreamError> {
+        let discover = format!(
+            r#"{{"jsonrpc":"2.0","id":"attestplane-probe","method":"server/discover","params":{{"_meta":{{"{META_PROTOCOL_VERSION}":"{MODERN_VERSION}","io.modelcontextprotocol/clientInfo":{{"name":"attestplane-gateway","version":"{}"}},"io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        let modern = Known {
+            era: Era::Modern,
+            session: None,
+        };
+        if let Ok((answer, _)) = self
+            .exchange(endpoint, &modern, "server/discover", None, &discover, None)
+            .await
+            && let Ok(m) = parse_message(&answer.body)
+            && m.kind() == Kind::Response
+            && m.result()
+                .is_some_and(|r| r.get().contains(&format!("\"{MODERN_VERSION}\"")))
+        {
+            return Ok(modern);
+        }
+        self.initialize(endpoint).await
+    }
+
+    async fn initialize(&self, endpoint: &Endpoint) -> Result<Known, UpstreamError> {
+        let init = format!(
+            r#"{{"jsonrpc":"2.0","id":"attestplane-init","method":"initialize","params":{{"protocolVersion":"{LEGACY_VERSION}","capabilities":{{}},"clientInfo":{{"name":"attestplane-gateway","version":"{}"}}}}}}"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        let fresh = Known {
+            era: Era::Legacy,
+            session: None,
+        };
+        let (answer, session) = self
+            .exchange(endpoint, &fresh, "initialize", None, &init, None)
+            .await?;
+        let m = parse_message(&answer.body).map_err(|_| UpstreamError::BadAnswer("initialize"))?;
+        if m.kind() != Kind::Response {
+            return Err(UpstreamError::BadAnswer("initialize was refused"));
+        }
+        let known = Known {
+            era: Era::Legacy,
+            session,
+        };
+        let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+        self.exchange(
+            endpoint,
+            &known,
+            "notifications/initialized",
+            None,
+            initialized,
+            None,
+        )
+        .await?;
+        Ok(known)
+    }
+
+    /// Sends one JSON-RPC request (`body`, already in the upstream's era) and returns the
+    /// message that answers it. `name` is the tool name (`Mcp-Name`), `receipt` the receipt
+    /// header. A legacy session the server has forgotten is renewed once.
+    pub async fn call(
+        &self,
+        endpoint: &Endpoint,
+        method: &str,
+        name: Option<&str>,
+        body: &str,
+        receipt: Option<&str>,
+    ) -> Result<Answer, UpstreamError> {
+        let work = async {
+            let known = self.known(endpoint).await?;
+            match self
+                .exchange(endpoint, &known, method, name, body, receipt)
+                .await
+            {
+                Err(UpstreamError::Status(404)) if known.era == Era::Legacy => {
+                    self.forget(&endpoint.server);
+                    let known = self.known(endpoint).await?;
+                    self.exchange(endpoint, &known, method, name, body, receipt)
+                        .await
+                        .map(|(a, _)| a)
+                }
+                other => other.map(|(a, _)| a),
+            }
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    async fn sender(&self, server: &str) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+        loop {
+            let candidate = self.lock_idle().get_mut(server).and_then(Vec::pop);
+            match candidate {
+                Some(mut s) => {
+                    if s.ready().await.is_ok() {
+                        return Ok(s);
+                    }
+                }
+                None => break,
+            }
+        }
+        let io = self
+            .connect
+            .connect(server)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    fn give_back(&self, server: &str, sender: SendRequest<Full<Bytes>>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock_idle();
+        let list = idle.entry(server.to_owned()).or_default();
+        if list.len() < MAX_IDLE_PER_SERVER {
+            list.push(sender);
+        }
+    }
+
+    /// One HTTP exchange; returns the answer and the `Mcp-Session-Id` the server sent, if any.
+    async fn exchange(
+        &self,
+        endpoint: &Endpoint,
+        known: &Known,
+        method: &str,
+        name: Option<&str>,
+        body: &str,
+        receipt: Option<&str>,
+    ) -> Result<(Answer, Option<String>), UpstreamError> {
+        let mut request = hyper::Request::post(endpoint.path.as_str())
+            .header(hyper::header::HOST, endpoint.authority.as_str())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::ACCEPT, "application/json, text/event-stream");
+        match known.era {
+            Era::Modern => {
+                request = request
+                    .header("MCP-Protocol-Version", MODERN_VERSION)
+                    .header("Mcp-Method", method);
+                if let Some(n) = name {
+                    request = request.header("Mcp-Name", encode_header_value(n));
+                }
+            }
+            Era::Legacy => {
+                if method != "initialize" {
+                    request = request.header("MCP-Protocol-Version", LEGACY_VERSION);
+                }
+                if let Some(s) = &known.session {
+                    request = request.header("Mcp-Session-Id", s.as_str());
+                }
+            }
+        }
+        if let Some(r) = receipt {
+            request = request.header("Attestplane-Receipt", r);
+        }
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+            .map_err(|e| UpstreamError::Http(e.to_string()))?;
+        let mut sender = self.sender(&endpoint.server).await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Http(e.to_string()))?;
+        let status = response.status();
+        let session = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let sse = response
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let collected = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
+            .collect()
+            .await
+            .map_err(|_| UpstreamError::BadAnswer("answer too large or cut off"))?
+            .to_bytes();
+        self.give_back(&endpoint.server, sender);
+        if status == hyper::StatusCode::ACCEPTED && method.starts_with("notifications/") {
+            return Ok((
+                Answer {
+                    body: Bytes::new(),
+                    streamed: false,
+                    notifications: 0,
+                },
+                session,
+            ));
+        }
+        if !status.is_success() {
+            return Err(UpstreamError::Status(status.as_u16()));
+        }
+        let answer = if sse {
+            answer_from_sse(&collected)?
+        } else {
+            Answer {
+                body: collected,
+                streamed: false,
+                notifications: 0,
+            }
+        };
+        Ok((answer, session))
+    }
+}
+
+/// A header value as the spec wants it: plain when printable ASCII, else the base64 sentinel.
+pub fn encode_header_value(v: &str) -> String {
+    use base64::Engine as _;
+    if v.bytes().all(|b| (0x20..0x7f).contains(&b)) && !v.starts_with("=?") {
+        v.to_owned()
+    } else {
+        format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(v)
+        )
+    }
+}
+
+/// The JSON-RPC response in an SSE stream: the first `data` event that is a response or an
+/// error response; notifications before it are counted.
+pub fn answer_from_sse(stream: &[u8]) -> Result<Answer, UpstreamError> {
+    let text = std::str::from_utf8(stream).map_err(|_| UpstreamError::BadAnswer("sse is not utf-8"))?;
+    let mut notifications = 0usize;
+    let mut events = 0usize;
+    let mut data = String::new();
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    loop {
+        let line = lines.next();
+        match line {
+            Some(l) if !l.is_empty() => {
+                if let Some(d) = l.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        // End of an event (blank line) or of the stream.
+        if !data.is_empty() {
+            events += 1;
+            if events > MAX_SSE_EVENTS {
+                return Err(UpstreamError::BadAnswer("too many events before the answer"));
+            }
+            let kind = parse_message(data.as_bytes()).map(|m| m.kind());
+            match kind {
+                Ok(Kind::Response | Kind::ErrorResponse) => {
+                    return Ok(Answer {
+                        body: Bytes::from(std::mem::take(&mut data)),
+                        streamed: true,
+                        notifications,
+                    });
+                }
+                Ok(_) => notifications += 1,
+                Err(_) => return Err(UpstreamError::BadAnswer("an sse event is not json-rpc")),
+            }
+            data.clear();
+        }
+        if line.is_none() {
+            return Err(UpstreamError::BadAnswer("the stream ended without an answer"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_parses_http_urls_only() {
+        let e = Endpoint::parse("w", "http://127.0.0.1:7401/mcp").unwrap();
+        assert_eq!(e.authority, "127.0.0.1:7401");
+        assert_eq!(e.path, "/mcp");
+        assert_eq!(
+            Endpoint::parse("w", "http://h:1").unwrap().path,
+            "/".to_owned()
+        );
+        assert!(Endpoint::parse("w", "https://h/mcp").is_none());
+        assert!(Endpoint::parse("w", "http://user@h/mcp").is_none());
+        assert!(Endpoint::parse("w", "http:///mcp").is_none());
+    }
+
+    #[test]
+    fn sse_answer_skips_notifications() {
+        let s = b"event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{}}\r\n\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"x\":1e3}}\n\n";
+        let a = answer_from_sse(s).unwrap();
+        assert_eq!(&a.body[..], br#"{"jsonrpc":"2.0","id":1,"result":{"x":1e3}}"#);
+        assert_eq!(a.notifications, 1);
+        assert!(a.streamed);
+    }
+
+    #[test]
+    fn sse_without_answer_or_with_garbage_is_refused() {
+        assert!(answer_from_sse(b"data: {\"jsonrpc\":\"2.0\",\"method\":\"n\"}\n\n").is_err());
+        assert!(answer_from_sse(b"data: not json\n\n").is_err());
+        let flood = "data: {\"jsonrpc\":\"2.0\",\"method\":\"n\"}\n\n".repeat(MAX_SSE_EVENTS + 1);
+        assert!(matches!(
+            answer_from_sse(flood.as_bytes()),
+            Err(UpstreamError::BadAnswer("too many events before the answer"))
+        ));
+    }
+
+    #[test]
+    fn header_values_use_the_base64_sentinel_when_needed() {
+        assert_eq!(encode_header_value("add"), "add");
+        assert_eq!(encode_header_value("wéather"), "=?base64?d8OpYXRoZXI=?=");
+    }
+}
