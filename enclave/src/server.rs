@@ -741,6 +741,7 @@ mod tests {
             clock: || T0,
             conns: BTreeMap::new(),
             routes: HashMap::new(),
+            durable: watch::channel(None).0,
         };
         let (tx_a, rx_a) = mpsc::unbounded_channel();
         let (tx_b, rx_b) = mpsc::unbounded_channel();
