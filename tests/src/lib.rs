@@ -25,8 +25,8 @@
 //!   files (named as `attestplane dev` names them), `attestplane --config DIR/config.toml ...`
 //!   and `attestplane-verify log ...`.
 //! - The store as a host with disk access sees it ([`stored_entries`], [`flip_stored_entry`],
-//!   [`rewrite_store`]): the segment record layout of `host-proxy/src/store.rs`, for the tamper
-//!   tests.
+//!   [`rewrite_store`]): the segment record layout of `host-proxy/src/store/segment.rs`, for
+//!   the tamper tests.
 //! - Small helpers: running a command to completion ([`run`]), a blocking HTTP GET
 //!   ([`http_get`], [`log_head`], [`ready_epoch`]), splitting an exported log (a CBOR sequence)
 //!   into entries ([`split_log`]), temporary directories ([`temp_dir`], kept when
