@@ -13,6 +13,11 @@
 //! connections = 4                      # persistent connections to the enclave
 //! request_timeout = "10s"
 //! max_in_flight = 4096                 # requests in flight to the enclave before 503
+//! enclave_mcp = "vsock:16:5006"        # the enclave's MCP port: turns on the MCP relays
+//! dial_listen = "vsock:any:5007"       # where the enclave dials registered MCP servers
+//! mcp_listen = "127.0.0.1:7300"        # agents' MCP connections
+//! max_mcp_connections = 1024
+//! mcp_idle_timeout = "5m"
 //!
 //! [client]
 //! url = "http://127.0.0.1:7400"
@@ -63,6 +68,16 @@ pub struct ProxySection {
     pub request_timeout: Option<String>,
     /// Requests in flight to the enclave before the proxy answers 503.
     pub max_in_flight: Option<usize>,
+    /// The enclave's MCP address (turns on the MCP relays).
+    pub enclave_mcp: Option<String>,
+    /// Where the enclave dials upstream connections.
+    pub dial_listen: Option<String>,
+    /// Agent-facing address of the MCP relay.
+    pub mcp_listen: Option<String>,
+    /// Relayed MCP connections at once (agents, and separately upstreams).
+    pub max_mcp_connections: Option<usize>,
+    /// Idle timeout of relayed MCP connections (humantime).
+    pub mcp_idle_timeout: Option<String>,
 }
 
 /// `[client]`: the CLI's client commands.
@@ -158,11 +173,17 @@ impl ConfigFile {
         fix(&mut self.client.idp_key);
         fix(&mut self.client.root);
         fix(&mut self.client.pcrs);
-        if let Some(enclave) = self.proxy.enclave.as_mut()
-            && let Some(rest) = enclave.strip_prefix("unix:")
-            && Path::new(rest).is_relative()
-        {
-            *enclave = format!("unix:{}", base.join(rest).display());
+        for address in [
+            &mut self.proxy.enclave,
+            &mut self.proxy.enclave_mcp,
+            &mut self.proxy.dial_listen,
+        ] {
+            if let Some(address) = address.as_mut()
+                && let Some(rest) = address.strip_prefix("unix:")
+                && Path::new(rest).is_relative()
+            {
+                *address = format!("unix:{}", base.join(rest).display());
+            }
         }
     }
 }

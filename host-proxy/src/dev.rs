@@ -147,6 +147,7 @@ pub async fn main(args: DevArgs) -> Result<u8> {
         connections: 2,
         request_timeout: DEFAULT_REQUEST_TIMEOUT,
         max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        mcp: None,
     })
     .await?;
     let url = format!("http://{}", running.local_addr);

@@ -43,6 +43,7 @@ pub mod dev;
 pub mod enclave_client;
 pub mod proxy;
 pub mod registry;
+pub mod relay;
 pub mod store;
 
 pub use store::{Store, StoreError};

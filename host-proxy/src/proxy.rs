@@ -4,6 +4,10 @@
 //! if the enclave needs it), serves the HTTP API, and shuts down gracefully on SIGINT or
 //! SIGTERM: the listener stops accepting, requests in flight finish (their entries are stored
 //! and reported durable), then the store is closed.
+//!
+//! With `--enclave-mcp` and `--dial-listen` it also runs the MCP data path's byte relays
+//! ([`crate::relay`]): agents connect to `--mcp-listen` and their bytes go to the enclave's MCP
+//! port; the enclave dials `--dial-listen` for connections to registered MCP servers.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +21,7 @@ use clap::Args;
 use crate::api::{AppState, router};
 use crate::config::ProxySection;
 use crate::enclave_client::{ClientOptions, DEFAULT_CONNECTIONS, EnclaveClient};
+use crate::relay::{DEFAULT_MCP_LISTEN, Relay, RelayConfig, RelayLimits};
 use crate::store::Store;
 
 /// Default address of the HTTP API.
@@ -53,6 +58,24 @@ pub struct ProxyArgs {
     /// Requests inside the proxy at once before it answers 503 [default: 4096].
     #[arg(long, value_name = "N")]
     pub max_in_flight: Option<usize>,
+    /// The enclave's MCP port (vsock:CID:PORT, unix:PATH or tcp:IP:PORT). Turns on the MCP
+    /// data path's relays; needs --dial-listen.
+    #[arg(long, env = "ATTESTPLANE_ENCLAVE_MCP", value_name = "ADDR")]
+    pub enclave_mcp: Option<String>,
+    /// Where the enclave dials for connections to registered MCP servers (vsock:any:PORT on a
+    /// parent instance, unix:PATH or tcp:IP:PORT locally).
+    #[arg(long, env = "ATTESTPLANE_DIAL_LISTEN", value_name = "ADDR")]
+    pub dial_listen: Option<String>,
+    /// Agent-facing address of the MCP relay [default: 127.0.0.1:7300].
+    #[arg(long, env = "ATTESTPLANE_MCP_LISTEN", value_name = "IP:PORT")]
+    pub mcp_listen: Option<String>,
+    /// Agent connections (and, separately, upstream connections) relayed at once
+    /// [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_mcp_connections: Option<usize>,
+    /// A relayed MCP connection with no byte either way for this long is closed [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    pub mcp_idle_timeout: Option<String>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -72,11 +95,14 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// In-flight limit.
     pub max_in_flight: usize,
+    /// The MCP data path's relays, when turned on.
+    pub mcp: Option<RelayConfig>,
 }
 
 impl ProxyConfig {
     /// Flags over the file over defaults.
     pub fn resolve(args: ProxyArgs, file: &ProxySection) -> Result<ProxyConfig> {
+        let mcp = resolve_mcp(&args.mcp_flags(), file)?;
         let enclave = args.enclave.or_else(|| file.enclave.clone()).context(
             "no enclave address: give --enclave (vsock:CID:PORT, unix:PATH or tcp:IP:PORT)",
         )?;
@@ -119,6 +145,7 @@ impl ProxyConfig {
             bail!("--connections must be between 1 and 64");
         }
         Ok(ProxyConfig {
+            mcp,
             enclave,
             listen,
             store_dir: data_dir.join("log"),
@@ -131,6 +158,81 @@ impl ProxyConfig {
                 .unwrap_or(DEFAULT_MAX_IN_FLIGHT),
         })
     }
+}
+
+/// The relay flags, taken out of [`ProxyArgs`] before it is consumed.
+struct McpFlags {
+    enclave_mcp: Option<String>,
+    dial_listen: Option<String>,
+    mcp_listen: Option<String>,
+    max_connections: Option<usize>,
+    idle_timeout: Option<String>,
+}
+
+impl ProxyArgs {
+    fn mcp_flags(&self) -> McpFlags {
+        McpFlags {
+            enclave_mcp: self.enclave_mcp.clone(),
+            dial_listen: self.dial_listen.clone(),
+            mcp_listen: self.mcp_listen.clone(),
+            max_connections: self.max_mcp_connections,
+            idle_timeout: self.mcp_idle_timeout.clone(),
+        }
+    }
+}
+
+/// The relays' configuration: flags over the file over defaults; `None` when the data path is
+/// off (no enclave MCP address).
+fn resolve_mcp(flags: &McpFlags, file: &ProxySection) -> Result<Option<RelayConfig>> {
+    let enclave_mcp = flags
+        .enclave_mcp
+        .clone()
+        .or_else(|| file.enclave_mcp.clone());
+    let dial_listen = flags
+        .dial_listen
+        .clone()
+        .or_else(|| file.dial_listen.clone());
+    let mcp_listen = flags.mcp_listen.clone().or_else(|| file.mcp_listen.clone());
+    let (enclave_mcp, dial_listen) = match (enclave_mcp, dial_listen) {
+        (Some(e), Some(d)) => (e, d),
+        (None, None) if mcp_listen.is_none() => return Ok(None),
+        _ => bail!(
+            "the MCP data path needs both --enclave-mcp and --dial-listen (and --mcp-listen \
+             means nothing without them)"
+        ),
+    };
+    let enclave_mcp: Address = enclave_mcp
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--enclave-mcp: {e}"))?;
+    let dial_listen: Address = dial_listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--dial-listen: {e}"))?;
+    let mcp_listen = mcp_listen.unwrap_or_else(|| DEFAULT_MCP_LISTEN.to_owned());
+    let mcp_listen: SocketAddr = mcp_listen
+        .parse()
+        .with_context(|| format!("--mcp-listen {mcp_listen:?} is not IP:PORT"))?;
+    let mut limits = RelayLimits::default();
+    if let Some(n) = flags.max_connections.or(file.max_mcp_connections) {
+        if n == 0 {
+            bail!("--max-mcp-connections must be at least 1");
+        }
+        limits.max_agent_connections = n;
+        limits.max_upstream_connections = n;
+    }
+    if let Some(t) = flags
+        .idle_timeout
+        .clone()
+        .or_else(|| file.mcp_idle_timeout.clone())
+    {
+        limits.idle_timeout = humantime::parse_duration(&t)
+            .with_context(|| format!("MCP idle timeout {t:?} is not a duration"))?;
+    }
+    Ok(Some(RelayConfig {
+        mcp_listen,
+        enclave_mcp,
+        dial_listen,
+        limits,
+    }))
 }
 
 /// A hex Ed25519 public key.
@@ -150,6 +252,9 @@ pub async fn main(args: ProxyArgs, file: &ProxySection) -> Result<u8> {
     let config = ProxyConfig::resolve(args, file)?;
     let running = start(config).await?;
     println!("attestplane proxy ready: http://{}", running.local_addr);
+    if let Some(mcp) = running.mcp_addr {
+        println!("attestplane MCP relay: tcp:{mcp}");
+    }
     running.wait(shutdown_signal()).await?;
     Ok(0)
 }
@@ -163,6 +268,9 @@ pub struct Running {
     pub client: EnclaveClient,
     /// Entries the store held when it was opened (0: a new log).
     pub entries_at_open: u64,
+    /// The MCP relay's agent-facing address, when the data path is on.
+    pub mcp_addr: Option<SocketAddr>,
+    relay: Option<Relay>,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Arc<Store>,
@@ -224,6 +332,18 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
             })
             .await
     });
+    // The relays start with the API: a misconfigured address fails the start at once. Agent
+    // connections made during the replay reach the enclave, which serves MCP only after it.
+    let relay = match config.mcp.clone() {
+        Some(mcp) => {
+            let what = format!(
+                "cannot start the MCP relays (agents on {}, dial on {})",
+                mcp.mcp_listen, mcp.dial_listen
+            );
+            Some(Relay::start(mcp, Arc::clone(&store)).await.context(what)?)
+        }
+        None => None,
+    };
     loop {
         match client.wait_ready(Duration::from_secs(3600)).await {
             Ok(_) => break,
@@ -239,6 +359,8 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
         local_addr,
         client,
         entries_at_open,
+        mcp_addr: relay.as_ref().map(Relay::mcp_addr),
+        relay,
         stop,
         server,
         store,
@@ -250,6 +372,7 @@ impl Running {
     /// entries stored) and closes.
     pub async fn wait(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let mut server = self.server;
+        let relay = self.relay;
         tokio::select! {
             () = shutdown => {
                 let _ = self.stop.send(());
@@ -258,6 +381,9 @@ impl Running {
             result = &mut server => {
                 result.context("the HTTP server panicked")?.context("the HTTP server failed")?;
             }
+        }
+        if let Some(relay) = relay {
+            relay.shutdown().await;
         }
         eprintln!("attestplane: stopped; {} entries stored", self.store.len());
         Ok(())
@@ -285,5 +411,73 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(enclave_mcp: Option<&str>, dial: Option<&str>, listen: Option<&str>) -> McpFlags {
+        McpFlags {
+            enclave_mcp: enclave_mcp.map(str::to_owned),
+            dial_listen: dial.map(str::to_owned),
+            mcp_listen: listen.map(str::to_owned),
+            max_connections: None,
+            idle_timeout: None,
+        }
+    }
+
+    #[test]
+    fn mcp_relays_are_off_unless_both_addresses_are_given() {
+        let none = ProxySection::default();
+        assert_eq!(resolve_mcp(&flags(None, None, None), &none).unwrap(), None);
+        for half in [
+            flags(Some("vsock:16:5006"), None, None),
+            flags(None, Some("vsock:any:5007"), None),
+            flags(None, None, Some("127.0.0.1:7300")),
+        ] {
+            assert!(resolve_mcp(&half, &none).is_err());
+        }
+        let on = resolve_mcp(
+            &flags(Some("vsock:16:5006"), Some("vsock:any:5007"), None),
+            &none,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(on.mcp_listen.to_string(), DEFAULT_MCP_LISTEN);
+        assert_eq!(on.enclave_mcp.to_string(), "vsock:16:5006");
+        assert_eq!(on.dial_listen.to_string(), "vsock:any:5007");
+        assert_eq!(on.limits, RelayLimits::default());
+    }
+
+    #[test]
+    fn mcp_flags_win_over_the_file_and_bad_values_are_refused() {
+        let file = ProxySection {
+            enclave_mcp: Some("unix:/run/e.sock".into()),
+            dial_listen: Some("unix:/run/d.sock".into()),
+            max_mcp_connections: Some(8),
+            mcp_idle_timeout: Some("1m".into()),
+            ..ProxySection::default()
+        };
+        let c = resolve_mcp(&flags(Some("tcp:127.0.0.1:9"), None, None), &file)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.enclave_mcp.to_string(), "tcp:127.0.0.1:9");
+        assert_eq!(c.dial_listen.to_string(), "unix:/run/d.sock");
+        assert_eq!(c.limits.max_agent_connections, 8);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+        for bad in [
+            flags(Some("tcp:localhost:9"), None, None),
+            flags(None, Some("udp:1"), None),
+            flags(None, None, Some("localhost:7300")),
+        ] {
+            assert!(resolve_mcp(&bad, &file).is_err());
+        }
+        let zero = McpFlags {
+            max_connections: Some(0),
+            ..flags(None, None, None)
+        };
+        assert!(resolve_mcp(&zero, &file).is_err());
     }
 }

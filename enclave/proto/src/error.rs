@@ -83,6 +83,20 @@ pub enum ProtoError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A dial message speaks another version of the dial protocol ([`crate::dial`]).
+    #[error("unsupported dial protocol version {found} (expected {expected})")]
+    DialVersion {
+        /// The version in the message.
+        found: u16,
+        /// [`crate::DIAL_VERSION`].
+        expected: u16,
+    },
+    /// A server id does not follow the id rule ([`crate::ServerId`]).
+    #[error("bad server id: {problem}")]
+    BadServerId {
+        /// What is wrong with it.
+        problem: &'static str,
+    },
     /// The underlying socket failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
@@ -97,12 +111,14 @@ impl ProtoError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ProtoError::TooLarge { .. } => ErrorCode::TooLarge,
-            ProtoError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            ProtoError::UnsupportedVersion { .. } | ProtoError::DialVersion { .. } => {
+                ErrorCode::UnsupportedVersion
+            }
             ProtoError::Truncated { .. }
             | ProtoError::TrailingBytes { .. }
             | ProtoError::Malformed { .. }
             | ProtoError::UnexpectedEof { .. } => ErrorCode::BadFrame,
-            ProtoError::BadAddress { .. } => ErrorCode::BadRequest,
+            ProtoError::BadAddress { .. } | ProtoError::BadServerId { .. } => ErrorCode::BadRequest,
             ProtoError::Encode { .. } | ProtoError::Io(_) => ErrorCode::Internal,
         }
     }

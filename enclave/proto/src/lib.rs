@@ -24,6 +24,11 @@
 //! what it decides is logged and signed by it. Error messages on the wire and the `Debug` output
 //! of messages carry no secrets (bearer tokens and handles are redacted).
 //!
+//! A second, smaller conversation serves the MCP data path: the enclave asks the host for a
+//! connection to a registered MCP server with one [`DialRequest`] and reads one [`DialReply`],
+//! after which the connection carries the upstream's bytes ([`dial`]). Agent connections need
+//! no protocol of their own: the host relays their bytes to the enclave's MCP port unchanged.
+//!
 //! Not here: what the requests mean and how they are decided (the enclave crate), durable storage
 //! and HTTP (the host proxy), the byte formats of log entries, checkpoints and attestation
 //! documents (the verifier crate; here they are opaque byte strings), and connection management:
@@ -39,11 +44,17 @@
     )
 )]
 
+pub mod dial;
 pub mod error;
 pub mod frame;
 pub mod messages;
 pub mod transport;
 
+pub use dial::{
+    DIAL_LEN_PREFIX, DIAL_VERSION, DialReply, DialRequest, DialStatus, MAX_DIAL_FRAME_LEN,
+    MAX_DIAL_MESSAGE_LEN, MAX_SERVER_ID_LEN, ServerId, read_dial_reply, read_dial_request,
+    write_dial,
+};
 pub use error::{MAX_REASON_LEN, ProtoError};
 pub use frame::{FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN, decode_frame, encode_frame};
 pub use messages::{
