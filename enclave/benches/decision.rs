@@ -23,10 +23,10 @@
 //!   tool, and the handle JWT signed).
 //! - `decision/core_decide_sign_apply`: what the service does for an `Authorize` minus the
 //!   bearer and the transport: `State::decide` + `LogWriter::append` (encode, sign, hash,
-//!   frontier) + `State::apply_with(Trusted)` of the entry just signed (counts the call).
-//!   `decision/core_decide_sign`: the same without the apply. `decision/core_decide_sign_recheck`:
-//!   the old live path, which decoded the entry back and applied it with `State::apply`
-//!   (evaluating the decision again, as a re-checking replay does).
+//!   frontier) + `State::apply_own` (trusted) of the entry just signed (counts the call).
+//!   `decision/core_decide_sign`: the same without the apply. (The old live path, which decoded
+//!   the entry back and re-decided it with `State::apply`, is gone: `State::apply` now takes
+//!   only entries the log verifier has checked.)
 //! - `parts/*`: one Ed25519 signature over a decision entry's own signed bytes (~600 bytes),
 //!   the Cedar evaluation alone (`PolicyEngine::decide` for the same requests), and the other
 //!   pieces (`State::decide`, `append`, decode, bearer verification, SHA-256 of an entry).
@@ -67,7 +67,7 @@ use attestplane_verifier::entry::{DecisionRecord, EntryHash, Event, PrincipalRec
 use attestplane_verifier::handle::Jwks;
 use attestplane_verifier::log::{LogPolicy, LogVerifier};
 use attestplane_verifier::policy::{Action, DecisionRequest, PolicyEngine, Principal, ServerFacts};
-use attestplane_verifier::state::{ApplyMode, State};
+use attestplane_verifier::state::State;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -451,8 +451,6 @@ enum Apply {
     None,
     /// As the service does: the entry as signed, the decision not evaluated again.
     Trusted,
-    /// As the service used to: decoded back from its bytes and re-checked by `State::apply`.
-    DecodeRecheck,
 }
 
 /// The core path: the enclave's state and a writer of its own, without the service around.
@@ -483,14 +481,8 @@ impl Core {
             Apply::None => {}
             Apply::Trusted => self
                 .state
-                .apply_with(written.seq, &written.entry, ApplyMode::Trusted)
+                .apply_own(written.seq, &written.entry)
                 .unwrap_or_else(|e| panic!("apply: {e}")),
-            Apply::DecodeRecheck => {
-                let signed = SignedEntry::decode(&written.bytes).unwrap_or_else(|e| panic!("{e}"));
-                self.state
-                    .apply(written.seq, signed.entry())
-                    .unwrap_or_else(|e| panic!("apply: {e}"));
-            }
         }
         written
     }
@@ -589,10 +581,8 @@ fn setup() -> Bench {
         .verify_round(&host.store)
         .unwrap_or_else(|e| panic!("the set-up log must verify: {e}"));
     let mut state = State::new(config.server_anchor.clone());
-    for (seq, e) in (0u64..).zip(&verified) {
-        state
-            .apply(seq, e.entry())
-            .unwrap_or_else(|e| panic!("fold: {e}"));
+    for e in &verified {
+        state.apply(e).unwrap_or_else(|e| panic!("fold: {e}"));
     }
     let head = Head {
         size: verifier.verified(),
@@ -603,9 +593,8 @@ fn setup() -> Bench {
     };
     let (writer, start) = LogWriter::open(nsm.as_ref(), head, ORIGIN, host.now)
         .unwrap_or_else(|e| panic!("open: {e}"));
-    let signed = SignedEntry::decode(&start.bytes).unwrap_or_else(|e| panic!("{e}"));
     state
-        .apply(start.seq, signed.entry())
+        .apply_own(start.seq, &start.entry)
         .unwrap_or_else(|e| panic!("apply epoch start: {e}"));
     let mut core = Core {
         state,
@@ -873,12 +862,6 @@ fn bench(c: &mut Criterion) {
             core.authorize(&calls[i % n], Apply::None).seq
         })
     });
-    group.bench_function("core_decide_sign_recheck", |b| {
-        b.iter(|| {
-            i += 1;
-            core.authorize(&calls[i % n], Apply::DecodeRecheck).seq
-        })
-    });
     group.finish();
 
     let mut group = c.benchmark_group("parts");
@@ -968,10 +951,6 @@ fn bench(c: &mut Criterion) {
         black_box(core.authorize(&calls[i % n], Apply::None));
     });
     show("core decide+sign+hash", &core_sign);
-    let core_recheck = latency(samples, |i| {
-        black_box(core.authorize(&calls[i % n], Apply::DecodeRecheck));
-    });
-    show("core (old) +decode+recheck apply", &core_recheck);
     let sign = latency(samples, |i| {
         black_box(sign_key.sign(&messages[i % messages.len()]));
     });
@@ -994,7 +973,6 @@ fn bench(c: &mut Criterion) {
     for (name, l) in [
         ("core decide+sign+hash+apply", &core_full),
         ("core decide+sign+hash", &core_sign),
-        ("core (old) +decode+recheck apply", &core_recheck),
         ("service Authorize", &service),
     ] {
         eprintln!(

@@ -299,7 +299,7 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     let expect = Expectations {
-        pcrs: log.policy.pcrs.clone(),
+        pcrs: log.policy.images.first().cloned().unwrap_or_default(),
         ..Expectations::default()
     };
     let canonical = |c: &CoseSign1, payload: &Vec<u8>| {

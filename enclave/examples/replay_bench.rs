@@ -366,7 +366,7 @@ fn write_log(nsm: MockNsm, path: &Path, total: u64, jobs: Receiver<Job>) -> Writ
 }
 
 /// The state side: decides as the enclave does and folds each entry into its [`State`] before
-/// handing the event to the writer side (which signs it on the other core). `State::apply_with`
+/// handing the event to the writer side (which signs it on the other core). `State::apply_own`
 /// reads an entry's time and event only, so it is applied to the entry as the writer will make
 /// it (`prev` aside), in trusted mode as the enclave applies what it has just decided; the
 /// replays below check every entry against the signed bytes (and `recheck` re-decides all).
@@ -391,7 +391,7 @@ impl Generator {
             event,
         };
         self.state
-            .apply_with(self.seq, &entry, ApplyMode::Trusted)
+            .apply_own(self.seq, &entry)
             .unwrap_or_else(|e| panic!("apply {}: {e}", self.seq));
         self.seq += 1;
         let job = match entry.event {
@@ -847,14 +847,13 @@ fn child(mode: &str) {
         }
         "fold" | "recheck" => {
             let nsm = enclave_nsm(now);
-            let mut trust = EpochTrust::new(image_pcrs(&nsm));
+            let trust = EpochTrust::new(image_pcrs(&nsm));
             let policy = LogPolicy::new(anchor_of(&nsm), image_pcrs(&nsm));
             let mut verifier =
                 LogVerifier::new(policy, now).unwrap_or_else(|e| panic!("verifier: {e}"));
             let mut state = State::new(anchor_of(&server_nsm()));
             let mut verify_secs = 0.0;
             let mut apply: BTreeMap<&'static str, (u64, f64)> = BTreeMap::new();
-            let mut seq = 0u64;
             loop {
                 let batch = next(&mut items, &mut seen);
                 if batch.is_empty() {
@@ -868,16 +867,15 @@ fn child(mode: &str) {
                 for signed in &verified {
                     let t = Instant::now();
                     let m = match mode {
-                        "fold" => trust.mode(signed.entry()),
+                        "fold" => trust.mode(signed),
                         _ => ApplyMode::Recheck,
                     };
                     state
-                        .apply_with(seq, signed.entry(), m)
+                        .apply_with(signed, m)
                         .unwrap_or_else(|e| panic!("apply: {e}"));
                     let e = apply.entry(signed.entry().event.type_name()).or_default();
                     e.0 += 1;
                     e.1 += t.elapsed().as_secs_f64();
-                    seq += 1;
                 }
             }
             let apply_secs: f64 = apply.values().map(|(_, s)| s).sum();

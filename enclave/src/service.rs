@@ -10,18 +10,19 @@
 //! checkpoint and every receipt (a handle names its entry's sequence number) expose it.
 //!
 //! Boot: the host streams the stored log in (`ReplayBegin`, `ReplayEntries`…, `ReplayEnd`).
-//! The enclave verifies it with the verifier library — every signature, link and epoch
-//! document, against the PCRs the enclave itself is running with — and folds it into its
-//! state. A log that fails verification leaves the enclave refusing to serve, with the reason.
+//! The enclave verifies it and folds it into its state with the verifier library's one replay
+//! loop ([`attestplane_verifier::replay::Replay`], the same the auditor's CLI runs) — every
+//! signature, link and epoch document, against the PCRs the enclave itself is running with. A log that fails verification leaves the enclave refusing to serve, with the reason.
 //! Then it opens a new epoch linked to the old head (and, on an empty log, writes the genesis
 //! admin key set).
 //!
 //! ## Which logged decisions are evaluated again
 //!
-//! Live, the enclave decides, signs the entry, and applies that entry to its state in
-//! [`ApplyMode::Trusted`]: from the entry as it was signed, without decoding the bytes back and
-//! without evaluating the decision a second time (the decision it has just made is the one it
-//! applies). The state change is the one [`State::apply`] makes for the same entry.
+//! Live, the enclave decides, signs the entry, and applies that entry to its state with
+//! [`State::apply_own`], in [`ApplyMode::Trusted`]: from the entry as it was signed, without
+//! decoding the bytes back and without evaluating the decision a second time (the decision it
+//! has just made is the one it applies). The state change is the one [`State::apply`] makes for
+//! the same entry once the log verifier has checked it.
 //!
 //! At boot, every entry's signature, link and epoch binding is verified, always. What differs
 //! is whether a logged decision (or discovery) is evaluated again against the replayed state,
@@ -43,6 +44,9 @@
 //! Today the log verifier accepts only epochs carrying the enclave's own PCRs, so every epoch
 //! it lets through is applied trusted; the per-epoch choice is what keeps the re-check in place
 //! once earlier images' measurements are accepted too (an upgrade; not yet supported).
+//!
+//! [`ApplyMode::Trusted`]: attestplane_verifier::state::ApplyMode::Trusted
+//! [`ApplyMode::Recheck`]: attestplane_verifier::state::ApplyMode::Recheck
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,14 +54,16 @@ use std::sync::Arc;
 use attestplane_proto::{ByteBuf, ErrorCode, PROTOCOL_VERSION, Request, Response, ServerInfo};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::SignedAdminRequest;
-use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor, parse_attestation};
-use attestplane_verifier::entry::{AttestationRecord, Entry, EntryHash, Event};
+use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
+use attestplane_verifier::entry::{AttestationRecord, EntryHash, Event};
 use attestplane_verifier::handle::{HandleClaims, Jwks, encode_handle};
-use attestplane_verifier::log::{LogPolicy, LogVerifier};
+use attestplane_verifier::log::LogPolicy;
 use attestplane_verifier::policy::Action;
-use attestplane_verifier::state::{
-    ApplyMode, REASON_TOOL_NOT_PINNED, REASON_UNKNOWN_SERVER, State,
-};
+/// How boot replay applies each epoch: trusted for the enclave's own image, re-checked for any
+/// other (the verifier's, re-exported: the one replay loop lives there).
+pub use attestplane_verifier::replay::EpochTrust;
+use attestplane_verifier::replay::Replay;
+use attestplane_verifier::state::{REASON_TOOL_NOT_PINNED, REASON_UNKNOWN_SERVER, State};
 
 use ed25519_dalek::VerifyingKey;
 
@@ -92,70 +98,17 @@ pub struct EnclaveConfig {
     pub allow_debug: bool,
 }
 
-/// Chooses, entry by entry of a log verified in order, how boot replay applies it: trusted in
-/// an epoch opened by an attestation document that carries the enclave's own image PCRs (not in
-/// debug mode), re-checked in any other (see the module documentation).
-#[derive(Clone, Debug)]
-pub struct EpochTrust {
-    own: BTreeMap<PcrIndex, Pcr>,
-    current: Option<(u64, ApplyMode)>,
-}
-
-impl EpochTrust {
-    /// For an enclave whose own image PCRs are `own`. Empty or all-zero (debug-mode) PCRs
-    /// trust no epoch.
-    pub fn new(own: BTreeMap<PcrIndex, Pcr>) -> Self {
-        Self { own, current: None }
-    }
-
-    /// How to apply `entry`, the next entry of a log the verifier has accepted so far. An
-    /// `epoch_start` entry decides the mode of its epoch.
-    pub fn mode(&mut self, entry: &Entry) -> ApplyMode {
-        if let Event::EpochStart { attestation } = &entry.event {
-            let mode = if self.own_image(attestation) {
-                ApplyMode::Trusted
-            } else {
-                ApplyMode::Recheck
-            };
-            self.current = Some((entry.epoch, mode));
-        }
-        match self.current {
-            Some((epoch, mode)) if epoch == entry.epoch => mode,
-            _ => ApplyMode::Recheck,
-        }
-    }
-
-    fn own_image(&self, document: &[u8]) -> bool {
-        if self.own.is_empty() || self.own.values().any(Pcr::is_zero) {
-            return false;
-        }
-        // The log verifier has verified this document (chain, signature, binding); only its
-        // measurements are read here.
-        match parse_attestation(document) {
-            Ok(doc) => {
-                !doc.is_debug()
-                    && self
-                        .own
-                        .iter()
-                        .all(|(i, p)| doc.pcrs().get(i).is_some_and(|d| d == p))
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-struct Replay {
-    verifier: LogVerifier,
+struct Booting {
+    replay: Replay,
     genesis_keys: Vec<[u8; 32]>,
     expected: u64,
-    trust: EpochTrust,
 }
 
 enum Phase {
     /// Waiting for `ReplayBegin`.
     Booting,
     /// Receiving the stored log.
-    Replaying(Box<Replay>),
+    Replaying(Box<Booting>),
     /// Serving.
     Ready(Box<LogWriter>),
     /// The stored log failed verification: refuse everything.
@@ -364,15 +317,18 @@ impl Enclave {
         let mut policy = LogPolicy::new(self.config.self_anchor.clone(), pcrs);
         policy.allow_debug = self.config.allow_debug;
         // The enclave's own clock is what entries must not postdate; the host cannot move it.
-        let verifier = match LogVerifier::new(policy, now) {
-            Ok(v) => v,
+        let replay = match Replay::new(policy, now, self.config.server_anchor.clone()) {
+            Ok(r) => r.with_trust(trust),
             Err(e) => return error(id, ErrorCode::Internal, &e.to_string()),
         };
-        self.phase = Phase::Replaying(Box::new(Replay {
-            verifier,
+        let replay = match &self.pinned_genesis {
+            Some(pinned) => replay.expect_genesis_keys(pinned.clone()),
+            None => replay,
+        };
+        self.phase = Phase::Replaying(Box::new(Booting {
+            replay,
             genesis_keys,
             expected: total,
-            trust,
         }));
         vec![(id, Response::Ack)]
     }
@@ -398,52 +354,34 @@ impl Enclave {
     }
 
     fn replay_entries(&mut self, id: u64, entries: &[ByteBuf]) -> Replies {
-        let Phase::Replaying(replay) = &mut self.phase else {
+        let Phase::Replaying(booting) = &mut self.phase else {
             return error(id, ErrorCode::Conflict, "no replay in progress");
         };
-        let verified = match replay.verifier.verify_round(entries) {
-            Ok(v) => v,
-            Err(e) => return self.broken(id, e.seq(), e.to_string()),
-        };
-        let first = replay
-            .verifier
-            .verified()
-            .saturating_sub(verified.len() as u64);
-        for (offset, signed) in verified.iter().enumerate() {
-            let seq = first.saturating_add(offset as u64);
-            if let (Some(pinned), Event::Genesis { admin_keys }) =
-                (&self.pinned_genesis, &signed.entry().event)
-            {
-                let mut stored = admin_keys.clone();
-                stored.sort_unstable();
-                stored.dedup();
-                if stored != *pinned {
-                    return self.broken(
-                        id,
-                        Some(seq),
-                        "the stored log's genesis admin keys differ from the pinned ones".into(),
-                    );
-                }
-            }
-            let mode = replay.trust.mode(signed.entry());
-            if let Err(e) = self.state.apply_with(seq, signed.entry(), mode) {
-                return self.broken(id, Some(e.seq()), e.to_string());
-            }
+        // The verifier's one replay loop: signatures, links and epochs, then the state fold
+        // (and the pinned genesis keys).
+        match booting.replay.push_round(entries) {
+            Ok(()) => vec![(id, Response::Ack)],
+            Err(e) => self.broken(id, e.seq(), e.to_string()),
         }
-        vec![(id, Response::Ack)]
     }
 
     fn replay_end(&mut self, id: u64, now: UnixMillis) -> Replies {
         let phase = std::mem::replace(&mut self.phase, Phase::Booting);
-        let Phase::Replaying(replay) = phase else {
+        let Phase::Replaying(booting) = phase else {
             self.phase = phase;
             return error(id, ErrorCode::Conflict, "no replay in progress");
         };
-        let v = &replay.verifier;
-        if v.verified() != replay.expected {
+        let Booting {
+            replay,
+            genesis_keys,
+            expected,
+        } = *booting;
+        let (v, state) = replay.into_parts();
+        self.state = state;
+        if v.verified() != expected {
             let message = format!(
                 "the host announced {} entries and sent {}",
-                replay.expected,
+                expected,
                 v.verified()
             );
             return self.broken(id, Some(v.verified()), message);
@@ -456,7 +394,7 @@ impl Enclave {
             frontier: v.frontier().clone(),
         };
         let needs_genesis = !self.state.has_genesis();
-        if needs_genesis && replay.genesis_keys.is_empty() {
+        if needs_genesis && genesis_keys.is_empty() {
             if head.size == 0 {
                 // Nothing was replayed: the host may start over with the keys.
                 self.phase = Phase::Booting;
@@ -480,7 +418,7 @@ impl Enclave {
         if needs_genesis {
             match writer.append(
                 Event::Genesis {
-                    admin_keys: replay.genesis_keys.clone(),
+                    admin_keys: genesis_keys,
                 },
                 now,
             ) {
@@ -501,7 +439,7 @@ impl Enclave {
     /// without decoding it back or deciding again (see the module documentation).
     fn apply_written(&mut self, w: &Written) -> Result<(), String> {
         self.state
-            .apply_with(w.seq, &w.entry, ApplyMode::Trusted)
+            .apply_own(w.seq, &w.entry)
             .map_err(|e| e.to_string())
     }
 

@@ -437,7 +437,7 @@ fn rejects_epoch_from_another_image() {
     forged.open_epoch(10).append(2);
     assert!(matches!(
         verify_log(&forged.entries, policy(&b.nsm), at()),
-        Err(LogError::EpochAttestation { seq: 0, .. })
+        Err(LogError::ImageNotAllowed { seq: 0, pcrs }) if pcrs.get(&PcrIndex::try_from(0u8).unwrap()) == Some(&Pcr::new([7; 48]))
     ));
 }
 
@@ -504,7 +504,13 @@ fn rejects_time_going_backwards_and_future_entries() {
 fn refuses_to_verify_without_expected_pcrs() {
     let b = two_epochs();
     let mut p = policy(&b.nsm);
-    p.pcrs.clear();
+    p.images.clear();
+    assert!(matches!(
+        verify_log(&b.entries, p.clone(), at()),
+        Err(LogError::NoExpectedPcrs)
+    ));
+    // An image of no PCRs would match any document.
+    p.images = vec![policy(&b.nsm).images[0].clone(), Default::default()];
     assert!(matches!(
         verify_log(&b.entries, p, at()),
         Err(LogError::NoExpectedPcrs)

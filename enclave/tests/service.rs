@@ -1729,13 +1729,13 @@ fn foreign_image_epoch_is_re_decided_at_boot() {
     let fold = |own_pcrs| -> (Vec<ApplyMode>, Result<State, StateError>) {
         let mut verifier = LogVerifier::new(log_policy(&foreign), at(3_000)).unwrap();
         let verified = verifier.verify_round(&log).unwrap();
-        let mut trust = EpochTrust::new(own_pcrs);
+        let trust = EpochTrust::new(own_pcrs);
         let mut state = State::new(server_anchor());
         let mut modes = Vec::new();
-        for (seq, signed) in (0u64..).zip(&verified) {
-            let mode = trust.mode(signed.entry());
+        for entry in &verified {
+            let mode = trust.mode(entry);
             modes.push(mode);
-            if let Err(e) = state.apply_with(seq, signed.entry(), mode) {
+            if let Err(e) = state.apply_with(entry, mode) {
                 return (modes, Err(e));
             }
         }
@@ -1756,8 +1756,8 @@ fn foreign_image_epoch_is_re_decided_at_boot() {
     let state = result.unwrap_or_else(|e| panic!("own epoch refused: {e}"));
     assert_eq!(state.snapshot().calls.get(ACME_AGENT), Some(&1));
 
-    // The enclave itself verifies epochs against its own PCRs today, so it refuses the foreign
-    // epoch before any decision is looked at.
+    // The enclave pins its own image only, and nothing in this log allows another, so it
+    // refuses the foreign epoch before any decision is looked at.
     match Harness::boot(own.clone(), log.clone(), &[], at(3_000)) {
         Err((Response::BrokenLog { seq, .. }, _)) => assert_eq!(seq, Some(0)),
         Err((other, _)) => panic!("expected BrokenLog, got {other:?}"),
@@ -1775,19 +1775,20 @@ fn foreign_image_epoch_is_re_decided_at_boot() {
         .build(),
     );
     let debug_log = log_with_a_decision_policy_would_not_make(&debug, &admin);
-    let start = SignedEntry::decode(&debug_log[0]).unwrap();
+    let mut debug_policy = log_policy(&debug);
+    debug_policy.allow_debug = true;
+    let debug_verified = LogVerifier::new(debug_policy, at(3_000))
+        .unwrap()
+        .verify_round(&debug_log)
+        .unwrap();
     assert_eq!(
-        EpochTrust::new(image_pcrs(&debug)).mode(start.entry()),
+        EpochTrust::new(image_pcrs(&debug)).mode(&debug_verified[0]),
         ApplyMode::Recheck
     );
-    // An entry outside the epoch the last start opened is never trusted.
-    let mut trust = EpochTrust::new(image_pcrs(&own));
-    let own_log = log_with_a_decision_policy_would_not_make(&own, &admin);
-    let own_start = SignedEntry::decode(&own_log[0]).unwrap();
-    assert_eq!(trust.mode(own_start.entry()), ApplyMode::Trusted);
-    let mut elsewhere = SignedEntry::decode(&own_log[2]).unwrap().into_entry();
-    elsewhere.epoch += 1;
-    assert_eq!(trust.mode(&elsewhere), ApplyMode::Recheck);
+    assert_eq!(
+        EpochTrust::new(image_pcrs(&debug)).mode(&debug_verified[2]),
+        ApplyMode::Recheck
+    );
 }
 
 /// One request of the live/replay equivalence property.
@@ -1861,6 +1862,12 @@ proptest::proptest! {
         let server_ids = ["alpha", "beta", "gamma", "nowhere"];
         let tools = ["search", "write", "delete"];
         let mut replayed = State::new(server_anchor());
+        // Entries reach the fold only through the log verifier; no entry postdates this.
+        let mut verifier = attestplane_verifier::log::LogVerifier::new(
+            log_policy(&h.nsm),
+            attestplane_verifier::UnixMillis::from_millis(u64::MAX / 2),
+        )
+        .unwrap();
         let mut folded = 0usize;
         for op in ops {
             match op {
@@ -1881,9 +1888,9 @@ proptest::proptest! {
                     h.admin_ok(&admin, AdminAction::SetPolicy { text: permissive_policy(limit) });
                 }
             }
-            for (seq, bytes) in (folded as u64..).zip(&h.store[folded..]) {
+            for entry in verifier.verify_round(&h.store[folded..]).unwrap() {
                 replayed
-                    .apply(seq, SignedEntry::decode(bytes).unwrap().entry())
+                    .apply(&entry)
                     .unwrap_or_else(|e| panic!("re-checking replay refused: {e}"));
             }
             folded = h.store.len();

@@ -59,6 +59,7 @@ pub mod handle;
 pub mod log;
 pub mod merkle;
 pub mod policy;
+pub mod replay;
 pub mod state;
 pub mod time;
 

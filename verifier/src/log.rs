@@ -38,6 +38,7 @@
 //! and it cannot detect a truncated tail without a checkpoint from outside the host.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
 use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
@@ -53,7 +54,7 @@ use crate::attestation::{
     AttestationError, AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt,
 };
 use crate::checkpoint::{self, Checkpoint, CheckpointError, VerifiedCheckpoint};
-use crate::entry::{EntryError, EntryHash, EpochBinding, Event, KeyId, SignedEntry};
+use crate::entry::{Entry, EntryError, EntryHash, EpochBinding, Event, KeyId, SignedEntry};
 use crate::merkle::{self, CompactRange};
 use crate::time::UnixMillis;
 
@@ -68,8 +69,11 @@ pub const ROUND: usize = 4096;
 pub struct LogPolicy {
     /// The root every epoch document must chain to.
     pub anchor: TrustAnchor,
-    /// The control plane's expected measurements; at least one is required.
-    pub pcrs: BTreeMap<PcrIndex, Pcr>,
+    /// The images (each a set of PCRs an epoch document must carry, at least one PCR) whose
+    /// epochs are accepted without an `allow_image` admin act earlier in the log; at least one
+    /// is required. An epoch under any other image is accepted only by a [`crate::replay`]
+    /// that finds the image allowed by the state folded so far.
+    pub images: Vec<BTreeMap<PcrIndex, Pcr>>,
     /// Accept epochs attested in debug mode (PCR0/1/2 zero). Never for production.
     pub allow_debug: bool,
     /// How much older than its `epoch_start` entry an epoch document may be.
@@ -79,16 +83,96 @@ pub struct LogPolicy {
 }
 
 impl LogPolicy {
-    /// A policy with the given anchor and PCRs, debug refused, 5 minutes' document age and
-    /// 5 minutes' skew.
+    /// A policy with the given anchor and one pinned image, debug refused, 5 minutes' document
+    /// age and 5 minutes' skew.
     pub fn new(anchor: TrustAnchor, pcrs: BTreeMap<PcrIndex, Pcr>) -> Self {
+        Self::with_images(anchor, vec![pcrs])
+    }
+
+    /// Like [`LogPolicy::new`] with several pinned images (an auditor who trusts more than one
+    /// build, or an enclave that continues a log its predecessor image started).
+    pub fn with_images(anchor: TrustAnchor, images: Vec<BTreeMap<PcrIndex, Pcr>>) -> Self {
         Self {
             anchor,
-            pcrs,
+            images,
             allow_debug: false,
             max_epoch_document_age_ms: 5 * 60 * 1000,
             max_clock_skew_ms: 5 * 60 * 1000,
         }
+    }
+
+    /// Whether an epoch document carrying `pcrs` runs one of the pinned images.
+    pub fn pins(&self, pcrs: &BTreeMap<PcrIndex, Pcr>) -> bool {
+        self.images.iter().any(|image| image_matches(image, pcrs))
+    }
+}
+
+/// Whether a document's `pcrs` carry `image`: every PCR of the image, with its value. An empty
+/// image matches nothing.
+pub fn image_matches(image: &BTreeMap<PcrIndex, Pcr>, pcrs: &BTreeMap<PcrIndex, Pcr>) -> bool {
+    !image.is_empty() && image.iter().all(|(i, p)| pcrs.get(i) == Some(p))
+}
+
+/// The PCRs that identify an image in output: PCR0, PCR1 and PCR2 (image, kernel,
+/// application), and PCR8 (signing certificate) when it is set.
+pub fn image_of(pcrs: &BTreeMap<PcrIndex, Pcr>) -> BTreeMap<PcrIndex, Pcr> {
+    pcrs.iter()
+        .filter(|(i, p)| i.get() <= 2 || (i.get() == 8 && !p.is_zero()))
+        .map(|(i, p)| (*i, *p))
+        .collect()
+}
+
+fn ser_pcrs<S: serde::Serializer>(pcrs: &BTreeMap<PcrIndex, Pcr>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(pcrs.len()))?;
+    for (i, p) in pcrs {
+        m.serialize_entry(&format!("PCR{}", i.get()), &p.to_hex())?;
+    }
+    m.end()
+}
+
+/// The epoch a verified entry belongs to, as its `epoch_start` entry established it.
+#[derive(Clone, Debug)]
+pub struct VerifiedEpoch {
+    /// Epoch number.
+    pub number: u64,
+    /// Sequence number of its `epoch_start` entry.
+    pub start_seq: u64,
+    /// The epoch key's id.
+    pub kid: KeyId,
+    /// Every PCR of the attestation document that opened it: the image that ran.
+    pub pcrs: BTreeMap<PcrIndex, Pcr>,
+    /// Whether the document came from a debug-mode enclave (PCR0–2 zero: no image attested).
+    pub debug: bool,
+}
+
+/// An entry that passed the log verifier: decoded strictly, at its place in the dense sequence,
+/// linked to its predecessor, its time in order and not in the future, in the current epoch,
+/// and signed by that epoch's attested key. Only [`LogVerifier`] makes one, so bytes that did
+/// not pass these checks cannot reach the state fold ([`crate::state::State::apply`]).
+#[derive(Clone, Debug)]
+pub struct VerifiedEntry {
+    seq: u64,
+    signed: SignedEntry,
+    epoch: Arc<VerifiedEpoch>,
+}
+
+impl VerifiedEntry {
+    /// Its sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+    /// The entry with its signature.
+    pub fn signed(&self) -> &SignedEntry {
+        &self.signed
+    }
+    /// The decoded entry.
+    pub fn entry(&self) -> &Entry {
+        self.signed.entry()
+    }
+    /// The epoch it belongs to.
+    pub fn epoch(&self) -> &VerifiedEpoch {
+        &self.epoch
     }
 }
 
@@ -112,6 +196,9 @@ pub struct EpochSummary {
     pub attested_at: UnixMillis,
     /// Whether the enclave ran in debug mode.
     pub debug: bool,
+    /// PCR0, PCR1, PCR2 (and PCR8 when set) of its document: the image that ran.
+    #[serde(serialize_with = "ser_pcrs")]
+    pub image: BTreeMap<PcrIndex, Pcr>,
 }
 
 fn ser_key<S: serde::Serializer>(k: &VerifyingKey, s: S) -> Result<S::Ok, S::Error> {
@@ -313,6 +400,25 @@ pub enum LogError {
     /// The checkpoint is not signed by any epoch key of the log.
     #[error("checkpoint: {0}")]
     Checkpoint(Box<CheckpointError>),
+    /// An epoch runs an image that is neither pinned nor allowed by an `allow_image` admin act
+    /// accepted earlier in the log.
+    #[error(
+        "entry {seq}: epoch runs an image neither pinned nor allowed earlier in the log ({})",
+        fmt_image(pcrs)
+    )]
+    ImageNotAllowed {
+        /// Position of its `epoch_start` entry.
+        seq: u64,
+        /// PCR0, PCR1, PCR2 (and PCR8 when set) of its attestation document.
+        pcrs: BTreeMap<PcrIndex, Pcr>,
+    },
+}
+
+fn fmt_image(pcrs: &BTreeMap<PcrIndex, Pcr>) -> String {
+    pcrs.iter()
+        .map(|(i, p)| format!("PCR{}={}", i.get(), p.to_hex()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl LogError {
@@ -332,6 +438,7 @@ impl LogError {
             | LogError::TimeWentBackwards { seq, .. }
             | LogError::FromTheFuture { seq, .. }
             | LogError::TreeFull { seq }
+            | LogError::ImageNotAllowed { seq, .. }
             | LogError::Truncated { seq, .. } => Some(*seq),
             LogError::NoExpectedPcrs
             | LogError::Empty
@@ -342,9 +449,8 @@ impl LogError {
 }
 
 struct CurrentEpoch {
-    number: u64,
     key: VerifyingKey,
-    kid: KeyId,
+    verified: Arc<VerifiedEpoch>,
 }
 
 /// Verifies a log incrementally: feed entries with [`LogVerifier::push`] or
@@ -364,6 +470,9 @@ pub struct LogVerifier {
     roots_at: BTreeMap<u64, Option<merkle::Hash>>,
     epochs: Vec<EpochSummary>,
     buffered: Vec<Vec<u8>>,
+    /// Leave the image check of each epoch to the caller (a [`crate::replay::Replay`], which
+    /// knows which images the log allowed before it).
+    defer_images: bool,
 }
 
 impl std::fmt::Debug for LogVerifier {
@@ -380,7 +489,7 @@ impl LogVerifier {
     /// A verifier for a log checked at instant `at` (no entry may be later than `at` plus the
     /// policy's skew).
     pub fn new(policy: LogPolicy, at: UnixMillis) -> Result<Self, LogError> {
-        if policy.pcrs.is_empty() {
+        if policy.images.is_empty() || policy.images.iter().any(BTreeMap::is_empty) {
             return Err(LogError::NoExpectedPcrs);
         }
         Ok(Self {
@@ -396,7 +505,19 @@ impl LogVerifier {
             roots_at: BTreeMap::new(),
             epochs: Vec::new(),
             buffered: Vec::new(),
+            defer_images: false,
         })
+    }
+
+    /// Leaves the image check of each epoch to the caller, which must make it before it uses
+    /// any entry of the epoch (see [`crate::replay`]).
+    pub(crate) fn defer_image_checks(&mut self) {
+        self.defer_images = true;
+    }
+
+    /// The policy it verifies against.
+    pub fn policy(&self) -> &LogPolicy {
+        &self.policy
     }
 
     /// Asks the verifier to remember the Merkle root of the first `size` entries (to check a
@@ -420,7 +541,7 @@ impl LogVerifier {
 
     /// The current epoch's number, once one opened.
     pub fn current_epoch(&self) -> Option<u64> {
-        self.epoch.as_ref().map(|e| e.number)
+        self.epoch.as_ref().map(|e| e.verified.number)
     }
 
     /// Time of the last verified entry.
@@ -443,12 +564,25 @@ impl LogVerifier {
         Ok(())
     }
 
-    /// Verifies the next entries of the log, in order, and returns them decoded. Callers that
-    /// fold the log into state (the enclave at boot) apply what this returns.
+    /// Verifies the next entries of the log, in order, and returns them verified. Callers that
+    /// fold the log into state apply what this returns (see [`crate::replay`], which does).
     pub fn verify_round<B: AsRef<[u8]> + Sync>(
         &mut self,
         round: &[B],
-    ) -> Result<Vec<SignedEntry>, LogError> {
+    ) -> Result<Vec<VerifiedEntry>, LogError> {
+        match self.verify_round_prefix(round) {
+            (entries, None) => Ok(entries),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// Like [`LogVerifier::verify_round`], but on failure also returns the entries before the
+    /// first bad one, verified (so a caller folding state can look for an earlier failure of
+    /// its own among them).
+    pub(crate) fn verify_round_prefix<B: AsRef<[u8]> + Sync>(
+        &mut self,
+        round: &[B],
+    ) -> (Vec<VerifiedEntry>, Option<LogError>) {
         let first = self.next_seq;
         let decoded: Vec<Result<SignedEntry, EntryError>> = round
             .par_iter()
@@ -458,29 +592,48 @@ impl LogVerifier {
         // `entries[i]`, at `first + i`, must verify under `keys[i]`.
         let mut entries = Vec::with_capacity(decoded.len());
         let mut keys = Vec::with_capacity(decoded.len());
+        let mut epochs = Vec::with_capacity(decoded.len());
         let mut structural: Option<LogError> = None;
         for (offset, result) in decoded.into_iter().enumerate() {
             let seq = first.saturating_add(offset as u64);
             let step = result
                 .map_err(|source| LogError::Entry { seq, source })
                 .and_then(|entry| self.link(seq, &entry).map(|key| (entry, key)));
-            match step {
-                Ok((entry, key)) => {
+            match (step, &self.epoch) {
+                (Ok((entry, key)), Some(epoch)) => {
                     keys.push(key);
                     entries.push(entry);
+                    epochs.push(Arc::clone(&epoch.verified));
                 }
-                Err(e) => {
+                (Ok(_), None) => {
+                    // `link` opens an epoch before it accepts anything.
+                    structural = Some(LogError::MissingEpochStart { seq });
+                    break;
+                }
+                (Err(e), _) => {
                     structural = Some(e);
                     break;
                 }
             }
         }
         // A bad signature before the structural failure is the first bad entry.
-        check_signatures(first, &entries, &keys)?;
-        match structural {
-            Some(e) => Err(e),
-            None => Ok(entries),
+        if let Err(bad) = check_signatures(first, &entries, &keys) {
+            let good = bad.seq().map_or(0, |s| s.saturating_sub(first)) as usize;
+            entries.truncate(good);
+            epochs.truncate(good);
+            structural = Some(bad);
         }
+        let verified = entries
+            .into_iter()
+            .zip(epochs)
+            .enumerate()
+            .map(|(offset, (signed, epoch))| VerifiedEntry {
+                seq: first.saturating_add(offset as u64),
+                signed,
+                epoch,
+            })
+            .collect();
+        (verified, structural)
     }
 
     /// Checks the entry's place in the log and advances; returns the key its signature must
@@ -531,17 +684,17 @@ impl LogVerifier {
                     .epoch
                     .as_ref()
                     .ok_or(LogError::MissingEpochStart { seq })?;
-                if entry.epoch != current.number {
+                if entry.epoch != current.verified.number {
                     return Err(LogError::EpochMismatch {
                         seq,
-                        expected: current.number,
+                        expected: current.verified.number,
                         found: entry.epoch,
                     });
                 }
-                if *signed.kid() != current.kid {
+                if *signed.kid() != current.verified.kid {
                     return Err(LogError::WrongKey {
                         seq,
-                        expected: current.kid,
+                        expected: current.verified.kid,
                         found: *signed.kid(),
                     });
                 }
@@ -575,7 +728,7 @@ impl LogVerifier {
         let entry = signed.entry();
         let expected_epoch = match &self.epoch {
             None => 0,
-            Some(current) => current.number.saturating_add(1),
+            Some(current) => current.verified.number.saturating_add(1),
         };
         if entry.epoch != expected_epoch {
             return Err(LogError::EpochMismatch {
@@ -584,8 +737,9 @@ impl LogVerifier {
                 found: entry.epoch,
             });
         }
+        // The measurements are compared below, against every pinned image (or left to the
+        // replay, which also knows the images the log allowed).
         let expect = Expectations {
-            pcrs: self.policy.pcrs.clone(),
             allow_debug: self.policy.allow_debug,
             max_age_ms: Some(self.policy.max_epoch_document_age_ms),
             ..Expectations::default()
@@ -628,11 +782,20 @@ impl LogVerifier {
                 });
             }
         };
+        let image = image_of(doc.pcrs());
+        if !self.defer_images && !self.policy.pins(doc.pcrs()) {
+            return Err(LogError::ImageNotAllowed { seq, pcrs: image });
+        }
         let kid = KeyId::of(&key);
         self.epoch = Some(CurrentEpoch {
-            number: entry.epoch,
             key,
-            kid,
+            verified: Arc::new(VerifiedEpoch {
+                number: entry.epoch,
+                start_seq: seq,
+                kid,
+                pcrs: doc.pcrs().clone(),
+                debug: doc.is_debug(),
+            }),
         });
         self.epochs.push(EpochSummary {
             epoch: entry.epoch,
@@ -643,6 +806,7 @@ impl LogVerifier {
             module_id: doc.module_id().to_string(),
             attested_at: doc.timestamp(),
             debug: doc.is_debug(),
+            image,
         });
         Ok(key)
     }

@@ -28,8 +28,8 @@ use attestplane_verifier::attestation::{
     Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt, verify_attestation,
 };
 use attestplane_verifier::handle::{HandleExpectations, Jwks, verify_handle};
-use attestplane_verifier::log::{LogPolicy, LogVerifier};
-use attestplane_verifier::state::State;
+use attestplane_verifier::log::LogPolicy;
+use attestplane_verifier::replay::{Replay, ReplayError, ReplayedLog};
 use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -164,24 +164,6 @@ struct LogArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-/// Why a log failed: its chain, or the replay of its state.
-#[derive(Debug, thiserror::Error)]
-enum LogFailure {
-    #[error(transparent)]
-    Log(#[from] attestplane_verifier::log::LogError),
-    #[error("replay: {0}")]
-    State(#[from] attestplane_verifier::state::StateError),
-}
-
-impl LogFailure {
-    fn seq(&self) -> Option<u64> {
-        match self {
-            LogFailure::Log(e) => e.seq(),
-            LogFailure::State(e) => Some(e.seq()),
-        }
-    }
 }
 
 #[derive(Debug, Args)]
@@ -442,31 +424,24 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
             .map_err(|e| anyhow!("{}: not a usable root certificate: {e}", p.display()))?,
     };
     let entries = split_cbor_sequence(&bytes);
-    let result = entries.map(|entries| -> Result<_, LogFailure> {
-        let mut v = LogVerifier::new(policy, at)?;
+    let result = entries.map(|entries| -> Result<ReplayedLog, ReplayError> {
+        // Verification and replay in one loop: every verified entry is folded into the
+        // state, which re-checks every admin change, server attestation and policy decision
+        // the log records.
+        let mut replay = Replay::new(policy, at, server_anchor)?;
         if let Some(size) = checkpoint
             .as_deref()
             .and_then(attestplane_verifier::log::claimed_size)
         {
-            v.remember_root_at(size);
+            replay.remember_root_at(size);
         }
-        // Replay: fold every verified entry into the state, which re-checks every admin
-        // change, server attestation and policy decision the log records.
-        let mut state = State::new(server_anchor);
-        let mut events: BTreeMap<&'static str, u64> = BTreeMap::new();
         for round in entries.chunks(attestplane_verifier::log::ROUND) {
-            let first = v.verified();
-            for (i, signed) in v.verify_round(round)?.iter().enumerate() {
-                let seq = first + i as u64;
-                state.apply(seq, signed.entry())?;
-                *events.entry(signed.entry().event.type_name()).or_default() += 1;
-            }
+            replay.push_round(round)?;
         }
-        let log = match &checkpoint {
-            Some(note) => v.finish_with_checkpoint(note)?,
-            None => v.finish()?,
-        };
-        Ok((log, state.snapshot(), events))
+        match &checkpoint {
+            Some(note) => replay.finish_with_checkpoint(note),
+            None => replay.finish(),
+        }
     });
     let result = match result {
         Ok(r) => r,
@@ -483,7 +458,8 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
         }
     };
     match result {
-        Ok((log, state, events)) => {
+        Ok(ReplayedLog { log, state, events }) => {
+            let state = state.snapshot();
             if a.json {
                 println!(
                     "{}",

@@ -19,6 +19,11 @@
 //!
 //! ## Re-checked and trusted application
 //!
+//! [`State::apply`] takes a [`VerifiedEntry`], which only the log verifier makes, so bytes that
+//! failed signature, link or epoch checks never reach the fold; [`crate::replay::Replay`] runs
+//! the two together. The one other way in is [`State::apply_own`], for the entry the enclave
+//! has just decided and signed itself.
+//!
 //! [`State::apply`] re-checks everything above ([`ApplyMode::Recheck`]). [`State::apply_with`]
 //! in [`ApplyMode::Trusted`] takes the logged decisions and discoveries as made: it does not
 //! evaluate them again, and applies only what they change (an allowed `call` counts against
@@ -53,6 +58,7 @@ use crate::entry::{
     PrincipalRecord,
 };
 use crate::handle::Jwks;
+use crate::log::VerifiedEntry;
 use crate::policy::{
     Action, AttestationFacts, Counters, DecisionRequest, PolicyEngine, Principal, ServerFacts,
 };
@@ -690,21 +696,30 @@ impl State {
             .collect()
     }
 
-    /// Applies entry `seq` (already verified by [`crate::log`]) to the state, re-checking every
-    /// logged decision ([`ApplyMode::Recheck`]).
-    pub fn apply(&mut self, seq: u64, entry: &Entry) -> Result<(), StateError> {
-        self.apply_with(seq, entry, ApplyMode::Recheck)
+    /// Applies an entry the log verifier accepted to the state, re-checking every logged
+    /// decision ([`ApplyMode::Recheck`]). Entries come in order, each once; [`crate::replay`]
+    /// drives this together with the log verifier.
+    pub fn apply(&mut self, entry: &VerifiedEntry) -> Result<(), StateError> {
+        self.fold(entry.seq(), entry.entry(), ApplyMode::Recheck)
     }
 
-    /// Applies entry `seq` to the state in `mode`. With [`ApplyMode::Trusted`], a logged
-    /// decision or discovery is not evaluated again; the state changes exactly as
+    /// Applies an entry the log verifier accepted in `mode`. With [`ApplyMode::Trusted`], a
+    /// logged decision or discovery is not evaluated again; the state changes exactly as
     /// [`ApplyMode::Recheck`] would change it for an entry that `Recheck` accepts.
-    pub fn apply_with(
-        &mut self,
-        seq: u64,
-        entry: &Entry,
-        mode: ApplyMode,
-    ) -> Result<(), StateError> {
+    pub fn apply_with(&mut self, entry: &VerifiedEntry, mode: ApplyMode) -> Result<(), StateError> {
+        self.fold(entry.seq(), entry.entry(), mode)
+    }
+
+    /// Applies an entry its author has just decided and signed itself (the enclave, live):
+    /// there are no bytes from outside to verify, and the decisions are the ones this code has
+    /// just made on this state, so they are taken as made ([`ApplyMode::Trusted`]). Never for
+    /// an entry read back from storage or received from anyone: those go through the log
+    /// verifier and [`State::apply`].
+    pub fn apply_own(&mut self, seq: u64, entry: &Entry) -> Result<(), StateError> {
+        self.fold(seq, entry, ApplyMode::Trusted)
+    }
+
+    fn fold(&mut self, seq: u64, entry: &Entry, mode: ApplyMode) -> Result<(), StateError> {
         let now = entry.time;
         self.prune(now);
         match &entry.event {

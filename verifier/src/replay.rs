@@ -1,0 +1,274 @@
+//! Replay: log verification and the state fold, as one loop.
+//!
+//! [`Replay`] is the only place that runs the [log verifier](crate::log) and the
+//! [state fold](crate::state) together, and both consumers of a stored log use it: the
+//! auditor's `attestplane-verify log` and the enclave at boot. Entries go in by rounds
+//! ([`Replay::push_round`]); the log verifier checks each round (decoding, links, epochs,
+//! signatures, in parallel) and hands back [`VerifiedEntry`] values, which the state fold
+//! applies in order. Memory is bounded by one round, the state and the list of epochs, not by
+//! the log's length, so a caller that reads the log in rounds (as both consumers do) replays
+//! a log of any length.
+//!
+//! ## What a replay checks beyond the log verifier
+//!
+//! - Every logged admin change, attestation and decision against the state so far (see
+//!   [`crate::state`]), in the mode [`EpochTrust`] chooses for the entry's epoch: re-decided
+//!   ([`ApplyMode::Recheck`]) unless the caller trusts the epoch's image to have decided
+//!   correctly itself (the enclave, for epochs its own measured image wrote).
+//! - Optionally, that the log's genesis names exactly the admin keys the caller pinned
+//!   ([`Replay::expect_genesis_keys`]).
+//!
+//! The first failure is reported with its sequence number, whether the log verifier or the
+//! fold found it: within a round, the fold runs over the verified prefix before a failure of
+//! the log verifier is reported, so a bad decision before a broken link is named first.
+//!
+//! ## What it does not do
+//!
+//! It reads no files and no clock: the caller streams the entries in and gives the
+//! verification instant.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+use crate::attestation::{Pcr, PcrIndex, TrustAnchor};
+use crate::entry::Event;
+use crate::log::{
+    LogError, LogPolicy, LogVerifier, VerifiedEntry, VerifiedLog, image_matches, image_of,
+};
+use crate::state::{ApplyMode, State, StateError};
+use crate::time::UnixMillis;
+
+/// Why a replay failed: the log's structure and signatures, its state, or its genesis.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ReplayError {
+    /// The log verifier refused an entry (or the checkpoint).
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The state contradicts a logged event.
+    #[error("replay: {0}")]
+    State(#[from] StateError),
+    /// The genesis entry names other admin keys than the pinned ones.
+    #[error(
+        "entry {seq}: genesis admin keys differ from the pinned ones (log: {}; pinned: {})",
+        fmt_keys(found),
+        fmt_keys(expected)
+    )]
+    GenesisKeysDiffer {
+        /// Position of the genesis entry.
+        seq: u64,
+        /// The pinned keys, sorted.
+        expected: Vec<[u8; 32]>,
+        /// The keys the log's genesis names, sorted.
+        found: Vec<[u8; 32]>,
+    },
+}
+
+fn fmt_keys(keys: &[[u8; 32]]) -> String {
+    keys.iter().map(hex::encode).collect::<Vec<_>>().join(", ")
+}
+
+impl ReplayError {
+    /// The first bad sequence number, when the failure is about an entry.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            ReplayError::Log(e) => e.seq(),
+            ReplayError::State(e) => Some(e.seq()),
+            ReplayError::GenesisKeysDiffer { seq, .. } => Some(*seq),
+        }
+    }
+}
+
+/// Chooses, epoch by epoch, how the fold applies logged decisions: trusted
+/// ([`ApplyMode::Trusted`]) in an epoch opened by an attestation document that carries the
+/// trusted image's PCRs (not in debug mode), re-decided ([`ApplyMode::Recheck`]) in any other.
+/// The enclave trusts its own image (the same code made those decisions on the same state);
+/// an auditor trusts none.
+#[derive(Clone, Debug, Default)]
+pub struct EpochTrust {
+    own: BTreeMap<PcrIndex, Pcr>,
+}
+
+impl EpochTrust {
+    /// Trusts the epochs of the image whose PCRs are `own`. Empty or all-zero (debug-mode)
+    /// PCRs trust no epoch.
+    pub fn new(own: BTreeMap<PcrIndex, Pcr>) -> Self {
+        Self { own }
+    }
+
+    /// Trusts no epoch: every decision is re-decided (what an auditor does).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// How to apply `entry`.
+    pub fn mode(&self, entry: &VerifiedEntry) -> ApplyMode {
+        let epoch = entry.epoch();
+        let trusted = !self.own.is_empty()
+            && !self.own.values().any(Pcr::is_zero)
+            && !epoch.debug
+            && image_matches(&self.own, &epoch.pcrs);
+        if trusted {
+            ApplyMode::Trusted
+        } else {
+            ApplyMode::Recheck
+        }
+    }
+}
+
+/// A log that verified and replayed.
+#[derive(Debug)]
+pub struct ReplayedLog {
+    /// The log verifier's findings.
+    pub log: VerifiedLog,
+    /// The state after the last entry.
+    pub state: State,
+    /// Entries by event type.
+    pub events: BTreeMap<&'static str, u64>,
+}
+
+/// Log verification and state fold over a log streamed in by rounds (see the module
+/// documentation). After an error, drop it: it does not pick up again.
+#[derive(Debug)]
+pub struct Replay {
+    verifier: LogVerifier,
+    state: State,
+    trust: EpochTrust,
+    genesis: Option<Vec<[u8; 32]>>,
+    events: BTreeMap<&'static str, u64>,
+}
+
+impl Replay {
+    /// A replay of a log checked at instant `at` against `policy`, whose MCP servers'
+    /// attestation documents chain to `server_anchor`. Every epoch is re-decided until
+    /// [`Replay::with_trust`] says otherwise.
+    pub fn new(
+        policy: LogPolicy,
+        at: UnixMillis,
+        server_anchor: TrustAnchor,
+    ) -> Result<Self, LogError> {
+        let mut verifier = LogVerifier::new(policy, at)?;
+        // Which images may run is the fold's business: it knows the images the log allowed.
+        verifier.defer_image_checks();
+        Ok(Self {
+            verifier,
+            state: State::new(server_anchor),
+            trust: EpochTrust::none(),
+            genesis: None,
+            events: BTreeMap::new(),
+        })
+    }
+
+    /// Applies the epochs `trust` trusts without re-deciding their decisions.
+    pub fn with_trust(mut self, trust: EpochTrust) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    /// Requires the log's genesis to name exactly `keys` (in any order).
+    pub fn expect_genesis_keys(mut self, mut keys: Vec<[u8; 32]>) -> Self {
+        keys.sort_unstable();
+        keys.dedup();
+        self.genesis = Some(keys);
+        self
+    }
+
+    /// Asks the log verifier to remember the Merkle root of the first `size` entries, to check
+    /// a checkpoint of that size at the end. Call before pushing entries.
+    pub fn remember_root_at(&mut self, size: u64) {
+        self.verifier.remember_root_at(size);
+    }
+
+    /// Verifies the next entries of the log and folds them into the state.
+    pub fn push_round<B: AsRef<[u8]> + Sync>(&mut self, round: &[B]) -> Result<(), ReplayError> {
+        let (verified, failure) = self.verifier.verify_round_prefix(round);
+        for entry in &verified {
+            self.fold(entry)?;
+        }
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    fn fold(&mut self, entry: &VerifiedEntry) -> Result<(), ReplayError> {
+        if let Event::EpochStart { .. } = &entry.entry().event {
+            let pcrs = &entry.epoch().pcrs;
+            if !self.verifier.policy().pins(pcrs) {
+                return Err(LogError::ImageNotAllowed {
+                    seq: entry.seq(),
+                    pcrs: image_of(pcrs),
+                }
+                .into());
+            }
+        }
+        if let (Some(pinned), Event::Genesis { admin_keys }) = (&self.genesis, &entry.entry().event)
+        {
+            let mut found = admin_keys.clone();
+            found.sort_unstable();
+            found.dedup();
+            if found != *pinned {
+                return Err(ReplayError::GenesisKeysDiffer {
+                    seq: entry.seq(),
+                    expected: pinned.clone(),
+                    found,
+                });
+            }
+        }
+        let mode = self.trust.mode(entry);
+        self.state.apply_with(entry, mode)?;
+        *self
+            .events
+            .entry(entry.entry().event.type_name())
+            .or_default() += 1;
+        Ok(())
+    }
+
+    /// Entries verified and folded so far.
+    pub fn verified(&self) -> u64 {
+        self.verifier.verified()
+    }
+
+    /// The log verifier (head, epoch, Merkle frontier so far).
+    pub fn verifier(&self) -> &LogVerifier {
+        &self.verifier
+    }
+
+    /// The state so far.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Entries by event type so far.
+    pub fn events(&self) -> &BTreeMap<&'static str, u64> {
+        &self.events
+    }
+
+    /// The log verifier and the state, to continue the log from (the enclave at boot).
+    pub fn into_parts(self) -> (LogVerifier, State) {
+        (self.verifier, self.state)
+    }
+
+    /// Ends the replay: the log must not be empty.
+    pub fn finish(self) -> Result<ReplayedLog, ReplayError> {
+        let log = self.verifier.finish()?;
+        Ok(ReplayedLog {
+            log,
+            state: self.state,
+            events: self.events,
+        })
+    }
+
+    /// Ends the replay and checks the log against a signed checkpoint held outside the host
+    /// (see [`LogVerifier::finish_with_checkpoint`]); its size must have been announced with
+    /// [`Replay::remember_root_at`].
+    pub fn finish_with_checkpoint(self, note: &str) -> Result<ReplayedLog, ReplayError> {
+        let log = self.verifier.finish_with_checkpoint(note)?;
+        Ok(ReplayedLog {
+            log,
+            state: self.state,
+            events: self.events,
+        })
+    }
+}
