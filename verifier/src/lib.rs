@@ -55,6 +55,7 @@ mod cose;
 pub mod eif;
 pub mod entry;
 pub mod error;
+pub mod gateway;
 pub mod handle;
 pub mod log;
 pub mod merkle;
