@@ -13,6 +13,7 @@
 //!   byte and edited only in the member the gateway changes.
 //! - [`jcs`]: RFC 8785 canonical JSON, the one form that is hashed.
 //! - [`pin`]: tool-definition digests and the pin check of a listed tool set.
+//! - [`limits`]: GCRA rate limits and windowed spend caps per tenant, user, agent and tool.
 //!
 //! ## What this module does not do
 //!
@@ -23,3 +24,5 @@
 pub mod jcs;
 pub mod json;
 pub mod jsonrpc;
+pub mod limits;
+pub mod pin;
