@@ -31,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 pub mod epoch;
+pub mod gateway;
 pub mod identity;
 pub mod nsm;
 pub mod server;

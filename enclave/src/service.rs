@@ -831,10 +831,60 @@ impl Enclave {
     }
 }
 
-/// What work from inside the enclave (the MCP gateway) reads of the enclave.
+/// What the MCP gateway (`crate::gateway`) may do with the enclave: authenticate, read the
+/// state, and write entries that ride the same Persist/Durable path as every other entry.
 impl Enclave {
     /// The highest sequence number the host has reported durable.
     pub fn durable_through(&self) -> Option<u64> {
         self.durable
+    }
+
+    /// Authenticates an agent's bearer token for `audience`, through the bearer cache.
+    pub(crate) fn authenticate_for(
+        &mut self,
+        bearer: &str,
+        audience: crate::identity::Audience<'_>,
+        now: UnixMillis,
+    ) -> Result<attestplane_verifier::entry::PrincipalRecord, crate::identity::IdentityError> {
+        self.bearers
+            .authenticate_for(&self.state, bearer, audience, now)
+    }
+
+    /// `now` as the next entry's time will be: never before the head's time (the writer clamps),
+    /// so a decision taken at this time is the one replay takes at the entry's time.
+    pub(crate) fn entry_time(&self, now: UnixMillis) -> UnixMillis {
+        self.writer().map_or(now, |w| now.max(w.head().time))
+    }
+
+    /// Whether the enclave is serving.
+    pub(crate) fn serving(&self) -> bool {
+        self.writer().is_some()
+    }
+
+    /// `n` bytes of the NSM's randomness.
+    pub(crate) fn random(&self, n: usize) -> Result<Vec<u8>, String> {
+        self.nsm.random(n).map_err(|e| format!("nsm: {e}"))
+    }
+
+    /// Writes `event` (signed, applied to the state) and returns its sequence number and the
+    /// `Persist` reply that hands it to the host under `id`.
+    pub(crate) fn write_for_gateway(
+        &mut self,
+        id: u64,
+        event: Event,
+        now: UnixMillis,
+    ) -> Result<(u64, Replies), String> {
+        let written = self.write(event, now)?;
+        let seq = written.seq;
+        Ok((
+            seq,
+            vec![(
+                id,
+                Response::Persist {
+                    first_seq: seq,
+                    entries: vec![ByteBuf::from(written.bytes)],
+                },
+            )],
+        ))
     }
 }

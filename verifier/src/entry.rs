@@ -46,6 +46,9 @@ pub const ENTRY_CONTENT_TYPE: &str = "application/vnd.attestplane.entry+cbor";
 /// The largest encoded entry accepted.
 pub const MAX_ENTRY_LEN: usize = cbor::MAX_PAYLOAD_LEN + 512;
 
+/// The most drift records one `tool_drift` event carries.
+pub const MAX_DRIFT_RECORDS: usize = 4096;
+
 /// Domain separator at the head of the attestation `user_data` that opens an epoch.
 pub const EPOCH_BINDING_CONTEXT: &str = "attestplane/epoch/v1";
 
@@ -182,6 +185,14 @@ pub enum Event {
         /// Ids of the servers the policy let it see, sorted.
         servers: Vec<String>,
     },
+    /// The gateway found an upstream's tools differing from their pins: the tools concerned
+    /// are withheld from every listing and their calls refused until an admin re-pins.
+    ToolDrift {
+        /// The registered server.
+        server: String,
+        /// What differs, in the order the pin check reports it.
+        drift: Vec<DriftRecord>,
+    },
     /// How a call the gateway forwarded ended: written before the answer reaches the agent,
     /// or when the upstream failed or timed out (`aborted`).
     CallResult {
@@ -202,6 +213,19 @@ pub enum Event {
         /// RFC 6962 root over their entry hashes.
         root: [u8; 32],
     },
+}
+
+/// One difference between an upstream's listed tools and their pins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriftRecord {
+    /// `changed`, `renamed`, `unpinned`, `missing`, `duplicate` or `invalid`.
+    pub kind: String,
+    /// The tool's name as listed (for `renamed`: the new name; for `missing`: the pinned name).
+    pub name: String,
+    /// The pinned digest, where one applies.
+    pub pinned: Option<[u8; 32]>,
+    /// The listed definition's digest, where there is one.
+    pub found: Option<[u8; 32]>,
 }
 
 /// An MCP server's attestation, as the enclave verified it.
@@ -299,6 +323,7 @@ impl Event {
             Event::Attestation(_) => "attestation",
             Event::Decision(_) => "decision",
             Event::Discovery { .. } => "discovery",
+            Event::ToolDrift { .. } => "tool_drift",
             Event::CallResult { .. } => "call_result",
             Event::Checkpoint { .. } => "checkpoint",
         }
@@ -370,6 +395,32 @@ impl Event {
                 kind,
                 ("principal", principal_to_value(principal)),
                 ("servers", texts(servers)),
+            ]),
+            Event::ToolDrift { server, drift } => map([
+                kind,
+                ("server", Value::Text(server.clone())),
+                (
+                    "drift",
+                    Value::Array(
+                        drift
+                            .iter()
+                            .map(|d| {
+                                map([
+                                    ("kind", Value::Text(d.kind.clone())),
+                                    ("name", Value::Text(d.name.clone())),
+                                    (
+                                        "pinned",
+                                        d.pinned.map_or(Value::Null, |b| Value::Bytes(b.to_vec())),
+                                    ),
+                                    (
+                                        "found",
+                                        d.found.map_or(Value::Null, |b| Value::Bytes(b.to_vec())),
+                                    ),
+                                ])
+                            })
+                            .collect(),
+                    ),
+                ),
             ]),
             Event::CallResult {
                 call,
@@ -454,6 +505,33 @@ impl Event {
                 principal: principal_from_value(f.take("principal")?)?,
                 servers: f.texts("servers")?,
             },
+            "tool_drift" => {
+                let server = f.text("server")?;
+                let Value::Array(items) = f.take("drift")? else {
+                    return Err(EntryError::Shape(ShapeError::Field {
+                        field: "drift",
+                        expected: "array of maps",
+                    }));
+                };
+                if items.len() > MAX_DRIFT_RECORDS {
+                    return Err(EntryError::Shape(ShapeError::Field {
+                        field: "drift",
+                        expected: "at most 4096 items",
+                    }));
+                }
+                let mut drift = Vec::with_capacity(items.len());
+                for item in items {
+                    let mut d = Fields::new(item, "drift")?;
+                    drift.push(DriftRecord {
+                        kind: d.text("kind")?,
+                        name: d.text("name")?,
+                        pinned: d.opt_array("pinned")?,
+                        found: d.opt_array("found")?,
+                    });
+                    d.finish()?;
+                }
+                Event::ToolDrift { server, drift }
+            }
             "call_result" => Event::CallResult {
                 call: f.u64("call")?,
                 outcome: f.text("outcome")?,

@@ -308,6 +308,11 @@ impl State {
         self.servers.values()
     }
 
+    /// The issuers of the installed identity providers, sorted.
+    pub fn identity_issuers(&self) -> Vec<String> {
+        self.providers.keys().cloned().collect()
+    }
+
     /// The identity provider for `issuer`.
     pub fn identity_provider(&self, issuer: &str) -> Option<(&IdentityProviderSpec, &Jwks)> {
         self.providers.get(issuer).map(|(s, j)| (s, j))
@@ -723,7 +728,7 @@ impl State {
         let now = entry.time;
         self.prune(now);
         match &entry.event {
-            Event::EpochStart { .. } | Event::Checkpoint { .. } => {}
+            Event::EpochStart { .. } | Event::Checkpoint { .. } | Event::ToolDrift { .. } => {}
             Event::CallResult { call, outcome, .. } => {
                 if *call >= seq || !matches!(outcome.as_str(), "ok" | "error" | "aborted") {
                     return Err(StateError::BadCallResult { seq });

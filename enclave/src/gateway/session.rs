@@ -83,7 +83,12 @@ impl Sessions {
     }
 
     /// Checks that session `id` exists, is not idle-expired, and belongs to `owner`.
-    pub fn touch(&mut self, id: &str, owner: &SessionOwner, now: Instant) -> Result<(), SessionError> {
+    pub fn touch(
+        &mut self,
+        id: &str,
+        owner: &SessionOwner,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         let idle = self.idle;
         match self.map.get_mut(id) {
             Some(s) if s.owner == *owner && now.saturating_duration_since(s.last_used) < idle => {
@@ -138,12 +143,18 @@ mod tests {
         let now = Instant::now();
         let id = s.open(owner("alice"), &[7; 16], now).unwrap();
         assert_eq!(s.touch(&id, &owner("alice"), now), Ok(()));
-        assert_eq!(s.touch(&id, &owner("mallory"), now), Err(SessionError::Unknown));
+        assert_eq!(
+            s.touch(&id, &owner("mallory"), now),
+            Err(SessionError::Unknown)
+        );
         assert_eq!(s.close(&id, &owner("mallory")), Err(SessionError::Unknown));
         // Still alice's.
         assert_eq!(s.touch(&id, &owner("alice"), now), Ok(()));
         assert_eq!(s.close(&id, &owner("alice")), Ok(()));
-        assert_eq!(s.touch(&id, &owner("alice"), now), Err(SessionError::Unknown));
+        assert_eq!(
+            s.touch(&id, &owner("alice"), now),
+            Err(SessionError::Unknown)
+        );
     }
 
     #[test]

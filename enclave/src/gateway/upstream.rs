@@ -83,6 +83,22 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// The endpoint of a registration: the host dials the registered `endpoint`
+    /// (`http://host:port`), and the MCP endpoint's path is the path of its resource URI
+    /// (`…/mcp`; `/` when it has none).
+    pub fn of_registration(server: &str, endpoint: &str, resource: &str) -> Option<Self> {
+        let base = Self::parse(server, endpoint)?;
+        let path = resource
+            .split_once("://")
+            .map(|(_, rest)| rest)
+            .and_then(|rest| rest.find('/').and_then(|i| rest.get(i..)))
+            .unwrap_or("/");
+        Some(Self {
+            path: path.to_owned(),
+            ..base
+        })
+    }
+
     /// The endpoint of server `server` whose MCP URL is `url` (`http://host:port/path`).
     pub fn parse(server: &str, url: &str) -> Option<Self> {
         let rest = url.strip_prefix("http://")?;
@@ -408,7 +424,8 @@ pub fn encode_header_value(v: &str) -> String {
 /// The JSON-RPC response in an SSE stream: the first `data` event that is a response or an
 /// error response; notifications before it are counted.
 pub fn answer_from_sse(stream: &[u8]) -> Result<Answer, UpstreamError> {
-    let text = std::str::from_utf8(stream).map_err(|_| UpstreamError::BadAnswer("sse is not utf-8"))?;
+    let text =
+        std::str::from_utf8(stream).map_err(|_| UpstreamError::BadAnswer("sse is not utf-8"))?;
     let mut notifications = 0usize;
     let mut events = 0usize;
     let mut data = String::new();
@@ -431,7 +448,9 @@ pub fn answer_from_sse(stream: &[u8]) -> Result<Answer, UpstreamError> {
         if !data.is_empty() {
             events += 1;
             if events > MAX_SSE_EVENTS {
-                return Err(UpstreamError::BadAnswer("too many events before the answer"));
+                return Err(UpstreamError::BadAnswer(
+                    "too many events before the answer",
+                ));
             }
             let kind = parse_message(data.as_bytes()).map(|m| m.kind());
             match kind {
@@ -448,7 +467,9 @@ pub fn answer_from_sse(stream: &[u8]) -> Result<Answer, UpstreamError> {
             data.clear();
         }
         if line.is_none() {
-            return Err(UpstreamError::BadAnswer("the stream ended without an answer"));
+            return Err(UpstreamError::BadAnswer(
+                "the stream ended without an answer",
+            ));
         }
     }
 }
@@ -469,13 +490,24 @@ mod tests {
         assert!(Endpoint::parse("w", "https://h/mcp").is_none());
         assert!(Endpoint::parse("w", "http://user@h/mcp").is_none());
         assert!(Endpoint::parse("w", "http:///mcp").is_none());
+        let e =
+            Endpoint::of_registration("w", "http://w.internal:9000", "https://w.example/v1/mcp")
+                .unwrap();
+        assert_eq!(
+            (e.authority.as_str(), e.path.as_str()),
+            ("w.internal:9000", "/v1/mcp")
+        );
+        assert!(Endpoint::of_registration("w", "https://w.internal", "https://w/mcp").is_none());
     }
 
     #[test]
     fn sse_answer_skips_notifications() {
         let s = b"event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{}}\r\n\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"x\":1e3}}\n\n";
         let a = answer_from_sse(s).unwrap();
-        assert_eq!(&a.body[..], br#"{"jsonrpc":"2.0","id":1,"result":{"x":1e3}}"#);
+        assert_eq!(
+            &a.body[..],
+            br#"{"jsonrpc":"2.0","id":1,"result":{"x":1e3}}"#
+        );
         assert_eq!(a.notifications, 1);
         assert!(a.streamed);
     }
@@ -487,7 +519,9 @@ mod tests {
         let flood = "data: {\"jsonrpc\":\"2.0\",\"method\":\"n\"}\n\n".repeat(MAX_SSE_EVENTS + 1);
         assert!(matches!(
             answer_from_sse(flood.as_bytes()),
-            Err(UpstreamError::BadAnswer("too many events before the answer"))
+            Err(UpstreamError::BadAnswer(
+                "too many events before the answer"
+            ))
         ));
     }
 

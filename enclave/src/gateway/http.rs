@@ -1,0 +1,822 @@
+//! The gateway's HTTP server for agents: one MCP endpoint per registered server,
+//! `/mcp/{server-id}`, in both protocol eras, plus RFC 9728 protected-resource metadata.
+//!
+//! Per request: the bearer token is checked inside the enclave against the endpoint's resource
+//! URI (401 with `WWW-Authenticate: Bearer resource_metadata=…` otherwise); the body is read
+//! bounded and parsed as one JSON-RPC message (batches refused); the era is settled and the
+//! modern era's headers checked against the body; then the method is served:
+//!
+//! - `initialize` (legacy): a session minted from the NSM's randomness, bound to the agent;
+//! - `server/discover` (modern), `ping`: answered by the gateway;
+//! - `tools/list`: the upstream's tools (all pages, bounded), checked against their pins,
+//!   filtered by the policy for this agent, forwarded byte for byte;
+//! - `tools/call`: decided (pins, hard rules, Cedar), the decision entry made durable, then
+//!   forwarded; the answer's result entry made durable, then answered;
+//! - anything else: refused (`-32601`), deny by default.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use attestplane_verifier::admin::Digest32;
+use attestplane_verifier::entry::{DriftRecord, PrincipalRecord};
+use attestplane_verifier::gateway::json::parse_ijson;
+use attestplane_verifier::gateway::jsonrpc::{
+    INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Kind, METHOD_NOT_FOUND, Message,
+    error_response, parse_message,
+};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::value::RawValue;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::era::{self, Era, LEGACY_VERSION, MODERN_VERSION, McpHeaders};
+use super::inside::{self, CallVerdict, GATEWAY_ID_BASE, Refusal};
+use super::session::{SessionError, SessionOwner, Sessions};
+use super::upstream::{Answer, Endpoint, UpstreamError, Upstreams};
+use super::{GatewayConfig, MAX_REQUEST_BODY};
+use crate::server::EnclaveAccess;
+
+/// How long an upstream's listing is trusted for calls before it is fetched again.
+pub const TOOLS_TTL: Duration = Duration::from_secs(60);
+
+/// The most `tools/list` pages followed.
+pub const MAX_PAGES: usize = 16;
+
+/// What the gateway knows of one upstream's tools.
+#[derive(Default)]
+struct ToolCache {
+    /// When the listing was fetched.
+    fetched: Option<Instant>,
+    /// The kept tools and their pinned digests.
+    kept: std::collections::BTreeMap<String, Digest32>,
+    /// The drift last logged.
+    drift: Vec<DriftRecord>,
+}
+
+/// The gateway: shared by every agent connection.
+pub struct Gateway {
+    config: GatewayConfig,
+    access: EnclaveAccess,
+    upstreams: Upstreams,
+    sessions: Mutex<Sessions>,
+    tools: Mutex<HashMap<String, ToolCache>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+/// A settled request: who, where, which era.
+struct Ctx {
+    server: String,
+    principal: PrincipalRecord,
+}
+
+impl Gateway {
+    /// A gateway deciding through `access` and reaching upstreams through `upstreams`.
+    pub fn new(config: GatewayConfig, access: EnclaveAccess, upstreams: Upstreams) -> Self {
+        let sessions = Sessions::new(config.max_sessions, config.session_idle);
+        Self {
+            config,
+            access,
+            upstreams,
+            sessions: Mutex::new(sessions),
+            tools: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Serves HTTP/1.1 on one agent connection until it closes.
+    pub async fn serve_connection<S>(self: Arc<Self>, io: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let gateway = self;
+        let service = hyper::service::service_fn(move |req| {
+            let gateway = gateway.clone();
+            async move { Ok::<_, Infallible>(gateway.handle(req).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .max_buf_size(64 * 1024)
+            .header_read_timeout(Duration::from_secs(10))
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await;
+    }
+
+    fn next_id(&self) -> u64 {
+        GATEWAY_ID_BASE | self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_tools(&self) -> std::sync::MutexGuard<'_, HashMap<String, ToolCache>> {
+        self.tools
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Answers one HTTP request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Reply {
+        let path = req.uri().path().to_owned();
+        if let Some(id) = path.strip_prefix("/.well-known/oauth-protected-resource/mcp/") {
+            return self.metadata(id).await;
+        }
+        let Some(server) = path.strip_prefix("/mcp/").filter(|s| valid_id(s)) else {
+            return plain(StatusCode::NOT_FOUND, "no such endpoint");
+        };
+        let server = server.to_owned();
+        let bearer = match bearer(req.headers()) {
+            Some(b) => b,
+            None => return self.unauthorized(&server, "a bearer token is required"),
+        };
+        let headers = mcp_headers(req.headers());
+        let method = req.method().clone();
+        let principal = match self.authenticate(&server, bearer).await {
+            Ok(p) => p,
+            Err(Refusal::Unauthenticated(why)) => return self.unauthorized(&server, &why),
+            Err(e) => return refusal_reply(None, &e),
+        };
+        match method {
+            Method::POST => {}
+            Method::DELETE => return self.delete_session(&server, &principal, &headers),
+            // No server-initiated stream is offered (the spec allows 405).
+            Method::GET => {
+                return with_allow(plain(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "no server-initiated stream at this endpoint",
+                ));
+            }
+            _ => return with_allow(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST")),
+        }
+        let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return rpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    None,
+                    INVALID_REQUEST,
+                    "request body too large",
+                );
+            }
+        };
+        let message = match parse_message(&body) {
+            Ok(m) => m,
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+        };
+        let id = message.id().map(|r| r.get().to_owned());
+        let era = match era::classify(&headers, &message) {
+            Ok(era) => era,
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::BAD_REQUEST,
+                    id.as_deref(),
+                    e.code(),
+                    &e.to_string(),
+                );
+            }
+        };
+        let ctx = Ctx { server, principal };
+        match message.kind() {
+            Kind::Request => {}
+            Kind::Notification => return accepted(),
+            // The gateway never sends requests to agents: a response is out of place.
+            Kind::Response | Kind::ErrorResponse => {
+                return rpc_error(
+                    StatusCode::BAD_REQUEST,
+                    None,
+                    INVALID_REQUEST,
+                    "unexpected response: the gateway sent no request",
+                );
+            }
+        }
+        let method = message.method().unwrap_or_default().to_owned();
+        if era == Era::Legacy && method != "initialize" {
+            let owner = owner(&ctx);
+            let result = match &headers.session {
+                Some(s) => self.lock_sessions().touch(s, &owner, Instant::now()),
+                None => Err(SessionError::Unknown),
+            };
+            if let Err(e) = result {
+                let status = if headers.session.is_some() {
+                    StatusCode::NOT_FOUND
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                return rpc_error(status, id.as_deref(), INVALID_REQUEST, &e.to_string());
+            }
+        }
+        match method.as_str() {
+            "initialize" if era == Era::Legacy => self.initialize(&ctx, id.as_deref()).await,
+            "server/discover" if era == Era::Modern => discover(id.as_deref()),
+            "ping" => json(
+                StatusCode::OK,
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
+                    id.as_deref().unwrap_or("null")
+                ),
+            ),
+            "tools/list" => self.tools_list(&ctx, &message).await,
+            "tools/call" => self.tools_call(&ctx, &message).await,
+            _ => {
+                let status = match era {
+                    Era::Modern => StatusCode::NOT_FOUND,
+                    Era::Legacy => StatusCode::OK,
+                };
+                rpc_error(
+                    status,
+                    id.as_deref(),
+                    METHOD_NOT_FOUND,
+                    "method not available through the control plane",
+                )
+            }
+        }
+    }
+
+    async fn authenticate(&self, server: &str, bearer: String) -> Result<PrincipalRecord, Refusal> {
+        let audience = self.config.resource(server);
+        let server = server.to_owned();
+        self.access
+            .run(move |enclave, now| {
+                let r = match inside::endpoint_url(enclave, &server) {
+                    Ok(_) => inside::authenticate(enclave, &bearer, &audience, now),
+                    Err(e) => Err(e),
+                };
+                (r, Vec::new())
+            })
+            .await
+            .map_err(|_| Refusal::NotReady)?
+    }
+
+    fn unauthorized(&self, server: &str, why: &str) -> Reply {
+        let mut reply = rpc_error(StatusCode::UNAUTHORIZED, None, INVALID_REQUEST, why);
+        let challenge = format!(
+            "Bearer resource_metadata=\"{}\"",
+            self.config.metadata_url(server)
+        );
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            reply
+                .headers_mut()
+                .insert(hyper::header::WWW_AUTHENTICATE, v);
+        }
+        reply
+    }
+
+    /// RFC 9728 protected-resource metadata: the resource and the authorization servers whose
+    /// tokens the endpoint accepts (the installed identity providers).
+    async fn metadata(&self, server: &str) -> Reply {
+        if !valid_id(server) {
+            return plain(StatusCode::NOT_FOUND, "no such endpoint");
+        }
+        let id = server.to_owned();
+        let issuers = self
+            .access
+            .run(move |enclave, _| {
+                let known = enclave.state().server(&id).is_some();
+                let issuers: Vec<String> = enclave.state().identity_issuers();
+                ((known, issuers), Vec::new())
+            })
+            .await;
+        match issuers {
+            Ok((true, issuers)) => {
+                let body = serde_json::json!({
+                    "resource": self.config.resource(server),
+                    "authorization_servers": issuers,
+                    "bearer_methods_supported": ["header"],
+                });
+                json(StatusCode::OK, body.to_string())
+            }
+            Ok((false, _)) => plain(StatusCode::NOT_FOUND, "no such endpoint"),
+            Err(_) => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+        }
+    }
+
+    async fn initialize(&self, ctx: &Ctx, id: Option<&str>) -> Reply {
+        let random = self
+            .access
+            .run(|enclave, _| (enclave.random(16), Vec::new()))
+            .await;
+        let Ok(Ok(random)) = random else {
+            return rpc_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id,
+                INTERNAL_ERROR,
+                "no randomness for a session",
+            );
+        };
+        let session = match self
+            .lock_sessions()
+            .open(owner(ctx), &random, Instant::now())
+        {
+            Ok(s) => s,
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    id,
+                    INTERNAL_ERROR,
+                    &e.to_string(),
+                );
+            }
+        };
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":{},"result":{{"protocolVersion":"{LEGACY_VERSION}","capabilities":{{"tools":{{"listChanged":false}}}},"serverInfo":{{"name":"attestplane/{}","version":"{}"}}}}}}"#,
+            id.unwrap_or("null"),
+            ctx.server,
+            env!("CARGO_PKG_VERSION")
+        );
+        let mut reply = json(StatusCode::OK, body);
+        if let Ok(v) = HeaderValue::from_str(&session) {
+            reply.headers_mut().insert("mcp-session-id", v);
+        }
+        reply
+    }
+
+    fn delete_session(
+        &self,
+        server: &str,
+        principal: &PrincipalRecord,
+        headers: &McpHeaders,
+    ) -> Reply {
+        let owner = SessionOwner {
+            server: server.to_owned(),
+            agent: principal.agent.clone(),
+            issuer: principal.issuer.clone(),
+        };
+        match &headers.session {
+            Some(s) => match self.lock_sessions().close(s, &owner) {
+                Ok(()) => plain(StatusCode::OK, "session ended"),
+                Err(_) => plain(StatusCode::NOT_FOUND, "unknown session"),
+            },
+            None => plain(StatusCode::BAD_REQUEST, "no session"),
+        }
+    }
+
+    async fn endpoint(&self, server: &str) -> Result<Endpoint, Reply> {
+        let id = server.to_owned();
+        let url = self
+            .access
+            .run(move |enclave, _| (inside::endpoint_url(enclave, &id), Vec::new()))
+            .await;
+        match url {
+            Ok(Ok((endpoint, resource))) => Endpoint::of_registration(server, &endpoint, &resource)
+                .ok_or_else(|| {
+                    plain(
+                        StatusCode::BAD_GATEWAY,
+                        "the registered endpoint is not an http:// URL",
+                    )
+                }),
+            Ok(Err(e)) => Err(refusal_reply(None, &e)),
+            Err(_) => Err(plain(StatusCode::SERVICE_UNAVAILABLE, "not ready")),
+        }
+    }
+
+    /// Fetches every page of the upstream's tools (bounded): the answers' bytes.
+    async fn fetch_tools(&self, endpoint: &Endpoint) -> Result<Vec<Bytes>, UpstreamError> {
+        let era = self.upstreams.era(endpoint).await?;
+        let mut pages = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut params = serde_json::Map::new();
+            if let Some(c) = &cursor {
+                params.insert("cursor".into(), serde_json::Value::String(c.clone()));
+            }
+            if era == Era::Modern {
+                params.insert("_meta".into(), modern_meta());
+            }
+            let body = serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": "attestplane-list",
+                "method": "tools/list",
+                "params": params,
+            })
+            .to_string();
+            let answer = self
+                .upstreams
+                .call(endpoint, "tools/list", None, &body, None)
+                .await?;
+            let next = parse_message(&answer.body)
+                .ok()
+                .and_then(|m| m.tools_list_result().ok())
+                .and_then(|r| r.next_cursor);
+            pages.push(answer.body);
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return Ok(pages),
+            }
+        }
+        Err(UpstreamError::BadAnswer("too many tools/list pages"))
+    }
+
+    /// Lists, checks pins (logging drift) and filters for `ctx`'s agent. Returns the last
+    /// page (its other members are forwarded as they are) and the shown tools' text.
+    async fn listing(&self, ctx: &Ctx, endpoint: &Endpoint) -> Result<(Bytes, Vec<String>), Reply> {
+        let pages = self
+            .fetch_tools(endpoint)
+            .await
+            .map_err(|e| upstream_reply(None, &e))?;
+        let mut listed: Vec<Box<RawValue>> = Vec::new();
+        for page in &pages {
+            let m = parse_message(page).map_err(|_| bad_upstream(None))?;
+            let r = m.tools_list_result().map_err(|_| bad_upstream(None))?;
+            for t in r.tools {
+                listed.push(t.to_owned());
+            }
+        }
+        let last = pages.last().cloned().unwrap_or_default();
+        let principal = ctx.principal.clone();
+        let server = ctx.server.clone();
+        let mut drift = self
+            .lock_tools()
+            .get(&server)
+            .map(|c| c.drift.clone())
+            .unwrap_or_default();
+        let id = self.next_id();
+        let listed = Arc::new(listed);
+        let for_inside = listed.clone();
+        let outcome = self
+            .access
+            .run(move |enclave, now| {
+                match inside::check_listing(
+                    enclave,
+                    now,
+                    id,
+                    &principal,
+                    &server,
+                    &for_inside,
+                    &mut drift,
+                ) {
+                    Ok((listing, replies)) => (Ok((listing, drift)), replies),
+                    Err(e) => (Err(e), Vec::new()),
+                }
+            })
+            .await
+            .map_err(|_| plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"))?;
+        let (listing, drift) = outcome.map_err(|e| refusal_reply(None, &e))?;
+        if let Some(seq) = listing.drift_seq {
+            self.access
+                .durable(seq)
+                .await
+                .map_err(|_| plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"))?;
+        }
+        {
+            let mut tools = self.lock_tools();
+            let cache = tools.entry(ctx.server.clone()).or_default();
+            cache.fetched = Some(Instant::now());
+            cache.kept = listing.kept.clone();
+            cache.drift = drift;
+        }
+        let shown = listing
+            .shown
+            .iter()
+            .filter_map(|i| listed.get(*i).map(|t| t.get().to_owned()))
+            .collect();
+        Ok((last, shown))
+    }
+
+    async fn tools_list(&self, ctx: &Ctx, message: &Message<'_>) -> Reply {
+        let id = message.id().map(RawValue::get);
+        let endpoint = match self.endpoint(&ctx.server).await {
+            Ok(e) => e,
+            Err(r) => return r,
+        };
+        let (last, shown) = match self.listing(ctx, &endpoint).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let Ok(page) = parse_message(&last) else {
+            return bad_upstream(id);
+        };
+        let raws: Vec<Box<RawValue>> = shown
+            .into_iter()
+            .filter_map(|t| RawValue::from_string(t).ok())
+            .collect();
+        let refs: Vec<&RawValue> = raws.iter().map(|b| b.as_ref()).collect();
+        let Ok(with_tools) = page.with_result_tools(&refs) else {
+            return bad_upstream(id);
+        };
+        match with_agent_id(&with_tools, id) {
+            Some(body) => json(StatusCode::OK, body),
+            None => bad_upstream(id),
+        }
+    }
+
+    async fn tools_call(&self, ctx: &Ctx, message: &Message<'_>) -> Reply {
+        let id = message.id().map(RawValue::get);
+        let params = match message.tools_call_params() {
+            Ok(p) => p,
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string()),
+        };
+        if let Some(args) = params.arguments
+            && let Err(e) = parse_ijson(args.get())
+        {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                id,
+                INVALID_PARAMS,
+                &format!("arguments are not I-JSON: {e}"),
+            );
+        }
+        let endpoint = match self.endpoint(&ctx.server).await {
+            Ok(e) => e,
+            Err(r) => return r,
+        };
+        // The tool's live definition must still be its pinned one: from a listing younger than
+        // the TTL, or a fresh one.
+        let fresh = self
+            .lock_tools()
+            .get(&ctx.server)
+            .and_then(|c| c.fetched.filter(|t| t.elapsed() < TOOLS_TTL).map(|_| ()))
+            .is_some();
+        if !fresh && let Err(r) = self.listing(ctx, &endpoint).await {
+            return r;
+        }
+        let live = self
+            .lock_tools()
+            .get(&ctx.server)
+            .and_then(|c| c.kept.get(&params.name).copied());
+        let principal = ctx.principal.clone();
+        let server = ctx.server.clone();
+        let tool = params.name.clone();
+        let rid = self.next_id();
+        let verdict = self
+            .access
+            .run(move |enclave, now| {
+                match inside::decide_call(enclave, now, rid, &principal, &server, &tool, live) {
+                    Ok((v, replies)) => (Ok(v), replies),
+                    Err(e) => (Err(e), Vec::new()),
+                }
+            })
+            .await;
+        let seq = match verdict {
+            Ok(Ok(CallVerdict::Allowed { seq })) => seq,
+            Ok(Ok(CallVerdict::Denied { seq, reason })) => {
+                if self.access.durable(seq).await.is_err() {
+                    return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+                }
+                return rpc_error(
+                    StatusCode::OK,
+                    id,
+                    INVALID_PARAMS,
+                    &format!("call refused (entry {seq}): {reason}"),
+                );
+            }
+            Ok(Ok(CallVerdict::Withheld)) => {
+                return rpc_error(
+                    StatusCode::OK,
+                    id,
+                    INVALID_PARAMS,
+                    &format!(
+                        "tool {:?} is withheld: it is not pinned, or its definition has changed since it was pinned",
+                        params.name
+                    ),
+                );
+            }
+            Ok(Err(e)) => return refusal_reply(id, &e),
+            Err(_) => return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+        };
+        if self.access.durable(seq).await.is_err() {
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+        }
+        // Forward: the agent's message as it came, toward the upstream's era.
+        let era = match self.upstreams.era(&endpoint).await {
+            Ok(e) => e,
+            Err(e) => return self.aborted(id, seq, &e).await,
+        };
+        let mut body = message.text().to_owned();
+        if era == Era::Modern && era::body_version(message).is_none() {
+            let meta = RawValue::from_string(format!("\"{MODERN_VERSION}\"")).ok();
+            if let Some(m) = meta
+                && let Ok(b) = message.with_params_meta(era::META_PROTOCOL_VERSION, &m)
+            {
+                body = b;
+            }
+        }
+        let answer = match self
+            .upstreams
+            .call(&endpoint, "tools/call", Some(&params.name), &body, None)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => return self.aborted(id, seq, &e).await,
+        };
+        self.finish(id, seq, answer).await
+    }
+
+    /// Logs the answer's result entry, waits for it to be durable, and answers the agent.
+    async fn finish(&self, id: Option<&str>, seq: u64, answer: Answer) -> Reply {
+        let outcome = match parse_message(&answer.body) {
+            Ok(m) if m.kind() == Kind::Response => {
+                if m.result().is_some_and(|r| is_error_result(r.get())) {
+                    "error"
+                } else {
+                    "ok"
+                }
+            }
+            Ok(m) if m.kind() == Kind::ErrorResponse => "error",
+            _ => {
+                return self
+                    .aborted(
+                        id,
+                        seq,
+                        &UpstreamError::BadAnswer("not a json-rpc response"),
+                    )
+                    .await;
+            }
+        };
+        let hash: [u8; 32] = Sha256::digest(&answer.body).into();
+        let rid = self.next_id();
+        let written = self
+            .access
+            .run(move |enclave, now| {
+                match inside::record_result(enclave, now, rid, seq, outcome, hash) {
+                    Ok((s, replies)) => (Ok(s), replies),
+                    Err(e) => (Err(e), Vec::new()),
+                }
+            })
+            .await;
+        match written {
+            Ok(Ok(result_seq)) => {
+                if self.access.durable(result_seq).await.is_err() {
+                    return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+                }
+                let body = String::from_utf8_lossy(&answer.body).into_owned();
+                json(StatusCode::OK, body)
+            }
+            Ok(Err(e)) => refusal_reply(id, &e),
+            Err(_) => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+        }
+    }
+
+    /// Logs an `aborted` result for call `seq` and tells the agent the upstream failed.
+    async fn aborted(&self, id: Option<&str>, seq: u64, e: &UpstreamError) -> Reply {
+        let rid = self.next_id();
+        let written = self
+            .access
+            .run(move |enclave, now| {
+                match inside::record_result(enclave, now, rid, seq, "aborted", [0; 32]) {
+                    Ok((s, replies)) => (Ok(s), replies),
+                    Err(e) => (Err(e), Vec::new()),
+                }
+            })
+            .await;
+        if let Ok(Ok(s)) = written {
+            let _ = self.access.durable(s).await;
+        }
+        upstream_reply(id, e)
+    }
+}
+
+/// Whether a tool result says `"isError": true` (its top-level member only).
+fn is_error_result(result: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(result)
+        .ok()
+        .and_then(|v| v.get("isError").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false)
+}
+
+/// `body` (a JSON-RPC response) with its id replaced by `id` (the agent's).
+fn with_agent_id(body: &str, id: Option<&str>) -> Option<String> {
+    let m = parse_message(body.as_bytes()).ok()?;
+    let old = m.id()?;
+    m.with_replaced(old, id.unwrap_or("null")).ok()
+}
+
+fn modern_meta() -> serde_json::Value {
+    serde_json::json!({
+        era::META_PROTOCOL_VERSION: MODERN_VERSION,
+        "io.modelcontextprotocol/clientInfo": {"name": "attestplane-gateway", "version": env!("CARGO_PKG_VERSION")},
+        "io.modelcontextprotocol/clientCapabilities": {},
+    })
+}
+
+fn owner(ctx: &Ctx) -> SessionOwner {
+    SessionOwner {
+        server: ctx.server.clone(),
+        agent: ctx.principal.agent.clone(),
+        issuer: ctx.principal.issuer.clone(),
+    }
+}
+
+fn discover(id: Option<&str>) -> Reply {
+    json(
+        StatusCode::OK,
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{},"result":{{"resultType":"complete","supportedVersions":["{MODERN_VERSION}"],"capabilities":{{"tools":{{}}}},"_meta":{{"io.modelcontextprotocol/serverInfo":{{"name":"attestplane-gateway","version":"{}"}}}}}}}}"#,
+            id.unwrap_or("null"),
+            env!("CARGO_PKG_VERSION")
+        ),
+    )
+}
+
+/// Server ids as the registry allows them in a path: no separators or escapes.
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .then(|| token.trim().to_owned())
+}
+
+fn mcp_headers(h: &HeaderMap) -> McpHeaders {
+    let get = |name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_owned())
+    };
+    McpHeaders {
+        protocol_version: get("mcp-protocol-version"),
+        method: get("mcp-method"),
+        name: get("mcp-name"),
+        session: get("mcp-session-id"),
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn with_allow(mut r: Reply) -> Reply {
+    r.headers_mut().insert(
+        hyper::header::ALLOW,
+        HeaderValue::from_static("POST, DELETE"),
+    );
+    r
+}
+
+fn accepted() -> Reply {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::ACCEPTED;
+    r
+}
+
+fn rpc_error(status: StatusCode, id: Option<&str>, code: i64, message: &str) -> Reply {
+    let id = id.and_then(|i| RawValue::from_string(i.to_owned()).ok());
+    json(status, error_response(id.as_deref(), code, message))
+}
+
+fn refusal_reply(id: Option<&str>, e: &Refusal) -> Reply {
+    let status = match e {
+        Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        Refusal::UnknownServer(_) => StatusCode::NOT_FOUND,
+        Refusal::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    rpc_error(status, id, INTERNAL_ERROR, &e.to_string())
+}
+
+fn upstream_reply(id: Option<&str>, e: &UpstreamError) -> Reply {
+    let status = match e {
+        UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    rpc_error(status, id, INTERNAL_ERROR, &format!("upstream: {e}"))
+}
+
+fn bad_upstream(id: Option<&str>) -> Reply {
+    upstream_reply(id, &UpstreamError::BadAnswer("not a tools/list result"))
+}

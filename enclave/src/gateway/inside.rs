@@ -1,0 +1,257 @@
+//! What the gateway does with the enclave itself, on its one handler thread: authenticate an
+//! agent, check an upstream's tools against their pins, decide a call, and write the entries.
+//!
+//! Each function here is a plain function of the enclave, the inputs and the enclave's time,
+//! run through [`crate::server::EnclaveAccess::run`]; it returns its outcome and the `Persist`
+//! replies of the entries it wrote. The caller waits for those entries to be durable
+//! ([`crate::server::EnclaveAccess::durable`]) before it acts on the outcome: before it
+//! forwards an allowed call, and before it answers the agent with a call's result.
+//!
+//! The decisions are the verifier's: hard rules and Cedar through [`State::decide`] (the same
+//! function `attestplane-verify log` replays), pins through
+//! `attestplane_verifier::gateway::pin::check_tools`.
+
+use std::collections::BTreeMap;
+
+use attestplane_proto::Response;
+use attestplane_verifier::UnixMillis;
+use attestplane_verifier::admin::Digest32;
+use attestplane_verifier::entry::{DriftRecord, Event, PrincipalRecord};
+use attestplane_verifier::gateway::pin::{Drift, check_tools};
+use attestplane_verifier::policy::Action;
+use serde_json::value::RawValue;
+
+use crate::identity::Audience;
+use crate::service::Enclave;
+
+/// Replies to route (the `Persist` of what was written).
+pub type Replies = Vec<(u64, Response)>;
+
+/// Ids of the `Persist` replies the gateway's entries travel under: far from any id a host
+/// uses for its requests (the host stores a `Persist` under any id).
+pub const GATEWAY_ID_BASE: u64 = 1 << 62;
+
+/// Why the gateway refuses a request before deciding it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The bearer token is missing or not valid for this endpoint (HTTP 401).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// No such server is registered (HTTP 404).
+    #[error("unknown server {0:?}")]
+    UnknownServer(String),
+    /// The enclave is not serving (boot not finished or broken log) (HTTP 503).
+    #[error("the control plane is not ready")]
+    NotReady,
+    /// The enclave could not write an entry (HTTP 500; the enclave stops serving).
+    #[error("the log could not be written: {0}")]
+    Log(String),
+}
+
+/// The identity an agent's token proves, for `audience`.
+pub fn authenticate(
+    enclave: &mut Enclave,
+    bearer: &str,
+    audience: &str,
+    now: UnixMillis,
+) -> Result<PrincipalRecord, Refusal> {
+    enclave
+        .authenticate_for(bearer, Audience::Resource(audience), now)
+        .map_err(|e| Refusal::Unauthenticated(e.to_string()))
+}
+
+/// Where a registered server is: its `endpoint` (what the host dials) and its resource URI
+/// (whose path is the MCP endpoint's).
+pub fn endpoint_url(enclave: &Enclave, server: &str) -> Result<(String, String), Refusal> {
+    enclave
+        .state()
+        .server(server)
+        .map(|s| (s.spec.endpoint.clone(), s.spec.resource.clone()))
+        .ok_or_else(|| Refusal::UnknownServer(server.to_owned()))
+}
+
+/// The outcome of checking a listing.
+#[derive(Clone, Debug, Default)]
+pub struct Listing {
+    /// Positions (in the listing) of the tools this agent is shown: pinned, unchanged, and
+    /// permitted by the policy.
+    pub shown: Vec<usize>,
+    /// Each kept tool's name and pinned digest (what a call is checked against).
+    pub kept: BTreeMap<String, Digest32>,
+    /// The sequence number of the drift entry written for this listing, if any.
+    pub drift_seq: Option<u64>,
+}
+
+/// Checks an upstream's listing (all pages' tools, in order) against the server's pins, logs
+/// new drift (`known_drift` is what was already logged for this server: the same drift is not
+/// logged twice in a row), and filters the kept tools by the policy for `principal`.
+pub fn check_listing(
+    enclave: &mut Enclave,
+    now: UnixMillis,
+    id: u64,
+    principal: &PrincipalRecord,
+    server: &str,
+    listed: &[Box<RawValue>],
+    known_drift: &mut Vec<DriftRecord>,
+) -> Result<(Listing, Replies), Refusal> {
+    if !enclave.serving() {
+        return Err(Refusal::NotReady);
+    }
+    let now = enclave.entry_time(now);
+    let Some(spec) = enclave.state().server(server).map(|s| s.spec.clone()) else {
+        return Err(Refusal::UnknownServer(server.to_owned()));
+    };
+    let refs: Vec<&RawValue> = listed.iter().map(|b| b.as_ref()).collect();
+    let mut listing = Listing::default();
+    let mut replies = Vec::new();
+    let (kept, drift): (Vec<(usize, String, Digest32)>, Vec<DriftRecord>) =
+        match check_tools(&refs, &spec.tools) {
+            Ok(check) => (
+                check
+                    .kept()
+                    .iter()
+                    .map(|k| (k.index, k.name.clone(), k.digest))
+                    .collect(),
+                check.drift().iter().map(drift_record).collect(),
+            ),
+            // A listing the check cannot read at all (too many tools): nothing is kept.
+            Err(e) => (
+                Vec::new(),
+                vec![DriftRecord {
+                    kind: "invalid".into(),
+                    name: e.to_string(),
+                    pinned: None,
+                    found: None,
+                }],
+            ),
+        };
+    if !drift.is_empty() && drift != *known_drift {
+        let event = Event::ToolDrift {
+            server: server.to_owned(),
+            drift: drift.clone(),
+        };
+        let (seq, r) = enclave
+            .write_for_gateway(id, event, now)
+            .map_err(Refusal::Log)?;
+        listing.drift_seq = Some(seq);
+        replies.extend(r);
+    }
+    *known_drift = drift;
+    for (index, name, digest) in kept {
+        let decision = enclave
+            .state()
+            .decide(principal, Action::Call, server, Some(&name), now);
+        if decision.allowed {
+            listing.shown.push(index);
+        }
+        listing.kept.insert(name, digest);
+    }
+    Ok((listing, replies))
+}
+
+fn drift_record(d: &Drift) -> DriftRecord {
+    let (name, pinned, found) = match d {
+        Drift::Changed {
+            name,
+            pinned,
+            found,
+        } => (name.clone(), Some(pinned.0), Some(found.0)),
+        Drift::Renamed { to, found, .. } => (to.clone(), None, Some(found.0)),
+        Drift::Unpinned { name, found } => (name.clone(), None, Some(found.0)),
+        Drift::Missing { name, pinned } => (name.clone(), Some(pinned.0), None),
+        Drift::Duplicate { name, .. } => (name.clone(), None, None),
+        Drift::Invalid { index, .. } => (format!("#{index}"), None, None),
+        _ => (String::new(), None, None),
+    };
+    DriftRecord {
+        kind: d.kind().to_owned(),
+        name,
+        pinned,
+        found,
+    }
+}
+
+/// What the gateway does with a call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallVerdict {
+    /// Forward it once entry `seq` is durable.
+    Allowed {
+        /// The decision entry.
+        seq: u64,
+    },
+    /// Refuse it; the refusal is entry `seq`.
+    Denied {
+        /// The decision entry.
+        seq: u64,
+        /// Why (derived from the logged decision).
+        reason: String,
+    },
+    /// Refuse it without a decision entry: the tool's live definition is not its pinned one
+    /// (the drift is logged by [`check_listing`]).
+    Withheld,
+}
+
+/// Decides a `tools/call` of `tool` on `server` for `principal` and writes the decision entry.
+/// `live` is the tool's pinned digest if the upstream's current listing still matches its pin
+/// (from [`check_listing`]), `None` if the tool is withheld.
+pub fn decide_call(
+    enclave: &mut Enclave,
+    now: UnixMillis,
+    id: u64,
+    principal: &PrincipalRecord,
+    server: &str,
+    tool: &str,
+    live: Option<Digest32>,
+) -> Result<(CallVerdict, Replies), Refusal> {
+    if !enclave.serving() {
+        return Err(Refusal::NotReady);
+    }
+    let now = enclave.entry_time(now);
+    if enclave.state().server(server).is_none() {
+        return Err(Refusal::UnknownServer(server.to_owned()));
+    }
+    if live.is_none() {
+        return Ok((CallVerdict::Withheld, Vec::new()));
+    }
+    let record = enclave
+        .state()
+        .decide(principal, Action::Call, server, Some(tool), now);
+    let allowed = record.allowed;
+    let reason = record
+        .reason
+        .clone()
+        .unwrap_or_else(|| "denied by policy".into());
+    let (seq, replies) = enclave
+        .write_for_gateway(id, Event::Decision(Box::new(record)), now)
+        .map_err(Refusal::Log)?;
+    let verdict = if allowed {
+        CallVerdict::Allowed { seq }
+    } else {
+        CallVerdict::Denied { seq, reason }
+    };
+    Ok((verdict, replies))
+}
+
+/// Writes how call `call` ended: `outcome` is `ok`, `error` or `aborted`, `result` the hash of
+/// the answer the agent receives.
+pub fn record_result(
+    enclave: &mut Enclave,
+    now: UnixMillis,
+    id: u64,
+    call: u64,
+    outcome: &str,
+    result: [u8; 32],
+) -> Result<(u64, Replies), Refusal> {
+    enclave
+        .write_for_gateway(
+            id,
+            Event::CallResult {
+                call,
+                outcome: outcome.to_owned(),
+                result,
+            },
+            now,
+        )
+        .map_err(Refusal::Log)
+}

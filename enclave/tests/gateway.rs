@@ -1,0 +1,659 @@
+//! The MCP gateway end to end inside one process: an agent's HTTP requests reach the gateway
+//! over loopback TCP, the gateway decides on the enclave's handler thread (the real
+//! `server::run_with_inside`, with a fake host that stores `Persist`ed entries and reports them
+//! durable), and forwards to a fake upstream MCP server that counts what reaches it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use attestplane_enclave::gateway::GatewayConfig;
+use attestplane_enclave::gateway::http::Gateway;
+use attestplane_enclave::gateway::upstream::{BoxedIo, Connect, ConnectFuture, Upstreams};
+use attestplane_enclave::server::{self, ServerLimits};
+use attestplane_proto::{Address, Body, Frame, FrameDecoder, Listener, Request, Response};
+use attestplane_verifier::admin::Digest32;
+use attestplane_verifier::entry::{Event, SignedEntry};
+use attestplane_verifier::gateway::pin::tool_digest;
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::BufReader;
+use tokio::net::{TcpListener, TcpStream};
+
+const AGENT: &str = "agent-7";
+const ADD: &str = r#"{"name":"add","description":"Adds two numbers.","inputSchema":{"type":"object","properties":{"a":{"type":"number"},"b":{"type":"number","maximum":1e3}}},"execution":{"taskSupport":"optional"},"x-vendor":{"k":1}}"#;
+const ECHO: &str =
+    r#"{"name":"echo","description":"Echoes text.","inputSchema":{"type":"object"}}"#;
+
+/// A fake upstream MCP server.
+struct Upstream {
+    modern: bool,
+    tools: Mutex<Vec<String>>,
+    calls: AtomicUsize,
+    last_call: Mutex<Option<(String, Option<String>)>>,
+    hang: std::sync::atomic::AtomicBool,
+}
+
+impl Upstream {
+    fn new(modern: bool) -> Arc<Self> {
+        Arc::new(Self {
+            modern,
+            tools: Mutex::new(vec![ADD.to_owned(), ECHO.to_owned()]),
+            calls: AtomicUsize::new(0),
+            last_call: Mutex::new(None),
+            hang: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    async fn answer(
+        self: Arc<Self>,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<Full<Bytes>> {
+        let auth = req
+            .headers()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let method = v["method"].as_str().unwrap_or_default().to_owned();
+        let id = v.get("id").cloned().unwrap_or(serde_json::Value::Null);
+        let reply = |result: String| {
+            let mut r = hyper::Response::new(Full::new(Bytes::from(format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#
+            ))));
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            r
+        };
+        match method.as_str() {
+            "server/discover" if self.modern => {
+                reply(r#"{"resultType":"complete","supportedVersions":["2026-07-28"],"capabilities":{"tools":{}}}"#.into())
+            }
+            "server/discover" => {
+                let mut r = reply(r#"{}"#.into());
+                *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                r
+            }
+            "initialize" => {
+                let mut r = reply(
+                    r#"{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"up","version":"1"}}"#.into(),
+                );
+                r.headers_mut()
+                    .insert("mcp-session-id", "upstream-session".parse().unwrap());
+                r
+            }
+            "notifications/initialized" => {
+                let mut r = hyper::Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = hyper::StatusCode::ACCEPTED;
+                r
+            }
+            "tools/list" => {
+                let tools = self.tools.lock().unwrap().join(",");
+                reply(format!(r#"{{"tools":[{tools}],"futureField":{{"x":1e3}}}}"#))
+            }
+            "tools/call" => {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                *self.last_call.lock().unwrap() = Some((text.clone(), auth));
+                if self.hang.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                reply(r#"{"content":[{"type":"text","text":"3"}],"isError":false,"vendor":1e3}"#.into())
+            }
+            _ => reply("{}".into()),
+        }
+    }
+}
+
+/// Connects every server id to one local address.
+struct Direct(SocketAddr);
+
+impl Connect for Direct {
+    fn connect(&self, _server_id: &str) -> ConnectFuture {
+        let addr = self.0;
+        Box::pin(async move {
+            let s = TcpStream::connect(addr).await?;
+            Ok(Box::new(s) as BoxedIo)
+        })
+    }
+}
+
+struct Stack {
+    agent: SocketAddr,
+    store: Arc<Mutex<Vec<Vec<u8>>>>,
+    upstream: Arc<Upstream>,
+    idp: Idp,
+    now: attestplane_verifier::UnixMillis,
+    config: GatewayConfig,
+}
+
+impl Stack {
+    fn token(&self, server: &str, roles: &[&str]) -> String {
+        let mut claims = self.idp.claims(AGENT, "acme", roles, self.now);
+        claims["aud"] = serde_json::json!(self.config.resource(server));
+        self.idp.sign_claims(&claims)
+    }
+
+    fn entries(&self) -> Vec<Event> {
+        self.store
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| SignedEntry::decode(b).unwrap().entry().event.clone())
+            .collect()
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &str,
+    ) -> (u16, hyper::HeaderMap, String) {
+        let stream = TcpStream::connect(self.agent).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = hyper::Request::post(path).header("host", "gateway");
+        for (k, v) in headers {
+            req = req.header(*k, v.as_str());
+        }
+        let req = req
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn modern(&self, server: &str, token: &str, body: &str) -> (u16, String) {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let method = v["method"].as_str().unwrap().to_owned();
+        let mut headers = vec![
+            ("authorization", format!("Bearer {token}")),
+            ("mcp-protocol-version", "2026-07-28".to_owned()),
+            ("mcp-method", method),
+        ];
+        if let Some(n) = v["params"]["name"].as_str() {
+            headers.push(("mcp-name", n.to_owned()));
+        }
+        let (s, _, b) = self.post(&format!("/mcp/{server}"), &headers, body).await;
+        (s, b)
+    }
+}
+
+fn modern_call(tool: &str, args: &str) -> String {
+    format!(
+        r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"{tool}","arguments":{args},"task":{{"ttl":5}},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}}}}"#
+    )
+}
+
+const MODERN_LIST: &str = r#"{"jsonrpc":"2.0","id":"l1","method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+
+/// A booted control plane with server `weather` (pins: `add` and `echo` as the upstream lists
+/// them) attested, a policy letting tool-users call `add` only, served with a gateway.
+async fn stack(modern: bool) -> Stack {
+    let admin = Admin::new(1);
+    let mut server = McpServer::new("weather", "acme", 1);
+    let pins: BTreeMap<String, Digest32> = [ADD, ECHO]
+        .iter()
+        .map(|t| {
+            let d = tool_digest(t).unwrap();
+            (d.name, d.digest)
+        })
+        .collect();
+    server.spec.tools = pins;
+    let idp = Idp::new(40, "https://idp.acme.example");
+    let mut h = Harness::new(&[&admin]);
+    let policy = format!(
+        "{STARTER_POLICY}\n@id(\"no-echo\")\nforbid (principal, action == Attestplane::Action::\"call\", resource == Attestplane::Tool::\"weather/echo\");\n"
+    );
+    h.setup(&admin, &[&server], &policy, &idp);
+    let _ = h.attest(&server);
+    let now = h.now;
+    let store = Arc::new(Mutex::new(h.store.clone()));
+
+    let upstream = Upstream::new(modern);
+    let up_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = up_listener.local_addr().unwrap();
+    let up = upstream.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = up_listener.accept().await.unwrap();
+            let up = up.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let up = up.clone();
+                    async move { Ok::<_, std::convert::Infallible>(up.answer(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+
+    // The enclave's host port, and a fake host storing entries and reporting them durable.
+    let listener = Listener::bind(&Address::Tcp("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let host_addr = listener.local_addr().unwrap();
+    let (access, inside) = server::inside_channel(64);
+    let enclave = h.enclave;
+    let nsm = h.nsm.clone();
+    nsm.set_time(now);
+    tokio::spawn(server::run_with_inside(
+        listener,
+        enclave,
+        move || now,
+        ServerLimits::default(),
+        inside,
+        std::future::pending(),
+    ));
+    let host_store = store.clone();
+    let host = attestplane_proto::connect(&host_addr).await.unwrap();
+    tokio::spawn(async move {
+        let (r, mut w) = tokio::io::split(host);
+        let mut r = BufReader::new(r);
+        let mut decoder = FrameDecoder::new();
+        let mut next = 1u64;
+        while let Ok(Some(frame)) = attestplane_proto::read_frame(&mut r, &mut decoder).await {
+            if let Body::Response(Response::Persist { first_seq, entries }) = frame.body {
+                let through_seq = {
+                    let mut s = host_store.lock().unwrap();
+                    assert_eq!(s.len() as u64, first_seq, "entries arrive in order");
+                    s.extend(entries.into_iter().map(|e| e.into_vec()));
+                    s.len() as u64 - 1
+                };
+                next += 1;
+                let f = Frame::request(next, Request::Durable { through_seq });
+                attestplane_proto::write_frame(&mut w, &f).await.unwrap();
+            }
+        }
+    });
+
+    let config = GatewayConfig {
+        public_base: "http://gateway.test".into(),
+        upstream_timeout: Duration::from_millis(800),
+        ..GatewayConfig::default()
+    };
+    let gateway = Arc::new(Gateway::new(
+        config.clone(),
+        access,
+        Upstreams::new(Arc::new(Direct(up_addr)), config.upstream_timeout),
+    ));
+    let agents = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = agents.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = agents.accept().await.unwrap();
+            tokio::spawn(gateway.clone().serve_connection(s));
+        }
+    });
+    Stack {
+        agent,
+        store,
+        upstream,
+        idp,
+        now,
+        config,
+    }
+}
+
+fn calls(stack: &Stack) -> usize {
+    stack.upstream.calls.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_call_is_logged_durably_before_and_after_and_forwarded_byte_for_byte() {
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    let before = s.entries().len();
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1,"b":2e0}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        r#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"3"}],"isError":false,"vendor":1e3}}"#,
+        "the upstream's answer reaches the agent byte for byte"
+    );
+    assert_eq!(calls(&s), 1);
+    let (forwarded, auth) = s.upstream.last_call.lock().unwrap().clone().unwrap();
+    assert!(auth.is_none(), "the agent's token is never sent upstream");
+    assert!(
+        forwarded.contains(r#""arguments":{"a":1,"b":2e0},"task":{"ttl":5}"#),
+        "arguments, numbers and unknown params forwarded as written: {forwarded}"
+    );
+    let events = s.entries();
+    let new: Vec<&Event> = events[before..].iter().collect();
+    assert_eq!(new.len(), 2, "a decision and a result: {new:?}");
+    let Event::Decision(d) = new[0] else {
+        panic!("{:?}", new[0])
+    };
+    assert!(d.allowed);
+    assert_eq!(d.action, "call");
+    assert_eq!(d.tool.as_deref(), Some("add"));
+    assert_eq!(d.principal.agent, AGENT);
+    let Event::CallResult { call, outcome, .. } = new[1] else {
+        panic!("{:?}", new[1])
+    };
+    assert_eq!(*call as usize, before);
+    assert_eq!(outcome, "ok");
+    replays(&s);
+}
+
+/// The stored log verifies and its state fold re-decides every entry the gateway wrote.
+fn replays(s: &Stack) {
+    let store = s.store.lock().unwrap().clone();
+    attestplane_verifier::log::verify_log(
+        &store,
+        log_policy(&enclave_nsm()),
+        s.now.checked_add_millis(60_000).unwrap(),
+    )
+    .expect("the gateway's log verifies");
+    let mut state = attestplane_verifier::state::State::new(server_anchor());
+    for (seq, bytes) in store.iter().enumerate() {
+        let entry = SignedEntry::decode(bytes).unwrap().entry().clone();
+        state
+            .apply(seq as u64, &entry)
+            .unwrap_or_else(|e| panic!("entry {seq} does not replay: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_logged_as_allowed_that_the_policy_denies_is_named_by_replay() {
+    let s = stack(true).await;
+    let token = s.token("weather", &[]);
+    let (_, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert!(body.contains("\"error\""), "{body}");
+    let store = s.store.lock().unwrap().clone();
+    let last = store.len() - 1;
+    let mut state = attestplane_verifier::state::State::new(server_anchor());
+    for (seq, bytes) in store.iter().enumerate() {
+        let mut entry = SignedEntry::decode(bytes).unwrap().entry().clone();
+        if seq == last {
+            let Event::Decision(d) = &mut entry.event else {
+                panic!("{:?}", entry.event)
+            };
+            assert!(!d.allowed);
+            d.allowed = true;
+            d.reason = None;
+            let e = state.apply(seq as u64, &entry).unwrap_err();
+            assert_eq!(e.seq(), last as u64, "{e}");
+            return;
+        }
+        state.apply(seq as u64, &entry).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_call_is_logged_and_never_reaches_the_server() {
+    let s = stack(true).await;
+    let before = s.entries().len();
+    // Forbidden tool.
+    let token = s.token("weather", &["tool-user"]);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("echo", r#"{"text":"hi"}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    // No role.
+    let token = s.token("weather", &[]);
+    let (_, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert!(body.contains("\"error\""), "{body}");
+    assert_eq!(calls(&s), 0, "no denied call reaches the server");
+    let events = s.entries();
+    let denied: Vec<_> = events[before..]
+        .iter()
+        .filter(|e| matches!(e, Event::Decision(d) if !d.allowed && d.action == "call"))
+        .collect();
+    assert_eq!(denied.len(), 2, "{:?}", &events[before..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_list_is_filtered_per_identity_and_forwarded_byte_for_byte() {
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    let (status, body) = s.modern("weather", &token, MODERN_LIST).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        format!(
+            r#"{{"jsonrpc":"2.0","id":"l1","result":{{"tools":[{ADD}],"futureField":{{"x":1e3}}}}}}"#
+        ),
+        "only the callable tool, the agent's id, unknown fields and number spellings kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rug_pulled_tool_is_withheld_its_call_refused_and_the_drift_logged() {
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    // The server changes `add`'s description invisibly (a zero-width space) after pinning.
+    *s.upstream.tools.lock().unwrap() =
+        vec![ADD.replace("Adds two", "Adds\u{200b} two"), ECHO.to_owned()];
+    let (status, body) = s.modern("weather", &token, MODERN_LIST).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body.contains("\"add\""),
+        "the changed tool is withheld: {body}"
+    );
+    let (_, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert!(body.contains("withheld"), "{body}");
+    assert_eq!(calls(&s), 0, "the refused call never reached the server");
+    let drift: Vec<_> = s
+        .entries()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::ToolDrift { server, drift } => Some((server, drift)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(drift.len(), 1, "the drift is logged once: {drift:?}");
+    assert_eq!(drift[0].0, "weather");
+    assert_eq!(drift[0].1[0].kind, "changed");
+    assert_eq!(drift[0].1[0].name, "add");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_and_wrong_audience_get_401_with_resource_metadata() {
+    let s = stack(true).await;
+    let (status, headers, _) = s.post("/mcp/weather", &[], MODERN_LIST).await;
+    assert_eq!(status, 401);
+    let challenge = headers.get("www-authenticate").unwrap().to_str().unwrap();
+    assert_eq!(
+        challenge,
+        "Bearer resource_metadata=\"http://gateway.test/.well-known/oauth-protected-resource/mcp/weather\""
+    );
+    // A token for another endpoint.
+    let other = s.token("other", &["tool-user"]);
+    let (status, _) = s.modern("weather", &other, MODERN_LIST).await;
+    assert_eq!(status, 401);
+    // A token for the control plane's API.
+    let api = s.idp.token(AGENT, "acme", &["tool-user"], s.now);
+    let (status, _) = s.modern("weather", &api, MODERN_LIST).await;
+    assert_eq!(status, 401);
+    assert_eq!(calls(&s), 0);
+    // The metadata names the resource and the identity provider.
+    let stream = TcpStream::connect(s.agent).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            hyper::Request::get("/.well-known/oauth-protected-resource/mcp/weather")
+                .header("host", "gateway")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["resource"], "http://gateway.test/mcp/weather");
+    assert_eq!(v["authorization_servers"][0], "https://idp.acme.example");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_batched_mismatched_and_non_ijson_requests_are_refused() {
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    let auth = ("authorization", format!("Bearer {token}"));
+    let before = s.entries().len();
+    // A batch.
+    let (status, _, body) = s
+        .post("/mcp/weather", &[auth.clone()], &format!("[{MODERN_LIST}]"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    // Not JSON.
+    let (status, _, body) = s
+        .post("/mcp/weather", &[auth.clone()], "{\"jsonrpc\":")
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("-32700"), "{body}");
+    // Mcp-Name disagreeing with the body.
+    let (status, _, body) = s
+        .post(
+            "/mcp/weather",
+            &[
+                auth.clone(),
+                ("mcp-protocol-version", "2026-07-28".into()),
+                ("mcp-method", "tools/call".into()),
+                ("mcp-name", "echo".into()),
+            ],
+            &modern_call("add", "{}"),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("-32020"), "{body}");
+    // An integer beyond 2^53.
+    let (status, body) = s
+        .modern(
+            "weather",
+            &token,
+            &modern_call("add", r#"{"a":9007199254740993}"#),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    // Oversized.
+    let big = modern_call(
+        "add",
+        &format!(r#"{{"a":"{}"}}"#, "x".repeat(2 * 1024 * 1024)),
+    );
+    let (status, _, _) = s.post("/mcp/weather", &[auth.clone()], &big).await;
+    assert_eq!(status, 413);
+    assert_eq!(calls(&s), 0);
+    assert_eq!(s.entries().len(), before, "nothing refused here is logged");
+    // And the stack still serves.
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(calls(&s), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_client_through_modern_server_with_sessions_bound_to_the_agent() {
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    let auth = ("authorization", format!("Bearer {token}"));
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (status, headers, body) = s.post("/mcp/weather", &[auth.clone()], init).await;
+    assert_eq!(status, 200, "{body}");
+    let session = headers
+        .get("mcp-session-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(session.len(), 32, "128 random bits");
+    let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"add","arguments":{"a":1}}}"#;
+    let with_session = ("mcp-session-id", session.clone());
+    let (status, _, body) = s
+        .post("/mcp/weather", &[auth.clone(), with_session.clone()], call)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"result\""), "{body}");
+    assert_eq!(calls(&s), 1);
+    let (forwarded, _) = s.upstream.last_call.lock().unwrap().clone().unwrap();
+    assert!(
+        forwarded.contains("2026-07-28"),
+        "a legacy client's call reaches a modern server in its era: {forwarded}"
+    );
+    // Another agent presenting this session id: unknown.
+    let mut claims = s.idp.claims("mallory", "acme", &["tool-user"], s.now);
+    claims["aud"] = serde_json::json!(s.config.resource("weather"));
+    let mallory = s.idp.sign_claims(&claims);
+    let (status, _, _) = s
+        .post(
+            "/mcp/weather",
+            &[
+                ("authorization", format!("Bearer {mallory}")),
+                with_session.clone(),
+            ],
+            call,
+        )
+        .await;
+    assert_eq!(status, 404);
+    // An unknown session.
+    let (status, _, _) = s
+        .post(
+            "/mcp/weather",
+            &[auth.clone(), ("mcp-session-id", "00".repeat(16))],
+            call,
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(calls(&s), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modern_client_through_legacy_server() {
+    let s = stack(false).await;
+    let token = s.token("weather", &["tool-user"]);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"result\""), "{body}");
+    assert_eq!(calls(&s), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_hangs_gets_an_aborted_entry_and_the_stack_serves_on() {
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    s.upstream.hang.store(true, Ordering::SeqCst);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 504, "{body}");
+    let last = s.entries().pop().unwrap();
+    let Event::CallResult { outcome, .. } = last else {
+        panic!("{last:?}")
+    };
+    assert_eq!(outcome, "aborted");
+    s.upstream.hang.store(false, Ordering::SeqCst);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
