@@ -861,6 +861,16 @@ impl Enclave {
         self.writer().is_some()
     }
 
+    /// The epoch key (for receipts) and its key id, while the enclave is serving.
+    pub(crate) fn epoch_signer(&self) -> Option<(&crate::epoch::EpochKey, String)> {
+        self.writer().map(|w| (w.key(), w.kid().to_hex()))
+    }
+
+    /// The control plane's issuer name.
+    pub(crate) fn issuer(&self) -> &str {
+        &self.config.issuer
+    }
+
     /// `n` bytes of the NSM's randomness.
     pub(crate) fn random(&self, n: usize) -> Result<Vec<u8>, String> {
         self.nsm.random(n).map_err(|e| format!("nsm: {e}"))

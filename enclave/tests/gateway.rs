@@ -19,6 +19,9 @@ use attestplane_proto::{Address, Body, Frame, FrameDecoder, Listener, Request, R
 use attestplane_verifier::admin::Digest32;
 use attestplane_verifier::entry::{Event, SignedEntry};
 use attestplane_verifier::gateway::pin::tool_digest;
+use attestplane_verifier::gateway::receipt::{
+    ReceiptError, ReceivedCall, ReplayCache, verify_receipt,
+};
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt as _, Full};
@@ -37,6 +40,7 @@ struct Upstream {
     tools: Mutex<Vec<String>>,
     calls: AtomicUsize,
     last_call: Mutex<Option<(String, Option<String>)>>,
+    last_receipt: Mutex<Option<String>>,
     hang: std::sync::atomic::AtomicBool,
 }
 
@@ -47,6 +51,7 @@ impl Upstream {
             tools: Mutex::new(vec![ADD.to_owned(), ECHO.to_owned()]),
             calls: AtomicUsize::new(0),
             last_call: Mutex::new(None),
+            last_receipt: Mutex::new(None),
             hang: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -58,6 +63,10 @@ impl Upstream {
         let auth = req
             .headers()
             .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let receipt = req
+            .headers()
+            .get("attestplane-receipt")
             .map(|v| v.to_str().unwrap().to_owned());
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8(body.to_vec()).unwrap();
@@ -101,6 +110,7 @@ impl Upstream {
             "tools/call" => {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 *self.last_call.lock().unwrap() = Some((text.clone(), auth));
+                *self.last_receipt.lock().unwrap() = receipt;
                 if self.hang.load(Ordering::SeqCst) {
                     tokio::time::sleep(Duration::from_secs(30)).await;
                 }
@@ -349,7 +359,54 @@ async fn allowed_call_is_logged_durably_before_and_after_and_forwarded_byte_for_
     };
     assert_eq!(*call as usize, before);
     assert_eq!(outcome, "ok");
+
+    // The receipt: in the header and in params._meta, verifying with the attested epoch key
+    // for exactly this call, once.
+    let header = s.upstream.last_receipt.lock().unwrap().clone().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&forwarded).unwrap();
+    assert_eq!(v["params"]["_meta"]["io.attestplane/receipt"], header);
+    let key = epoch_key(&s);
+    let received = ReceivedCall {
+        audience: "https://weather.acme.example/mcp",
+        method: "tools/call",
+        tool: "add",
+        arguments: Some(r#"{"a":1,"b":2}"#),
+    };
+    let mut cache = ReplayCache::new(16);
+    let verified = verify_receipt(&header, &key, &received, s.now, &mut cache).unwrap();
+    assert_eq!(verified.claims().seq as usize, before);
+    assert_eq!(verified.claims().sub, AGENT);
+    assert!(matches!(
+        verify_receipt(&header, &key, &received, s.now, &mut cache),
+        Err(ReceiptError::Replayed { .. })
+    ));
+    let other = ReceivedCall {
+        arguments: Some(r#"{"a":1,"b":3}"#),
+        ..received
+    };
+    assert!(matches!(
+        verify_receipt(&header, &key, &other, s.now, &mut ReplayCache::new(1)),
+        Err(ReceiptError::OtherArguments { .. })
+    ));
     replays(&s);
+}
+
+/// The current epoch's key, from the attestation document that opened it.
+fn epoch_key(s: &Stack) -> ed25519_dalek::VerifyingKey {
+    let store = s.store.lock().unwrap();
+    let doc = store
+        .iter()
+        .rev()
+        .find_map(
+            |b| match SignedEntry::decode(b).unwrap().entry().event.clone() {
+                Event::EpochStart { attestation } => Some(attestation),
+                _ => None,
+            },
+        )
+        .unwrap();
+    let parsed = attestplane_verifier::attestation::parse_attestation(&doc).unwrap();
+    let raw: [u8; 32] = parsed.public_key().unwrap().try_into().unwrap();
+    ed25519_dalek::VerifyingKey::from_bytes(&raw).unwrap()
 }
 
 /// The stored log verifies and its state fold re-decides every entry the gateway wrote.

@@ -419,6 +419,17 @@ impl VerifiedHandle {
 /// `kid` and the claims object, without interpreting any claim. Handles and agents' identity
 /// tokens both go through it.
 pub fn verify_jws(token: &str, jwks: &Jwks) -> Result<(String, Map<String, Value>), HandleError> {
+    verify_jws_typed(token, jwks, None)
+}
+
+/// [`verify_jws`] for a token whose header must carry `typ` exactly `typ` when `typ` is given
+/// (explicit typing, RFC 8725 §3.11: a token of one kind is never accepted as another, so a
+/// handle is no receipt and a receipt no handle). Without it, `typ` may be absent or `JWT`.
+pub fn verify_jws_typed(
+    token: &str,
+    jwks: &Jwks,
+    typ: Option<&str>,
+) -> Result<(String, Map<String, Value>), HandleError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(HandleError::TooLong {
             len: token.len(),
@@ -451,12 +462,13 @@ pub fn verify_jws(token: &str, jwks: &Jwks) -> Result<(String, Map<String, Value
     if header.contains_key("crit") {
         return Err(HandleError::CriticalHeader);
     }
-    match header.get("typ") {
-        None => {}
-        Some(Value::String(typ)) if typ == "JWT" => {}
-        Some(_) => {
+    match (header.get("typ"), typ) {
+        (None, None) => {}
+        (Some(Value::String(found)), None) if found == "JWT" => {}
+        (Some(Value::String(found)), Some(want)) if found == want => {}
+        _ => {
             return Err(HandleError::Malformed {
-                reason: "typ is not JWT",
+                reason: "typ is not the expected type",
             });
         }
     }

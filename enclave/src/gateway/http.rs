@@ -25,8 +25,9 @@ use attestplane_verifier::entry::{DriftRecord, PrincipalRecord};
 use attestplane_verifier::gateway::json::parse_ijson;
 use attestplane_verifier::gateway::jsonrpc::{
     INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Kind, METHOD_NOT_FOUND, Message,
-    error_response, parse_message,
+    RECEIPT_META_KEY, error_response, parse_message,
 };
+use attestplane_verifier::gateway::receipt::arguments_hash;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
@@ -557,6 +558,12 @@ impl Gateway {
             .lock_tools()
             .get(&ctx.server)
             .and_then(|c| c.kept.get(&params.name).copied());
+        let args = match arguments_hash(params.arguments.map(RawValue::get)) {
+            Ok(a) => a,
+            Err(e) => {
+                return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e.to_string());
+            }
+        };
         let principal = ctx.principal.clone();
         let server = ctx.server.clone();
         let tool = params.name.clone();
@@ -564,14 +571,16 @@ impl Gateway {
         let verdict = self
             .access
             .run(move |enclave, now| {
-                match inside::decide_call(enclave, now, rid, &principal, &server, &tool, live) {
+                match inside::decide_call(
+                    enclave, now, rid, &principal, &server, &tool, live, &args,
+                ) {
                     Ok((v, replies)) => (Ok(v), replies),
                     Err(e) => (Err(e), Vec::new()),
                 }
             })
             .await;
-        let seq = match verdict {
-            Ok(Ok(CallVerdict::Allowed { seq })) => seq,
+        let (seq, receipt) = match verdict {
+            Ok(Ok(CallVerdict::Allowed { seq, receipt })) => (seq, receipt),
             Ok(Ok(CallVerdict::Denied { seq, reason })) => {
                 if self.access.durable(seq).await.is_err() {
                     return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
@@ -605,18 +614,35 @@ impl Gateway {
             Ok(e) => e,
             Err(e) => return self.aborted(id, seq, &e).await,
         };
-        let mut body = message.text().to_owned();
+        // The receipt goes into params._meta (and a header); a modern upstream also gets the
+        // protocol version there if the agent spoke legacy. Only those members are spliced.
+        let Ok(quoted) = RawValue::from_string(format!("\"{receipt}\"")) else {
+            return self
+                .aborted(id, seq, &UpstreamError::BadAnswer("receipt"))
+                .await;
+        };
+        let Ok(mut body) = message.with_params_meta(RECEIPT_META_KEY, &quoted) else {
+            return self
+                .aborted(id, seq, &UpstreamError::BadAnswer("receipt"))
+                .await;
+        };
         if era == Era::Modern && era::body_version(message).is_none() {
             let meta = RawValue::from_string(format!("\"{MODERN_VERSION}\"")).ok();
-            if let Some(m) = meta
-                && let Ok(b) = message.with_params_meta(era::META_PROTOCOL_VERSION, &m)
+            if let (Some(m), Ok(with)) = (meta, parse_message(body.as_bytes()))
+                && let Ok(b) = with.with_params_meta(era::META_PROTOCOL_VERSION, &m)
             {
                 body = b;
             }
         }
         let answer = match self
             .upstreams
-            .call(&endpoint, "tools/call", Some(&params.name), &body, None)
+            .call(
+                &endpoint,
+                "tools/call",
+                Some(&params.name),
+                &body,
+                Some(&receipt),
+            )
             .await
         {
             Ok(a) => a,

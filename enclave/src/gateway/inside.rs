@@ -18,7 +18,10 @@ use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::Digest32;
 use attestplane_verifier::entry::{DriftRecord, Event, PrincipalRecord};
 use attestplane_verifier::gateway::pin::{Drift, check_tools};
+use attestplane_verifier::gateway::receipt::{ReceiptClaims, encode_receipt};
 use attestplane_verifier::policy::Action;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::value::RawValue;
 
 use crate::identity::Audience;
@@ -26,6 +29,10 @@ use crate::service::Enclave;
 
 /// Replies to route (the `Persist` of what was written).
 pub type Replies = Vec<(u64, Response)>;
+
+/// How long a receipt lives: long enough for the forward, short enough that a captured one is
+/// soon worthless (servers also keep a replay cache).
+pub const RECEIPT_LIFETIME_SECS: u64 = 60;
 
 /// Ids of the `Persist` replies the gateway's entries travel under: far from any id a host
 /// uses for its requests (the host stores a `Persist` under any id).
@@ -175,10 +182,12 @@ fn drift_record(d: &Drift) -> DriftRecord {
 /// What the gateway does with a call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CallVerdict {
-    /// Forward it once entry `seq` is durable.
+    /// Forward it, with `receipt`, once entry `seq` is durable.
     Allowed {
         /// The decision entry.
         seq: u64,
+        /// The receipt the server checks (a compact JWS by the epoch key).
+        receipt: String,
     },
     /// Refuse it; the refusal is entry `seq`.
     Denied {
@@ -194,7 +203,9 @@ pub enum CallVerdict {
 
 /// Decides a `tools/call` of `tool` on `server` for `principal` and writes the decision entry.
 /// `live` is the tool's pinned digest if the upstream's current listing still matches its pin
-/// (from [`check_listing`]), `None` if the tool is withheld.
+/// (from [`check_listing`]), `None` if the tool is withheld; `args` is the receipt's argument
+/// hash of the arguments as they will be forwarded.
+#[allow(clippy::too_many_arguments)]
 pub fn decide_call(
     enclave: &mut Enclave,
     now: UnixMillis,
@@ -203,6 +214,7 @@ pub fn decide_call(
     server: &str,
     tool: &str,
     live: Option<Digest32>,
+    args: &str,
 ) -> Result<(CallVerdict, Replies), Refusal> {
     if !enclave.serving() {
         return Err(Refusal::NotReady);
@@ -211,9 +223,9 @@ pub fn decide_call(
     if enclave.state().server(server).is_none() {
         return Err(Refusal::UnknownServer(server.to_owned()));
     }
-    if live.is_none() {
+    let Some(pinned) = live else {
         return Ok((CallVerdict::Withheld, Vec::new()));
-    }
+    };
     let record = enclave
         .state()
         .decide(principal, Action::Call, server, Some(tool), now);
@@ -222,15 +234,44 @@ pub fn decide_call(
         .reason
         .clone()
         .unwrap_or_else(|| "denied by policy".into());
+    // The receipt's jti comes from the NSM before anything is written: a failure here leaves
+    // no decision entry without its receipt.
+    let jti = if allowed {
+        Some(hex::encode(enclave.random(16).map_err(Refusal::Log)?))
+    } else {
+        None
+    };
+    let audience = enclave
+        .state()
+        .server(server)
+        .map(|s| s.spec.resource.clone())
+        .unwrap_or_default();
     let (seq, replies) = enclave
         .write_for_gateway(id, Event::Decision(Box::new(record)), now)
         .map_err(Refusal::Log)?;
-    let verdict = if allowed {
-        CallVerdict::Allowed { seq }
-    } else {
-        CallVerdict::Denied { seq, reason }
+    let Some(jti) = jti else {
+        return Ok((CallVerdict::Denied { seq, reason }, replies));
     };
-    Ok((verdict, replies))
+    let claims = ReceiptClaims {
+        iss: enclave.issuer().to_owned(),
+        aud: audience,
+        sub: principal.agent.clone(),
+        usr: principal.user.clone(),
+        ten: principal.tenant.clone(),
+        mth: "tools/call".into(),
+        tool: tool.to_owned(),
+        args: args.to_owned(),
+        def: URL_SAFE_NO_PAD.encode(pinned.0),
+        jti,
+        iat: now.as_secs(),
+        exp: now.as_secs().saturating_add(RECEIPT_LIFETIME_SECS),
+        seq,
+    };
+    let Some((key, kid)) = enclave.epoch_signer() else {
+        return Err(Refusal::NotReady);
+    };
+    let receipt = encode_receipt(&claims, &kid, key).map_err(|e| Refusal::Log(e.to_string()))?;
+    Ok((CallVerdict::Allowed { seq, receipt }, replies))
 }
 
 /// Writes how call `call` ended: `outcome` is `ok`, `error` or `aborted`, `result` the hash of

@@ -26,3 +26,4 @@ pub mod json;
 pub mod jsonrpc;
 pub mod limits;
 pub mod pin;
+pub mod receipt;
