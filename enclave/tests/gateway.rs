@@ -577,12 +577,16 @@ async fn malformed_batched_mismatched_and_non_ijson_requests_are_refused() {
     let before = s.entries().len();
     // A batch.
     let (status, _, body) = s
-        .post("/mcp/weather", &[auth.clone()], &format!("[{MODERN_LIST}]"))
+        .post(
+            "/mcp/weather",
+            std::slice::from_ref(&auth),
+            &format!("[{MODERN_LIST}]"),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
     // Not JSON.
     let (status, _, body) = s
-        .post("/mcp/weather", &[auth.clone()], "{\"jsonrpc\":")
+        .post("/mcp/weather", std::slice::from_ref(&auth), "{\"jsonrpc\":")
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("-32700"), "{body}");
@@ -615,7 +619,9 @@ async fn malformed_batched_mismatched_and_non_ijson_requests_are_refused() {
         "add",
         &format!(r#"{{"a":"{}"}}"#, "x".repeat(2 * 1024 * 1024)),
     );
-    let (status, _, _) = s.post("/mcp/weather", &[auth.clone()], &big).await;
+    let (status, _, _) = s
+        .post("/mcp/weather", std::slice::from_ref(&auth), &big)
+        .await;
     assert_eq!(status, 413);
     assert_eq!(calls(&s), 0);
     assert_eq!(s.entries().len(), before, "nothing refused here is logged");
@@ -633,7 +639,9 @@ async fn legacy_client_through_modern_server_with_sessions_bound_to_the_agent() 
     let token = s.token("weather", &["tool-user"]);
     let auth = ("authorization", format!("Bearer {token}"));
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let (status, headers, body) = s.post("/mcp/weather", &[auth.clone()], init).await;
+    let (status, headers, body) = s
+        .post("/mcp/weather", std::slice::from_ref(&auth), init)
+        .await;
     assert_eq!(status, 200, "{body}");
     let session = headers
         .get("mcp-session-id")
