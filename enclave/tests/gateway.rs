@@ -391,70 +391,6 @@ async fn allowed_call_is_logged_durably_before_and_after_and_forwarded_byte_for_
     replays(&s);
 }
 
-/// The current epoch's key, from the attestation document that opened it.
-fn epoch_key(s: &Stack) -> ed25519_dalek::VerifyingKey {
-    let store = s.store.lock().unwrap();
-    let doc = store
-        .iter()
-        .rev()
-        .find_map(
-            |b| match SignedEntry::decode(b).unwrap().entry().event.clone() {
-                Event::EpochStart { attestation } => Some(attestation),
-                _ => None,
-            },
-        )
-        .unwrap();
-    let parsed = attestplane_verifier::attestation::parse_attestation(&doc).unwrap();
-    let raw: [u8; 32] = parsed.public_key().unwrap().try_into().unwrap();
-    ed25519_dalek::VerifyingKey::from_bytes(&raw).unwrap()
-}
-
-/// The stored log verifies and its state fold re-decides every entry the gateway wrote.
-fn replays(s: &Stack) {
-    let store = s.store.lock().unwrap().clone();
-    attestplane_verifier::log::verify_log(
-        &store,
-        log_policy(&enclave_nsm()),
-        s.now.checked_add_millis(60_000).unwrap(),
-    )
-    .expect("the gateway's log verifies");
-    let mut state = attestplane_verifier::state::State::new(server_anchor());
-    for (seq, bytes) in store.iter().enumerate() {
-        let entry = SignedEntry::decode(bytes).unwrap().entry().clone();
-        state
-            .apply(seq as u64, &entry)
-            .unwrap_or_else(|e| panic!("entry {seq} does not replay: {e}"));
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_logged_as_allowed_that_the_policy_denies_is_named_by_replay() {
-    let s = stack(true).await;
-    let token = s.token("weather", &[]);
-    let (_, body) = s
-        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
-        .await;
-    assert!(body.contains("\"error\""), "{body}");
-    let store = s.store.lock().unwrap().clone();
-    let last = store.len() - 1;
-    let mut state = attestplane_verifier::state::State::new(server_anchor());
-    for (seq, bytes) in store.iter().enumerate() {
-        let mut entry = SignedEntry::decode(bytes).unwrap().entry().clone();
-        if seq == last {
-            let Event::Decision(d) = &mut entry.event else {
-                panic!("{:?}", entry.event)
-            };
-            assert!(!d.allowed);
-            d.allowed = true;
-            d.reason = None;
-            let e = state.apply(seq as u64, &entry).unwrap_err();
-            assert_eq!(e.seq(), last as u64, "{e}");
-            return;
-        }
-        state.apply(seq as u64, &entry).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_call_is_logged_and_never_reaches_the_server() {
     let s = stack(true).await;
@@ -721,4 +657,63 @@ async fn upstream_that_hangs_gets_an_aborted_entry_and_the_stack_serves_on() {
         .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
         .await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// The current epoch's key, from the attestation document that opened it.
+fn epoch_key(s: &Stack) -> ed25519_dalek::VerifyingKey {
+    let store = s.store.lock().unwrap();
+    let doc = store
+        .iter()
+        .rev()
+        .find_map(
+            |b| match SignedEntry::decode(b).unwrap().entry().event.clone() {
+                Event::EpochStart { attestation } => Some(attestation),
+                _ => None,
+            },
+        )
+        .unwrap();
+    let parsed = attestplane_verifier::attestation::parse_attestation(&doc).unwrap();
+    let raw: [u8; 32] = parsed.public_key().unwrap().try_into().unwrap();
+    ed25519_dalek::VerifyingKey::from_bytes(&raw).unwrap()
+}
+
+/// The stored log verifies and its state fold re-decides every entry the gateway wrote.
+fn replays(s: &Stack) {
+    let store = s.store.lock().unwrap().clone();
+    replay(&store, s.now).expect("the gateway's log replays");
+}
+
+/// Replays `store` as an auditor does: every signature and link, every decision re-decided.
+fn replay(
+    store: &[Vec<u8>],
+    now: attestplane_verifier::UnixMillis,
+) -> Result<(), attestplane_verifier::replay::ReplayError> {
+    let at = now.checked_add_millis(60_000).unwrap();
+    let mut r =
+        attestplane_verifier::replay::Replay::new(log_policy(&enclave_nsm()), at, server_anchor())
+            .expect("replay starts");
+    r.push_round(store)?;
+    r.finish().map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_call_or_result_entry_is_named_by_replay() {
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let store = s.store.lock().unwrap().clone();
+    replay(&store, s.now).unwrap();
+    let result = store.len() - 1;
+    for seq in [result - 1, result] {
+        let mut tampered = store.clone();
+        let bytes = tampered.get_mut(seq).unwrap();
+        // A byte inside the payload (the tail is the signature).
+        let at = bytes.len() - 80;
+        bytes[at] ^= 1;
+        let e = replay(&tampered, s.now).unwrap_err();
+        assert_eq!(e.seq(), Some(seq as u64), "{e}");
+    }
 }
