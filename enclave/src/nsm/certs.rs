@@ -14,8 +14,8 @@
 //! | leaf | not CA | not critical: digitalSignature, nonRepudiation | none | 3 hours |
 //!
 //! What a [`ChainSpec`] describes is deliberately open: tests bend any of it (a leaf marked CA,
-//! a link signed by the wrong key, an expired intermediate …) through the fault methods in
-//! [`super::testing`]. The default specification is the only one a running mock uses unless a
+//! a link signed by the wrong key, an expired intermediate …) through the fault methods below,
+//! which [`super::testing`] re-exports. The default specification is the only one a running mock uses unless a
 //! test asks otherwise.
 //!
 //! Not reproduced: the CRL distribution points of the regional and zonal certificates (they would
@@ -45,8 +45,6 @@ use x509_cert::ext::pkix::{AuthorityKeyIdentifier, BasicConstraints, KeyUsage, K
 use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
-
-use super::mock::MockError;
 
 const OID_COUNTRY: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.6");
 const OID_STATE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.8");
@@ -87,6 +85,30 @@ pub const LEAF_LIFETIME_MS: u64 = 3 * 3_600_000;
 pub const ROOT_NOT_BEFORE: UnixMillis = UnixMillis::from_millis(1_572_269_285_000);
 /// End of the mock root's validity (see [`ROOT_NOT_BEFORE`]).
 pub const ROOT_NOT_AFTER: UnixMillis = UnixMillis::from_millis(2_519_044_085_000);
+
+/// Why the mock could not produce a certificate or document.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MockError {
+    /// DER encoding of a certificate failed.
+    #[error("certificate encoding failed: {0}")]
+    Der(#[from] der::Error),
+    /// Encoding a public key failed.
+    #[error("public key encoding failed: {0}")]
+    PublicKey(#[from] spki::Error),
+    /// Signing failed.
+    #[error("signing failed")]
+    Signature(#[from] p384::ecdsa::Error),
+    /// PEM encoding failed.
+    #[error("pem encoding failed")]
+    Pem,
+    /// A chain needs at least a root and a leaf.
+    #[error("chain has {found} certificates; at least 2 are needed")]
+    ChainTooShort {
+        /// Certificates in the specification.
+        found: usize,
+    },
+}
 
 /// The attribute types AWS uses in its certificate names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,6 +242,210 @@ pub struct ChainSpec {
     pub certs: Vec<CertSpec>,
     /// How the CA certificates are placed in `cabundle`.
     pub bundle_order: BundleOrder,
+}
+
+/// A certificate's place in a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Position {
+    /// The first certificate (the self-signed root).
+    Root,
+    /// The second certificate.
+    Regional,
+    /// The third certificate.
+    Zonal,
+    /// The last CA certificate (the leaf's issuer).
+    Instance,
+    /// The last certificate (signs documents).
+    Leaf,
+    /// Index into the chain, root = 0.
+    Index(usize),
+}
+
+impl Position {
+    /// The index this position names in a chain of `len` certificates, if any.
+    pub fn index(self, len: usize) -> Option<usize> {
+        let i = match self {
+            Self::Root => Some(0),
+            Self::Regional => Some(1),
+            Self::Zonal => Some(2),
+            Self::Instance => len.checked_sub(2),
+            Self::Leaf => len.checked_sub(1),
+            Self::Index(i) => Some(i),
+        };
+        i.filter(|&i| i < len)
+    }
+}
+
+/// Fault methods. Each returns the changed specification; a position the chain does not have
+/// leaves it unchanged.
+impl ChainSpec {
+    /// The certificate at `position`, to change freely.
+    pub fn cert_mut(&mut self, position: Position) -> Option<&mut CertSpec> {
+        let i = position.index(self.certs.len())?;
+        self.certs.get_mut(i)
+    }
+
+    fn with(mut self, position: Position, change: impl FnOnce(&mut CertSpec)) -> Self {
+        if let Some(cert) = self.cert_mut(position) {
+            change(cert);
+        }
+        self
+    }
+
+    /// The leaf's basicConstraints say CA.
+    pub fn leaf_marked_ca(self) -> Self {
+        self.with(Position::Leaf, |c| {
+            c.basic_constraints = Some(BasicConstraintsSpec {
+                critical: true,
+                ca: true,
+                path_len: None,
+            });
+        })
+    }
+
+    /// The certificate's basicConstraints say not CA (and carry no pathLen).
+    pub fn without_ca_flag(self, position: Position) -> Self {
+        self.with(position, |c| {
+            c.basic_constraints = Some(BasicConstraintsSpec {
+                critical: true,
+                ca: false,
+                path_len: None,
+            });
+        })
+    }
+
+    /// The certificate has no basicConstraints extension at all.
+    pub fn without_basic_constraints(self, position: Position) -> Self {
+        self.with(position, |c| c.basic_constraints = None)
+    }
+
+    /// The certificate's keyUsage lacks keyCertSign.
+    pub fn without_key_cert_sign(self, position: Position) -> Self {
+        self.with(position, |c| {
+            if let Some(ku) = c.key_usage.as_mut() {
+                ku.key_cert_sign = false;
+            }
+        })
+    }
+
+    /// The certificate has no keyUsage extension at all.
+    pub fn without_key_usage(self, position: Position) -> Self {
+        self.with(position, |c| c.key_usage = None)
+    }
+
+    /// Sets the certificate's pathLenConstraint (keeping its CA flag).
+    pub fn path_len(self, position: Position, path_len: Option<u8>) -> Self {
+        self.with(position, |c| {
+            if let Some(bc) = c.basic_constraints.as_mut() {
+                bc.path_len = path_len;
+            }
+        })
+    }
+
+    /// The certificate expired a day before the chain was issued.
+    pub fn expired(self, position: Position) -> Self {
+        self.validity(
+            position,
+            ValiditySpec::Relative {
+                not_before_ms: -2 * DAY_MS,
+                not_after_ms: -DAY_MS,
+            },
+        )
+    }
+
+    /// The certificate becomes valid a day after the chain was issued.
+    pub fn not_yet_valid(self, position: Position) -> Self {
+        self.validity(
+            position,
+            ValiditySpec::Relative {
+                not_before_ms: DAY_MS,
+                not_after_ms: 2 * DAY_MS,
+            },
+        )
+    }
+
+    /// Sets the certificate's validity.
+    pub fn validity(self, position: Position, validity: ValiditySpec) -> Self {
+        self.with(position, |c| c.validity = validity)
+    }
+
+    /// The certificate names an issuer that is not its issuing certificate's subject.
+    pub fn wrong_issuer_name(self, position: Position) -> Self {
+        self.with(position, |c| {
+            c.issuer_name = Some(vec![
+                (NameAttr::Country, "US".to_owned()),
+                (NameAttr::Organization, "Amazon".to_owned()),
+                (NameAttr::OrganizationalUnit, "AWS".to_owned()),
+                (
+                    NameAttr::CommonName,
+                    "wrong-issuer.mock.aws.nitro-enclaves".to_owned(),
+                ),
+            ]);
+        })
+    }
+
+    /// The certificate is signed by a key that is not its issuer's (label `rogue`).
+    pub fn signed_by_wrong_key(self, position: Position) -> Self {
+        self.with(position, |c| c.signed_by = Some("rogue".to_owned()))
+    }
+
+    /// The certificate declares and uses another signature algorithm.
+    pub fn signature_algorithm(self, position: Position, alg: CertSignatureAlgorithm) -> Self {
+        self.with(position, |c| c.signature_algorithm = alg)
+    }
+
+    /// The leaf certifies a P-256 key instead of a P-384 one.
+    pub fn p256_leaf_key(self) -> Self {
+        self.with(Position::Leaf, |c| c.public_key = CertKey::P256)
+    }
+
+    /// A bit of the certificate's signature is flipped.
+    pub fn corrupt_signature(self, position: Position) -> Self {
+        self.with(position, |c| c.corrupt_signature = true)
+    }
+
+    /// Orders `cabundle` differently.
+    pub fn bundle_order(mut self, order: BundleOrder) -> Self {
+        self.bundle_order = order;
+        self
+    }
+
+    /// Inserts `n` more CA certificates above the leaf's issuer, properly signed and with
+    /// pathLen constraints that allow them, so that the only fault is the chain's length.
+    pub fn extra_intermediates(mut self, n: usize) -> Self {
+        let Some(at) = self.certs.len().checked_sub(2) else {
+            return self;
+        };
+        let Some(template) = self.certs.get(at.saturating_sub(1)).cloned() else {
+            return self;
+        };
+        for k in 0..n {
+            let mut extra = template.clone();
+            extra.key_label = format!("extra-{k}");
+            for (attr, value) in &mut extra.subject {
+                if *attr == NameAttr::CommonName {
+                    *value = format!("extra-{k}.{value}");
+                }
+            }
+            extra.issuer_name = None;
+            self.certs.insert(at.saturating_add(k), extra);
+        }
+        let len = self.certs.len();
+        for (i, cert) in self.certs.iter_mut().enumerate().skip(1) {
+            let below = len.saturating_sub(2).saturating_sub(i);
+            if let Some(bc) = cert.basic_constraints.as_mut()
+                && bc.ca
+            {
+                bc.path_len = Some(u8::try_from(below).unwrap_or(u8::MAX));
+            }
+        }
+        self
+    }
+
+    /// The chain hangs off a different root with the same name (key label `other-root`).
+    pub fn different_root(self) -> Self {
+        self.with(Position::Root, |c| c.key_label = "other-root".to_owned())
+    }
 }
 
 /// The identity a mock NSM presents: instance, enclave, region. Derived from the seed.

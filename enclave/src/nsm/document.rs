@@ -23,8 +23,6 @@
 use p384::ecdsa::signature::Signer;
 use p384::ecdsa::{Signature, SigningKey};
 
-use super::testing::{DocumentFaults, SignatureS};
-
 /// CBOR major types.
 const MAJOR_UINT: u8 = 0;
 const MAJOR_BYTES: u8 = 2;
@@ -50,6 +48,46 @@ pub enum MapEncoding {
     Definite,
     /// `bf … ff`, as NSMs write since mid-2025.
     Indefinite,
+}
+
+/// Which half of the scalar field the ES384 signature's `s` is put in. Both verify; real NSMs
+/// produce either, about half the time each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SignatureS {
+    /// Whatever RFC 6979 signing produced.
+    #[default]
+    AsSigned,
+    /// Force `s > n/2`.
+    High,
+    /// Force `s <= n/2`.
+    Low,
+}
+
+/// Ways to break a document's envelope or payload. The default breaks nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DocumentFaults {
+    /// Wrap the COSE_Sign1 in CBOR tag 18 (the NSM never does).
+    pub tag_cose: bool,
+    /// Bytes appended after the COSE_Sign1.
+    pub trailing_bytes: Vec<u8>,
+    /// Payload keys to leave out.
+    pub omit_fields: Vec<String>,
+    /// Payload keys to write a second time (same value), at the end of the map.
+    pub duplicate_fields: Vec<String>,
+    /// Extra payload entries, key and raw CBOR value, at the end of the map.
+    pub extra_fields: Vec<(String, Vec<u8>)>,
+    /// Payload values to replace, key and raw CBOR value (see [`cbor`]).
+    pub replace_fields: Vec<(String, Vec<u8>)>,
+    /// Raw protected-header bytes instead of `a1 01 38 22` (the signature still covers them).
+    pub protected_header: Option<Vec<u8>>,
+    /// Raw CBOR for the unprotected header instead of `a0`.
+    pub unprotected_header: Option<Vec<u8>>,
+    /// Flip a bit of the COSE signature.
+    pub corrupt_signature: bool,
+    /// Sign the document with the key of this label instead of the leaf's.
+    pub sign_with_key: Option<String>,
+    /// Accept `user_data`, `nonce` and `public_key` longer than the NSM's 1024-byte limit.
+    pub allow_oversized_fields: bool,
 }
 
 /// What goes into one document's payload.
@@ -266,6 +304,34 @@ pub(crate) fn cbor_bytes_array(items: &[Vec<u8>]) -> Vec<u8> {
 /// CBOR `null`.
 pub(crate) fn cbor_null() -> Vec<u8> {
     vec![CBOR_NULL]
+}
+
+/// Raw CBOR values for [`DocumentFaults::replace_fields`] and [`DocumentFaults::extra_fields`].
+pub mod cbor {
+    /// A byte string.
+    pub fn bytes(value: &[u8]) -> Vec<u8> {
+        super::cbor_bytes(value)
+    }
+    /// A text string.
+    pub fn text(value: &str) -> Vec<u8> {
+        super::cbor_text(value)
+    }
+    /// An unsigned integer.
+    pub fn uint(value: u64) -> Vec<u8> {
+        super::cbor_uint(value)
+    }
+    /// `null`.
+    pub fn null() -> Vec<u8> {
+        super::cbor_null()
+    }
+    /// A definite map from unsigned integers to byte strings (the shape of `pcrs`).
+    pub fn uint_bytes_map(entries: &[(u64, Vec<u8>)]) -> Vec<u8> {
+        super::cbor_uint_bytes_map(entries)
+    }
+    /// A definite array of byte strings (the shape of `cabundle`).
+    pub fn bytes_array(items: &[Vec<u8>]) -> Vec<u8> {
+        super::cbor_bytes_array(items)
+    }
 }
 
 #[cfg(test)]

@@ -34,10 +34,12 @@ use rand_core::{RngCore, SeedableRng};
 use sha2::{Digest as _, Sha256, Sha384};
 
 use super::certs::{
-    ChainSpec, IssuedChain, KeyRing, LEAF_LIFETIME_MS, MockIdentity, certificate_pem, issue_chain,
+    ChainSpec, IssuedChain, KeyRing, LEAF_LIFETIME_MS, MockError, MockIdentity, certificate_pem,
+    issue_chain,
 };
-use super::document::{MapEncoding, PayloadFields, encode_payload, sign_cose};
-use super::testing::{DocumentFaults, SignatureS};
+use super::document::{
+    DocumentFaults, MapEncoding, PayloadFields, SignatureS, encode_payload, sign_cose,
+};
 use super::{
     BOOT_LOCKED_PCRS, Digest, ErrorCode, MAX_ATTESTATION_FIELD_LEN, Nsm, PCR_COUNT, PCR_LEN,
     Request, Response,
@@ -72,30 +74,6 @@ impl Clock {
     }
 }
 
-/// Why the mock could not produce a certificate or document.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum MockError {
-    /// DER encoding of a certificate failed.
-    #[error("certificate encoding failed: {0}")]
-    Der(#[from] der::Error),
-    /// Encoding a public key failed.
-    #[error("public key encoding failed: {0}")]
-    PublicKey(#[from] spki::Error),
-    /// Signing failed.
-    #[error("signing failed")]
-    Signature(#[from] p384::ecdsa::Error),
-    /// PEM encoding failed.
-    #[error("pem encoding failed")]
-    Pem,
-    /// A chain needs at least a root and a leaf.
-    #[error("chain has {found} certificates; at least 2 are needed")]
-    ChainTooShort {
-        /// Certificates in the specification.
-        found: usize,
-    },
-}
-
 /// Configures a [`MockNsm`].
 #[derive(Clone, Debug)]
 pub struct MockNsmBuilder {
@@ -105,9 +83,9 @@ pub struct MockNsmBuilder {
     boot_pcrs: Vec<(u16, [u8; PCR_LEN])>,
     debug_mode: bool,
     map_encoding: MapEncoding,
-    pub(super) chain: Option<ChainSpec>,
-    pub(super) faults: DocumentFaults,
-    pub(super) signature_s: SignatureS,
+    chain: Option<ChainSpec>,
+    faults: DocumentFaults,
+    signature_s: SignatureS,
 }
 
 impl MockNsmBuilder {
@@ -223,6 +201,27 @@ impl MockNsmBuilder {
             4 => extend(&[0; PCR_LEN], self.identity.instance_id.as_bytes()),
             _ => [0; PCR_LEN],
         }
+    }
+}
+
+/// Test tooling on the mock's builder.
+impl MockNsmBuilder {
+    /// Test tooling: issue this chain instead of the AWS-like default.
+    pub fn chain_spec(mut self, spec: ChainSpec) -> Self {
+        self.chain = Some(spec);
+        self
+    }
+
+    /// Test tooling: break every document this mock signs in these ways.
+    pub fn document_faults(mut self, faults: DocumentFaults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Test tooling: force the half of the field the signatures' `s` lies in.
+    pub fn signature_s(mut self, form: SignatureS) -> Self {
+        self.signature_s = form;
+        self
     }
 }
 
@@ -500,7 +499,6 @@ mod tests {
 
     use super::*;
     use crate::nsm::document::sig_structure;
-    use crate::nsm::testing::SignatureS;
     use crate::nsm::{NsmError, NsmErrorCode, Operation};
 
     const SEED: [u8; 32] = [0x42; 32];

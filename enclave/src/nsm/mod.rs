@@ -17,7 +17,9 @@
 //!
 //! Which one runs is a start-up choice made by whoever constructs the server; no production path
 //! contains a compile-time fake. The mock's fault-injection knobs, which produce deliberately
-//! broken chains and documents for the verifier's tests, live apart in [`testing`].
+//! broken chains and documents for the verifier's tests, are gathered in [`testing`] (defined
+//! next to the code that applies them, so the files of this folder import one way only:
+//! `certs` and `document` at the bottom, `mock` above them, `testing` re-exporting).
 //!
 //! ## Trust assumptions
 //!
@@ -56,8 +58,9 @@ use std::sync::Arc;
 
 pub use aws_nitro_enclaves_nsm_api::api::{Digest, ErrorCode, Request, Response};
 
+pub use certs::MockError;
 pub use document::MapEncoding;
-pub use mock::{Clock, MAX_EXTEND_DATA_LEN, MockError, MockNsm, MockNsmBuilder, RANDOM_CHUNK_LEN};
+pub use mock::{Clock, MAX_EXTEND_DATA_LEN, MockNsm, MockNsmBuilder, RANDOM_CHUNK_LEN};
 pub use real::{NSM_DEVICE_PATH, RealNsm};
 
 /// Number of PCRs an NSM exposes (`max_pcrs` in `DescribeNSM`).
