@@ -24,7 +24,9 @@ const GENESIS_KEY: [u8; 32] = [
 ];
 
 fn booted() -> Enclave {
-    let nsm = MockNsm::builder(*b"attestplane fuzz enclave seed v1", Clock::Fixed(T0)).build();
+    let nsm = MockNsm::builder(*b"attestplane fuzz enclave seed v1", Clock::Fixed(T0))
+        .fixture_randomness()
+        .build();
     let root = TrustAnchor::from_der(&nsm.root_der().unwrap()).unwrap();
     let config = EnclaveConfig {
         origin: "attestplane.fuzz/log".to_owned(),

@@ -85,6 +85,14 @@ fn enclave_restart_continues_the_log_in_a_new_epoch_that_verifies() {
         epochs[1]["start_seq"], size_before,
         "the new epoch does not start right after the old log: {report}"
     );
+    // The restarted enclave signs with a new key (the mock's randomness comes from the OS, not
+    // from its public seed), and the log verifies across the change.
+    assert!(epochs[0]["kid"].is_string(), "no kid: {report}");
+    assert_ne!(
+        epochs[0]["kid"], epochs[1]["kid"],
+        "the restarted enclave signs with the previous epoch's key: {report}"
+    );
+    assert_ne!(epochs[0]["key"], epochs[1]["key"], "{report}");
     assert!(second >= size_before);
 }
 

@@ -10,18 +10,24 @@
 //!   past 31 `InvalidIndex`. `LockPCR` on a locked PCR answers `ReadOnlyIndex`; `LockPCRs(n)`
 //!   locks `0..n` (`InvalidIndex` past 32). These follow QEMU's NSM emulator where AWS's
 //!   documentation is silent.
-//! - `GetRandom`: 256 bytes per call from ChaCha20 seeded with the seed.
+//! - `GetRandom`: 256 bytes per call from the operating system's generator, so that no two
+//!   boots hand out the same bytes (the epoch key is made from them). A fixture that must be
+//!   reproducible asks for [`MockNsmBuilder::fixture_randomness`]: ChaCha20 seeded with the seed.
 //! - `Attestation`: a document with every locked PCR, signed by the leaf of a generated chain
 //!   (see `certs`), `user_data`/`nonce`/`public_key` as given (each at most 1024 bytes, else
 //!   `InputTooLarge`), the timestamp read from the mock's [`Clock`].
 //!
 //! Determinism: the same seed, configuration and sequence of (time, request) give the same
-//! response bytes. The chain is issued at the first attestation, anchored at that instant, and
-//! issued again (anchored anew) when the clock leaves the first two hours of the leaf's
-//! three-hour life, so every document has at least an hour of leaf validity left.
+//! response bytes, except `GetRandom`, which is reproducible only with fixture randomness. The
+//! chain is issued at the first attestation, anchored at that instant, and issued again
+//! (anchored anew) when the clock leaves the first two hours of the leaf's three-hour life, so
+//! every document has at least an hour of leaf validity left.
 //!
 //! Trust: none. The seed is no secret; anyone who knows it can forge this mock's documents,
-//! which is why a verifier accepts them only when told to pin this mock's root.
+//! which is why a verifier accepts them only when told to pin this mock's root. Randomness is
+//! another matter: were it derived from a public seed, every epoch of every run would sign with
+//! one key anyone can compute, and a restart would never change keys. So it comes from the
+//! operating system unless a caller explicitly asks for a fixture's reproducible stream.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -30,7 +36,7 @@ use std::time::SystemTime;
 
 use attestplane_verifier::UnixMillis;
 use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::{OsRng, RngCore, SeedableRng};
 use sha2::{Digest as _, Sha256, Sha384};
 
 use super::certs::{
@@ -83,14 +89,16 @@ pub struct MockNsmBuilder {
     boot_pcrs: Vec<(u16, [u8; PCR_LEN])>,
     debug_mode: bool,
     map_encoding: MapEncoding,
+    fixture_randomness: bool,
     chain: Option<ChainSpec>,
     faults: DocumentFaults,
     signature_s: SignatureS,
 }
 
 impl MockNsmBuilder {
-    /// A mock whose keys, identity, image measurements and randomness all derive from `seed`,
-    /// reading time from `clock`.
+    /// A mock whose keys, identity and image measurements derive from `seed`, reading time
+    /// from `clock`. Its randomness comes from the operating system (see
+    /// [`fixture_randomness`](Self::fixture_randomness)).
     pub fn new(seed: [u8; 32], clock: Clock) -> Self {
         Self {
             seed,
@@ -99,6 +107,7 @@ impl MockNsmBuilder {
             boot_pcrs: Vec::new(),
             debug_mode: false,
             map_encoding: MapEncoding::Definite,
+            fixture_randomness: false,
             chain: None,
             faults: DocumentFaults::default(),
             signature_s: SignatureS::AsSigned,
@@ -135,6 +144,14 @@ impl MockNsmBuilder {
         self
     }
 
+    /// Hands out randomness derived from the seed instead of the operating system's, so that
+    /// everything made from it (the epoch key, nonces) is the same on every run. For fixtures
+    /// and known-answer tests only: with a public seed, anyone can compute those keys.
+    pub fn fixture_randomness(mut self) -> Self {
+        self.fixture_randomness = true;
+        self
+    }
+
     /// Presents another identity (module id, certificate names, PCR4).
     pub fn identity(mut self, identity: MockIdentity) -> Self {
         self.identity = identity;
@@ -165,11 +182,16 @@ impl MockNsmBuilder {
         let chain = self
             .chain
             .unwrap_or_else(|| ChainSpec::aws_like(&self.identity));
-        let random_seed: [u8; 32] = Sha256::new()
-            .chain_update(b"attestplane mock nsm random\0")
-            .chain_update(self.seed)
-            .finalize()
-            .into();
+        let random = if self.fixture_randomness {
+            let seed: [u8; 32] = Sha256::new()
+                .chain_update(b"attestplane mock nsm random\0")
+                .chain_update(self.seed)
+                .finalize()
+                .into();
+            Randomness::Fixture(Box::new(ChaCha20Rng::from_seed(seed)))
+        } else {
+            Randomness::Os
+        };
         MockNsm {
             module_id: self.identity.module_id(),
             identity: self.identity,
@@ -179,7 +201,7 @@ impl MockNsmBuilder {
             map_encoding: self.map_encoding,
             state: Mutex::new(State {
                 pcrs,
-                random: ChaCha20Rng::from_seed(random_seed),
+                random,
                 clock: self.clock,
                 chain: None,
                 keys: KeyRing::new(self.seed),
@@ -238,9 +260,30 @@ impl PcrSlot {
     };
 }
 
+/// Where `GetRandom`'s bytes come from.
+enum Randomness {
+    /// The operating system's generator (the default).
+    Os,
+    /// ChaCha20 seeded from the mock's seed (fixtures only).
+    Fixture(Box<ChaCha20Rng>),
+}
+
+impl Randomness {
+    /// Fills `out`; `false` if the operating system's generator failed.
+    fn fill(&mut self, out: &mut [u8]) -> bool {
+        match self {
+            Self::Os => OsRng.try_fill_bytes(out).is_ok(),
+            Self::Fixture(rng) => {
+                rng.fill_bytes(out);
+                true
+            }
+        }
+    }
+}
+
 struct State {
     pcrs: [PcrSlot; PCR_INDEX_LEN],
-    random: ChaCha20Rng,
+    random: Randomness,
     clock: Clock,
     chain: Option<IssuedChain>,
     keys: KeyRing,
@@ -479,8 +522,12 @@ impl Nsm for MockNsm {
             ),
             Request::GetRandom => {
                 let mut random = vec![0u8; RANDOM_CHUNK_LEN];
-                state.random.fill_bytes(&mut random);
-                Response::GetRandom { random }
+                if state.random.fill(&mut random) {
+                    Response::GetRandom { random }
+                } else {
+                    // As a device whose generator fails: an error, never predictable bytes.
+                    Response::Error(ErrorCode::InternalError)
+                }
             }
             _ => Response::Error(ErrorCode::InvalidOperation),
         }
@@ -680,10 +727,42 @@ mod tests {
     }
 
     #[test]
-    fn random_is_deterministic_per_seed() {
-        assert_eq!(mock().random(300).unwrap(), mock().random(300).unwrap());
-        let other = MockNsmBuilder::new([1; 32], Clock::Fixed(T0)).build();
-        assert_ne!(mock().random(300).unwrap(), other.random(300).unwrap());
+    fn fixture_randomness_is_deterministic_per_seed() {
+        let fixture = |seed| {
+            MockNsmBuilder::new(seed, Clock::Fixed(T0))
+                .fixture_randomness()
+                .build()
+        };
+        assert_eq!(
+            fixture(SEED).random(300).unwrap(),
+            fixture(SEED).random(300).unwrap()
+        );
+        assert_ne!(
+            fixture(SEED).random(300).unwrap(),
+            fixture([1; 32]).random(300).unwrap()
+        );
+    }
+
+    /// Issue 9, item 7: with randomness derived from the public development seed, every boot
+    /// made the same epoch key (kid c8bc89c9… for `attestplane dev`), one anyone can compute.
+    #[test]
+    fn epoch_keys_do_not_repeat_across_boots_with_the_same_public_seed() {
+        let boot = || MockNsmBuilder::new(SEED, Clock::Fixed(T0)).build();
+        let (a, b) = (boot(), boot());
+        assert_eq!(
+            a.root_der().unwrap(),
+            b.root_der().unwrap(),
+            "same identity"
+        );
+        let key = |nsm: &MockNsm| crate::epoch::EpochKey::generate(nsm).unwrap().kid();
+        assert_ne!(key(&a), key(&b), "two boots drew the same epoch key");
+        let fixture = || {
+            MockNsmBuilder::new(SEED, Clock::Fixed(T0))
+                .fixture_randomness()
+                .build()
+        };
+        assert_ne!(key(&a), key(&fixture()));
+        assert_ne!(key(&b), key(&fixture()));
     }
 
     #[test]
