@@ -179,7 +179,8 @@ pub fn verify_resolved(
     Ok(verified)
 }
 
-fn trust(context: &ClientContext) -> CliResult<ControlPlaneTrust> {
+/// What the control plane must be, from the client's settings.
+pub(crate) fn trust(context: &ClientContext) -> CliResult<ControlPlaneTrust> {
     let anchor = match &context.root {
         None => TrustAnchor::aws_nitro_root_g1(),
         Some(path) => TrustAnchor::from_pem(&read_file(path, MAX_ROOT_LEN)?).map_err(|e| {

@@ -36,6 +36,7 @@ pub mod handle;
 pub mod http;
 pub mod keys;
 pub mod log;
+pub mod mcp;
 pub mod pcrs;
 pub mod servers;
 pub mod token;
@@ -104,6 +105,9 @@ pub enum ClientCommand {
     /// Export the log for `attestplane-verify log`, or print its latest entries.
     #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Log(log::LogCommand),
+    /// Bridge a stdio MCP client to the gateway (after verifying the control plane).
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
+    Mcp(mcp::McpCommand),
 }
 
 /// Runs one client command; the returned code is the process's exit code (0 success, 1 refused
@@ -117,6 +121,7 @@ pub async fn run(command: ClientCommand, context: &ClientContext) -> anyhow::Res
         ClientCommand::Token(c) => token::run(c, context),
         ClientCommand::Handle(c) => handle::run(c, context).await,
         ClientCommand::Log(c) => log::run(c, context).await,
+        ClientCommand::Mcp(c) => mcp::run(c, context).await,
     };
     match result {
         Ok(()) => Ok(0),
