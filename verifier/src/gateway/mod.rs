@@ -14,6 +14,8 @@
 //! - [`jcs`]: RFC 8785 canonical JSON, the one form that is hashed.
 //! - [`pin`]: tool-definition digests and the pin check of a listed tool set.
 //! - [`limits`]: GCRA rate limits and windowed spend caps per tenant, user, agent and tool.
+//! - [`pii`]: personal data and secrets in arguments and results, found after normalisation,
+//!   reported as kinds, counts and hashes, redacted in place.
 //!
 //! ## What this module does not do
 //!
@@ -25,5 +27,6 @@ pub mod jcs;
 pub mod json;
 pub mod jsonrpc;
 pub mod limits;
+pub mod pii;
 pub mod pin;
 pub mod receipt;
