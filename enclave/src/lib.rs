@@ -8,6 +8,8 @@
 //!
 //! Today it exposes:
 //!
+//! - [`mcp_transport`]: the MCP data path's byte streams: agent connections relayed in by the
+//!   host, upstream connections dialled out through it (the seam where TLS will wrap them).
 //! - [`nsm`]: the Nitro Secure Module behind one trait, the real `/dev/nsm` and a deterministic
 //!   mock that signs AWS-shaped attestation documents with a chain generated from a seed.
 //!
@@ -33,6 +35,7 @@
 pub mod epoch;
 pub mod gateway;
 pub mod identity;
+pub mod mcp_transport;
 pub mod nsm;
 pub mod server;
 pub mod service;

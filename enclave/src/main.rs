@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
+use attestplane_enclave::mcp_transport::{self, McpTransport};
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm, PCR_LEN, RealNsm};
 use attestplane_enclave::server::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, ServerLimits, run,
@@ -96,6 +97,14 @@ struct Cli {
     /// Requests in flight per connection.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION)]
     max_in_flight: usize,
+    /// The MCP data path: where the host relays agents' connections (vsock:any:5006 in
+    /// production, unix:PATH or tcp:IP:PORT locally). Needs --dial.
+    #[arg(long, value_name = "ADDR")]
+    mcp_listen: Option<Address>,
+    /// Where to ask the host for connections to registered MCP servers (vsock:3:5007 in
+    /// production: the parent instance is CID 3). Needs --mcp-listen.
+    #[arg(long, value_name = "ADDR")]
+    dial: Option<Address>,
     /// Write the mock NSM's root certificate (PEM) to PATH, so the host and tests can pin it,
     /// then continue.
     #[arg(long, value_name = "PATH")]
@@ -175,6 +184,37 @@ async fn main() -> Result<()> {
     println!("{bound}");
     eprintln!("attestplane-enclave: listening on {bound}");
 
+    // The MCP data path's transport (attestplane_enclave::mcp_transport).
+    let mcp = match (&cli.mcp_listen, &cli.dial) {
+        (Some(listen), Some(dial)) => {
+            if let Address::Unix(path) = listen {
+                remove_stale_socket(path)?;
+            }
+            let mcp = McpTransport::bind(listen, dial.clone())
+                .await
+                .with_context(|| format!("cannot listen for MCP on {listen}"))?;
+            let bound = mcp
+                .listener
+                .local_addr()
+                .context("cannot read the bound MCP address")?;
+            eprintln!("attestplane-enclave: MCP on {bound}, dialing upstreams through {dial}");
+            Some(mcp)
+        }
+        (None, None) => None,
+        _ => bail!("--mcp-listen and --dial go together"),
+    };
+    // HOOK(gateway): the gateway serves `mcp.listener` next to `run` below, e.g.
+    // `serve_agents(mcp.listener, move |s| gateway.clone().serve_connection(s), shutdown)`,
+    // with `mcp.dialer` as its upstream `Connect`. Until it is wired here, agent connections
+    // are accepted and closed at once: nothing is forwarded unchecked.
+    let mcp_task = mcp.map(|mcp| {
+        tokio::spawn(mcp_transport::serve_agents(
+            mcp.listener,
+            |stream| async move { drop(stream) },
+            std::future::pending(),
+        ))
+    });
+
     let limits = ServerLimits {
         max_connections: cli.max_connections,
         max_in_flight_per_connection: cli.max_in_flight,
@@ -182,6 +222,9 @@ async fn main() -> Result<()> {
     };
     let clock = || UnixMillis::from_system_time(SystemTime::now());
     let result = run(listener, enclave, clock, limits, shutdown_signal()).await;
+    if let Some(task) = mcp_task {
+        task.abort();
+    }
     if let Some(path) = socket_path {
         let _ = std::fs::remove_file(path);
     }
@@ -364,5 +407,39 @@ mod tests {
         let cli = Cli::try_parse_from(["attestplane-enclave", "--nsm", "mock"]).unwrap();
         assert_eq!(cli.nsm, NsmKind::Mock);
         assert_eq!(cli.listen.to_string(), "vsock:any:5005");
+        assert_eq!(cli.mcp_listen, None);
+        assert_eq!(cli.dial, None);
+    }
+
+    #[test]
+    fn mcp_flags_take_transport_addresses() {
+        let cli = Cli::try_parse_from([
+            "attestplane-enclave",
+            "--nsm",
+            "mock",
+            "--mcp-listen",
+            "vsock:any:5006",
+            "--dial",
+            "vsock:3:5007",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.mcp_listen.map(|a| a.to_string()).as_deref(),
+            Some(mcp_transport::DEFAULT_MCP_LISTEN)
+        );
+        assert_eq!(
+            cli.dial.map(|a| a.to_string()).as_deref(),
+            Some(mcp_transport::DEFAULT_DIAL)
+        );
+        assert!(
+            Cli::try_parse_from([
+                "attestplane-enclave",
+                "--nsm",
+                "mock",
+                "--dial",
+                "tcp:host:1"
+            ])
+            .is_err()
+        );
     }
 }

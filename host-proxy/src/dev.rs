@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use attestplane_proto::{ByteBuf, Request, Response};
+use attestplane_proto::{Address, ByteBuf, Request, Response};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{AdminAction, IdentityProviderSpec};
 use attestplane_verifier::attestation::{Expectations, TrustAnchor, VerifyAt, verify_attestation};
@@ -28,6 +28,7 @@ use tokio::process::{Child, Command};
 use crate::cli::{admin, keys};
 use crate::enclave_client::EnclaveClient;
 use crate::proxy::{self, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REQUEST_TIMEOUT, ProxyConfig};
+use crate::relay::{RelayConfig, RelayLimits};
 
 /// The development identity provider's issuer.
 pub const DEV_ISSUER: &str = "https://dev-idp.attestplane.local";
@@ -50,6 +51,9 @@ pub struct DevArgs {
     /// Address of the HTTP API (port 0 picks a free port).
     #[arg(long, value_name = "IP:PORT", default_value = proxy::DEFAULT_LISTEN)]
     pub listen: String,
+    /// Agent-facing address of the MCP relay (port 0 picks a free port).
+    #[arg(long, value_name = "IP:PORT", default_value = crate::relay::DEFAULT_MCP_LISTEN)]
+    pub mcp_listen: String,
     /// Do not start the demo MCP server.
     #[arg(long)]
     pub no_demo_server: bool,
@@ -90,6 +94,16 @@ pub async fn main(args: DevArgs) -> Result<u8> {
             .with_context(|| format!("cannot find a free port on {}", listen.ip()))?;
     }
 
+    let mut mcp_listen: std::net::SocketAddr = args
+        .mcp_listen
+        .parse()
+        .with_context(|| format!("--mcp-listen {:?} is not IP:PORT", args.mcp_listen))?;
+    if mcp_listen.port() == 0 {
+        mcp_listen = std::net::TcpListener::bind(mcp_listen)
+            .and_then(|l| l.local_addr())
+            .with_context(|| format!("cannot find a free port on {}", mcp_listen.ip()))?;
+    }
+
     let mut children = Vec::new();
     let mut demo_url = None;
     if !args.no_demo_server {
@@ -118,7 +132,15 @@ pub async fn main(args: DevArgs) -> Result<u8> {
         std::fs::remove_file(&socket)
             .with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
     }
+    // The MCP data path: the enclave listens for relayed agents on one socket and dials
+    // upstreams through the proxy on another.
+    let enclave_mcp = dir.join("enclave-mcp.sock");
+    let dial = dir.join("dial.sock");
     let mut enclave_args = vec![
+        "--mcp-listen".into(),
+        format!("unix:{}", enclave_mcp.display()),
+        "--dial".into(),
+        format!("unix:{}", dial.display()),
         "--nsm".into(),
         "mock".into(),
         "--listen".into(),
@@ -147,7 +169,12 @@ pub async fn main(args: DevArgs) -> Result<u8> {
         connections: 2,
         request_timeout: DEFAULT_REQUEST_TIMEOUT,
         max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-        mcp: None,
+        mcp: Some(RelayConfig {
+            mcp_listen,
+            enclave_mcp: Address::Unix(enclave_mcp),
+            dial_listen: Address::Unix(dial),
+            limits: RelayLimits::default(),
+        }),
     })
     .await?;
     let url = format!("http://{}", running.local_addr);
@@ -163,6 +190,9 @@ pub async fn main(args: DevArgs) -> Result<u8> {
     write_client_config(&dir, &url)?;
 
     println!("attestplane dev ready: {url}");
+    if let Some(mcp) = running.mcp_addr {
+        println!("attestplane MCP relay: tcp:{mcp}");
+    }
     print_next_steps(&dir, &url, demo_url.as_deref());
     running.wait(proxy::shutdown_signal()).await?;
     for mut child in children {

@@ -602,7 +602,8 @@ pub struct DevStack {
 }
 
 impl DevStack {
-    /// Starts `attestplane dev --listen 127.0.0.1:0 --demo-server-listen 127.0.0.1:0` and waits
+    /// Starts `attestplane dev` with every port 0 (`--listen`, `--demo-server-listen`,
+    /// `--mcp-listen`) and waits
     /// for its ready line.
     pub fn start() -> DevStack {
         let tmp = temp_dir("attestplane-dev-");
@@ -612,7 +613,8 @@ impl DevStack {
             .arg("--data-dir")
             .arg(&dir)
             .args(["--listen", "127.0.0.1:0"])
-            .args(["--demo-server-listen", "127.0.0.1:0"]);
+            .args(["--demo-server-listen", "127.0.0.1:0"])
+            .args(["--mcp-listen", "127.0.0.1:0"]);
         let mut proc = Proc::spawn("attestplane dev", cmd, &tmp.path().join("dev.stderr"));
         let line = proc.wait_line("attestplane dev ready: ", Duration::from_secs(60));
         let url = line
