@@ -41,9 +41,14 @@
 //!   would not make stops the boot.
 //!
 //! An auditor who replays the log with the verifier CLI re-decides everything, whoever wrote it.
-//! Today the log verifier accepts only epochs carrying the enclave's own PCRs, so every epoch
-//! it lets through is applied trusted; the per-epoch choice is what keeps the re-check in place
-//! once earlier images' measurements are accepted too (an upgrade; not yet supported).
+//!
+//! ## Which images may have written the log
+//!
+//! The enclave accepts epochs of its own image, of the images pinned with
+//! [`Enclave::with_pinned_images`] (for an upgraded image: the one that started the log), and of
+//! any image an accepted `allow_image` admin act earlier in the log allowed. An epoch of any
+//! other image stops the boot (`ImageNotAllowed`, naming the epoch's first entry and its
+//! PCRs). Epochs of images other than its own are re-decided in full.
 //!
 //! [`ApplyMode::Trusted`]: attestplane_verifier::state::ApplyMode::Trusted
 //! [`ApplyMode::Recheck`]: attestplane_verifier::state::ApplyMode::Recheck
@@ -57,7 +62,7 @@ use attestplane_verifier::admin::SignedAdminRequest;
 use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
 use attestplane_verifier::entry::{AttestationRecord, EntryHash, Event};
 use attestplane_verifier::handle::{HandleClaims, Jwks, encode_handle};
-use attestplane_verifier::log::LogPolicy;
+use attestplane_verifier::log::{LogError, LogPolicy, image_matches};
 use attestplane_verifier::policy::Action;
 /// How boot replay applies each epoch: trusted for the enclave's own image, re-checked for any
 /// other (the verifier's, re-exported: the one replay loop lives there).
@@ -102,6 +107,8 @@ struct Booting {
     replay: Replay,
     genesis_keys: Vec<[u8; 32]>,
     expected: u64,
+    /// The enclave's own PCR0–2.
+    own: BTreeMap<PcrIndex, Pcr>,
 }
 
 enum Phase {
@@ -131,6 +138,7 @@ pub struct Enclave {
     held: Vec<Held>,
     challenges: BTreeMap<String, (Vec<u8>, UnixMillis)>,
     pinned_genesis: Option<Vec<[u8; 32]>>,
+    pinned_images: Vec<BTreeMap<PcrIndex, Pcr>>,
     bearers: BearerCache,
 }
 
@@ -172,6 +180,7 @@ impl Enclave {
             held: Vec::new(),
             challenges: BTreeMap::new(),
             pinned_genesis: None,
+            pinned_images: Vec::new(),
             bearers: BearerCache::default(),
         }
     }
@@ -185,6 +194,16 @@ impl Enclave {
         keys.sort_unstable();
         keys.dedup();
         self.pinned_genesis = Some(keys);
+        self
+    }
+
+    /// Pins images, besides its own, whose epochs the enclave accepts in a stored log without
+    /// an `allow_image` act before them: the images of the log's earlier epochs that this image
+    /// continues (an upgraded image pins the one that started the log). Like the genesis keys,
+    /// these belong in the measured image. Any other image's epochs are accepted only after an
+    /// accepted `allow_image` act names them.
+    pub fn with_pinned_images(mut self, images: Vec<BTreeMap<PcrIndex, Pcr>>) -> Self {
+        self.pinned_images = images;
         self
     }
 
@@ -314,7 +333,10 @@ impl Enclave {
             Err(m) => return error(id, ErrorCode::Internal, &m),
         };
         let trust = EpochTrust::new(pcrs.clone());
-        let mut policy = LogPolicy::new(self.config.self_anchor.clone(), pcrs);
+        let own = pcrs.clone();
+        let mut images = vec![pcrs];
+        images.extend(self.pinned_images.iter().cloned());
+        let mut policy = LogPolicy::with_images(self.config.self_anchor.clone(), images);
         policy.allow_debug = self.config.allow_debug;
         // The enclave's own clock is what entries must not postdate; the host cannot move it.
         let replay = match Replay::new(policy, now, self.config.server_anchor.clone()) {
@@ -329,6 +351,7 @@ impl Enclave {
             replay,
             genesis_keys,
             expected: total,
+            own,
         }));
         vec![(id, Response::Ack)]
     }
@@ -375,6 +398,7 @@ impl Enclave {
             replay,
             genesis_keys,
             expected,
+            own,
         } = *booting;
         let (v, state) = replay.into_parts();
         self.state = state;
@@ -393,6 +417,17 @@ impl Enclave {
             time: v.last_time().unwrap_or(UnixMillis::from_millis(0)),
             frontier: v.frontier().clone(),
         };
+        // This image may continue the log only if it started it, ran it before, or an
+        // accepted `allow_image` act allows it: otherwise its epochs would be ones that no
+        // auditor pinning the log's images accepts (see the module documentation).
+        let ran_before = v.epochs().iter().any(|e| image_matches(&own, &e.image));
+        if v.verified() > 0 && !ran_before && !self.state.image_allowed(&own) {
+            let e = LogError::ImageNotAllowed {
+                seq: v.verified(),
+                pcrs: own,
+            };
+            return self.broken(id, e.seq(), e.to_string());
+        }
         let needs_genesis = !self.state.has_genesis();
         if needs_genesis && genesis_keys.is_empty() {
             if head.size == 0 {

@@ -132,6 +132,14 @@ pub enum AdminAction {
         /// The new set of raw Ed25519 public keys.
         keys: Vec<[u8; 32]>,
     },
+    /// Allow the control plane's epochs to run another image (an upgrade): later epochs whose
+    /// attestation documents carry these PCRs are accepted by the enclave's boot and by
+    /// `attestplane-verify log`. PCR0, PCR1 and PCR2 are required, none of them zero (a debug-mode
+    /// enclave's PCRs attest nothing).
+    AllowImage {
+        /// The image's PCRs, by index.
+        pcrs: BTreeMap<PcrIndex, PcrHex>,
+    },
 }
 
 impl AdminAction {
@@ -145,6 +153,7 @@ impl AdminAction {
             AdminAction::SetIdentityProvider(_) => "set_identity_provider",
             AdminAction::RemoveIdentityProvider { .. } => "remove_identity_provider",
             AdminAction::RotateAdminKeys { .. } => "rotate_admin_keys",
+            AdminAction::AllowImage { .. } => "allow_image",
         }
     }
 }
@@ -330,6 +339,58 @@ fn id(field: &'static str, v: String) -> Result<String, AdminError> {
     Ok(v)
 }
 
+fn pcrs_to_value(pcrs: &BTreeMap<PcrIndex, PcrHex>) -> Value {
+    Value::Map(
+        pcrs.iter()
+            .map(|(i, p)| {
+                (
+                    uint(u64::from(i.get())),
+                    Value::Bytes(p.0.as_bytes().to_vec()),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn pcrs_from_value(v: Value) -> Result<BTreeMap<PcrIndex, PcrHex>, AdminError> {
+    let bad_pcrs = AdminError::Invalid {
+        field: "pcrs",
+        problem: "must map indexes 0..=31 to 48-byte values",
+    };
+    match v {
+        Value::Map(entries) => entries
+            .into_iter()
+            .map(|(k, v)| {
+                let idx = as_u64(&k)
+                    .and_then(|i| u8::try_from(i).ok())
+                    .and_then(|i| PcrIndex::try_from(i).ok())?;
+                let Value::Bytes(b) = v else { return None };
+                let pcr = Pcr::try_from(b.as_slice()).ok()?;
+                Some((idx, PcrHex(pcr)))
+            })
+            .collect::<Option<BTreeMap<_, _>>>()
+            .ok_or(bad_pcrs),
+        _ => Err(bad_pcrs),
+    }
+}
+
+/// Checks an `allow_image` PCR set: PCR0, PCR1 and PCR2 present and not zero.
+fn image_pcrs(pcrs: BTreeMap<PcrIndex, PcrHex>) -> Result<BTreeMap<PcrIndex, PcrHex>, AdminError> {
+    let named = (0u8..=2).all(|i| {
+        PcrIndex::try_from(i)
+            .ok()
+            .and_then(|i| pcrs.get(&i))
+            .is_some_and(|p| !p.0.is_zero())
+    });
+    if !named {
+        return Err(AdminError::Invalid {
+            field: "pcrs",
+            problem: "an image is named by PCR0, PCR1 and PCR2, none of them zero",
+        });
+    }
+    Ok(pcrs)
+}
+
 fn server_to_value(s: &ServerSpec) -> Value {
     map([
         ("id", Value::Text(s.id.clone())),
@@ -367,25 +428,7 @@ fn server_to_value(s: &ServerSpec) -> Value {
 
 fn server_from_value(v: Value) -> Result<ServerSpec, AdminError> {
     let mut f = Fields::new(v, "server")?;
-    let bad_pcrs = AdminError::Invalid {
-        field: "pcrs",
-        problem: "must map indexes 0..=31 to 48-byte values",
-    };
-    let pcrs = match f.take("pcrs")? {
-        Value::Map(entries) => entries
-            .into_iter()
-            .map(|(k, v)| {
-                let idx = as_u64(&k)
-                    .and_then(|i| u8::try_from(i).ok())
-                    .and_then(|i| PcrIndex::try_from(i).ok())?;
-                let Value::Bytes(b) = v else { return None };
-                let pcr = Pcr::try_from(b.as_slice()).ok()?;
-                Some((idx, PcrHex(pcr)))
-            })
-            .collect::<Option<BTreeMap<_, _>>>()
-            .ok_or(bad_pcrs.clone())?,
-        _ => return Err(bad_pcrs),
-    };
+    let pcrs = pcrs_from_value(f.take("pcrs")?)?;
     if pcrs.is_empty() {
         return Err(AdminError::Invalid {
             field: "pcrs",
@@ -445,6 +488,7 @@ fn action_to_value(a: &AdminAction) -> Value {
             map([kind, ("issuer", Value::Text(issuer.clone()))])
         }
         AdminAction::RotateAdminKeys { keys } => map([kind, ("keys", keys32(keys))]),
+        AdminAction::AllowImage { pcrs } => map([kind, ("pcrs", pcrs_to_value(pcrs))]),
     }
 }
 
@@ -478,6 +522,9 @@ fn action_from_value(v: Value) -> Result<AdminAction, AdminError> {
             }
             AdminAction::RotateAdminKeys { keys }
         }
+        "allow_image" => AdminAction::AllowImage {
+            pcrs: image_pcrs(pcrs_from_value(f.take("pcrs")?)?)?,
+        },
         _ => return Err(AdminError::UnknownAction { kind }),
     };
     f.finish()?;
@@ -524,7 +571,39 @@ mod tests {
             AdminAction::RotateAdminKeys {
                 keys: vec![[4; 32]],
             },
+            AdminAction::AllowImage { pcrs: image(5) },
         ]
+    }
+
+    fn image(fill: u8) -> BTreeMap<PcrIndex, PcrHex> {
+        (0u8..=2)
+            .map(|i| (PcrIndex::try_from(i).unwrap(), PcrHex(Pcr::new([fill; 48]))))
+            .collect()
+    }
+
+    #[test]
+    fn allow_image_without_pcr0_1_2_or_with_a_zero_one_is_refused() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let mut missing = image(5);
+        missing.remove(&PcrIndex::try_from(1u8).unwrap());
+        let mut debug = image(5);
+        debug.insert(PcrIndex::try_from(2u8).unwrap(), PcrHex(Pcr::ZERO));
+        for pcrs in [missing, debug, BTreeMap::new()] {
+            let req = AdminRequest {
+                time: UnixMillis::from_millis(1_000),
+                nonce: [9; 16],
+                action: AdminAction::AllowImage { pcrs },
+            };
+            let bytes = req.sign(&k.verifying_key(), &k).unwrap();
+            assert!(
+                matches!(
+                    SignedAdminRequest::decode(&bytes),
+                    Err(AdminError::Invalid { field: "pcrs", .. })
+                ),
+                "{:?}",
+                SignedAdminRequest::decode(&bytes)
+            );
+        }
     }
 
     #[test]

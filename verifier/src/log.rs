@@ -549,6 +549,11 @@ impl LogVerifier {
         self.last_time
     }
 
+    /// The epochs verified so far, in order.
+    pub fn epochs(&self) -> &[EpochSummary] {
+        &self.epochs
+    }
+
     /// The Merkle frontier over the verified entries.
     pub fn frontier(&self) -> &CompactRange {
         &self.frontier

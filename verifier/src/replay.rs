@@ -15,6 +15,13 @@
 //!   [`crate::state`]), in the mode [`EpochTrust`] chooses for the entry's epoch: re-decided
 //!   ([`ApplyMode::Recheck`]) unless the caller trusts the epoch's image to have decided
 //!   correctly itself (the enclave, for epochs its own measured image wrote).
+//! - That every epoch runs an image the caller pinned ([`LogPolicy::images`]) or one that an
+//!   `allow_image` admin act accepted *earlier* in the log allowed
+//!   ([`crate::admin::AdminAction::AllowImage`]); otherwise [`LogError::ImageNotAllowed`] names
+//!   the epoch's first entry and its PCRs. The log verifier leaves this check to the fold
+//!   because only the fold knows what the log allowed before each epoch, including an act
+//!   verified in the same round as the epoch it allows. A refused act allows nothing (the fold
+//!   applies accepted acts only, and re-checks that they were signed by an admin key).
 //! - Optionally, that the log's genesis names exactly the admin keys the caller pinned
 //!   ([`Replay::expect_genesis_keys`]).
 //!
@@ -195,7 +202,9 @@ impl Replay {
     fn fold(&mut self, entry: &VerifiedEntry) -> Result<(), ReplayError> {
         if let Event::EpochStart { .. } = &entry.entry().event {
             let pcrs = &entry.epoch().pcrs;
-            if !self.verifier.policy().pins(pcrs) {
+            // Pinned, or allowed by an `allow_image` act folded before this entry: an act
+            // later in the log, or one that was refused, allows nothing here.
+            if !self.verifier.policy().pins(pcrs) && !self.state.image_allowed(pcrs) {
                 return Err(LogError::ImageNotAllowed {
                     seq: entry.seq(),
                     pcrs: image_of(pcrs),

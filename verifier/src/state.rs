@@ -79,6 +79,9 @@ pub const MAX_SERVERS: usize = 10_000;
 /// The most identity providers.
 pub const MAX_IDENTITY_PROVIDERS: usize = 64;
 
+/// The most images `allow_image` admin acts may allow in one log.
+pub const MAX_ALLOWED_IMAGES: usize = 256;
+
 /// The reason [`State::decide`] gives when the server is not registered.
 pub const REASON_UNKNOWN_SERVER: &str = "unknown server";
 
@@ -174,6 +177,8 @@ pub struct Snapshot {
     pub call_times: BTreeMap<String, Vec<u64>>,
     /// The admin nonces still remembered, with their request times.
     pub admin_nonce_times: BTreeMap<String, u64>,
+    /// Images allowed by `allow_image` admin acts, in order, as `{"PCRn": hex}`.
+    pub allowed_images: Vec<BTreeMap<String, String>>,
     /// Entries applied.
     pub applied: u64,
 }
@@ -189,6 +194,7 @@ pub struct State {
     server_attestation: AttestationVerifier,
     applied: u64,
     identity_generation: u64,
+    allowed_images: Vec<BTreeMap<PcrIndex, Pcr>>,
 }
 
 impl std::fmt::Debug for State {
@@ -290,6 +296,7 @@ impl State {
             server_attestation: AttestationVerifier::new(server_anchor),
             applied: 0,
             identity_generation: 0,
+            allowed_images: Vec::new(),
         }
     }
 
@@ -366,8 +373,26 @@ impl State {
                 .iter()
                 .map(|(n, t)| (hex::encode(n), t.as_millis()))
                 .collect(),
+            allowed_images: self
+                .allowed_images
+                .iter()
+                .map(|image| {
+                    image
+                        .iter()
+                        .map(|(i, p)| (format!("PCR{}", i.get()), p.to_hex()))
+                        .collect()
+                })
+                .collect(),
             applied: self.applied,
         }
+    }
+
+    /// Whether an `allow_image` admin act applied so far allows an epoch whose attestation
+    /// document carries `pcrs` (every PCR the act names, with its value).
+    pub fn image_allowed(&self, pcrs: &BTreeMap<PcrIndex, Pcr>) -> bool {
+        self.allowed_images
+            .iter()
+            .any(|image| crate::log::image_matches(image, pcrs))
     }
 
     /// Checks a signed admin request at `now` without applying it: signature by a current
@@ -433,6 +458,15 @@ impl State {
             AdminAction::RotateAdminKeys { keys } => {
                 prepared.keys = Some(parse_admin_keys(keys).ok_or("unusable admin key")?);
             }
+            AdminAction::AllowImage { pcrs } => {
+                let image: BTreeMap<PcrIndex, Pcr> = pcrs.iter().map(|(i, p)| (*i, p.0)).collect();
+                if self.allowed_images.contains(&image) {
+                    return Err("the image is already allowed".into());
+                }
+                if self.allowed_images.len() >= MAX_ALLOWED_IMAGES {
+                    return Err("too many allowed images".into());
+                }
+            }
         }
         Ok(prepared)
     }
@@ -473,6 +507,10 @@ impl State {
                 if let Some(keys) = prepared.keys {
                     self.admin_keys = keys;
                 }
+            }
+            AdminAction::AllowImage { pcrs } => {
+                self.allowed_images
+                    .push(pcrs.into_iter().map(|(i, p)| (i, p.0)).collect());
             }
         }
     }

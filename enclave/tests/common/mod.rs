@@ -337,6 +337,17 @@ impl Harness {
         now: UnixMillis,
     ) -> Result<Self, (Response, Box<Self>)> {
         let enclave = Enclave::new(nsm.clone(), config(&nsm));
+        Self::boot_enclave(enclave, nsm, store, genesis, now)
+    }
+
+    /// [`Harness::boot`] of an enclave configured by the caller (over `nsm`).
+    pub fn boot_enclave(
+        enclave: Enclave,
+        nsm: Arc<MockNsm>,
+        store: Vec<Vec<u8>>,
+        genesis: &[[u8; 32]],
+        now: UnixMillis,
+    ) -> Result<Self, (Response, Box<Self>)> {
         let total_entries = store.len() as u64;
         let mut h = Self {
             nsm,

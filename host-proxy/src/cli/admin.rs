@@ -147,6 +147,9 @@ pub fn subject_of(action: &AdminAction) -> Option<String> {
         AdminAction::RemoveIdentityProvider { issuer } => Some(issuer.clone()),
         AdminAction::RotateAdminKeys { keys } => Some(format!("{} keys", keys.len())),
         AdminAction::SetPolicy { text } => Some(format!("{} bytes", text.len())),
+        AdminAction::AllowImage { pcrs } => pcrs
+            .get(&attestplane_verifier::attestation::PcrIndex::IMAGE)
+            .map(|p| format!("PCR0 {}", p.0.to_hex())),
         _ => None,
     }
 }

@@ -2,7 +2,7 @@
 //! proxy's API (docs/http-api.md).
 //!
 //! - Operators sign admin requests locally with their admin key ([`admin`]): `servers
-//!   register|update|revoke`, `policy set`, `idp set|remove`, `keys rotate`. The proxy forwards
+//!   register|update|revoke`, `policy set`, `idp set|remove`, `keys rotate`, `images allow`. The proxy forwards
 //!   the signed bytes untouched; the enclave checks them.
 //! - Agents list servers and resolve handles with a bearer token ([`servers`], [`handle`]).
 //!   `handle resolve` believes nothing the host says: it verifies the control plane's
@@ -34,6 +34,7 @@ macro_rules! outln {
 pub mod admin;
 pub mod handle;
 pub mod http;
+pub mod images;
 pub mod keys;
 pub mod log;
 pub mod mcp;
@@ -108,6 +109,9 @@ pub enum ClientCommand {
     /// Bridge a stdio MCP client to the gateway (after verifying the control plane).
     #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Mcp(mcp::McpCommand),
+    /// Allow the control plane to run another image (an upgrade).
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
+    Images(images::ImagesCommand),
 }
 
 /// Runs one client command; the returned code is the process's exit code (0 success, 1 refused
@@ -122,6 +126,7 @@ pub async fn run(command: ClientCommand, context: &ClientContext) -> anyhow::Res
         ClientCommand::Handle(c) => handle::run(c, context).await,
         ClientCommand::Log(c) => log::run(c, context).await,
         ClientCommand::Mcp(c) => mcp::run(c, context).await,
+        ClientCommand::Images(c) => images::run(c, context).await,
     };
     match result {
         Ok(()) => Ok(0),
