@@ -21,10 +21,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
+use attestplane_enclave::gateway::GatewayConfig;
+use attestplane_enclave::gateway::http::Gateway;
+use attestplane_enclave::gateway::upstream::Upstreams;
 use attestplane_enclave::mcp_transport::{self, McpTransport};
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm, PCR_LEN, RealNsm};
 use attestplane_enclave::server::{
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, ServerLimits, run,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, ServerLimits, inside_channel,
+    run_with_inside,
 };
 use attestplane_enclave::service::{Enclave, EnclaveConfig};
 use attestplane_proto::{Address, Listener};
@@ -34,6 +38,9 @@ use clap::{Parser, ValueEnum};
 
 /// The mock's seed when none is given: public, fixed, for development only.
 const DEV_SEED: [u8; 32] = *b"attestplane-enclave dev seed 001";
+
+/// Gateway jobs waiting for the enclave's handler.
+const GATEWAY_QUEUE: usize = 256;
 
 /// The largest `--mock-pcrs` file read.
 const MAX_PCR_FILE_LEN: u64 = 64 * 1024;
@@ -105,6 +112,10 @@ struct Cli {
     /// production: the parent instance is CID 3). Needs --mcp-listen.
     #[arg(long, value_name = "ADDR")]
     dial: Option<Address>,
+    /// The URL agents reach the gateway at: each server's endpoint is `{URL}/mcp/{id}`, the
+    /// audience agents' tokens must name. Part of the measured command line.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7300")]
+    mcp_public_base: String,
     /// Write the mock NSM's root certificate (PEM) to PATH, so the host and tests can pin it,
     /// then continue.
     #[arg(long, value_name = "PATH")]
@@ -203,14 +214,19 @@ async fn main() -> Result<()> {
         (None, None) => None,
         _ => bail!("--mcp-listen and --dial go together"),
     };
-    // HOOK(gateway): the gateway serves `mcp.listener` next to `run` below, e.g.
-    // `serve_agents(mcp.listener, move |s| gateway.clone().serve_connection(s), shutdown)`,
-    // with `mcp.dialer` as its upstream `Connect`. Until it is wired here, agent connections
-    // are accepted and closed at once: nothing is forwarded unchecked.
+    // The gateway serves the agents the host relays; its decisions run on the same handler as
+    // the host's requests (server::run_with_inside), and it reaches servers through the dialer.
+    let (access, inside) = inside_channel(GATEWAY_QUEUE);
     let mcp_task = mcp.map(|mcp| {
+        let config = GatewayConfig {
+            public_base: cli.mcp_public_base.clone(),
+            ..GatewayConfig::default()
+        };
+        let upstreams = Upstreams::new(Arc::new(mcp.dialer), config.upstream_timeout);
+        let gateway = Arc::new(Gateway::new(config, access, upstreams));
         tokio::spawn(mcp_transport::serve_agents(
             mcp.listener,
-            |stream| async move { drop(stream) },
+            move |stream| gateway.clone().serve_connection(stream),
             std::future::pending(),
         ))
     });
@@ -221,7 +237,7 @@ async fn main() -> Result<()> {
         ..ServerLimits::default()
     };
     let clock = || UnixMillis::from_system_time(SystemTime::now());
-    let result = run(listener, enclave, clock, limits, shutdown_signal()).await;
+    let result = run_with_inside(listener, enclave, clock, limits, inside, shutdown_signal()).await;
     if let Some(task) = mcp_task {
         task.abort();
     }

@@ -120,6 +120,12 @@ pub async fn main(args: DevArgs) -> Result<u8> {
                 path_arg(&dir.join("demo-server-tools.json")),
                 "--control-plane".into(),
                 format!("http://{listen}"),
+                // Receipts from the gateway are checked with the control plane's attested
+                // key; both files are written once the enclave is up, and read at first use.
+                "--control-plane-root".into(),
+                path_arg(&dir.join("control-plane-root.pem")),
+                "--control-plane-pcrs".into(),
+                path_arg(&dir.join("control-plane-pcrs.json")),
             ],
         )
         .await?;
@@ -141,6 +147,8 @@ pub async fn main(args: DevArgs) -> Result<u8> {
         format!("unix:{}", enclave_mcp.display()),
         "--dial".into(),
         format!("unix:{}", dial.display()),
+        "--mcp-public-base".into(),
+        format!("http://{mcp_listen}"),
         "--nsm".into(),
         "mock".into(),
         "--listen".into(),
@@ -193,7 +201,10 @@ pub async fn main(args: DevArgs) -> Result<u8> {
     if let Some(mcp) = running.mcp_addr {
         println!("attestplane MCP relay: tcp:{mcp}");
     }
+    let gateway = format!("http://{mcp_listen}");
+    write_mcp_client_config(&dir, &gateway)?;
     print_next_steps(&dir, &url, demo_url.as_deref());
+    print_mcp_steps(&dir, &gateway);
     running.wait(proxy::shutdown_signal()).await?;
     for mut child in children {
         let _ = child.start_kill();
@@ -349,6 +360,40 @@ fn write_client_config(dir: &Path, url: &str) -> Result<()> {
         dir.display()
     );
     std::fs::write(dir.join("config.toml"), text).context("cannot write config.toml")
+}
+
+/// An MCP client configuration for the gateway: the stdio bridge (for clients configured with
+/// a command) and the streamable-HTTP endpoint (for clients that take a URL and a token).
+fn write_mcp_client_config(dir: &Path, gateway: &str) -> Result<()> {
+    let config = serde_json::json!({
+        "mcpServers": {
+            "weather": {
+                "command": "attestplane",
+                "args": ["mcp", "connect", "weather", "--gateway", gateway],
+                "env": { "ATTESTPLANE_CONFIG": dir.join("config.toml").display().to_string() },
+            },
+            "weather-http": {
+                "type": "http",
+                "url": format!("{gateway}/mcp/weather"),
+                "headers": { "Authorization": "Bearer <a token minted for this URL: see the next steps>" },
+            },
+        }
+    });
+    let text =
+        serde_json::to_string_pretty(&config).context("cannot encode the MCP client config")?;
+    std::fs::write(dir.join("mcp-client.json"), text + "\n").context("cannot write mcp-client.json")
+}
+
+fn print_mcp_steps(dir: &Path, gateway: &str) {
+    let d = dir.display();
+    println!();
+    println!("  MCP gateway (every tools/list and tools/call decided and logged in the enclave):");
+    println!("    endpoint per server: {gateway}/mcp/<server-id>");
+    println!(
+        "    attestplane token mint --sub agent-7 --user alice --tenant acme --role tool-user \\\n      \
+         --audience {gateway}/mcp/weather --out {d}/agent.jwt"
+    );
+    println!("    client configuration (stdio bridge and HTTP): {d}/mcp-client.json");
 }
 
 fn print_next_steps(dir: &Path, url: &str, demo: Option<&str>) {

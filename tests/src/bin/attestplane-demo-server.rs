@@ -39,7 +39,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm, PCR_LEN};
+use attestplane_host::cli::pcrs::parse_pcrs_json;
 use attestplane_verifier::UnixMillis;
+use attestplane_verifier::attestation::{Expectations, TrustAnchor, VerifyAt, verify_attestation};
+use attestplane_verifier::gateway::pin;
+use attestplane_verifier::gateway::receipt::{self, ReceivedCall, ReplayCache};
 use attestplane_verifier::handle::{HandleExpectations, Jwks, verify_handle};
 use axum::Router;
 use axum::body::Bytes;
@@ -48,8 +52,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
+use ed25519_dalek::VerifyingKey;
 use serde_json::{Value, json};
-use sha2::{Digest as _, Sha256, Sha384};
+use sha2::{Digest as _, Sha384};
 
 /// The mock's seed when none is given: public, fixed, for development only, and different from
 /// the enclave's development seed.
@@ -102,6 +107,15 @@ struct Cli {
     /// This server's resource URI, the `aud` its handles must name (default: http://IP:PORT/mcp).
     #[arg(long, value_name = "URI")]
     resource: Option<String>,
+    /// PEM root the control plane's attestation document must chain to: with it (and
+    /// --control-plane-pcrs), `tools/call` also accepts calls relayed by the control plane's
+    /// gateway, each carrying a receipt checked with the control plane's attested key. Read at
+    /// first use (the control plane may start after this server).
+    #[arg(long, value_name = "PEM")]
+    control_plane_root: Option<PathBuf>,
+    /// JSON file of the control plane's expected PCRs ({"PCR0": hex, …}).
+    #[arg(long, value_name = "FILE")]
+    control_plane_pcrs: Option<PathBuf>,
     /// The `iss` its handles must name (default: not checked).
     #[arg(long)]
     issuer: Option<String>,
@@ -120,10 +134,11 @@ fn forecast_tool() -> Value {
     })
 }
 
-/// SHA-256 of a tool definition's compact JSON bytes, keys in the order `serde_json` writes
-/// them (the digest `tools/list` clients and `--print-tools` agree on within this binary).
-fn tool_digest(tool: &Value) -> String {
-    hex::encode(Sha256::digest(tool.to_string().as_bytes()))
+/// The pin of a tool definition as the gateway computes it: SHA-256 over a domain tag and the
+/// RFC 8785 canonical JSON of the whole tool object.
+fn tool_digest(tool: &Value) -> Result<String> {
+    let d = pin::tool_digest(&tool.to_string()).map_err(|e| anyhow::anyhow!("tool digest: {e}"))?;
+    Ok(hex::encode(d.digest.0))
 }
 
 /// The image measurements of `--image NAME`: `SHA-384("NAME pcr0")`, `… pcr1`, `… pcr2`.
@@ -189,7 +204,7 @@ async fn main() -> Result<()> {
     for (name, value) in &pcrs {
         eprintln!("attestplane-demo-server: {name} {value}");
     }
-    let digest = tool_digest(&forecast_tool());
+    let digest = tool_digest(&forecast_tool())?;
     eprintln!("attestplane-demo-server: tool forecast sha256 {digest}");
     if let Some(path) = &cli.print_tools {
         let json = json!({ "forecast": digest }).to_string();
@@ -225,6 +240,11 @@ async fn main() -> Result<()> {
         issuer: cli.issuer.clone(),
         control_plane,
         jwks: Mutex::new(None),
+        calls: std::sync::atomic::AtomicU64::new(0),
+        cp_root: cli.control_plane_root.clone(),
+        cp_pcrs: cli.control_plane_pcrs.clone(),
+        attested: Mutex::new(None),
+        receipts: Mutex::new(ReplayCache::new(MAX_RECEIPTS)),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -253,14 +273,35 @@ struct AppState {
     issuer: Option<String>,
     control_plane: Option<String>,
     jwks: Mutex<Option<(Arc<Jwks>, Instant)>>,
+    /// Tool calls run (served at `GET /calls`, so tests can prove a refused call never ran).
+    calls: std::sync::atomic::AtomicU64,
+    cp_root: Option<PathBuf>,
+    cp_pcrs: Option<PathBuf>,
+    /// The control plane's attested epoch key, and when it was verified.
+    attested: Mutex<Option<(VerifyingKey, Instant)>>,
+    receipts: Mutex<ReplayCache>,
     http: reqwest::Client,
 }
+
+/// Receipts remembered against replay.
+const MAX_RECEIPTS: usize = 100_000;
+
+/// How long a verified control-plane key is used before the attestation is checked again.
+const ATTESTED_TTL: Duration = Duration::from_secs(60);
 
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/attestation", get(attestation))
         .route("/mcp", post(mcp))
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/calls",
+            get(|State(s): State<Arc<AppState>>| async move {
+                s.calls
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    .to_string()
+            }),
+        )
         .with_state(state)
 }
 
@@ -356,6 +397,109 @@ impl AppState {
         Ok(jwks)
     }
 
+    /// The control plane's epoch key from its attestation document, verified with a fresh
+    /// nonce against --control-plane-root and --control-plane-pcrs (never a JWKS believed as
+    /// served). `fresh` skips the cache (a new epoch may have opened).
+    async fn attested_key(&self, fresh: bool) -> Result<VerifyingKey, String> {
+        if !fresh
+            && let Some((key, at)) = *self.attested.lock().unwrap_or_else(PoisonError::into_inner)
+            && at.elapsed() < ATTESTED_TTL
+        {
+            return Ok(key);
+        }
+        let (Some(root), Some(pcrs), Some(base)) =
+            (&self.cp_root, &self.cp_pcrs, self.control_plane.as_deref())
+        else {
+            return Err(
+                "receipts need --control-plane, --control-plane-root and --control-plane-pcrs"
+                    .into(),
+            );
+        };
+        let root = std::fs::read(root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let anchor =
+            TrustAnchor::from_pem(&root).map_err(|e| format!("control-plane root: {e}"))?;
+        let pcrs = std::fs::read(pcrs).map_err(|e| format!("{}: {e}", pcrs.display()))?;
+        let pcrs = parse_pcrs_json(&pcrs)?;
+        let mut nonce = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+        let url = format!("{base}/v1/attestation?nonce={}", hex::encode(nonce));
+        let answer: Value = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("cannot fetch {url}: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let document = answer
+            .get("document")
+            .and_then(Value::as_str)
+            .and_then(|d| {
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, d).ok()
+            })
+            .ok_or("the control plane's answer has no document")?;
+        let expect = Expectations {
+            pcrs,
+            nonce: Some(nonce.to_vec()),
+            max_age_ms: Some(5 * 60 * 1000),
+            ..Expectations::default()
+        };
+        let now = UnixMillis::from_system_time(SystemTime::now());
+        let verified = verify_attestation(&document, &anchor, &expect, VerifyAt::Instant(now))
+            .map_err(|e| format!("the control plane's attestation did not verify: {e}"))?;
+        let key = receipt::attested_key(&verified).ok_or("the document binds no Ed25519 key")?;
+        *self.attested.lock().unwrap_or_else(PoisonError::into_inner) = Some((key, Instant::now()));
+        Ok(key)
+    }
+
+    /// Checks the receipt a gateway-relayed `tools/call` carries (header or
+    /// `params._meta["io.attestplane/receipt"]`) for exactly this call.
+    async fn check_receipt(&self, headers: &HeaderMap, params: &Value) -> Result<(), Response> {
+        let token = headers
+            .get(receipt::RECEIPT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| {
+                params
+                    .pointer("/_meta/io.attestplane~1receipt")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .ok_or_else(|| unauthorized("the call carries no receipt".into()))?;
+        let tool = params.get("name").and_then(Value::as_str).unwrap_or("");
+        let arguments = params.get("arguments").map(Value::to_string);
+        let call = ReceivedCall {
+            audience: &self.resource,
+            method: "tools/call",
+            tool,
+            arguments: arguments.as_deref(),
+        };
+        let now = UnixMillis::from_system_time(SystemTime::now());
+        let mut last = String::new();
+        for fresh in [false, true] {
+            let key = self.attested_key(fresh).await.map_err(|e| {
+                eprintln!("attestplane-demo-server: {e}");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the control plane's attested key is unavailable".into(),
+                )
+            })?;
+            let result = {
+                let mut cache = self.receipts.lock().unwrap_or_else(PoisonError::into_inner);
+                receipt::verify_receipt(&token, &key, &call, now, &mut cache)
+            };
+            match result {
+                Ok(_) => return Ok(()),
+                // Another key: the control plane may have opened a new epoch.
+                Err(e @ receipt::ReceiptError::Jws(_)) => last = e.to_string(),
+                Err(e) => return Err(unauthorized(format!("receipt refused: {e}"))),
+            }
+        }
+        Err(unauthorized(format!("receipt refused: {last}")))
+    }
+
     /// Verifies the bearer handle; refetches the JWKS once if the cached one does not verify
     /// it (the control plane may have opened a new epoch).
     async fn authenticate(&self, headers: &HeaderMap) -> Result<Vec<String>, Response> {
@@ -393,9 +537,16 @@ impl AppState {
 
 /// `POST /mcp`: one JSON-RPC message.
 async fn mcp(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let tools = match state.authenticate(&headers).await {
-        Ok(t) => t,
-        Err(r) => return r,
+    // Agents come with a handle; the control plane's gateway comes without one, and each of
+    // its calls carries a receipt instead (checked in `tools/call` below).
+    let relayed = !headers.contains_key(header::AUTHORIZATION);
+    let tools = if relayed {
+        vec!["forecast".to_owned()]
+    } else {
+        match state.authenticate(&headers).await {
+            Ok(t) => t,
+            Err(r) => return r,
+        }
     };
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -446,7 +597,15 @@ async fn mcp(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes
         }
         "ping" => rpc_result(&id, json!({})),
         "tools/list" => rpc_result(&id, json!({ "tools": [forecast_tool()] })),
-        "tools/call" => call_tool(&id, &params, &tools),
+        "tools/call" => {
+            if relayed && let Err(r) = state.check_receipt(&headers, &params).await {
+                return r;
+            }
+            state
+                .calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            call_tool(&id, &params, &tools)
+        }
         _ => rpc_error(&id, -32601, "method not found"),
     };
     rpc(StatusCode::OK, answer)
