@@ -393,6 +393,16 @@ pub fn summary(event: &Event) -> String {
             servers.len()
         ),
         Event::Checkpoint { size, root } => format!("size {size}, root {}", short(root)),
+        Event::CallResult { call, outcome, .. } => format!("call {call}: {}", clean(outcome)),
+        Event::ToolDrift { server, drift } => format!(
+            "server {} tools drifted from their pins: {}",
+            clean(server),
+            drift
+                .iter()
+                .map(|d| format!("{} {}", clean(&d.kind), clean(&d.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         other => other.type_name().to_owned(),
     }
 }
