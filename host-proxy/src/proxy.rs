@@ -324,6 +324,7 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
     let local_addr = listener.local_addr()?;
     let state = AppState::new(client.clone(), config.request_timeout, config.max_in_flight)
         .context("cannot build the HTTP client for attestation fetches")?;
+    let api_state = state.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(listener, router(state))
@@ -340,7 +341,9 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
                 "cannot start the MCP relays (agents on {}, dial on {})",
                 mcp.mcp_listen, mcp.dial_listen
             );
-            Some(Relay::start(mcp, Arc::clone(&store)).await.context(what)?)
+            let relay = Relay::start(mcp, Arc::clone(&store)).await.context(what)?;
+            api_state.set_relay_metrics(Arc::clone(relay.metrics()));
+            Some(relay)
         }
         None => None,
     };

@@ -899,6 +899,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn metrics_render_every_counter_once() {
+        let m = RelayMetrics::default();
+        m.agent_bytes_in.fetch_add(42, Ordering::Relaxed);
+        m.dials_refused.fetch_add(3, Ordering::Relaxed);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("\nattestplane_mcp_agent_bytes_in_total 42\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nattestplane_mcp_dials_refused_total 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE attestplane_mcp_agent_connections_active gauge\n"));
+        assert_eq!(out.lines().filter(|l| l.starts_with("# TYPE")).count(), 12);
+        assert_eq!(out.lines().count(), 24);
+    }
+
+    #[test]
     fn http_endpoints_parse_to_host_and_port() {
         for (endpoint, host, port) in [
             ("http://127.0.0.1:7401", "127.0.0.1", 7401),

@@ -88,6 +88,8 @@ struct Inner {
     /// concurrent attestations of one server would invalidate each other's nonces).
     attesting: Mutex<HashSet<String>>,
     metrics: Metrics,
+    /// The MCP relays' counters, when the data path is on.
+    relay: std::sync::OnceLock<Arc<crate::relay::RelayMetrics>>,
 }
 
 impl AppState {
@@ -117,8 +119,14 @@ impl AppState {
                 in_flight: Semaphore::new(max_in_flight.max(1)),
                 attesting: Mutex::default(),
                 metrics: Metrics::default(),
+                relay: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Adds the MCP relays' counters to `/metrics` (once; later calls are ignored).
+    pub fn set_relay_metrics(&self, metrics: Arc<crate::relay::RelayMetrics>) {
+        let _ = self.inner.relay.set(metrics);
     }
 
     /// The enclave client.
@@ -333,6 +341,9 @@ async fn metrics(State(state): State<AppState>) -> HttpResponse {
     ] {
         let _ = writeln!(out, "# TYPE {name} counter");
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    }
+    if let Some(relay) = state.inner.relay.get() {
+        relay.render(&mut out);
     }
     let ready = u8::from(matches!(state.inner.client.phase(), Phase::Ready { .. }));
     let _ = writeln!(out, "# TYPE attestplane_ready gauge");
