@@ -21,16 +21,32 @@
 //!   ([`ProtoError::is_fatal`]) the connection is closed, otherwise it continues. A response
 //!   frame sent by the host is answered `BadFrame`. Request id [`NO_REQUEST_ID`] is reserved and
 //!   answered `BadRequest`.
+//! - Replies reach a connection's task through its *outbox*, already encoded (the handler
+//!   encodes them, so it knows their size). The task writes everything its outbox holds with
+//!   one write (one system call for a burst of replies, not one per frame), and it reads the
+//!   next request only when its outbox is empty: a host that does not read its replies stops
+//!   being read (backpressure), and its socket buffers, not the enclave's memory, hold the
+//!   rest.
 //!
 //! Limits. At most [`ServerLimits::max_connections`] connections; one more is accepted, told
 //! `Overloaded` under [`NO_REQUEST_ID`], and closed. At most
 //! [`ServerLimits::max_in_flight_per_connection`] requests in flight per connection (counted from
-//! the request until its final reply has been written, so a host that does not read its replies
-//! stops being read); more are answered `Overloaded`. `Durable` is exempt: it is answered at
-//! once, and it is what releases held replies, so refusing it could deadlock. Frames are bounded
-//! by [`attestplane_proto::MAX_FRAME_LEN`] before any allocation; the handler's queue holds at
-//! most one request per allowed connection plus one being sent by each connection, so memory is
-//! bounded by about `2 × max_connections × MAX_FRAME_LEN`.
+//! the request until its final reply has been written); more are answered `Overloaded`.
+//! `Durable` is exempt: it is answered at once, and it is what releases held replies, so
+//! refusing it could deadlock. Frames are bounded by [`attestplane_proto::MAX_FRAME_LEN`] before
+//! any allocation; the handler's queue holds at most one request per allowed connection plus one
+//! being sent by each connection.
+//!
+//! Reply memory. Backpressure alone does not bound an outbox: requests read while the handler
+//! was still busy are answered later, and one `Durable` releases the held replies of every
+//! request in flight at once, into outboxes whose hosts may not be reading.
+//! So each outbox holds at most [`ServerLimits::max_queued_reply_bytes`] of encoded replies (or
+//! one reply of any size when it is otherwise empty). The handler never waits for a connection
+//! (it serves them all); a reply that would overflow an outbox means that host has stopped
+//! reading while the enclave owes it more than the limit, and the connection is closed: its task
+//! abandons the write it is stuck in, its `Persist` replies go to another connection (below),
+//! its other replies are dropped. Reply memory is therefore bounded by
+//! `max_connections × max(max_queued_reply_bytes, MAX_FRAME_LEN)`, whatever the host does.
 //!
 //! Shutdown. When the `shutdown` future completes the listener is dropped (no new connections),
 //! every connection stops admitting new requests (answered `Overloaded`: the enclave is going
@@ -40,10 +56,13 @@
 //!
 //! Lost replies. A `Persist` carries entries the enclave has already signed and applied; if the
 //! host never stores them, the log it keeps has a hole and the next boot's replay refuses it. So
-//! a `Persist` whose connection has gone (closed before the reply could be written) is sent on
-//! another live connection, under its original id, as a best effort; a host client should store
-//! a `Persist` even when it does not know its id. Other replies for a closed connection are
-//! dropped.
+//! a `Persist` whose connection has gone (closed before the reply was written whole) is sent on
+//! another live connection, under its original id, as a best effort: the one with the least
+//! unwritten replies that has room, never one stuck at its limit. A host client should store a
+//! `Persist` even when it does not know its id. A `Persist` written whole before its connection
+//! failed is not sent again, even when it shared a write with frames that were not: the host
+//! may have read it, and a second copy of stored entries is a protocol error. Other replies for
+//! a closed connection are dropped.
 //!
 //! Trust: the host is untrusted and is the only peer. Every frame is hostile input; nothing here
 //! panics on it, and the server logs (to stderr) only connection events and counts, never
@@ -67,15 +86,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use attestplane_proto::{
     Body, ErrorCode, Frame, FrameDecoder, Listener, NO_REQUEST_ID, ProtoError, Request, Response,
-    Stream, read_frame, write_frame,
+    Stream, encode_frame, read_frame, write_frame,
 };
 use attestplane_verifier::UnixMillis;
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::service::Enclave;
@@ -88,6 +109,13 @@ pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
 
 /// Default for [`ServerLimits::shutdown_grace`].
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Default for [`ServerLimits::max_queued_reply_bytes`]: far more than a host that reads its
+/// replies ever leaves queued (a few KiB), far less than the enclave's memory.
+pub const DEFAULT_MAX_QUEUED_REPLY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The most bytes one write hands the socket; a larger outbox is written in several.
+const MAX_WRITE_BATCH: usize = 256 * 1024;
 
 /// How long the server tries to tell a connection over the limit that it is refused.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -111,6 +139,10 @@ pub struct ServerLimits {
     pub max_in_flight_per_connection: usize,
     /// How long a graceful shutdown waits for in-flight requests before closing connections.
     pub shutdown_grace: Duration,
+    /// Encoded replies one connection's outbox may hold (one reply of any size fits in an
+    /// empty outbox). A reply that would overflow it closes the connection: its host has
+    /// stopped reading.
+    pub max_queued_reply_bytes: usize,
 }
 
 impl Default for ServerLimits {
@@ -119,6 +151,7 @@ impl Default for ServerLimits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_queued_reply_bytes: DEFAULT_MAX_QUEUED_REPLY_BYTES,
         }
     }
 }
@@ -149,21 +182,19 @@ type ConnId = u64;
 
 /// Work for the handler.
 enum Job {
-    /// A connection opened; its replies go to `replies`.
-    Open {
-        conn: ConnId,
-        replies: mpsc::UnboundedSender<Outgoing>,
-    },
+    /// A connection opened; its replies go to `outbox`.
+    Open { conn: ConnId, outbox: Outbox },
     /// A request read on `conn`.
     Request {
         conn: ConnId,
         id: u64,
         request: Request,
     },
-    /// `conn` closed; `undelivered` are the `Persist` replies queued for it but never written.
+    /// `conn` closed; `undelivered` are the `Persist` replies queued for it but never written
+    /// whole.
     Closed {
         conn: ConnId,
-        undelivered: Vec<Frame>,
+        undelivered: Vec<Outgoing>,
     },
     /// Work from inside the enclave (the MCP gateway) that needs the enclave itself.
     Inside(InsideJob),
@@ -239,23 +270,106 @@ impl EnclaveAccess {
     }
 }
 
-/// A reply on its way to a connection.
+/// A reply on its way to a connection, encoded.
 struct Outgoing {
-    frame: Frame,
+    /// The request id it answers.
+    id: u64,
+    /// The whole frame, length prefix included.
+    bytes: Vec<u8>,
+    /// Whether it is a `Persist` (which must reach the host, on another connection if need be).
+    persist: bool,
     /// Whether it ends a request this connection counted as in flight.
     done: bool,
 }
 
-fn is_persist(frame: &Frame) -> bool {
-    matches!(frame.body, Body::Response(Response::Persist { .. }))
+impl Outgoing {
+    /// Encodes `response` under `id` (see [`encode_reply`]).
+    fn encode(id: u64, response: Response) -> Option<Outgoing> {
+        let persist = matches!(response, Response::Persist { .. });
+        let bytes = encode_reply(&Frame::response(id, response))?;
+        Some(Outgoing {
+            id,
+            bytes,
+            persist,
+            done: !persist,
+        })
+    }
+}
+
+/// Encodes a reply. One that cannot be encoded is replaced by an `Internal` error under the
+/// same id, so that the host does not wait for it forever; `None` only if even that fails.
+fn encode_reply(frame: &Frame) -> Option<Vec<u8>> {
+    match encode_frame(frame) {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            eprintln!(
+                "attestplane-enclave: reply to request {} cannot be encoded: {e}",
+                frame.id
+            );
+            let reply = Response::error(ErrorCode::Internal, "the reply could not be encoded");
+            encode_frame(&Frame::response(frame.id, reply)).ok()
+        }
+    }
+}
+
+/// One connection's reply queue, as the handler holds it. The channel itself is unbounded
+/// because the handler must never wait (it serves every connection); the bound is kept here,
+/// in bytes, before anything is queued.
+struct Outbox {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Encoded bytes queued or being written; the connection's task subtracts what it has
+    /// taken out, the handler adds what it queues.
+    queued: Arc<AtomicUsize>,
+    /// Tells the connection's task to give up (its host has stopped reading).
+    kill: Arc<Notify>,
+}
+
+/// Why a reply could not be queued.
+enum Refused {
+    /// The outbox is at its limit.
+    Full(Outgoing),
+    /// The connection's task has gone.
+    Gone(Outgoing),
+}
+
+impl Outbox {
+    fn new() -> (Outbox, mpsc::UnboundedReceiver<Outgoing>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let outbox = Outbox {
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+            kill: Arc::new(Notify::new()),
+        };
+        (outbox, rx)
+    }
+
+    fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Queues `out` unless that would take the outbox past `limit` (an empty outbox takes one
+    /// reply of any size).
+    fn push(&self, out: Outgoing, limit: usize) -> Result<(), Refused> {
+        let len = out.bytes.len();
+        // Only the handler adds, so what it reads here can only shrink before the add.
+        let queued = self.queued();
+        if queued > 0 && queued.saturating_add(len) > limit {
+            return Err(Refused::Full(out));
+        }
+        self.queued.fetch_add(len, Ordering::AcqRel);
+        self.tx.send(out).map_err(|mpsc::error::SendError(out)| {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            Refused::Gone(out)
+        })
+    }
 }
 
 /// Serves `enclave` on `listener` until `shutdown` completes, then shuts down gracefully (see
 /// the module documentation). `clock` is the enclave's clock, read once per request.
 ///
-/// Errors: [`ServerError::Accept`] when the listener fails [`MAX_ACCEPT_FAILURES`] times in a
-/// row, [`ServerError::Handler`] when the request handler panicked. Connections are drained
-/// before either is returned.
+/// Errors: [`ServerError::Accept`] when the listener fails eight times in a row,
+/// [`ServerError::Handler`] when the request handler panicked. Connections are drained before
+/// either is returned.
 pub async fn run<C>(
     listener: Listener,
     enclave: Enclave,
@@ -301,6 +415,7 @@ where
         clock,
         conns: BTreeMap::new(),
         routes: HashMap::new(),
+        max_queued: limits.max_queued_reply_bytes,
         durable: durable_tx,
     };
     let mut handler_task = Some(tokio::task::spawn_blocking(move || handler.run(queue)));
@@ -340,8 +455,10 @@ where
                     }
                     next_conn = next_conn.wrapping_add(1);
                     let conn = next_conn;
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    if jobs.send(Job::Open { conn, replies: tx }).await.is_err() {
+                    let (outbox, rx) = Outbox::new();
+                    let queued = Arc::clone(&outbox.queued);
+                    let kill = Arc::clone(&outbox.kill);
+                    if jobs.send(Job::Open { conn, outbox }).await.is_err() {
                         // The handler is gone; the branch above reports why.
                         continue;
                     }
@@ -352,6 +469,9 @@ where
                         in_flight: 0,
                         limit: limits.max_in_flight_per_connection,
                         jobs: jobs.clone(),
+                        queued,
+                        kill,
+                        batch: Vec::new(),
                     };
                     conns.spawn(connection.serve(rx, drain_rx.clone()));
                 }
@@ -428,9 +548,11 @@ struct Handler<C> {
     enclave: Enclave,
     clock: C,
     /// Open connections and where their replies go (ordered, so rerouting is deterministic).
-    conns: BTreeMap<ConnId, mpsc::UnboundedSender<Outgoing>>,
+    conns: BTreeMap<ConnId, Outbox>,
     /// Request ids in flight and the connection each came from.
     routes: HashMap<u64, ConnId>,
+    /// [`ServerLimits::max_queued_reply_bytes`].
+    max_queued: usize,
     /// Where the durable watermark is published to the gateway.
     durable: watch::Sender<Option<u64>>,
 }
@@ -444,8 +566,8 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
 
     fn job(&mut self, job: Job) {
         match job {
-            Job::Open { conn, replies } => {
-                self.conns.insert(conn, replies);
+            Job::Open { conn, outbox } => {
+                self.conns.insert(conn, outbox);
             }
             Job::Request { conn, id, request } => {
                 self.request(conn, id, request);
@@ -475,7 +597,9 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
     fn request(&mut self, conn: ConnId, id: u64, request: Request) {
         if self.routes.contains_key(&id) {
             let reply = Response::error(ErrorCode::Conflict, "request id already in flight");
-            self.send(conn, Frame::response(id, reply), true);
+            if let Some(out) = Outgoing::encode(id, reply) {
+                self.send(conn, out);
+            }
             return;
         }
         self.routes.insert(id, conn);
@@ -497,48 +621,78 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
 
     /// Sends `response` to the connection that issued `id`; a final reply ends the id.
     fn route(&mut self, id: u64, response: Response) {
-        let frame = Frame::response(id, response);
-        let done = !is_persist(&frame);
-        let conn = if done {
+        let Some(out) = Outgoing::encode(id, response) else {
+            eprintln!("attestplane-enclave: reply to request {id} dropped: it cannot be encoded");
+            self.routes.remove(&id);
+            return;
+        };
+        let conn = if out.done {
             self.routes.remove(&id)
         } else {
             self.routes.get(&id).copied()
         };
         match conn {
-            Some(conn) => self.send(conn, frame, done),
-            None => self.reroute(frame),
+            Some(conn) => self.send(conn, out),
+            None => self.reroute(out),
         }
     }
 
-    fn send(&mut self, conn: ConnId, frame: Frame, done: bool) {
-        let Some(tx) = self.conns.get(&conn) else {
-            self.reroute(frame);
+    /// Queues `out` for `conn`. An outbox at its limit means the host has stopped reading that
+    /// connection: it is closed, and `out` rerouted like any reply of a closed connection.
+    fn send(&mut self, conn: ConnId, out: Outgoing) {
+        let Some(outbox) = self.conns.get(&conn) else {
+            self.reroute(out);
             return;
         };
-        if let Err(mpsc::error::SendError(out)) = tx.send(Outgoing { frame, done }) {
-            self.reroute(out.frame);
+        match outbox.push(out, self.max_queued) {
+            Ok(()) => {}
+            Err(Refused::Gone(out)) => self.reroute(out),
+            Err(Refused::Full(out)) => {
+                eprintln!(
+                    "attestplane-enclave: connection {conn} closed: its host does not read its \
+                     replies ({} bytes unwritten, limit {})",
+                    outbox.queued(),
+                    self.max_queued
+                );
+                outbox.kill.notify_one();
+                // No more replies for it; its task hands back what it could not write.
+                self.conns.remove(&conn);
+                self.reroute(out);
+            }
         }
     }
 
-    /// A reply whose connection has gone: a `Persist` goes to another live connection (its
-    /// entries must reach the store); anything else is dropped.
-    fn reroute(&mut self, mut frame: Frame) {
-        if !is_persist(&frame) {
+    /// A reply whose connection has gone: a `Persist` goes to the live connection with the
+    /// least unwritten replies that has room for it (its entries must reach the store);
+    /// anything else is dropped.
+    fn reroute(&mut self, mut out: Outgoing) {
+        if !out.persist {
             eprintln!(
                 "attestplane-enclave: reply to request {} dropped: its connection has closed",
-                frame.id
+                out.id
             );
             return;
         }
-        for tx in self.conns.values() {
-            match tx.send(Outgoing { frame, done: false }) {
+        out.done = false;
+        let mut targets: Vec<(usize, ConnId)> = self
+            .conns
+            .iter()
+            .map(|(conn, outbox)| (outbox.queued(), *conn))
+            .collect();
+        targets.sort_unstable();
+        for (_, conn) in targets {
+            let Some(outbox) = self.conns.get(&conn) else {
+                continue;
+            };
+            match outbox.push(out, self.max_queued) {
                 Ok(()) => return,
-                Err(mpsc::error::SendError(out)) => frame = out.frame,
+                Err(Refused::Full(back) | Refused::Gone(back)) => out = back,
             }
         }
         eprintln!(
-            "attestplane-enclave: entries for request {} could not be handed to the host: no connection is open",
-            frame.id
+            "attestplane-enclave: entries for request {} could not be handed to the host: no \
+             open connection has room for them",
+            out.id
         );
     }
 }
@@ -550,7 +704,9 @@ enum Close {
     /// A frame error lost the stream's place.
     Fatal(ProtoError),
     /// Writing a reply failed.
-    WriteFailed(ProtoError),
+    WriteFailed(io::Error),
+    /// The handler closed it: its host stopped reading while replies piled up.
+    Unresponsive,
     /// Shutting down and nothing is in flight.
     Drained,
     /// The handler is gone.
@@ -566,6 +722,12 @@ struct Connection {
     in_flight: usize,
     limit: usize,
     jobs: mpsc::Sender<Job>,
+    /// Bytes in this connection's outbox (see [`Outbox::queued`]).
+    queued: Arc<AtomicUsize>,
+    /// Set by the handler when it closes this connection.
+    kill: Arc<Notify>,
+    /// The bytes of the write in progress (kept to reuse its allocation).
+    batch: Vec<u8>,
 }
 
 impl Connection {
@@ -581,18 +743,14 @@ impl Connection {
             if draining && self.in_flight == 0 && replies.is_empty() {
                 break Close::Drained;
             }
+            // Replies first: the next request is read only once the outbox is empty.
             tokio::select! {
                 biased;
+                () = self.kill.notified() => break Close::Unresponsive,
                 out = replies.recv() => match out {
-                    Some(out) => {
-                        if let Err(e) = self.write(&out.frame).await {
-                            if is_persist(&out.frame) {
-                                undelivered.push(out.frame);
-                            }
-                            break Close::WriteFailed(e);
-                        }
-                        if out.done {
-                            self.in_flight = self.in_flight.saturating_sub(1);
+                    Some(first) => {
+                        if let Err(close) = self.write_out(first, &mut replies, &mut undelivered).await {
+                            break close;
                         }
                     }
                     None => break Close::HandlerGone,
@@ -608,9 +766,9 @@ impl Connection {
                     },
                     Err(e) => {
                         if !matches!(e, ProtoError::Io(_))
-                            && let Err(w) = self.write(&e.reply()).await
+                            && let Err(close) = self.write_now(&e.reply()).await
                         {
-                            break Close::WriteFailed(w);
+                            break close;
                         }
                         if e.is_fatal() {
                             break Close::Fatal(e);
@@ -630,11 +788,18 @@ impl Connection {
                     self.conn
                 );
             }
+            Close::Unresponsive => {
+                eprintln!(
+                    "attestplane-enclave: connection {} closed: too many unread replies",
+                    self.conn
+                );
+            }
         }
         replies.close();
         while let Ok(out) = replies.try_recv() {
-            if is_persist(&out.frame) {
-                undelivered.push(out.frame);
+            self.queued.fetch_sub(out.bytes.len(), Ordering::AcqRel);
+            if out.persist {
+                undelivered.push(out);
             }
         }
         let _ = self
@@ -692,28 +857,101 @@ impl Connection {
     }
 
     async fn refuse(&mut self, id: u64, code: ErrorCode, message: &str) -> Result<(), Close> {
-        let frame = Frame::response(id, Response::error(code, message));
-        self.write(&frame).await.map_err(Close::WriteFailed)
+        self.write_now(&Frame::response(id, Response::error(code, message)))
+            .await
     }
 
-    /// Writes one reply. A reply that cannot be encoded is replaced by an `Internal` error under
-    /// the same id, so that the host does not wait for it forever.
-    async fn write(&mut self, frame: &Frame) -> Result<(), ProtoError> {
-        match write_frame(&mut self.io, frame).await {
-            Err(ProtoError::TooLarge { .. } | ProtoError::Encode { .. }) => {
-                let reply = Response::error(ErrorCode::Internal, "the reply could not be encoded");
-                write_frame(&mut self.io, &Frame::response(frame.id, reply)).await
+    /// Writes a reply made by this task (a refusal or a frame error) at once, outside the
+    /// outbox: the outbox is empty whenever a frame has just been read.
+    async fn write_now(&mut self, frame: &Frame) -> Result<(), Close> {
+        let Some(bytes) = encode_reply(frame) else {
+            return Ok(());
+        };
+        let (_, result) = write_batch(self.io.get_mut(), &bytes, &self.kill).await;
+        result
+    }
+
+    /// Writes `first` and whatever else the outbox holds (up to [`MAX_WRITE_BATCH`] bytes) with
+    /// as few writes as the socket allows. Frames written whole count as delivered even if a
+    /// later one fails (the host may have read them); the `Persist` replies among the others go
+    /// to `undelivered`.
+    async fn write_out(
+        &mut self,
+        first: Outgoing,
+        replies: &mut mpsc::UnboundedReceiver<Outgoing>,
+        undelivered: &mut Vec<Outgoing>,
+    ) -> Result<(), Close> {
+        let mut frames = vec![first];
+        let mut total: usize = frames.iter().map(|o| o.bytes.len()).sum();
+        while total < MAX_WRITE_BATCH {
+            match replies.try_recv() {
+                Ok(out) => {
+                    total = total.saturating_add(out.bytes.len());
+                    frames.push(out);
+                }
+                Err(_) => break,
             }
-            other => other,
+        }
+        self.batch.clear();
+        for out in &frames {
+            self.batch.extend_from_slice(&out.bytes);
+        }
+        let (written, result) = write_batch(self.io.get_mut(), &self.batch, &self.kill).await;
+        self.queued.fetch_sub(total, Ordering::AcqRel);
+        if self.batch.capacity() > MAX_WRITE_BATCH.saturating_mul(2) {
+            self.batch = Vec::new();
+        }
+        let done = settle(frames, written, undelivered);
+        self.in_flight = self.in_flight.saturating_sub(done);
+        result
+    }
+}
+
+/// Sorts out a batch of which the first `written` bytes reached the socket: returns how many
+/// final replies were written whole, and moves the `Persist` replies not written whole to
+/// `undelivered`. A `Persist` written whole is never handed back, even when a later frame of
+/// the same write failed: the host may have read and stored it.
+fn settle(frames: Vec<Outgoing>, written: usize, undelivered: &mut Vec<Outgoing>) -> usize {
+    let mut end = 0usize;
+    let mut done = 0usize;
+    for out in frames {
+        end = end.saturating_add(out.bytes.len());
+        if end <= written {
+            done = done.saturating_add(usize::from(out.done));
+        } else if out.persist {
+            undelivered.push(out);
         }
     }
+    done
+}
+
+/// Writes `bytes` to `io`, giving up when `kill` is notified. Returns how many bytes were
+/// written (all of them on success). A single `write` either writes some bytes or none, so
+/// abandoning one that has not completed loses nothing the count does not show.
+async fn write_batch(io: &mut Stream, bytes: &[u8], kill: &Notify) -> (usize, Result<(), Close>) {
+    let mut written = 0usize;
+    while let Some(rest) = bytes.get(written..).filter(|rest| !rest.is_empty()) {
+        tokio::select! {
+            biased;
+            () = kill.notified() => return (written, Err(Close::Unresponsive)),
+            result = io.write(rest) => match result {
+                Ok(0) => {
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "the socket took no bytes");
+                    return (written, Err(Close::WriteFailed(e)));
+                }
+                Ok(n) => written = written.saturating_add(n),
+                Err(e) => return (written, Err(Close::WriteFailed(e))),
+            },
+        }
+    }
+    (written, Ok(()))
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use attestplane_proto::ByteBuf;
+    use attestplane_proto::{ByteBuf, decode_frame};
     use attestplane_verifier::attestation::TrustAnchor;
 
     use super::*;
@@ -723,10 +961,11 @@ mod tests {
     const T0: UnixMillis = UnixMillis::from_millis(1_756_728_000_250);
     const A: ConnId = 1;
     const B: ConnId = 2;
+    const C: ConnId = 3;
 
     type Inbox = mpsc::UnboundedReceiver<Outgoing>;
 
-    fn handler() -> (Handler<impl Fn() -> UnixMillis>, Inbox, Inbox) {
+    fn handler_with(max_queued: usize) -> (Handler<impl Fn() -> UnixMillis>, Inbox, Inbox) {
         let nsm = MockNsm::builder(*b"attestplane server unit tests v1", Clock::Fixed(T0)).build();
         let root = TrustAnchor::from_der(&nsm.root_der().unwrap()).unwrap();
         let config = EnclaveConfig {
@@ -741,19 +980,22 @@ mod tests {
             clock: || T0,
             conns: BTreeMap::new(),
             routes: HashMap::new(),
+            max_queued,
             durable: watch::channel(None).0,
         };
-        let (tx_a, rx_a) = mpsc::unbounded_channel();
-        let (tx_b, rx_b) = mpsc::unbounded_channel();
-        h.job(Job::Open {
-            conn: A,
-            replies: tx_a,
-        });
-        h.job(Job::Open {
-            conn: B,
-            replies: tx_b,
-        });
-        (h, rx_a, rx_b)
+        let a = open(&mut h, A);
+        let b = open(&mut h, B);
+        (h, a, b)
+    }
+
+    fn handler() -> (Handler<impl Fn() -> UnixMillis>, Inbox, Inbox) {
+        handler_with(DEFAULT_MAX_QUEUED_REPLY_BYTES)
+    }
+
+    fn open(h: &mut Handler<impl Fn() -> UnixMillis>, conn: ConnId) -> Inbox {
+        let (outbox, rx) = Outbox::new();
+        h.job(Job::Open { conn, outbox });
+        rx
     }
 
     fn begin(h: &mut Handler<impl Fn() -> UnixMillis>, conn: ConnId, id: u64) {
@@ -765,12 +1007,26 @@ mod tests {
         h.job(Job::Request { conn, id, request });
     }
 
-    fn next(inbox: &mut Inbox) -> (u64, Response, bool) {
-        let out = inbox.try_recv().expect("a reply");
-        match out.frame.body {
-            Body::Response(r) => (out.frame.id, r, out.done),
+    fn decode(out: &Outgoing) -> (u64, Response) {
+        let frame = decode_frame(&out.bytes).expect("a frame");
+        assert_eq!(frame.id, out.id);
+        match frame.body {
+            Body::Response(r) => {
+                assert_eq!(out.persist, matches!(r, Response::Persist { .. }));
+                (frame.id, r)
+            }
             Body::Request(r) => panic!("a request: {r:?}"),
         }
+    }
+
+    fn next(inbox: &mut Inbox) -> (u64, Response, bool) {
+        let out = inbox.try_recv().expect("a reply");
+        let (id, response) = decode(&out);
+        (id, response, out.done)
+    }
+
+    fn queued(h: &Handler<impl Fn() -> UnixMillis>, conn: ConnId) -> Option<usize> {
+        h.conns.get(&conn).map(Outbox::queued)
     }
 
     #[test]
@@ -815,15 +1071,16 @@ mod tests {
             request: Request::ReplayEnd,
         });
         assert_eq!(next(&mut a).0, 1);
-        let persist = a.try_recv().unwrap().frame;
-        assert!(is_persist(&persist));
-        let ack = Frame::response(9, Response::Ack);
+        let persist = a.try_recv().unwrap();
+        assert!(persist.persist);
+        let persist_bytes = persist.bytes.clone();
+        let ack = Outgoing::encode(9, Response::Ack).unwrap();
         h.job(Job::Closed {
             conn: A,
-            undelivered: vec![persist.clone(), ack],
+            undelivered: vec![persist, ack],
         });
         let out = b.try_recv().unwrap();
-        assert_eq!(out.frame, persist);
+        assert_eq!(out.bytes, persist_bytes);
         assert!(!out.done);
         assert!(b.try_recv().is_err(), "only the Persist is rerouted");
         assert!(h.routes.is_empty(), "A's ids are no longer in flight");
@@ -859,5 +1116,161 @@ mod tests {
         assert_eq!(h.routes.get(&2), Some(&A), "the original keeps its route");
         assert_eq!(next(&mut a).0, 1);
         assert!(matches!(next(&mut a).1, Response::Persist { .. }));
+    }
+
+    /// Issue 9, item 6: a host that never reads one connection's replies cannot make the
+    /// enclave hold more than the limit for it; the connection is closed, the others served.
+    #[test]
+    fn outbox_of_a_host_that_never_reads_stays_under_the_limit_then_the_connection_is_closed() {
+        const LIMIT: usize = 4096;
+        let (mut h, a, mut b) = handler_with(LIMIT);
+        let kill = Arc::clone(&h.conns.get(&A).unwrap().kill);
+        let mut id = 10;
+        while h.conns.contains_key(&A) {
+            id += 1;
+            assert!(
+                id < 10_000,
+                "the outbox grew past {LIMIT} bytes without a limit"
+            );
+            h.job(Job::Request {
+                conn: A,
+                id,
+                request: Request::Status,
+            });
+            if let Some(q) = queued(&h, A) {
+                assert!(q <= LIMIT, "{q} bytes queued for A");
+            }
+        }
+        // The connection's task is told to give up, and the handler sends it nothing more.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), kill.notified())
+                .await
+                .expect("the connection's task was not told to close");
+        });
+        let held = a.len();
+        h.job(Job::Request {
+            conn: A,
+            id: id + 1,
+            request: Request::Status,
+        });
+        assert_eq!(
+            a.len(),
+            held,
+            "a reply was queued for the closed connection"
+        );
+        // B is served meanwhile.
+        h.job(Job::Request {
+            conn: B,
+            id: id + 2,
+            request: Request::Status,
+        });
+        let (got, reply, _) = next(&mut b);
+        assert_eq!(got, id + 2);
+        assert!(matches!(reply, Response::Status { .. }), "{reply:?}");
+    }
+
+    /// The old rerouting sent a lost `Persist` to the lowest-numbered connection, however stuck
+    /// it was: entries could sit forever in the outbox of a host that does not read.
+    #[test]
+    fn rerouted_persist_goes_to_the_connection_with_room_not_to_a_stuck_one() {
+        const LIMIT: usize = 64 * 1024;
+        let (mut h, a, mut b) = handler_with(LIMIT);
+        let mut c = open(&mut h, C);
+        // A is stuck with replies it does not read; B has one; C none yet.
+        for id in 100..100_000 {
+            if queued(&h, A) > Some(LIMIT / 2) {
+                break;
+            }
+            h.job(Job::Request {
+                conn: A,
+                id,
+                request: Request::Status,
+            });
+        }
+        h.job(Job::Request {
+            conn: B,
+            id: 200,
+            request: Request::Status,
+        });
+        assert!(queued(&h, A) > queued(&h, B) && queued(&h, B) > queued(&h, C));
+        let stuck = a.len();
+        begin(&mut h, C, 1);
+        h.job(Job::Request {
+            conn: C,
+            id: 2,
+            request: Request::ReplayEnd,
+        });
+        assert_eq!(next(&mut c).0, 1);
+        let persist = c.try_recv().unwrap();
+        assert!(persist.persist);
+        h.job(Job::Closed {
+            conn: C,
+            undelivered: vec![persist],
+        });
+        assert_eq!(a.len(), stuck, "the Persist went to the stuck connection");
+        assert_eq!(next(&mut b).0, 200);
+        let (id, reply, done) = next(&mut b);
+        assert_eq!(id, 2);
+        assert!(matches!(reply, Response::Persist { .. }), "{reply:?}");
+        assert!(!done);
+    }
+
+    fn reply(id: u64, response: Response) -> Outgoing {
+        Outgoing::encode(id, response).unwrap()
+    }
+
+    fn persist(id: u64, first_seq: u64) -> Outgoing {
+        let entries = vec![ByteBuf::from(vec![0xa5; 100])];
+        reply(id, Response::Persist { first_seq, entries })
+    }
+
+    /// Issue 10, item 12: replies share writes now; a write that fails partway must not hand
+    /// back a `Persist` it wrote whole (sent again, the host would store the entries twice).
+    #[test]
+    fn a_half_written_batch_hands_back_only_the_persists_not_written_whole() {
+        let frames = [persist(1, 0), reply(2, Response::Ack), persist(3, 1)];
+        let lens: Vec<usize> = frames.iter().map(|o| o.bytes.len()).collect();
+        let first_two = lens[0] + lens[1];
+        for (written, done, handed_back) in [
+            (0, 0, vec![1, 3]),
+            (lens[0] - 1, 0, vec![1, 3]),
+            (lens[0], 0, vec![3]),
+            (first_two, 1, vec![3]),
+            (first_two + lens[2] - 1, 1, vec![3]),
+            (first_two + lens[2], 1, vec![]),
+        ] {
+            let frames = vec![persist(1, 0), reply(2, Response::Ack), persist(3, 1)];
+            let mut undelivered = Vec::new();
+            assert_eq!(settle(frames, written, &mut undelivered), done, "{written}");
+            let ids: Vec<u64> = undelivered.iter().map(|o| o.id).collect();
+            assert_eq!(ids, handed_back, "written {written}");
+        }
+    }
+
+    /// A write stuck on a host that does not read ends when the handler closes the connection,
+    /// and says how much of the batch went out.
+    #[tokio::test]
+    async fn a_write_stuck_on_a_host_that_does_not_read_ends_when_killed() {
+        let (ours, _theirs) = tokio::net::UnixStream::pair().unwrap();
+        let mut ours = Stream::Unix(ours);
+        let kill = Arc::new(Notify::new());
+        let bytes = vec![0u8; 16 * 1024 * 1024];
+        let killer = Arc::clone(&kill);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            killer.notify_one();
+        });
+        let (written, result) = tokio::time::timeout(
+            Duration::from_secs(10),
+            write_batch(&mut ours, &bytes, &kill),
+        )
+        .await
+        .expect("the stuck write did not end");
+        assert!(matches!(result, Err(Close::Unresponsive)));
+        assert!(written < bytes.len(), "{written}");
     }
 }

@@ -634,3 +634,131 @@ async fn serves_over_vsock_where_the_kernel_offers_loopback() {
     assert!(!client.hello(1).await);
     server.stop().await.unwrap();
 }
+
+/// Issue 9, item 6: a host that sends requests on a connection and never reads the replies
+/// cannot make the enclave hold more than `max_queued_reply_bytes` for it. Reading stops while
+/// replies wait (the socket buffers fill and the host's own writes stall); when a `Durable` on
+/// another connection releases more held replies than the limit into the stuck connection, the
+/// enclave closes it instead of queueing them; the other connection is served throughout, and
+/// every `Persist` the stuck connection was sent reached it before the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_that_never_reads_is_cut_off_at_the_reply_limit_and_others_are_served() {
+    use attestplane_verifier::admin::{AdminAction, AdminRequest};
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::AsyncReadExt;
+
+    const LIMIT: usize = 1024;
+    /// Two-phase requests whose final replies the enclave holds until `Durable`; their
+    /// `AdminResult`s together are well over `LIMIT`.
+    const ADMIN: u64 = 40;
+    let limits = ServerLimits {
+        max_queued_reply_bytes: LIMIT,
+        // The held admin requests, and a few of the flood's (the rest are refused): what the
+        // enclave owes A while it is stuck stays under LIMIT until the Durable.
+        max_in_flight_per_connection: ADMIN as usize + 4,
+        ..ServerLimits::default()
+    };
+    let server = TestServer::start(Transport::Unix, limits).await;
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    begin_boot(&mut a).await;
+    a.send(3, Request::Durable { through_seq: 1 }).await;
+    assert_eq!(a.recv().await, (2, Response::Ack));
+    assert_eq!(a.recv().await, (3, Response::Ack));
+
+    // From here on nobody reads A. Admin requests signed by a stranger, one at a time: each is
+    // logged as refused, a Persist now and an AdminResult once durable.
+    let (mut a_read, mut a_write) = tokio::io::split(a.stream);
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let mut id = 1000;
+    for i in 0..ADMIN {
+        let request = AdminRequest {
+            time: T0,
+            nonce: u128::from(i).to_be_bytes(),
+            action: AdminAction::RevokeServer {
+                id: "nobody".to_owned(),
+            },
+        }
+        .sign(&stranger.verifying_key(), &stranger)
+        .unwrap();
+        let frame = Frame::request(
+            100 + i,
+            Request::Admin {
+                request: ByteBuf::from(request),
+            },
+        );
+        a_write.write_all(&encode_frame(&frame).unwrap()).await.unwrap();
+        loop {
+            id += 1;
+            match b.call(id, Request::Status).await {
+                Response::Status { head_seq, .. } if head_seq == Some(2 + i) => break,
+                Response::Status { .. } => tokio::time::sleep(Duration::from_millis(2)).await,
+                other => panic!("not a status: {other:?}"),
+            }
+        }
+    }
+
+    // Fill A's socket with replies nobody reads, until the enclave stops reading A and the
+    // host's own writes stall.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&sent);
+    let flood = tokio::spawn(async move {
+        for id in 1_000_000u64.. {
+            let frame = encode_frame(&Frame::request(id, Request::Status)).unwrap();
+            if a_write.write_all(&frame).await.is_err() {
+                return;
+            }
+            counter.fetch_add(frame.len(), Ordering::Relaxed);
+        }
+    });
+    let mut last = 0;
+    let mut still = 0;
+    while still < 10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = sent.load(Ordering::Relaxed);
+        still = if now == last && now > 0 { still + 1 } else { 0 };
+        last = now;
+        assert!(!flood.is_finished(), "the flood stopped: A was closed too early");
+    }
+    assert!(b.hello(id + 1).await, "B is served while A is stuck");
+
+    // B reports everything durable: the AdminResults held for A are released at once.
+    assert_eq!(
+        b.call(id + 2, Request::Durable { through_seq: ADMIN + 1 })
+            .await,
+        Response::Ack
+    );
+    assert!(b.hello(id + 3).await, "B is served after A's replies overflowed");
+
+    // A is closed: reading it yields what its socket buffered, then the end.
+    let mut decoder = FrameDecoder::new();
+    let mut persisted = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match read_frame(&mut a_read, &mut decoder).await {
+                Ok(Some(Frame {
+                    body: Body::Response(Response::Persist { first_seq, entries }),
+                    ..
+                })) => persisted.extend((first_seq..).take(entries.len())),
+                Ok(Some(_)) => {}
+                // The end, possibly in the middle of the write that was abandoned.
+                Ok(None) | Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the enclave kept the stuck connection open");
+    let mut rest = Vec::new();
+    assert_eq!(a_read.read_to_end(&mut rest).await.unwrap_or(0), 0);
+    assert_eq!(
+        persisted,
+        (2..2 + ADMIN).collect::<Vec<_>>(),
+        "every Persist for A's requests reached A, once"
+    );
+    tokio::time::timeout(PATIENCE, flood)
+        .await
+        .expect("the host's writes to the closed connection still block")
+        .unwrap();
+    assert!(b.hello(id + 4).await);
+    server.stop().await.unwrap();
+}
