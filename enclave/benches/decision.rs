@@ -683,6 +683,7 @@ fn setup() -> Bench {
                 attestation: core.state.attestation_facts(s, core.now),
                 time: core.now,
                 counters: core.state.counters(&p.agent, core.now),
+                call: None,
             }
         })
         .collect::<Vec<_>>();

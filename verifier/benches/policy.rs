@@ -165,6 +165,7 @@ fn requests(rng: &mut Rng) -> Vec<DecisionRequest> {
                     calls_last_minute: rng.below(700) as u64,
                     spend_micros: rng.below(10_000_000) as u64,
                 },
+                call: None,
             }
         })
         .collect()

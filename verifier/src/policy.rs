@@ -51,7 +51,8 @@
 //!   uses them fails to validate. Times are plain integers (`context.time`, unix seconds).
 //! - It does not count, rate-limit or remember anything: counters are inputs.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
 use std::sync::OnceLock;
 
 use cedar_policy as cedar;
@@ -61,6 +62,8 @@ use cedar_policy::{
     Validator,
 };
 
+use crate::gateway::json::{self, Value as JsonValue};
+use crate::gateway::pii::PiiKind;
 use crate::time::UnixMillis;
 
 /// The Cedar schema (human-readable `.cedarschema` syntax) every policy set is validated against.
@@ -87,6 +90,14 @@ pub const SCHEMA: &str = r#"// Attestplane policy schema. Every policy set is va
 //   counters.calls_last_minute, counters.spend_micros
 //                         the agent's counters as the enclave keeps them; saturate at
 //                         9223372036854775807.
+// `call` only:
+//   arguments.<name>      a declared argument of the call as forwarded (see Arguments below);
+//                         absent when the call does not pass it (and in tool listings)
+//   pii.count, pii.types  PII findings in the arguments: how many, of which kinds
+//   pii.<kind>            findings of one kind (email, phone, card, iban, national_id,
+//                         ip_address, cloud_key, jwt, private_key)
+//   server_assurance      how the server is known: "nitro" (attested), "none", "webpki",
+//                         "pinned"
 namespace Attestplane {
   entity Tenant;
   entity User in [Tenant];
@@ -123,6 +134,30 @@ namespace Attestplane {
     time: Long,
     counters: Counters,
   };
+  // The call's arguments: only those declared with @arguments("name: Type, ...") on some
+  // policy of the set, each optional (guard with `context.arguments has name`).
+  type Arguments = {};
+  type Pii = {
+    count: Long,
+    types: Set<String>,
+    email: Long,
+    phone: Long,
+    card: Long,
+    iban: Long,
+    national_id: Long,
+    ip_address: Long,
+    cloud_key: Long,
+    jwt: Long,
+    private_key: Long,
+  };
+  type CallContext = {
+    attestation: Attestation,
+    time: Long,
+    counters: Counters,
+    arguments: Arguments,
+    pii: Pii,
+    server_assurance: String,
+  };
   action discover, resolve appliesTo {
     principal: [Agent],
     resource: [Server],
@@ -131,7 +166,7 @@ namespace Attestplane {
   action call appliesTo {
     principal: [Agent],
     resource: [Tool],
-    context: RequestContext,
+    context: CallContext,
   };
 }
 "#;
@@ -142,6 +177,18 @@ pub const MAX_POLICY_TEXT_LEN: usize = 256 * 1024;
 /// Most policies accepted in one set. Reachable within [`MAX_POLICY_TEXT_LEN`] (the shortest
 /// policy is 34 bytes), so both limits bind.
 pub const MAX_POLICIES: usize = 4_096;
+
+/// The most call arguments a policy set may declare.
+pub const MAX_ARGUMENT_DECLARATIONS: usize = 256;
+
+/// The longest call arguments (JSON text) the context is built from, in bytes.
+pub const MAX_ARGUMENTS_LEN: usize = 1024 * 1024;
+
+/// The most elements of a `Set` argument put in the context.
+pub const MAX_ARGUMENT_SET_LEN: usize = 1024;
+
+/// The annotation that declares call arguments: `@arguments("amount: Long, memo: String")`.
+const ARGUMENTS_ANNOTATION: &str = "arguments";
 
 /// The annotation that names a policy: `@id("tenant-isolation")`.
 const ID_ANNOTATION: &str = "id";
@@ -222,6 +269,73 @@ pub struct Counters {
     pub spend_micros: u64,
 }
 
+/// What the policy sees of one `tools/call` besides the common facts.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct CallFacts {
+    /// The arguments as they will be forwarded (a JSON object's text), if any. Only the
+    /// arguments the policy set declares reach the context.
+    pub arguments: Option<String>,
+    /// PII findings in the call, by kind name (`card` → 2).
+    pub pii: BTreeMap<String, u64>,
+    /// The server's assurance level (`nitro`, `none`, `webpki`, `pinned`); `None` derives it
+    /// from the attestation facts (`nitro` if verified, else `none`).
+    pub server_assurance: Option<String>,
+}
+
+impl fmt::Debug for CallFacts {
+    /// The arguments' length only: they may carry secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallFacts")
+            .field("arguments_len", &self.arguments.as_ref().map(String::len))
+            .field("pii", &self.pii)
+            .field("server_assurance", &self.server_assurance)
+            .finish()
+    }
+}
+
+/// The type of a declared call argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgumentType {
+    /// Cedar `Long`: a JSON integer within ±(2^53 − 1).
+    Long,
+    /// Cedar `String`: a JSON string.
+    String,
+    /// Cedar `Bool`: a JSON boolean.
+    Bool,
+    /// `Set<Long>`: a JSON array of integers.
+    SetOfLong,
+    /// `Set<String>`: a JSON array of strings.
+    SetOfString,
+    /// `Set<Bool>`: a JSON array of booleans.
+    SetOfBool,
+}
+
+impl ArgumentType {
+    fn parse(s: &str) -> Option<Self> {
+        let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        Some(match compact.as_str() {
+            "Long" => ArgumentType::Long,
+            "String" => ArgumentType::String,
+            "Bool" => ArgumentType::Bool,
+            "Set<Long>" => ArgumentType::SetOfLong,
+            "Set<String>" => ArgumentType::SetOfString,
+            "Set<Bool>" => ArgumentType::SetOfBool,
+            _ => return None,
+        })
+    }
+
+    fn cedar(self) -> &'static str {
+        match self {
+            ArgumentType::Long => "Long",
+            ArgumentType::String => "String",
+            ArgumentType::Bool => "Bool",
+            ArgumentType::SetOfLong => "Set<Long>",
+            ArgumentType::SetOfString => "Set<String>",
+            ArgumentType::SetOfBool => "Set<Bool>",
+        }
+    }
+}
+
 /// Everything a decision depends on, besides the policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecisionRequest {
@@ -239,6 +353,10 @@ pub struct DecisionRequest {
     pub time: UnixMillis,
     /// The agent's counters.
     pub counters: Counters,
+    /// For [`Action::Call`]: the call's arguments, PII findings and server assurance. `None`
+    /// is the listing context (no argument present, no finding): what a tool listing is
+    /// filtered with.
+    pub call: Option<CallFacts>,
 }
 
 /// The outcome of one decision.
@@ -311,6 +429,15 @@ pub enum PolicyError {
     Validation {
         /// The validator's messages, each naming its policy.
         messages: Vec<String>,
+    },
+    /// An `@arguments` annotation does not parse, or declares an argument twice with two
+    /// types.
+    #[error("policy `{policy}` declares arguments badly: {reason}")]
+    Arguments {
+        /// The policy's id.
+        policy: String,
+        /// What is wrong.
+        reason: String,
     },
     /// The built-in schema or the index could not be built (a bug in this module).
     #[error("internal policy engine error: {message}")]
@@ -417,6 +544,7 @@ enum ResourceKey {
 #[derive(Debug)]
 pub struct PolicyEngine {
     text: String,
+    arguments: BTreeMap<String, ArgumentType>,
     full: PolicySet,
     index: [ActionIndex; 3],
     authorizer: Authorizer,
@@ -476,8 +604,18 @@ impl PolicyEngine {
         }
 
         let model = Model::get().map_err(|message| PolicyError::Internal { message })?;
-        let validation =
-            Validator::new(model.schema.clone()).validate(&full, ValidationMode::Strict);
+        let arguments = declared_arguments(&full)?;
+        let schema = if arguments.is_empty() {
+            model.schema.clone()
+        } else {
+            let text = SCHEMA.replace("  type Arguments = {};", &arguments_type(&arguments));
+            Schema::from_cedarschema_str(&text)
+                .map(|(schema, _)| schema)
+                .map_err(|e| PolicyError::Internal {
+                    message: format!("schema with arguments: {e}"),
+                })?
+        };
+        let validation = Validator::new(schema).validate(&full, ValidationMode::Strict);
         // Warnings are refused too: an impossible policy (say a forbid on `call` scoped to a
         // Server) would silently never apply, and bidi or confusable characters make a policy
         // read differently from how it evaluates.
@@ -493,6 +631,7 @@ impl PolicyEngine {
         let index = build_index(model, &full)?;
         Ok(Self {
             text: text.to_owned(),
+            arguments,
             full,
             index,
             authorizer: Authorizer::new(),
@@ -503,6 +642,7 @@ impl PolicyEngine {
     pub fn deny_all() -> Self {
         Self {
             text: String::new(),
+            arguments: BTreeMap::new(),
             full: PolicySet::new(),
             index: Default::default(),
             authorizer: Authorizer::new(),
@@ -516,7 +656,7 @@ impl PolicyEngine {
             Ok(m) => m,
             Err(message) => return Decision::deny_with_error(message),
         };
-        let built = match BuiltRequest::new(model, req) {
+        let built = match BuiltRequest::new(model, req, &self.arguments) {
             Ok(b) => b,
             Err(message) => return Decision::deny_with_error(message),
         };
@@ -538,7 +678,7 @@ impl PolicyEngine {
             Ok(m) => m,
             Err(message) => return Decision::deny_with_error(message),
         };
-        let built = match BuiltRequest::new(model, req) {
+        let built = match BuiltRequest::new(model, req, &self.arguments) {
             Ok(b) => b,
             Err(message) => return Decision::deny_with_error(message),
         };
@@ -549,6 +689,11 @@ impl PolicyEngine {
                 .is_authorized(&built.request, &self.full, &built.entities),
         );
         merged.finish()
+    }
+
+    /// The call arguments the set declares (`@arguments`), by name.
+    pub fn declared_arguments(&self) -> &BTreeMap<String, ArgumentType> {
+        &self.arguments
     }
 
     /// The number of policies in the set.
@@ -638,7 +783,11 @@ struct BuiltRequest {
 }
 
 impl BuiltRequest {
-    fn new(model: &Model, req: &DecisionRequest) -> Result<Self, String> {
+    fn new(
+        model: &Model,
+        req: &DecisionRequest,
+        arguments: &BTreeMap<String, ArgumentType>,
+    ) -> Result<Self, String> {
         let p = &req.principal;
         let s = &req.server;
         let agent_tenant = Model::uid(&model.tenant, &p.tenant);
@@ -713,7 +862,7 @@ impl BuiltRequest {
         let entities = Entities::from_entities(entities, None)
             .map_err(|e| format!("building entities: {e}"))?;
 
-        let context = Context::from_pairs(context_pairs(req)?)
+        let context = Context::from_pairs(context_pairs(req, arguments)?)
             .map_err(|e| format!("building context: {e}"))?;
         let request = cedar::Request::new(
             agent,
@@ -737,7 +886,10 @@ fn long(v: u64) -> RestrictedExpression {
 }
 
 /// The request context (see [`SCHEMA`]).
-fn context_pairs(req: &DecisionRequest) -> Result<Vec<(String, RestrictedExpression)>, String> {
+fn context_pairs(
+    req: &DecisionRequest,
+    declared: &BTreeMap<String, ArgumentType>,
+) -> Result<Vec<(String, RestrictedExpression)>, String> {
     let a = &req.attestation;
     let mut attestation = vec![
         (
@@ -763,11 +915,206 @@ fn context_pairs(req: &DecisionRequest) -> Result<Vec<(String, RestrictedExpress
     let record = |fields| {
         RestrictedExpression::new_record(fields).map_err(|e| format!("building context: {e}"))
     };
-    Ok(vec![
+    let mut pairs = vec![
         ("attestation".to_owned(), record(attestation)?),
         ("time".to_owned(), long(req.time.as_secs())),
         ("counters".to_owned(), record(counters)?),
-    ])
+    ];
+    if req.action == Action::Call {
+        let listing = CallFacts::default();
+        let call = req.call.as_ref().unwrap_or(&listing);
+        pairs.push((
+            "arguments".to_owned(),
+            record(argument_pairs(call.arguments.as_deref(), declared)?)?,
+        ));
+        pairs.push(("pii".to_owned(), record(pii_pairs(&call.pii))?));
+        let assurance = match &call.server_assurance {
+            Some(a) => a.clone(),
+            None if req.attestation.verified => "nitro".to_owned(),
+            None => "none".to_owned(),
+        };
+        pairs.push((
+            "server_assurance".to_owned(),
+            RestrictedExpression::new_string(assurance),
+        ));
+    }
+    Ok(pairs)
+}
+
+/// `context.pii`: the total, the kinds, and a count per known kind (0 when none).
+fn pii_pairs(pii: &BTreeMap<String, u64>) -> Vec<(String, RestrictedExpression)> {
+    let total = pii.values().fold(0u64, |a, b| a.saturating_add(*b));
+    let mut pairs = vec![
+        ("count".to_owned(), long(total)),
+        (
+            "types".to_owned(),
+            RestrictedExpression::new_set(
+                pii.iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(k, _)| RestrictedExpression::new_string(k.clone())),
+            ),
+        ),
+    ];
+    for kind in PiiKind::ALL {
+        let n = pii.get(kind.as_str()).copied().unwrap_or(0);
+        pairs.push((kind.as_str().to_owned(), long(n)));
+    }
+    pairs
+}
+
+/// `context.arguments`: each declared argument the call passes, converted to its declared
+/// type. A declared argument of another type refuses the request (an error, so deny): a
+/// policy such as `context.arguments.amount <= 10000` must never be skipped because the agent
+/// sent `"amount": "1e9"`.
+fn argument_pairs(
+    text: Option<&str>,
+    declared: &BTreeMap<String, ArgumentType>,
+) -> Result<Vec<(String, RestrictedExpression)>, String> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    if declared.is_empty() {
+        return Ok(Vec::new());
+    }
+    if text.len() > MAX_ARGUMENTS_LEN {
+        return Err(format!(
+            "call arguments are {} bytes, more than {MAX_ARGUMENTS_LEN}",
+            text.len()
+        ));
+    }
+    let node = json::parse_ijson(text).map_err(|e| format!("call arguments: {e}"))?;
+    let JsonValue::Object(members) = &node.value else {
+        return Err("call arguments are not an object".to_owned());
+    };
+    let mut out = Vec::new();
+    for m in members {
+        let Some(ty) = declared.get(m.key.as_ref()) else {
+            continue;
+        };
+        let bad = || format!("argument `{}` is not a {}", m.key, ty.cedar());
+        let scalar = |v: &JsonValue<'_>, want: ArgumentType| -> Option<RestrictedExpression> {
+            match (want, v) {
+                (ArgumentType::Long, JsonValue::Number(raw)) => {
+                    json_long(raw).map(RestrictedExpression::new_long)
+                }
+                (ArgumentType::String, JsonValue::String(s)) => {
+                    Some(RestrictedExpression::new_string(s.to_string()))
+                }
+                (ArgumentType::Bool, JsonValue::Bool(b)) => {
+                    Some(RestrictedExpression::new_bool(*b))
+                }
+                _ => None,
+            }
+        };
+        let expr = match ty {
+            ArgumentType::Long | ArgumentType::String | ArgumentType::Bool => {
+                scalar(&m.value.value, *ty).ok_or_else(bad)?
+            }
+            ArgumentType::SetOfLong | ArgumentType::SetOfString | ArgumentType::SetOfBool => {
+                let JsonValue::Array(items) = &m.value.value else {
+                    return Err(bad());
+                };
+                if items.len() > MAX_ARGUMENT_SET_LEN {
+                    return Err(format!(
+                        "argument `{}` has more than {MAX_ARGUMENT_SET_LEN} elements",
+                        m.key
+                    ));
+                }
+                let element = match ty {
+                    ArgumentType::SetOfLong => ArgumentType::Long,
+                    ArgumentType::SetOfString => ArgumentType::String,
+                    _ => ArgumentType::Bool,
+                };
+                let values = items
+                    .iter()
+                    .map(|i| scalar(&i.value, element).ok_or_else(bad))
+                    .collect::<Result<Vec<_>, String>>()?;
+                RestrictedExpression::new_set(values)
+            }
+        };
+        out.push((m.key.to_string(), expr));
+    }
+    Ok(out)
+}
+
+/// A JSON number as a Cedar `Long`, if it is an integer (however spelled: `1e3` is 1000)
+/// within ±(2^53 − 1).
+fn json_long(raw: &str) -> Option<i64> {
+    const MAX_SAFE: i64 = (1 << 53) - 1;
+    let v = match raw.parse::<i64>() {
+        Ok(v) => v,
+        Err(_) => {
+            let f: f64 = raw.parse().ok()?;
+            if !f.is_finite() || f.fract() != 0.0 || f.abs() > MAX_SAFE as f64 {
+                return None;
+            }
+            f as i64
+        }
+    };
+    (-MAX_SAFE..=MAX_SAFE).contains(&v).then_some(v)
+}
+
+/// The arguments declared by the set's `@arguments` annotations.
+fn declared_arguments(set: &PolicySet) -> Result<BTreeMap<String, ArgumentType>, PolicyError> {
+    let mut out: BTreeMap<String, ArgumentType> = BTreeMap::new();
+    for policy in set.policies() {
+        let Some(text) = policy.annotation(ARGUMENTS_ANNOTATION) else {
+            continue;
+        };
+        let bad = |reason: String| PolicyError::Arguments {
+            policy: policy.id().to_string(),
+            reason,
+        };
+        for decl in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            let Some((name, ty)) = decl.split_once(':') else {
+                return Err(bad(format!("`{decl}` is not `name: Type`")));
+            };
+            let name = name.trim();
+            let valid_name = name.len() <= 64
+                && name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_name {
+                return Err(bad(format!(
+                    "`{name}` is not an identifier of at most 64 characters"
+                )));
+            }
+            let ty = ArgumentType::parse(ty).ok_or_else(|| {
+                bad(format!(
+                    "`{}` is not Long, String, Bool or a Set of them",
+                    ty.trim()
+                ))
+            })?;
+            match out.get(name) {
+                Some(t) if *t != ty => {
+                    return Err(bad(format!(
+                        "`{name}` is declared as {} elsewhere",
+                        t.cedar()
+                    )));
+                }
+                _ => {
+                    out.insert(name.to_owned(), ty);
+                }
+            }
+            if out.len() > MAX_ARGUMENT_DECLARATIONS {
+                return Err(bad(format!(
+                    "more than {MAX_ARGUMENT_DECLARATIONS} arguments declared"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The schema's `Arguments` type for the declared arguments (every one optional).
+fn arguments_type(declared: &BTreeMap<String, ArgumentType>) -> String {
+    let fields: Vec<String> = declared
+        .iter()
+        .map(|(name, ty)| format!("\"{name}\"?: {}", ty.cedar()))
+        .collect();
+    format!("  type Arguments = {{ {} }};", fields.join(", "))
 }
 
 /// Combines responses over disjoint parts of a policy set into the response over their union,
@@ -839,6 +1186,7 @@ mod tests {
             },
             time: UnixMillis::from_secs(1_700_000_000),
             counters: Counters::default(),
+            call: None,
         }
     }
 
@@ -855,7 +1203,7 @@ mod tests {
                 let mut req = request(action);
                 req.attestation.age_ms = age;
                 req.counters.spend_micros = u64::MAX;
-                let built = BuiltRequest::new(model, &req).unwrap();
+                let built = BuiltRequest::new(model, &req, &BTreeMap::new()).unwrap();
                 let p = built.request.principal().unwrap().clone();
                 let a = built.request.action().unwrap().clone();
                 let r = built.request.resource().unwrap().clone();
@@ -985,7 +1333,7 @@ mod tests {
         .unwrap();
         let model = Model::get().unwrap();
         let evaluated = |req: &DecisionRequest| -> BTreeSet<String> {
-            let built = BuiltRequest::new(model, req).unwrap();
+            let built = BuiltRequest::new(model, req, &BTreeMap::new()).unwrap();
             engine
                 .candidates(req.action, &built)
                 .flat_map(|set| set.policies().map(|p| p.id().to_string()))

@@ -622,6 +622,7 @@ impl State {
             attestation: self.attestation_facts(server, now),
             time: now,
             counters: self.counters(&principal.agent, now),
+            call: None,
         }
     }
 

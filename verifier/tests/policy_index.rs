@@ -41,6 +41,7 @@ fn request(action: Action, agent_tenant: &str, server_tenant: &str) -> DecisionR
             calls_last_minute: 3,
             spend_micros: 0,
         },
+        call: None,
     }
 }
 
@@ -513,6 +514,7 @@ fn decision_request() -> impl Strategy<Value = DecisionRequest> {
                     calls_last_minute: calls,
                     spend_micros: spend,
                 },
+                call: None,
             },
         )
 }
