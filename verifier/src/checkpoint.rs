@@ -28,7 +28,9 @@
 //! - Signature lines must be well formed even when they are not ours (em dash, space, a key name
 //!   without spaces or `+`, one space, canonical base64 of at least five bytes).
 //! - A size-0 checkpoint must carry the empty tree's root.
-//! - Ed25519 signatures are checked with `verify_strict` (no malleable or small-order forms).
+//! - Ed25519 signatures are checked by the one rule set of [`crate::eddsa`] (cofactored, as
+//!   ZIP 215 defines it; canonical `s`), the same rules as log entries and handles; the key must
+//!   be canonical and of prime order ([`CheckpointError::BadKey`]).
 //!
 //! ## Trust assumptions
 //!
@@ -53,6 +55,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::eddsa::{KeyError, PublicKey};
 use crate::merkle::{self, Hash, MerkleError};
 
 /// The largest signed note accepted, in bytes. Room for well over the 16 signatures the
@@ -124,6 +127,14 @@ pub enum CheckpointError {
     BadSignature {
         /// The key name.
         key_name: String,
+    },
+    /// The key given to verify with is one the signature rules refuse (see [`crate::eddsa`]).
+    #[error("key {key_name} is refused: {reason}")]
+    BadKey {
+        /// The key name.
+        key_name: String,
+        /// Why.
+        reason: KeyError,
     },
     /// No signature line names the expected key (name and key ID).
     #[error("note has no signature by key {key_name} (key id {key_id})")]
@@ -479,6 +490,11 @@ pub fn verify_checkpoint(
     check_key_name(key_name)?;
     let split = split_note(note)?;
     let want_id = key_id(key_name, key);
+    let rules_key =
+        PublicKey::from_verifying_key(key).map_err(|reason| CheckpointError::BadKey {
+            key_name: key_name.to_owned(),
+            reason,
+        })?;
     let mut verified = false;
     for line in &split.signatures {
         if line.key_name != key_name || line.key_id != want_id {
@@ -488,7 +504,8 @@ pub fn verify_checkpoint(
             key_name: key_name.to_owned(),
         };
         let signature = Signature::from_slice(&line.signature).map_err(|_| bad())?;
-        key.verify_strict(split.text.as_bytes(), &signature)
+        rules_key
+            .verify(split.text.as_bytes(), &signature)
             .map_err(|_| bad())?;
         verified = true;
     }

@@ -708,13 +708,15 @@ impl SignedEntry {
         &self.signature
     }
 
-    /// Checks the signature under `key` (strict verification: no small-order keys, canonical
-    /// `S`), and that `key` is the one the header names.
+    /// Checks the signature under `key` by the rules of [`crate::eddsa`] (the log verifier's),
+    /// and that `key` is the one the header names.
     pub fn verify(&self, key: &VerifyingKey) -> Result<(), EntryError> {
         if KeyId::of(key) != self.kid {
             return Err(EntryError::KeyMismatch);
         }
-        key.verify_strict(&self.tbs, &self.signature)
+        crate::eddsa::PublicKey::from_verifying_key(key)
+            .map_err(|_| EntryError::BadSignature)?
+            .verify(&self.tbs, &self.signature)
             .map_err(|_| EntryError::BadSignature)
     }
 

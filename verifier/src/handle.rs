@@ -21,7 +21,10 @@
 //!   ignored, as middleware ignores them. `aud` is a single string, not an array.
 //! - Base64url is decoded canonically (no padding, no stray bits), so every token has exactly
 //!   one encoding and any byte changed in a token is rejected.
-//! - The signature is checked with `verify_strict` before the claims are parsed.
+//! - The signature is checked before the claims are parsed, by the one rule set of
+//!   [`crate::eddsa`] (cofactored, as ZIP 215 defines it; canonical `s`), the same rules as
+//!   log entries and checkpoints. A JWKS key must be canonical and of prime order: a set with
+//!   any other Ed25519 key is refused when it is built.
 //! - Time is a parameter: `exp`, `nbf` and `iat` (seconds) are compared with the caller's
 //!   [`UnixMillis`] allowing `leeway_secs` either way; a handle issued in the future beyond the
 //!   leeway is refused.
@@ -48,6 +51,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
+use crate::eddsa::PublicKey;
 use crate::time::UnixMillis;
 
 /// The longest token accepted or produced, in bytes (a common HTTP header line limit).
@@ -482,7 +486,7 @@ pub fn verify_jws_typed(
         }
     };
     let key = jwks
-        .get(kid)
+        .key(kid)
         .ok_or_else(|| HandleError::UnknownKid { kid: kid.clone() })?;
 
     // Signature over the two first segments exactly as received.
@@ -500,7 +504,7 @@ pub fn verify_jws_typed(
     let signing_input = token.get(..signed_len).ok_or(HandleError::Malformed {
         reason: "token is truncated",
     })?;
-    key.verify_strict(signing_input.as_bytes(), &signature)
+    key.verify(signing_input.as_bytes(), &signature)
         .map_err(|_| HandleError::BadSignature { kid: kid.clone() })?;
 
     let members = decode_object(payload_b64, "claims")?;
@@ -571,7 +575,7 @@ pub fn verify_handle(
 /// `{"keys":[{"kty":"OKP","crv":"Ed25519","x":…,"kid":…,"alg":"EdDSA","use":"sig"}]}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jwks {
-    keys: Vec<(String, VerifyingKey)>,
+    keys: Vec<(String, PublicKey)>,
 }
 
 #[derive(Serialize)]
@@ -592,7 +596,8 @@ struct JwksOut<'a> {
 
 impl Jwks {
     /// A JWKS of the given keys. Key IDs must be non-empty, at most [`MAX_KID_LEN`] bytes and
-    /// distinct; at most [`MAX_JWKS_KEYS`] keys.
+    /// distinct; at most [`MAX_JWKS_KEYS`] keys; every key canonical and of prime order (see
+    /// [`crate::eddsa`]).
     pub fn from_keys<I, K>(keys: I) -> Result<Self, HandleError>
     where
         I: IntoIterator<Item = (K, VerifyingKey)>,
@@ -607,6 +612,9 @@ impl Jwks {
 
     fn insert(&mut self, kid: String, key: VerifyingKey) -> Result<(), HandleError> {
         check_kid(&kid)?;
+        let key = PublicKey::from_verifying_key(&key).map_err(|reason| HandleError::BadJwks {
+            reason: reason.as_str(),
+        })?;
         if self.get(&kid).is_some() {
             return Err(HandleError::DuplicateKid { kid });
         }
@@ -676,6 +684,11 @@ impl Jwks {
 
     /// The key with ID `kid`.
     pub fn get(&self, kid: &str) -> Option<&VerifyingKey> {
+        self.key(kid).map(PublicKey::verifying_key)
+    }
+
+    /// The key with ID `kid`, to verify with.
+    pub fn key(&self, kid: &str) -> Option<&PublicKey> {
         self.keys.iter().find(|(k, _)| k == kid).map(|(_, key)| key)
     }
 

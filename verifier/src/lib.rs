@@ -16,6 +16,8 @@
 //! - [`merkle`]: RFC 6962 / RFC 9162 Merkle tree hashing, inclusion and consistency proofs.
 //! - [`checkpoint`]: signed tree heads in the C2SP `tlog-checkpoint` signed-note format.
 //! - [`handle`]: server handles, EdDSA JWTs checked against a JWKS.
+//! - [`eddsa`]: the one set of Ed25519 rules (cofactored, as ZIP 215 defines it, with prime-order
+//!   keys) by which every signature of the enclave's keys is checked, alone or in batches.
 //!
 //! ## Trust assumptions
 //!
@@ -52,6 +54,7 @@ pub mod attestation;
 pub mod cbor;
 pub mod checkpoint;
 mod cose;
+pub mod eddsa;
 pub mod eif;
 pub mod entry;
 pub mod error;

@@ -20,17 +20,14 @@
 //!
 //! Entries are decoded (one pass over their bytes, see [`crate::entry`]) and hashed in
 //! parallel, linked in one sequential pass, and their signatures are checked in parallel
-//! batches with Ed25519 batch verification. Batch verification alone is weaker than
-//! `verify_strict`, so each signature's `R` is also checked not to be of small order (by
-//! comparison with the fourteen encodings of such points, [`is_small_order_encoding`], instead
-//! of decompressing it), and every epoch key is checked once for weakness: together with the
-//! batch equation and the canonical-`s` check that batch parsing does, these are the conditions
-//! `verify_strict` imposes. A chunk whose signatures all fall under one epoch key (every chunk
-//! but those spanning an epoch boundary) is checked with the same batch equation as
-//! `ed25519_dalek::verify_batch`, its key's terms gathered into one (see
-//! `verify_batch_one_key`), which saves a third of the work; other chunks go to
-//! `ed25519_dalek::verify_batch`. A batch that fails is re-checked entry by entry with
-//! `verify_strict` to name the first bad entry.
+//! batches of [`SIGNATURE_BATCH`] with [`eddsa::verify_batch`]. Signatures follow the one rule
+//! set of [`crate::eddsa`] (cofactored verification as ZIP 215 defines it; epoch keys canonical
+//! and of prime order, checked once when the epoch opens), under which batch and single
+//! verification give the same verdict on every input: whether an entry verifies does not depend
+//! on the chunk it falls in, on its neighbours, on the number of threads or on the batch
+//! coefficients. A batch of one epoch's signatures costs one multiscalar multiplication with the
+//! key's terms gathered into one. When a batch fails, its signatures are checked one by one to
+//! name the first bad entry.
 //!
 //! ## What this module does not do
 //!
@@ -40,20 +37,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
-use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
-use curve25519_dalek::scalar::Scalar;
-use curve25519_dalek::traits::{IsIdentity, VartimeMultiscalarMul};
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use rayon::prelude::*;
 use serde::Serialize;
-use sha2::{Digest, Sha512};
 use thiserror::Error;
 
 use crate::attestation::{
     AttestationError, AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt,
 };
 use crate::checkpoint::{self, Checkpoint, CheckpointError, VerifiedCheckpoint};
+use crate::eddsa::{self, KeyError, PublicKey};
 use crate::entry::{Entry, EntryError, EntryHash, EpochBinding, Event, KeyId, SignedEntry};
 use crate::merkle::{self, CompactRange};
 use crate::time::UnixMillis;
@@ -320,6 +313,17 @@ pub enum LogError {
         /// Hash of the offending entry.
         entry_hash: EntryHash,
     },
+    /// The epoch document binds an Ed25519 key that the signature rules refuse (see
+    /// [`crate::eddsa`]): not canonical, of small order, or with a small-order component.
+    #[error("entry {seq}: epoch document binds key {key}, which is refused: {reason}")]
+    EpochKeyRefused {
+        /// Position.
+        seq: u64,
+        /// The key, hex.
+        key: String,
+        /// Why.
+        reason: KeyError,
+    },
     /// The epoch's attestation document does not verify.
     #[error("entry {seq}: epoch attestation: {source}")]
     EpochAttestation {
@@ -434,6 +438,7 @@ impl LogError {
             | LogError::BadSignature { seq, .. }
             | LogError::EpochAttestation { seq, .. }
             | LogError::EpochKeyMismatch { seq, .. }
+            | LogError::EpochKeyRefused { seq, .. }
             | LogError::EpochBindingMismatch { seq, .. }
             | LogError::TimeWentBackwards { seq, .. }
             | LogError::FromTheFuture { seq, .. }
@@ -449,7 +454,7 @@ impl LogError {
 }
 
 struct CurrentEpoch {
-    key: VerifyingKey,
+    key: PublicKey,
     verified: Arc<VerifiedEpoch>,
 }
 
@@ -643,7 +648,7 @@ impl LogVerifier {
 
     /// Checks the entry's place in the log and advances; returns the key its signature must
     /// verify under. Signatures themselves are checked in batches by the caller.
-    fn link(&mut self, seq: u64, signed: &SignedEntry) -> Result<VerifyingKey, LogError> {
+    fn link(&mut self, seq: u64, signed: &SignedEntry) -> Result<PublicKey, LogError> {
         let entry = signed.entry();
         if entry.seq != seq {
             return Err(LogError::SequenceMismatch {
@@ -729,7 +734,7 @@ impl LogVerifier {
         signed: &SignedEntry,
         attestation: &[u8],
         prev: EntryHash,
-    ) -> Result<VerifyingKey, LogError> {
+    ) -> Result<PublicKey, LogError> {
         let entry = signed.entry();
         let expected_epoch = match &self.epoch {
             None => 0,
@@ -771,14 +776,20 @@ impl LogVerifier {
             });
         }
 
-        let key = doc
-            .public_key()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .and_then(|b| VerifyingKey::from_bytes(&b).ok())
-            .filter(|k| !k.is_weak());
-        let attested = key.as_ref().map(KeyId::of);
+        let key =
+            match doc.public_key().and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+                Some(bytes) => Some(PublicKey::from_bytes(&bytes).map_err(|reason| {
+                    LogError::EpochKeyRefused {
+                        seq,
+                        key: hex::encode(bytes),
+                        reason,
+                    }
+                })?),
+                None => None,
+            };
+        let attested = key.as_ref().map(|k| KeyId::of(k.verifying_key()));
         let key = match key {
-            Some(k) if KeyId::of(&k) == *signed.kid() => k,
+            Some(k) if attested.as_ref() == Some(signed.kid()) => k,
             _ => {
                 return Err(LogError::EpochKeyMismatch {
                     seq,
@@ -791,7 +802,7 @@ impl LogVerifier {
         if !self.defer_images && !self.policy.pins(doc.pcrs()) {
             return Err(LogError::ImageNotAllowed { seq, pcrs: image });
         }
-        let kid = KeyId::of(&key);
+        let kid = KeyId::of(key.verifying_key());
         self.epoch = Some(CurrentEpoch {
             key,
             verified: Arc::new(VerifiedEpoch {
@@ -807,7 +818,7 @@ impl LogVerifier {
             start_seq: seq,
             entries: 0,
             kid,
-            key,
+            key: *key.verifying_key(),
             module_id: doc.module_id().to_string(),
             attested_at: doc.timestamp(),
             debug: doc.is_debug(),
@@ -918,25 +929,29 @@ fn verify_checkpoint_with_epoch_keys(
     }))
 }
 
-/// Verifies the signatures of `entries` (the first at `first`), `entries[i]` under `keys[i]`;
-/// on failure names the first bad entry.
+/// Verifies the signatures of `entries` (the first at `first`), `entries[i]` under `keys[i]`,
+/// in parallel batches; on failure names the first bad entry. Every entry gets the verdict
+/// [`PublicKey::verify`] gives it alone (see [`crate::eddsa`]).
 fn check_signatures(
     first: u64,
     entries: &[SignedEntry],
-    keys: &[VerifyingKey],
+    keys: &[PublicKey],
 ) -> Result<(), LogError> {
     let first_bad = entries
         .par_chunks(SIGNATURE_BATCH)
         .zip(keys.par_chunks(SIGNATURE_BATCH))
         .enumerate()
         .filter_map(|(n, (chunk, chunk_keys))| {
-            if batch_ok(chunk, chunk_keys) {
-                return None;
-            }
-            let i = chunk
+            let items: Vec<eddsa::Item<'_>> = chunk
                 .iter()
                 .zip(chunk_keys)
-                .position(|(e, k)| k.verify_strict(e.signed_bytes(), e.signature()).is_err())?;
+                .map(|(e, key)| eddsa::Item {
+                    key,
+                    message: e.signed_bytes(),
+                    signature: e.signature(),
+                })
+                .collect();
+            let i = eddsa::verify_batch(&items).err()?;
             let e = chunk.get(i)?;
             let offset = n.saturating_mul(SIGNATURE_BATCH).saturating_add(i);
             Some((first.saturating_add(offset as u64), e.hash()))
@@ -946,195 +961,6 @@ fn check_signatures(
         None => Ok(()),
         Some((seq, entry_hash)) => Err(LogError::BadSignature { seq, entry_hash }),
     }
-}
-
-/// Batch-verifies a chunk with the conditions of `verify_strict` (see the module docs).
-fn batch_ok(chunk: &[SignedEntry], keys: &[VerifyingKey]) -> bool {
-    if chunk
-        .iter()
-        .any(|e| is_small_order_encoding(e.signature().r_bytes()))
-    {
-        return false;
-    }
-    let messages: Vec<&[u8]> = chunk.iter().map(SignedEntry::signed_bytes).collect();
-    let signatures: Vec<Signature> = chunk.iter().map(|e| *e.signature()).collect();
-    match keys.split_first() {
-        Some((key, rest)) if rest.iter().all(|k| k == key) => {
-            verify_batch_one_key(&messages, &signatures, key)
-        }
-        _ => ed25519_dalek::verify_batch(&messages, &signatures, keys).is_ok(),
-    }
-}
-
-/// Ed25519 batch verification of signatures that must all verify under one `key` (every chunk
-/// inside an epoch). It checks the equation of `ed25519_dalek::verify_batch`,
-/// `Σ zᵢRᵢ + Σ (zᵢhᵢ)A − (Σ zᵢsᵢ)B = 0` with `hᵢ = H(Rᵢ ‖ A ‖ Mᵢ)` and random 128-bit `zᵢ`, with
-/// the key's terms gathered into one, `(Σ zᵢhᵢ)A`: the same group element, computed with one
-/// point in the multiscalar multiplication instead of one per signature. As in ed25519-dalek,
-/// each `sᵢ` must be canonical and each `Rᵢ` must decompress, and the `zᵢ` are derived from a
-/// hash of every input (each `hᵢ`, which covers `Rᵢ`, `A` and `Mᵢ`, and each `sᵢ`) and 16 fresh
-/// random bytes. The randomness matters: the check is cofactorless, so an `Rᵢ` with a torsion
-/// component (which `verify_strict` refuses) cancels out when `zᵢ ≡ 0 (mod 8)`; with
-/// multipliers fixed by the inputs alone, the key holder could retry until that happened. If
-/// the operating system gives no randomness the batch is refused, and the caller falls back to
-/// `verify_strict` for each signature.
-fn verify_batch_one_key(messages: &[&[u8]], signatures: &[Signature], key: &VerifyingKey) -> bool {
-    if messages.len() != signatures.len() {
-        return false;
-    }
-    let a_bytes = key.as_bytes();
-    let Some(a) = CompressedEdwardsY(*a_bytes).decompress() else {
-        return false;
-    };
-    let mut transcript = Sha512::new();
-    transcript.update(b"attestplane/log/ed25519-batch-one-key/v1");
-    let mut hrams = Vec::with_capacity(signatures.len());
-    for (message, signature) in messages.iter().zip(signatures) {
-        let h: [u8; 64] = Sha512::new()
-            .chain_update(signature.r_bytes())
-            .chain_update(a_bytes)
-            .chain_update(message)
-            .finalize()
-            .into();
-        transcript.update(h);
-        hrams.push(Scalar::from_bytes_mod_order_wide(&h));
-    }
-    for signature in signatures {
-        transcript.update(signature.s_bytes());
-    }
-    let mut fresh = [0u8; 16];
-    if rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut fresh).is_err() {
-        return false;
-    }
-    transcript.update(fresh);
-    let seed = transcript.finalize();
-
-    let mut b_coefficient = Scalar::ZERO;
-    let mut a_coefficient = Scalar::ZERO;
-    let mut zs = Vec::with_capacity(signatures.len());
-    let mut rs = Vec::with_capacity(signatures.len());
-    // Four 128-bit z per SHA-512 block of the seed's stream.
-    let mut block = [0u8; 64];
-    for (i, (signature, h)) in signatures.iter().zip(&hrams).enumerate() {
-        let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(*signature.s_bytes()))
-        else {
-            return false;
-        };
-        let Some(r) = CompressedEdwardsY(*signature.r_bytes()).decompress() else {
-            return false;
-        };
-        if i % 4 == 0 {
-            block = Sha512::new()
-                .chain_update(seed)
-                .chain_update(((i / 4) as u64).to_le_bytes())
-                .finalize()
-                .into();
-        }
-        let mut z_bytes = [0u8; 16];
-        for (dst, src) in z_bytes.iter_mut().zip(block.iter().skip(16 * (i % 4))) {
-            *dst = *src;
-        }
-        let z = Scalar::from(u128::from_le_bytes(z_bytes));
-        b_coefficient += z * s;
-        a_coefficient += z * h;
-        zs.push(z);
-        rs.push(r);
-    }
-    let sum = EdwardsPoint::vartime_multiscalar_mul(
-        [-b_coefficient, a_coefficient].into_iter().chain(zs),
-        [ED25519_BASEPOINT_POINT, a].into_iter().chain(rs),
-    );
-    sum.is_identity()
-}
-
-/// Every 32-byte string that decompresses to a point of small order: the eight torsion points
-/// in their canonical encodings, and the six non-canonical encodings decompression also
-/// accepts (`y` written as `y + p`, or the sign bit set on `x = 0`). The same set as
-/// ed25519-zebra's and ZIP 215's lists; the test `small_order_encodings_are_exactly_the_torsion_encodings`
-/// derives it again from the curve.
-const SMALL_ORDER_ENCODINGS: [[u8; 32]; 14] = [
-    // The identity (0, 1), and with the sign bit set.
-    [
-        0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x00,
-    ],
-    [
-        0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x80,
-    ],
-    // (0, -1), of order 2, and with the sign bit set.
-    [
-        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0x7f,
-    ],
-    [
-        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff,
-    ],
-    // (±sqrt(-1), 0), of order 4; then the same with y = p.
-    [
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x00,
-    ],
-    [
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x80,
-    ],
-    [
-        0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0x7f,
-    ],
-    [
-        0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff,
-    ],
-    // The identity with y = p + 1.
-    [
-        0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0x7f,
-    ],
-    [
-        0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff,
-    ],
-    // The four points of order 8.
-    [
-        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
-        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
-        0xfc, 0x05,
-    ],
-    [
-        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
-        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
-        0xfc, 0x85,
-    ],
-    [
-        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
-        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
-        0x03, 0x7a,
-    ],
-    [
-        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
-        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
-        0x03, 0xfa,
-    ],
-];
-
-/// Whether `r` (a signature's `R`, or a public key) is an encoding of a point of small order.
-/// Equivalent to decompressing it and asking `is_small_order`, for every `r` that decompresses
-/// (one that does not fails the batch equation anyway), at the cost of fourteen comparisons.
-pub fn is_small_order_encoding(r: &[u8; 32]) -> bool {
-    SMALL_ORDER_ENCODINGS.iter().any(|e| e == r)
 }
 
 /// Verifies a complete log held in memory. See [`LogVerifier`] for streaming.
@@ -1148,187 +974,4 @@ pub fn verify_log<B: AsRef<[u8]> + Sync>(
         v.verify_round(round)?;
     }
     v.finish()
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    use super::*;
-
-    fn decompresses_to_small_order(r: &[u8; 32]) -> bool {
-        CompressedEdwardsY(*r)
-            .decompress()
-            .is_some_and(|p| p.is_small_order())
-    }
-
-    /// The torsion subgroup, found from the curve: `[l]P` for points `P` from hashed `y`s.
-    fn torsion_points() -> Vec<EdwardsPoint> {
-        let l_minus_one = -Scalar::ONE;
-        let mut found: Vec<EdwardsPoint> = Vec::new();
-        for i in 0u64..10_000 {
-            if found.len() == 8 {
-                break;
-            }
-            let mut y = [0u8; 32];
-            y.copy_from_slice(&Sha512::digest(i.to_le_bytes())[..32]);
-            let Some(p) = CompressedEdwardsY(y).decompress() else {
-                continue;
-            };
-            let t = p * l_minus_one + p;
-            assert!(t.is_small_order());
-            if !found.contains(&t) {
-                found.push(t);
-            }
-        }
-        found
-    }
-
-    #[test]
-    fn small_order_encodings_are_exactly_the_torsion_encodings() {
-        for e in &SMALL_ORDER_ENCODINGS {
-            assert!(decompresses_to_small_order(e), "{}", hex::encode(e));
-        }
-        let torsion = torsion_points();
-        assert_eq!(torsion.len(), 8, "the torsion subgroup has eight points");
-        // Every string that decompresses to one of them: y canonical or, below 19, y + p
-        // (p = 2^255 - 19, so y + p still fits in 255 bits), with either sign bit.
-        let mut all = BTreeSet::new();
-        for t in &torsion {
-            let mut y = t.compress().to_bytes();
-            y[31] &= 0x7f;
-            let mut ys = vec![y];
-            if y[1..].iter().all(|b| *b == 0) && y[0] < 19 {
-                let mut p = [0xffu8; 32];
-                p[0] = 0xed + y[0];
-                p[31] = 0x7f;
-                ys.push(p);
-            }
-            for y in ys {
-                for sign in [0u8, 0x80] {
-                    let mut e = y;
-                    e[31] |= sign;
-                    if CompressedEdwardsY(e).decompress() == Some(*t) {
-                        all.insert(e);
-                    }
-                }
-            }
-        }
-        let listed: BTreeSet<[u8; 32]> = SMALL_ORDER_ENCODINGS.iter().copied().collect();
-        assert_eq!(listed.len(), SMALL_ORDER_ENCODINGS.len(), "no duplicates");
-        assert_eq!(all, listed);
-    }
-
-    #[test]
-    fn small_order_check_agrees_with_decompression() {
-        let mut cases: Vec<[u8; 32]> = SMALL_ORDER_ENCODINGS.to_vec();
-        // Every one-bit change of each listed encoding.
-        for e in &SMALL_ORDER_ENCODINGS {
-            for bit in 0..256 {
-                let mut c = *e;
-                c[bit / 8] ^= 1 << (bit % 8);
-                cases.push(c);
-            }
-        }
-        // Arbitrary strings, and real signatures' R.
-        for i in 0u64..2_000 {
-            let mut c = [0u8; 32];
-            c.copy_from_slice(&Sha512::digest(i.to_be_bytes())[..32]);
-            cases.push(c);
-        }
-        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
-        for i in 0u64..200 {
-            use ed25519_dalek::Signer;
-            cases.push(*key.sign(&i.to_le_bytes()).r_bytes());
-        }
-        for c in &cases {
-            // A string that does not decompress is refused by the batch equation itself.
-            if CompressedEdwardsY(*c).decompress().is_some() {
-                assert_eq!(
-                    is_small_order_encoding(c),
-                    decompresses_to_small_order(c),
-                    "{}",
-                    hex::encode(c)
-                );
-            } else {
-                assert!(!is_small_order_encoding(c));
-            }
-        }
-    }
-
-    fn signed_batch(n: usize) -> (SigningKeyForTests, Vec<Vec<u8>>, Vec<Signature>) {
-        use ed25519_dalek::Signer;
-        let key = ed25519_dalek::SigningKey::from_bytes(&[11; 32]);
-        let messages: Vec<Vec<u8>> = (0..n)
-            .map(|i| format!("entry {i} {}", "x".repeat(i % 300)).into_bytes())
-            .collect();
-        let signatures = messages.iter().map(|m| key.sign(m)).collect();
-        (key, messages, signatures)
-    }
-
-    type SigningKeyForTests = ed25519_dalek::SigningKey;
-
-    /// Both batch verifiers' answers, which must agree.
-    fn both(messages: &[Vec<u8>], signatures: &[Signature], key: &VerifyingKey) -> bool {
-        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
-        let keys = vec![*key; signatures.len()];
-        let ours = verify_batch_one_key(&refs, signatures, key);
-        let dalek = ed25519_dalek::verify_batch(&refs, signatures, &keys).is_ok();
-        assert_eq!(ours, dalek);
-        ours
-    }
-
-    #[test]
-    fn one_key_batch_accepts_valid_batches_of_every_size() {
-        for n in [1, 2, 3, 4, 5, 17, 63, 64] {
-            let (key, messages, signatures) = signed_batch(n);
-            assert!(
-                both(&messages, &signatures, &key.verifying_key()),
-                "n = {n}"
-            );
-        }
-    }
-
-    #[test]
-    fn one_key_batch_refuses_any_bad_signature() {
-        let (key, messages, signatures) = signed_batch(64);
-        let vk = key.verifying_key();
-        let other = ed25519_dalek::SigningKey::from_bytes(&[12; 32]).verifying_key();
-        assert!(!both(&messages, &signatures, &other));
-        for i in [0, 1, 31, 62, 63] {
-            // Message changed.
-            let mut m = messages.clone();
-            m[i].push(b'!');
-            assert!(!both(&m, &signatures, &vk));
-            // A bit of R, of s (low bits, so s stays canonical), of the high bit of s.
-            for (byte, bit) in [(0, 0), (17, 3), (32, 0), (40, 5), (63, 4)] {
-                let mut sigs = signatures.clone();
-                let mut raw = sigs[i].to_bytes();
-                raw[byte] ^= 1 << bit;
-                sigs[i] = Signature::from_bytes(&raw);
-                assert!(
-                    !both(&messages, &sigs, &vk),
-                    "sig {i} byte {byte} bit {bit}"
-                );
-            }
-            // s replaced by s + l: the same residue, not canonical.
-            let mut sigs = signatures.clone();
-            let mut raw = sigs[i].to_bytes();
-            let l = Scalar::ZERO - Scalar::ONE;
-            let mut carry = 1u16;
-            let mut s_plus_l = [0u8; 32];
-            for j in 0..32 {
-                let sum = u16::from(raw[32 + j]) + u16::from(l.as_bytes()[j]) + carry;
-                s_plus_l[j] = sum as u8;
-                carry = sum >> 8;
-            }
-            raw[32..].copy_from_slice(&s_plus_l);
-            sigs[i] = Signature::from_bytes(&raw);
-            assert!(!both(&messages, &sigs, &vk));
-            // Two signatures swapped.
-            let mut sigs = signatures.clone();
-            sigs.swap(i, (i + 1) % 64);
-            assert!(!both(&messages, &sigs, &vk));
-        }
-    }
 }
