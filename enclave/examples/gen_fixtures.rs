@@ -74,7 +74,13 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let nonce = Sha256::digest(b"attestplane fixture nonce").to_vec();
     let user_data = b"attestplane fixture user data".to_vec();
-    let public_key = Sha256::digest(b"attestplane fixture public key").to_vec();
+    // A real Ed25519 key (of prime order, as the signature rules require of an epoch key), from
+    // a seed derived the way the other values are.
+    let key_seed: [u8; 32] = Sha256::digest(b"attestplane fixture public key").into();
+    let public_key = ed25519_dalek::SigningKey::from_bytes(&key_seed)
+        .verifying_key()
+        .to_bytes()
+        .to_vec();
 
     let prod = builder().build();
     let indefinite = builder().map_encoding(MapEncoding::Indefinite).build();

@@ -366,7 +366,7 @@ mod tests {
     /// The fixtures' clock plus one second.
     const AT: UnixMillis = UnixMillis::from_millis(1_751_328_001_123);
     const NONCE: &str = "7479700772a78a88992e10d246c5a6b3586320224161745e54d28468a1e55222";
-    const KEY: &str = "572d58d9d59f58b2242ae679a17e2ceb19a1cb310f03cb4fc93b43c43ab98bd5";
+    const KEY: &str = "c819af6a4f7b27c1145b3cdb8618855cd49bb6a763b0b742bbd8d5f67c1dd8ca";
     const PCR0: &str = "9b8eb59648ccf149137f8041fd0024fa02d35dd33a80e5053535cf272753c17dcbed7673b8a9b7bc0aad2760e3ab4e87";
 
     fn trust() -> ControlPlaneTrust {
