@@ -687,7 +687,10 @@ async fn host_that_never_reads_is_cut_off_at_the_reply_limit_and_others_are_serv
                 request: ByteBuf::from(request),
             },
         );
-        a_write.write_all(&encode_frame(&frame).unwrap()).await.unwrap();
+        a_write
+            .write_all(&encode_frame(&frame).unwrap())
+            .await
+            .unwrap();
         loop {
             id += 1;
             match b.call(id, Request::Status).await {
@@ -718,17 +721,28 @@ async fn host_that_never_reads_is_cut_off_at_the_reply_limit_and_others_are_serv
         let now = sent.load(Ordering::Relaxed);
         still = if now == last && now > 0 { still + 1 } else { 0 };
         last = now;
-        assert!(!flood.is_finished(), "the flood stopped: A was closed too early");
+        assert!(
+            !flood.is_finished(),
+            "the flood stopped: A was closed too early"
+        );
     }
     assert!(b.hello(id + 1).await, "B is served while A is stuck");
 
     // B reports everything durable: the AdminResults held for A are released at once.
     assert_eq!(
-        b.call(id + 2, Request::Durable { through_seq: ADMIN + 1 })
-            .await,
+        b.call(
+            id + 2,
+            Request::Durable {
+                through_seq: ADMIN + 1
+            }
+        )
+        .await,
         Response::Ack
     );
-    assert!(b.hello(id + 3).await, "B is served after A's replies overflowed");
+    assert!(
+        b.hello(id + 3).await,
+        "B is served after A's replies overflowed"
+    );
 
     // A is closed: reading it yields what its socket buffered, then the end.
     let mut decoder = FrameDecoder::new();
