@@ -33,8 +33,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use attestplane_proto::{
@@ -44,7 +47,7 @@ use attestplane_proto::{
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Commit, Store, StoreError};
 
 /// Persistent connections to the enclave by default.
 pub const DEFAULT_CONNECTIONS: usize = 4;
@@ -168,6 +171,8 @@ struct Shared {
     /// Serialises the decision to replay: one connection replays, the others wait.
     control: tokio::sync::Mutex<()>,
     sequencer: Mutex<Sequencer>,
+    /// Group commits in submission order, for the one task that reports them durable.
+    commits: mpsc::UnboundedSender<Commit>,
     /// One more than the highest seq reported durable to the current enclave (0: none).
     reported: AtomicU64,
     metrics: ClientMetrics,
@@ -218,6 +223,7 @@ impl EnclaveClient {
         let connections = options.connections.max(1);
         let (phase, _) = watch::channel(Phase::Connecting);
         let next = store.next_seq();
+        let (commits, committed) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             address,
             store,
@@ -232,9 +238,11 @@ impl EnclaveClient {
                 next,
                 parked: BTreeMap::new(),
             }),
+            commits,
             reported: AtomicU64::new(0),
             metrics: ClientMetrics::default(),
         });
+        tokio::spawn(Arc::clone(&shared).report_commits(committed));
         for slot in 0..connections {
             tokio::spawn(Arc::clone(&shared).keep_connected(slot));
         }
@@ -745,17 +753,47 @@ impl Shared {
             seq.next = first.saturating_add(n);
             let next = seq.next;
             batch = seq.parked.remove(&next).map(|e| (next, e));
-            let this = Arc::clone(self);
-            tokio::spawn(async move {
-                match commit.await {
-                    Ok(last) => this.report_durable(last).await,
-                    Err(e) => {
-                        this.fail_store(&e);
-                    }
-                }
-            });
+            // Sent under the sequencer's lock: the reporter sees commits in seq order.
+            let _ = self.commits.send(commit);
         }
         Ok(())
+    }
+
+    /// The one task that waits for group commits (in submission order) and reports them with
+    /// `Durable`: one report for all the commits one `fdatasync` completed, not a task and a
+    /// report per `Persist`.
+    async fn report_commits(self: Arc<Self>, mut commits: mpsc::UnboundedReceiver<Commit>) {
+        let mut next: Option<Commit> = None;
+        loop {
+            let commit = match next.take() {
+                Some(commit) => commit,
+                None => match commits.recv().await {
+                    Some(commit) => commit,
+                    None => return,
+                },
+            };
+            let mut last = match commit.await {
+                Ok(last) => last,
+                Err(e) => {
+                    self.fail_store(&e);
+                    continue;
+                }
+            };
+            while let Ok(mut commit) = commits.try_recv() {
+                match poll_now(&mut commit) {
+                    Some(Ok(l)) => last = last.max(l),
+                    Some(Err(e)) => {
+                        self.fail_store(&e);
+                        break;
+                    }
+                    None => {
+                        next = Some(commit);
+                        break;
+                    }
+                }
+            }
+            self.report_durable(last).await;
+        }
     }
 
     async fn report_durable(&self, last: u64) {
@@ -778,6 +816,15 @@ impl Shared {
         {
             lock(&self.waiters).remove(&id);
         }
+    }
+}
+
+/// The result of `commit` if it is already complete (never waits).
+fn poll_now(commit: &mut Commit) -> Option<Result<u64, StoreError>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(commit).poll(&mut cx) {
+        Poll::Ready(result) => Some(result),
+        Poll::Pending => None,
     }
 }
 

@@ -29,7 +29,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use attestplane_proto::{Request, Response};
@@ -180,12 +180,9 @@ async fn admission(
     request: axum::extract::Request,
     next: Next,
 ) -> HttpResponse {
-    let route = matched
-        .as_ref()
-        .map_or("unmatched", |m| m.as_str())
-        .to_owned();
+    let route = matched.as_ref().map_or("unmatched", |m| m.as_str());
     let started = Instant::now();
-    let operational = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
+    let operational = matches!(route, "/healthz" | "/readyz" | "/metrics");
     let response = if operational {
         next.run(request).await
     } else {
@@ -197,7 +194,7 @@ async fn admission(
     state
         .inner
         .metrics
-        .observe(&route, response.status().as_u16(), started.elapsed());
+        .observe(route, response.status().as_u16(), started.elapsed());
     response
 }
 
@@ -244,7 +241,9 @@ const BUCKETS: [f64; 12] = [
 
 #[derive(Debug, Default)]
 struct Metrics {
-    by_route: Mutex<HashMap<(String, u16), u64>>,
+    /// Requests by route and status. A request only reads the map and bumps its counter; the
+    /// key is allocated once, the first time a (route, status) pair is seen.
+    by_route: RwLock<HashMap<String, HashMap<u16, AtomicU64>>>,
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
@@ -252,9 +251,20 @@ struct Metrics {
 
 impl Metrics {
     fn observe(&self, route: &str, status: u16, elapsed: Duration) {
-        {
-            let mut m = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
-            *m.entry((route.to_owned(), status)).or_insert(0) += 1;
+        let counted = {
+            let m = self.by_route.read().unwrap_or_else(|p| p.into_inner());
+            m.get(route)
+                .and_then(|by_status| by_status.get(&status))
+                .map(|n| n.fetch_add(1, Ordering::Relaxed))
+                .is_some()
+        };
+        if !counted {
+            let mut m = self.by_route.write().unwrap_or_else(|p| p.into_inner());
+            m.entry(route.to_owned())
+                .or_default()
+                .entry(status)
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
         }
         let secs = elapsed.as_secs_f64();
         for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
@@ -273,10 +283,17 @@ async fn metrics(State(state): State<AppState>) -> HttpResponse {
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE attestplane_http_requests_total counter");
     {
-        let by_route = m.by_route.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rows: Vec<_> = by_route.iter().collect();
-        rows.sort();
-        for ((route, status), n) in rows {
+        let by_route = m.by_route.read().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<(&str, u16, u64)> = by_route
+            .iter()
+            .flat_map(|(route, by_status)| {
+                by_status
+                    .iter()
+                    .map(|(status, n)| (route.as_str(), *status, n.load(Ordering::Relaxed)))
+            })
+            .collect();
+        rows.sort_unstable();
+        for (route, status, n) in rows {
             let _ = writeln!(
                 out,
                 "attestplane_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
