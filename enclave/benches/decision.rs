@@ -64,12 +64,10 @@ use attestplane_verifier::admin::{
 };
 use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
 use attestplane_verifier::entry::{DecisionRecord, EntryHash, Event, PrincipalRecord, SignedEntry};
-use attestplane_verifier::handle::Jwks;
+use attestplane_verifier::handle::{IdentityClaims, Jwks};
 use attestplane_verifier::log::{LogPolicy, LogVerifier};
 use attestplane_verifier::policy::{Action, DecisionRequest, PolicyEngine, Principal, ServerFacts};
 use attestplane_verifier::state::State;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use criterion::{Criterion, criterion_group, criterion_main};
 use ed25519_dalek::{Signer as _, SigningKey};
 use sha2::{Digest as _, Sha256};
@@ -350,26 +348,18 @@ impl Idp {
 
     /// A token for `agent`, valid a day from `now`.
     fn token(&self, agent: &Agent, now: UnixMillis) -> String {
-        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": self.kid});
-        let claims = serde_json::json!({
-            "iss": IDP_ISSUER,
-            "aud": AUDIENCE,
-            "sub": agent.id,
-            "user": agent.user,
-            "tenant": tenant(agent.tenant),
-            "roles": agent.roles,
-            "iat": now.as_secs(),
-            "exp": now.as_secs() + 86_400,
-        });
-        let json =
-            |v: &serde_json::Value| serde_json::to_vec(v).unwrap_or_else(|e| panic!("json: {e}"));
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(json(&header)),
-            URL_SAFE_NO_PAD.encode(json(&claims))
-        );
-        let signature = self.key.sign(input.as_bytes());
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+        IdentityClaims {
+            iss: IDP_ISSUER.into(),
+            aud: AUDIENCE.into(),
+            sub: agent.id.clone(),
+            user: Some(agent.user.clone()),
+            tenant: tenant(agent.tenant),
+            roles: agent.roles.iter().map(|r| r.to_string()).collect(),
+            iat: now.as_secs(),
+            exp: now.as_secs() + 86_400,
+        }
+        .encode(&self.kid, &self.key)
+        .unwrap_or_else(|e| panic!("token: {e}"))
     }
 }
 

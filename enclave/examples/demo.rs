@@ -22,10 +22,8 @@ use attestplane_verifier::admin::{
     AdminAction, AdminRequest, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
 };
 use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
-use attestplane_verifier::handle::Jwks;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ed25519_dalek::{Signer as _, SigningKey};
+use attestplane_verifier::handle::{IdentityClaims, Jwks};
+use ed25519_dalek::SigningKey;
 use sha2::{Digest as _, Sha256, Sha384};
 
 const ORIGIN: &str = "attestplane.demo/log";
@@ -203,23 +201,17 @@ fn main() -> Result<()> {
         4,
         "agent: resolve `weather` before it is attested (must be denied)",
     );
-    let token = {
-        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": "dev-idp"});
-        let claims = serde_json::json!({
-            "iss": "https://idp.attestplane.demo", "aud": "attestplane", "sub": "agent-7",
-            "user": "alice", "tenant": "acme", "roles": ["tool-user"],
-            "iat": now.as_secs(), "exp": now.as_secs() + 3600,
-        });
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?),
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims)?)
-        );
-        format!(
-            "{input}.{}",
-            URL_SAFE_NO_PAD.encode(idp.sign(input.as_bytes()).to_bytes())
-        )
-    };
+    let token = IdentityClaims {
+        iss: "https://idp.attestplane.demo".into(),
+        aud: "attestplane".into(),
+        sub: "agent-7".into(),
+        user: Some("alice".into()),
+        tenant: "acme".into(),
+        roles: vec!["tool-user".into()],
+        iat: now.as_secs(),
+        exp: now.as_secs() + 3600,
+    }
+    .encode("dev-idp", &idp)?;
     let resolve = Request::Resolve {
         bearer: token.clone(),
         server_id: "weather".into(),

@@ -43,7 +43,7 @@ const DEV_SEED: [u8; 32] = *b"attestplane-enclave dev seed 001";
 const GATEWAY_QUEUE: usize = 256;
 
 /// The largest `--mock-pcrs` file read.
-const MAX_PCR_FILE_LEN: u64 = 64 * 1024;
+const MAX_PCR_FILE_LEN: u64 = attestplane_verifier::attestation::MAX_PCRS_JSON_LEN as u64;
 
 /// PCRs a `--mock-pcrs` file may set: those the hypervisor measures and locks at boot.
 const MAX_MOCK_PCR_INDEX: u16 = 15;
@@ -304,26 +304,16 @@ fn read_pcr_file(path: &Path) -> Result<BTreeMap<u16, [u8; PCR_LEN]>> {
     parse_pcrs(&text).with_context(|| format!("bad PCR file {}", path.display()))
 }
 
+/// The verifier's one PCR-file reader, limited to the PCRs the mock NSM has.
 fn parse_pcrs(text: &str) -> Result<BTreeMap<u16, [u8; PCR_LEN]>> {
-    let map: BTreeMap<String, String> =
-        serde_json::from_str(text).context("expected a JSON object of hex strings")?;
+    let pcrs = attestplane_verifier::attestation::parse_pcrs_json(text.as_bytes())?;
     let mut out = BTreeMap::new();
-    for (key, value) in map {
-        let digits = key
-            .strip_prefix("PCR")
-            .or_else(|| key.strip_prefix("pcr"))
-            .unwrap_or(&key);
-        let index: u16 = digits
-            .parse()
-            .ok()
-            .filter(|i| *i <= MAX_MOCK_PCR_INDEX && digits.bytes().all(|b| b.is_ascii_digit()))
-            .with_context(|| format!("key {key:?} is not PCR0 … PCR{MAX_MOCK_PCR_INDEX}"))?;
-        let bytes = hex::decode(value.trim()).with_context(|| format!("{key} is not hex"))?;
-        let value = <[u8; PCR_LEN]>::try_from(bytes.as_slice())
-            .map_err(|_| anyhow::anyhow!("{key} must be {PCR_LEN} bytes, found {}", bytes.len()))?;
-        if out.insert(index, value).is_some() {
-            bail!("PCR{index} is given twice");
+    for (index, value) in pcrs {
+        let index = u16::from(index.get());
+        if index > MAX_MOCK_PCR_INDEX {
+            bail!("PCR{index} is not PCR0 … PCR{MAX_MOCK_PCR_INDEX}");
         }
+        out.insert(index, *value.as_bytes());
     }
     Ok(out)
 }

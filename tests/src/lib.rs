@@ -331,16 +331,11 @@ pub fn run(mut command: Command) -> Ran {
 
 /// Splits an exported log (an RFC 8742 CBOR sequence of entries) into its entries' bytes.
 pub fn split_log(bytes: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let len = attestplane_verifier::cbor::item_len(rest)
-            .unwrap_or_else(|e| panic!("entry {} of the log is not CBOR: {e}", out.len()));
-        let (item, tail) = rest.split_at(len);
-        out.push(item.to_vec());
-        rest = tail;
-    }
-    out
+    attestplane_verifier::cbor::split_sequence(bytes)
+        .unwrap_or_else(|e| panic!("the log is not a CBOR sequence: {e}"))
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .collect()
 }
 
 /// A fresh temporary directory, removed on drop (kept when `ATTESTPLANE_KEEP_TEST_DIRS` is set,

@@ -10,9 +10,10 @@ use std::time::{Duration, SystemTime};
 use attestplane_tests::{DEV_AUDIENCE, DEV_ISSUER, DevStack, log_head};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{AdminAction, AdminRequest};
+use attestplane_verifier::handle::IdentityClaims;
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use ed25519_dalek::{Signer as _, SigningKey};
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::SigningKey;
 use serde_json::{Value, json};
 
 /// What a request must get.
@@ -107,17 +108,18 @@ fn now_secs() -> u64 {
 
 /// An EdDSA agent JWT with the claims `token mint` writes.
 fn jwt(key: &SigningKey, issuer: &str, iat: u64, exp: u64) -> String {
-    let enc = |v: Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(&v).unwrap());
-    let input = format!(
-        "{}.{}",
-        enc(json!({ "alg": "EdDSA", "typ": "JWT", "kid": "dev" })),
-        enc(json!({
-            "iss": issuer, "aud": DEV_AUDIENCE, "sub": "agent-7", "user": "alice",
-            "tenant": "acme", "roles": ["tool-user"], "iat": iat, "exp": exp,
-        }))
-    );
-    let sig = key.sign(input.as_bytes());
-    format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    IdentityClaims {
+        iss: issuer.into(),
+        aud: DEV_AUDIENCE.into(),
+        sub: "agent-7".into(),
+        user: Some("alice".into()),
+        tenant: "acme".into(),
+        roles: vec!["tool-user".into()],
+        iat,
+        exp,
+    }
+    .encode("dev", key)
+    .unwrap()
 }
 
 fn read_key(path: &std::path::Path) -> SigningKey {

@@ -275,6 +275,43 @@ pub fn item_len(bytes: &[u8]) -> Result<usize, CborError> {
     skip_item(bytes, 0, 0)
 }
 
+/// Why bytes are not an RFC 8742 CBOR sequence: which item, where it starts, and what is
+/// wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("item {index} at byte {offset}: {source}")]
+pub struct SequenceError {
+    /// The item's position in the sequence, from 0.
+    pub index: usize,
+    /// Its first byte's offset in the input.
+    pub offset: usize,
+    /// What is wrong with it (a truncated last item included).
+    #[source]
+    pub source: CborError,
+}
+
+/// Splits an RFC 8742 CBOR sequence (an exported log) into its top-level items, in order,
+/// without decoding them. The one splitter of the project: the auditor's CLI, the operator's
+/// CLI and the tests use it.
+pub fn split_sequence(bytes: &[u8]) -> Result<Vec<&[u8]>, SequenceError> {
+    let mut items = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let offset = bytes.len() - rest.len();
+        let error = |source| SequenceError {
+            index: items.len(),
+            offset,
+            source,
+        };
+        let len = item_len(rest).map_err(error)?;
+        let (item, tail) = rest
+            .split_at_checked(len)
+            .ok_or_else(|| error(truncated()))?;
+        items.push(item);
+        rest = tail;
+    }
+    Ok(items)
+}
+
 fn truncated() -> CborError {
     CborError::Malformed {
         reason: "truncated item".into(),
@@ -627,6 +664,21 @@ mod tests {
         assert_eq!(item_len(&seq[first + 3..]), Ok(1));
         assert!(item_len(&seq[..first - 1]).is_err());
         assert!(item_len(&[0x5b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn split_sequence_names_the_bad_item_and_its_offset() {
+        let one = encode(&uint(1)).unwrap();
+        let array = encode(&Value::Array(vec![uint(2), Value::Bytes(vec![0; 30])])).unwrap();
+        let seq = [one.clone(), array.clone(), one.clone()].concat();
+        assert_eq!(
+            split_sequence(&seq),
+            Ok(vec![one.as_slice(), array.as_slice(), one.as_slice()])
+        );
+        assert_eq!(split_sequence(&[]), Ok(Vec::new()));
+        let truncated = &seq[..one.len() + array.len() - 1];
+        let err = split_sequence(truncated).unwrap_err();
+        assert_eq!((err.index, err.offset), (1, one.len()));
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub enum Error {
     /// An attestation document failed to parse or verify.
     #[error("attestation: {0}")]
     Attestation(#[from] crate::attestation::AttestationError),
+    /// A file of expected PCR values was refused.
+    #[error("pcrs: {0}")]
+    Pcrs(#[from] crate::attestation::PcrsJsonError),
     /// An admin request failed to decode or verify.
     #[error("admin: {0}")]
     Admin(#[from] crate::admin::AdminError),

@@ -284,13 +284,16 @@ struct HeaderOut<'a> {
     kid: &'a str,
 }
 
-/// Encodes and signs a handle: `base64url(header).base64url(claims).base64url(signature)`.
-pub fn encode_handle<S>(claims: &HandleClaims, kid: &str, signer: &S) -> Result<String, HandleError>
+/// The one JWT encoder of the project: `claims` (any JSON object, in its serialisation order)
+/// signed with EdDSA under `kid`, as `base64url(header).base64url(claims).base64url(signature)`
+/// with the header `{"alg":"EdDSA","typ":"JWT","kid":…}`. Handles ([`encode_handle`]) and
+/// agent identity tokens ([`IdentityClaims::encode`]) are made with it.
+pub fn encode_jws<C, S>(claims: &C, kid: &str, signer: &S) -> Result<String, HandleError>
 where
+    C: Serialize + ?Sized,
     S: Signer<Signature>,
 {
     check_kid(kid)?;
-    claims.check()?;
     let header = serde_json::to_vec(&HeaderOut {
         alg: ALGORITHM,
         typ: "JWT",
@@ -310,10 +313,58 @@ where
     let signature = signer
         .try_sign(signing_input.as_bytes())
         .map_err(|_| HandleError::Signing)?;
-    let token = format!(
+    Ok(format!(
         "{signing_input}.{}",
         URL_SAFE_NO_PAD.encode(signature.to_bytes())
-    );
+    ))
+}
+
+/// The claims of an agent's identity token, as an identity provider issues them and the
+/// enclave reads them: who the agent is (`sub`), whom it acts for (`user`, the agent itself
+/// when absent), its tenant and roles, for which audience, and when it was issued and expires
+/// (seconds since the epoch). The development identity provider (`attestplane token mint`),
+/// the tests and the benchmarks all mint tokens from this type; the enclave's reader
+/// (`attestplane_enclave::identity`) is the other side of the same format.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IdentityClaims {
+    /// Issuer: the identity provider.
+    pub iss: String,
+    /// Audience: the control plane (or one of its resources).
+    pub aud: String,
+    /// Subject: the agent.
+    pub sub: String,
+    /// The user the agent acts for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The agent's tenant.
+    pub tenant: String,
+    /// The agent's roles.
+    pub roles: Vec<String>,
+    /// Issued at.
+    pub iat: u64,
+    /// Expires at.
+    pub exp: u64,
+}
+
+impl IdentityClaims {
+    /// Encodes and signs the token with the identity provider's key.
+    pub fn encode<S: Signer<Signature>>(
+        &self,
+        kid: &str,
+        signer: &S,
+    ) -> Result<String, HandleError> {
+        encode_jws(self, kid, signer)
+    }
+}
+
+/// Encodes and signs a handle: `base64url(header).base64url(claims).base64url(signature)`.
+pub fn encode_handle<S>(claims: &HandleClaims, kid: &str, signer: &S) -> Result<String, HandleError>
+where
+    S: Signer<Signature>,
+{
+    check_kid(kid)?;
+    claims.check()?;
+    let token = encode_jws(claims, kid, signer)?;
     if token.len() > MAX_TOKEN_LEN {
         return Err(HandleError::TooLong {
             len: token.len(),

@@ -73,36 +73,11 @@ struct PcrArgs {
 
 impl PcrArgs {
     fn expected(&self) -> anyhow::Result<BTreeMap<PcrIndex, Pcr>> {
-        let mut out = BTreeMap::new();
-        if let Some(path) = &self.pcrs_file {
-            let text = read(path)?;
-            let value: serde_json::Value = serde_json::from_slice(&text)
-                .with_context(|| format!("{}: not JSON", path.display()))?;
-            // nitro-cli's describe-eif / build-enclave output nests the PCRs under
-            // "Measurements" next to a "HashAlgorithm" string; accept that shape too.
-            let object = value
-                .get("Measurements")
-                .unwrap_or(&value)
-                .as_object()
-                .ok_or_else(|| anyhow!("{}: not a JSON object of PCRs", path.display()))?;
-            for (k, v) in object {
-                // PCR keys are `PCRn`, `pcrn` or `n`; other keys ("HashAlgorithm", the
-                // metadata of `attestplane-verify eif --json`) are not measurements.
-                let idx = k.trim_start_matches("PCR").trim_start_matches("pcr");
-                if idx.is_empty() || !idx.bytes().all(|b| b.is_ascii_digit()) {
-                    continue;
-                }
-                let idx: PcrIndex = idx
-                    .parse()
-                    .map_err(|e| anyhow!("{}: bad PCR index {k:?}: {e}", path.display()))?;
-                let hex = v
-                    .as_str()
-                    .ok_or_else(|| anyhow!("{}: PCR{idx} is not a hex string", path.display()))?;
-                let pcr = Pcr::from_hex(hex)
-                    .map_err(|e| anyhow!("{}: bad PCR{idx} value: {e}", path.display()))?;
-                out.insert(idx, pcr);
-            }
-        }
+        let mut out = match &self.pcrs_file {
+            Some(path) => attestplane_verifier::attestation::parse_pcrs_json(&read(path)?)
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?,
+            None => BTreeMap::new(),
+        };
         for (i, p) in &self.pcr {
             out.insert(*i, *p);
         }
@@ -376,27 +351,6 @@ fn attestation(a: AttestationArgs) -> anyhow::Result<Verdict> {
     }
 }
 
-/// Splits an RFC 8742 CBOR sequence into its top-level items without interpreting them.
-fn split_cbor_sequence(bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
-    let mut items = Vec::new();
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let len = attestplane_verifier::cbor::item_len(rest).map_err(|e| {
-            anyhow!(
-                "the file is not a CBOR sequence: item {} at byte {}: {e}",
-                items.len(),
-                bytes.len() - rest.len()
-            )
-        })?;
-        let (item, tail) = rest
-            .split_at_checked(len)
-            .ok_or_else(|| anyhow!("truncated item"))?;
-        items.push(item.to_vec());
-        rest = tail;
-    }
-    Ok(items)
-}
-
 fn log(a: LogArgs) -> anyhow::Result<Verdict> {
     let bytes = read(&a.file)?;
     let pcrs = a.pcrs.expected()?;
@@ -423,7 +377,9 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
         Some(p) => TrustAnchor::from_pem(&read(p)?)
             .map_err(|e| anyhow!("{}: not a usable root certificate: {e}", p.display()))?,
     };
-    let entries = split_cbor_sequence(&bytes);
+    let entries = attestplane_verifier::cbor::split_sequence(&bytes)
+        .map(|items| items.into_iter().map(<[u8]>::to_vec).collect::<Vec<_>>())
+        .map_err(|e| anyhow!("the file is not a CBOR sequence: {e}"));
     let result = entries.map(|entries| -> Result<ReplayedLog, ReplayError> {
         // Verification and replay in one loop: every verified entry is folded into the
         // state, which re-checks every admin change, server attestation and policy decision

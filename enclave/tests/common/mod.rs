@@ -20,11 +20,9 @@ use attestplane_verifier::admin::{
 };
 use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
 use attestplane_verifier::entry::{Entry, Event, SignedEntry};
-use attestplane_verifier::handle::Jwks;
+use attestplane_verifier::handle::{IdentityClaims, Jwks, encode_jws};
 use attestplane_verifier::log::LogPolicy;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ed25519_dalek::{Signer as _, SigningKey};
+use ed25519_dalek::SigningKey;
 use sha2::{Digest as _, Sha256, Sha384};
 
 /// 2026-11-22T00:00:00Z.
@@ -181,17 +179,7 @@ impl Idp {
 
     /// Signs arbitrary claims as an EdDSA JWT under its key.
     pub fn sign_claims(&self, claims: &serde_json::Value) -> String {
-        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": self.kid});
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap()),
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap())
-        );
-        let signature = self.key.sign(signing_input.as_bytes());
-        format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(signature.to_bytes())
-        )
+        encode_jws(claims, &self.kid, &self.key).unwrap()
     }
 
     /// The claims of a token for `agent` of `tenant` with `roles`, issued at `now`, valid an
@@ -203,15 +191,17 @@ impl Idp {
         roles: &[&str],
         now: UnixMillis,
     ) -> serde_json::Value {
-        serde_json::json!({
-            "iss": self.issuer,
-            "aud": self.audience,
-            "sub": agent,
-            "tenant": tenant,
-            "roles": roles,
-            "iat": now.as_secs(),
-            "exp": now.as_secs() + 3600,
+        serde_json::to_value(IdentityClaims {
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            sub: agent.into(),
+            user: None,
+            tenant: tenant.into(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            iat: now.as_secs(),
+            exp: now.as_secs() + 3600,
         })
+        .unwrap()
     }
 
     /// A token for `agent` of `tenant` with `roles`, issued at `now`, valid an hour.

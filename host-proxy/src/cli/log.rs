@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{AdminAction, SignedAdminRequest};
-use attestplane_verifier::cbor::item_len;
+use attestplane_verifier::cbor::split_sequence;
 use attestplane_verifier::entry::{Entry, Event, KeyId, SignedEntry};
 use attestplane_verifier::log::claimed_size;
 use clap::Subcommand;
@@ -81,23 +81,6 @@ pub async fn run(command: LogCommand, context: &ClientContext) -> CliResult {
 async fn head(api: &Api) -> CliResult<u64> {
     let head: Head = api.get_json(&["v1", "log", "head"], &[], None).await?;
     Ok(head.size)
-}
-
-/// Splits a CBOR sequence into its items.
-pub fn split_sequence(bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let mut items = Vec::new();
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let offset = bytes.len() - rest.len();
-        let len = item_len(rest)
-            .map_err(|e| format!("item {} at byte {offset} is not CBOR: {e}", items.len()))?;
-        let (item, tail) = rest
-            .split_at_checked(len)
-            .ok_or_else(|| format!("item {} at byte {offset} is truncated", items.len()))?;
-        items.push(item);
-        rest = tail;
-    }
-    Ok(items)
 }
 
 /// Entries `start..end` as stored; refuses a page that does not hold exactly them.

@@ -7,12 +7,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use attestplane_verifier::attestation::{Pcr, PcrIndex};
+use attestplane_verifier::attestation::{MAX_PCRS_JSON_LEN, Pcr, PcrIndex, parse_pcrs_json};
 
 use super::{CliError, CliResult, read_file};
 
 /// The largest PCR file read.
-pub const MAX_PCRS_FILE_LEN: u64 = 64 * 1024;
+pub const MAX_PCRS_FILE_LEN: u64 = MAX_PCRS_JSON_LEN as u64;
 
 /// Parses `N=HEX` (a clap value parser).
 pub fn parse_pcr_flag(s: &str) -> Result<(PcrIndex, Pcr), String> {
@@ -27,42 +27,7 @@ pub fn parse_pcr_flag(s: &str) -> Result<(PcrIndex, Pcr), String> {
     Ok((i, p))
 }
 
-/// Parses a JSON document of PCRs.
-pub fn parse_pcrs_json(bytes: &[u8]) -> Result<BTreeMap<PcrIndex, Pcr>, String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-    let object = value
-        .get("Measurements")
-        .unwrap_or(&value)
-        .as_object()
-        .ok_or("not a JSON object of PCRs")?;
-    let mut out = BTreeMap::new();
-    for (k, v) in object {
-        let idx = k
-            .strip_prefix("PCR")
-            .or_else(|| k.strip_prefix("pcr"))
-            .unwrap_or(k);
-        if idx.is_empty() || !idx.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let idx: PcrIndex = idx
-            .parse()
-            .map_err(|e| format!("bad PCR index {k:?}: {e}"))?;
-        let hex = v
-            .as_str()
-            .ok_or_else(|| format!("PCR{idx} is not a hex string"))?;
-        let pcr = Pcr::from_hex(hex).map_err(|e| format!("bad PCR{idx} value: {e}"))?;
-        if out.insert(idx, pcr).is_some() {
-            return Err(format!("PCR{idx} is given twice"));
-        }
-    }
-    if out.is_empty() {
-        return Err("no PCR values (want {\"PCR0\": \"hex\", ...})".into());
-    }
-    Ok(out)
-}
-
-/// Reads a PCR file.
+/// Reads a PCR file (the verifier's [`parse_pcrs_json`] says which shapes).
 pub fn read_pcrs_file(path: &Path) -> CliResult<BTreeMap<PcrIndex, Pcr>> {
     let bytes = read_file(path, MAX_PCRS_FILE_LEN)?;
     parse_pcrs_json(&bytes).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
@@ -109,46 +74,6 @@ mod tests {
             "0=".to_string(),                 // empty
         ] {
             assert!(parse_pcr_flag(&bad).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
-    fn pcrs_json_reads_the_shapes_verify_reads() {
-        let a = parse_pcrs_json(
-            format!(
-                r#"{{"PCR0":"{}","PCR1":"{}","HashAlgorithm":"Sha384 {{ ... }}"}}"#,
-                hex48(1),
-                hex48(2)
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        assert_eq!(a.len(), 2);
-        let b = parse_pcrs_json(
-            format!(
-                r#"{{"Measurements":{{"PCR0":"{}","2":"{}"}}}}"#,
-                hex48(1),
-                hex48(3)
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        assert_eq!(b.keys().map(|i| i.get()).collect::<Vec<_>>(), [0, 2]);
-    }
-
-    #[test]
-    fn pcrs_json_refuses_bad_input() {
-        for bad in [
-            "[]".to_string(),
-            "{}".to_string(),
-            r#"{"HashAlgorithm":"x"}"#.to_string(),
-            format!(r#"{{"PCR0":"{}"}}"#, &hex48(1)[..10]),
-            r#"{"PCR0": 5}"#.to_string(),
-            format!(r#"{{"PCR99":"{}"}}"#, hex48(1)),
-            format!(r#"{{"PCR0":"{}","0":"{}"}}"#, hex48(1), hex48(2)),
-            "not json".to_string(),
-        ] {
-            assert!(parse_pcrs_json(bad.as_bytes()).is_err(), "{bad} accepted");
         }
     }
 

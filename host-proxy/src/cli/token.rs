@@ -10,10 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use attestplane_verifier::UnixMillis;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use attestplane_verifier::handle::IdentityClaims;
 use clap::Subcommand;
-use ed25519_dalek::{Signer as _, SigningKey};
+use ed25519_dalek::SigningKey;
 use serde_json::json;
 
 use super::admin::DEV_IDP_KID;
@@ -62,70 +61,31 @@ pub enum TokenCommand {
     },
 }
 
-/// The claims of a development agent token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentClaims {
-    /// `iss`.
-    pub issuer: String,
-    /// `aud`.
-    pub audience: String,
-    /// `sub`.
-    pub agent: String,
-    /// `user`.
-    pub user: String,
-    /// `tenant`.
-    pub tenant: String,
-    /// `roles`.
-    pub roles: Vec<String>,
-    /// `iat`.
-    pub issued_at: UnixMillis,
-    /// Lifetime from `iat` to `exp`.
-    pub ttl: Duration,
-}
-
-/// Encodes and signs an agent token.
-pub fn mint(claims: &AgentClaims, kid: &str, key: &SigningKey) -> CliResult<String> {
-    if claims.ttl.is_zero() || claims.ttl > MAX_TTL {
+/// Checks and signs an agent token: the lifetime (`exp - iat`) positive and at most
+/// [`MAX_TTL`], no empty claim, no empty kid.
+pub fn mint(claims: &IdentityClaims, kid: &str, key: &SigningKey) -> CliResult<String> {
+    let ttl = claims.exp.saturating_sub(claims.iat);
+    if ttl == 0 || ttl > MAX_TTL.as_secs() {
         return Err(CliError::Usage(format!(
             "the lifetime must be positive and at most {}",
             humantime::format_duration(MAX_TTL)
         )));
     }
     for (what, value) in [
-        ("issuer", &claims.issuer),
-        ("audience", &claims.audience),
-        ("agent", &claims.agent),
-        ("user", &claims.user),
+        ("issuer", claims.iss.as_str()),
+        ("audience", &claims.aud),
+        ("agent", &claims.sub),
+        ("user", claims.user.as_deref().unwrap_or("-")),
         ("tenant", &claims.tenant),
-        ("kid", &kid.to_owned()),
+        ("kid", kid),
     ] {
         if value.is_empty() {
             return Err(CliError::Usage(format!("the {what} is empty")));
         }
     }
-    let iat = claims.issued_at.as_secs();
-    let header = json!({ "alg": "EdDSA", "typ": "JWT", "kid": kid });
-    let body = json!({
-        "iss": claims.issuer,
-        "aud": claims.audience,
-        "sub": claims.agent,
-        "user": claims.user,
-        "tenant": claims.tenant,
-        "roles": claims.roles,
-        "iat": iat,
-        "exp": iat.saturating_add(claims.ttl.as_secs().max(1)),
-    });
-    let encode = |v: &serde_json::Value| {
-        serde_json::to_vec(v)
-            .map(|b| URL_SAFE_NO_PAD.encode(b))
-            .map_err(|e| CliError::Io(anyhow::anyhow!("cannot encode the token: {e}")))
-    };
-    let input = format!("{}.{}", encode(&header)?, encode(&body)?);
-    let signature = key.sign(input.as_bytes());
-    Ok(format!(
-        "{input}.{}",
-        URL_SAFE_NO_PAD.encode(signature.to_bytes())
-    ))
+    claims
+        .encode(kid, key)
+        .map_err(|e| CliError::Usage(format!("cannot encode the token: {e}")))
 }
 
 /// Runs a `token` command.
@@ -149,28 +109,27 @@ pub fn run(command: TokenCommand, context: &ClientContext) -> CliResult {
                 .into(),
         )
     })?;
-    let claims = AgentClaims {
-        issuer: issuer
+    let iat = now().as_secs();
+    let ttl: Duration = ttl.into();
+    let claims = IdentityClaims {
+        iss: issuer
             .or_else(|| context.idp_issuer.clone())
             .ok_or_else(|| CliError::Usage("give --issuer (or idp_issuer in the config)".into()))?,
-        audience: audience
+        aud: audience
             .or_else(|| context.idp_audience.clone())
             .ok_or_else(|| {
                 CliError::Usage("give --audience (or idp_audience in the config)".into())
             })?,
-        user: user.unwrap_or_else(|| sub.clone()),
-        agent: sub,
+        user: Some(user.unwrap_or_else(|| sub.clone())),
+        sub,
         tenant,
         roles,
-        issued_at: now(),
-        ttl: ttl.into(),
+        iat,
+        exp: iat.saturating_add(ttl.as_secs()),
     };
     let key = read_secret_key(&key_path)?;
     let token = mint(&claims, &kid, &key)?;
-    let expires = claims
-        .issued_at
-        .as_secs()
-        .saturating_add(claims.ttl.as_secs());
+    let expires = claims.exp;
     match out {
         Some(path) => {
             write_private(&path, format!("{token}\n").as_bytes())?;
@@ -179,7 +138,7 @@ pub fn run(command: TokenCommand, context: &ClientContext) -> CliResult {
             } else {
                 eprintln!(
                     "token for {} (tenant {}) written to {}, expires {}",
-                    claims.agent,
+                    claims.sub,
                     claims.tenant,
                     path.display(),
                     super::rfc3339(UnixMillis::from_secs(expires))
@@ -202,16 +161,16 @@ mod tests {
     use super::*;
     use crate::cli::keys::generate;
 
-    fn claims() -> AgentClaims {
-        AgentClaims {
-            issuer: "https://dev-idp.attestplane.local".into(),
-            audience: "attestplane".into(),
-            agent: "agent-7".into(),
-            user: "alice".into(),
+    fn claims() -> IdentityClaims {
+        IdentityClaims {
+            iss: "https://dev-idp.attestplane.local".into(),
+            aud: "attestplane".into(),
+            sub: "agent-7".into(),
+            user: Some("alice".into()),
             tenant: "acme".into(),
             roles: vec!["tool-user".into()],
-            issued_at: UnixMillis::from_millis(1_764_870_000_500),
-            ttl: Duration::from_secs(3600),
+            iat: 1_764_870_000,
+            exp: 1_764_873_600,
         }
     }
 
@@ -244,9 +203,14 @@ mod tests {
         c.tenant = String::new();
         assert!(mint(&c, "dev", &key).is_err());
         let mut c = claims();
-        c.ttl = Duration::ZERO;
+        c.user = Some(String::new());
         assert!(mint(&c, "dev", &key).is_err());
-        c.ttl = MAX_TTL + Duration::from_secs(1);
+        let mut c = claims();
+        c.exp = c.iat;
+        assert!(mint(&c, "dev", &key).is_err());
+        c.exp = c.iat - 1;
+        assert!(mint(&c, "dev", &key).is_err());
+        c.exp = c.iat + MAX_TTL.as_secs() + 1;
         assert!(mint(&c, "dev", &key).is_err());
         assert!(mint(&claims(), "", &key).is_err());
     }

@@ -14,10 +14,8 @@ use attestplane_verifier::admin::{
     AdminAction, AdminRequest, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
 };
 use attestplane_verifier::attestation::{Pcr, PcrIndex};
-use attestplane_verifier::handle::Jwks;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ed25519_dalek::{Signer as _, SigningKey};
+use attestplane_verifier::handle::{IdentityClaims, Jwks};
+use ed25519_dalek::SigningKey;
 use sha2::{Digest as _, Sha256, Sha384};
 
 /// The starter policy `attestplane dev` installs.
@@ -136,21 +134,17 @@ impl World {
     }
 
     fn token(&self, i: usize, now: UnixMillis) -> Result<String> {
-        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": IDP_KID});
-        let claims = serde_json::json!({
-            "iss": IDP_ISSUER, "aud": IDP_AUDIENCE, "sub": format!("agent-{i}"),
-            "user": format!("user-{i}"), "tenant": TENANT, "roles": ["tool-user"],
-            "iat": now.as_secs(), "exp": now.as_secs() + TOKEN_TTL_SECS,
-        });
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).context("JWT header")?),
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).context("JWT claims")?)
-        );
-        let signature = self.idp.sign(input.as_bytes());
-        Ok(format!(
-            "{input}.{}",
-            URL_SAFE_NO_PAD.encode(signature.to_bytes())
-        ))
+        IdentityClaims {
+            iss: IDP_ISSUER.into(),
+            aud: IDP_AUDIENCE.into(),
+            sub: format!("agent-{i}"),
+            user: Some(format!("user-{i}")),
+            tenant: TENANT.into(),
+            roles: vec!["tool-user".into()],
+            iat: now.as_secs(),
+            exp: now.as_secs() + TOKEN_TTL_SECS,
+        }
+        .encode(IDP_KID, &self.idp)
+        .context("JWT")
     }
 }

@@ -1,13 +1,16 @@
-//! Newtypes for PCR indexes and values.
+//! Newtypes for PCR indexes and values, and the one reader of PCR files.
 //!
 //! A [`PcrIndex`] is 0..=31 by construction and a [`Pcr`] is exactly 48 bytes (SHA-384), so code
 //! holding one never re-checks either. Both print and serialise as the operator types them: a
-//! decimal index and lower-case hex.
+//! decimal index and lower-case hex. [`parse_pcrs_json`] reads expected PCR values in every
+//! JSON shape the project writes or accepts (the CLIs, the mock enclave, `nitro-cli`).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Serialize, Serializer};
+use thiserror::Error;
 
 use super::AttestationError;
 
@@ -167,6 +170,104 @@ pub(crate) fn ser_hex_opt<S: Serializer>(b: &Option<Vec<u8>>, s: S) -> Result<S:
     }
 }
 
+/// The largest PCR file (JSON) accepted.
+pub const MAX_PCRS_JSON_LEN: usize = 64 * 1024;
+
+/// Why a JSON document of PCR values was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum PcrsJsonError {
+    /// More than [`MAX_PCRS_JSON_LEN`] bytes.
+    #[error("a PCR file is at most {max} bytes, this one is {len}")]
+    TooLong {
+        /// The document's length.
+        len: usize,
+        /// [`MAX_PCRS_JSON_LEN`].
+        max: usize,
+    },
+    /// Not JSON at all.
+    #[error("not JSON: {reason}")]
+    NotJson {
+        /// What the parser said.
+        reason: String,
+    },
+    /// JSON, but not an object (nor one under `Measurements`).
+    #[error("not a JSON object of PCRs")]
+    NotAnObject,
+    /// A key that names a PCR (`PCRn`, `pcrn`, `n`) with no index 0 to 31.
+    #[error("key {key:?} names no PCR index from 0 to 31")]
+    BadIndex {
+        /// The key (at most 32 characters of it).
+        key: String,
+    },
+    /// A PCR's value is not a string of 96 hex digits.
+    #[error("PCR{index} is not 48 bytes of hex")]
+    BadValue {
+        /// The PCR.
+        index: PcrIndex,
+    },
+    /// Two keys name the same PCR (e.g. `PCR0` and `0`).
+    #[error("PCR{index} is given twice")]
+    Duplicate {
+        /// The PCR.
+        index: PcrIndex,
+    },
+    /// No key names a PCR.
+    #[error("no PCR values (want {{\"PCR0\": \"hex\", ...}})")]
+    Empty,
+}
+
+/// Parses expected PCR values from JSON: `{"PCR0": "hex", ...}`, `{"0": "hex", ...}`, or
+/// `nitro-cli`'s `{"Measurements": {...}, "HashAlgorithm": ...}`.
+///
+/// A key names a PCR when it is `PCR` or `pcr` followed by anything, or all digits; such a key
+/// must name an index from 0 to 31 and carry 96 hex digits, and no PCR may be named twice.
+/// Other keys (metadata such as `HashAlgorithm`) are ignored. At least one PCR is required.
+pub fn parse_pcrs_json(bytes: &[u8]) -> Result<BTreeMap<PcrIndex, Pcr>, PcrsJsonError> {
+    if bytes.len() > MAX_PCRS_JSON_LEN {
+        return Err(PcrsJsonError::TooLong {
+            len: bytes.len(),
+            max: MAX_PCRS_JSON_LEN,
+        });
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| PcrsJsonError::NotJson {
+            reason: e.to_string(),
+        })?;
+    let object = value
+        .get("Measurements")
+        .unwrap_or(&value)
+        .as_object()
+        .ok_or(PcrsJsonError::NotAnObject)?;
+    let mut out = BTreeMap::new();
+    for (key, v) in object {
+        let digits = key.strip_prefix("PCR").or_else(|| key.strip_prefix("pcr"));
+        let names_a_pcr =
+            digits.is_some() || (!key.is_empty() && key.bytes().all(|b| b.is_ascii_digit()));
+        if !names_a_pcr {
+            continue;
+        }
+        let digits = digits.unwrap_or(key);
+        let index = Some(digits)
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<PcrIndex>().ok())
+            .ok_or_else(|| PcrsJsonError::BadIndex {
+                key: key.chars().take(32).collect(),
+            })?;
+        let pcr = v
+            .as_str()
+            .and_then(|h| Pcr::from_hex(h).ok())
+            .ok_or(PcrsJsonError::BadValue { index })?;
+        if out.insert(index, pcr).is_some() {
+            return Err(PcrsJsonError::Duplicate { index });
+        }
+    }
+    if out.is_empty() {
+        return Err(PcrsJsonError::Empty);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +299,56 @@ mod tests {
         assert!(Pcr::ZERO.is_zero());
         assert!(Pcr::from_hex(&h[2..]).is_err());
         assert!(Pcr::from_hex(&format!("{h}00")).is_err());
+    }
+
+    fn hex48(b: u8) -> String {
+        hex::encode([b; 48])
+    }
+
+    #[test]
+    fn pcrs_json_reads_every_shape_the_project_writes() {
+        let flat = format!(
+            r#"{{"PCR0":"{}","pcr1":"{}","2":"{}","HashAlgorithm":"Sha384 {{ ... }}"}}"#,
+            hex48(1),
+            hex48(2),
+            hex48(3)
+        );
+        let map = parse_pcrs_json(flat.as_bytes()).unwrap();
+        assert_eq!(map.keys().map(|i| i.get()).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(map.get(&PcrIndex::KERNEL), Some(&Pcr::new([2; 48])));
+        let nested = format!(
+            r#"{{"Measurements":{{"PCR0":"{}","8":"{}"}},"HashAlgorithm":"x"}}"#,
+            hex48(1),
+            hex48(9)
+        );
+        let map = parse_pcrs_json(nested.as_bytes()).unwrap();
+        assert_eq!(map.keys().map(|i| i.get()).collect::<Vec<_>>(), [0, 8]);
+    }
+
+    #[test]
+    fn pcrs_json_refuses_bad_keys_values_duplicates_and_empty_files() {
+        let a = hex48(0xaa);
+        let cases = [
+            (format!(r#"{{"PCR32": "{a}"}}"#), "BadIndex"),
+            (format!(r#"{{"PCRx": "{a}"}}"#), "BadIndex"),
+            (format!(r#"{{"PCR": "{a}"}}"#), "BadIndex"),
+            (format!(r#"{{"99999999999999999999": "{a}"}}"#), "BadIndex"),
+            (r#"{"PCR0": "aabb"}"#.to_owned(), "BadValue"),
+            (r#"{"PCR0": 7}"#.to_owned(), "BadValue"),
+            (format!(r#"{{"PCR0": "{}"}}"#, "zz".repeat(48)), "BadValue"),
+            (format!(r#"{{"PCR1": "{a}", "1": "{a}"}}"#), "Duplicate"),
+            (format!(r#"{{"+1": "{a}", "HashAlgorithm": "x"}}"#), "Empty"),
+            ("{}".to_owned(), "Empty"),
+            ("[]".to_owned(), "NotAnObject"),
+            ("{".to_owned(), "NotJson"),
+            (
+                format!(r#"{{"x": "{}"}}"#, " ".repeat(MAX_PCRS_JSON_LEN)),
+                "TooLong",
+            ),
+        ];
+        for (bad, want) in cases {
+            let err = parse_pcrs_json(bad.as_bytes()).unwrap_err();
+            assert!(format!("{err:?}").starts_with(want), "{bad:.40}: {err:?}");
+        }
     }
 }
