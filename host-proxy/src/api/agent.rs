@@ -5,20 +5,10 @@ use attestplane_proto::{ErrorCode, Request, Response, ServerInfo};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use serde::Serialize;
-use serde_json::{Value, json};
 
+use super::body::{Authorization, HandleIssued, ListedServer, ServerList};
 use super::error::{ApiError, ApiResult};
 use super::{AppState, path_id};
-
-#[derive(Serialize)]
-struct ServerView<'a> {
-    id: &'a str,
-    name: &'a str,
-    tenant: &'a str,
-    resource: &'a str,
-    attested: bool,
-}
 
 fn denied(seq: u64, code: ErrorCode, reason: &str) -> ApiError {
     ApiError::from_code(code, reason).logged(seq)
@@ -27,25 +17,15 @@ fn denied(seq: u64, code: ErrorCode, reason: &str) -> ApiError {
 pub(super) async fn discover(
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ServerList>> {
     let bearer = bearer(&headers)?;
     match state.call(Request::Discover { bearer }).await? {
         Response::Servers { servers, seq } => {
-            let views: Vec<ServerView<'_>> = servers.iter().map(view).collect();
-            Ok(Json(json!({"servers": views, "seq": seq})))
+            let servers = servers.into_iter().map(listed).collect();
+            Ok(Json(ServerList { servers, seq }))
         }
         Response::Denied { seq, reason, code } => Err(denied(seq, code, &reason)),
         other => Err(ApiError::unexpected(&other)),
-    }
-}
-
-fn view(s: &ServerInfo) -> ServerView<'_> {
-    ServerView {
-        id: &s.id,
-        name: &s.name,
-        tenant: &s.tenant,
-        resource: &s.resource,
-        attested: s.attested,
     }
 }
 
@@ -53,7 +33,7 @@ pub(super) async fn resolve(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<HandleIssued>> {
     let bearer = bearer(&headers)?;
     let server_id = path_id("server id", &id)?;
     match state.call(Request::Resolve { bearer, server_id }).await? {
@@ -61,9 +41,11 @@ pub(super) async fn resolve(
             token,
             seq,
             expires_at,
-        } => Ok(Json(
-            json!({"token": token, "seq": seq, "expires_at": expires_at}),
-        )),
+        } => Ok(Json(HandleIssued {
+            token,
+            seq,
+            expires_at,
+        })),
         Response::Denied { seq, reason, code } => Err(denied(seq, code, &reason)),
         other => Err(ApiError::unexpected(&other)),
     }
@@ -73,7 +55,7 @@ pub(super) async fn authorize(
     State(state): State<AppState>,
     Path((id, tool)): Path<(String, String)>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Authorization>> {
     let bearer = bearer(&headers)?;
     let server_id = path_id("server id", &id)?;
     let tool = path_id("tool name", &tool)?;
@@ -89,15 +71,23 @@ pub(super) async fn authorize(
             allowed,
             seq,
             reason,
-        } => {
-            let mut body = json!({"allowed": allowed, "seq": seq});
-            if let (Some(reason), Some(obj)) = (reason, body.as_object_mut()) {
-                obj.insert("reason".into(), reason.into());
-            }
-            Ok(Json(body))
-        }
+        } => Ok(Json(Authorization {
+            allowed,
+            seq,
+            reason,
+        })),
         Response::Denied { seq, reason, code } => Err(denied(seq, code, &reason)),
         other => Err(ApiError::unexpected(&other)),
+    }
+}
+
+fn listed(s: ServerInfo) -> ListedServer {
+    ListedServer {
+        id: s.id,
+        name: s.name,
+        tenant: s.tenant,
+        resource: s.resource,
+        attested: s.attested,
     }
 }
 

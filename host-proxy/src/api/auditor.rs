@@ -14,8 +14,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use base64::Engine as _;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
+use super::body::{ConsistencyProof, EnclaveAttestation, InclusionProof, LogHead};
 use super::error::{ApiError, ApiResult, blocking};
 use super::{AppState, MAX_ENTRIES_PER_RESPONSE, MAX_NONCE};
 use crate::store::StoreError;
@@ -44,7 +45,7 @@ async fn own_attestation_parts(
 pub(super) async fn own_attestation(
     State(state): State<AppState>,
     query: Result<Query<NonceQuery>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<EnclaveAttestation>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let nonce = match q.nonce {
         Some(h) => {
@@ -67,10 +68,10 @@ pub(super) async fn own_attestation(
             "the enclave's JWKS is not JSON",
         )
     })?;
-    Ok(Json(json!({
-        "document": base64::engine::general_purpose::STANDARD.encode(document),
-        "jwks": jwks,
-    })))
+    Ok(Json(EnclaveAttestation {
+        document: base64::engine::general_purpose::STANDARD.encode(document),
+        jwks,
+    }))
 }
 
 pub(super) async fn jwks(State(state): State<AppState>) -> ApiResult<HttpResponse> {
@@ -78,12 +79,12 @@ pub(super) async fn jwks(State(state): State<AppState>) -> ApiResult<HttpRespons
     Ok(([(header::CONTENT_TYPE, "application/json")], jwks).into_response())
 }
 
-pub(super) async fn log_head(State(state): State<AppState>) -> Json<Value> {
+pub(super) async fn log_head(State(state): State<AppState>) -> Json<LogHead> {
     let store = &state.inner.store;
-    Json(json!({
-        "size": store.len(),
-        "head": store.head_hash().map(|h| h.to_hex()),
-    }))
+    Json(LogHead {
+        size: store.len(),
+        head: store.head_hash().map(|h| h.to_hex()),
+    })
 }
 
 #[derive(Deserialize)]
@@ -177,7 +178,7 @@ pub(super) struct InclusionQuery {
 pub(super) async fn inclusion_proof(
     State(state): State<AppState>,
     query: Result<Query<InclusionQuery>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<InclusionProof>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let store = Arc::clone(&state.inner.store);
     if q.size == 0 || q.index >= q.size || q.size > store.len() {
@@ -194,13 +195,13 @@ pub(super) async fn inclusion_proof(
         ))
     })
     .await?;
-    Ok(Json(json!({
-        "index": q.index,
-        "size": q.size,
-        "leaf": leaf.to_hex(),
-        "root": root.to_hex(),
-        "proof": proof.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
-    })))
+    Ok(Json(InclusionProof {
+        index: q.index,
+        size: q.size,
+        leaf: leaf.to_hex(),
+        root: root.to_hex(),
+        proof: proof.iter().map(|h| h.to_hex()).collect(),
+    }))
 }
 
 #[derive(Deserialize)]
@@ -213,7 +214,7 @@ pub(super) struct ConsistencyQuery {
 pub(super) async fn consistency_proof(
     State(state): State<AppState>,
     query: Result<Query<ConsistencyQuery>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ConsistencyProof>> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let store = Arc::clone(&state.inner.store);
     if q.old > q.new || q.new > store.len() {
@@ -230,11 +231,11 @@ pub(super) async fn consistency_proof(
         ))
     })
     .await?;
-    Ok(Json(json!({
-        "old": q.old,
-        "new": q.new,
-        "old_root": old_root.to_hex(),
-        "new_root": new_root.to_hex(),
-        "proof": proof.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
-    })))
+    Ok(Json(ConsistencyProof {
+        old: q.old,
+        new: q.new,
+        old_root: old_root.to_hex(),
+        new_root: new_root.to_hex(),
+        proof: proof.iter().map(|h| h.to_hex()).collect(),
+    }))
 }

@@ -7,7 +7,8 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
-use serde_json::json;
+
+use super::body::{ErrorBody, ErrorDetail};
 
 use crate::enclave_client::ClientError;
 use crate::store::StoreError;
@@ -134,11 +135,14 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> HttpResponse {
-        let mut error = json!({"code": self.code, "message": self.message});
-        if let (Some(seq), Some(obj)) = (self.seq, error.as_object_mut()) {
-            obj.insert("seq".into(), seq.into());
-        }
-        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+                seq: self.seq,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()

@@ -22,7 +22,8 @@
 //! - `agent`: discover, resolve and authorize, behind a bearer JWT the enclave checks;
 //! - `auditor`: the enclave's attestation and JWKS, and the stored log (entries, checkpoints,
 //!   proofs);
-//! - `error`: [`ApiError`], the one mapping from an outcome to a status and a code.
+//! - `error`: [`ApiError`], the one mapping from an outcome to a status and a code;
+//! - [`body`]: the JSON bodies, shared with the CLI that reads them.
 //!
 //! The handler modules depend on this file and on `error`, never on each other.
 
@@ -48,6 +49,7 @@ use crate::store::Store;
 
 mod agent;
 mod auditor;
+pub mod body;
 mod error;
 mod operator;
 

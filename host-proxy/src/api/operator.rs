@@ -11,17 +11,10 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use base64::Engine as _;
-use serde::Deserialize;
-use serde_json::{Value, json};
 
+use super::body::{AdminAccepted, AdminSubmission, AttestVerified};
 use super::error::{ApiError, ApiResult, blocking};
 use super::{AppState, MAX_ATTESTATION_DOCUMENT, path_id};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct AdminBody {
-    request: String,
-}
 
 const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
     &base64::alphabet::STANDARD,
@@ -31,8 +24,8 @@ const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::n
 
 pub(super) async fn admin(
     State(state): State<AppState>,
-    body: Result<Json<AdminBody>, JsonRejection>,
-) -> ApiResult<Json<Value>> {
+    body: Result<Json<AdminSubmission>, JsonRejection>,
+) -> ApiResult<Json<AdminAccepted>> {
     let Json(body) = body?;
     let bytes = BASE64
         .decode(body.request.trim())
@@ -50,7 +43,10 @@ pub(super) async fn admin(
             accepted: true,
             seq,
             ..
-        } => Ok(Json(json!({"accepted": true, "seq": seq}))),
+        } => Ok(Json(AdminAccepted {
+            accepted: true,
+            seq,
+        })),
         Response::AdminResult {
             accepted: false,
             seq,
@@ -83,7 +79,7 @@ impl Drop for AttestGuard<'_> {
 pub(super) async fn attest(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AttestVerified>> {
     let server_id = path_id("server id", &id)?;
     let inserted = state
         .inner
@@ -136,9 +132,11 @@ pub(super) async fn attest(
             seq,
             measurement,
             ..
-        } => Ok(Json(
-            json!({"verified": true, "seq": seq, "measurement": measurement}),
-        )),
+        } => Ok(Json(AttestVerified {
+            verified: true,
+            seq,
+            measurement,
+        })),
         Response::AttestResult {
             verified: false,
             seq,

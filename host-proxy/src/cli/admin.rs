@@ -19,12 +19,12 @@ use base64::engine::general_purpose::STANDARD;
 use clap::Subcommand;
 use ed25519_dalek::SigningKey;
 use rand_core::{OsRng, RngCore as _};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::http::Api;
 use super::keys::{admin_key, read_secret_key};
 use super::{CliError, CliResult, ClientContext, now, print_json, read_file};
+use crate::api::body::{AdminAccepted, AdminSubmission};
 
 /// The largest policy file read (the enclave bounds the whole request to about 1 MiB).
 const MAX_POLICY_FILE_LEN: u64 = 512 * 1024;
@@ -80,13 +80,6 @@ pub enum IdpCommand {
     },
 }
 
-/// `{"accepted": true, "seq": 7}`.
-#[derive(Debug, Deserialize)]
-struct AdminAnswer {
-    accepted: bool,
-    seq: u64,
-}
-
 /// Builds and signs an admin request at `time` with a fresh random nonce.
 pub fn sign_admin(action: AdminAction, key: &SigningKey, time: UnixMillis) -> CliResult<Vec<u8>> {
     let mut nonce = [0u8; 16];
@@ -117,8 +110,10 @@ pub async fn submit_admin(
     let kind = action.type_name();
     let subject = subject_of(&action);
     let bytes = sign_admin(action, key, now())?;
-    let body = json!({ "request": STANDARD.encode(&bytes) });
-    let answer: AdminAnswer = api.post_json(&["v1", "admin"], Some(&body), None).await?;
+    let body = json!(AdminSubmission {
+        request: STANDARD.encode(&bytes),
+    });
+    let answer: AdminAccepted = api.post_json(&["v1", "admin"], Some(&body), None).await?;
     if !answer.accepted {
         return Err(CliError::Failed(format!(
             "admin_refused: {kind} was not accepted (log entry {})",

@@ -28,7 +28,6 @@ use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use clap::Subcommand;
 use rand_core::{OsRng, RngCore as _};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::http::Api;
@@ -38,6 +37,7 @@ use super::servers::list;
 use super::{
     CliError, CliResult, ClientContext, clean, now, print_json, read_bearer, read_file, rfc3339,
 };
+use crate::api::body::{EnclaveAttestation, HandleIssued};
 
 /// How old the control plane's document may be (it was just made for our nonce).
 pub const MAX_DOCUMENT_AGE_MS: u64 = 5 * 60 * 1000;
@@ -82,20 +82,6 @@ pub struct ControlPlaneTrust {
     pub pcrs: BTreeMap<PcrIndex, Pcr>,
     /// Accept a debug-mode enclave.
     pub allow_debug: bool,
-}
-
-/// `GET /v1/attestation` answer.
-#[derive(Debug, Deserialize)]
-struct AttestationAnswer {
-    document: String,
-    jwks: serde_json::Value,
-}
-
-/// `POST /v1/servers/{id}/handle` answer. No `Debug`: it holds the handle.
-#[derive(Deserialize)]
-struct HandleAnswer {
-    token: String,
-    seq: u64,
 }
 
 /// Verifies the control plane's document and returns it with the JWKS of its attested key.
@@ -217,7 +203,7 @@ pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
     OsRng
         .try_fill_bytes(&mut nonce)
         .map_err(|e| CliError::Io(anyhow::anyhow!("no randomness from the OS: {e}")))?;
-    let answer: AttestationAnswer = api
+    let answer: EnclaveAttestation = api
         .get_json(
             &["v1", "attestation"],
             &[("nonce", hex::encode(nonce))],
@@ -252,7 +238,7 @@ pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
             }
         },
     };
-    let answer: HandleAnswer = api
+    let answer: HandleIssued = api
         .post_json(&["v1", "servers", &server, "handle"], None, Some(&bearer))
         .await?;
     let handle = verify_resolved(

@@ -14,10 +14,10 @@
 use std::time::Duration;
 
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{CliError, clean};
+use crate::api::body::ErrorBody;
 
 /// The largest JSON response read.
 pub const MAX_JSON_LEN: usize = 4 * 1024 * 1024;
@@ -42,20 +42,6 @@ const MAX_QUOTED_ERROR: usize = 200;
 pub struct Api {
     base: Url,
     client: reqwest::Client,
-}
-
-/// The API's error body: `{"error": {"code", "message", "seq"?}}`.
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    code: String,
-    message: String,
-    #[serde(default)]
-    seq: Option<u64>,
 }
 
 impl Api {

@@ -24,12 +24,12 @@ use attestplane_verifier::log::claimed_size;
 use clap::Subcommand;
 use ed25519_dalek::VerifyingKey;
 use reqwest::Method;
-use serde::Deserialize;
 use serde_json::json;
 
 use super::admin::subject_of;
 use super::http::{Api, MAX_ENTRIES_PAGE_LEN, MAX_NOTE_LEN};
 use super::{CliError, CliResult, ClientContext, clean, print_json, rfc3339};
+use crate::api::body::LogHead;
 
 /// Entries asked for per page (the API's maximum).
 pub const PAGE: u64 = 4096;
@@ -61,12 +61,6 @@ pub enum LogCommand {
     },
 }
 
-/// `GET /v1/log/head`.
-#[derive(Debug, Deserialize)]
-struct Head {
-    size: u64,
-}
-
 /// Runs a `log` command.
 pub async fn run(command: LogCommand, context: &ClientContext) -> CliResult {
     let api = Api::new(&context.url)?;
@@ -79,7 +73,7 @@ pub async fn run(command: LogCommand, context: &ClientContext) -> CliResult {
 }
 
 async fn head(api: &Api) -> CliResult<u64> {
-    let head: Head = api.get_json(&["v1", "log", "head"], &[], None).await?;
+    let head: LogHead = api.get_json(&["v1", "log", "head"], &[], None).await?;
     Ok(head.size)
 }
 
@@ -574,7 +568,7 @@ mod tests {
         extra: u64,
     }
 
-    #[derive(Deserialize)]
+    #[derive(serde::Deserialize)]
     struct Range {
         start: u64,
         end: Option<u64>,

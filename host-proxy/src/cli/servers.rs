@@ -13,7 +13,6 @@ use attestplane_verifier::admin::{AdminAction, Digest32, PcrHex, ServerSpec};
 use attestplane_verifier::attestation::{Pcr, PcrIndex};
 use clap::{Args, Subcommand};
 use reqwest::Url;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::admin::submit_admin;
@@ -21,6 +20,8 @@ use super::http::Api;
 use super::keys::admin_key;
 use super::pcrs::{merge, parse_pcr_flag};
 use super::{CliError, CliResult, ClientContext, clean, print_json, read_bearer};
+pub use crate::api::body::ListedServer;
+use crate::api::body::{AttestVerified, ServerList};
 
 /// `servers ...`.
 #[derive(Debug, Subcommand)]
@@ -157,39 +158,6 @@ impl ServerFlags {
     }
 }
 
-/// `{"verified": true, "seq": 9, "measurement": "<hex>"}`.
-#[derive(Debug, Deserialize, Serialize)]
-struct AttestAnswer {
-    verified: bool,
-    seq: u64,
-    #[serde(default)]
-    measurement: Option<String>,
-}
-
-/// One server of `GET /v1/servers`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ListedServer {
-    /// Its id.
-    pub id: String,
-    /// Its name.
-    pub name: String,
-    /// Its tenant.
-    pub tenant: String,
-    /// Its resource URI (the `aud` of its handles).
-    pub resource: String,
-    /// Whether a verified attestation is on record.
-    pub attested: bool,
-}
-
-/// `{"servers": [...], "seq": 10}`.
-#[derive(Debug, Deserialize, Serialize)]
-pub struct ServerList {
-    /// The servers the agent may discover.
-    pub servers: Vec<ListedServer>,
-    /// The log entry recording the discovery.
-    pub seq: u64,
-}
-
 /// `GET /v1/servers` with the agent's token.
 pub async fn list(api: &Api, bearer: &str) -> CliResult<ServerList> {
     api.get_json(&["v1", "servers"], &[], Some(bearer)).await
@@ -214,7 +182,7 @@ pub async fn run(command: ServersCommand, context: &ClientContext) -> CliResult 
         }
         ServersCommand::Attest { id } => {
             let api = Api::new(&context.url)?;
-            let answer: AttestAnswer = api
+            let answer: AttestVerified = api
                 .post_json(&["v1", "servers", &id, "attest"], None, None)
                 .await?;
             if !answer.verified {
