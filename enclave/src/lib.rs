@@ -6,12 +6,32 @@
 //! the Nitro Secure Module, holds the epoch signing key, keeps the live state derived from the
 //! log, evaluates policy and writes signed log entries, and serves framed requests from the host.
 //!
-//! Today it exposes:
+//! ## Layout
 //!
-//! - [`mcp_transport`]: the MCP data path's byte streams: agent connections relayed in by the
-//!   host, upstream connections dialled out through it (the seam where TLS will wrap them).
-//! - [`nsm`]: the Nitro Secure Module behind one trait, the real `/dev/nsm` and a deterministic
-//!   mock that signs AWS-shaped attestation documents with a chain generated from a seed.
+//! The crate is a stack; each module uses only the ones below it (and `attestplane-verifier`
+//! for every byte format, the state fold and the policy engine):
+//!
+//! - [`server`]: the thin async shell: accepts connections from the host (vsock, or a Unix
+//!   socket or loopback TCP in development), decodes frames with `attestplane-proto`'s bounded
+//!   decoder, hands each request to the one [`service::Enclave`], writes replies back. **The
+//!   trust boundary**: everything that arrives here is the untrusted host's.
+//! - [`gateway`]: the MCP data path inside the enclave (agents' `tools/list` and `tools/call`
+//!   decided, logged and relayed with a receipt); it reaches the enclave through the server's
+//!   access handle and the service, and decides with the verifier's pure gateway kernel.
+//! - [`service`]: request handling as a plain function of (request, time): decisions, the
+//!   two-phase durable replies, the replay of the stored log at boot.
+//! - [`identity`]: agents' bearer JWTs verified against the identity providers of the state,
+//!   with a bounded cache of verified tokens.
+//! - [`writer`]: turns events into signed, hash-linked entries under the epoch key, opening
+//!   each epoch with an attestation document.
+//! - [`mcp_transport`]: the gateway's byte streams: agent connections relayed in by the host,
+//!   upstream connections dialled out through it (the seam where TLS will wrap them).
+//! - [`epoch`]: the epoch signing key (never leaves enclave memory, zeroized on drop).
+//! - [`nsm`]: the Nitro Secure Module behind one trait: the real `/dev/nsm` and a mock that
+//!   signs AWS-shaped attestation documents with a chain generated from a seed.
+//!
+//! `main.rs` (the `attestplane-enclave` binary) only parses flags, picks the NSM and runs the
+//! server.
 //!
 //! ## Trust assumptions
 //!

@@ -1,4 +1,4 @@
-//! Image upgrades (DESIGN.md, "Genesis and upgrades"): a new image's epochs are accepted only
+//! Image upgrades (docs/design.md, "Genesis and upgrades"): a new image's epochs are accepted only
 //! after an accepted `allow_image` admin act earlier in the log allowed its PCRs, by the
 //! enclave's boot and by the auditor's replay (the one `Replay` loop both run), and by the
 //! `attestplane-verify log` binary when it is built next to this test.

@@ -1,5 +1,5 @@
 //! The tamper matrix: every way a compromised host could rework a stored log, each detected by
-//! `verify_log` and each naming the first bad sequence number (DESIGN.md, "Trust model").
+//! `verify_log` and each naming the first bad sequence number (docs/design.md, "Trust model").
 //!
 //! Logs are built here by hand from the verifier's encoders, with epoch documents from the mock
 //! NSM, so each test can produce exactly the forgery it names. One test also runs the enclave's

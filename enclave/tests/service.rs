@@ -1,6 +1,6 @@
 //! The enclave's service, driven request by request without sockets: every request type through
 //! its allowed and refused paths, with the log entries each leaves behind, and one test per
-//! "must NOT be able to" line of DESIGN.md that concerns the enclave, named for it.
+//! "must NOT be able to" line of docs/design.md that concerns the enclave, named for it.
 //!
 //! The host is played by [`common::Harness`]: it stores `Persist`ed entries, reports them
 //! durable and collects the released final replies. Time is pinned: the enclave's clock starts
@@ -1570,8 +1570,8 @@ fn updates_and_revocations_take_effect() {
     assert!(h.enclave.state().identity_provider(&idp.issuer).is_none());
 }
 
-/// DESIGN.md: the host must not be able to change the registry or policy without a signed admin
-/// request. With the genesis keys pinned in the enclave, a host cannot start a fresh log under
+/// docs/design.md: the host must not be able to change the registry or policy without a signed
+/// admin request. With the genesis keys pinned in the enclave, a host cannot start a fresh log under
 /// admin keys of its own choosing, nor replay a stored log whose genesis names other keys.
 #[test]
 fn host_cannot_choose_genesis_keys_when_pinned() {

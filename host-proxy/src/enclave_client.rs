@@ -2,8 +2,8 @@
 //! them by id, the two-phase durability protocol, and the replay of the stored log at boot.
 //!
 //! Role. Everything the HTTP API asks of the enclave goes through [`EnclaveClient::call`]. The
-//! client keeps [`ClientOptions::connections`] connections open (DESIGN.md, "Transport": never a
-//! connection per request), sends each request on one of them under a fresh id, and completes
+//! client keeps [`ClientOptions::connections`] connections open (docs/design.md, "Transport":
+//! never a connection per request), sends each request on one of them under a fresh id, and completes
 //! the caller's future when the *final* reply arrives under that id.
 //!
 //! Durability. A request that writes the log is answered first with [`Response::Persist`]. The

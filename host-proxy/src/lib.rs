@@ -4,10 +4,34 @@
 //! have: the disk, the network, the clients. This library holds its parts; the `attestplane`
 //! binary wires them together.
 //!
-//! - [`store`]: the durable home of the signed log. Entries live in append-only segment files,
-//!   appended with a group commit (concurrent appenders share one `fdatasync`), and nothing is
-//!   acknowledged before it is durable. It serves entries, ranges, the head, the latest
-//!   checkpoint and Merkle proofs, and streams the log back into the enclave at boot.
+//! ## Layout
+//!
+//! - [`proxy`]: `attestplane proxy`, wiring the parts below into one process: it opens the
+//!   store, starts the enclave client, serves the API and the relays, and shuts down
+//!   gracefully.
+//! - [`api`]: the HTTP API (docs/http-api.md): `router(state)`, handlers by audience, one
+//!   error type mapped to statuses and stable codes, and the JSON body types ([`api::body`])
+//!   the CLI shares. Each request becomes one enclave request or a read of the store.
+//! - [`relay`]: the MCP data path's byte relays (agents to the enclave's gateway, the enclave
+//!   to MCP servers); the gateway's decisions are the enclave's, the host only copies bytes.
+//! - [`enclave_client`]: persistent connections to the enclave over `attestplane-proto`,
+//!   requests multiplexed by id, the two-phase durability protocol (entries stored, in seq
+//!   order, before the enclave releases a reply) and the replay of the stored log at boot.
+//! - [`registry`]: where registered MCP servers live, read from the admin entries of the
+//!   stored log (to fetch their attestation documents).
+//! - [`store`]: the durable home of the signed log: append-only segment files written with a
+//!   group commit, nothing acknowledged before it is durable; entries, ranges, the head, the
+//!   latest checkpoint and Merkle proofs.
+//! - [`cli`]: the operator's, agent's and auditor's commands, HTTP clients of the API.
+//! - [`config`]: the configuration file, flags and environment, resolved.
+//! - [`dev`]: `attestplane dev`, the whole stack on one machine on a mock NSM.
+//!
+//! Dependencies point down the list: `proxy` uses `api`, `relay`, `enclave_client`, `config`
+//! and `store`; `api` and `relay` use `registry` and `store` (`api` also `enclave_client`);
+//! `enclave_client` and `registry` use `store`; `cli` uses only `api::body` of the server
+//! side; `dev` runs `proxy` in-process and makes its starter admin requests with `cli`'s code. **The trust boundary** is everywhere at once: every byte from the enclave, an
+//! agent, an MCP server or the disk is input to check, and nothing this crate serves needs to
+//! be believed (the enclave signed what matters).
 //!
 //! ## Trust assumptions
 //!

@@ -1,7 +1,7 @@
 //! The durable log store: append-only segment files, group commit, an in-memory index.
 //!
 //! Role. The enclave signs log entries; the host keeps them. This module is the only one that
-//! knows how they are kept. Its one promise is DESIGN.md's: *nothing is acknowledged before it
+//! knows how they are kept. Its one promise is docs/design.md's: *nothing is acknowledged before it
 //! is durable*, where durable means it survives power loss, not only a process crash.
 //!
 //! ## On disk
@@ -47,9 +47,10 @@
 //! [`merkle::inclusion_proof`](attestplane_verifier::merkle::inclusion_proof) and
 //! [`merkle::consistency_proof`](attestplane_verifier::merkle::consistency_proof). Every read
 //! re-hashes the entry and compares it with the leaf hash recorded when it was indexed, so
-//! bytes changed on disk afterwards are reported ([`StoreError::Changed`]), never served. sled is not used: its `flush` is not durable (DESIGN.md, "The store"), the
-//! segments are the source of truth anyway, and rebuilding the index from them is fast (see the
-//! figures in `benches/store.rs`); one copy of the data means no second copy to disagree.
+//! bytes changed on disk afterwards are reported ([`StoreError::Changed`]), never served. sled
+//! is not used: its `flush` is not durable (docs/design.md, "The store"), the segments are the
+//! source of truth anyway, and rebuilding the index from them is fast (see the figures in
+//! `benches/store.rs`); one copy of the data means no second copy to disagree.
 //!
 //! ## Recovery
 //!

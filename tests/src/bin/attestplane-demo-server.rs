@@ -39,8 +39,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm, PCR_LEN};
-use attestplane_host::cli::pcrs::parse_pcrs_json;
 use attestplane_verifier::UnixMillis;
+use attestplane_verifier::attestation::parse_pcrs_json;
 use attestplane_verifier::attestation::{Expectations, TrustAnchor, VerifyAt, verify_attestation};
 use attestplane_verifier::gateway::pin;
 use attestplane_verifier::gateway::receipt::{self, ReceivedCall, ReplayCache};
@@ -419,7 +419,7 @@ impl AppState {
         let anchor =
             TrustAnchor::from_pem(&root).map_err(|e| format!("control-plane root: {e}"))?;
         let pcrs = std::fs::read(pcrs).map_err(|e| format!("{}: {e}", pcrs.display()))?;
-        let pcrs = parse_pcrs_json(&pcrs)?;
+        let pcrs = parse_pcrs_json(&pcrs).map_err(|e| format!("control-plane PCRs: {e}"))?;
         let mut nonce = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
         let url = format!("{base}/v1/attestation?nonce={}", hex::encode(nonce));
