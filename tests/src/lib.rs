@@ -541,9 +541,16 @@ impl StackFiles {
     /// Mints an agent token (agent-7 for alice in acme, role tool-user) into `DIR/agent.jwt`
     /// and returns it.
     pub fn mint_agent_token(&self) -> String {
-        let out = self.path("agent.jwt");
+        self.mint_agent_token_for(None, "agent.jwt")
+    }
+
+    /// [`StackFiles::mint_agent_token`] with another audience (an MCP endpoint's resource URI)
+    /// into `DIR/NAME`.
+    pub fn mint_agent_token_for(&self, audience: Option<&str>, name: &str) -> String {
+        let out = self.path(name);
         let _ = std::fs::remove_file(&out);
-        self.cli(&[
+        let out_arg = out.display().to_string();
+        let mut args = vec![
             "token",
             "mint",
             "--sub",
@@ -555,9 +562,12 @@ impl StackFiles {
             "--role",
             "tool-user",
             "--out",
-            &out.display().to_string(),
-        ])
-        .ok();
+            &out_arg,
+        ];
+        if let Some(a) = audience {
+            args.extend(["--audience", a]);
+        }
+        self.cli(&args).ok();
         std::fs::read_to_string(&out)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", out.display()))
             .trim()

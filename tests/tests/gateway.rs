@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use attestplane_tests::{DevStack, StackFiles};
+use attestplane_tests::DevStack;
 
 const MODERN: &str = "2026-07-28";
 
@@ -24,31 +24,6 @@ fn gateway_url(stack: &DevStack) -> String {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A token for `agent-7` (role tool-user) whose audience is `audience`.
-fn token_for(files: &StackFiles, audience: &str) -> String {
-    let out = files.path("agent-mcp.jwt");
-    let _ = std::fs::remove_file(&out);
-    files
-        .cli(&[
-            "token",
-            "mint",
-            "--sub",
-            "agent-7",
-            "--user",
-            "alice",
-            "--tenant",
-            "acme",
-            "--role",
-            "tool-user",
-            "--audience",
-            audience,
-            "--out",
-            &out.display().to_string(),
-        ])
-        .ok();
-    std::fs::read_to_string(&out).unwrap().trim().to_owned()
 }
 
 async fn post(
@@ -87,7 +62,9 @@ fn agent_calls_through_the_enclave_and_the_server_accepts_only_receipted_calls()
     let gateway = gateway_url(&stack);
     stack.files.register_and_attest_weather(&stack.demo_url);
     let endpoint = format!("{gateway}/mcp/weather");
-    let token = token_for(&stack.files, &endpoint);
+    let token = stack
+        .files
+        .mint_agent_token_for(Some(&endpoint), "agent-mcp.jwt");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

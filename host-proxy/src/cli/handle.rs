@@ -187,18 +187,12 @@ pub(crate) fn trust(context: &ClientContext) -> CliResult<ControlPlaneTrust> {
     })
 }
 
-/// Runs a `handle` command.
-pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
-    let HandleCommand::Resolve {
-        server,
-        audience,
-        out,
-    } = command;
-    let bearer = read_bearer(context)?;
-    let trust = trust(context)?;
-    let api = Api::new(&context.url)?;
-
-    // 1-2. The control plane, with our own nonce.
+/// Fetches the control plane's attestation document and JWKS with a fresh nonce of ours and
+/// verifies them ([`verify_control_plane`]).
+pub(crate) async fn attested_control_plane(
+    api: &Api,
+    trust: &ControlPlaneTrust,
+) -> CliResult<(VerifiedAttestation, Jwks)> {
     let mut nonce = [0u8; 32];
     OsRng
         .try_fill_bytes(&mut nonce)
@@ -219,7 +213,22 @@ pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
         other => serde_json::to_vec(&other)
             .map_err(|e| CliError::Io(anyhow::anyhow!("cannot re-encode the JWKS: {e}")))?,
     };
-    let (attestation, jwks) = verify_control_plane(&document, &jwks_json, &trust, &nonce, now())?;
+    verify_control_plane(&document, &jwks_json, trust, &nonce, now())
+}
+
+/// Runs a `handle` command.
+pub async fn run(command: HandleCommand, context: &ClientContext) -> CliResult {
+    let HandleCommand::Resolve {
+        server,
+        audience,
+        out,
+    } = command;
+    let bearer = read_bearer(context)?;
+    let trust = trust(context)?;
+    let api = Api::new(&context.url)?;
+
+    // 1-2. The control plane, with our own nonce.
+    let (attestation, jwks) = attested_control_plane(&api, &trust).await?;
 
     // 3. The audience, then the handle. Given with --audience, it is the caller's own
     // expectation; otherwise it comes from the host's server listing, which nothing signs.

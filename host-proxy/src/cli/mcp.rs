@@ -19,12 +19,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::Subcommand;
-use rand_core::{OsRng, RngCore as _};
 use reqwest::StatusCode;
-use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
-use super::handle::{ControlPlaneTrust, verify_control_plane};
+use super::handle::{ControlPlaneTrust, attested_control_plane};
 use super::http::Api;
 use super::{CliError, CliResult, ClientContext, now, read_bearer};
 
@@ -50,12 +48,6 @@ pub enum McpCommand {
         )]
         gateway: String,
     },
-}
-
-#[derive(Deserialize)]
-struct AttestationAnswer {
-    document: String,
-    jwks: serde_json::Value,
 }
 
 /// Runs an `mcp` command.
@@ -88,26 +80,7 @@ pub async fn run(command: McpCommand, context: &ClientContext) -> CliResult {
 
 /// Verifies the control plane's attestation with a fresh nonce.
 async fn verify(api: &Api, trust: &ControlPlaneTrust) -> CliResult {
-    let mut nonce = [0u8; 32];
-    OsRng
-        .try_fill_bytes(&mut nonce)
-        .map_err(|e| CliError::Failed(format!("no randomness from the OS: {e}")))?;
-    let answer: AttestationAnswer = api
-        .get_json(
-            &["v1", "attestation"],
-            &[("nonce", hex::encode(nonce))],
-            None,
-        )
-        .await?;
-    let document = BASE64
-        .decode(answer.document.as_bytes())
-        .map_err(|e| CliError::Failed(format!("the attestation document is not base64: {e}")))?;
-    let jwks = match answer.jwks {
-        serde_json::Value::String(text) => text.into_bytes(),
-        other => serde_json::to_vec(&other)
-            .map_err(|e| CliError::Failed(format!("cannot re-encode the JWKS: {e}")))?,
-    };
-    verify_control_plane(&document, &jwks, trust, &nonce, now())?;
+    attested_control_plane(api, trust).await?;
     eprintln!("attestplane mcp: the control plane's attestation verified; bridging stdio");
     Ok(())
 }
