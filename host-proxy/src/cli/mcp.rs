@@ -24,7 +24,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use super::handle::{ControlPlaneTrust, attested_control_plane};
 use super::http::Api;
-use super::{CliError, CliResult, ClientContext, now, read_bearer};
+use super::{CliError, CliResult, ClientContext, read_bearer};
 
 /// The longest line (one JSON-RPC message) read from stdin.
 pub const MAX_LINE: usize = 4 * 1024 * 1024;
