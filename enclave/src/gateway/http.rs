@@ -655,7 +655,7 @@ impl Gateway {
     async fn finish(&self, id: Option<&str>, seq: u64, answer: Answer) -> Reply {
         let outcome = match parse_message(&answer.body) {
             Ok(m) if m.kind() == Kind::Response => {
-                if m.result().is_some_and(|r| is_error_result(r.get())) {
+                if m.result().is_some_and(is_error_result) {
                     "error"
                 } else {
                     "ok"
@@ -716,10 +716,16 @@ impl Gateway {
 }
 
 /// Whether a tool result says `"isError": true` (its top-level member only).
-fn is_error_result(result: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(result)
+/// Reads the result's top-level members as raw values (the envelope parser's view), without
+/// building a tree of the whole answer.
+fn is_error_result(result: &RawValue) -> bool {
+    attestplane_verifier::gateway::jsonrpc::object_members(result, "result")
         .ok()
-        .and_then(|v| v.get("isError").and_then(serde_json::Value::as_bool))
+        .and_then(|m| {
+            m.iter()
+                .find(|(k, _)| k == "isError")
+                .map(|(_, v)| v.get() == "true")
+        })
         .unwrap_or(false)
 }
 
@@ -845,4 +851,21 @@ fn upstream_reply(id: Option<&str>, e: &UpstreamError) -> Reply {
 
 fn bad_upstream(id: Option<&str>) -> Reply {
     upstream_reply(id, &UpstreamError::BadAnswer("not a tools/list result"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn is_error_reads_the_top_level_member_only() {
+        assert!(is_error_result(&raw(r#"{"content":[],"isError":true}"#)));
+        assert!(!is_error_result(&raw(r#"{"content":[],"isError":false}"#)));
+        assert!(!is_error_result(&raw(r#"{"content":[{"isError":true}]}"#)));
+        assert!(!is_error_result(&raw(r#"[1]"#)));
+    }
 }
