@@ -67,6 +67,7 @@ use attestplane_verifier::entry::{DecisionRecord, EntryHash, Event, PrincipalRec
 use attestplane_verifier::handle::{IdentityClaims, Jwks};
 use attestplane_verifier::log::{LogPolicy, LogVerifier};
 use attestplane_verifier::policy::{Action, DecisionRequest, PolicyEngine, Principal, ServerFacts};
+use attestplane_verifier::reason::Reason;
 use attestplane_verifier::state::State;
 use criterion::{Criterion, criterion_group, criterion_main};
 use ed25519_dalek::{Signer as _, SigningKey};
@@ -680,8 +681,10 @@ fn setup() -> Bench {
     // Every request reaches Cedar, and Cedar alone decides as `State::decide` did.
     for (c, r) in cedar.iter().zip(&records) {
         assert!(
-            r.reason.as_deref().is_none_or(|r| r.starts_with("forbidden by")
-                || r.starts_with("no policy permits")),
+            matches!(
+                r.reason,
+                None | Some(Reason::Forbidden { .. } | Reason::NoPermit)
+            ),
             "a request was settled before Cedar: {r:?}"
         );
         assert_eq!(engine.decide(c).allowed, r.allowed);

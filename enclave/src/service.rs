@@ -68,7 +68,8 @@ use attestplane_verifier::policy::Action;
 /// other (the verifier's, re-exported: the one replay loop lives there).
 pub use attestplane_verifier::replay::EpochTrust;
 use attestplane_verifier::replay::Replay;
-use attestplane_verifier::state::{REASON_TOOL_NOT_PINNED, REASON_UNKNOWN_SERVER, State};
+use attestplane_verifier::reason::Reason;
+use attestplane_verifier::state::State;
 
 use ed25519_dalek::VerifyingKey;
 
@@ -160,8 +161,9 @@ fn error(id: u64, code: ErrorCode, message: &str) -> Replies {
 }
 
 /// The code of a logged refusal: `NotFound` for an unknown server or tool, else `Denied`.
-fn refusal_code(reason: &str) -> ErrorCode {
-    if reason == REASON_UNKNOWN_SERVER || reason == REASON_TOOL_NOT_PINNED {
+/// Chosen by the reason's variant, never by its text.
+fn refusal_code(reason: &Reason) -> ErrorCode {
+    if reason.is_not_found() {
         ErrorCode::NotFound
     } else {
         ErrorCode::Denied
@@ -578,7 +580,7 @@ impl Enclave {
                             Response::AdminResult {
                                 accepted,
                                 seq,
-                                reason,
+                                reason: reason.as_ref().map(Reason::to_string),
                             },
                         )
                     }
@@ -651,9 +653,9 @@ impl Enclave {
             self.state
                 .check_attestation(&server_id, &nonce, &document, now)
         } else {
-            Err("no outstanding challenge with this nonce for this server \
-                 (never issued, already used or expired)"
-                .to_string())
+            // Logged as refused evidence; the state fold leaves the server's attestation as
+            // it was (see `Reason::withdraws_attestation`).
+            Err(Reason::NonceNotIssued)
         };
         let (verified, measurement, reason) = match outcome {
             Ok(a) => (true, Some(a.measurement), None),
@@ -677,7 +679,7 @@ impl Enclave {
                         verified,
                         seq,
                         measurement: measurement.map(hex::encode),
-                        reason,
+                        reason: reason.as_ref().map(Reason::to_string),
                     },
                 )
             }
@@ -733,17 +735,18 @@ impl Enclave {
                 Err(e) => return error(id, ErrorCode::Internal, &e.to_string()),
             }
         }
-        let reason = record.reason.clone().unwrap_or_default();
+        let reason = record.reason.clone();
         match self.write(Event::Decision(Box::new(record)), now) {
             Ok(w) => {
                 let seq = w.seq;
-                let response = match token {
-                    Some((token, expires_at)) => Response::Handle {
+                let response = match (token, reason) {
+                    (Some((token, expires_at)), _) => Response::Handle {
                         token,
                         seq,
                         expires_at,
                     },
-                    None => Response::denied(seq, refusal_code(&reason), &reason),
+                    (None, Some(r)) => Response::denied(seq, refusal_code(&r), &r.to_string()),
+                    (None, None) => Response::denied(seq, ErrorCode::Denied, "denied"),
                 };
                 self.persist_then(id, vec![w], response)
             }
@@ -806,13 +809,13 @@ impl Enclave {
                 let seq = w.seq;
                 let response = match reason {
                     // An unknown server or tool is a `Denied` with `NotFound`, not a verdict.
-                    Some(r) if refusal_code(&r) == ErrorCode::NotFound => {
-                        Response::denied(seq, ErrorCode::NotFound, &r)
+                    Some(r) if r.is_not_found() => {
+                        Response::denied(seq, ErrorCode::NotFound, &r.to_string())
                     }
                     reason => Response::Authorized {
                         allowed,
                         seq,
-                        reason,
+                        reason: reason.as_ref().map(Reason::to_string),
                     },
                 };
                 self.persist_then(id, vec![w], response)

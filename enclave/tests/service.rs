@@ -21,6 +21,7 @@ use attestplane_verifier::checkpoint::verify_checkpoint;
 use attestplane_verifier::entry::{EntryHash, EpochBinding, Event, SignedEntry};
 use attestplane_verifier::handle::{HandleError, HandleExpectations, verify_handle};
 use attestplane_verifier::log::{LogError, verify_log};
+use attestplane_verifier::reason::Reason;
 use attestplane_verifier::state::{ATTESTATION_FRESHNESS_MS, Snapshot};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -104,7 +105,7 @@ fn decision(h: &Harness, seq: u64) -> attestplane_verifier::entry::DecisionRecor
 }
 
 /// The admin event logged at `seq`: (request bytes, accepted, reason).
-fn admin_event(h: &Harness, seq: u64) -> (Vec<u8>, bool, Option<String>) {
+fn admin_event(h: &Harness, seq: u64) -> (Vec<u8>, bool, Option<Reason>) {
     match h.entry(seq).event {
         Event::Admin {
             request,
@@ -174,7 +175,11 @@ fn refuses_forged_admin_request() {
     let (logged, logged_accepted, logged_reason) = admin_event(&h, seq);
     assert_eq!(logged, forged, "the refused request is logged verbatim");
     assert!(!logged_accepted);
-    assert_eq!(logged_reason.as_deref(), Some(reason.as_str()));
+    assert!(matches!(
+        logged_reason,
+        Some(Reason::UnknownAdminKey { .. })
+    ));
+    assert_eq!(logged_reason.map(|r| r.to_string()), Some(reason));
     assert!(h.enclave.state().server("search").is_none());
     assert_eq!(
         sans_applied(h.enclave.state().snapshot()),
@@ -379,7 +384,8 @@ fn refuses_policy_that_fails_schema_validation() {
         let (logged, logged_accepted, logged_reason) = admin_event(&h, seq);
         assert_eq!(logged, request);
         assert!(!logged_accepted);
-        assert_eq!(logged_reason, reason);
+        assert_eq!(logged_reason, Some(Reason::InvalidPolicy));
+        assert_eq!(logged_reason.map(|r| r.to_string()), reason);
         assert_eq!(h.enclave.state().policy().text(), STARTER_POLICY);
     }
 
@@ -412,7 +418,7 @@ fn no_handle_for_unattested_server() {
     assert!(!d.allowed);
     assert!(d.handle.is_none());
     assert!(!d.attestation.verified);
-    assert_eq!(d.reason.as_deref(), Some(reason.as_str()));
+    assert_eq!(d.reason.map(|r| r.to_string()), Some(reason.clone()));
 
     // Nor may its tools be called.
     let (allowed, seq, reason) = expect_authorized(&h.authorize(&bearer, "search", "search"));
@@ -592,10 +598,15 @@ fn attestation_with_wrong_or_reused_nonce_is_refused() {
     let nonce = h.challenge("search");
     h.advance(CHALLENGE_TTL_MS);
     let document = server.attest(&nonce, h.now);
-    let (verified, _, _, reason) = expect_attest(&h.evidence("search", &nonce, document));
+    let (verified, seq, _, reason) = expect_attest(&h.evidence("search", &nonce, document));
     assert!(!verified);
     assert!(reason.unwrap().contains("challenge"));
-    expect_denied(&h.resolve(&bearer, "search"));
+    assert_eq!(
+        attestation_event(&h, seq).reason,
+        Some(Reason::NonceNotIssued)
+    );
+    // Refused evidence says nothing about the server: its attestation stands.
+    expect_handle(h.resolve(&bearer, "search"));
 
     // Evidence for a server that is not registered is refused without an entry.
     let len = h.store.len();
@@ -609,6 +620,59 @@ fn attestation_with_wrong_or_reused_nonce_is_refused() {
     h.advance(1);
     Harness::boot(h.nsm.clone(), store, &[], h.now)
         .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
+}
+
+#[test]
+fn unissued_nonce_cannot_deattest_a_server() {
+    // Anyone on the enclave channel can present evidence. Evidence under a nonce the enclave
+    // never issued (or one already used, or expired) is logged as refused and changes nothing:
+    // it must not withdraw the attestation the server proved with a nonce the enclave did issue.
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let idp = idp();
+    let mut h = started(&admin, &[&server], &idp);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    assert!(expect_attest(&h.attest(&server)).0);
+    let attested = h.enclave.state().server("search").unwrap().attested.clone();
+    assert!(attested.is_some());
+    h.advance(1_000);
+
+    for (nonce, document) in [
+        (b"invented".to_vec(), b"garbage".to_vec()),
+        (b"invented".to_vec(), server.attest(b"invented", h.now)),
+        (vec![0; 32], server.attest(&[0; 32], h.now)),
+    ] {
+        let (verified, seq, _, _) = expect_attest(&h.evidence("search", &nonce, document));
+        assert!(!verified);
+        let logged = attestation_event(&h, seq);
+        assert_eq!(logged.reason, Some(Reason::NonceNotIssued));
+        assert_eq!(
+            h.enclave.state().server("search").unwrap().attested,
+            attested,
+            "refused evidence withdrew the server's attestation"
+        );
+        expect_handle(h.resolve(&bearer, "search"));
+    }
+
+    // The auditor's replay and the enclave's boot fold the refusals the same way.
+    verify_log(&h.store, log_policy(&h.nsm), h.now).unwrap();
+    let mut audit = attestplane_verifier::state::State::new(server_anchor());
+    for (seq, bytes) in (0u64..).zip(&h.store) {
+        let signed = SignedEntry::decode(bytes).unwrap();
+        audit
+            .apply(seq, signed.entry())
+            .unwrap_or_else(|e| panic!("replay refused the log: {e}"));
+    }
+    assert_eq!(audit.server("search").unwrap().attested, attested);
+    let store = h.store.clone();
+    h.advance(1);
+    let mut h = Harness::boot(h.nsm.clone(), store, &[], h.now)
+        .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
+    assert_eq!(
+        h.enclave.state().server("search").unwrap().attested,
+        attested
+    );
+    expect_handle(h.resolve(&bearer, "search"));
 }
 
 #[test]
@@ -825,7 +889,13 @@ fn authorize_call_respects_pinned_tools_and_rate_limit() {
     let reply = h.authorize(&user, "search", "delete-everything");
     let (seq, reason, code) = expect_denied(&reply);
     assert_eq!(code, ErrorCode::NotFound);
-    assert_eq!(reason, "tool is not pinned in the registration");
+    assert_eq!(
+        decision(&h, seq).reason,
+        Some(Reason::ToolNotPinned {
+            tool: "delete-everything".into()
+        })
+    );
+    assert_eq!(decision(&h, seq).reason.unwrap().to_string(), reason);
     assert!(!decision(&h, seq).allowed);
 
     // No role, no permit.
@@ -870,7 +940,13 @@ fn authorize_call_respects_pinned_tools_and_rate_limit() {
     // Unknown servers are refused as such, and logged.
     let (seq, reason, code) = expect_denied(&h.authorize(&bot, "nowhere", "write"));
     assert_eq!(code, ErrorCode::NotFound);
-    assert_eq!(reason, "unknown server");
+    assert_eq!(
+        decision(&h, seq).reason,
+        Some(Reason::UnknownServer {
+            server: "nowhere".into()
+        })
+    );
+    assert!(reason.contains("unknown server"), "{reason}");
     assert_eq!(decision(&h, seq).server, "nowhere");
 
     // The counters replay.
@@ -905,7 +981,7 @@ fn denied_requests_are_logged() {
         let d = decision(&h, *seq);
         assert!(!d.allowed);
         assert!(d.handle.is_none());
-        assert_eq!(d.reason.as_deref(), Some(reason.as_str()));
+        assert_eq!(d.reason.map(|r| r.to_string()), Some(reason.clone()));
         assert_eq!(d.principal.agent, ACME_AGENT);
     }
     // Each reply names its own entry, and the entries are the last ones written.
@@ -1548,7 +1624,13 @@ fn updates_and_revocations_take_effect() {
     );
     let (seq, reason, code) = expect_denied(&h.resolve(&bearer, "search"));
     assert_eq!(code, ErrorCode::NotFound);
-    assert_eq!(reason, "unknown server");
+    assert_eq!(
+        decision(&h, seq).reason,
+        Some(Reason::UnknownServer {
+            server: "search".into()
+        })
+    );
+    assert_eq!(decision(&h, seq).reason.unwrap().to_string(), reason);
     assert!(decision(&h, seq).handle.is_none());
     expect_error(
         h.send(Request::AttestChallenge {
@@ -1744,7 +1826,7 @@ fn foreign_image_epoch_is_re_decided_at_boot() {
     let (modes, result) = fold(image_pcrs(&own));
     assert_eq!(modes, vec![ApplyMode::Recheck; 3]);
     match result {
-        Err(StateError::DecisionMismatch { seq, field }) => {
+        Err(StateError::DecisionMismatch { seq, field, .. }) => {
             assert_eq!(seq, 2);
             assert_eq!(field, "allowed");
         }

@@ -38,6 +38,7 @@ use crate::cbor::{
     self, CborError, Fields, ShapeError, as_u64, keys32, map, opt_text, texts, uint,
 };
 use crate::cose::{self, CoseError};
+use crate::reason::{Reason, opt_reason, take_opt_reason};
 use crate::time::UnixMillis;
 
 /// Content type in every entry's protected header: binds the signature to this format.
@@ -172,7 +173,7 @@ pub enum Event {
         /// Whether the enclave applied it.
         accepted: bool,
         /// Why it was refused.
-        reason: Option<String>,
+        reason: Option<Reason>,
     },
     /// The verification of an MCP server's attestation document, either way.
     Attestation(AttestationRecord),
@@ -242,7 +243,7 @@ pub struct AttestationRecord {
     /// SHA-384 digest of the verified measurement (see `state::measurement_digest`).
     pub measurement: Option<[u8; 48]>,
     /// Why it was refused.
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
 }
 
 /// The facts a decision was taken on, and its outcome: enough to re-evaluate it.
@@ -266,8 +267,8 @@ pub struct DecisionRecord {
     pub allowed: bool,
     /// Ids of the policies that determined it.
     pub policies: Vec<String>,
-    /// Why it was denied, in words.
-    pub reason: Option<String>,
+    /// Why it was denied.
+    pub reason: Option<Reason>,
     /// The handle issued, for an allowed `resolve`.
     pub handle: Option<HandleRecord>,
 }
@@ -344,7 +345,7 @@ impl Event {
                 kind,
                 ("request", Value::Bytes(request.clone())),
                 ("accepted", Value::Bool(*accepted)),
-                ("reason", opt_text(reason)),
+                ("reason", opt_reason(reason)),
             ]),
             Event::Attestation(a) => map([
                 kind,
@@ -357,7 +358,7 @@ impl Event {
                     a.measurement
                         .map_or(Value::Null, |m| Value::Bytes(m.to_vec())),
                 ),
-                ("reason", opt_text(&a.reason)),
+                ("reason", opt_reason(&a.reason)),
             ]),
             Event::Decision(d) => map([
                 kind,
@@ -378,7 +379,7 @@ impl Event {
                 ("spend_micros", uint(d.spend_micros)),
                 ("allowed", Value::Bool(d.allowed)),
                 ("policies", texts(&d.policies)),
-                ("reason", opt_text(&d.reason)),
+                ("reason", opt_reason(&d.reason)),
                 (
                     "handle",
                     d.handle.as_ref().map_or(Value::Null, |h| {
@@ -453,7 +454,7 @@ impl Event {
             "admin" => Event::Admin {
                 request: f.bytes("request")?,
                 accepted: f.bool("accepted")?,
-                reason: f.opt_text("reason")?,
+                reason: take_opt_reason(&mut f, "reason")?,
             },
             "attestation" => Event::Attestation(AttestationRecord {
                 server: f.text("server")?,
@@ -461,7 +462,7 @@ impl Event {
                 document: f.bytes("document")?,
                 verified: f.bool("verified")?,
                 measurement: f.opt_array("measurement")?,
-                reason: f.opt_text("reason")?,
+                reason: take_opt_reason(&mut f, "reason")?,
             }),
             "decision" => {
                 let principal = principal_from_value(f.take("principal")?)?;
@@ -497,7 +498,7 @@ impl Event {
                     spend_micros: f.u64("spend_micros")?,
                     allowed: f.bool("allowed")?,
                     policies: f.texts("policies")?,
-                    reason: f.opt_text("reason")?,
+                    reason: take_opt_reason(&mut f, "reason")?,
                     handle,
                 }))
             }
@@ -820,6 +821,12 @@ pub enum EntryError {
     UnknownEvent {
         /// The type name found.
         kind: String,
+    },
+    /// A refusal's reason code is not one this version knows.
+    #[error("unknown reason code {code:?}")]
+    UnknownReason {
+        /// The code found.
+        code: String,
     },
     /// The bytes decode but are not the canonical encoding of what they hold.
     #[error("entry is not in canonical encoding")]

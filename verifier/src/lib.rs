@@ -40,6 +40,7 @@
 //!
 //! - [`policy`]: Cedar policy decisions (the one function the enclave decides with and the
 //!   auditor replays).
+//! - [`reason`]: typed refusal reasons, logged as codes; their text is derived, never compared.
 //! - [`state`]: the state fold: registry, policy, identity providers and admin keys as a pure
 //!   function of the log; the enclave computes each event with the same queries.
 //! - [`replay`]: log verification and the state fold as one loop, used by the auditor's
@@ -98,6 +99,7 @@ pub mod handle;
 pub mod log;
 pub mod merkle;
 pub mod policy;
+pub mod reason;
 pub mod replay;
 pub mod state;
 pub mod time;

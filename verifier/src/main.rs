@@ -465,7 +465,12 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
             if a.json {
                 println!(
                     "{}",
-                    json!({ "verified": false, "first_bad_seq": e.seq(), "error": e.to_string() })
+                    json!({
+                        "verified": false,
+                        "first_bad_seq": e.seq(),
+                        "error": e.to_string(),
+                        "replay_failure": failure_detail(&e),
+                    })
                 );
             } else {
                 match e.seq() {
@@ -478,6 +483,24 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
             }
             Ok(Verdict::Failed)
         }
+    }
+}
+
+/// A replay failure's fields for `--json` (kind, seq, logged and replayed values, reason codes).
+fn failure_detail(e: &ReplayError) -> serde_json::Value {
+    match e {
+        ReplayError::State(e) => serde_json::to_value(e).unwrap_or_default(),
+        ReplayError::GenesisKeysDiffer {
+            seq,
+            expected,
+            found,
+        } => json!({
+            "kind": "genesis_keys_differ",
+            "seq": seq,
+            "expected": expected.iter().map(hex::encode).collect::<Vec<_>>(),
+            "found": found.iter().map(hex::encode).collect::<Vec<_>>(),
+        }),
+        _ => serde_json::Value::Null,
     }
 }
 

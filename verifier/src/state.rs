@@ -50,7 +50,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha384};
 use thiserror::Error;
 
-use crate::admin::{AdminAction, IdentityProviderSpec, ServerSpec, SignedAdminRequest};
+use crate::admin::{AdminAction, AdminError, IdentityProviderSpec, ServerSpec, SignedAdminRequest};
 use crate::attestation::{AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt};
 use crate::cbor::{self, uint};
 use crate::entry::{
@@ -62,6 +62,7 @@ use crate::log::VerifiedEntry;
 use crate::policy::{
     Action, AttestationFacts, Counters, DecisionRequest, PolicyEngine, Principal, ServerFacts,
 };
+use crate::reason::Reason;
 use crate::time::UnixMillis;
 
 /// Window over which `calls_last_minute` counts.
@@ -81,12 +82,6 @@ pub const MAX_IDENTITY_PROVIDERS: usize = 64;
 
 /// The most images `allow_image` admin acts may allow in one log.
 pub const MAX_ALLOWED_IMAGES: usize = 256;
-
-/// The reason [`State::decide`] gives when the server is not registered.
-pub const REASON_UNKNOWN_SERVER: &str = "unknown server";
-
-/// The reason [`State::decide`] gives for a `call` of a tool the registration does not pin.
-pub const REASON_TOOL_NOT_PINNED: &str = "tool is not pinned in the registration";
 
 /// SHA-384 over the deterministic CBOR map `{index: value}` of the given PCRs: the
 /// "measurement" a handle and an attestation entry name.
@@ -209,8 +204,10 @@ impl std::fmt::Debug for State {
 }
 
 /// A logged event that this state contradicts: proof the log was not produced by a correct
-/// control plane (or was forged).
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+/// control plane (or was forged). Each variant carries what was logged and what replay found,
+/// as typed values (serialised for `--json`); nothing here compares text.
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum StateError {
     /// A genesis entry anywhere but at seq 1, or a second one.
@@ -225,29 +222,71 @@ pub enum StateError {
         /// Position.
         seq: u64,
     },
+    /// An entry contradicts itself (a refusal without a reason, an acceptance with one).
+    #[error("entry {seq}: {what}")]
+    Inconsistent {
+        /// Position.
+        seq: u64,
+        /// What is contradictory.
+        what: &'static str,
+    },
     /// An admin change logged as accepted does not check out.
-    #[error("entry {seq}: admin request logged as accepted is invalid: {reason}")]
+    #[error("entry {seq}: admin request logged as accepted is invalid: {reason} ({})", reason.code())]
     ForgedAdmin {
         /// Position.
         seq: u64,
-        /// Why.
-        reason: String,
+        /// Why replay refuses it.
+        reason: Reason,
     },
-    /// An attestation logged as verified does not verify.
-    #[error("entry {seq}: attestation logged as verified does not verify: {reason}")]
+    /// An admin request logged as refused is accepted by replay, or refused for another
+    /// reason.
+    #[error(
+        "entry {seq}: admin request logged as refused ({}) is {}",
+        logged.code(),
+        replayed.as_ref().map_or("accepted by replay".to_string(), |r| format!("refused by replay as {}", r.code()))
+    )]
+    AdminMismatch {
+        /// Position.
+        seq: u64,
+        /// The logged reason.
+        logged: Reason,
+        /// Replay's reason, `None` when replay accepts the request.
+        replayed: Option<Reason>,
+    },
+    /// An attestation's logged outcome differs from replay's: logged as verified but refused
+    /// (`logged` is `None`), or refused for another reason than the one logged.
+    #[error(
+        "entry {seq}: attestation logged as {} but replay {}",
+        logged.as_ref().map_or("verified".to_string(), |r| format!("refused ({})", r.code())),
+        replayed.as_ref().map_or("verifies it".to_string(), |r| format!("refuses it ({}: {r})", r.code()))
+    )]
     AttestationMismatch {
         /// Position.
         seq: u64,
-        /// Why.
-        reason: String,
+        /// The logged reason (`None`: logged as verified).
+        logged: Option<Reason>,
+        /// Replay's reason (`None`: it verifies).
+        replayed: Option<Reason>,
+    },
+    /// An attestation logged as verified names another measurement than its document's.
+    #[error("entry {seq}: logged measurement differs from the document's")]
+    MeasurementMismatch {
+        /// Position.
+        seq: u64,
     },
     /// A decision differs from the one the state gives.
-    #[error("entry {seq}: logged decision differs from replay in {field}")]
+    #[error(
+        "entry {seq}: logged decision differs from replay in {field}: logged {logged}, replayed {replayed}"
+    )]
     DecisionMismatch {
         /// Position.
         seq: u64,
         /// The first differing field.
         field: &'static str,
+        /// The logged value of that field.
+        logged: Box<serde_json::Value>,
+        /// The value replay computes.
+        replayed: Box<serde_json::Value>,
     },
     /// A call result that names no earlier entry, or an outcome outside `ok`, `error`,
     /// `aborted`.
@@ -265,7 +304,10 @@ impl StateError {
             StateError::GenesisOutOfPlace { seq }
             | StateError::BadGenesis { seq }
             | StateError::ForgedAdmin { seq, .. }
+            | StateError::AdminMismatch { seq, .. }
+            | StateError::Inconsistent { seq, .. }
             | StateError::AttestationMismatch { seq, .. }
+            | StateError::MeasurementMismatch { seq }
             | StateError::DecisionMismatch { seq, .. }
             | StateError::BadCallResult { seq } => *seq,
         }
@@ -398,17 +440,17 @@ impl State {
     /// Checks a signed admin request at `now` without applying it: signature by a current
     /// admin key, freshness, nonce not seen, and that the action applies (ids exist or not,
     /// policy validates against the schema, JWKS parses, keys are usable).
-    pub fn check_admin(&self, bytes: &[u8], now: UnixMillis) -> Result<PreparedAdmin, String> {
-        let signed = SignedAdminRequest::decode(bytes).map_err(|e| e.to_string())?;
-        signed.verify(&self.admin_keys).map_err(|e| e.to_string())?;
+    pub fn check_admin(&self, bytes: &[u8], now: UnixMillis) -> Result<PreparedAdmin, Reason> {
+        let signed = SignedAdminRequest::decode(bytes).map_err(|_| Reason::MalformedRequest)?;
+        signed.verify(&self.admin_keys).map_err(|e| match e {
+            AdminError::BadSignature { kid } => Reason::BadAdminSignature { kid },
+            _ => Reason::UnknownAdminKey { kid: *signed.kid() },
+        })?;
         if !signed.is_fresh_at(now) {
-            return Err(format!(
-                "request time {} is outside the window around {now}",
-                signed.request().time
-            ));
+            return Err(Reason::StaleRequest);
         }
         if self.admin_nonces.contains_key(&signed.request().nonce) {
-            return Err("replayed request: nonce already used".into());
+            return Err(Reason::ReplayedNonce);
         }
         let mut prepared = PreparedAdmin {
             signed,
@@ -419,52 +461,58 @@ impl State {
         match &prepared.signed.request().action {
             AdminAction::RegisterServer(s) => {
                 if self.servers.contains_key(&s.id) {
-                    return Err(format!("server {:?} is already registered", s.id));
+                    return Err(Reason::ServerExists {
+                        server: s.id.clone(),
+                    });
                 }
                 if self.servers.len() >= MAX_SERVERS {
-                    return Err("the registry is full".into());
+                    return Err(Reason::RegistryFull);
                 }
             }
             AdminAction::UpdateServer(s) => {
                 if !self.servers.contains_key(&s.id) {
-                    return Err(format!("server {:?} is not registered", s.id));
+                    return Err(Reason::UnknownServer {
+                        server: s.id.clone(),
+                    });
                 }
             }
             AdminAction::RevokeServer { id } => {
                 if !self.servers.contains_key(id) {
-                    return Err(format!("server {id:?} is not registered"));
+                    return Err(Reason::UnknownServer { server: id.clone() });
                 }
             }
             AdminAction::SetPolicy { text } => {
-                prepared.policy = Some(PolicyEngine::new(text).map_err(|e| e.to_string())?);
+                prepared.policy = Some(PolicyEngine::new(text).map_err(|_| Reason::InvalidPolicy)?);
             }
             AdminAction::SetIdentityProvider(p) => {
-                let jwks = Jwks::parse(p.jwks.as_bytes()).map_err(|e| e.to_string())?;
+                let jwks = Jwks::parse(p.jwks.as_bytes()).map_err(|_| Reason::InvalidJwks)?;
                 if jwks.is_empty() {
-                    return Err("identity provider JWKS holds no usable Ed25519 key".into());
+                    return Err(Reason::InvalidJwks);
                 }
                 if !self.providers.contains_key(&p.issuer)
                     && self.providers.len() >= MAX_IDENTITY_PROVIDERS
                 {
-                    return Err("too many identity providers".into());
+                    return Err(Reason::TooManyIdentityProviders);
                 }
                 prepared.jwks = Some(jwks);
             }
             AdminAction::RemoveIdentityProvider { issuer } => {
                 if !self.providers.contains_key(issuer) {
-                    return Err(format!("no identity provider {issuer:?}"));
+                    return Err(Reason::UnknownIdentityProvider {
+                        issuer: issuer.clone(),
+                    });
                 }
             }
             AdminAction::RotateAdminKeys { keys } => {
-                prepared.keys = Some(parse_admin_keys(keys).ok_or("unusable admin key")?);
+                prepared.keys = Some(parse_admin_keys(keys).ok_or(Reason::UnusableAdminKey)?);
             }
             AdminAction::AllowImage { pcrs } => {
                 let image: BTreeMap<PcrIndex, Pcr> = pcrs.iter().map(|(i, p)| (*i, p.0)).collect();
                 if self.allowed_images.contains(&image) {
-                    return Err("the image is already allowed".into());
+                    return Err(Reason::ImageAlreadyAllowed);
                 }
                 if self.allowed_images.len() >= MAX_ALLOWED_IMAGES {
-                    return Err("too many allowed images".into());
+                    return Err(Reason::TooManyAllowedImages);
                 }
             }
         }
@@ -538,11 +586,13 @@ impl State {
         nonce: &[u8],
         document: &[u8],
         now: UnixMillis,
-    ) -> Result<Attested, String> {
+    ) -> Result<Attested, Reason> {
         let s = self
             .servers
             .get(server)
-            .ok_or_else(|| format!("server {server:?} is not registered"))?;
+            .ok_or_else(|| Reason::UnknownServer {
+                server: server.to_string(),
+            })?;
         let expect = Expectations {
             pcrs: s.spec.pcrs.iter().map(|(i, p)| (*i, p.0)).collect(),
             allow_debug: s.spec.allow_debug,
@@ -553,7 +603,7 @@ impl State {
         let doc = self
             .server_attestation
             .verify(document, &expect, VerifyAt::Instant(now))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Reason::of_attestation_error(&e))?;
         let matched: BTreeMap<PcrIndex, Pcr> = expect
             .pcrs
             .keys()
@@ -659,7 +709,9 @@ impl State {
             handle: None,
         };
         let Some(server) = self.servers.get(server_id) else {
-            record.reason = Some(REASON_UNKNOWN_SERVER.into());
+            record.reason = Some(Reason::UnknownServer {
+                server: server_id.to_string(),
+            });
             return record;
         };
         let req = self.policy_request(principal, action, server, tool, now);
@@ -673,13 +725,13 @@ impl State {
         record.spend_micros = req.counters.spend_micros;
 
         if principal.tenant != server.spec.tenant {
-            record.reason = Some("server belongs to another tenant".into());
+            record.reason = Some(Reason::OtherTenant);
             return record;
         }
         if matches!(action, Action::Resolve | Action::Call) && !req.attestation.verified {
             record.reason = Some(match &server.attested {
-                None => "server has no verified attestation".into(),
-                Some(_) => "server attestation is stale".into(),
+                None => Reason::NotAttested,
+                Some(_) => Reason::AttestationStale,
             });
             return record;
         }
@@ -687,7 +739,9 @@ impl State {
             match tool {
                 Some(t) if server.spec.tools.contains_key(t) => {}
                 _ => {
-                    record.reason = Some(REASON_TOOL_NOT_PINNED.into());
+                    record.reason = Some(Reason::ToolNotPinned {
+                        tool: tool.unwrap_or_default().to_string(),
+                    });
                     return record;
                 }
             }
@@ -697,11 +751,13 @@ impl State {
         record.policies = decision.policies;
         if !decision.allowed {
             record.reason = Some(if !decision.errors.is_empty() {
-                "policy evaluation failed (deny)".into()
+                Reason::PolicyError
             } else if record.policies.is_empty() {
-                "no policy permits it (deny by default)".into()
+                Reason::NoPermit
             } else {
-                format!("forbidden by policy {}", record.policies.join(", "))
+                Reason::Forbidden {
+                    policies: record.policies.clone(),
+                }
             });
             return record;
         }
@@ -781,24 +837,46 @@ impl State {
                     parse_admin_keys(admin_keys).ok_or(StateError::BadGenesis { seq })?;
             }
             Event::Admin {
-                request, accepted, ..
-            } => {
-                if *accepted {
+                request,
+                accepted,
+                reason,
+            } => match (*accepted, reason) {
+                (true, None) => {
                     let prepared = self
                         .check_admin(request, now)
                         .map_err(|reason| StateError::ForgedAdmin { seq, reason })?;
                     self.apply_admin(prepared);
                 }
-            }
+                (false, Some(logged)) => {
+                    // A refusal changes nothing, but it must be the refusal this state gives:
+                    // otherwise the log hides an accepted change or invents a refusal.
+                    let replayed = self.check_admin(request, now).err();
+                    if replayed.as_ref() != Some(logged) {
+                        return Err(StateError::AdminMismatch {
+                            seq,
+                            logged: logged.clone(),
+                            replayed,
+                        });
+                    }
+                }
+                (true, Some(_)) | (false, None) => {
+                    return Err(StateError::Inconsistent {
+                        seq,
+                        what: "an admin request is logged accepted with a reason, or refused without one",
+                    });
+                }
+            },
             Event::Attestation(rec) => self.apply_attestation(seq, rec, now)?,
             Event::Decision(rec) => {
                 let action = match rec.action.as_str() {
                     "resolve" => Action::Resolve,
                     "call" => Action::Call,
-                    _ => {
+                    other => {
                         return Err(StateError::DecisionMismatch {
                             seq,
                             field: "action",
+                            logged: Box::new(other.into()),
+                            replayed: Box::new(serde_json::json!(["resolve", "call"])),
                         });
                     }
                 };
@@ -820,11 +898,16 @@ impl State {
                 }
             }
             Event::Discovery { principal, servers } => {
-                if mode == ApplyMode::Recheck && *servers != self.discover(principal, now) {
-                    return Err(StateError::DecisionMismatch {
-                        seq,
-                        field: "servers",
-                    });
+                if mode == ApplyMode::Recheck {
+                    let replayed = self.discover(principal, now);
+                    if *servers != replayed {
+                        return Err(StateError::DecisionMismatch {
+                            seq,
+                            field: "servers",
+                            logged: Box::new(servers.clone().into()),
+                            replayed: Box::new(replayed.into()),
+                        });
+                    }
                 }
             }
         }
@@ -838,22 +921,56 @@ impl State {
         rec: &AttestationRecord,
         now: UnixMillis,
     ) -> Result<(), StateError> {
-        if rec.verified {
-            let attested = self
-                .check_attestation(&rec.server, &rec.nonce, &rec.document, now)
-                .map_err(|reason| StateError::AttestationMismatch { seq, reason })?;
-            if rec.measurement != Some(attested.measurement) {
-                return Err(StateError::AttestationMismatch {
+        match (rec.verified, &rec.reason) {
+            (true, None) => {
+                let attested = self
+                    .check_attestation(&rec.server, &rec.nonce, &rec.document, now)
+                    .map_err(|r| StateError::AttestationMismatch {
+                        seq,
+                        logged: None,
+                        replayed: Some(r),
+                    })?;
+                if rec.measurement != Some(attested.measurement) {
+                    return Err(StateError::MeasurementMismatch { seq });
+                }
+                if let Some(s) = self.servers.get_mut(&rec.server) {
+                    s.attested = Some(attested);
+                }
+            }
+            (false, Some(logged)) if !logged.withdraws_attestation() => {
+                // Evidence refused for what the request carried (a nonce the enclave did not
+                // issue, or one already used or expired), not for what the server proved:
+                // it says nothing about the server and changes nothing. Which nonces the
+                // enclave issued is not in the log, so this cannot be re-checked; the entry
+                // is signed by the enclave that kept the challenges.
+                if rec.measurement.is_some() {
+                    return Err(StateError::MeasurementMismatch { seq });
+                }
+            }
+            (false, Some(logged)) => {
+                // A document the server presented against a nonce the enclave issued, that
+                // does not verify: replay must refuse it for the same reason. It withdraws
+                // the previous attestation: the server may have changed.
+                let replayed = self
+                    .check_attestation(&rec.server, &rec.nonce, &rec.document, now)
+                    .err();
+                if replayed.as_ref() != Some(logged) || rec.measurement.is_some() {
+                    return Err(StateError::AttestationMismatch {
+                        seq,
+                        logged: Some(logged.clone()),
+                        replayed,
+                    });
+                }
+                if let Some(s) = self.servers.get_mut(&rec.server) {
+                    s.attested = None;
+                }
+            }
+            (true, Some(_)) | (false, None) => {
+                return Err(StateError::Inconsistent {
                     seq,
-                    reason: "logged measurement differs from the document's".into(),
+                    what: "an attestation is logged verified with a reason, or refused without one",
                 });
             }
-            if let Some(s) = self.servers.get_mut(&rec.server) {
-                s.attested = Some(attested);
-            }
-        } else if let Some(s) = self.servers.get_mut(&rec.server) {
-            // A failed attestation withdraws the previous one: the server may have changed.
-            s.attested = None;
         }
         Ok(())
     }
@@ -873,23 +990,49 @@ fn compare_decision(
     logged: &DecisionRecord,
     replayed: &DecisionRecord,
 ) -> Result<(), StateError> {
-    let mismatch = |field| Err(StateError::DecisionMismatch { seq, field });
+    use serde_json::{Value as J, json};
+    let mismatch = |field, logged: J, replayed: J| {
+        Err(StateError::DecisionMismatch {
+            seq,
+            field,
+            logged: Box::new(logged),
+            replayed: Box::new(replayed),
+        })
+    };
+    let facts = |a: &AttestationFactsRecord| json!({ "verified": a.verified, "age_ms": a.age_ms, "pcr_match": a.pcr_match, "debug": a.debug });
+    let counters = |d: &DecisionRecord| json!({ "calls_last_minute": d.calls_last_minute, "spend_micros": d.spend_micros });
+    let handle = |h: &Option<HandleRecord>| {
+        h.as_ref().map_or(
+            J::Null,
+            |h| json!({ "expires": h.expires, "audience": h.audience, "tools": h.tools }),
+        )
+    };
     if logged.allowed != replayed.allowed {
-        return mismatch("allowed");
+        return mismatch("allowed", logged.allowed.into(), replayed.allowed.into());
     }
     if logged.policies != replayed.policies {
-        return mismatch("policies");
+        return mismatch(
+            "policies",
+            logged.policies.clone().into(),
+            replayed.policies.clone().into(),
+        );
     }
     if logged.attestation != replayed.attestation {
-        return mismatch("attestation facts");
+        return mismatch(
+            "attestation facts",
+            facts(&logged.attestation),
+            facts(&replayed.attestation),
+        );
     }
     if logged.calls_last_minute != replayed.calls_last_minute
         || logged.spend_micros != replayed.spend_micros
     {
-        return mismatch("counters");
+        return mismatch("counters", counters(logged), counters(replayed));
     }
+    // Reasons are compared as typed values (code and data), never as their text.
     if logged.reason != replayed.reason {
-        return mismatch("reason");
+        let show = |r: &Option<Reason>| serde_json::to_value(r).unwrap_or(J::Null);
+        return mismatch("reason", show(&logged.reason), show(&replayed.reason));
     }
     match (&logged.handle, &replayed.handle) {
         (None, None) => Ok(()),
@@ -897,11 +1040,142 @@ fn compare_decision(
             if l.expires == r.expires && l.audience == r.audience && l.tools == r.tools =>
         {
             if l.jti.is_empty() {
-                mismatch("handle jti")
+                mismatch("handle jti", J::from(""), J::from("a random jti"))
             } else {
                 Ok(())
             }
         }
-        _ => mismatch("handle"),
+        _ => mismatch("handle", handle(&logged.handle), handle(&replayed.handle)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::EntryHash;
+    use serde_json::json;
+
+    fn principal() -> PrincipalRecord {
+        PrincipalRecord {
+            agent: "agent".into(),
+            user: "user".into(),
+            tenant: "acme".into(),
+            roles: vec![],
+            issuer: "https://idp.example".into(),
+        }
+    }
+
+    fn decision_entry(seq: u64, time: UnixMillis, record: DecisionRecord) -> Entry {
+        Entry {
+            seq,
+            prev: EntryHash::ZERO,
+            epoch: 0,
+            time,
+            event: Event::Decision(Box::new(record)),
+        }
+    }
+
+    #[test]
+    fn logged_decision_with_another_reason_code_is_named_with_both_values() {
+        let mut state = State::new(TrustAnchor::aws_nitro_root_g1());
+        let now = UnixMillis::from_millis(1_000);
+        let record = state.decide(&principal(), Action::Resolve, "nowhere", None, now);
+        assert_eq!(
+            record.reason,
+            Some(Reason::UnknownServer {
+                server: "nowhere".into()
+            })
+        );
+        state
+            .apply(2, &decision_entry(2, now, record.clone()))
+            .unwrap();
+
+        let mut tampered = record;
+        tampered.reason = Some(Reason::NoPermit);
+        match state.apply(3, &decision_entry(3, now, tampered)) {
+            Err(StateError::DecisionMismatch {
+                seq,
+                field,
+                logged,
+                replayed,
+            }) => {
+                assert_eq!((seq, field), (3, "reason"));
+                assert_eq!(*logged, json!({ "code": "no_permit" }));
+                assert_eq!(
+                    *replayed,
+                    json!({ "code": "unknown_server", "server": "nowhere" })
+                );
+            }
+            other => panic!("a changed reason code was not named: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reason_is_logged_as_its_code_so_rewording_its_text_changes_no_verdict() {
+        // The entry holds the code and its data, never the sentence: the text can be reworded
+        // without changing a byte of any log, and replay compares the typed values.
+        let state = State::new(TrustAnchor::aws_nitro_root_g1());
+        let now = UnixMillis::from_millis(1_000);
+        let record = state.decide(&principal(), Action::Resolve, "nowhere", None, now);
+        let reason = record.reason.clone().unwrap();
+        let payload = decision_entry(2, now, record).payload().unwrap();
+        let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"unknown_server"));
+        assert!(!has(reason.to_string().as_bytes()));
+        let decoded = Entry::from_payload(&payload).unwrap();
+        let Event::Decision(d) = decoded.event else {
+            panic!("not a decision")
+        };
+        assert_eq!(d.reason, Some(reason));
+    }
+
+    #[test]
+    fn refused_admin_request_must_be_refused_by_replay_for_the_logged_reason() {
+        let mut state = State::new(TrustAnchor::aws_nitro_root_g1());
+        let admin = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let genesis = Entry {
+            seq: 1,
+            prev: EntryHash::ZERO,
+            epoch: 0,
+            time: UnixMillis::from_millis(1_000),
+            event: Event::Genesis {
+                admin_keys: vec![admin.verifying_key().to_bytes()],
+            },
+        };
+        state.apply(1, &genesis).unwrap();
+        let request = crate::admin::AdminRequest {
+            time: UnixMillis::from_millis(1_000),
+            nonce: [3; 16],
+            action: AdminAction::RevokeServer { id: "s".into() },
+        }
+        .sign(&admin.verifying_key(), &admin)
+        .unwrap();
+        let admin_entry = |reason| Entry {
+            seq: 2,
+            prev: EntryHash::ZERO,
+            epoch: 0,
+            time: UnixMillis::from_millis(1_000),
+            event: Event::Admin {
+                request: request.clone(),
+                accepted: false,
+                reason: Some(reason),
+            },
+        };
+        // Logged as refused as stale: replay refuses it because the server is unknown.
+        match state.apply(2, &admin_entry(Reason::StaleRequest)) {
+            Err(StateError::AdminMismatch {
+                logged, replayed, ..
+            }) => {
+                assert_eq!(logged, Reason::StaleRequest);
+                assert_eq!(replayed, Some(Reason::UnknownServer { server: "s".into() }));
+            }
+            other => panic!("a wrong refusal reason was not named: {other:?}"),
+        }
+        state
+            .apply(
+                2,
+                &admin_entry(Reason::UnknownServer { server: "s".into() }),
+            )
+            .unwrap();
     }
 }

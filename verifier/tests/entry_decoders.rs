@@ -15,6 +15,7 @@ use attestplane_verifier::entry::{
     AttestationFactsRecord, AttestationRecord, DecisionRecord, ENTRY_CONTENT_TYPE, Entry,
     EntryError, EntryHash, Event, HandleRecord, KeyId, PrincipalRecord, SignedEntry,
 };
+use attestplane_verifier::reason::Reason;
 use ciborium::value::{Integer, Value};
 use coset::iana::Algorithm;
 use coset::{CoseSign1Builder, HeaderBuilder, TaggedCborSerializable};
@@ -31,6 +32,20 @@ fn text() -> impl Strategy<Value = String> {
 
 fn opt_text() -> impl Strategy<Value = Option<String>> {
     proptest::option::of(text())
+}
+
+/// Reasons of every shape: without data, with text, with a list, with a key id, with an index.
+fn opt_reason() -> impl Strategy<Value = Option<Reason>> {
+    proptest::option::of(prop_oneof![
+        Just(Reason::NoPermit),
+        Just(Reason::NonceNotIssued),
+        text().prop_map(|server| Reason::UnknownServer { server }),
+        texts().prop_map(|policies| Reason::Forbidden { policies }),
+        any::<[u8; 32]>().prop_map(|k| Reason::UnknownAdminKey {
+            kid: KeyId::from_bytes(k)
+        }),
+        (0u8..32).prop_map(|index| Reason::PcrMismatch { index }),
+    ])
 }
 
 fn texts() -> impl Strategy<Value = Vec<String>> {
@@ -88,7 +103,7 @@ fn decision() -> impl Strategy<Value = Event> {
             any::<u64>(),
             any::<bool>(),
             texts(),
-            opt_text(),
+            opt_reason(),
             handle,
         ),
     )
@@ -120,10 +135,12 @@ fn event() -> impl Strategy<Value = Event> {
         blob().prop_map(|attestation| Event::EpochStart { attestation }),
         proptest::collection::vec(any::<[u8; 32]>(), 0..4)
             .prop_map(|admin_keys| Event::Genesis { admin_keys }),
-        (blob(), any::<bool>(), opt_text()).prop_map(|(request, accepted, reason)| Event::Admin {
-            request,
-            accepted,
-            reason
+        (blob(), any::<bool>(), opt_reason()).prop_map(|(request, accepted, reason)| {
+            Event::Admin {
+                request,
+                accepted,
+                reason,
+            }
         }),
         (
             text(),
@@ -131,7 +148,7 @@ fn event() -> impl Strategy<Value = Event> {
             blob(),
             any::<bool>(),
             proptest::option::of(any::<[u8; 32]>()),
-            opt_text()
+            opt_reason()
         )
             .prop_map(|(server, nonce, document, verified, m, reason)| {
                 Event::Attestation(AttestationRecord {

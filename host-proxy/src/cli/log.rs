@@ -328,7 +328,9 @@ pub fn summary(event: &Event) -> String {
             } else {
                 format!(
                     "REFUSED {what}: {}",
-                    reason.as_deref().unwrap_or("no reason")
+                    reason
+                        .as_ref()
+                        .map_or("no reason".into(), ToString::to_string)
                 )
             }
         }
@@ -343,7 +345,9 @@ pub fn summary(event: &Event) -> String {
                 format!(
                     "server {} REFUSED: {}",
                     a.server,
-                    a.reason.as_deref().unwrap_or("no reason")
+                    a.reason
+                        .as_ref()
+                        .map_or("no reason".into(), ToString::to_string)
                 )
             }
         }
@@ -356,7 +360,12 @@ pub fn summary(event: &Event) -> String {
             let verdict = if d.allowed {
                 "allowed".to_owned()
             } else {
-                format!("DENIED: {}", d.reason.as_deref().unwrap_or("no reason"))
+                format!(
+                    "DENIED: {}",
+                    d.reason
+                        .as_ref()
+                        .map_or("no reason".into(), ToString::to_string)
+                )
             };
             format!(
                 "{} by {} (user {}, tenant {}) on {}{tool}: {verdict}",
@@ -532,7 +541,7 @@ mod tests {
             Event::Admin {
                 request: set("forbid"),
                 accepted: false,
-                reason: Some("bad".into()),
+                reason: Some(attestplane_verifier::reason::Reason::InvalidPolicy),
             },
             &enclave,
         );
