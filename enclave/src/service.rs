@@ -64,11 +64,11 @@ use attestplane_verifier::entry::{AttestationRecord, EntryHash, Event};
 use attestplane_verifier::handle::{HandleClaims, Jwks, encode_handle};
 use attestplane_verifier::log::{LogError, LogPolicy, image_matches};
 use attestplane_verifier::policy::Action;
+use attestplane_verifier::reason::Reason;
 /// How boot replay applies each epoch: trusted for the enclave's own image, re-checked for any
 /// other (the verifier's, re-exported: the one replay loop lives there).
 pub use attestplane_verifier::replay::EpochTrust;
 use attestplane_verifier::replay::Replay;
-use attestplane_verifier::reason::Reason;
 use attestplane_verifier::state::State;
 
 use ed25519_dalek::VerifyingKey;

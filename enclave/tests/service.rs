@@ -656,14 +656,13 @@ fn unissued_nonce_cannot_deattest_a_server() {
 
     // The auditor's replay and the enclave's boot fold the refusals the same way.
     verify_log(&h.store, log_policy(&h.nsm), h.now).unwrap();
-    let mut audit = attestplane_verifier::state::State::new(server_anchor());
-    for (seq, bytes) in (0u64..).zip(&h.store) {
-        let signed = SignedEntry::decode(bytes).unwrap();
-        audit
-            .apply(seq, signed.entry())
-            .unwrap_or_else(|e| panic!("replay refused the log: {e}"));
-    }
-    assert_eq!(audit.server("search").unwrap().attested, attested);
+    let mut audit =
+        attestplane_verifier::replay::Replay::new(log_policy(&h.nsm), h.now, server_anchor())
+            .unwrap();
+    audit
+        .push_round(&h.store)
+        .unwrap_or_else(|e| panic!("replay refused the log: {e}"));
+    assert_eq!(audit.state().server("search").unwrap().attested, attested);
     let store = h.store.clone();
     h.advance(1);
     let mut h = Harness::boot(h.nsm.clone(), store, &[], h.now)

@@ -1087,12 +1087,16 @@ mod tests {
             })
         );
         state
-            .apply(2, &decision_entry(2, now, record.clone()))
+            .fold(
+                2,
+                &decision_entry(2, now, record.clone()),
+                ApplyMode::Recheck,
+            )
             .unwrap();
 
         let mut tampered = record;
         tampered.reason = Some(Reason::NoPermit);
-        match state.apply(3, &decision_entry(3, now, tampered)) {
+        match state.fold(3, &decision_entry(3, now, tampered), ApplyMode::Recheck) {
             Err(StateError::DecisionMismatch {
                 seq,
                 field,
@@ -1142,7 +1146,7 @@ mod tests {
                 admin_keys: vec![admin.verifying_key().to_bytes()],
             },
         };
-        state.apply(1, &genesis).unwrap();
+        state.fold(1, &genesis, ApplyMode::Recheck).unwrap();
         let request = crate::admin::AdminRequest {
             time: UnixMillis::from_millis(1_000),
             nonce: [3; 16],
@@ -1162,7 +1166,7 @@ mod tests {
             },
         };
         // Logged as refused as stale: replay refuses it because the server is unknown.
-        match state.apply(2, &admin_entry(Reason::StaleRequest)) {
+        match state.fold(2, &admin_entry(Reason::StaleRequest), ApplyMode::Recheck) {
             Err(StateError::AdminMismatch {
                 logged, replayed, ..
             }) => {
@@ -1172,9 +1176,10 @@ mod tests {
             other => panic!("a wrong refusal reason was not named: {other:?}"),
         }
         state
-            .apply(
+            .fold(
                 2,
                 &admin_entry(Reason::UnknownServer { server: "s".into() }),
+                ApplyMode::Recheck,
             )
             .unwrap();
     }
