@@ -511,7 +511,8 @@ fn setup() -> Bench {
         kid: "idp-key-1".into(),
     };
     let mut host = Host {
-        enclave: Enclave::new(nsm.clone(), config.clone()),
+        enclave: Enclave::new(nsm.clone(), config.clone())
+            .with_pinned_genesis(vec![admin.verifying_key().to_bytes()]),
         nsm: nsm.clone(),
         now: at(T0),
         next_id: 0,

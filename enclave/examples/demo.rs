@@ -113,7 +113,8 @@ fn main() -> Result<()> {
     };
     let admin = SigningKey::from_bytes(&Sha256::digest(b"demo admin key").into());
     let mut host = Host {
-        enclave: Enclave::new(nsm.clone(), config),
+        enclave: Enclave::new(nsm.clone(), config)
+            .with_pinned_genesis(vec![admin.verifying_key().to_bytes()]),
         nsm: nsm.clone(),
         store: Vec::new(),
         now,

@@ -541,6 +541,7 @@ fn generate(total: u64, path: &Path) -> Generated {
     g.open_epoch(true);
     g.fold(Event::Genesis {
         admin_keys: vec![admin.verifying_key().to_bytes()],
+        host_chosen: false,
     });
     for s in 0..SERVERS {
         g.admin(&admin, AdminAction::RegisterServer(spec(s, &server_pcrs)));

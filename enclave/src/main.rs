@@ -77,10 +77,15 @@ struct Cli {
     /// Make the mock behave like an enclave started in debug mode (PCRs 0, 1, 2 and 8 zero).
     #[arg(long)]
     mock_debug: bool,
-    /// Pin the genesis admin key set (hex Ed25519 public key; repeatable). Without it the host
-    /// chooses the admin keys of a new log. In production, bake this into the image.
+    /// Pin the genesis admin key set (hex Ed25519 public key; repeatable). Part of the image's
+    /// measured command line (scripts/build-eif --genesis-admin-key). Without it the enclave
+    /// refuses to start a new log.
     #[arg(long = "genesis-admin-key", value_name = "HEX")]
     genesis_admin_keys: Vec<String>,
+    /// DEVELOPMENT ONLY: with no --genesis-admin-key, start a new log under whatever admin keys
+    /// the host sends. The genesis entry records it and pinned auditors refuse such a log.
+    #[arg(long, conflicts_with = "genesis_admin_keys")]
+    insecure_host_chosen_genesis: bool,
     /// The log's origin (the checkpoint key name).
     #[arg(long, default_value = "attestplane/log")]
     origin: String,
@@ -163,9 +168,16 @@ async fn main() -> Result<()> {
         allow_debug: cli.allow_debug,
     };
     let mut enclave = Enclave::new(nsm, config);
-    if cli.genesis_admin_keys.is_empty() {
+    if cli.insecure_host_chosen_genesis {
         eprintln!(
-            "attestplane-enclave: warning: no --genesis-admin-key: the host chooses the admin keys of a new log"
+            "attestplane-enclave: WARNING: --insecure-host-chosen-genesis: a new log starts under \
+             admin keys the HOST chooses; the genesis entry records it. Development only."
+        );
+        enclave = enclave.with_insecure_host_chosen_genesis();
+    } else if cli.genesis_admin_keys.is_empty() {
+        eprintln!(
+            "attestplane-enclave: no --genesis-admin-key: this enclave continues an existing \
+             log but refuses to start a new one"
         );
     } else {
         let mut keys = Vec::new();

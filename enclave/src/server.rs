@@ -976,7 +976,11 @@ mod tests {
             allow_debug: false,
         };
         let mut h = Handler {
-            enclave: Enclave::new(Arc::new(nsm), config),
+            enclave: Enclave::new(Arc::new(nsm), config).with_pinned_genesis(vec![
+                ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+                    .verifying_key()
+                    .to_bytes(),
+            ]),
             clock: || T0,
             conns: BTreeMap::new(),
             routes: HashMap::new(),

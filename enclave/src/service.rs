@@ -140,6 +140,7 @@ pub struct Enclave {
     challenges: BTreeMap<String, (Vec<u8>, UnixMillis)>,
     pinned_genesis: Option<Vec<[u8; 32]>>,
     pinned_images: Vec<BTreeMap<PcrIndex, Pcr>>,
+    insecure_host_chosen_genesis: bool,
     bearers: BearerCache,
 }
 
@@ -183,15 +184,16 @@ impl Enclave {
             challenges: BTreeMap::new(),
             pinned_genesis: None,
             pinned_images: Vec::new(),
+            insecure_host_chosen_genesis: false,
             bearers: BearerCache::default(),
         }
     }
 
-    /// Pins the genesis admin key set. Without it, the host supplies the genesis keys of an
-    /// empty log at `ReplayBegin`, so a compromised host could start a fresh log under its own
-    /// admin keys; with it, the enclave uses exactly these keys for a new log and refuses a
-    /// stored log whose genesis names others. In production the keys belong in the measured
-    /// image (the EIF's command line), so that PCRs attest them.
+    /// Pins the genesis admin key set: the enclave uses exactly these keys for a new log and
+    /// refuses a stored log whose genesis names others or was chosen by a host. In production
+    /// the keys are on the measured image's command line (`--genesis-admin-key`), so PCRs
+    /// attest them. Without pinned keys the enclave refuses to start a new log, unless
+    /// [`Enclave::with_insecure_host_chosen_genesis`] says otherwise.
     pub fn with_pinned_genesis(mut self, mut keys: Vec<[u8; 32]>) -> Self {
         keys.sort_unstable();
         keys.dedup();
@@ -206,6 +208,15 @@ impl Enclave {
     /// accepted `allow_image` act names them.
     pub fn with_pinned_images(mut self, images: Vec<BTreeMap<PcrIndex, Pcr>>) -> Self {
         self.pinned_images = images;
+        self
+    }
+
+    /// DEVELOPMENT ONLY: without pinned keys, start a new log under the admin keys the host
+    /// sends with `ReplayBegin`, and accept a stored log whose genesis a host chose. The
+    /// genesis entry records it (`host_chosen`), so every auditor sees that whoever ran the
+    /// host chose the log's administrators. Ignored when keys are pinned.
+    pub fn with_insecure_host_chosen_genesis(mut self) -> Self {
+        self.insecure_host_chosen_genesis = true;
         self
     }
 
@@ -329,6 +340,9 @@ impl Enclave {
                 );
             }
             genesis_keys = pinned.clone();
+        } else if !self.insecure_host_chosen_genesis {
+            // Nothing pinned and no development flag: the host's keys are not used.
+            genesis_keys.clear();
         }
         let pcrs = match self.own_pcrs() {
             Ok(p) => p,
@@ -347,7 +361,8 @@ impl Enclave {
         };
         let replay = match &self.pinned_genesis {
             Some(pinned) => replay.expect_genesis_keys(pinned.clone()),
-            None => replay,
+            None if self.insecure_host_chosen_genesis => replay,
+            None => replay.refuse_host_chosen_genesis(),
         };
         self.phase = Phase::Replaying(Box::new(Booting {
             replay,
@@ -431,6 +446,16 @@ impl Enclave {
             return self.broken(id, e.seq(), e.to_string());
         }
         let needs_genesis = !self.state.has_genesis();
+        if needs_genesis && self.pinned_genesis.is_none() && !self.insecure_host_chosen_genesis {
+            let message = "no genesis admin keys are pinned in this image \
+                           (--genesis-admin-key): refusing to start a new log under keys the \
+                           host chose";
+            if head.size == 0 {
+                self.phase = Phase::Booting;
+                return error(id, ErrorCode::BadRequest, message);
+            }
+            return self.broken(id, None, message.into());
+        }
         if needs_genesis && genesis_keys.is_empty() {
             if head.size == 0 {
                 // Nothing was replayed: the host may start over with the keys.
@@ -456,6 +481,7 @@ impl Enclave {
             match writer.append(
                 Event::Genesis {
                     admin_keys: genesis_keys,
+                    host_chosen: self.pinned_genesis.is_none(),
                 },
                 now,
             ) {

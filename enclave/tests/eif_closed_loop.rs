@@ -90,6 +90,7 @@ fn write_log(m: &EifMeasurements) -> (MockNsm, Vec<Vec<u8>>) {
         .append(
             Event::Genesis {
                 admin_keys: vec![admin.to_bytes()],
+                host_chosen: false,
             },
             UnixMillis::from_millis(T0 + 10),
         )

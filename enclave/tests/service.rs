@@ -1185,7 +1185,8 @@ fn final_reply_waits_for_durability() {
 fn requests_out_of_sequence_are_refused() {
     let admin = Admin::new(1);
     let nsm = enclave_nsm();
-    let mut e = Enclave::new(nsm.clone(), config(&nsm));
+    // The host-chosen path (development only) is the one where the host's keys matter.
+    let mut e = Enclave::new(nsm.clone(), config(&nsm)).with_insecure_host_chosen_genesis();
     let now = at(0);
     let one = |e: &mut Enclave, r: Request| {
         let mut replies = e.handle(5, r, now);
@@ -1280,7 +1281,8 @@ fn requests_out_of_sequence_are_refused() {
     assert_eq!(
         h.entry(1).event,
         Event::Genesis {
-            admin_keys: vec![admin.public()]
+            admin_keys: vec![admin.public()],
+            host_chosen: false,
         }
     );
     assert_eq!(
@@ -1708,7 +1710,8 @@ fn host_cannot_choose_genesis_keys_when_pinned() {
     assert_eq!(
         genesis,
         Event::Genesis {
-            admin_keys: vec![operator.public()]
+            admin_keys: vec![operator.public()],
+            host_chosen: false,
         }
     );
 
@@ -1721,6 +1724,91 @@ fn host_cannot_choose_genesis_keys_when_pinned() {
             .any(|r| matches!(r, Response::BrokenLog { seq: Some(1), .. })),
         "{replies:?}"
     );
+}
+
+/// The host-chosen-genesis attack: an enclave whose image pins no genesis admin keys is asked to
+/// start a new log under keys the host sends. Without the development flag it refuses (and
+/// writes nothing); with it, the genesis entry says the host chose, and an enclave without the
+/// flag, or an auditor who pinned keys, refuses that log.
+#[test]
+fn host_chosen_genesis_is_refused_without_the_dev_flag() {
+    let intruder = Admin::new(9);
+    let nsm = enclave_nsm();
+    let now = at(0);
+    let begin = Request::ReplayBegin {
+        genesis_admin_keys: vec![ByteBuf::from(intruder.public().to_vec())],
+        total_entries: 0,
+    };
+
+    let mut e = Enclave::new(nsm.clone(), config(&nsm));
+    assert_eq!(e.handle(1, begin.clone(), now), vec![(1, Response::Ack)]);
+    let replies = e.handle(2, Request::ReplayEnd, now);
+    assert!(
+        matches!(&replies[..], [(2, Response::Error { code: ErrorCode::BadRequest, message })]
+            if message.contains("pinned")),
+        "{replies:?}"
+    );
+    assert!(!e.is_ready());
+    assert!(!e.state().has_genesis());
+
+    // With the loud development flag the log starts, and its genesis records who chose.
+    let mut dev = Enclave::new(nsm.clone(), config(&nsm)).with_insecure_host_chosen_genesis();
+    assert_eq!(dev.handle(1, begin, now), vec![(1, Response::Ack)]);
+    let replies = dev.handle(2, Request::ReplayEnd, now);
+    let Some((_, Response::Persist { entries, .. })) = replies.last() else {
+        panic!("no genesis written: {replies:?}");
+    };
+    let log: Vec<Vec<u8>> = entries.iter().map(|b| b.to_vec()).collect();
+    assert_eq!(
+        SignedEntry::decode(&log[1]).unwrap().into_entry().event,
+        Event::Genesis {
+            admin_keys: vec![intruder.public()],
+            host_chosen: true,
+        }
+    );
+
+    // An enclave without the flag refuses to continue that log.
+    match Harness::boot(nsm.clone(), log.clone(), &[], at(1_000)) {
+        Err((Response::BrokenLog { seq, .. }, _)) => assert_eq!(seq, Some(1)),
+        Err((other, _)) => panic!("expected BrokenLog, got {other:?}"),
+        Ok(_) => panic!("an enclave without the dev flag continued a host-chosen log"),
+    }
+    // So does an auditor who pinned keys, even the very keys the host chose.
+    let audit =
+        attestplane_verifier::replay::Replay::new(log_policy(&nsm), at(1_000), server_anchor())
+            .unwrap()
+            .expect_genesis_keys(vec![intruder.public()]);
+    let mut audit = audit;
+    match audit.push_round(&log) {
+        Err(attestplane_verifier::replay::ReplayError::HostChosenGenesis { seq }) => {
+            assert_eq!(seq, 1)
+        }
+        other => panic!("a pinned auditor accepted a host-chosen genesis: {other:?}"),
+    }
+}
+
+/// An auditor who pins the genesis admin keys refuses a log whose genesis names others.
+#[test]
+fn pinned_auditor_refuses_a_log_with_other_genesis_keys() {
+    let operator = Admin::new(1);
+    let intruder = Admin::new(9);
+    let h = Harness::new(&[&intruder]);
+    let mut audit =
+        attestplane_verifier::replay::Replay::new(log_policy(&h.nsm), h.now, server_anchor())
+            .unwrap()
+            .expect_genesis_keys(vec![operator.public()]);
+    match audit.push_round(&h.store) {
+        Err(attestplane_verifier::replay::ReplayError::GenesisKeysDiffer {
+            seq,
+            expected,
+            found,
+        }) => {
+            assert_eq!(seq, 1);
+            assert_eq!(expected, vec![operator.public()]);
+            assert_eq!(found, vec![intruder.public()]);
+        }
+        other => panic!("a log with other genesis keys was accepted: {other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1741,6 +1829,7 @@ fn log_with_a_decision_policy_would_not_make(
         .append(
             Event::Genesis {
                 admin_keys: vec![admin.public()],
+                host_chosen: false,
             },
             at(1_000),
         )

@@ -35,7 +35,8 @@ fn booted() -> Enclave {
         server_anchor: root,
         allow_debug: false,
     };
-    let mut enclave = Enclave::new(Arc::new(nsm), config);
+    // The host's genesis keys are part of the input: let the enclave take them.
+    let mut enclave = Enclave::new(Arc::new(nsm), config).with_insecure_host_chosen_genesis();
     let keys = vec![ByteBuf::from(GENESIS_KEY.to_vec())];
     let begin = Request::ReplayBegin {
         genesis_admin_keys: keys,

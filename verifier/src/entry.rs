@@ -165,6 +165,10 @@ pub enum Event {
     Genesis {
         /// Raw Ed25519 public keys allowed to sign admin requests.
         admin_keys: Vec<[u8; 32]>,
+        /// The keys came from the host, not from the enclave's measured command line: the
+        /// enclave ran with `--insecure-host-chosen-genesis` (development only). Whoever
+        /// controls the host chose who administers such a log.
+        host_chosen: bool,
     },
     /// A signed admin request and whether it was applied. Refused requests are logged too.
     Admin {
@@ -336,7 +340,14 @@ impl Event {
             Event::EpochStart { attestation } => {
                 map([kind, ("attestation", Value::Bytes(attestation.clone()))])
             }
-            Event::Genesis { admin_keys } => map([kind, ("admin_keys", keys32(admin_keys))]),
+            Event::Genesis {
+                admin_keys,
+                host_chosen,
+            } => map([
+                kind,
+                ("admin_keys", keys32(admin_keys)),
+                ("host_chosen", Value::Bool(*host_chosen)),
+            ]),
             Event::Admin {
                 request,
                 accepted,
@@ -450,6 +461,7 @@ impl Event {
             },
             "genesis" => Event::Genesis {
                 admin_keys: f.keys32("admin_keys")?,
+                host_chosen: f.bool("host_chosen")?,
             },
             "admin" => Event::Admin {
                 request: f.bytes("request")?,

@@ -136,9 +136,87 @@ struct LogArgs {
     /// attestations (default: the AWS Nitro root; the local dev stack's servers use the mock's).
     #[arg(long, value_name = "PEM")]
     server_root: Option<PathBuf>,
+    /// An admin key the log's genesis must name (hex Ed25519 public key; repeatable): the keys
+    /// pinned in the control plane's image. A log whose genesis names other keys, or whose
+    /// genesis keys the host chose, fails.
+    #[arg(long = "genesis-admin-key", value_name = "HEX")]
+    genesis_admin_keys: Vec<String>,
+    /// A trust file (JSON) naming what this auditor pins: {"pcrs": {"PCR0": hex, ...},
+    /// "root": PEM path, "server_root": PEM path, "genesis_admin_keys": [hex, ...]}; paths are
+    /// relative to the file. Flags given on the command line take precedence.
+    #[arg(long, value_name = "FILE")]
+    trust: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// What an auditor pins, in one file (`attestplane-verify log --trust FILE`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustFile {
+    /// Expected PCRs of the control plane's image: {"PCR0": hex, ...} or {"0": hex, ...}.
+    #[serde(default)]
+    pcrs: BTreeMap<String, String>,
+    /// PEM root of the control plane's attestation documents (default: AWS's).
+    root: Option<PathBuf>,
+    /// PEM root of the MCP servers' attestation documents (default: AWS's).
+    server_root: Option<PathBuf>,
+    /// The genesis admin keys pinned in the image (hex).
+    #[serde(default)]
+    genesis_admin_keys: Vec<String>,
+}
+
+/// The longest trust file read.
+const MAX_TRUST_FILE_LEN: usize = 64 * 1024;
+
+impl TrustFile {
+    fn read(path: &Path) -> anyhow::Result<Self> {
+        let bytes = read(path)?;
+        if bytes.len() > MAX_TRUST_FILE_LEN {
+            bail!(
+                "{}: a trust file is at most {MAX_TRUST_FILE_LEN} bytes",
+                path.display()
+            );
+        }
+        let mut t: TrustFile = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not a trust file", path.display()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        t.root = t.root.map(|p| dir.join(p));
+        t.server_root = t.server_root.map(|p| dir.join(p));
+        Ok(t)
+    }
+
+    fn pcrs(&self) -> anyhow::Result<BTreeMap<PcrIndex, Pcr>> {
+        let mut out = BTreeMap::new();
+        for (k, v) in &self.pcrs {
+            let idx = k.trim_start_matches("PCR").trim_start_matches("pcr");
+            let idx: PcrIndex = idx
+                .parse()
+                .map_err(|e| anyhow!("trust file: bad PCR index {k:?}: {e}"))?;
+            let pcr =
+                Pcr::from_hex(v).map_err(|e| anyhow!("trust file: bad PCR{idx} value: {e}"))?;
+            out.insert(idx, pcr);
+        }
+        Ok(out)
+    }
+}
+
+fn parse_admin_key(s: &str) -> anyhow::Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut key)
+        .map_err(|e| anyhow!("genesis admin key {s:?}: expected 64 hex digits: {e}"))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&key)
+        .map_err(|_| anyhow!("genesis admin key {s:?} is not an Ed25519 public key"))?;
+    Ok(key)
+}
+
+/// An admin key's fingerprint: its key id (SHA-256 of the raw key), as admin requests name it.
+fn fingerprint(key: &[u8; 32]) -> String {
+    ed25519_dalek::VerifyingKey::from_bytes(key).map_or_else(
+        |_| format!("(not a key) {}", hex::encode(key)),
+        |k| attestplane_verifier::entry::KeyId::of(&k).to_hex(),
+    )
 }
 
 #[derive(Debug, Args)]
@@ -353,11 +431,32 @@ fn attestation(a: AttestationArgs) -> anyhow::Result<Verdict> {
 
 fn log(a: LogArgs) -> anyhow::Result<Verdict> {
     let bytes = read(&a.file)?;
-    let pcrs = a.pcrs.expected()?;
+    let trust = match &a.trust {
+        Some(p) => TrustFile::read(p)?,
+        None => TrustFile::default(),
+    };
+    let mut pcrs = trust.pcrs()?;
+    pcrs.extend(a.pcrs.expected()?);
     if pcrs.is_empty() {
-        bail!("give the control plane's expected measurements with --pcr N=HEX or --pcrs FILE");
+        bail!(
+            "give the control plane's expected measurements with --pcr N=HEX, --pcrs FILE or \
+             --trust FILE"
+        );
     }
-    let mut policy = LogPolicy::new(a.pcrs.anchor()?, pcrs);
+    let anchor = match (&a.pcrs.root, &trust.root) {
+        (None, Some(p)) => TrustAnchor::from_pem(&read(p)?)
+            .map_err(|e| anyhow!("{}: not a usable root certificate: {e}", p.display()))?,
+        _ => a.pcrs.anchor()?,
+    };
+    let pinned_keys = if a.genesis_admin_keys.is_empty() {
+        &trust.genesis_admin_keys
+    } else {
+        &a.genesis_admin_keys
+    }
+    .iter()
+    .map(|k| parse_admin_key(k))
+    .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut policy = LogPolicy::new(anchor, pcrs);
     policy.allow_debug = a.pcrs.allow_debug;
     let at = match &a.at {
         Some(s) => parse_time(s)?,
@@ -372,7 +471,7 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
             })
         })
         .transpose()?;
-    let server_anchor = match &a.server_root {
+    let server_anchor = match a.server_root.as_ref().or(trust.server_root.as_ref()) {
         None => TrustAnchor::aws_nitro_root_g1(),
         Some(p) => TrustAnchor::from_pem(&read(p)?)
             .map_err(|e| anyhow!("{}: not a usable root certificate: {e}", p.display()))?,
@@ -385,6 +484,9 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
         // state, which re-checks every admin change, server attestation and policy decision
         // the log records.
         let mut replay = Replay::new(policy, at, server_anchor)?;
+        if !pinned_keys.is_empty() {
+            replay = replay.expect_genesis_keys(pinned_keys.clone());
+        }
         if let Some(size) = checkpoint
             .as_deref()
             .and_then(attestplane_verifier::log::claimed_size)
@@ -416,10 +518,45 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
     match result {
         Ok(ReplayedLog { log, state, events }) => {
             let state = state.snapshot();
+            let fingerprints = |keys: &[String]| -> Vec<String> {
+                keys.iter()
+                    .filter_map(|k| parse_admin_key(k).ok())
+                    .map(|k| fingerprint(&k))
+                    .collect()
+            };
+            let at_genesis = fingerprints(&state.genesis_admin_keys);
+            let at_end = fingerprints(&state.admin_keys);
+            if !pinned_keys.is_empty() && at_genesis.is_empty() {
+                let error = "the log has no genesis entry to check the pinned admin keys against";
+                if a.json {
+                    println!("{}", json!({ "verified": false, "error": error }));
+                } else {
+                    println!("FAILED log {}: {error}", a.file.display());
+                }
+                return Ok(Verdict::Failed);
+            }
+            let genesis = if !pinned_keys.is_empty() {
+                "pinned by this auditor"
+            } else if state.genesis_host_chosen {
+                "CHOSEN BY THE HOST (an enclave run with --insecure-host-chosen-genesis)"
+            } else {
+                "pinned in the image, not checked: no --genesis-admin-key given"
+            };
             if a.json {
                 println!(
                     "{}",
-                    json!({ "verified": true, "log": log, "state": state, "events": events })
+                    json!({
+                        "verified": true,
+                        "log": log,
+                        "state": state,
+                        "events": events,
+                        "admin_keys": {
+                            "at_genesis": at_genesis,
+                            "at_end": at_end,
+                            "genesis_host_chosen": state.genesis_host_chosen,
+                            "genesis_pinned_by_auditor": !pinned_keys.is_empty(),
+                        },
+                    })
                 );
             } else {
                 println!("VERIFIED log {}", a.file.display());
@@ -445,6 +582,14 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
                 }
                 let counts: Vec<String> = events.iter().map(|(k, v)| format!("{k} {v}")).collect();
                 println!("  events:      {}", counts.join(", "));
+                println!("  admin keys at genesis ({genesis}):");
+                for k in &at_genesis {
+                    println!("    {k}");
+                }
+                println!("  admin keys at the end of the log:");
+                for k in &at_end {
+                    println!("    {k}");
+                }
                 println!(
                     "  replayed:    every admin change, attestation and decision re-checked; \
                      {} admin keys, {} servers, policy of {} bytes, {} identity providers",
@@ -490,6 +635,9 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
 fn failure_detail(e: &ReplayError) -> serde_json::Value {
     match e {
         ReplayError::State(e) => serde_json::to_value(e).unwrap_or_default(),
+        ReplayError::HostChosenGenesis { seq } => {
+            json!({ "kind": "host_chosen_genesis", "seq": seq })
+        }
         ReplayError::GenesisKeysDiffer {
             seq,
             expected,

@@ -56,6 +56,13 @@ pub enum ReplayError {
     /// The state contradicts a logged event.
     #[error("replay: {0}")]
     State(#[from] StateError),
+    /// The genesis admin keys were chosen by the host (the enclave ran with
+    /// `--insecure-host-chosen-genesis`), and the caller pinned keys or refuses such a log.
+    #[error("entry {seq}: the genesis admin keys were chosen by the host, not pinned in the image")]
+    HostChosenGenesis {
+        /// Position of the genesis entry.
+        seq: u64,
+    },
     /// The genesis entry names other admin keys than the pinned ones.
     #[error(
         "entry {seq}: genesis admin keys differ from the pinned ones (log: {}; pinned: {})",
@@ -82,7 +89,9 @@ impl ReplayError {
         match self {
             ReplayError::Log(e) => e.seq(),
             ReplayError::State(e) => Some(e.seq()),
-            ReplayError::GenesisKeysDiffer { seq, .. } => Some(*seq),
+            ReplayError::GenesisKeysDiffer { seq, .. } | ReplayError::HostChosenGenesis { seq } => {
+                Some(*seq)
+            }
         }
     }
 }
@@ -143,6 +152,7 @@ pub struct Replay {
     state: State,
     trust: EpochTrust,
     genesis: Option<Vec<[u8; 32]>>,
+    refuse_host_chosen: bool,
     events: BTreeMap<&'static str, u64>,
 }
 
@@ -163,6 +173,7 @@ impl Replay {
             state: State::new(server_anchor),
             trust: EpochTrust::none(),
             genesis: None,
+            refuse_host_chosen: false,
             events: BTreeMap::new(),
         })
     }
@@ -173,11 +184,19 @@ impl Replay {
         self
     }
 
-    /// Requires the log's genesis to name exactly `keys` (in any order).
+    /// Requires the log's genesis to name exactly `keys` (in any order), pinned in the image
+    /// (a genesis the host chose is refused).
     pub fn expect_genesis_keys(mut self, mut keys: Vec<[u8; 32]>) -> Self {
         keys.sort_unstable();
         keys.dedup();
         self.genesis = Some(keys);
+        self.refuse_host_chosen = true;
+        self
+    }
+
+    /// Refuses a log whose genesis keys the host chose (`host_chosen` in the genesis entry).
+    pub fn refuse_host_chosen_genesis(mut self) -> Self {
+        self.refuse_host_chosen = true;
         self
     }
 
@@ -212,7 +231,16 @@ impl Replay {
                 .into());
             }
         }
-        if let (Some(pinned), Event::Genesis { admin_keys }) = (&self.genesis, &entry.entry().event)
+        if let Event::Genesis {
+            host_chosen: true, ..
+        } = &entry.entry().event
+        {
+            if self.refuse_host_chosen {
+                return Err(ReplayError::HostChosenGenesis { seq: entry.seq() });
+            }
+        }
+        if let (Some(pinned), Event::Genesis { admin_keys, .. }) =
+            (&self.genesis, &entry.entry().event)
         {
             let mut found = admin_keys.clone();
             found.sort_unstable();

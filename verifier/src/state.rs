@@ -158,6 +158,10 @@ pub enum ApplyMode {
 pub struct Snapshot {
     /// Admin keys, hex.
     pub admin_keys: Vec<String>,
+    /// The admin keys the genesis entry named, hex.
+    pub genesis_admin_keys: Vec<String>,
+    /// Whether the genesis keys were chosen by the host (development only).
+    pub genesis_host_chosen: bool,
     /// Servers by id.
     pub servers: BTreeMap<String, ServerState>,
     /// Policy text.
@@ -181,6 +185,7 @@ pub struct Snapshot {
 /// The control plane's state.
 pub struct State {
     admin_keys: Vec<VerifyingKey>,
+    genesis: Option<(Vec<[u8; 32]>, bool)>,
     servers: BTreeMap<String, ServerState>,
     policy: PolicyEngine,
     providers: BTreeMap<String, (IdentityProviderSpec, Jwks)>,
@@ -330,6 +335,7 @@ impl State {
     pub fn new(server_anchor: TrustAnchor) -> Self {
         Self {
             admin_keys: Vec::new(),
+            genesis: None,
             servers: BTreeMap::new(),
             policy: PolicyEngine::deny_all(),
             providers: BTreeMap::new(),
@@ -345,6 +351,17 @@ impl State {
     /// Whether genesis happened.
     pub fn has_genesis(&self) -> bool {
         !self.admin_keys.is_empty()
+    }
+
+    /// The admin keys the genesis entry named (raw Ed25519 public keys, as logged), and
+    /// whether the host chose them; `None` before genesis.
+    pub fn genesis(&self) -> Option<(&[[u8; 32]], bool)> {
+        self.genesis.as_ref().map(|(k, h)| (k.as_slice(), *h))
+    }
+
+    /// The current admin keys.
+    pub fn admin_keys(&self) -> &[VerifyingKey] {
+        &self.admin_keys
     }
 
     /// A registered server.
@@ -392,6 +409,12 @@ impl State {
                 .iter()
                 .map(|k| hex::encode(k.as_bytes()))
                 .collect(),
+            genesis_admin_keys: self
+                .genesis
+                .iter()
+                .flat_map(|(k, _)| k.iter().map(hex::encode))
+                .collect(),
+            genesis_host_chosen: self.genesis.as_ref().is_some_and(|(_, h)| *h),
             servers: self.servers.clone(),
             policy: self.policy.text().to_string(),
             identity_providers: self
@@ -829,12 +852,16 @@ impl State {
                     return Err(StateError::BadCallResult { seq });
                 }
             }
-            Event::Genesis { admin_keys } => {
+            Event::Genesis {
+                admin_keys,
+                host_chosen,
+            } => {
                 if seq != 1 || self.has_genesis() {
                     return Err(StateError::GenesisOutOfPlace { seq });
                 }
                 self.admin_keys =
                     parse_admin_keys(admin_keys).ok_or(StateError::BadGenesis { seq })?;
+                self.genesis = Some((admin_keys.clone(), *host_chosen));
             }
             Event::Admin {
                 request,
@@ -1144,6 +1171,7 @@ mod tests {
             time: UnixMillis::from_millis(1_000),
             event: Event::Genesis {
                 admin_keys: vec![admin.verifying_key().to_bytes()],
+                host_chosen: false,
             },
         };
         state.fold(1, &genesis, ApplyMode::Recheck).unwrap();

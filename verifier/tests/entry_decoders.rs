@@ -133,8 +133,14 @@ fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         (any::<u64>(), any::<[u8; 32]>()).prop_map(|(size, root)| Event::Checkpoint { size, root }),
         blob().prop_map(|attestation| Event::EpochStart { attestation }),
-        proptest::collection::vec(any::<[u8; 32]>(), 0..4)
-            .prop_map(|admin_keys| Event::Genesis { admin_keys }),
+        (
+            proptest::collection::vec(any::<[u8; 32]>(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(admin_keys, host_chosen)| Event::Genesis {
+                admin_keys,
+                host_chosen
+            }),
         (blob(), any::<bool>(), opt_reason()).prop_map(|(request, accepted, reason)| {
             Event::Admin {
                 request,

@@ -232,8 +232,8 @@ pub fn decide_call(
     let allowed = record.allowed;
     let reason = record
         .reason
-        .clone()
-        .unwrap_or_else(|| "denied by policy".into());
+        .as_ref()
+        .map_or_else(|| "denied by policy".to_owned(), ToString::to_string);
     // The receipt's jti comes from the NSM before anything is written: a failure here leaves
     // no decision entry without its receipt.
     let jti = if allowed {

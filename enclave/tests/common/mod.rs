@@ -338,6 +338,12 @@ impl Harness {
         genesis: &[[u8; 32]],
         now: UnixMillis,
     ) -> Result<Self, (Response, Box<Self>)> {
+        // A new log starts under the keys pinned in the enclave, as in a production image.
+        let enclave = if genesis.is_empty() {
+            enclave
+        } else {
+            enclave.with_pinned_genesis(genesis.to_vec())
+        };
         let total_entries = store.len() as u64;
         let mut h = Self {
             nsm,

@@ -288,8 +288,16 @@ pub fn summary(event: &Event) -> String {
                 attestation.len()
             )
         }
-        Event::Genesis { admin_keys } => format!(
-            "{} admin key(s): {}",
+        Event::Genesis {
+            admin_keys,
+            host_chosen,
+        } => format!(
+            "{}{} admin key(s): {}",
+            if *host_chosen {
+                "HOST-CHOSEN (insecure development genesis) "
+            } else {
+                ""
+            },
             admin_keys.len(),
             admin_keys
                 .iter()

@@ -68,7 +68,8 @@ impl InProcess {
             allow_debug: false,
         };
         let mut this = Self {
-            enclave: Enclave::new(nsm, config),
+            enclave: Enclave::new(nsm, config)
+                .with_pinned_genesis(vec![world.admin.verifying_key().to_bytes()]),
             next_id: 0,
             tokens,
             turn: 0,
