@@ -234,10 +234,9 @@ impl Replay {
         if let Event::Genesis {
             host_chosen: true, ..
         } = &entry.entry().event
+            && self.refuse_host_chosen
         {
-            if self.refuse_host_chosen {
-                return Err(ReplayError::HostChosenGenesis { seq: entry.seq() });
-            }
+            return Err(ReplayError::HostChosenGenesis { seq: entry.seq() });
         }
         if let (Some(pinned), Event::Genesis { admin_keys, .. }) =
             (&self.genesis, &entry.entry().event)
