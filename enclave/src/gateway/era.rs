@@ -12,6 +12,7 @@
 //! Pure functions of the request's headers and parsed body; no I/O.
 
 use attestplane_verifier::gateway::jsonrpc::Message;
+use serde_json::value::RawValue;
 
 /// The legacy protocol version the gateway speaks.
 pub const LEGACY_VERSION: &str = "2025-11-25";
@@ -92,12 +93,17 @@ impl EraError {
 
 /// The version in `params._meta["io.modelcontextprotocol/protocolVersion"]`, if any.
 pub fn body_version(message: &Message<'_>) -> Option<String> {
+    let v = meta_member(message, META_PROTOCOL_VERSION)?;
+    serde_json::from_str::<String>(v.get()).ok()
+}
+
+/// Member `key` of `params._meta`, as sent, if the request has one.
+pub fn meta_member<'a>(message: &Message<'a>, key: &str) -> Option<&'a RawValue> {
     let params = message.params()?;
     let members = attestplane_verifier::gateway::jsonrpc::object_members(params, "params").ok()?;
-    let (_, meta) = members.iter().find(|(k, _)| k == "_meta")?;
+    let (_, meta) = members.into_iter().find(|(k, _)| k == "_meta")?;
     let meta = attestplane_verifier::gateway::jsonrpc::object_members(meta, "_meta").ok()?;
-    let (_, v) = meta.iter().find(|(k, _)| k == META_PROTOCOL_VERSION)?;
-    serde_json::from_str::<String>(v.get()).ok()
+    meta.into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
 }
 
 /// The `params.name` of a request, if it is a string.

@@ -24,7 +24,7 @@ use attestplane_verifier::admin::Digest32;
 use attestplane_verifier::entry::{DriftRecord, PrincipalRecord};
 use attestplane_verifier::gateway::json::parse_ijson;
 use attestplane_verifier::gateway::jsonrpc::{
-    INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Kind, METHOD_NOT_FOUND, Message,
+    INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, JsonRpcError, Kind, METHOD_NOT_FOUND, Message,
     RECEIPT_META_KEY, error_response, parse_message,
 };
 use attestplane_verifier::gateway::receipt::arguments_hash;
@@ -86,6 +86,8 @@ type Reply = Response<Full<Bytes>>;
 struct Ctx {
     server: String,
     principal: PrincipalRecord,
+    /// The era the agent speaks (answers are shaped for it).
+    era: Era,
 }
 
 impl Gateway {
@@ -200,7 +202,11 @@ impl Gateway {
                 );
             }
         };
-        let ctx = Ctx { server, principal };
+        let ctx = Ctx {
+            server,
+            principal,
+            era,
+        };
         match message.kind() {
             Kind::Request => {}
             Kind::Notification => return accepted(),
@@ -518,9 +524,13 @@ impl Gateway {
         let Ok(with_tools) = page.with_result_tools(&refs) else {
             return bad_upstream(id);
         };
-        match with_agent_id(&with_tools, id) {
-            Some(body) => json(StatusCode::OK, body),
-            None => bad_upstream(id),
+        let Some(body) = with_agent_id(&with_tools, id) else {
+            return bad_upstream(id);
+        };
+        // The listing is filtered for this agent: never cacheable for anyone else.
+        match for_agent(ctx.era, body, true) {
+            Ok(body) => json(StatusCode::OK, body),
+            Err(_) => bad_upstream(id),
         }
     }
 
@@ -627,12 +637,14 @@ impl Gateway {
                 .await;
         };
         if era == Era::Modern && era::body_version(message).is_none() {
-            let meta = RawValue::from_string(format!("\"{MODERN_VERSION}\"")).ok();
-            if let (Some(m), Ok(with)) = (meta, parse_message(body.as_bytes()))
-                && let Ok(b) = with.with_params_meta(era::META_PROTOCOL_VERSION, &m)
-            {
-                body = b;
-            }
+            body = match modern_envelope(body) {
+                Ok(b) => b,
+                Err(_) => {
+                    return self
+                        .aborted(id, seq, &UpstreamError::BadAnswer("modern envelope"))
+                        .await;
+                }
+            };
         }
         let answer = match self
             .upstreams
@@ -648,11 +660,27 @@ impl Gateway {
             Ok(a) => a,
             Err(e) => return self.aborted(id, seq, &e).await,
         };
-        self.finish(id, seq, answer).await
+        self.finish(id, seq, ctx.era, answer).await
     }
 
     /// Logs the answer's result entry, waits for it to be durable, and answers the agent.
-    async fn finish(&self, id: Option<&str>, seq: u64, answer: Answer) -> Reply {
+    async fn finish(&self, id: Option<&str>, seq: u64, agent_era: Era, answer: Answer) -> Reply {
+        let body = match std::str::from_utf8(&answer.body)
+            .map_err(|_| ())
+            .and_then(|b| for_agent(agent_era, b.to_owned(), false).map_err(|_| ()))
+        {
+            Ok(b) => Bytes::from(b),
+            Err(()) => {
+                return self
+                    .aborted(
+                        id,
+                        seq,
+                        &UpstreamError::BadAnswer("not a json-rpc response"),
+                    )
+                    .await;
+            }
+        };
+        let answer = Answer { body, ..answer };
         let outcome = match parse_message(&answer.body) {
             Ok(m) if m.kind() == Kind::Response => {
                 if m.result().is_some_and(is_error_result) {
@@ -734,6 +762,83 @@ fn with_agent_id(body: &str, id: Option<&str>) -> Option<String> {
     let m = parse_message(body.as_bytes()).ok()?;
     let old = m.id()?;
     m.with_replaced(old, id.unwrap_or("null")).ok()
+}
+
+/// `body` (a request from a legacy-era agent) with the modern era's request envelope in
+/// `params._meta` for a modern upstream: the protocol version, and the client's info and
+/// capabilities, which a modern server requires on every request (the PyPI `mcp` 2.x server
+/// refuses a request without them). The agent's handshake ended at the gateway, so the
+/// envelope is the gateway's own; members the agent already sent are kept.
+fn modern_envelope(mut body: String) -> Result<String, JsonRpcError> {
+    let meta = modern_meta();
+    let Some(members) = meta.as_object() else {
+        return Ok(body);
+    };
+    for (key, value) in members {
+        let message = parse_message(body.as_bytes())?;
+        if era::meta_member(&message, key).is_some() {
+            continue;
+        }
+        let Ok(raw) = RawValue::from_string(value.to_string()) else {
+            continue;
+        };
+        body = message.with_params_meta(key, &raw)?;
+    }
+    Ok(body)
+}
+
+/// A response shaped for an agent of era `era`. A modern agent's SDK requires members a legacy
+/// upstream does not send: every result's `resultType` (`complete`), and on `tools/list` the
+/// cache hints `ttlMs` and `cacheScope`. A listing (`listing`) is filtered per agent, so its
+/// `cacheScope` is always `private` (a `public` listing from the upstream could otherwise be
+/// served from a shared cache to an agent the policy shows less); a missing `ttlMs` is `0`.
+/// Error responses and legacy agents' answers pass unchanged; other members byte for byte.
+fn for_agent(era: Era, mut body: String, listing: bool) -> Result<String, JsonRpcError> {
+    if era != Era::Modern {
+        return Ok(body);
+    }
+    let mut wanted: Vec<(&str, &str, bool)> = vec![("resultType", "\"complete\"", false)];
+    if listing {
+        wanted.push(("ttlMs", "0", false));
+        wanted.push(("cacheScope", "\"private\"", true));
+    }
+    for (key, value, replace) in wanted {
+        let message = parse_message(body.as_bytes())?;
+        let Some(result) = message.result() else {
+            return Ok(body);
+        };
+        let members = attestplane_verifier::gateway::jsonrpc::object_members(result, "result")?;
+        match members.iter().find(|(k, _)| k == key) {
+            Some((_, old)) if replace && old.get() != value => {
+                body = message.with_replaced(old, value)?;
+            }
+            Some(_) => {}
+            None => {
+                let span = message.span_of(result).ok_or(JsonRpcError::Invalid {
+                    field: "result",
+                    reason: "not part of this message",
+                })?;
+                let close = span.end.saturating_sub(1);
+                let mut member = String::new();
+                if !members.is_empty() {
+                    member.push(',');
+                }
+                member.push('"');
+                member.push_str(key);
+                member.push_str("\":");
+                member.push_str(value);
+                let (head, tail) = (body.get(..close), body.get(close..));
+                let (Some(head), Some(tail)) = (head, tail) else {
+                    return Err(JsonRpcError::Invalid {
+                        field: "result",
+                        reason: "not part of this message",
+                    });
+                };
+                body = format!("{head}{member}{tail}");
+            }
+        }
+    }
+    Ok(body)
 }
 
 fn modern_meta() -> serde_json::Value {
@@ -859,6 +964,61 @@ mod tests {
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn legacy_call_gets_the_modern_envelope_for_a_modern_upstream() {
+        let legacy = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"add","arguments":{"a":1e3},"_meta":{"progressToken":1,"io.modelcontextprotocol/clientCapabilities":{"x":1}}}}"#;
+        let out = modern_envelope(legacy.to_owned()).unwrap();
+        let m = parse_message(out.as_bytes()).unwrap();
+        assert_eq!(era::body_version(&m).as_deref(), Some(MODERN_VERSION));
+        assert!(era::meta_member(&m, "io.modelcontextprotocol/clientInfo").is_some());
+        // What the agent sent is kept, byte for byte.
+        assert_eq!(
+            era::meta_member(&m, "io.modelcontextprotocol/clientCapabilities").map(RawValue::get),
+            Some(r#"{"x":1}"#)
+        );
+        assert!(out.contains(r#""arguments":{"a":1e3}"#), "{out}");
+        assert!(out.contains(r#""progressToken":1"#), "{out}");
+        // No params at all.
+        let bare = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+        let out = modern_envelope(bare.to_owned()).unwrap();
+        let m = parse_message(out.as_bytes()).unwrap();
+        assert_eq!(era::body_version(&m).as_deref(), Some(MODERN_VERSION));
+    }
+
+    #[test]
+    fn modern_agents_get_the_members_their_sdk_requires() {
+        let call = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"x":1e3}}"#;
+        let out = for_agent(Era::Modern, call.into(), false).unwrap();
+        assert_eq!(
+            out,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"x":1e3,"resultType":"complete"}}"#
+        );
+        assert_eq!(for_agent(Era::Legacy, call.into(), false).unwrap(), call);
+        let empty = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
+        assert_eq!(
+            for_agent(Era::Modern, empty.into(), false).unwrap(),
+            r#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"complete"}}"#
+        );
+        let error = r#"{"jsonrpc":"2.0","id":1,"error":{"code":-1,"message":"m"}}"#;
+        assert_eq!(for_agent(Era::Modern, error.into(), false).unwrap(), error);
+    }
+
+    #[test]
+    fn a_filtered_listing_is_never_publicly_cacheable() {
+        let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[],"resultType":"complete","ttlMs":60000,"cacheScope":"public"}}"#;
+        let out = for_agent(Era::Modern, list.into(), true).unwrap();
+        assert_eq!(
+            out,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[],"resultType":"complete","ttlMs":60000,"cacheScope":"private"}}"#
+        );
+        let legacy = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#;
+        let out = for_agent(Era::Modern, legacy.into(), true).unwrap();
+        assert_eq!(
+            out,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[],"resultType":"complete","ttlMs":0,"cacheScope":"private"}}"#
+        );
     }
 
     #[test]

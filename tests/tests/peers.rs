@@ -1,0 +1,273 @@
+//! Real MCP peers, unmodified, through the gateway: the PyPI `mcp` 2.x SDK's client (both
+//! eras) and the npm TypeScript SDK's client, against servers built with the PyPI `mcp` SDK
+//! (stateful and stateless, JSON and SSE answers, modern and legacy-only) and the npm
+//! `@modelcontextprotocol/server-everything` (its streamable HTTP mode). Each test starts the
+//! real stack (`attestplane dev`), registers the peer servers with pins computed from their
+//! live listings, and checks what the clients see and what reached the servers.
+//!
+//! The peers are installed by `.ci/run` (pinned: `tests/peers/requirements.txt` into
+//! `tests/peers/.venv`, `tests/peers/package-lock.json` with `npm ci`). Locally a test whose
+//! peer is not installed prints `SKIP` and returns; under `CI=true` it fails instead.
+
+mod peers_support;
+
+use std::time::Duration;
+
+use attestplane_tests::DevStack;
+use peers_support::{
+    Front, PyServers, gateway_url, mint_token, node_client, python_client, register_pinned,
+    server_everything, stats,
+};
+use serde_json::{Value, json};
+
+fn list() -> Value {
+    json!({"op": "list"})
+}
+
+fn call(name: &str, arguments: Value) -> Value {
+    json!({"op": "call", "name": name, "arguments": arguments})
+}
+
+fn outcomes(session: &Value) -> &Vec<Value> {
+    session["outcomes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the client session failed: {session}"))
+}
+
+#[test]
+fn python_sdk_client_in_both_eras_through_the_gateway_to_python_sdk_servers() {
+    let Some(python) = peers_support::python() else {
+        return;
+    };
+    let mut stack = DevStack::start();
+    let gateway = gateway_url(&stack);
+    let shapes = [
+        "stateful-sse",
+        "stateless-json",
+        "legacy-stateful-sse",
+        "legacy-stateless-json",
+    ];
+    let servers = PyServers::start(&python, &shapes);
+    let runtime = peers_support::runtime();
+    let mut sessions = Vec::new();
+    let mut expect = Vec::new();
+    for shape in shapes {
+        let front = Front::start(&runtime, servers.addr(shape), &stack.demo_url);
+        // `convert` is left unpinned: the gateway withholds it.
+        register_pinned(&stack, &runtime, shape, &front, &["add", "weather"]);
+        let endpoint = format!("{gateway}/mcp/{shape}");
+        let user = mint_token(&stack, &endpoint, "tool-user", &format!("{shape}.jwt"));
+        let viewer = mint_token(&stack, &endpoint, "viewer", &format!("{shape}-viewer.jwt"));
+        for mode in ["legacy", "2026-07-28"] {
+            sessions.push(json!({
+                "url": endpoint, "token": user, "mode": mode,
+                "ops": [list(), call("add", json!({"a": 20, "b": 22})), call("convert", json!({"amount": 1, "currency": "USD"}))],
+            }));
+            expect.push((shape, mode, "tool-user"));
+        }
+        sessions.push(json!({
+            "url": endpoint, "token": viewer, "mode": "2026-07-28",
+            "ops": [list(), call("add", json!({"a": 1, "b": 2}))],
+        }));
+        expect.push((shape, "2026-07-28", "viewer"));
+    }
+    let answers = python_client(&python, &json!(sessions));
+    for ((shape, mode, role), session) in expect.iter().zip(&answers) {
+        let what = format!("{shape} via {mode} as {role}: {session}");
+        let out = outcomes(session);
+        let want_version = if *mode == "legacy" {
+            "2025-11-25"
+        } else {
+            "2026-07-28"
+        };
+        assert_eq!(session["protocol_version"], want_version, "{what}");
+        if *role == "tool-user" {
+            assert_eq!(out[0]["tools"], json!(["add", "weather"]), "{what}");
+            assert_eq!(out[1]["ok"], true, "{what}");
+            assert_eq!(out[1]["text"], "42", "{what}");
+            assert_eq!(out[1]["is_error"], false, "{what}");
+            assert_eq!(out[2]["ok"], false, "{what}");
+            assert!(
+                out[2]["error"].as_str().unwrap_or("").contains("withheld"),
+                "{what}"
+            );
+        } else {
+            assert_eq!(out[0]["tools"], json!([]), "{what}");
+            assert_eq!(out[1]["ok"], false, "{what}");
+            assert!(
+                out[1]["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("call refused"),
+                "{what}"
+            );
+        }
+    }
+    for shape in shapes {
+        let s = stats(&runtime, servers.addr(shape));
+        // Two allowed calls of `add` per server (one per era), each with its receipt in the
+        // header and in `_meta`; the withheld and the denied calls never arrived.
+        assert_eq!(s["calls"], json!({"add": 2}), "{shape}: {s}");
+        assert_eq!(s["receipt_header"], 2, "{shape}: {s}");
+        assert_eq!(s["receipt_meta"], 2, "{shape}: {s}");
+    }
+    let (log, checkpoint) = stack.files.export("peers.cbor");
+    let (ran, out) = stack.files.verify_log(&log, Some(&checkpoint));
+    assert_eq!(ran.code, Some(0), "{out}");
+    let (ok, _) = stack.stop(Duration::from_secs(20));
+    assert!(ok);
+}
+
+#[test]
+fn rug_pulled_tools_are_withheld_and_their_calls_never_reach_the_server() {
+    let Some(python) = peers_support::python() else {
+        return;
+    };
+    let mut stack = DevStack::start();
+    let gateway = gateway_url(&stack);
+    let servers = PyServers::start(&python, &["stateless-json"]);
+    let runtime = peers_support::runtime();
+    let upstream = servers.addr("stateless-json");
+    let front = Front::start(&runtime, upstream, &stack.demo_url);
+    register_pinned(
+        &stack,
+        &runtime,
+        "pulled",
+        &front,
+        &["add", "weather", "convert"],
+    );
+    let endpoint = format!("{gateway}/mcp/pulled");
+    let token = mint_token(&stack, &endpoint, "tool-user", "pulled.jwt");
+    let before = python_client(
+        &python,
+        &json!([{
+            "url": endpoint, "token": token, "mode": "2026-07-28",
+            "ops": [list(), call("weather", json!({"city": "Oslo"})), call("convert", json!({"amount": 2, "currency": "USD"}))],
+        }]),
+    );
+    let out = outcomes(&before[0]);
+    assert_eq!(
+        out[0]["tools"],
+        json!(["add", "convert", "weather"]),
+        "{before:?}"
+    );
+    assert_eq!(out[1]["text"], "sunny in Oslo", "{before:?}");
+    assert_eq!(out[2]["ok"], true, "{before:?}");
+    assert_eq!(
+        stats(&runtime, upstream)["calls"],
+        json!({"weather": 1, "convert": 1})
+    );
+
+    // The server changes `weather`'s description, and `convert`'s by a zero-width space.
+    peers_support::rug_pull(&runtime, upstream);
+    let after = python_client(
+        &python,
+        &json!([
+            {"url": endpoint, "token": token, "mode": "2026-07-28",
+             "ops": [list(), call("weather", json!({"city": "Oslo"})), call("convert", json!({"amount": 2, "currency": "USD"})), call("add", json!({"a": 1, "b": 1}))]},
+            {"url": endpoint, "token": token, "mode": "legacy",
+             "ops": [list(), call("weather", json!({"city": "Oslo"}))]},
+        ]),
+    );
+    for session in &after {
+        let out = outcomes(session);
+        assert_eq!(out[0]["tools"], json!(["add"]), "{session}");
+        for refused in &out[1..] {
+            if refused["text"] == "2" {
+                continue; // the untouched `add`
+            }
+            assert_eq!(refused["ok"], false, "{session}");
+            assert!(
+                refused["error"].as_str().unwrap_or("").contains("withheld"),
+                "{session}"
+            );
+        }
+    }
+    assert_eq!(outcomes(&after[0])[3]["text"], "2", "{after:?}");
+    // The server's own counter: the refused calls never reached it.
+    assert_eq!(
+        stats(&runtime, upstream)["calls"],
+        json!({"weather": 1, "convert": 1, "add": 1})
+    );
+    // The drift is in the log, which verifies.
+    let (log, checkpoint) = stack.files.export("pulled.cbor");
+    let (ran, out) = stack.files.verify_log(&log, Some(&checkpoint));
+    assert_eq!(ran.code, Some(0), "{out}");
+    assert!(
+        String::from_utf8_lossy(&std::fs::read(&log).unwrap()).contains("weather"),
+        "the drift entry names the tool"
+    );
+    let (ok, _) = stack.stop(Duration::from_secs(20));
+    assert!(ok);
+}
+
+#[test]
+fn typescript_sdk_client_through_the_gateway_to_server_everything_and_a_python_server() {
+    let Some(node) = peers_support::node() else {
+        return;
+    };
+    let python = peers_support::python();
+    let mut stack = DevStack::start();
+    let gateway = gateway_url(&stack);
+    let runtime = peers_support::runtime();
+    let everything = server_everything(&node);
+    let front = Front::start(&runtime, everything.addr(), &stack.demo_url);
+    register_pinned(&stack, &runtime, "everything", &front, &["echo", "get-sum"]);
+    let endpoint = format!("{gateway}/mcp/everything");
+    let user = mint_token(&stack, &endpoint, "tool-user", "everything.jwt");
+    let viewer = mint_token(&stack, &endpoint, "viewer", "everything-viewer.jwt");
+    let mut sessions = vec![
+        json!({"url": endpoint, "token": user, "ops": [
+            list(),
+            call("echo", json!({"message": "hello through the enclave"})),
+            call("get-sum", json!({"a": 2, "b": 40})),
+            call("get-env", json!({})),
+        ]}),
+        json!({"url": endpoint, "token": viewer, "ops": [list(), call("echo", json!({"message": "x"}))]}),
+    ];
+    let py = python
+        .as_ref()
+        .map(|p| PyServers::start(p, &["stateful-sse"]));
+    if let Some(py) = &py {
+        let front = Front::start(&runtime, py.addr("stateful-sse"), &stack.demo_url);
+        register_pinned(&stack, &runtime, "python", &front, &["add", "weather"]);
+        let endpoint = format!("{gateway}/mcp/python");
+        let token = mint_token(&stack, &endpoint, "tool-user", "python.jwt");
+        sessions.push(json!({"url": endpoint, "token": token, "ops": [list(), call("add", json!({"a": 40, "b": 2}))]}));
+    }
+    let answers = node_client(&node, &json!(sessions));
+    let out = outcomes(&answers[0]);
+    assert_eq!(out[0]["tools"], json!(["echo", "get-sum"]), "{answers:?}");
+    assert_eq!(
+        out[1]["text"], "Echo: hello through the enclave",
+        "{answers:?}"
+    );
+    assert!(
+        out[2]["text"].as_str().unwrap_or("").contains("42"),
+        "{answers:?}"
+    );
+    // Unpinned: withheld, its call refused before it could reach the server.
+    assert_eq!(out[3]["ok"], false, "{answers:?}");
+    assert!(
+        out[3]["error"].as_str().unwrap_or("").contains("withheld"),
+        "{answers:?}"
+    );
+    let out = outcomes(&answers[1]);
+    assert_eq!(out[0]["tools"], json!([]), "{answers:?}");
+    assert!(
+        out[1]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("call refused"),
+        "{answers:?}"
+    );
+    if let Some(py) = &py {
+        let out = outcomes(&answers[2]);
+        assert_eq!(out[0]["tools"], json!(["add", "weather"]), "{answers:?}");
+        assert_eq!(out[1]["text"], "42", "{answers:?}");
+        let s = stats(&runtime, py.addr("stateful-sse"));
+        assert_eq!(s["receipt_header"], 1, "{s}");
+    }
+    let (ok, _) = stack.stop(Duration::from_secs(20));
+    assert!(ok);
+}
