@@ -857,11 +857,13 @@ fn owner(ctx: &Ctx) -> SessionOwner {
     }
 }
 
+/// The answer to `server/discover`. `ttlMs` and `cacheScope` are required members of a
+/// cacheable result (rmcp refuses a discover result without them).
 fn discover(id: Option<&str>) -> Reply {
     json(
         StatusCode::OK,
         format!(
-            r#"{{"jsonrpc":"2.0","id":{},"result":{{"resultType":"complete","supportedVersions":["{MODERN_VERSION}"],"capabilities":{{"tools":{{}}}},"_meta":{{"io.modelcontextprotocol/serverInfo":{{"name":"attestplane-gateway","version":"{}"}}}}}}}}"#,
+            r#"{{"jsonrpc":"2.0","id":{},"result":{{"resultType":"complete","supportedVersions":["{MODERN_VERSION}"],"capabilities":{{"tools":{{}}}},"ttlMs":0,"cacheScope":"private","_meta":{{"io.modelcontextprotocol/serverInfo":{{"name":"attestplane-gateway","version":"{}"}}}}}}}}"#,
             id.unwrap_or("null"),
             env!("CARGO_PKG_VERSION")
         ),
