@@ -14,9 +14,12 @@ Besides MCP, each server has two test routes (not MCP; the tests read them direc
 - GET /control/stats: what reached the server (tools/call messages per tool, how many of them
   carried a receipt in the `Attestplane-Receipt` header and in `params._meta`), counted in a
   ServerMiddleware before any validation, so a refused call that never reached the server is
-  visible as a count that did not move;
+  visible as a count that did not move; and what ran (`ran`, counted in the tools);
 - POST /control/rugpull: changes tools' descriptions after they were pinned (`weather`: a
   visible change; `convert`: an invisible one, a zero-width space in the description).
+
+A `receipted` shape checks receipts with integrations/python's `RequireReceipt`, its key taken
+from the control plane's attestation as `attested_key` verifies it (see `receipt_checker`).
 """
 
 import argparse
@@ -33,24 +36,13 @@ from starlette.responses import JSONResponse
 RECEIPT_META_KEY = "io.attestplane/receipt"
 
 
-def add(a: int, b: int) -> int:
-    """Add two integers."""
-    return a + b
+def make_server(receipts=None) -> MCPServer:
+    """One server with its own tools and its own counters; with `receipts` (a
+    `ReceiptChecker`), one that runs only calls with a valid receipt."""
+    stats = {"calls": {}, "ran": {}, "receipt_header": 0, "receipt_meta": 0, "lists": 0}
 
-
-def weather(city: str) -> str:
-    """Today's weather for a city."""
-    return f"sunny in {city}"
-
-
-def convert(amount: float, currency: str) -> str:
-    """Convert an amount of money into euros."""
-    return f"{amount} {currency} is {amount} EUR"
-
-
-def make_server() -> MCPServer:
-    """One server with its own tools and its own counters."""
-    stats = {"calls": {}, "receipt_header": 0, "receipt_meta": 0, "lists": 0}
+    def ran(name):
+        stats["ran"][name] = stats["ran"].get(name, 0) + 1
 
     async def count(ctx, call_next):
         # Counts what reaches the server, before the SDK validates or dispatches it.
@@ -68,7 +60,28 @@ def make_server() -> MCPServer:
             stats["lists"] += 1
         return await call_next(ctx)
 
-    server = MCPServer("attestplane-peer-python", middleware=[count])
+    middleware = [count]
+    if receipts is not None:
+        from attestplane_receipt import RequireReceipt
+
+        middleware.append(RequireReceipt(receipts))
+    server = MCPServer("attestplane-peer-python", middleware=middleware)
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        ran("add")
+        return a + b
+
+    def weather(city: str) -> str:
+        """Today's weather for a city."""
+        ran("weather")
+        return f"sunny in {city}"
+
+    def convert(amount: float, currency: str) -> str:
+        """Convert an amount of money into euros."""
+        ran("convert")
+        return f"{amount} {currency} is {amount} EUR"
+
     server.add_tool(add)
     server.add_tool(weather)
     server.add_tool(convert)
@@ -115,14 +128,40 @@ def legacy_only(app):
 
 
 SHAPES = {
-    # name: (stateless, json_response, legacy_only)
-    "stateful-sse": (False, False, False),
-    "stateless-json": (True, True, False),
-    "stateful-json": (False, True, False),
-    "stateless-sse": (True, False, False),
-    "legacy-stateful-sse": (False, False, True),
-    "legacy-stateless-json": (True, True, True),
+    # name: (stateless, json_response, legacy_only, receipted)
+    "stateful-sse": (False, False, False, False),
+    "stateless-json": (True, True, False, False),
+    "stateful-json": (False, True, False, False),
+    "stateless-sse": (True, False, False, False),
+    "legacy-stateful-sse": (False, False, True, False),
+    "legacy-stateless-json": (True, True, True, False),
+    "receipted-stateful-sse": (False, False, False, True),
 }
+
+
+def receipt_checker():
+    """The receipt check of integrations/python, with the key from the control plane's
+    attestation document, fetched with a fresh nonce and verified by attestplane-verify
+    (environment: ATTESTPLANE_CONTROL_PLANE, ATTESTPLANE_PCRS, ATTESTPLANE_ROOT,
+    ATTESTPLANE_VERIFY, ATTESTPLANE_AUDIENCE)."""
+    import base64
+    import os
+    import urllib.request
+
+    from attestplane_receipt import ReceiptChecker, attested_key
+
+    nonce = os.urandom(16).hex()
+    url = f"{os.environ['ATTESTPLANE_CONTROL_PLANE']}/v1/attestation?nonce={nonce}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        document = base64.b64decode(json.loads(r.read())["document"])
+    key = attested_key(
+        document,
+        pcrs=os.environ["ATTESTPLANE_PCRS"],
+        root=os.environ["ATTESTPLANE_ROOT"],
+        nonce=nonce,
+        verifier=os.environ["ATTESTPLANE_VERIFY"],
+    )
+    return ReceiptChecker(key, os.environ["ATTESTPLANE_AUDIENCE"])
 
 
 def main() -> None:
@@ -133,8 +172,9 @@ def main() -> None:
     async def serve() -> None:
         servers = []
         for shape in args.shapes:
-            stateless, json_response, legacy = SHAPES[shape]
-            app = make_server().streamable_http_app(stateless_http=stateless, json_response=json_response)
+            stateless, json_response, legacy, receipted = SHAPES[shape]
+            server = make_server(receipt_checker() if receipted else None)
+            app = server.streamable_http_app(stateless_http=stateless, json_response=json_response)
             if legacy:
                 app = legacy_only(app)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

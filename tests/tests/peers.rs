@@ -44,6 +44,8 @@ fn python_sdk_client_in_both_eras_through_the_gateway_to_python_sdk_servers() {
     let shapes = [
         "stateful-sse",
         "stateless-json",
+        "stateful-json",
+        "stateless-sse",
         "legacy-stateful-sse",
         "legacy-stateless-json",
     ];

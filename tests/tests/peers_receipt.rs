@@ -3,8 +3,17 @@
 //! other: this test makes them (deterministic: Ed25519 signatures and the claims' JSON are) and
 //! compares them with the committed fixture the Python tests read.
 //! `ATTESTPLANE_WRITE_FIXTURES=1` rewrites the fixture.
+//!
+//! And the Python check at work: a PyPI `mcp` server with `RequireReceipt`, its key from the
+//! control plane's attestation as `attestplane-verify` verified it, behind the real gateway.
+
+mod peers_support;
 
 use std::path::Path;
+use std::time::Duration;
+
+use attestplane_tests::{DevStack, binary, run};
+use peers_support::{Front, PyServers, gateway_url, mint_token, register_pinned, stats};
 
 use attestplane_verifier::gateway::receipt::{
     ReceiptClaims, ReceivedCall, ReplayCache, arguments_hash, encode_receipt, verify_receipt,
@@ -89,4 +98,97 @@ fn python_receipt_fixtures_are_what_the_rust_encoder_makes() {
         "{} is not what the Rust encoder makes now: rerun with ATTESTPLANE_WRITE_FIXTURES=1",
         path.display()
     );
+}
+
+#[test]
+fn python_middleware_runs_gateway_calls_and_refuses_calls_that_skip_it() {
+    let Some(python) = peers_support::python() else {
+        return;
+    };
+    let mut stack = DevStack::start();
+    let gateway = gateway_url(&stack);
+    let runtime = peers_support::runtime();
+    let front = Front::reserve(&runtime, &stack.demo_url);
+    let resource = format!("{}/mcp", front.url);
+    let data = |name: &str| stack.files.path(name).display().to_string();
+    let shape = "receipted-stateful-sse";
+    let servers = PyServers::start_with(
+        &python,
+        &[shape],
+        &[
+            ("ATTESTPLANE_CONTROL_PLANE", stack.url.clone()),
+            ("ATTESTPLANE_PCRS", data("control-plane-pcrs.json")),
+            ("ATTESTPLANE_ROOT", data("control-plane-root.pem")),
+            (
+                "ATTESTPLANE_VERIFY",
+                binary("attestplane-verify").display().to_string(),
+            ),
+            ("ATTESTPLANE_AUDIENCE", resource.clone()),
+        ],
+    );
+    let upstream = servers.addr(shape);
+    front.route_to(upstream);
+    register_pinned(&stack, &runtime, "receipted", &front, &["add", "weather"]);
+    let endpoint = format!("{gateway}/mcp/receipted");
+    let token = mint_token(&stack, &endpoint, "tool-user", "receipted.jwt");
+    let direct = format!("http://{upstream}/mcp");
+    let answers = peers_support::python_client(
+        &python,
+        &serde_json::json!([
+            // Through the control plane, in both eras: receipted, run.
+            {"url": endpoint, "token": token, "mode": "legacy",
+             "ops": [{"op": "call", "name": "add", "arguments": {"a": 40, "b": 2}}]},
+            {"url": endpoint, "token": token, "mode": "2026-07-28",
+             "ops": [{"op": "call", "name": "add", "arguments": {"a": 1, "b": 2}}]},
+            // Straight to the server, skipping the control plane: no receipt, refused.
+            {"url": direct, "token": "none", "mode": "2026-07-28",
+             "ops": [{"op": "call", "name": "add", "arguments": {"a": 40, "b": 2}}]},
+            {"url": direct, "token": "none", "mode": "legacy",
+             "ops": [{"op": "call", "name": "add", "arguments": {"a": 40, "b": 2}}]},
+        ]),
+    );
+    assert_eq!(answers[0]["outcomes"][0]["text"], "42", "{answers:?}");
+    assert_eq!(answers[1]["outcomes"][0]["text"], "3", "{answers:?}");
+    for skipped in &answers[2..] {
+        let error = skipped["outcomes"][0]["error"].as_str().unwrap_or("");
+        assert!(error.contains("MissingReceipt"), "{answers:?}");
+    }
+    let s = stats(&runtime, upstream);
+    // Four calls arrived; only the two with receipts ran.
+    assert_eq!(s["calls"], serde_json::json!({"add": 4}), "{s}");
+    assert_eq!(s["ran"], serde_json::json!({"add": 2}), "{s}");
+
+    // The key comes only from an attestation that verifies: against other PCRs, none.
+    let mut pcrs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data("control-plane-pcrs.json")).unwrap())
+            .unwrap();
+    let first = pcrs
+        .as_object()
+        .and_then(|o| o.keys().next().cloned())
+        .unwrap();
+    pcrs[&first] = serde_json::json!("00".repeat(48));
+    let other = stack.files.path("other-pcrs.json");
+    std::fs::write(&other, pcrs.to_string()).unwrap();
+    let mut cmd = std::process::Command::new(&python);
+    cmd.env(
+        "PYTHONPATH",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../integrations/python"),
+    )
+    .arg("-c")
+    .arg(
+        "import base64, json, sys, urllib.request\n\
+         from attestplane_receipt import attested_key, AttestationRefused\n\
+         doc = base64.b64decode(json.loads(urllib.request.urlopen(sys.argv[1] + '/v1/attestation').read())['document'])\n\
+         try:\n    attested_key(doc, pcrs=sys.argv[2], root=sys.argv[3], verifier=sys.argv[4])\nexcept AttestationRefused as e:\n    print('refused:', e); sys.exit(0)\n\
+         sys.exit('a key from an attestation with other PCRs')",
+    )
+    .arg(&stack.url)
+    .arg(&other)
+    .arg(data("control-plane-root.pem"))
+    .arg(binary("attestplane-verify"));
+    let ran = run(cmd);
+    ran.ok();
+    assert!(ran.stdout.contains("refused:"), "{ran}");
+    let (ok, _) = stack.stop(Duration::from_secs(20));
+    assert!(ok);
 }

@@ -100,9 +100,21 @@ pub struct PyServers {
 impl PyServers {
     /// Starts `shapes` (see `py_server.py`) and waits until each listens.
     pub fn start(python: &Path, shapes: &[&str]) -> PyServers {
+        Self::start_with(python, shapes, &[])
+    }
+
+    /// [`PyServers::start`] with environment variables `env` (the receipted shape's).
+    pub fn start_with(python: &Path, shapes: &[&str], env: &[(&str, String)]) -> PyServers {
         let dir = attestplane_tests::temp_dir("attestplane-peers-py-");
         let mut cmd = Command::new(python);
         cmd.arg(peers_dir().join("py_server.py")).args(shapes);
+        cmd.env(
+            "PYTHONPATH",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../integrations/python"),
+        );
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let mut proc = Proc::spawn("py_server.py", cmd, &dir.path().join("py.stderr"));
         let mut addrs = HashMap::new();
         for _ in shapes {
@@ -193,12 +205,30 @@ pub fn server_everything(node: &Path) -> Everything {
 pub struct Front {
     /// `http://IP:PORT`.
     pub url: String,
+    upstream: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Front {
     /// Starts a front for `upstream` (`IP:PORT`) and the demo server at `demo_url`.
     pub fn start(runtime: &tokio::runtime::Runtime, upstream: &str, demo_url: &str) -> Front {
-        let upstream = upstream.to_owned();
+        let front = Front::reserve(runtime, demo_url);
+        front.route_to(upstream);
+        front
+    }
+
+    /// Sets the peer server (`IP:PORT`) that non-attestation connections go to.
+    pub fn route_to(&self, upstream: &str) {
+        *self
+            .upstream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = upstream.to_owned();
+    }
+
+    /// A front whose address is known before its peer server's (a server that must know its
+    /// own resource URI when it starts); [`Front::route_to`] sets the server.
+    pub fn reserve(runtime: &tokio::runtime::Runtime, demo_url: &str) -> Front {
+        let cell = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let upstream = cell.clone();
         let demo = demo_url.trim_start_matches("http://").to_owned();
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -206,7 +236,11 @@ impl Front {
         let url = format!("http://{}", listener.local_addr().unwrap());
         runtime.spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                let (upstream, demo) = (upstream.clone(), demo.clone());
+                let upstream = upstream
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let demo = demo.clone();
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -228,7 +262,10 @@ impl Front {
                 });
             }
         });
-        Front { url }
+        Front {
+            url,
+            upstream: cell,
+        }
     }
 }
 
