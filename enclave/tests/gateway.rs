@@ -334,8 +334,8 @@ async fn allowed_call_is_logged_durably_before_and_after_and_forwarded_byte_for_
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body,
-        r#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"3"}],"isError":false,"vendor":1e3}}"#,
-        "the upstream's answer reaches the agent byte for byte"
+        r#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"3"}],"isError":false,"vendor":1e3,"resultType":"complete"}}"#,
+        "the upstream's answer reaches the agent byte for byte (plus the resultType a modern agent's SDK requires)"
     );
     assert_eq!(calls(&s), 1);
     let (forwarded, auth) = s.upstream.last_call.lock().unwrap().clone().unwrap();
@@ -426,7 +426,7 @@ async fn tools_list_is_filtered_per_identity_and_forwarded_byte_for_byte() {
     assert_eq!(
         body,
         format!(
-            r#"{{"jsonrpc":"2.0","id":"l1","result":{{"tools":[{ADD}],"futureField":{{"x":1e3}}}}}}"#
+            r#"{{"jsonrpc":"2.0","id":"l1","result":{{"tools":[{ADD}],"futureField":{{"x":1e3}},"resultType":"complete","ttlMs":0,"cacheScope":"private"}}}}"#
         ),
         "only the callable tool, the agent's id, unknown fields and number spellings kept"
     );
