@@ -60,7 +60,7 @@ use attestplane_enclave::writer::{Head, LogWriter, Written};
 use attestplane_proto::{ByteBuf, Request, Response};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{
-    AdminAction, AdminRequest, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
+    AdminAction, AdminRequest, Deployment, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
 };
 use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
 use attestplane_verifier::entry::{DecisionRecord, EntryHash, Event, PrincipalRecord, SignedEntry};
@@ -410,9 +410,17 @@ impl Host {
     fn admin(&mut self, key: &SigningKey, nonce: u64, action: AdminAction) {
         let mut n = [0u8; 16];
         n[..8].copy_from_slice(&nonce.to_be_bytes());
+        let genesis = self
+            .store
+            .get(1)
+            .unwrap_or_else(|| panic!("admin request before genesis is stored"));
         let bytes = AdminRequest {
             time: self.now,
             nonce: n,
+            deployment: Deployment {
+                origin: ORIGIN.into(),
+                genesis: EntryHash::of(genesis),
+            },
             action,
         }
         .sign(&key.verifying_key(), key)

@@ -19,9 +19,10 @@ use attestplane_enclave::service::{Enclave, EnclaveConfig};
 use attestplane_proto::{ByteBuf, PROTOCOL_VERSION, Request, Response};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{
-    AdminAction, AdminRequest, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
+    AdminAction, AdminRequest, Deployment, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
 };
 use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
+use attestplane_verifier::entry::EntryHash;
 use attestplane_verifier::handle::{IdentityClaims, Jwks};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest as _, Sha256, Sha384};
@@ -133,9 +134,14 @@ fn main() -> Result<()> {
     let mut nonce = 0u8;
     let mut admin_request = |host: &mut Host, action: AdminAction| -> Result<Response> {
         nonce += 1;
+        let genesis = host.store.get(1).ok_or("no genesis entry stored")?;
         let bytes = AdminRequest {
             time: host.now,
             nonce: [nonce; 16],
+            deployment: Deployment {
+                origin: ORIGIN.into(),
+                genesis: EntryHash::of(genesis),
+            },
             action,
         }
         .sign(&admin.verifying_key(), &admin)?;

@@ -51,7 +51,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::time::Instant;
 
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm};
@@ -60,7 +60,7 @@ use attestplane_enclave::writer::{Head, LogWriter};
 use attestplane_proto::{ByteBuf, MAX_ENTRIES_PER_FRAME, Request, Response};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{
-    AdminAction, AdminRequest, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
+    AdminAction, AdminRequest, Deployment, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
 };
 use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
 use attestplane_verifier::cbor::item_len;
@@ -328,7 +328,14 @@ struct WrittenLog {
 }
 
 /// The writer side: the enclave's [`LogWriter`], persisting each entry to the file.
-fn write_log(nsm: MockNsm, path: &Path, total: u64, jobs: Receiver<Job>) -> WrittenLog {
+/// The genesis entry's hash goes back to the state side on `genesis`: admin requests name it.
+fn write_log(
+    nsm: MockNsm,
+    path: &Path,
+    total: u64,
+    jobs: Receiver<Job>,
+    genesis: Sender<EntryHash>,
+) -> WrittenLog {
     let file = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut entries = Vec::with_capacity(total as usize);
@@ -356,6 +363,9 @@ fn write_log(nsm: MockNsm, path: &Path, total: u64, jobs: Receiver<Job>) -> Writ
                 (kind, w)
             }
         };
+        if kind == "genesis" {
+            let _ = genesis.send(written.hash);
+        }
         tally.add(kind, written.bytes.len());
         out.write_all(&written.bytes)
             .unwrap_or_else(|e| panic!("write: {e}"));
@@ -378,6 +388,8 @@ struct Generator {
     epoch: u64,
     jobs: SyncSender<Job>,
     rng: Rng,
+    /// The deployment admin requests name, once genesis is written.
+    deployment: Option<Deployment>,
     jti: u64,
 }
 
@@ -416,9 +428,14 @@ impl Generator {
     fn admin(&mut self, key: &SigningKey, action: AdminAction) {
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&self.rng.next().to_be_bytes());
+        let deployment = self
+            .deployment
+            .clone()
+            .unwrap_or_else(|| panic!("admin request before genesis"));
         let request = AdminRequest {
             time: self.now,
             nonce,
+            deployment,
             action,
         }
         .sign(&key.verifying_key(), key)
@@ -526,8 +543,10 @@ fn generate(total: u64, path: &Path) -> Generated {
     let text = policy_text(&mut rng);
     let agents = agents(&mut rng);
     let (jobs, received) = sync_channel(4096);
+    let (genesis_sent, genesis_hash) = channel();
     let writer_path = path.to_path_buf();
-    let writer = std::thread::spawn(move || write_log(nsm, &writer_path, total, received));
+    let writer =
+        std::thread::spawn(move || write_log(nsm, &writer_path, total, received, genesis_sent));
     let mut g = Generator {
         state: State::new(anchor_of(&servers)),
         servers,
@@ -537,11 +556,20 @@ fn generate(total: u64, path: &Path) -> Generated {
         jobs,
         rng,
         jti: 0,
+        deployment: None,
     };
     g.open_epoch(true);
     g.fold(Event::Genesis {
         admin_keys: vec![admin.verifying_key().to_bytes()],
         host_chosen: false,
+    });
+    let genesis = genesis_hash
+        .recv()
+        .unwrap_or_else(|e| panic!("the writer side sent no genesis hash: {e}"));
+    g.state.set_genesis_hash(genesis);
+    g.deployment = Some(Deployment {
+        origin: ORIGIN.into(),
+        genesis,
     });
     for s in 0..SERVERS {
         g.admin(&admin, AdminAction::RegisterServer(spec(s, &server_pcrs)));

@@ -175,7 +175,8 @@ impl Enclave {
     /// A booting enclave over `nsm`.
     pub fn new(nsm: Arc<dyn Nsm>, config: EnclaveConfig) -> Self {
         Self {
-            state: State::new(config.server_anchor.clone()),
+            // Admin requests must name the origin this enclave signs checkpoints under.
+            state: State::new(config.server_anchor.clone()).with_origin(config.origin.clone()),
             nsm,
             config,
             phase: Phase::Booting,
@@ -356,7 +357,8 @@ impl Enclave {
         policy.allow_debug = self.config.allow_debug;
         // The enclave's own clock is what entries must not postdate; the host cannot move it.
         let replay = match Replay::new(policy, now, self.config.server_anchor.clone()) {
-            Ok(r) => r.with_trust(trust),
+            // Admin requests must name the origin this enclave signs checkpoints under.
+            Ok(r) => r.with_trust(trust).with_origin(self.config.origin.clone()),
             Err(e) => return error(id, ErrorCode::Internal, &e.to_string()),
         };
         let replay = match &self.pinned_genesis {
@@ -501,6 +503,10 @@ impl Enclave {
     /// Applies an entry this enclave has just decided and signed: from the entry as signed,
     /// without decoding it back or deciding again (see the module documentation).
     fn apply_written(&mut self, w: &Written) -> Result<(), String> {
+        if let Event::Genesis { .. } = w.entry.event {
+            // The next admin request must name it, before any entry links to it.
+            self.state.set_genesis_hash(w.hash);
+        }
         self.state
             .apply_own(w.seq, &w.entry)
             .map_err(|e| e.to_string())

@@ -109,6 +109,7 @@ fn image_a_then_allow_b_then_an_epoch_under_b_is_accepted() {
     hb.advance(1_000);
     // (A fresh harness counts nonces from zero again: pick one the log has not seen.)
     let request = admin.sign(
+        &hb.deployment(),
         hb.now,
         [0x42; 16],
         AdminAction::SetPolicy {

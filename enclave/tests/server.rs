@@ -676,6 +676,10 @@ async fn host_that_never_reads_is_cut_off_at_the_reply_limit_and_others_are_serv
         let request = AdminRequest {
             time: T0,
             nonce: u128::from(i).to_be_bytes(),
+            deployment: attestplane_verifier::admin::Deployment {
+                origin: "attestplane.test/log".into(),
+                genesis: attestplane_verifier::entry::EntryHash::ZERO,
+            },
             action: AdminAction::RevokeServer {
                 id: "nobody".to_owned(),
             },

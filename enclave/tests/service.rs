@@ -13,7 +13,7 @@ use std::sync::Arc;
 use attestplane_enclave::service::{CHALLENGE_TTL_MS, Enclave, Replies};
 use attestplane_proto::{ByteBuf, ErrorCode, PROTOCOL_VERSION, Request, Response};
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest};
+use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment};
 use attestplane_verifier::attestation::{
     Expectations, TrustAnchor, VerifyAt, parse_attestation, verify_attestation,
 };
@@ -196,6 +196,7 @@ fn refuses_forged_admin_request() {
     let other_payload = AdminRequest {
         time: h.now,
         nonce: h.nonce(),
+        deployment: h.deployment(),
         action: server.register(),
     }
     .payload()
@@ -223,6 +224,80 @@ fn refuses_forged_admin_request() {
 
     // Every entry written verifies as a log.
     verify_log(&h.store, log_policy(&h.nsm), h.now).unwrap();
+}
+
+#[test]
+fn refuses_admin_request_for_another_deployment() {
+    // One admin key trusted by two deployments (staging and production, say): a request signed
+    // for one must not take effect on the other, nor on a copy of a log under another origin.
+    let admin = Admin::new(1);
+    let server = McpServer::new("search", "acme", 1);
+    let mut production = Harness::new(&[&admin]);
+    let staging = match Harness::boot(enclave_nsm(), Vec::new(), &[admin.public()], at(1_000)) {
+        Ok(h) => h,
+        Err((r, _)) => panic!("boot failed: {r:?}"),
+    };
+    assert_ne!(staging.deployment(), production.deployment());
+    let before = production.enclave.state().snapshot();
+
+    let other_origin = Deployment {
+        origin: "attestplane.test/staging".into(),
+        ..production.deployment()
+    };
+    for (deployment, what) in [
+        (staging.deployment(), "another log"),
+        (other_origin, "this log under another origin"),
+    ] {
+        let nonce = production.nonce();
+        let bytes = admin.sign(&deployment, production.now, nonce, server.register());
+        let (accepted, seq, reason) = production.admin_bytes(bytes.clone());
+        assert!(!accepted, "{what}: accepted");
+        let reason = reason.unwrap();
+        assert!(reason.contains("another deployment"), "{what}: {reason}");
+        // Logged as refused, verbatim, and nothing changed.
+        let (logged, logged_accepted, logged_reason) = admin_event(&production, seq);
+        assert_eq!(logged, bytes);
+        assert!(!logged_accepted);
+        assert_eq!(logged_reason, Some(Reason::OtherDeployment), "{what}");
+        assert!(production.enclave.state().server("search").is_none());
+    }
+    assert_eq!(
+        sans_applied(production.enclave.state().snapshot()),
+        sans_applied(before)
+    );
+
+    // The same action for this deployment is accepted; the log verifies.
+    production.admin_ok(&admin, server.register());
+    assert!(production.enclave.state().server("search").is_some());
+    verify_log(
+        &production.store,
+        log_policy(&production.nsm),
+        production.now,
+    )
+    .unwrap();
+
+    // After a restart, which learns the genesis hash from the verified log, the same holds.
+    production.advance(MINUTE_MS);
+    let (nsm, store, now) = (
+        production.nsm.clone(),
+        production.store.clone(),
+        production.now,
+    );
+    let mut restarted = match Harness::boot(nsm, store, &[], now) {
+        Ok(h) => h,
+        Err((r, _)) => panic!("restart refused: {r:?}"),
+    };
+    assert_eq!(restarted.deployment(), production.deployment());
+    let revoke = || AdminAction::RevokeServer {
+        id: "search".into(),
+    };
+    let nonce = restarted.nonce();
+    let foreign = admin.sign(&staging.deployment(), restarted.now, nonce, revoke());
+    let (accepted, _, reason) = restarted.admin_bytes(foreign);
+    assert!(!accepted);
+    assert!(reason.unwrap().contains("another deployment"));
+    restarted.admin_ok(&admin, revoke());
+    assert!(restarted.enclave.state().server("search").is_none());
 }
 
 #[test]
@@ -269,7 +344,7 @@ fn refuses_replayed_admin_request() {
         UnixMillis::from_millis(h.now.as_millis() + 5 * MINUTE_MS + 1),
     ] {
         let nonce = h.nonce();
-        let stale = admin.sign(time, nonce, server.register());
+        let stale = admin.sign(&h.deployment(), time, nonce, server.register());
         let (accepted, seq, reason) = h.admin_bytes(stale.clone());
         assert!(!accepted);
         assert!(reason.unwrap().contains("outside the window"));
@@ -282,6 +357,7 @@ fn refuses_replayed_admin_request() {
     // Just inside the window is fine.
     let nonce = h.nonce();
     let edge = admin.sign(
+        &h.deployment(),
         UnixMillis::from_millis(h.now.as_millis() - 5 * MINUTE_MS),
         nonce,
         server.register(),

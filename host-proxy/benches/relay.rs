@@ -22,7 +22,7 @@ use attestplane_proto::{
     Address, DialRequest, DialStatus, ServerId, connect, read_dial_reply, write_dial,
 };
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest, PcrHex, ServerSpec};
+use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment, PcrHex, ServerSpec};
 use attestplane_verifier::attestation::{Pcr, PcrIndex};
 use attestplane_verifier::entry::{Entry, EntryHash, Event, KeyId};
 use ed25519_dalek::SigningKey;
@@ -111,6 +111,10 @@ async fn main() {
     let request = AdminRequest {
         time,
         nonce: [0; 16],
+        deployment: Deployment {
+            origin: "attestplane.bench/log".into(),
+            genesis: EntryHash::ZERO,
+        },
         action: AdminAction::RegisterServer(spec),
     }
     .sign(&key.verifying_key(), &key)

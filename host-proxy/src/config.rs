@@ -29,6 +29,8 @@
 //! root = "control-plane-root.pem"
 //! pcrs = "control-plane-pcrs.json"
 //! allow_debug = false
+//! origin = "attestplane.example/log"  # the pinned deployment (`attestplane deployment pin`):
+//! genesis = "<hex SHA-256 of entry 1>" # admin requests are signed for this log only
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -102,6 +104,10 @@ pub struct ClientSection {
     pub pcrs: Option<PathBuf>,
     /// Accept a debug-mode control plane.
     pub allow_debug: Option<bool>,
+    /// The pinned deployment's log origin.
+    pub origin: Option<String>,
+    /// The pinned deployment's genesis entry hash (hex).
+    pub genesis: Option<String>,
 }
 
 /// Why the configuration could not be read.

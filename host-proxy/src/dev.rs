@@ -18,14 +18,17 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use attestplane_proto::{Address, ByteBuf, Request, Response};
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, IdentityProviderSpec};
+use attestplane_verifier::admin::{AdminAction, Deployment, IdentityProviderSpec};
 use attestplane_verifier::attestation::{Expectations, TrustAnchor, VerifyAt, verify_attestation};
 use clap::Args;
 use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::cli::{admin, keys};
+use crate::cli::attest::ControlPlaneTrust;
+use crate::cli::http::Api;
+use crate::cli::pcrs::read_pcrs_file;
+use crate::cli::{admin, deployment, keys, submit};
 use crate::enclave_client::EnclaveClient;
 use crate::proxy::{self, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REQUEST_TIMEOUT, ProxyConfig};
 use crate::relay::{RelayConfig, RelayLimits};
@@ -36,6 +39,8 @@ pub const DEV_ISSUER: &str = "https://dev-idp.attestplane.local";
 pub const DEV_AUDIENCE: &str = "attestplane";
 /// Its key id.
 pub const DEV_KID: &str = admin::DEV_IDP_KID;
+/// The origin of the development log.
+pub const DEV_ORIGIN: &str = "attestplane.dev/log";
 /// The starter policy installed on a new log.
 pub const STARTER_POLICY: &str = include_str!("../../verifier/testdata/policy/starter.cedar");
 
@@ -158,7 +163,7 @@ pub async fn main(args: DevArgs) -> Result<u8> {
         "--genesis-admin-key".into(),
         admin_pub.clone(),
         "--origin".into(),
-        "attestplane.dev/log".into(),
+        DEV_ORIGIN.into(),
     ];
     if demo_url.is_some() {
         enclave_args.push("--server-root".into());
@@ -187,15 +192,18 @@ pub async fn main(args: DevArgs) -> Result<u8> {
     .await?;
     let url = format!("http://{}", running.local_addr);
 
+    // The deployment, learned the way an operator learns it: from the attested control plane
+    // (its PCRs as read just now, under the mock root), checkpoint and genesis entry.
+    write_control_plane_pcrs(&running.client, &dir).await?;
+    let deployment = learn_deployment(&dir, &url).await?;
     if running.entries_at_open == 0 {
-        bootstrap(&running.client, &admin, &idp).await?;
+        bootstrap(&running.client, &admin, &idp, &deployment).await?;
     }
     if let Some(demo) = &demo_url {
         std::fs::write(dir.join("demo-server-url"), format!("{demo}\n"))
             .context("cannot write demo-server-url")?;
     }
-    write_control_plane_pcrs(&running.client, &dir).await?;
-    write_client_config(&dir, &url)?;
+    write_client_config(&dir, &url, &deployment)?;
 
     println!("attestplane dev ready: {url}");
     if let Some(mcp) = running.mcp_addr {
@@ -267,8 +275,33 @@ async fn spawn(exe: &Path, args: &[String]) -> Result<(Child, String)> {
     Ok((child, line.trim().to_owned()))
 }
 
+/// The deployment of the stack at `url`, verified against `DIR/control-plane-root.pem` and
+/// `DIR/control-plane-pcrs.json`.
+async fn learn_deployment(dir: &Path, url: &str) -> Result<Deployment> {
+    let root = std::fs::read(dir.join("control-plane-root.pem"))
+        .context("cannot read control-plane-root.pem")?;
+    let trust = ControlPlaneTrust {
+        anchor: TrustAnchor::from_pem(&root).map_err(|e| anyhow::anyhow!("{e}"))?,
+        pcrs: read_pcrs_file(&dir.join("control-plane-pcrs.json"))?,
+        allow_debug: false,
+    };
+    let learned = deployment::learn(&Api::new(url)?, &trust).await?;
+    if learned.deployment.origin != DEV_ORIGIN {
+        bail!(
+            "the control plane's log is {:?}, not {DEV_ORIGIN:?}",
+            learned.deployment.origin
+        );
+    }
+    Ok(learned.deployment)
+}
+
 /// Installs the starter policy and the development identity provider.
-async fn bootstrap(client: &EnclaveClient, admin_key: &SigningKey, idp: &SigningKey) -> Result<()> {
+async fn bootstrap(
+    client: &EnclaveClient,
+    admin_key: &SigningKey,
+    idp: &SigningKey,
+    deployment: &Deployment,
+) -> Result<()> {
     let jwks = admin::jwks_of(idp, DEV_KID)?;
     for action in [
         AdminAction::SetPolicy {
@@ -281,9 +314,10 @@ async fn bootstrap(client: &EnclaveClient, admin_key: &SigningKey, idp: &Signing
         }),
     ] {
         let name = action.type_name();
-        let bytes = admin::sign_admin(
+        let bytes = submit::sign_admin(
             action,
             admin_key,
+            deployment,
             UnixMillis::from_system_time(SystemTime::now()),
         )?;
         match client
@@ -345,7 +379,7 @@ async fn write_control_plane_pcrs(client: &EnclaveClient, dir: &Path) -> Result<
     Ok(())
 }
 
-fn write_client_config(dir: &Path, url: &str) -> Result<()> {
+fn write_client_config(dir: &Path, url: &str, deployment: &Deployment) -> Result<()> {
     let text = format!(
         "# Written by `attestplane dev`. Use with --config {}/config.toml or ATTESTPLANE_CONFIG.\n\
          [client]\n\
@@ -356,8 +390,12 @@ fn write_client_config(dir: &Path, url: &str) -> Result<()> {
          idp_issuer = \"{DEV_ISSUER}\"\n\
          idp_audience = \"{DEV_AUDIENCE}\"\n\
          root = \"control-plane-root.pem\"\n\
-         pcrs = \"control-plane-pcrs.json\"\n",
-        dir.display()
+         pcrs = \"control-plane-pcrs.json\"\n\
+         origin = {}\n\
+         genesis = \"{}\"\n",
+        dir.display(),
+        deployment::toml_string(&deployment.origin),
+        deployment.genesis,
     );
     std::fs::write(dir.join("config.toml"), text).context("cannot write config.toml")
 }

@@ -107,6 +107,9 @@ fn main() -> ExitCode {
                     root: cli.root.or(c.root),
                     pcrs: cli.pcrs.or(c.pcrs),
                     allow_debug: c.allow_debug.unwrap_or(false),
+                    config: cli.config.clone(),
+                    origin: c.origin,
+                    genesis: c.genesis,
                 };
                 cli::run(command, &context).await
             }

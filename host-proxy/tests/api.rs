@@ -18,7 +18,7 @@ use attestplane_proto::{
     Response, ServerInfo, read_frame, write_frame,
 };
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest, PcrHex, ServerSpec};
+use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment, PcrHex, ServerSpec};
 use attestplane_verifier::attestation::{Pcr, PcrIndex};
 use attestplane_verifier::checkpoint::Checkpoint;
 use attestplane_verifier::entry::{Entry, EntryHash, Event, KeyId};
@@ -735,6 +735,10 @@ fn registrations(endpoint: &str) -> Vec<Vec<u8>> {
             let request = AdminRequest {
                 time: UnixMillis::from_millis(1),
                 nonce: [u8::try_from(seq).unwrap(); 16],
+                deployment: Deployment {
+                    origin: "attestplane.test/log".into(),
+                    genesis: EntryHash::ZERO,
+                },
                 action: AdminAction::RegisterServer(ServerSpec {
                     id: (*id).into(),
                     name: (*id).into(),

@@ -16,7 +16,7 @@ use attestplane_proto::{
     write_dial,
 };
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest, PcrHex, ServerSpec};
+use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment, PcrHex, ServerSpec};
 use attestplane_verifier::attestation::{Pcr, PcrIndex};
 use attestplane_verifier::entry::{Entry, EntryHash, Event, KeyId};
 use ed25519_dalek::SigningKey;
@@ -53,6 +53,10 @@ impl Fixture {
         let request = AdminRequest {
             time,
             nonce,
+            deployment: Deployment {
+                origin: "attestplane.test/log".into(),
+                genesis: EntryHash::ZERO,
+            },
             action,
         }
         .sign(&self.key.verifying_key(), &self.key)

@@ -418,6 +418,15 @@ pub fn log_head(url: &str) -> (u64, Option<String>) {
     (size, json["head"].as_str().map(str::to_owned))
 }
 
+/// `GET {url}/v1/log/entries?start=1&end=2`: the hash of the log's genesis entry (entry 1),
+/// which admin requests name, as the host serves it (tests that sign requests themselves).
+pub fn genesis_hash(url: &str) -> attestplane_verifier::entry::EntryHash {
+    let (status, body) = http_get(&format!("{url}/v1/log/entries?start=1&end=2"))
+        .unwrap_or_else(|e| panic!("GET /v1/log/entries: {e}"));
+    assert_eq!(status, 200, "GET /v1/log/entries?start=1&end=2");
+    attestplane_verifier::entry::EntryHash::of(&body)
+}
+
 /// Polls `GET {url}/readyz` until it answers 200; false after `timeout`.
 pub fn wait_ready(url: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -448,6 +457,8 @@ pub fn ready_epoch(url: &str) -> Option<u64> {
 pub const DEV_ISSUER: &str = "https://dev-idp.attestplane.local";
 /// See [`DEV_ISSUER`].
 pub const DEV_AUDIENCE: &str = "attestplane";
+/// The log origin of `attestplane dev`'s enclave.
+pub const DEV_ORIGIN: &str = "attestplane.dev/log";
 
 /// The starter Cedar policy the verifier's tests and `attestplane dev` use.
 pub fn starter_policy_path() -> PathBuf {
@@ -716,6 +727,9 @@ pub struct SplitStack {
     pub proxy: Option<Proc>,
     /// The demo server process.
     pub demo: Proc,
+    /// The `origin = ` and `genesis = ` lines `attestplane deployment pin` wrote, kept in
+    /// every rewrite of the config.
+    pinned: String,
     starts: u32,
     _dir: tempfile::TempDir,
 }
@@ -764,6 +778,7 @@ impl SplitStack {
             enclave: None,
             proxy: None,
             demo,
+            pinned: String::new(),
             starts: 0,
             _dir: tmp,
         };
@@ -771,6 +786,16 @@ impl SplitStack {
         if let Err(e) = stack.start_proxy() {
             panic!("{e}");
         }
+        // Learned once from the attested control plane, as an operator does.
+        stack.files.cli(&["deployment", "pin"]).ok();
+        let config = std::fs::read_to_string(stack.files.path("config.toml"))
+            .unwrap_or_else(|e| panic!("cannot read config.toml: {e}"));
+        stack.pinned = config
+            .lines()
+            .filter(|l| l.starts_with("origin = ") || l.starts_with("genesis = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(stack.pinned.lines().count(), 2, "{config}");
         stack
             .files
             .cli(&[
@@ -843,13 +868,14 @@ impl SplitStack {
         let config = format!(
             "[client]\nurl = \"{}\"\nadmin_key = \"{}\"\ntoken = \"{}\"\nidp_key = \"{}\"\n\
              idp_issuer = \"{DEV_ISSUER}\"\nidp_audience = \"{DEV_AUDIENCE}\"\nroot = \"{}\"\n\
-             pcrs = \"{}\"\n",
+             pcrs = \"{}\"\n{}",
             self.url,
             d("admin.key"),
             d("agent.jwt"),
             d("idp.key"),
             d("control-plane-root.pem"),
             d("control-plane-pcrs.json"),
+            self.pinned,
         );
         std::fs::write(self.files.path("config.toml"), config)
             .map_err(|e| format!("cannot write config.toml: {e}"))?;

@@ -7,9 +7,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use attestplane_tests::{DEV_AUDIENCE, DEV_ISSUER, DevStack, log_head};
+use attestplane_tests::{DEV_AUDIENCE, DEV_ISSUER, DEV_ORIGIN, DevStack, genesis_hash, log_head};
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest};
+use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment};
 use attestplane_verifier::handle::IdentityClaims;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -130,11 +130,12 @@ fn read_key(path: &std::path::Path) -> SigningKey {
     SigningKey::from_bytes(&secret)
 }
 
-fn admin_request(key: &SigningKey, nonce: u8) -> Vec<u8> {
+fn admin_request(key: &SigningKey, nonce: u8, deployment: &Deployment) -> Vec<u8> {
     let policy = std::fs::read_to_string(attestplane_tests::starter_policy_path()).unwrap();
     AdminRequest {
         time: UnixMillis::from_system_time(SystemTime::now()),
         nonce: [nonce; 16],
+        deployment: deployment.clone(),
         action: AdminAction::SetPolicy { text: policy },
     }
     .sign(&key.verifying_key(), key)
@@ -156,6 +157,10 @@ async fn bad_input_gets_the_documented_4xx_and_writes_only_logged_refusals() {
         http: reqwest::Client::new(),
     };
     let admin = read_key(&files.path("admin.key"));
+    let deployment = Deployment {
+        origin: DEV_ORIGIN.into(),
+        genesis: genesis_hash(&stack.url),
+    };
     let idp = read_key(&files.path("idp.key"));
     let json_ct = ("content-type", "application/json");
     let now = now_secs();
@@ -195,7 +200,7 @@ async fn bad_input_gets_the_documented_4xx_and_writes_only_logged_refusals() {
         "admin: wrong content type",
         api.post("/v1/admin")
             .header("content-type", "text/plain")
-            .body(admin_body(&admin_request(&admin, 1))),
+            .body(admin_body(&admin_request(&admin, 1, &deployment))),
         415,
         "unsupported_media_type",
         Logged::No,
@@ -204,7 +209,7 @@ async fn bad_input_gets_the_documented_4xx_and_writes_only_logged_refusals() {
     api.expect(
         "admin: no content type",
         api.post("/v1/admin")
-            .body(admin_body(&admin_request(&admin, 2))),
+            .body(admin_body(&admin_request(&admin, 2, &deployment))),
         415,
         "unsupported_media_type",
         Logged::No,
@@ -229,7 +234,7 @@ async fn bad_input_gets_the_documented_4xx_and_writes_only_logged_refusals() {
         Logged::No,
     )
     .await;
-    let mut bad_sig = admin_request(&admin, 3);
+    let mut bad_sig = admin_request(&admin, 3, &deployment);
     let last = bad_sig.len() - 1;
     bad_sig[last] ^= 1;
     api.expect(
@@ -247,13 +252,13 @@ async fn bad_input_gets_the_documented_4xx_and_writes_only_logged_refusals() {
         "admin: unknown key",
         api.post("/v1/admin")
             .header(json_ct.0, json_ct.1)
-            .body(admin_body(&admin_request(&stranger, 4))),
+            .body(admin_body(&admin_request(&stranger, 4, &deployment))),
         403,
         "admin_refused",
         Logged::Yes,
     )
     .await;
-    let once = admin_request(&admin, 5);
+    let once = admin_request(&admin, 5, &deployment);
     let (before, _) = log_head(&api.url);
     let (status, body) = api
         .send(

@@ -15,7 +15,7 @@ use attestplane_host::relay::{Relay, RelayConfig, RelayLimits};
 use attestplane_host::store::Store;
 use attestplane_proto::Address;
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest, PcrHex, ServerSpec};
+use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment, PcrHex, ServerSpec};
 use attestplane_verifier::attestation::{Pcr, PcrIndex};
 use attestplane_verifier::entry::{Entry, EntryHash, Event, KeyId};
 use ed25519_dalek::SigningKey;
@@ -30,6 +30,10 @@ async fn admin(store: &Store, seq: u64, action: AdminAction) {
     let request = AdminRequest {
         time,
         nonce,
+        deployment: Deployment {
+            origin: "attestplane.test/log".into(),
+            genesis: EntryHash::ZERO,
+        },
         action,
     }
     .sign(&key.verifying_key(), &key)

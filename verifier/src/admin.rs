@@ -4,10 +4,16 @@
 //! An admin request is a COSE_Sign1 in the same Ed25519 profile as log entries, with content
 //! type `application/vnd.attestplane.admin+cbor` (so an admin signature can never pass as an
 //! entry, nor the reverse), signed by one of the current admin keys. Its payload is the
-//! deterministic CBOR map `{ "time": ms, "nonce": bstr(16), "action": { "type": ..., ... } }`.
+//! deterministic CBOR map
+//! `{ "time": ms, "nonce": bstr(16), "deployment": { "origin": text, "genesis": bstr(32) },
+//! "action": { "type": ..., ... } }`.
 //! `time` and `nonce` let the enclave refuse a replayed request: it accepts a request only
 //! within [`ADMIN_REQUEST_WINDOW_MS`] of its own clock and only if the nonce was not seen in
-//! that window.
+//! that window. `deployment` names the one log the request is for ([`Deployment`]: the log's
+//! origin and the hash of its genesis entry), so a request signed for one deployment (say,
+//! staging) cannot be replayed against another that trusts the same admin key (production),
+//! nor against a copy of the log served under another origin: the enclave refuses it, and the
+//! state fold refuses a log that records one as accepted.
 //!
 //! The enclave logs every admin request it receives, accepted or refused, with the signed bytes
 //! verbatim, so an auditor can check that every change to the state was signed by a key that
@@ -27,7 +33,7 @@ use thiserror::Error;
 use crate::attestation::{Pcr, PcrIndex};
 use crate::cbor::{self, CborError, Fields, ShapeError, as_u64, keys32, map, uint};
 use crate::cose::{self, CoseError};
-use crate::entry::KeyId;
+use crate::entry::{EntryHash, KeyId};
 use crate::time::UnixMillis;
 
 /// Content type of an admin request's protected header.
@@ -158,6 +164,40 @@ impl AdminAction {
     }
 }
 
+/// The deployment an admin request is for: one log, named by its origin (the name its
+/// checkpoints are signed under) and the hash of its genesis entry (entry 1, which links to the
+/// first epoch's attestation document, so no two logs share it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Deployment {
+    /// The log's origin line.
+    pub origin: String,
+    /// SHA-256 of the genesis entry's encoded bytes.
+    pub genesis: EntryHash,
+}
+
+impl std::fmt::Display for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} (genesis {})", self.origin, self.genesis)
+    }
+}
+
+fn deployment_to_value(d: &Deployment) -> Value {
+    map([
+        ("origin", Value::Text(d.origin.clone())),
+        ("genesis", Value::Bytes(d.genesis.as_bytes().to_vec())),
+    ])
+}
+
+fn deployment_from_value(v: Value) -> Result<Deployment, AdminError> {
+    let mut f = Fields::new(v, "deployment")?;
+    let deployment = Deployment {
+        origin: id("origin", f.text("origin")?)?,
+        genesis: EntryHash::from_bytes(f.array("genesis")?),
+    };
+    f.finish()?;
+    Ok(deployment)
+}
+
 /// An admin request before signing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminRequest {
@@ -165,6 +205,8 @@ pub struct AdminRequest {
     pub time: UnixMillis,
     /// Random, unique per request: a replayed request is refused.
     pub nonce: [u8; 16],
+    /// The deployment it is for: any other refuses it.
+    pub deployment: Deployment,
     /// What to do.
     pub action: AdminAction,
 }
@@ -175,6 +217,7 @@ impl AdminRequest {
         Ok(cbor::encode(&map([
             ("time", uint(self.time.as_millis())),
             ("nonce", Value::Bytes(self.nonce.to_vec())),
+            ("deployment", deployment_to_value(&self.deployment)),
             ("action", action_to_value(&self.action)),
         ]))?)
     }
@@ -185,6 +228,7 @@ impl AdminRequest {
         let request = AdminRequest {
             time: UnixMillis::from_millis(f.u64("time")?),
             nonce: f.array("nonce")?,
+            deployment: deployment_from_value(f.take("deployment")?)?,
             action: action_from_value(f.take("action")?)?,
         };
         f.finish()?;
@@ -250,6 +294,18 @@ impl SignedAdminRequest {
         Ok(*key)
     }
 
+    /// Checks that the request is for `expected`, the deployment checking it.
+    pub fn check_deployment(&self, expected: &Deployment) -> Result<(), AdminError> {
+        if self.request.deployment == *expected {
+            Ok(())
+        } else {
+            Err(AdminError::OtherDeployment {
+                expected: expected.clone(),
+                found: self.request.deployment.clone(),
+            })
+        }
+    }
+
     /// Whether `time` (the enclave's clock) is within the request's window.
     pub fn is_fresh_at(&self, now: UnixMillis) -> bool {
         let t = self.request.time;
@@ -299,6 +355,14 @@ pub enum AdminError {
     BadSignature {
         /// The key id named.
         kid: KeyId,
+    },
+    /// The request is for another deployment (another log, or this log under another origin).
+    #[error("the request is for deployment {found}, not {expected}")]
+    OtherDeployment {
+        /// The deployment checking it.
+        expected: Deployment,
+        /// The deployment the request names.
+        found: Deployment,
     },
     /// The signer failed.
     #[error("signing failed")]
@@ -550,6 +614,13 @@ mod tests {
         }
     }
 
+    fn deployment() -> Deployment {
+        Deployment {
+            origin: "attestplane.test/log".into(),
+            genesis: EntryHash::from_bytes([7; 32]),
+        }
+    }
+
     fn all_actions() -> Vec<AdminAction> {
         vec![
             AdminAction::RegisterServer(server()),
@@ -592,6 +663,7 @@ mod tests {
             let req = AdminRequest {
                 time: UnixMillis::from_millis(1_000),
                 nonce: [9; 16],
+                deployment: deployment(),
                 action: AdminAction::AllowImage { pcrs },
             };
             let bytes = req.sign(&k.verifying_key(), &k).unwrap();
@@ -613,6 +685,7 @@ mod tests {
             let req = AdminRequest {
                 time: UnixMillis::from_millis(1_000),
                 nonce: [9; 16],
+                deployment: deployment(),
                 action,
             };
             let bytes = req.sign(&k.verifying_key(), &k).unwrap();
@@ -632,6 +705,7 @@ mod tests {
         let req = AdminRequest {
             time: UnixMillis::from_millis(1_000),
             nonce: [9; 16],
+            deployment: deployment(),
             action: AdminAction::RevokeServer { id: "x".into() },
         };
         let bytes = req.sign(&intruder.verifying_key(), &intruder).unwrap();
@@ -655,6 +729,7 @@ mod tests {
         let req = AdminRequest {
             time: UnixMillis::from_millis(1_000),
             nonce: [9; 16],
+            deployment: deployment(),
             action: AdminAction::RevokeServer { id: "x".into() },
         };
         let bytes = req.sign(&k.verifying_key(), &k).unwrap();
@@ -667,6 +742,7 @@ mod tests {
         let req = AdminRequest {
             time: UnixMillis::from_millis(10_000_000),
             nonce: [9; 16],
+            deployment: deployment(),
             action: AdminAction::RevokeServer { id: "x".into() },
         };
         let signed =
@@ -700,5 +776,59 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_request_for_another_deployment_is_refused() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let req = AdminRequest {
+            time: UnixMillis::from_millis(1_000),
+            nonce: [9; 16],
+            deployment: deployment(),
+            action: AdminAction::RevokeServer { id: "x".into() },
+        };
+        let signed =
+            SignedAdminRequest::decode(&req.sign(&k.verifying_key(), &k).unwrap()).unwrap();
+        assert_eq!(signed.request().deployment, deployment());
+        assert!(signed.check_deployment(&deployment()).is_ok());
+        // Same log under another origin (a copy served elsewhere), and another log under the
+        // same origin (staging and production both called "attestplane.test/log").
+        let other_origin = Deployment {
+            origin: "attestplane.test/copy".into(),
+            ..deployment()
+        };
+        let other_genesis = Deployment {
+            genesis: EntryHash::from_bytes([8; 32]),
+            ..deployment()
+        };
+        for other in [other_origin, other_genesis] {
+            let e = signed.check_deployment(&other).unwrap_err();
+            assert_eq!(
+                e,
+                AdminError::OtherDeployment {
+                    expected: other.clone(),
+                    found: deployment(),
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_deployment_does_not_decode() {
+        let payload = cbor::encode(&map([
+            ("time", uint(1_000)),
+            ("nonce", Value::Bytes(vec![9; 16])),
+            (
+                "action",
+                action_to_value(&AdminAction::RevokeServer { id: "x".into() }),
+            ),
+        ]))
+        .unwrap();
+        assert!(AdminRequest::from_payload(&payload).is_err());
+        let bad_origin = Deployment {
+            origin: "a\nb".into(),
+            ..deployment()
+        };
+        assert!(deployment_from_value(deployment_to_value(&bad_origin)).is_err());
     }
 }

@@ -487,6 +487,10 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
         if !pinned_keys.is_empty() {
             replay = replay.expect_genesis_keys(pinned_keys.clone());
         }
+        // Admin requests must name the log's origin: the checkpoint's (verified at the end).
+        if let Some(origin) = checkpoint.as_deref().and_then(|n| n.lines().next()) {
+            replay = replay.with_origin(origin);
+        }
         if let Some(size) = checkpoint
             .as_deref()
             .and_then(attestplane_verifier::log::claimed_size)

@@ -70,6 +70,11 @@ pub enum Reason {
     StaleRequest,
     /// The request's nonce was used by an earlier request.
     ReplayedNonce,
+    /// The request names another deployment (another log, or this log under another origin):
+    /// the logged request says which.
+    OtherDeployment,
+    /// The log has no genesis entry yet, so no request can name it.
+    NoGenesis,
     /// A server with this id is already registered.
     ServerExists {
         /// The id.
@@ -138,6 +143,8 @@ impl Reason {
             Reason::BadAdminSignature { .. } => "bad_admin_signature",
             Reason::StaleRequest => "stale_request",
             Reason::ReplayedNonce => "replayed_nonce",
+            Reason::OtherDeployment => "other_deployment",
+            Reason::NoGenesis => "no_genesis",
             Reason::ServerExists { .. } => "server_exists",
             Reason::RegistryFull => "registry_full",
             Reason::InvalidPolicy => "invalid_policy",
@@ -257,6 +264,8 @@ impl Reason {
             },
             "stale_request" => Reason::StaleRequest,
             "replayed_nonce" => Reason::ReplayedNonce,
+            "other_deployment" => Reason::OtherDeployment,
+            "no_genesis" => Reason::NoGenesis,
             "server_exists" => Reason::ServerExists {
                 server: f.text("server")?,
             },
@@ -321,6 +330,13 @@ impl fmt::Display for Reason {
                 f.write_str("request time is outside the window around the enclave's clock")
             }
             Reason::ReplayedNonce => f.write_str("replayed request: nonce already used"),
+            Reason::OtherDeployment => f.write_str(
+                "the request is for another deployment (another log, or this log under another \
+                 origin)",
+            ),
+            Reason::NoGenesis => {
+                f.write_str("the log has no genesis entry: no admin request can name it yet")
+            }
             Reason::ServerExists { server } => write!(f, "server {server:?} is already registered"),
             Reason::RegistryFull => f.write_str("the registry is full"),
             Reason::InvalidPolicy => f.write_str("the policy does not validate"),
@@ -401,6 +417,8 @@ mod tests {
             },
             Reason::StaleRequest,
             Reason::ReplayedNonce,
+            Reason::OtherDeployment,
+            Reason::NoGenesis,
             Reason::ServerExists { server: "s".into() },
             Reason::RegistryFull,
             Reason::InvalidPolicy,

@@ -184,6 +184,13 @@ impl Replay {
         self
     }
 
+    /// Pins the log's origin: every admin request the log records as accepted must name it
+    /// (see [`State::with_origin`]).
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.state = self.state.with_origin(origin);
+        self
+    }
+
     /// Requires the log's genesis to name exactly `keys` (in any order), pinned in the image
     /// (a genesis the host chose is refused).
     pub fn expect_genesis_keys(mut self, mut keys: Vec<[u8; 32]>) -> Self {

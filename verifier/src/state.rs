@@ -8,8 +8,9 @@
 //! applies the stored log. So the state after a restart is the state before it, by
 //! construction, and an auditor who replays the log with this module re-checks every decision:
 //!
-//! - an admin change logged as accepted must carry a valid signature by a key that was an
-//!   admin key at that point, be fresh at the entry's time, not reuse a nonce, and apply;
+//! - an admin change logged as accepted must be for this deployment (the log's origin and its
+//!   genesis entry's hash), carry a valid signature by a key that was an admin key at that
+//!   point, be fresh at the entry's time, not reuse a nonce, and apply;
 //! - a server attestation logged as verified must verify again, at the entry's time, against
 //!   the registration in force (root, PCRs, nonce, debug rule);
 //! - a decision must be the decision this state and policy give at the entry's time, with the
@@ -50,12 +51,14 @@ use serde::Serialize;
 use sha2::{Digest, Sha384};
 use thiserror::Error;
 
-use crate::admin::{AdminAction, AdminError, IdentityProviderSpec, ServerSpec, SignedAdminRequest};
+use crate::admin::{
+    AdminAction, AdminError, Deployment, IdentityProviderSpec, ServerSpec, SignedAdminRequest,
+};
 use crate::attestation::{AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt};
 use crate::cbor::{self, uint};
 use crate::entry::{
-    AttestationFactsRecord, AttestationRecord, DecisionRecord, Entry, Event, HandleRecord,
-    PrincipalRecord,
+    AttestationFactsRecord, AttestationRecord, DecisionRecord, Entry, EntryHash, Event,
+    HandleRecord, PrincipalRecord,
 };
 use crate::handle::Jwks;
 use crate::log::VerifiedEntry;
@@ -195,6 +198,11 @@ pub struct State {
     applied: u64,
     identity_generation: u64,
     allowed_images: Vec<BTreeMap<PcrIndex, Pcr>>,
+    /// The log's origin: pinned by [`State::with_origin`], or else learned from the first
+    /// accepted admin request.
+    origin: Option<String>,
+    /// The genesis entry's hash, once known (see [`State::set_genesis_hash`]).
+    genesis_hash: Option<EntryHash>,
 }
 
 impl std::fmt::Debug for State {
@@ -345,7 +353,35 @@ impl State {
             applied: 0,
             identity_generation: 0,
             allowed_images: Vec::new(),
+            origin: None,
+            genesis_hash: None,
         }
+    }
+
+    /// Pins the log's origin: admin requests naming another are refused. The enclave pins the
+    /// origin it signs checkpoints under; an auditor pins the origin of the checkpoint it
+    /// holds. Unpinned, the first accepted admin request's origin is the one every later
+    /// request must name.
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = Some(origin.into());
+        self
+    }
+
+    /// Records the genesis entry's hash, which admin requests must name. [`State::apply`] and
+    /// [`State::apply_with`] record it from the verified genesis entry's bytes; an author that
+    /// applies its own entries with [`State::apply_own`] (the enclave writing genesis) gives it
+    /// here. The first hash recorded stays.
+    pub fn set_genesis_hash(&mut self, hash: EntryHash) {
+        self.genesis_hash.get_or_insert(hash);
+    }
+
+    /// The deployment admin requests must name, once the genesis hash is known (the origin
+    /// only if pinned or learned).
+    pub fn deployment(&self) -> Option<Deployment> {
+        Some(Deployment {
+            origin: self.origin.clone()?,
+            genesis: self.genesis_hash?,
+        })
     }
 
     /// Whether genesis happened.
@@ -465,6 +501,18 @@ impl State {
     /// policy validates against the schema, JWKS parses, keys are usable).
     pub fn check_admin(&self, bytes: &[u8], now: UnixMillis) -> Result<PreparedAdmin, Reason> {
         let signed = SignedAdminRequest::decode(bytes).map_err(|_| Reason::MalformedRequest)?;
+        // First the deployment: a request for another log is refused as such, whoever signed it
+        // (one admin key may well serve staging and production).
+        let expected = Deployment {
+            origin: self
+                .origin
+                .clone()
+                .unwrap_or_else(|| signed.request().deployment.origin.clone()),
+            genesis: self.genesis_hash.ok_or(Reason::NoGenesis)?,
+        };
+        signed
+            .check_deployment(&expected)
+            .map_err(|_| Reason::OtherDeployment)?;
         signed.verify(&self.admin_keys).map_err(|e| match e {
             AdminError::BadSignature { kid } => Reason::BadAdminSignature { kid },
             _ => Reason::UnknownAdminKey { kid: *signed.kid() },
@@ -546,6 +594,8 @@ impl State {
         let request = prepared.signed.request();
         let time = request.time;
         self.admin_nonces.insert(request.nonce, time);
+        self.origin
+            .get_or_insert_with(|| request.deployment.origin.clone());
         match request.action.clone() {
             AdminAction::RegisterServer(spec) | AdminAction::UpdateServer(spec) => {
                 self.servers.insert(
@@ -823,14 +873,19 @@ impl State {
     /// decision ([`ApplyMode::Recheck`]). Entries come in order, each once; [`crate::replay`]
     /// drives this together with the log verifier.
     pub fn apply(&mut self, entry: &VerifiedEntry) -> Result<(), StateError> {
-        self.fold(entry.seq(), entry.entry(), ApplyMode::Recheck)
+        self.apply_with(entry, ApplyMode::Recheck)
     }
 
     /// Applies an entry the log verifier accepted in `mode`. With [`ApplyMode::Trusted`], a
     /// logged decision or discovery is not evaluated again; the state changes exactly as
     /// [`ApplyMode::Recheck`] would change it for an entry that `Recheck` accepts.
     pub fn apply_with(&mut self, entry: &VerifiedEntry, mode: ApplyMode) -> Result<(), StateError> {
-        self.fold(entry.seq(), entry.entry(), mode)
+        self.fold(entry.seq(), entry.entry(), mode)?;
+        if let Event::Genesis { .. } = entry.entry().event {
+            // Admin requests name the genesis entry by the hash of its bytes.
+            self.set_genesis_hash(entry.signed().hash());
+        }
+        Ok(())
     }
 
     /// Applies an entry its author has just decided and signed itself (the enclave, live):
@@ -1175,9 +1230,15 @@ mod tests {
             },
         };
         state.fold(1, &genesis, ApplyMode::Recheck).unwrap();
+        let genesis_hash = EntryHash::from_bytes([9; 32]);
+        state.set_genesis_hash(genesis_hash);
         let request = crate::admin::AdminRequest {
             time: UnixMillis::from_millis(1_000),
             nonce: [3; 16],
+            deployment: Deployment {
+                origin: "attestplane.test/log".into(),
+                genesis: genesis_hash,
+            },
             action: AdminAction::RevokeServer { id: "s".into() },
         }
         .sign(&admin.verifying_key(), &admin)

@@ -16,10 +16,10 @@ use attestplane_enclave::service::{Enclave, EnclaveConfig, Replies};
 use attestplane_proto::{ByteBuf, PROTOCOL_VERSION, Request, Response};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{
-    AdminAction, AdminRequest, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
+    AdminAction, AdminRequest, Deployment, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
 };
 use attestplane_verifier::attestation::{Pcr, PcrIndex, TrustAnchor};
-use attestplane_verifier::entry::{Entry, Event, SignedEntry};
+use attestplane_verifier::entry::{Entry, EntryHash, Event, SignedEntry};
 use attestplane_verifier::handle::{IdentityClaims, Jwks, encode_jws};
 use attestplane_verifier::log::LogPolicy;
 use ed25519_dalek::SigningKey;
@@ -127,11 +127,18 @@ impl Admin {
         self.key.verifying_key().to_bytes()
     }
 
-    /// Signs `action` made at `time` with `nonce`.
-    pub fn sign(&self, time: UnixMillis, nonce: [u8; 16], action: AdminAction) -> Vec<u8> {
+    /// Signs `action` for `deployment`, made at `time` with `nonce`.
+    pub fn sign(
+        &self,
+        deployment: &Deployment,
+        time: UnixMillis,
+        nonce: [u8; 16],
+        action: AdminAction,
+    ) -> Vec<u8> {
         AdminRequest {
             time,
             nonce,
+            deployment: deployment.clone(),
             action,
         }
         .sign(&self.key.verifying_key(), &self.key)
@@ -443,10 +450,18 @@ impl Harness {
         n
     }
 
-    /// `action` signed by `admin` now with a fresh nonce.
+    /// The deployment of the stored log: [`ORIGIN`] and the hash of its genesis entry (1).
+    pub fn deployment(&self) -> Deployment {
+        Deployment {
+            origin: ORIGIN.into(),
+            genesis: EntryHash::of(self.store.get(1).expect("the log has a genesis entry")),
+        }
+    }
+
+    /// `action` signed by `admin` now with a fresh nonce, for this deployment.
     pub fn signed(&mut self, admin: &Admin, action: AdminAction) -> Vec<u8> {
         let nonce = self.nonce();
-        admin.sign(self.now, nonce, action)
+        admin.sign(&self.deployment(), self.now, nonce, action)
     }
 
     /// Sends signed admin request bytes; returns `(accepted, seq, reason)`.

@@ -1,30 +1,27 @@
-//! Signed admin requests: built here, signed with the operator's admin key, posted to
-//! `POST /v1/admin` as `{"request": "<base64>"}`. The proxy forwards the bytes untouched and the
-//! enclave decides; a refusal is logged and comes back as `admin_refused` with its `seq`.
+//! The admin commands for the policy and the identity providers: `policy set|show`,
+//! `idp set|remove`. Requests are signed, submitted and confirmed by [`super::submit`] (as for
+//! `servers register|update|revoke` and `keys rotate`).
 //!
-//! Every request carries the current time and 16 random bytes from the operating system, so
-//! the enclave can refuse a replay. Requests are built with the verifier's
-//! [`attestplane_verifier::admin`] encoder, the one definition of their bytes.
+//! `policy show` prints the latest accepted `set_policy` of the log the host serves; it decodes
+//! entries with the verifier's decoder but verifies nothing (no signature, no hash link): check
+//! the exported log with `attestplane-verify log`.
 
 use std::path::PathBuf;
 
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{
-    AdminAction, AdminRequest, IdentityProviderSpec, SignedAdminRequest,
-};
+use attestplane_verifier::admin::{AdminAction, IdentityProviderSpec, SignedAdminRequest};
+use attestplane_verifier::entry::{Entry, Event, SignedEntry};
 use attestplane_verifier::handle::{Jwks, MAX_JWKS_LEN};
 use attestplane_verifier::policy;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use clap::Subcommand;
 use ed25519_dalek::SigningKey;
-use rand_core::{OsRng, RngCore as _};
 use serde_json::json;
 
 use super::http::Api;
 use super::keys::{admin_key, read_secret_key};
-use super::{CliError, CliResult, ClientContext, now, print_json, read_file};
-use crate::api::body::{AdminAccepted, AdminSubmission};
+use super::log::{PAGE, fetch, head};
+use super::submit::submit_admin;
+use super::{CliError, CliResult, ClientContext, clean, print_json, read_file, rfc3339};
 
 /// The largest policy file read (the enclave bounds the whole request to about 1 MiB).
 const MAX_POLICY_FILE_LEN: u64 = 512 * 1024;
@@ -80,75 +77,6 @@ pub enum IdpCommand {
     },
 }
 
-/// Builds and signs an admin request at `time` with a fresh random nonce.
-pub fn sign_admin(action: AdminAction, key: &SigningKey, time: UnixMillis) -> CliResult<Vec<u8>> {
-    let mut nonce = [0u8; 16];
-    OsRng
-        .try_fill_bytes(&mut nonce)
-        .map_err(|e| CliError::Io(anyhow::anyhow!("no randomness from the OS: {e}")))?;
-    let bytes = AdminRequest {
-        time,
-        nonce,
-        action,
-    }
-    .sign(&key.verifying_key(), key)
-    .map_err(|e| CliError::Usage(format!("cannot build the admin request: {e}")))?;
-    // Decode what we built with the enclave's own decoder: a value it would refuse as
-    // malformed (an empty id, too many tools...) is refused here, before it reaches the log.
-    SignedAdminRequest::decode(&bytes)
-        .map_err(|e| CliError::Usage(format!("invalid admin request: {e}")))?;
-    Ok(bytes)
-}
-
-/// Signs `action` now and posts it; prints the outcome.
-pub async fn submit_admin(
-    context: &ClientContext,
-    key: &SigningKey,
-    action: AdminAction,
-) -> CliResult {
-    let api = Api::new(&context.url)?;
-    let kind = action.type_name();
-    let subject = subject_of(&action);
-    let bytes = sign_admin(action, key, now())?;
-    let body = json!(AdminSubmission {
-        request: STANDARD.encode(&bytes),
-    });
-    let answer: AdminAccepted = api.post_json(&["v1", "admin"], Some(&body), None).await?;
-    if !answer.accepted {
-        return Err(CliError::Failed(format!(
-            "admin_refused: {kind} was not accepted (log entry {})",
-            answer.seq
-        )));
-    }
-    if context.json {
-        print_json(
-            &json!({ "accepted": true, "seq": answer.seq, "action": kind, "subject": subject }),
-        )
-    } else {
-        match subject {
-            Some(s) => outln!("accepted: {kind} {s} (log entry {})", answer.seq),
-            None => outln!("accepted: {kind} (log entry {})", answer.seq),
-        }
-        Ok(())
-    }
-}
-
-/// What an action is about, for output.
-pub fn subject_of(action: &AdminAction) -> Option<String> {
-    match action {
-        AdminAction::RegisterServer(s) | AdminAction::UpdateServer(s) => Some(s.id.clone()),
-        AdminAction::RevokeServer { id } => Some(id.clone()),
-        AdminAction::SetIdentityProvider(p) => Some(p.issuer.clone()),
-        AdminAction::RemoveIdentityProvider { issuer } => Some(issuer.clone()),
-        AdminAction::RotateAdminKeys { keys } => Some(format!("{} keys", keys.len())),
-        AdminAction::SetPolicy { text } => Some(format!("{} bytes", text.len())),
-        AdminAction::AllowImage { pcrs } => pcrs
-            .get(&attestplane_verifier::attestation::PcrIndex::IMAGE)
-            .map(|p| format!("PCR0 {}", p.0.to_hex())),
-        _ => None,
-    }
-}
-
 /// Runs a `policy` command.
 pub async fn run_policy(command: PolicyCommand, context: &ClientContext) -> CliResult {
     match command {
@@ -161,7 +89,7 @@ pub async fn run_policy(command: PolicyCommand, context: &ClientContext) -> CliR
             let key = admin_key(context)?;
             submit_admin(context, &key, AdminAction::SetPolicy { text }).await
         }
-        PolicyCommand::Show => super::log::policy_show(context).await,
+        PolicyCommand::Show => policy_show(context).await,
     }
 }
 
@@ -219,51 +147,156 @@ pub fn jwks_of(key: &SigningKey, kid: &str) -> CliResult<String> {
         .map_err(|e| CliError::Usage(format!("cannot build a JWKS with key id {kid:?}: {e}")))
 }
 
+/// `policy show`: the latest accepted `set_policy` of the log the host serves.
+pub async fn policy_show(context: &ClientContext) -> CliResult {
+    let api = Api::new(&context.url)?;
+    let size = head(&api).await?;
+    let mut latest: Option<(u64, UnixMillis, String)> = None;
+    let mut next = 0u64;
+    while next < size {
+        let end = size.min(next.saturating_add(PAGE));
+        let entries = fetch(&api, next, end).await?;
+        for bytes in &entries {
+            if let Some((seq, time, text)) = accepted_policy(bytes) {
+                latest = Some((seq, time, text));
+            }
+        }
+        next = next.saturating_add(entries.len() as u64);
+    }
+    let Some((seq, time, text)) = latest else {
+        return Err(CliError::Failed(format!(
+            "no accepted policy in the {size} entries of the log"
+        )));
+    };
+    if context.json {
+        print_json(&json!({ "seq": seq, "time": rfc3339(time), "text": text }))
+    } else {
+        eprintln!(
+            "policy installed by log entry {seq} at {} (as served by the host; verify the log \
+             with attestplane-verify)",
+            rfc3339(time)
+        );
+        // Served by the host: no terminal escapes reach the terminal (newlines and tabs kept).
+        let text: String = text
+            .split('\n')
+            .map(|line| line.split('\t').map(clean).collect::<Vec<_>>().join("\t"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        super::write_out(format_args!("{text}"))?;
+        if !text.ends_with('\n') {
+            outln!("");
+        }
+        Ok(())
+    }
+}
+
+/// The policy text of an entry recording an accepted `set_policy`.
+fn accepted_policy(bytes: &[u8]) -> Option<(u64, UnixMillis, String)> {
+    let Entry {
+        seq, time, event, ..
+    } = SignedEntry::decode(bytes).ok()?.into_entry();
+    let Event::Admin {
+        request,
+        accepted: true,
+        ..
+    } = event
+    else {
+        return None;
+    };
+    let request = SignedAdminRequest::decode(&request).ok()?;
+    match &request.request().action {
+        AdminAction::SetPolicy { text } => Some((seq, time, text.clone())),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use attestplane_verifier::admin::Deployment;
+    use attestplane_verifier::entry::{EntryHash, KeyId};
+
     use super::*;
     use crate::cli::keys::generate;
+    use crate::cli::log::summary;
+    use crate::cli::submit::sign_admin;
 
-    #[test]
-    fn a_signed_request_verifies_with_the_verifier_and_only_under_its_key() {
-        let key = generate().unwrap();
-        let t = UnixMillis::from_millis(1_764_870_000_000);
-        let action = AdminAction::RevokeServer {
-            id: "weather".into(),
-        };
-        let bytes = sign_admin(action.clone(), &key, t).unwrap();
-        let signed = SignedAdminRequest::decode(&bytes).unwrap();
-        assert_eq!(
-            signed.verify(&[key.verifying_key()]).unwrap(),
-            key.verifying_key()
-        );
-        assert_eq!(signed.request().action, action);
-        assert_eq!(signed.request().time, t);
-        assert!(signed.is_fresh_at(t));
-        let other = generate().unwrap();
-        assert!(signed.verify(&[other.verifying_key()]).is_err());
+    fn entry(seq: u64, event: Event, key: &SigningKey) -> Vec<u8> {
+        Entry {
+            seq,
+            prev: EntryHash::ZERO,
+            epoch: 0,
+            time: UnixMillis::from_millis(1_764_870_000_000 + seq),
+            event,
+        }
+        .sign(&KeyId::of(&key.verifying_key()), key)
+        .unwrap()
+    }
+
+    fn deployment() -> Deployment {
+        Deployment {
+            origin: "attestplane.test/log".into(),
+            genesis: EntryHash::from_bytes([7; 32]),
+        }
     }
 
     #[test]
-    fn nonces_are_fresh_per_request() {
-        let key = generate().unwrap();
+    fn policy_show_takes_accepted_set_policy_only() {
+        let enclave = SigningKey::from_bytes(&[3; 32]);
+        let admin = SigningKey::from_bytes(&[4; 32]);
         let t = UnixMillis::from_millis(1);
-        let nonce = |bytes: Vec<u8>| SignedAdminRequest::decode(&bytes).unwrap().request().nonce;
-        let a = nonce(sign_admin(AdminAction::RevokeServer { id: "x".into() }, &key, t).unwrap());
-        let b = nonce(sign_admin(AdminAction::RevokeServer { id: "x".into() }, &key, t).unwrap());
-        assert_ne!(a, b);
-        assert_ne!(a, [0; 16]);
-    }
-
-    #[test]
-    fn an_invalid_action_is_refused_before_signing() {
-        let key = generate().unwrap();
-        let e = sign_admin(
-            AdminAction::RevokeServer { id: String::new() },
-            &key,
-            UnixMillis::from_millis(1),
+        let set = |text: &str| {
+            sign_admin(
+                AdminAction::SetPolicy { text: text.into() },
+                &admin,
+                &deployment(),
+                t,
+            )
+            .unwrap()
+        };
+        let accepted = entry(
+            5,
+            Event::Admin {
+                request: set("permit(principal, action, resource);"),
+                accepted: true,
+                reason: None,
+            },
+            &enclave,
         );
-        assert!(e.is_err());
+        let refused = entry(
+            6,
+            Event::Admin {
+                request: set("forbid"),
+                accepted: false,
+                reason: Some(attestplane_verifier::reason::Reason::InvalidPolicy),
+            },
+            &enclave,
+        );
+        let revoke = entry(
+            7,
+            Event::Admin {
+                request: sign_admin(
+                    AdminAction::RevokeServer { id: "x".into() },
+                    &admin,
+                    &deployment(),
+                    t,
+                )
+                .unwrap(),
+                accepted: true,
+                reason: None,
+            },
+            &enclave,
+        );
+        assert_eq!(
+            accepted_policy(&accepted).unwrap().2,
+            "permit(principal, action, resource);"
+        );
+        assert_eq!(accepted_policy(&accepted).unwrap().0, 5);
+        assert!(accepted_policy(&refused).is_none());
+        assert!(accepted_policy(&revoke).is_none());
+        assert!(
+            summary(&SignedEntry::decode(&refused).unwrap().into_entry().event)
+                .starts_with("REFUSED set_policy")
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `images allow`: allow the control plane to run another image (an upgrade).
 //!
-//! A signed `allow_image` admin request ([`super::admin`]) naming the new image's PCRs. Once
+//! A signed `allow_image` admin request ([`super::submit`]) naming the new image's PCRs. Once
 //! the enclave has logged it as accepted, epochs whose attestation documents carry those PCRs
 //! are accepted by the enclave's boot and by `attestplane-verify log`; an epoch of an image no
 //! accepted act allowed earlier in the log is refused by both. The image's PCR file is
@@ -13,9 +13,9 @@ use attestplane_verifier::admin::{AdminAction, PcrHex};
 use attestplane_verifier::attestation::{Pcr, PcrIndex};
 use clap::{Args, Subcommand};
 
-use super::admin::submit_admin;
 use super::keys::admin_key;
 use super::pcrs::{merge, parse_pcr_flag};
+use super::submit::submit_admin;
 use super::{CliError, CliResult, ClientContext};
 
 /// `images ...`.

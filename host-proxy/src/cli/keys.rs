@@ -15,7 +15,7 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand_core::{OsRng, RngCore as _};
 use serde_json::json;
 
-use super::admin::submit_admin;
+use super::submit::submit_admin;
 use super::{CliError, CliResult, ClientContext, print_json};
 
 /// The largest key file read (64 hex digits, a newline, some slack for `\r\n` or spaces).

@@ -1,4 +1,5 @@
-//! `log export`, `log tail` and `policy show`: reading the log the host serves.
+//! `log export` and `log tail`, and the reads of the log the host serves that other commands
+//! build on (head, pages of entries, checkpoints, inclusion proofs, one-line summaries).
 //!
 //! `log export` writes exactly the bytes of the entries, concatenated in sequence order: the
 //! RFC 8742 CBOR sequence `attestplane-verify log` reads. It pages `GET /v1/log/entries` 4096
@@ -8,28 +9,29 @@
 //! (`POST /v1/log/checkpoint`, falling back to the latest stored one) and exports at least the
 //! entries it covers, so the verifier can detect a truncated log.
 //!
-//! `log tail` and `policy show` decode entries with the verifier's decoder but verify nothing
-//! (no signature, no hash link): they show what the host serves. They never print a bearer
+//! `log tail` decodes entries with the verifier's decoder but verifies nothing (no signature,
+//! no hash link): it shows what the host serves. The fetch helpers here verify nothing either;
+//! callers that must believe what they fetch (admin confirmations, `deployment`) check it
+//! against a checkpoint signed by the attested epoch key. They never print a bearer
 //! token or a handle (entries hold neither: only handle ids and the verified identity).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{AdminAction, SignedAdminRequest};
 use attestplane_verifier::cbor::split_sequence;
-use attestplane_verifier::entry::{Entry, Event, KeyId, SignedEntry};
+use attestplane_verifier::entry::{Event, KeyId, SignedEntry};
 use attestplane_verifier::log::claimed_size;
+use attestplane_verifier::merkle;
 use clap::Subcommand;
 use ed25519_dalek::VerifyingKey;
 use reqwest::Method;
 use serde_json::json;
 
-use super::admin::subject_of;
 use super::http::{Api, MAX_ENTRIES_PAGE_LEN, MAX_NOTE_LEN};
 use super::{CliError, CliResult, ClientContext, clean, print_json, rfc3339};
-use crate::api::body::LogHead;
+use crate::api::body::{InclusionProof, LogHead};
 
 /// Entries asked for per page (the API's maximum).
 pub const PAGE: u64 = 4096;
@@ -72,13 +74,14 @@ pub async fn run(command: LogCommand, context: &ClientContext) -> CliResult {
     }
 }
 
-async fn head(api: &Api) -> CliResult<u64> {
+/// The size of the log the host serves (`GET /v1/log/head`; unverified).
+pub async fn head(api: &Api) -> CliResult<u64> {
     let head: LogHead = api.get_json(&["v1", "log", "head"], &[], None).await?;
     Ok(head.size)
 }
 
 /// Entries `start..end` as stored; refuses a page that does not hold exactly them.
-async fn fetch(api: &Api, start: u64, end: u64) -> CliResult<Vec<Vec<u8>>> {
+pub async fn fetch(api: &Api, start: u64, end: u64) -> CliResult<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     let mut next = start;
     while next < end {
@@ -108,25 +111,68 @@ async fn fetch(api: &Api, start: u64, end: u64) -> CliResult<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-async fn fetch_checkpoint(api: &Api) -> CliResult<String> {
-    let fresh = api
+/// A checkpoint the enclave signs now over the durable log (`POST /v1/log/checkpoint`), as
+/// served (unverified).
+pub async fn fresh_checkpoint(api: &Api) -> CliResult<String> {
+    let bytes = api
         .bytes(
             Method::POST,
             &["v1", "log", "checkpoint"],
             &[],
             MAX_NOTE_LEN,
         )
-        .await;
-    let bytes = match fresh {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("warning: no fresh checkpoint ({e}); using the latest stored one");
-            api.bytes(Method::GET, &["v1", "log", "checkpoint"], &[], MAX_NOTE_LEN)
-                .await?
-        }
-    };
+        .await?;
+    note_text(bytes)
+}
+
+fn note_text(bytes: Vec<u8>) -> CliResult<String> {
     String::from_utf8(bytes)
         .map_err(|_| CliError::Failed("the checkpoint note is not UTF-8 text".into()))
+}
+
+async fn fetch_checkpoint(api: &Api) -> CliResult<String> {
+    match fresh_checkpoint(api).await {
+        Ok(note) => Ok(note),
+        Err(e) => {
+            eprintln!("warning: no fresh checkpoint ({e}); using the latest stored one");
+            note_text(
+                api.bytes(Method::GET, &["v1", "log", "checkpoint"], &[], MAX_NOTE_LEN)
+                    .await?,
+            )
+        }
+    }
+}
+
+/// The inclusion proof the host serves for leaf `index` in the tree of `size` leaves
+/// (unverified: check it with `merkle::verify_inclusion` against a verified root).
+pub async fn inclusion_proof(api: &Api, index: u64, size: u64) -> CliResult<Vec<merkle::Hash>> {
+    // Only the proof is used: the leaf and root are computed by the caller, never taken from
+    // the host.
+    let answer: InclusionProof = api
+        .get_json(
+            &["v1", "log", "proof", "inclusion"],
+            &[("index", index.to_string()), ("size", size.to_string())],
+            None,
+        )
+        .await?;
+    // A proof has at most 64 hashes; more is not a proof (and not worth decoding).
+    if answer.proof.len() > 64 {
+        return Err(CliError::Failed(format!(
+            "the inclusion proof served for entry {index} has {} hashes",
+            answer.proof.len()
+        )));
+    }
+    answer
+        .proof
+        .iter()
+        .map(|h| {
+            merkle::Hash::from_hex(h).map_err(|e| {
+                CliError::Failed(format!(
+                    "the inclusion proof served for entry {index} is malformed: {e}"
+                ))
+            })
+        })
+        .collect()
 }
 
 async fn export(
@@ -413,81 +459,29 @@ fn short48(b: &[u8; 48]) -> String {
     hex::encode(b.get(..8).unwrap_or_default())
 }
 
-/// `policy show`: the latest accepted `set_policy` of the log the host serves.
-pub async fn policy_show(context: &ClientContext) -> CliResult {
-    let api = Api::new(&context.url)?;
-    let size = head(&api).await?;
-    let mut latest: Option<(u64, UnixMillis, String)> = None;
-    let mut next = 0u64;
-    while next < size {
-        let end = size.min(next.saturating_add(PAGE));
-        let entries = fetch(&api, next, end).await?;
-        for bytes in &entries {
-            if let Some((seq, time, text)) = accepted_policy(bytes) {
-                latest = Some((seq, time, text));
-            }
-        }
-        next = next.saturating_add(entries.len() as u64);
-    }
-    let Some((seq, time, text)) = latest else {
-        return Err(CliError::Failed(format!(
-            "no accepted policy in the {size} entries of the log"
-        )));
-    };
-    if context.json {
-        print_json(&json!({ "seq": seq, "time": rfc3339(time), "text": text }))
-    } else {
-        eprintln!(
-            "policy installed by log entry {seq} at {} (as served by the host; verify the log \
-             with attestplane-verify)",
-            rfc3339(time)
-        );
-        // Served by the host: no terminal escapes reach the terminal (newlines and tabs kept).
-        let text: String = text
-            .split('\n')
-            .map(|line| {
-                line.split('\t')
-                    .map(crate::cli::clean)
-                    .collect::<Vec<_>>()
-                    .join("\t")
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        crate::cli::write_out(format_args!("{text}"))?;
-        if !text.ends_with('\n') {
-            outln!("");
-        }
-        Ok(())
-    }
-}
-
-/// The policy text of an entry recording an accepted `set_policy`.
-fn accepted_policy(bytes: &[u8]) -> Option<(u64, UnixMillis, String)> {
-    let Entry {
-        seq, time, event, ..
-    } = SignedEntry::decode(bytes).ok()?.into_entry();
-    let Event::Admin {
-        request,
-        accepted: true,
-        ..
-    } = event
-    else {
-        return None;
-    };
-    let request = SignedAdminRequest::decode(&request).ok()?;
-    match &request.request().action {
-        AdminAction::SetPolicy { text } => Some((seq, time, text.clone())),
+/// What an action is about, for output.
+pub fn subject_of(action: &AdminAction) -> Option<String> {
+    match action {
+        AdminAction::RegisterServer(s) | AdminAction::UpdateServer(s) => Some(s.id.clone()),
+        AdminAction::RevokeServer { id } => Some(id.clone()),
+        AdminAction::SetIdentityProvider(p) => Some(p.issuer.clone()),
+        AdminAction::RemoveIdentityProvider { issuer } => Some(issuer.clone()),
+        AdminAction::RotateAdminKeys { keys } => Some(format!("{} keys", keys.len())),
+        AdminAction::SetPolicy { text } => Some(format!("{} bytes", text.len())),
+        AdminAction::AllowImage { pcrs } => pcrs
+            .get(&attestplane_verifier::attestation::PcrIndex::IMAGE)
+            .map(|p| format!("PCR0 {}", p.0.to_hex())),
         _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use attestplane_verifier::entry::EntryHash;
+    use attestplane_verifier::UnixMillis;
+    use attestplane_verifier::entry::{Entry, EntryHash};
     use ed25519_dalek::SigningKey;
 
     use super::*;
-    use crate::cli::admin::sign_admin;
 
     fn entry(seq: u64, event: Event, key: &SigningKey) -> Vec<u8> {
         Entry {
@@ -525,55 +519,6 @@ mod tests {
         assert_eq!(items, [a.as_slice(), b.as_slice()]);
         assert!(split_sequence(&seq[..seq.len() - 1]).is_err());
         assert!(split_sequence(&[]).unwrap().is_empty());
-    }
-
-    #[test]
-    fn policy_show_takes_accepted_set_policy_only() {
-        let enclave = SigningKey::from_bytes(&[3; 32]);
-        let admin = SigningKey::from_bytes(&[4; 32]);
-        let t = UnixMillis::from_millis(1);
-        let set = |text: &str| {
-            sign_admin(AdminAction::SetPolicy { text: text.into() }, &admin, t).unwrap()
-        };
-        let accepted = entry(
-            5,
-            Event::Admin {
-                request: set("permit(principal, action, resource);"),
-                accepted: true,
-                reason: None,
-            },
-            &enclave,
-        );
-        let refused = entry(
-            6,
-            Event::Admin {
-                request: set("forbid"),
-                accepted: false,
-                reason: Some(attestplane_verifier::reason::Reason::InvalidPolicy),
-            },
-            &enclave,
-        );
-        let revoke = entry(
-            7,
-            Event::Admin {
-                request: sign_admin(AdminAction::RevokeServer { id: "x".into() }, &admin, t)
-                    .unwrap(),
-                accepted: true,
-                reason: None,
-            },
-            &enclave,
-        );
-        assert_eq!(
-            accepted_policy(&accepted).unwrap().2,
-            "permit(principal, action, resource);"
-        );
-        assert_eq!(accepted_policy(&accepted).unwrap().0, 5);
-        assert!(accepted_policy(&refused).is_none());
-        assert!(accepted_policy(&revoke).is_none());
-        assert!(
-            summary(&SignedEntry::decode(&refused).unwrap().into_entry().event)
-                .starts_with("REFUSED set_policy")
-        );
     }
 
     /// A fake proxy serving `size` one-byte CBOR items (`i % 24` at position `i`), with pages
@@ -640,6 +585,9 @@ mod tests {
             root: None,
             pcrs: None,
             allow_debug: false,
+            config: None,
+            origin: None,
+            genesis: None,
         }
     }
 

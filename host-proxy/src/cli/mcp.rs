@@ -22,7 +22,7 @@ use clap::Subcommand;
 use reqwest::StatusCode;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
-use super::handle::{ControlPlaneTrust, attested_control_plane};
+use super::attest::{ControlPlaneTrust, attested_control_plane};
 use super::http::Api;
 use super::{CliError, CliResult, ClientContext, read_bearer};
 
@@ -61,7 +61,7 @@ pub async fn run(command: McpCommand, context: &ClientContext) -> CliResult {
         return Err(CliError::Usage(format!("{server:?} is not a server id")));
     }
     let bearer = read_bearer(context)?;
-    let trust = super::handle::trust(context)?;
+    let trust = ControlPlaneTrust::of(context)?;
     verify(&Api::new(&context.url)?, &trust).await?;
     let endpoint = format!("{}/mcp/{server}", gateway.trim_end_matches('/'));
     if !endpoint.starts_with("http://") {

@@ -1,13 +1,15 @@
 //! The operator's, agent's and auditor's commands of the `attestplane` CLI: HTTP clients of the
 //! proxy's API (docs/http-api.md).
 //!
-//! - Operators sign admin requests locally with their admin key ([`admin`]): `servers
-//!   register|update|revoke`, `policy set`, `idp set|remove`, `keys rotate`, `images allow`. The proxy forwards
-//!   the signed bytes untouched; the enclave checks them.
+//! - Operators sign admin requests locally with their admin key, for the deployment pinned in
+//!   the configuration ([`deployment`]): `servers register|update|revoke`, `policy set`,
+//!   `idp set|remove`, `keys rotate`, `images allow`. The proxy forwards the signed bytes untouched; the enclave
+//!   checks them. The CLI then confirms the outcome from the log, against a fresh checkpoint
+//!   signed by the attested epoch key, instead of believing the host's answer ([`submit`]).
 //! - Agents list servers and resolve handles with a bearer token ([`servers`], [`handle`]).
 //!   `handle resolve` believes nothing the host says: it verifies the control plane's
-//!   attestation document (fresh nonce, pinned root, expected PCRs) and the handle against the
-//!   attested key before printing it.
+//!   attestation document (fresh nonce, pinned root, expected PCRs; [`attest`]) and the handle
+//!   against the attested key before printing it.
 //! - Auditors export the log for `attestplane-verify log` and read it ([`log`]).
 //! - `keys gen` and `token mint` are local ([`keys`], [`token`]); `token mint` is the
 //!   development identity provider of `attestplane dev`, not a production issuer.
@@ -17,6 +19,12 @@
 //! Exit codes: 0 success; 1 refused by the control plane (a 4xx answer) or failed
 //! verification; 2 usage, I/O, transport or server (5xx) errors. Errors are printed on stderr
 //! as `error: <code>: <message> (log entry <seq>)`.
+//!
+//! Module layout (no two of these import each other): [`http`] and [`pcrs`] at the bottom;
+//! [`attest`] (the verified control plane) and [`log`] (reading the log the host serves) above
+//! them; [`submit`] (signing, submitting and confirming admin requests) on those; the commands
+//! on top: [`keys`], [`admin`] (policy, identity providers), [`servers`], [`deployment`],
+//! [`handle`], [`token`].
 //!
 //! What it deliberately does not do: `log tail` and `policy show` display entries as the host
 //! serves them without verifying signatures or hash links (that is `attestplane-verify log`'s
@@ -32,6 +40,8 @@ macro_rules! outln {
 }
 
 pub mod admin;
+pub mod attest;
+pub mod deployment;
 pub mod handle;
 pub mod http;
 pub mod images;
@@ -40,6 +50,7 @@ pub mod log;
 pub mod mcp;
 pub mod pcrs;
 pub mod servers;
+pub mod submit;
 pub mod token;
 
 use std::path::{Path, PathBuf};
@@ -73,6 +84,12 @@ pub struct ClientContext {
     pub pcrs: Option<PathBuf>,
     /// Accept a debug-mode control plane (development only).
     pub allow_debug: bool,
+    /// The configuration file the settings came from (`deployment pin` writes it).
+    pub config: Option<PathBuf>,
+    /// The pinned deployment's origin (admin requests are signed for it).
+    pub origin: Option<String>,
+    /// The pinned deployment's genesis entry hash (hex).
+    pub genesis: Option<String>,
 }
 
 /// Shown under the help of every client command group.
@@ -112,6 +129,10 @@ pub enum ClientCommand {
     /// Allow the control plane to run another image (an upgrade).
     #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Images(images::ImagesCommand),
+    /// Learn the deployment (log origin, genesis entry) from the attested control plane and
+    /// pin it: admin requests are signed for it alone.
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
+    Deployment(deployment::DeploymentCommand),
 }
 
 /// Runs one client command; the returned code is the process's exit code (0 success, 1 refused
@@ -127,6 +148,7 @@ pub async fn run(command: ClientCommand, context: &ClientContext) -> anyhow::Res
         ClientCommand::Log(c) => log::run(c, context).await,
         ClientCommand::Mcp(c) => mcp::run(c, context).await,
         ClientCommand::Images(c) => images::run(c, context).await,
+        ClientCommand::Deployment(c) => deployment::run(c, context).await,
     };
     match result {
         Ok(()) => Ok(0),
@@ -156,6 +178,9 @@ pub enum CliError {
     /// Something did not verify, or a refusal decided locally (exit 1).
     #[error("{0}")]
     Failed(String),
+    /// An admin act the host reported is not what the log records (exit 1).
+    #[error("unconfirmed: {0}")]
+    Unconfirmed(#[from] submit::ConfirmError),
     /// Bad flags or settings (exit 2).
     #[error("{0}")]
     Usage(String),
@@ -176,7 +201,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Api { status, .. } if (400..500).contains(status) => 1,
-            CliError::Failed(_) => 1,
+            CliError::Failed(_) | CliError::Unconfirmed(_) => 1,
             CliError::Closed => 0,
             CliError::Api { .. } | CliError::Usage(_) | CliError::Io(_) => 2,
         }

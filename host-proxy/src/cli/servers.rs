@@ -1,6 +1,6 @@
 //! `servers register|update|revoke|attest|list`.
 //!
-//! Registration, update and revocation are signed admin requests ([`super::admin`]). `attest`
+//! Registration, update and revocation are signed admin requests ([`super::submit`]). `attest`
 //! asks the proxy to fetch the server's attestation document with a nonce from the enclave and
 //! hand it over; the enclave verifies and logs the result. `list` is the agent's view (the
 //! servers the policy lets its token discover).
@@ -15,10 +15,10 @@ use clap::{Args, Subcommand};
 use reqwest::Url;
 use serde_json::json;
 
-use super::admin::submit_admin;
 use super::http::Api;
 use super::keys::admin_key;
 use super::pcrs::{merge, parse_pcr_flag};
+use super::submit::submit_admin;
 use super::{CliError, CliResult, ClientContext, clean, print_json, read_bearer};
 pub use crate::api::body::ListedServer;
 use crate::api::body::{AttestVerified, ServerList};

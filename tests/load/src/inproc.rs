@@ -18,6 +18,7 @@ use attestplane_enclave::service::{Enclave, EnclaveConfig};
 use attestplane_proto::{ByteBuf, Request, Response};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::attestation::TrustAnchor;
+use attestplane_verifier::entry::EntryHash;
 
 use crate::world::{self, World};
 
@@ -39,6 +40,8 @@ pub struct InProcess {
     next_id: u64,
     tokens: Vec<String>,
     turn: usize,
+    /// The hash of entry 1 (genesis), once persisted.
+    genesis: Option<EntryHash>,
 }
 
 impl std::fmt::Debug for InProcess {
@@ -73,6 +76,7 @@ impl InProcess {
             next_id: 0,
             tokens,
             turn: 0,
+            genesis: None,
         };
         let admin = world.admin.verifying_key().to_bytes();
         this.expect_ack(Request::ReplayBegin {
@@ -80,6 +84,10 @@ impl InProcess {
             total_entries: 0,
         })?;
         this.expect_ack(Request::ReplayEnd)?;
+        let Some(genesis) = this.genesis else {
+            bail!("in-process enclave: no genesis entry was persisted");
+        };
+        world.set_genesis(genesis);
         let spec = World::spec("http://127.0.0.1:9", &pcrs)?;
         for action in world.setup_actions(spec)? {
             let name = action.type_name();
@@ -135,6 +143,12 @@ impl InProcess {
             return Ok(reply);
         };
         let through_seq = first_seq + entries.len() as u64 - 1;
+        if let Some(genesis) = 1u64
+            .checked_sub(first_seq)
+            .and_then(|i| entries.get(i as usize))
+        {
+            self.genesis = Some(EntryHash::of(genesis));
+        }
         self.next_id += 1;
         self.enclave
             .handle(self.next_id, Request::Durable { through_seq }, t)

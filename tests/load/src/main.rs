@@ -369,6 +369,19 @@ async fn bootstrap(
     endpoint: &str,
     pcrs: &[[u8; 48]; 3],
 ) -> Result<()> {
+    // Admin requests name the log's genesis entry (entry 1).
+    let reply = http::once(
+        stack.api,
+        "GET",
+        "/v1/log/entries?start=1&end=2",
+        None,
+        None,
+    )
+    .await?;
+    if reply.status != 200 || reply.body.is_empty() {
+        bail!("GET /v1/log/entries (genesis) answered {}", reply.status);
+    }
+    world.set_genesis(attestplane_verifier::entry::EntryHash::of(&reply.body));
     let spec = World::spec(endpoint, pcrs)?;
     for action in world.setup_actions(spec)? {
         let name = action.type_name();

@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{
-    AdminAction, AdminRequest, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
+    AdminAction, AdminRequest, Deployment, Digest32, IdentityProviderSpec, PcrHex, ServerSpec,
 };
 use attestplane_verifier::attestation::{Pcr, PcrIndex};
+use attestplane_verifier::entry::EntryHash;
 use attestplane_verifier::handle::{IdentityClaims, Jwks};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest as _, Sha256, Sha384};
@@ -52,6 +53,8 @@ pub struct World {
     pub admin: SigningKey,
     pub idp: SigningKey,
     nonce: u64,
+    /// The deployment admin requests name, once the log's genesis entry is known.
+    deployment: Option<Deployment>,
 }
 
 impl World {
@@ -60,7 +63,17 @@ impl World {
             admin: key("attestplane load bench: admin"),
             idp: key("attestplane load bench: identity provider"),
             nonce: 0,
+            deployment: None,
         }
+    }
+
+    /// Admin requests from now on are for the log of [`ORIGIN`] whose genesis entry (entry 1)
+    /// has `genesis` as its hash.
+    pub fn set_genesis(&mut self, genesis: EntryHash) {
+        self.deployment = Some(Deployment {
+            origin: ORIGIN.into(),
+            genesis,
+        });
     }
 
     /// The admin's public key, hex.
@@ -119,9 +132,14 @@ impl World {
         nonce[..8].copy_from_slice(&self.nonce.to_be_bytes());
         nonce[8..].copy_from_slice(&now.as_millis().to_be_bytes());
         let name = action.type_name();
+        let deployment = self
+            .deployment
+            .clone()
+            .context("the log's genesis entry is not known yet")?;
         AdminRequest {
             time: now,
             nonce,
+            deployment,
             action,
         }
         .sign(&self.admin.verifying_key(), &self.admin)
