@@ -48,13 +48,60 @@
 //! - It does not check admin requests: those are signed by the operators' admin keys, not the
 //!   enclave's, one at a time, in [`crate::admin`].
 
+use std::fmt;
+
 use curve25519_dalek::edwards::CompressedEdwardsY;
 use ed25519_dalek::{Signature, VerifyingKey};
 use ed25519_zebra::batch;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, RngCore, SeedableRng};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+use sha2::{Digest as _, Sha256};
 use thiserror::Error;
+
+/// Identifies an epoch key: SHA-256 of its 32 raw public-key bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId([u8; 32]);
+
+impl KeyId {
+    /// The id of `key`.
+    pub fn of(key: &VerifyingKey) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// Wraps raw id bytes.
+    pub const fn from_bytes(b: [u8; 32]) -> Self {
+        Self(b)
+    }
+
+    /// The raw id bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lower-case hex: also the `kid` of the key in a JWKS.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({})", self.to_hex())
+    }
+}
+
+impl Serialize for KeyId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
 
 /// Why a byte string is not a usable Ed25519 public key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Error, Serialize)]

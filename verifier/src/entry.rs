@@ -38,7 +38,8 @@ use crate::cbor::{
     self, CborError, Fields, ShapeError, as_u64, keys32, map, opt_text, texts, uint,
 };
 use crate::cose::{self, CoseError};
-use crate::reason::{Reason, opt_reason, take_opt_reason};
+pub use crate::eddsa::KeyId;
+use crate::reason::{Reason, ReasonError, opt_reason, take_opt_reason};
 use crate::time::UnixMillis;
 
 /// Content type in every entry's protected header: binds the signature to this format.
@@ -107,47 +108,12 @@ impl Serialize for EntryHash {
     }
 }
 
-/// Identifies an epoch key: SHA-256 of its 32 raw public-key bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId([u8; 32]);
-
-impl KeyId {
-    /// The id of `key`.
-    pub fn of(key: &VerifyingKey) -> Self {
-        Self(Sha256::digest(key.as_bytes()).into())
-    }
-
-    /// Wraps raw id bytes.
-    pub const fn from_bytes(b: [u8; 32]) -> Self {
-        Self(b)
-    }
-
-    /// The raw id bytes.
-    pub const fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Lower-case hex: also the `kid` of the key in a JWKS.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({})", self.to_hex())
-    }
-}
-
-impl Serialize for KeyId {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+impl From<ReasonError> for EntryError {
+    fn from(e: ReasonError) -> Self {
+        match e {
+            ReasonError::Shape(e) => EntryError::Shape(e),
+            ReasonError::UnknownCode { code } => EntryError::UnknownReason { code },
+        }
     }
 }
 
@@ -648,7 +614,7 @@ impl Entry {
     ) -> Result<Vec<u8>, EntryError> {
         Ok(cose::sign(
             ENTRY_CONTENT_TYPE,
-            &kid.0,
+            kid.as_bytes(),
             self.payload()?,
             signer,
         )?)
@@ -672,7 +638,7 @@ impl SignedEntry {
         let entry = Entry::from_payload(&opened.payload)?;
         Ok(Self {
             entry,
-            kid: KeyId(opened.kid),
+            kid: KeyId::from_bytes(opened.kid),
             signature: opened.signature,
             tbs: opened.tbs,
             hash: EntryHash::of(bytes),
@@ -689,7 +655,7 @@ impl SignedEntry {
         let entry = Entry::from_payload_reference(&opened.payload)?;
         Ok(Self {
             entry,
-            kid: KeyId(opened.kid),
+            kid: KeyId::from_bytes(opened.kid),
             signature: opened.signature,
             tbs: opened.tbs,
             hash: EntryHash::of(bytes),

@@ -16,10 +16,11 @@ use std::fmt;
 
 use ciborium::value::Value;
 use serde::Serialize;
+use thiserror::Error;
 
 use crate::attestation::AttestationError;
 use crate::cbor::{Fields, ShapeError, map, texts, uint};
-use crate::entry::{EntryError, KeyId};
+use crate::eddsa::KeyId;
 
 /// Why a request, a decision or a piece of evidence was refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -124,6 +125,21 @@ pub enum Reason {
     },
     /// The document does not carry the nonce the enclave issued.
     NonceMismatch,
+}
+
+/// Why a logged reason does not decode (the entry decoder reports it as its own error).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ReasonError {
+    /// The reason is not a map of the fields its code defines.
+    #[error("{0}")]
+    Shape(#[from] ShapeError),
+    /// The code is not one this version knows.
+    #[error("unknown reason code {code:?}")]
+    UnknownCode {
+        /// The code found.
+        code: String,
+    },
 }
 
 impl Reason {
@@ -237,7 +253,7 @@ impl Reason {
         }
     }
 
-    pub(crate) fn from_value(value: Value) -> Result<Self, EntryError> {
+    pub(crate) fn from_value(value: Value) -> Result<Self, ReasonError> {
         let mut f = Fields::new(value, "reason")?;
         let code = f.text("code")?;
         let reason = match code.as_str() {
@@ -298,7 +314,7 @@ impl Reason {
                 }
             }
             "nonce_mismatch" => Reason::NonceMismatch,
-            _ => return Err(EntryError::UnknownReason { code }),
+            _ => return Err(ReasonError::UnknownCode { code }),
         };
         f.finish()?;
         Ok(reason)
@@ -385,7 +401,7 @@ pub(crate) fn opt_reason(r: &Option<Reason>) -> Value {
 pub(crate) fn take_opt_reason(
     f: &mut Fields,
     field: &'static str,
-) -> Result<Option<Reason>, EntryError> {
+) -> Result<Option<Reason>, ReasonError> {
     match f.take(field)? {
         Value::Null => Ok(None),
         v => Ok(Some(Reason::from_value(v)?)),
@@ -457,7 +473,7 @@ mod tests {
         let v = map([("code", Value::Text("launch_missiles".into()))]);
         assert_eq!(
             Reason::from_value(v),
-            Err(EntryError::UnknownReason {
+            Err(ReasonError::UnknownCode {
                 code: "launch_missiles".into()
             })
         );
