@@ -270,6 +270,32 @@ fn typescript_sdk_client_through_the_gateway_to_server_everything_and_a_python_s
         let s = stats(&runtime, py.addr("stateful-sse"));
         assert_eq!(s["receipt_header"], 1, "{s}");
     }
+    // The PyPI client against server-everything too, in both eras (the modern one through a
+    // legacy-only upstream).
+    if let Some(python) = &python {
+        let sessions: Vec<Value> = ["legacy", "2026-07-28"]
+            .iter()
+            .map(|mode| {
+                json!({"url": endpoint, "token": user, "mode": mode, "ops": [
+                    list(),
+                    call("get-sum", json!({"a": 2, "b": 40})),
+                    call("get-env", json!({})),
+                ]})
+            })
+            .collect();
+        for session in python_client(python, &json!(sessions)) {
+            let out = outcomes(&session);
+            assert_eq!(out[0]["tools"], json!(["echo", "get-sum"]), "{session}");
+            assert!(
+                out[1]["text"].as_str().unwrap_or("").contains("42"),
+                "{session}"
+            );
+            assert!(
+                out[2]["error"].as_str().unwrap_or("").contains("withheld"),
+                "{session}"
+            );
+        }
+    }
     let (ok, _) = stack.stop(Duration::from_secs(20));
     assert!(ok);
 }
