@@ -299,3 +299,52 @@ fn typescript_sdk_client_through_the_gateway_to_server_everything_and_a_python_s
     let (ok, _) = stack.stop(Duration::from_secs(20));
     assert!(ok);
 }
+
+#[test]
+fn an_announced_rug_pull_refuses_the_next_call_without_waiting_for_a_listing() {
+    let Some(python) = peers_support::python() else {
+        return;
+    };
+    let mut stack = DevStack::start();
+    let gateway = gateway_url(&stack);
+    let servers = PyServers::start(&python, &["stateful-sse"]);
+    let runtime = peers_support::runtime();
+    let upstream = servers.addr("stateful-sse");
+    let front = Front::start(&runtime, upstream, &stack.demo_url);
+    register_pinned(&stack, &runtime, "announced", &front, &["add", "weather"]);
+    let endpoint = format!("{gateway}/mcp/announced");
+    let token = mint_token(&stack, &endpoint, "tool-user", "announced.jwt");
+    let session = |ops: Value| {
+        python_client(
+            &python,
+            &json!([{"url": endpoint, "token": token, "mode": "2026-07-28", "ops": ops}]),
+        )
+    };
+    // A listing (the gateway caches it, pins checked) and a call.
+    let before = session(json!([list(), call("weather", json!({"city": "Oslo"}))]));
+    assert_eq!(
+        outcomes(&before[0])[1]["text"],
+        "sunny in Oslo",
+        "{before:?}"
+    );
+    // The server changes `weather` and says so (notifications/tools/list_changed on its
+    // subscriptions/listen stream, which the gateway keeps open).
+    peers_support::rug_pull_announced(&runtime, upstream);
+    std::thread::sleep(Duration::from_millis(500));
+    // The next call, with no listing in between (the cached one is younger than its TTL):
+    // refused, and it never reached the server.
+    let after = session(json!([call("weather", json!({"city": "Oslo"}))]));
+    let out = outcomes(&after[0]);
+    assert_eq!(out[0]["ok"], false, "{after:?}");
+    assert!(
+        out[0]["error"].as_str().unwrap_or("").contains("withheld"),
+        "{after:?}"
+    );
+    assert_eq!(
+        stats(&runtime, upstream)["calls"],
+        json!({"weather": 1}),
+        "the refused call never reached the server"
+    );
+    let (ok, _) = stack.stop(Duration::from_secs(20));
+    assert!(ok);
+}

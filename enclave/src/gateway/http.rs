@@ -9,7 +9,11 @@
 //! - `initialize` (legacy): a session minted from the NSM's randomness, bound to the agent;
 //! - `server/discover` (modern), `ping`: answered by the gateway;
 //! - `tools/list`: the upstream's tools (all pages, bounded), checked against their pins,
-//!   filtered by the policy for this agent, forwarded byte for byte;
+//!   filtered by the policy for this agent, forwarded byte for byte; the listing is cached
+//!   for calls for at most [`TOOLS_TTL`], and a listener on the upstream's
+//!   `notifications/tools/list_changed` (`subscriptions/listen` in the modern era, the
+//!   session's GET stream in the legacy one) drops the cache at once, so a call after an
+//!   announced change is checked against a fresh listing;
 //! - `tools/call`: decided (pins, hard rules, Cedar), the decision entry made durable, then
 //!   forwarded; the answer's result entry made durable, then answered;
 //! - anything else: refused (`-32601`), deny by default.
@@ -66,9 +70,12 @@ struct ToolCache {
 pub struct Gateway {
     config: GatewayConfig,
     access: EnclaveAccess,
-    upstreams: Upstreams,
+    upstreams: Arc<Upstreams>,
     sessions: Mutex<Sessions>,
-    tools: Mutex<HashMap<String, ToolCache>>,
+    tools: Arc<Mutex<HashMap<String, ToolCache>>>,
+    /// Per server, when a listener for its `notifications/tools/list_changed` was last
+    /// started, and whether it still runs.
+    listeners: Arc<Mutex<HashMap<String, (Instant, bool)>>>,
     next_id: AtomicU64,
 }
 
@@ -97,9 +104,10 @@ impl Gateway {
         Self {
             config,
             access,
-            upstreams,
+            upstreams: Arc::new(upstreams),
             sessions: Mutex::new(sessions),
-            tools: Mutex::new(HashMap::new()),
+            tools: Arc::new(Mutex::new(HashMap::new())),
+            listeners: Arc::new(Mutex::new(HashMap::new())),
             next_id: AtomicU64::new(0),
         }
     }
@@ -495,12 +503,47 @@ impl Gateway {
             cache.kept = listing.kept.clone();
             cache.drift = drift;
         }
+        self.listen_for_changes(endpoint);
         let shown = listing
             .shown
             .iter()
             .filter_map(|i| listed.get(*i).map(|t| t.get().to_owned()))
             .collect();
         Ok((last, shown))
+    }
+
+    /// Makes sure a listener for the upstream's `notifications/tools/list_changed` runs: each
+    /// one makes the next call re-list and re-check the pins instead of trusting the cached
+    /// listing for the rest of [`TOOLS_TTL`]. Started at most once per [`TOOLS_TTL`] per
+    /// server (an upstream that offers no stream is not asked on every listing).
+    fn listen_for_changes(&self, endpoint: &Endpoint) {
+        let server = endpoint.server.clone();
+        {
+            let mut listeners = lock(&self.listeners);
+            match listeners.get(&server) {
+                Some((_, true)) => return,
+                Some((started, false)) if started.elapsed() < TOOLS_TTL => return,
+                _ => {}
+            }
+            listeners.insert(server.clone(), (Instant::now(), true));
+        }
+        let (upstreams, tools, listeners) = (
+            self.upstreams.clone(),
+            self.tools.clone(),
+            self.listeners.clone(),
+        );
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            let changed = || {
+                if let Some(cache) = lock(&tools).get_mut(&server) {
+                    cache.fetched = None;
+                }
+            };
+            let _ = upstreams.listen_tools_changed(&endpoint, changed).await;
+            if let Some(l) = lock(&listeners).get_mut(&server) {
+                l.1 = false;
+            }
+        });
     }
 
     async fn tools_list(&self, ctx: &Ctx, message: &Message<'_>) -> Reply {
@@ -741,6 +784,10 @@ impl Gateway {
         }
         upstream_reply(id, e)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether a tool result says `"isError": true` (its top-level member only).

@@ -13,6 +13,9 @@
 //! Answers are read bounded ([`super::MAX_RESPONSE_BODY`]): plain JSON, or an SSE stream from
 //! which the JSON-RPC response to the request's id is taken (notifications before it are
 //! counted and dropped, bounded too).
+//!
+//! [`Upstreams::listen_tools_changed`] holds a stream of its own open to an upstream and
+//! reports its `notifications/tools/list_changed`, one bounded event at a time.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -408,6 +411,159 @@ impl Upstreams {
     }
 }
 
+/// The largest SSE event read on a listen stream.
+pub const MAX_LISTEN_EVENT: usize = 64 * 1024;
+
+/// The method of the notification that an upstream's tool list changed.
+pub const TOOLS_LIST_CHANGED: &str = "notifications/tools/list_changed";
+
+impl Upstreams {
+    /// Listens for the upstream's `notifications/tools/list_changed` on a connection of its
+    /// own, calling `on_change` for each, until the stream ends: in the modern era a
+    /// `subscriptions/listen` request for `toolsListChanged`, in the legacy era the session's
+    /// GET stream. Events are read one at a time, each bounded ([`MAX_LISTEN_EVENT`]); other
+    /// messages are ignored; an answer to the listen request ends it. An upstream that offers
+    /// no stream (HTTP 405, an error, not SSE) ends it at once.
+    pub async fn listen_tools_changed(
+        &self,
+        endpoint: &Endpoint,
+        mut on_change: impl FnMut() + Send,
+    ) -> Result<(), UpstreamError> {
+        let known = self.known(endpoint).await?;
+        let mut request = match known.era {
+            Era::Modern => hyper::Request::post(endpoint.path.as_str())
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .header(hyper::header::ACCEPT, "application/json, text/event-stream")
+                .header("MCP-Protocol-Version", MODERN_VERSION)
+                .header("Mcp-Method", "subscriptions/listen"),
+            Era::Legacy => {
+                let Some(session) = &known.session else {
+                    return Ok(());
+                };
+                hyper::Request::get(endpoint.path.as_str())
+                    .header(hyper::header::ACCEPT, "text/event-stream")
+                    .header("MCP-Protocol-Version", LEGACY_VERSION)
+                    .header("Mcp-Session-Id", session.as_str())
+            }
+        };
+        request = request.header(hyper::header::HOST, endpoint.authority.as_str());
+        let body = match known.era {
+            Era::Modern => format!(
+                r#"{{"jsonrpc":"2.0","id":"attestplane-listen","method":"subscriptions/listen","params":{{"notifications":{{"toolsListChanged":true}},"_meta":{{"{META_PROTOCOL_VERSION}":"{MODERN_VERSION}","io.modelcontextprotocol/clientInfo":{{"name":"attestplane-gateway","version":"{}"}},"io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#,
+                env!("CARGO_PKG_VERSION")
+            ),
+            Era::Legacy => String::new(),
+        };
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| UpstreamError::Http(e.to_string()))?;
+        // A connection of its own: the stream holds it for as long as it lasts.
+        let io = self
+            .connect
+            .connect(&endpoint.server)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Http(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(UpstreamError::Status(response.status().as_u16()));
+        }
+        let sse = response
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !sse {
+            return Err(UpstreamError::BadAnswer("the listen stream is not sse"));
+        }
+        let mut body = response.into_body();
+        let mut events = SseEvents::default();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| UpstreamError::Http(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            for event in events.push(&data)? {
+                match parse_message(event.as_bytes()) {
+                    Ok(m)
+                        if m.kind() == Kind::Notification
+                            && m.method() == Some(TOOLS_LIST_CHANGED) =>
+                    {
+                        on_change();
+                    }
+                    // The server ended the subscription.
+                    Ok(m) if matches!(m.kind(), Kind::Response | Kind::ErrorResponse) => {
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An SSE stream read incrementally: bytes in, the `data` of each complete event out.
+#[derive(Debug, Default)]
+struct SseEvents {
+    buffer: Vec<u8>,
+}
+
+impl SseEvents {
+    /// Adds `bytes`; returns the data of the events they completed. An event (or a line)
+    /// longer than [`MAX_LISTEN_EVENT`] ends the stream.
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, UpstreamError> {
+        self.buffer.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        loop {
+            let end = find_event_end(&self.buffer);
+            let Some((at, len)) = end else {
+                if self.buffer.len() > MAX_LISTEN_EVENT {
+                    return Err(UpstreamError::BadAnswer("an sse event is too large"));
+                }
+                return Ok(out);
+            };
+            let event: Vec<u8> = self.buffer.drain(..at + len).take(at).collect();
+            let text = std::str::from_utf8(&event)
+                .map_err(|_| UpstreamError::BadAnswer("sse is not utf-8"))?;
+            let mut data = String::new();
+            for line in text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)) {
+                if let Some(d) = line.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                }
+            }
+            if !data.is_empty() {
+                out.push(data);
+            }
+        }
+    }
+}
+
+/// Where the first event in `buffer` ends: the index of its blank-line separator and the
+/// separator's length.
+fn find_event_end(buffer: &[u8]) -> Option<(usize, usize)> {
+    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buffer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
 /// A header value as the spec wants it: plain when printable ASCII, else the base64 sentinel.
 pub fn encode_header_value(v: &str) -> String {
     use base64::Engine as _;
@@ -523,6 +679,21 @@ mod tests {
                 "too many events before the answer"
             ))
         ));
+    }
+
+    #[test]
+    fn listen_events_are_read_incrementally_and_bounded() {
+        let mut e = SseEvents::default();
+        assert!(
+            e.push(b"event: message\r\ndata: {\"a\"")
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(e.push(b":1}\r\n\r\ndata: x\n").unwrap(), vec![r#"{"a":1}"#]);
+        assert_eq!(e.push(b"\n: comment\n\n").unwrap(), vec!["x"]);
+        let mut e = SseEvents::default();
+        let huge = vec![b'a'; MAX_LISTEN_EVENT + 1];
+        assert!(e.push(&huge).is_err());
     }
 
     #[test]

@@ -462,12 +462,22 @@ pub fn stats(runtime: &tokio::runtime::Runtime, addr: &str) -> Value {
 
 /// `POST /control/rugpull` of a Python peer server.
 pub fn rug_pull(runtime: &tokio::runtime::Runtime, addr: &str) {
+    rug_pull_at(runtime, addr, "/control/rugpull");
+}
+
+/// `POST /control/rugpull?notify=1`: the rug pull, announced with
+/// `notifications/tools/list_changed` on the server's `subscriptions/listen` streams.
+pub fn rug_pull_announced(runtime: &tokio::runtime::Runtime, addr: &str) {
+    rug_pull_at(runtime, addr, "/control/rugpull?notify=1");
+}
+
+fn rug_pull_at(runtime: &tokio::runtime::Runtime, addr: &str, path: &str) {
     runtime.block_on(async {
         let r = reqwest::Client::builder()
             .no_proxy()
             .build()
             .unwrap()
-            .post(format!("http://{addr}/control/rugpull"))
+            .post(format!("http://{addr}{path}"))
             .send()
             .await
             .unwrap();
