@@ -249,7 +249,15 @@ async fn main() -> Result<()> {
         ..ServerLimits::default()
     };
     let clock = || UnixMillis::from_system_time(SystemTime::now());
-    let result = run_with_inside(listener, enclave, clock, limits, inside, shutdown_signal()).await;
+    let result = run_with_inside(
+        listener,
+        enclave,
+        clock,
+        limits,
+        inside,
+        attestplane_proto::shutdown_signal("attestplane-enclave"),
+    )
+    .await;
     if let Some(task) = mcp_task {
         task.abort();
     }
@@ -354,32 +362,6 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("cannot inspect {}", path.display())),
     }
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            eprintln!("attestplane-enclave: cannot listen for SIGINT: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                eprintln!("attestplane-enclave: cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
-    eprintln!("attestplane-enclave: shutting down");
 }
 
 #[cfg(test)]

@@ -213,7 +213,9 @@ pub async fn main(args: DevArgs) -> Result<u8> {
     write_mcp_client_config(&dir, &gateway)?;
     print_next_steps(&dir, &url, demo_url.as_deref());
     print_mcp_steps(&dir, &gateway);
-    running.wait(proxy::shutdown_signal()).await?;
+    running
+        .wait(attestplane_proto::shutdown_signal("attestplane"))
+        .await?;
     for mut child in children {
         let _ = child.start_kill();
         let _ = child.wait().await;

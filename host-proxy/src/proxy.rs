@@ -255,7 +255,9 @@ pub async fn main(args: ProxyArgs, file: &ProxySection) -> Result<u8> {
     if let Some(mcp) = running.mcp_addr {
         println!("attestplane MCP relay: tcp:{mcp}");
     }
-    running.wait(shutdown_signal()).await?;
+    running
+        .wait(attestplane_proto::shutdown_signal("attestplane"))
+        .await?;
     Ok(0)
 }
 
@@ -390,30 +392,6 @@ impl Running {
         }
         eprintln!("attestplane: stopped; {} entries stored", self.store.len());
         Ok(())
-    }
-}
-
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
     }
 }
 

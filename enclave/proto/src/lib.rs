@@ -33,6 +33,8 @@
 //! and HTTP (the host proxy), the byte formats of log entries, checkpoints and attestation
 //! documents (the verifier crate; here they are opaque byte strings), and connection management:
 //! limits, shutdown, retries and the request-id bookkeeping belong to the server and the client.
+//! The one exception is [`signal`]: the SIGINT/SIGTERM future every long-running program of the
+//! workspace stops on, here because this is the crate all of them already depend on.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -48,6 +50,7 @@ pub mod dial;
 pub mod error;
 pub mod frame;
 pub mod messages;
+pub mod signal;
 pub mod transport;
 
 pub use dial::{
@@ -63,4 +66,5 @@ pub use messages::{
     Response, ServerInfo,
 };
 pub use serde_bytes::ByteBuf;
+pub use signal::shutdown_signal;
 pub use transport::{Address, Listener, Stream, VSOCK_ANY, connect, read_frame, write_frame};

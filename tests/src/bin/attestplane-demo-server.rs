@@ -259,7 +259,9 @@ async fn main() -> Result<()> {
         }
     );
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(attestplane_proto::shutdown_signal(
+            "attestplane-demo-server",
+        ))
         .await
         .context("the server failed")?;
     eprintln!("attestplane-demo-server: stopped");
@@ -665,32 +667,6 @@ fn bad_request(message: String) -> Response {
 fn error(status: StatusCode, code: &str, message: String) -> Response {
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
     (status, axum::Json(body)).into_response()
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            eprintln!("attestplane-demo-server: cannot listen for SIGINT: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                eprintln!("attestplane-demo-server: cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
-    eprintln!("attestplane-demo-server: shutting down");
 }
 
 #[cfg(test)]
