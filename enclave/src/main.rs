@@ -14,6 +14,18 @@
 //! Not here: request handling ([`attestplane_enclave::service`]) and the connection logic
 //! ([`attestplane_enclave::server`]). Log lines carry no secrets and no request bodies.
 
+// As in the library: what the host passes on the command line and the files it names are
+// hostile input; no unwrap, expect, panic or unchecked indexing outside tests.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};

@@ -73,16 +73,6 @@
 //! enclave's clock comes from (the caller passes `clock`, read once per request), and retries or
 //! reconnection (the host's client).
 
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
