@@ -190,6 +190,9 @@ pub const MAX_ARGUMENT_SET_LEN: usize = 1024;
 /// The annotation that declares call arguments: `@arguments("amount: Long, memo: String")`.
 const ARGUMENTS_ANNOTATION: &str = "arguments";
 
+/// The annotation by which a permit chooses what happens to PII: `@pii("redact")`.
+const PII_ANNOTATION: &str = "pii";
+
 /// The annotation that names a policy: `@id("tenant-isolation")`.
 const ID_ANNOTATION: &str = "id";
 
@@ -336,6 +339,52 @@ impl ArgumentType {
     }
 }
 
+/// What the gateway does with PII found in a call's arguments and its result, chosen by the
+/// policy: each permit may say `@pii("allow" | "redact" | "refuse")`, and an allowed call gets
+/// the strictest rule of the permits that allowed it, where a permit that says nothing counts
+/// as [`PiiAction::DEFAULT`]. So PII reaches a tool unredacted only when every permit that
+/// allowed the call says `allow`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PiiAction {
+    /// Forward PII as it is (findings are still counted and logged).
+    Allow,
+    /// Replace each finding with `[REDACTED:kind]` before forwarding (arguments) or answering
+    /// (results).
+    Redact,
+    /// Refuse a call whose arguments carry PII, and withhold a result that does.
+    Refuse,
+}
+
+impl PiiAction {
+    /// The rule of a permit that does not say.
+    pub const DEFAULT: PiiAction = PiiAction::Redact;
+
+    /// The annotation's (and the log's) word for it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PiiAction::Allow => "allow",
+            PiiAction::Redact => "redact",
+            PiiAction::Refuse => "refuse",
+        }
+    }
+
+    /// Parses the annotation's (and the log's) word.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "allow" => PiiAction::Allow,
+            "redact" => PiiAction::Redact,
+            "refuse" => PiiAction::Refuse,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for PiiAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything a decision depends on, besides the policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecisionRequest {
@@ -429,6 +478,14 @@ pub enum PolicyError {
     Validation {
         /// The validator's messages, each naming its policy.
         messages: Vec<String>,
+    },
+    /// A `@pii` annotation is not `allow`, `redact` or `refuse`, or is on a forbid.
+    #[error("policy `{policy}` has a bad @pii annotation: {reason}")]
+    Pii {
+        /// The policy's id.
+        policy: String,
+        /// What is wrong.
+        reason: String,
     },
     /// An `@arguments` annotation does not parse, or declares an argument twice with two
     /// types.
@@ -545,6 +602,7 @@ enum ResourceKey {
 pub struct PolicyEngine {
     text: String,
     arguments: BTreeMap<String, ArgumentType>,
+    pii: BTreeMap<String, PiiAction>,
     full: PolicySet,
     index: [ActionIndex; 3],
     authorizer: Authorizer,
@@ -628,10 +686,12 @@ impl PolicyEngine {
             return Err(PolicyError::Validation { messages });
         }
 
+        let pii = pii_rules(&full)?;
         let index = build_index(model, &full)?;
         Ok(Self {
             text: text.to_owned(),
             arguments,
+            pii,
             full,
             index,
             authorizer: Authorizer::new(),
@@ -643,6 +703,7 @@ impl PolicyEngine {
         Self {
             text: String::new(),
             arguments: BTreeMap::new(),
+            pii: BTreeMap::new(),
             full: PolicySet::new(),
             index: Default::default(),
             authorizer: Authorizer::new(),
@@ -689,6 +750,65 @@ impl PolicyEngine {
                 .is_authorized(&built.request, &self.full, &built.entities),
         );
         merged.finish()
+    }
+
+    /// What of a call's arguments this policy set can see: the declared arguments the call
+    /// passes, as RFC 8785 canonical JSON of an object (members sorted, numbers in their
+    /// canonical spelling), or `None` when the call passes none of them (or the set declares
+    /// none). Deciding with the projection gives the same verdict as deciding with the whole
+    /// arguments (undeclared members are invisible to policies, and a declared member keeps
+    /// its value and its type, right or wrong), which is why the log records the projection
+    /// and not the arguments: a decision replays exactly from it, and what no policy reads is
+    /// never written down.
+    pub fn project_arguments(&self, arguments: Option<&str>) -> Result<Option<String>, String> {
+        let Some(text) = arguments else {
+            return Ok(None);
+        };
+        if self.arguments.is_empty() {
+            return Ok(None);
+        }
+        if text.len() > MAX_ARGUMENTS_LEN {
+            return Err(format!(
+                "call arguments are {} bytes, more than {MAX_ARGUMENTS_LEN}",
+                text.len()
+            ));
+        }
+        let node = json::parse_ijson(text).map_err(|e| format!("call arguments: {e}"))?;
+        let JsonValue::Object(members) = &node.value else {
+            return Err("call arguments are not an object".to_owned());
+        };
+        let mut object = String::from("{");
+        let mut any = false;
+        for m in members
+            .iter()
+            .filter(|m| self.arguments.contains_key(m.key.as_ref()))
+        {
+            if any {
+                object.push(',');
+            }
+            any = true;
+            json::write_string(&mut object, &m.key);
+            object.push(':');
+            object.push_str(m.value.span.of(text));
+        }
+        if !any {
+            return Ok(None);
+        }
+        object.push('}');
+        crate::gateway::jcs::canonicalize(&object)
+            .map(Some)
+            .map_err(|e| format!("call arguments: {e}"))
+    }
+
+    /// The PII rule of an allowed call whose determining permits are `policies` (a
+    /// [`Decision::policies`]): the strictest of their `@pii` rules, a permit without one
+    /// counting as [`PiiAction::DEFAULT`]. With no policies (nothing allowed it) the default.
+    pub fn pii_action(&self, policies: &[String]) -> PiiAction {
+        policies
+            .iter()
+            .map(|id| self.pii.get(id).copied().unwrap_or(PiiAction::DEFAULT))
+            .max()
+            .unwrap_or(PiiAction::DEFAULT)
     }
 
     /// The call arguments the set declares (`@arguments`), by name.
@@ -1054,6 +1174,32 @@ fn json_long(raw: &str) -> Option<i64> {
     (-MAX_SAFE..=MAX_SAFE).contains(&v).then_some(v)
 }
 
+/// The `@pii` rules of the set's permits, by policy id. A forbid never allows anything, so a
+/// rule on one would mean nothing: refused, like every other annotation that cannot apply.
+fn pii_rules(set: &PolicySet) -> Result<BTreeMap<String, PiiAction>, PolicyError> {
+    let mut out = BTreeMap::new();
+    for policy in set.policies() {
+        let Some(text) = policy.annotation(PII_ANNOTATION) else {
+            continue;
+        };
+        let id = policy.id().to_string();
+        let Some(action) = PiiAction::parse(text) else {
+            return Err(PolicyError::Pii {
+                policy: id,
+                reason: format!("`{text}` is not allow, redact or refuse"),
+            });
+        };
+        if policy.effect() != cedar_policy::Effect::Permit {
+            return Err(PolicyError::Pii {
+                policy: id,
+                reason: "only a permit chooses what happens to PII".into(),
+            });
+        }
+        out.insert(id, action);
+    }
+    Ok(out)
+}
+
 /// The arguments declared by the set's `@arguments` annotations.
 fn declared_arguments(set: &PolicySet) -> Result<BTreeMap<String, ArgumentType>, PolicyError> {
     let mut out: BTreeMap<String, ArgumentType> = BTreeMap::new();
@@ -1188,6 +1334,89 @@ mod tests {
             counters: Counters::default(),
             call: None,
         }
+    }
+
+    #[test]
+    fn the_logged_projection_decides_like_the_whole_arguments() {
+        let engine = PolicyEngine::new(
+            r#"@id("cap") @arguments("amount: Long, to: String, tags: Set<String>")
+               permit(principal, action == Attestplane::Action::"call", resource)
+               when { context.arguments has amount && context.arguments.amount <= 10000 }
+               unless { context.arguments has to && context.arguments.to == "mallory" };"#,
+        )
+        .unwrap();
+        let cases = [
+            r#"{"amount":10000}"#,
+            r#"{"amount":1e4,"memo":"card 4111 1111 1111 1111"}"#,
+            r#"{"amount":10001}"#,
+            r#"{"amount":"5"}"#,
+            r#"{"amount":2.5}"#,
+            r#"{"to":"mallory","amount":1}"#,
+            r#"{"to":"alice","amount":1,"tags":["a","b"]}"#,
+            r#"{"tags":[1],"amount":1}"#,
+            r#"{"memo":"x"}"#,
+            r#"{}"#,
+        ];
+        let mut verdicts = std::collections::BTreeSet::new();
+        for args in cases {
+            let mut whole = request(Action::Call);
+            whole.call = Some(CallFacts {
+                arguments: Some(args.into()),
+                ..CallFacts::default()
+            });
+            let projection = engine.project_arguments(Some(args)).unwrap();
+            if let Some(p) = &projection {
+                assert!(!p.contains("memo"), "undeclared member logged: {p}");
+            }
+            let mut projected = whole.clone();
+            projected.call = Some(CallFacts {
+                arguments: projection,
+                ..CallFacts::default()
+            });
+            let (a, b) = (engine.decide(&whole), engine.decide(&projected));
+            assert_eq!(a.allowed, b.allowed, "{args}");
+            assert_eq!(a.policies, b.policies, "{args}");
+            assert_eq!(a.errors.is_empty(), b.errors.is_empty(), "{args}");
+            verdicts.insert(a.allowed);
+        }
+        // Both verdicts occur, so the comparison above can fail.
+        assert_eq!(verdicts.len(), 2);
+        assert_eq!(
+            engine
+                .project_arguments(Some(r#"{"to":"bob","amount":1e3}"#))
+                .unwrap()
+                .as_deref(),
+            Some(r#"{"amount":1000,"to":"bob"}"#)
+        );
+        assert_eq!(PolicyEngine::deny_all().project_arguments(Some("{}")), Ok(None));
+        assert!(engine.project_arguments(Some("[1]")).is_err());
+    }
+
+    #[test]
+    fn pii_rule_is_the_strictest_of_the_permits_that_allowed_the_call() {
+        let engine = PolicyEngine::new(
+            r#"@id("open") @pii("allow") permit(principal, action, resource);
+               @id("quiet") permit(principal, action, resource);
+               @id("strict") @pii("refuse") permit(principal, action, resource);"#,
+        )
+        .unwrap();
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(engine.pii_action(&ids(&["open"])), PiiAction::Allow);
+        // A permit that says nothing counts as the default, so it cannot be loosened by
+        // another permit's `allow`.
+        assert_eq!(engine.pii_action(&ids(&["open", "quiet"])), PiiAction::Redact);
+        assert_eq!(
+            engine.pii_action(&ids(&["open", "quiet", "strict"])),
+            PiiAction::Refuse
+        );
+        assert_eq!(engine.pii_action(&[]), PiiAction::DEFAULT);
+        let bad = PolicyEngine::new(r#"@pii("sometimes") permit(principal, action, resource);"#);
+        assert!(matches!(bad, Err(PolicyError::Pii { .. })), "{bad:?}");
+        let on_forbid = PolicyEngine::new(
+            r#"permit(principal, action, resource);
+               @pii("allow") forbid(principal, action, resource) when { principal.issuer == "x" };"#,
+        );
+        assert!(matches!(on_forbid, Err(PolicyError::Pii { .. })), "{on_forbid:?}");
     }
 
     #[test]
