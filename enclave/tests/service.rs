@@ -1933,6 +1933,7 @@ fn log_with_a_decision_policy_would_not_make(
         policies: vec!["made-up".into()],
         reason: None,
         handle: None,
+        call: None,
     };
     let decision = writer
         .append(Event::Decision(Box::new(forged)), at(2_000))

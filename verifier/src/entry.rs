@@ -26,6 +26,7 @@
 //! This module checks one entry on its own (shape and, given a key, its signature). Whether it
 //! belongs where it stands in a log is [`crate::log`]'s question.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use ciborium::value::Value;
@@ -175,6 +176,9 @@ pub enum Event {
         outcome: String,
         /// SHA-256 of the answer's bytes as the agent receives them (zero when aborted).
         result: [u8; 32],
+        /// PII found in the upstream's answer, and what the call's rule did with it
+        /// (`refuse` turns the outcome into `withheld`).
+        pii: PiiRecord,
     },
     /// The enclave's view of the tree at `size` entries (a signed checkpoint is published
     /// separately; this records that it was taken).
@@ -241,7 +245,41 @@ pub struct DecisionRecord {
     pub reason: Option<Reason>,
     /// The handle issued, for an allowed `resolve`.
     pub handle: Option<HandleRecord>,
+    /// For a `call` the gateway decided: what it saw of the call itself.
+    pub call: Option<CallRecord>,
 }
+
+/// What a gateway `call` decision saw of the call, besides the common facts: enough to replay
+/// it, and nothing a policy did not read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallRecord {
+    /// SHA-256 over the RFC 8785 canonical JSON of the arguments as forwarded (the receipt's
+    /// `args`): after redaction when the rule redacted.
+    pub args: [u8; 32],
+    /// The pinned digest of the tool's definition the call was checked against (the
+    /// receipt's `def`).
+    pub definition: [u8; 32],
+    /// The arguments the policy set declares (`@arguments`) as the policy saw them: canonical
+    /// JSON of an object, PII redacted; `None` when the call passed none of them. Undeclared
+    /// arguments are never logged.
+    pub arguments: Option<String>,
+    /// PII found in the arguments as the agent sent them, and the call's rule.
+    pub pii: PiiRecord,
+}
+
+/// PII findings in one direction of a call: how many of each kind, never the values (nor
+/// their hashes: a hash of a phone or card number is the number to anyone who can enumerate
+/// them, and the host holds the log), and the rule applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PiiRecord {
+    /// `allow`, `redact` or `refuse` (see `policy::PiiAction`).
+    pub action: String,
+    /// Findings by kind (`email`, `card`, …); kinds with none are absent.
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// The most PII kinds a record may name.
+pub const MAX_PII_KINDS: usize = 32;
 
 /// An agent's verified identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -358,6 +396,17 @@ impl Event {
                 ("policies", texts(&d.policies)),
                 ("reason", opt_reason(&d.reason)),
                 (
+                    "call",
+                    d.call.as_ref().map_or(Value::Null, |c| {
+                        map([
+                            ("args", Value::Bytes(c.args.to_vec())),
+                            ("definition", Value::Bytes(c.definition.to_vec())),
+                            ("arguments", opt_text(&c.arguments)),
+                            ("pii", pii_to_value(&c.pii)),
+                        ])
+                    }),
+                ),
+                (
                     "handle",
                     d.handle.as_ref().map_or(Value::Null, |h| {
                         map([
@@ -404,11 +453,13 @@ impl Event {
                 call,
                 outcome,
                 result,
+                pii,
             } => map([
                 kind,
                 ("call", uint(*call)),
                 ("outcome", Value::Text(outcome.clone())),
                 ("result", Value::Bytes(result.to_vec())),
+                ("pii", pii_to_value(pii)),
             ]),
             Event::Checkpoint { size, root } => map([
                 kind,
@@ -466,6 +517,20 @@ impl Event {
                         Some(record)
                     }
                 };
+                let call = match f.take("call")? {
+                    Value::Null => None,
+                    v => {
+                        let mut c = Fields::new(v, "call")?;
+                        let record = CallRecord {
+                            args: c.array("args")?,
+                            definition: c.array("definition")?,
+                            arguments: c.opt_text("arguments")?,
+                            pii: pii_from_value(c.take("pii")?)?,
+                        };
+                        c.finish()?;
+                        Some(record)
+                    }
+                };
                 Event::Decision(Box::new(DecisionRecord {
                     action: f.text("action")?,
                     principal,
@@ -478,6 +543,7 @@ impl Event {
                     policies: f.texts("policies")?,
                     reason: take_opt_reason(&mut f, "reason")?,
                     handle,
+                    call,
                 }))
             }
             "discovery" => Event::Discovery {
@@ -515,6 +581,7 @@ impl Event {
                 call: f.u64("call")?,
                 outcome: f.text("outcome")?,
                 result: f.array("result")?,
+                pii: pii_from_value(f.take("pii")?)?,
             },
             "checkpoint" => Event::Checkpoint {
                 size: f.u64("size")?,
@@ -525,6 +592,45 @@ impl Event {
         f.finish()?;
         Ok(event)
     }
+}
+
+fn pii_to_value(p: &PiiRecord) -> Value {
+    map([
+        ("action", Value::Text(p.action.clone())),
+        (
+            "counts",
+            Value::Map(
+                p.counts
+                    .iter()
+                    .map(|(k, n)| (Value::Text(k.clone()), uint(*n)))
+                    .collect(),
+            ),
+        ),
+    ])
+}
+
+fn pii_from_value(v: Value) -> Result<PiiRecord, EntryError> {
+    let mut p = Fields::new(v, "pii")?;
+    let action = p.text("action")?;
+    let bad = || {
+        EntryError::Shape(ShapeError::Field {
+            field: "counts",
+            expected: "map of at most 32 kinds to unsigned integers",
+        })
+    };
+    let entries = cbor::text_map(p.take("counts")?).ok_or_else(bad)?;
+    if entries.len() > MAX_PII_KINDS {
+        return Err(bad());
+    }
+    let mut counts = BTreeMap::new();
+    for (k, v) in entries {
+        let n = cbor::as_u64(&v).ok_or_else(bad)?;
+        if counts.insert(k, n).is_some() {
+            return Err(bad());
+        }
+    }
+    p.finish()?;
+    Ok(PiiRecord { action, counts })
 }
 
 fn principal_to_value(p: &PrincipalRecord) -> Value {

@@ -1388,7 +1388,10 @@ mod tests {
                 .as_deref(),
             Some(r#"{"amount":1000,"to":"bob"}"#)
         );
-        assert_eq!(PolicyEngine::deny_all().project_arguments(Some("{}")), Ok(None));
+        assert_eq!(
+            PolicyEngine::deny_all().project_arguments(Some("{}")),
+            Ok(None)
+        );
         assert!(engine.project_arguments(Some("[1]")).is_err());
     }
 
@@ -1404,7 +1407,10 @@ mod tests {
         assert_eq!(engine.pii_action(&ids(&["open"])), PiiAction::Allow);
         // A permit that says nothing counts as the default, so it cannot be loosened by
         // another permit's `allow`.
-        assert_eq!(engine.pii_action(&ids(&["open", "quiet"])), PiiAction::Redact);
+        assert_eq!(
+            engine.pii_action(&ids(&["open", "quiet"])),
+            PiiAction::Redact
+        );
         assert_eq!(
             engine.pii_action(&ids(&["open", "quiet", "strict"])),
             PiiAction::Refuse
@@ -1416,7 +1422,10 @@ mod tests {
             r#"permit(principal, action, resource);
                @pii("allow") forbid(principal, action, resource) when { principal.issuer == "x" };"#,
         );
-        assert!(matches!(on_forbid, Err(PolicyError::Pii { .. })), "{on_forbid:?}");
+        assert!(
+            matches!(on_forbid, Err(PolicyError::Pii { .. })),
+            "{on_forbid:?}"
+        );
     }
 
     #[test]

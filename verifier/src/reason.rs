@@ -53,6 +53,9 @@ pub enum Reason {
         /// Their ids, sorted.
         policies: Vec<String>,
     },
+    /// The call's arguments carry PII and the `@pii` rule of the permits that allowed it is
+    /// `refuse`.
+    PiiRefused,
 
     // --- Admin requests.
     /// The request does not decode as an admin request.
@@ -154,6 +157,7 @@ impl Reason {
             Reason::PolicyError => "policy_error",
             Reason::NoPermit => "no_permit",
             Reason::Forbidden { .. } => "forbidden",
+            Reason::PiiRefused => "pii_refused",
             Reason::MalformedRequest => "malformed_request",
             Reason::UnknownAdminKey { .. } => "unknown_admin_key",
             Reason::BadAdminSignature { .. } => "bad_admin_signature",
@@ -271,6 +275,7 @@ impl Reason {
             "forbidden" => Reason::Forbidden {
                 policies: f.texts("policies")?,
             },
+            "pii_refused" => Reason::PiiRefused,
             "malformed_request" => Reason::MalformedRequest,
             "unknown_admin_key" => Reason::UnknownAdminKey {
                 kid: KeyId::from_bytes(f.array("kid")?),
@@ -336,6 +341,9 @@ impl fmt::Display for Reason {
             Reason::NoPermit => f.write_str("no policy permits it (deny by default)"),
             Reason::Forbidden { policies } => {
                 write!(f, "forbidden by policy {}", policies.join(", "))
+            }
+            Reason::PiiRefused => {
+                f.write_str("the arguments carry PII and the policy's rule refuses it")
             }
             Reason::MalformedRequest => f.write_str("not a well-formed admin request"),
             Reason::UnknownAdminKey { kid } => {
@@ -424,6 +432,7 @@ mod tests {
             Reason::Forbidden {
                 policies: vec!["p0".into(), "p1".into()],
             },
+            Reason::PiiRefused,
             Reason::MalformedRequest,
             Reason::UnknownAdminKey {
                 kid: KeyId::from_bytes([1; 32]),

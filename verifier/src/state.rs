@@ -57,13 +57,14 @@ use crate::admin::{
 use crate::attestation::{AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt};
 use crate::cbor::{self, uint};
 use crate::entry::{
-    AttestationFactsRecord, AttestationRecord, DecisionRecord, Entry, EntryHash, Event,
-    HandleRecord, PrincipalRecord,
+    AttestationFactsRecord, AttestationRecord, CallRecord, DecisionRecord, Entry, EntryHash, Event,
+    HandleRecord, PiiRecord, PrincipalRecord,
 };
 use crate::handle::Jwks;
 use crate::log::VerifiedEntry;
 use crate::policy::{
-    Action, AttestationFacts, Counters, DecisionRequest, PolicyEngine, Principal, ServerFacts,
+    Action, AttestationFacts, CallFacts, Counters, DecisionRequest, PiiAction, PolicyEngine,
+    Principal, ServerFacts,
 };
 use crate::reason::Reason;
 use crate::time::UnixMillis;
@@ -763,6 +764,64 @@ impl State {
         tool: Option<&str>,
         now: UnixMillis,
     ) -> DecisionRecord {
+        self.decide_with(principal, action, server_id, tool, None, now)
+    }
+
+    /// Decides a `tools/call` the gateway is about to forward: [`State::decide`] for `call`,
+    /// with the call itself in the policy's context. `arguments` are the call's arguments with
+    /// PII redacted (what policies see; their findings are `pii`, counted on the arguments as
+    /// sent); the record logs only their projection on what the policy set declares. The
+    /// allowed call's PII rule is the policy's ([`PolicyEngine::pii_action`]); under `refuse`
+    /// a call with findings is denied. The record's `call.args` is left zero: the argument
+    /// hash depends on the rule (redacted or not), and the caller fills it in.
+    ///
+    /// Arguments the projection cannot read (not an object, too long, not I-JSON) are an
+    /// error: the gateway refuses such a call before deciding it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide_call(
+        &self,
+        principal: &PrincipalRecord,
+        server_id: &str,
+        tool: &str,
+        definition: [u8; 32],
+        arguments: Option<&str>,
+        pii: &BTreeMap<String, u64>,
+        now: UnixMillis,
+    ) -> Result<DecisionRecord, String> {
+        let call = CallRecord {
+            args: [0; 32],
+            definition,
+            arguments: self.policy.project_arguments(arguments)?,
+            pii: PiiRecord {
+                action: PiiAction::DEFAULT.as_str().to_owned(),
+                counts: pii.clone(),
+            },
+        };
+        Ok(self.decide_with(
+            principal,
+            Action::Call,
+            server_id,
+            Some(tool),
+            Some(call),
+            now,
+        ))
+    }
+
+    /// Decides like [`State::decide`], for a `call` with `call` (the gateway's) in the
+    /// context: its projected arguments and PII counts as given, its PII rule and verdict as
+    /// decided here.
+    fn decide_with(
+        &self,
+        principal: &PrincipalRecord,
+        action: Action,
+        server_id: &str,
+        tool: Option<&str>,
+        mut call: Option<CallRecord>,
+        now: UnixMillis,
+    ) -> DecisionRecord {
+        if let Some(c) = call.as_mut() {
+            c.pii.action = PiiAction::DEFAULT.as_str().to_owned();
+        }
         let mut record = DecisionRecord {
             action: action.as_str().to_string(),
             principal: principal.clone(),
@@ -780,14 +839,24 @@ impl State {
             policies: Vec::new(),
             reason: None,
             handle: None,
+            call: None,
         };
+        let facts = call.as_ref().map(|c| CallFacts {
+            arguments: c.arguments.clone(),
+            pii: c.pii.counts.clone(),
+            server_assurance: None,
+        });
+        record.call = call;
         let Some(server) = self.servers.get(server_id) else {
             record.reason = Some(Reason::UnknownServer {
                 server: server_id.to_string(),
             });
             return record;
         };
-        let req = self.policy_request(principal, action, server, tool, now);
+        let mut req = self.policy_request(principal, action, server, tool, now);
+        if action == Action::Call {
+            req.call = facts;
+        }
         record.attestation = AttestationFactsRecord {
             verified: req.attestation.verified,
             age_ms: req.attestation.age_ms,
@@ -822,6 +891,17 @@ impl State {
         let decision = self.policy.decide(&req);
         record.allowed = decision.allowed;
         record.policies = decision.policies;
+        if decision.allowed
+            && let Some(c) = record.call.as_mut()
+        {
+            let rule = self.policy.pii_action(&record.policies);
+            c.pii.action = rule.as_str().to_owned();
+            if rule == PiiAction::Refuse && !c.pii.counts.is_empty() {
+                record.allowed = false;
+                record.reason = Some(Reason::PiiRefused);
+                return record;
+            }
+        }
         if !decision.allowed {
             record.reason = Some(if !decision.errors.is_empty() {
                 Reason::PolicyError
@@ -902,8 +982,21 @@ impl State {
         self.prune(now);
         match &entry.event {
             Event::EpochStart { .. } | Event::Checkpoint { .. } | Event::ToolDrift { .. } => {}
-            Event::CallResult { call, outcome, .. } => {
-                if *call >= seq || !matches!(outcome.as_str(), "ok" | "error" | "aborted") {
+            Event::CallResult {
+                call, outcome, pii, ..
+            } => {
+                let rule = PiiAction::parse(&pii.action);
+                let consistent = match outcome.as_str() {
+                    "ok" | "error" => {
+                        rule.is_some_and(|r| r != PiiAction::Refuse) || pii.counts.is_empty()
+                    }
+                    // A result withheld for its PII: the rule refuses and something was found.
+                    "withheld" => rule == Some(PiiAction::Refuse) && !pii.counts.is_empty(),
+                    // No answer, nothing scanned.
+                    "aborted" => pii.counts.is_empty(),
+                    _ => false,
+                };
+                if *call >= seq || rule.is_none() || !consistent {
                     return Err(StateError::BadCallResult { seq });
                 }
             }
@@ -962,12 +1055,24 @@ impl State {
                         });
                     }
                 };
+                if rec.call.is_some() && action != Action::Call {
+                    return Err(StateError::DecisionMismatch {
+                        seq,
+                        field: "call",
+                        logged: Box::new(serde_json::json!("a call section")),
+                        replayed: Box::new(serde_json::json!(format!(
+                            "none on a {} decision",
+                            action.as_str()
+                        ))),
+                    });
+                }
                 if mode == ApplyMode::Recheck {
-                    let replayed = self.decide(
+                    let replayed = self.decide_with(
                         &rec.principal,
                         action,
                         &rec.server,
                         rec.tool.as_deref(),
+                        rec.call.clone(),
                         now,
                     );
                     compare_decision(seq, rec, &replayed)?;
@@ -1115,6 +1220,11 @@ fn compare_decision(
     if logged.reason != replayed.reason {
         let show = |r: &Option<Reason>| serde_json::to_value(r).unwrap_or(J::Null);
         return mismatch("reason", show(&logged.reason), show(&replayed.reason));
+    }
+    // The call's own facts are inputs (taken from the log); its PII rule is decided.
+    let rule = |d: &DecisionRecord| d.call.as_ref().map(|c| c.pii.action.clone());
+    if rule(logged) != rule(replayed) {
+        return mismatch("pii rule", rule(logged).into(), rule(replayed).into());
     }
     match (&logged.handle, &replayed.handle) {
         (None, None) => Ok(()),

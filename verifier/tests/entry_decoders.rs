@@ -12,8 +12,9 @@
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::cbor;
 use attestplane_verifier::entry::{
-    AttestationFactsRecord, AttestationRecord, DecisionRecord, ENTRY_CONTENT_TYPE, Entry,
-    EntryError, EntryHash, Event, HandleRecord, KeyId, PrincipalRecord, SignedEntry,
+    AttestationFactsRecord, AttestationRecord, CallRecord, DecisionRecord, ENTRY_CONTENT_TYPE,
+    Entry, EntryError, EntryHash, Event, HandleRecord, KeyId, PiiRecord, PrincipalRecord,
+    SignedEntry,
 };
 use attestplane_verifier::reason::Reason;
 use ciborium::value::{Integer, Value};
@@ -73,7 +74,25 @@ fn principal() -> impl Strategy<Value = PrincipalRecord> {
     })
 }
 
+fn pii() -> impl Strategy<Value = PiiRecord> {
+    (
+        text(),
+        proptest::collection::btree_map(text(), any::<u64>(), 0..4),
+    )
+        .prop_map(|(action, counts)| PiiRecord { action, counts })
+}
+
 fn decision() -> impl Strategy<Value = Event> {
+    let call = proptest::option::of(
+        (any::<[u8; 32]>(), any::<[u8; 32]>(), opt_text(), pii()).prop_map(
+            |(args, definition, arguments, pii)| CallRecord {
+                args,
+                definition,
+                arguments,
+                pii,
+            },
+        ),
+    );
     let facts = (
         any::<bool>(),
         proptest::option::of(any::<u64>()),
@@ -105,12 +124,13 @@ fn decision() -> impl Strategy<Value = Event> {
             texts(),
             opt_reason(),
             handle,
+            call,
         ),
     )
         .prop_map(
             |(
                 (action, principal, server, tool, attestation),
-                (calls_last_minute, spend_micros, allowed, policies, reason, handle),
+                (calls_last_minute, spend_micros, allowed, policies, reason, handle, call),
             )| {
                 Event::Decision(Box::new(DecisionRecord {
                     action,
@@ -124,6 +144,7 @@ fn decision() -> impl Strategy<Value = Event> {
                     policies,
                     reason,
                     handle,
+                    call,
                 }))
             },
         )
@@ -171,6 +192,14 @@ fn event() -> impl Strategy<Value = Event> {
                 })
             }),
         decision(),
+        (any::<u64>(), text(), any::<[u8; 32]>(), pii()).prop_map(
+            |(call, outcome, result, pii)| Event::CallResult {
+                call,
+                outcome,
+                result,
+                pii
+            }
+        ),
         (principal(), texts())
             .prop_map(|(principal, servers)| Event::Discovery { principal, servers }),
     ]

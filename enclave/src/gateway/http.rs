@@ -25,13 +25,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use attestplane_verifier::admin::Digest32;
-use attestplane_verifier::entry::{DriftRecord, PrincipalRecord};
+use attestplane_verifier::entry::{DriftRecord, PiiRecord, PrincipalRecord};
 use attestplane_verifier::gateway::json::parse_ijson;
 use attestplane_verifier::gateway::jsonrpc::{
     INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, JsonRpcError, Kind, METHOD_NOT_FOUND, Message,
     RECEIPT_META_KEY, error_response, parse_message,
 };
-use attestplane_verifier::gateway::receipt::arguments_hash;
+use attestplane_verifier::policy::PiiAction;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
@@ -44,6 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::era::{self, Era, LEGACY_VERSION, MODERN_VERSION, McpHeaders};
 use super::inside::{self, CallVerdict, GATEWAY_ID_BASE, Refusal};
+use super::redact::{self, Treated};
 use super::session::{SessionError, SessionOwner, Sessions};
 use super::upstream::{Answer, Endpoint, UpstreamError, Upstreams};
 use super::{GatewayConfig, MAX_REQUEST_BODY};
@@ -611,12 +612,13 @@ impl Gateway {
             .lock_tools()
             .get(&ctx.server)
             .and_then(|c| c.kept.get(&params.name).copied());
-        let args = match arguments_hash(params.arguments.map(RawValue::get)) {
+        // PII: scanned and redacted once, here, off the enclave's handler thread; the
+        // decision sees the redacted form and picks which form is forwarded.
+        let args = match redact::call_arguments(params.arguments.map(RawValue::get)) {
             Ok(a) => a,
-            Err(e) => {
-                return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e.to_string());
-            }
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e),
         };
+        let redacted = args.redacted.clone();
         let principal = ctx.principal.clone();
         let server = ctx.server.clone();
         let tool = params.name.clone();
@@ -632,8 +634,8 @@ impl Gateway {
                 }
             })
             .await;
-        let (seq, receipt) = match verdict {
-            Ok(Ok(CallVerdict::Allowed { seq, receipt })) => (seq, receipt),
+        let (seq, receipt, rule) = match verdict {
+            Ok(Ok(CallVerdict::Allowed { seq, receipt, pii })) => (seq, receipt, pii),
             Ok(Ok(CallVerdict::Denied { seq, reason })) => {
                 if self.access.durable(seq).await.is_err() {
                     return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
@@ -665,18 +667,46 @@ impl Gateway {
         // Forward: the agent's message as it came, toward the upstream's era.
         let era = match self.upstreams.era(&endpoint).await {
             Ok(e) => e,
-            Err(e) => return self.aborted(id, seq, &e).await,
+            Err(e) => return self.aborted(id, seq, rule, &e).await,
         };
         // The receipt goes into params._meta (and a header); a modern upstream also gets the
         // protocol version there if the agent spoke legacy. Only those members are spliced.
         let Ok(quoted) = RawValue::from_string(format!("\"{receipt}\"")) else {
             return self
-                .aborted(id, seq, &UpstreamError::BadAnswer("receipt"))
+                .aborted(id, seq, rule, &UpstreamError::BadAnswer("receipt"))
                 .await;
         };
-        let Ok(mut body) = message.with_params_meta(RECEIPT_META_KEY, &quoted) else {
+        // Under `redact`, the redacted arguments replace the sent ones (spliced: the rest of
+        // the message byte for byte).
+        let redacted_text = match (rule, params.arguments, redacted) {
+            (PiiAction::Redact, Some(raw), Some(r)) if r != raw.get() => {
+                match message.with_replaced(raw, &r) {
+                    Ok(t) => Some(t),
+                    Err(_) => {
+                        return self
+                            .aborted(id, seq, rule, &UpstreamError::BadAnswer("redaction"))
+                            .await;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let redacted_message = match redacted_text
+            .as_deref()
+            .map(|t| parse_message(t.as_bytes()))
+        {
+            Some(Ok(m)) => Some(m),
+            Some(Err(_)) => {
+                return self
+                    .aborted(id, seq, rule, &UpstreamError::BadAnswer("redaction"))
+                    .await;
+            }
+            None => None,
+        };
+        let outgoing = redacted_message.as_ref().unwrap_or(message);
+        let Ok(mut body) = outgoing.with_params_meta(RECEIPT_META_KEY, &quoted) else {
             return self
-                .aborted(id, seq, &UpstreamError::BadAnswer("receipt"))
+                .aborted(id, seq, rule, &UpstreamError::BadAnswer("receipt"))
                 .await;
         };
         if era == Era::Modern && era::body_version(message).is_none() {
@@ -684,7 +714,7 @@ impl Gateway {
                 Ok(b) => b,
                 Err(_) => {
                     return self
-                        .aborted(id, seq, &UpstreamError::BadAnswer("modern envelope"))
+                        .aborted(id, seq, rule, &UpstreamError::BadAnswer("modern envelope"))
                         .await;
                 }
             };
@@ -701,30 +731,65 @@ impl Gateway {
             .await
         {
             Ok(a) => a,
-            Err(e) => return self.aborted(id, seq, &e).await,
+            Err(e) => return self.aborted(id, seq, rule, &e).await,
         };
-        self.finish(id, seq, ctx.era, answer).await
+        self.finish(id, seq, rule, ctx.era, answer).await
     }
 
-    /// Logs the answer's result entry, waits for it to be durable, and answers the agent.
-    async fn finish(&self, id: Option<&str>, seq: u64, agent_era: Era, answer: Answer) -> Reply {
-        let body = match std::str::from_utf8(&answer.body)
+    /// Treats the answer by the call's PII rule, shapes it for the agent's era, logs its
+    /// result entry, waits for it to be durable, and answers the agent.
+    async fn finish(
+        &self,
+        id: Option<&str>,
+        seq: u64,
+        rule: PiiAction,
+        agent_era: Era,
+        answer: Answer,
+    ) -> Reply {
+        let (body, pii) = match redact::treat_answer(&answer.body, rule) {
+            Ok(Treated::Forward(body, pii)) => (body, pii),
+            Ok(Treated::Withheld(pii)) => {
+                let agent_id = id.and_then(|i| RawValue::from_string(i.to_owned()).ok());
+                let text = error_response(
+                    agent_id.as_deref(),
+                    INVALID_PARAMS,
+                    &format!(
+                        "the result of call {seq} is withheld: it carries PII and the policy's rule refuses it"
+                    ),
+                );
+                (text.into_bytes(), pii)
+            }
+            Err(e) => {
+                let why = match e {
+                    redact::TreatError::NotAResponse => "not a json-rpc response",
+                    redact::TreatError::Scan(_) => "the answer could not be scanned for PII",
+                };
+                return self
+                    .aborted(id, seq, rule, &UpstreamError::BadAnswer(why))
+                    .await;
+            }
+        };
+        let body = match String::from_utf8(body)
             .map_err(|_| ())
-            .and_then(|b| for_agent(agent_era, b.to_owned(), false).map_err(|_| ()))
+            .and_then(|b| for_agent(agent_era, b, false).map_err(|_| ()))
         {
-            Ok(b) => Bytes::from(b),
+            Ok(b) => b,
             Err(()) => {
                 return self
                     .aborted(
                         id,
                         seq,
+                        rule,
                         &UpstreamError::BadAnswer("not a json-rpc response"),
                     )
                     .await;
             }
         };
-        let answer = Answer { body, ..answer };
-        let outcome = match parse_message(&answer.body) {
+        let withheld = matches!(parse_message(body.as_bytes()), Ok(m) if m.kind() == Kind::ErrorResponse)
+            && !pii.counts.is_empty()
+            && rule == PiiAction::Refuse;
+        let outcome = match parse_message(body.as_bytes()) {
+            _ if withheld => "withheld",
             Ok(m) if m.kind() == Kind::Response => {
                 if m.result().is_some_and(is_error_result) {
                     "error"
@@ -738,17 +803,18 @@ impl Gateway {
                     .aborted(
                         id,
                         seq,
+                        rule,
                         &UpstreamError::BadAnswer("not a json-rpc response"),
                     )
                     .await;
             }
         };
-        let hash: [u8; 32] = Sha256::digest(&answer.body).into();
+        let hash: [u8; 32] = Sha256::digest(body.as_bytes()).into();
         let rid = self.next_id();
         let written = self
             .access
             .run(move |enclave, now| {
-                match inside::record_result(enclave, now, rid, seq, outcome, hash) {
+                match inside::record_result(enclave, now, rid, seq, outcome, hash, pii) {
                     Ok((s, replies)) => (Ok(s), replies),
                     Err(e) => (Err(e), Vec::new()),
                 }
@@ -759,7 +825,6 @@ impl Gateway {
                 if self.access.durable(result_seq).await.is_err() {
                     return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
                 }
-                let body = String::from_utf8_lossy(&answer.body).into_owned();
                 json(StatusCode::OK, body)
             }
             Ok(Err(e)) => refusal_reply(id, &e),
@@ -768,12 +833,22 @@ impl Gateway {
     }
 
     /// Logs an `aborted` result for call `seq` and tells the agent the upstream failed.
-    async fn aborted(&self, id: Option<&str>, seq: u64, e: &UpstreamError) -> Reply {
+    async fn aborted(
+        &self,
+        id: Option<&str>,
+        seq: u64,
+        rule: PiiAction,
+        e: &UpstreamError,
+    ) -> Reply {
         let rid = self.next_id();
+        let pii = PiiRecord {
+            action: rule.as_str().to_owned(),
+            counts: Default::default(),
+        };
         let written = self
             .access
             .run(move |enclave, now| {
-                match inside::record_result(enclave, now, rid, seq, "aborted", [0; 32]) {
+                match inside::record_result(enclave, now, rid, seq, "aborted", [0; 32], pii) {
                     Ok((s, replies)) => (Ok(s), replies),
                     Err(e) => (Err(e), Vec::new()),
                 }
@@ -991,6 +1066,9 @@ fn refusal_reply(id: Option<&str>, e: &Refusal) -> Reply {
         Refusal::UnknownServer(_) => StatusCode::NOT_FOUND,
         Refusal::NotReady => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Refusal::BadArguments(_) => {
+            return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e.to_string());
+        }
     };
     rpc_error(status, id, INTERNAL_ERROR, &e.to_string())
 }

@@ -16,10 +16,10 @@ use std::collections::BTreeMap;
 use attestplane_proto::Response;
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::Digest32;
-use attestplane_verifier::entry::{DriftRecord, Event, PrincipalRecord};
+use attestplane_verifier::entry::{DriftRecord, Event, PiiRecord, PrincipalRecord};
 use attestplane_verifier::gateway::pin::{Drift, check_tools};
 use attestplane_verifier::gateway::receipt::{ReceiptClaims, encode_receipt};
-use attestplane_verifier::policy::Action;
+use attestplane_verifier::policy::{Action, PiiAction};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::value::RawValue;
@@ -51,6 +51,10 @@ pub enum Refusal {
     /// The enclave is not serving (boot not finished or broken log) (HTTP 503).
     #[error("the control plane is not ready")]
     NotReady,
+    /// The call's arguments cannot be read by the policy (not an object) (JSON-RPC invalid
+    /// params; nothing is logged).
+    #[error("bad arguments: {0}")]
+    BadArguments(String),
     /// The enclave could not write an entry (HTTP 500; the enclave stops serving).
     #[error("the log could not be written: {0}")]
     Log(String),
@@ -179,6 +183,31 @@ fn drift_record(d: &Drift) -> DriftRecord {
     }
 }
 
+/// What the gateway knows of a call's arguments before deciding it, computed off the handler
+/// thread: the PII scan and both forms the arguments may be forwarded in.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct CallArguments {
+    /// The arguments with every PII finding redacted (`None`: the call has none). What
+    /// policies see.
+    pub redacted: Option<String>,
+    /// The receipt hash of the arguments as the agent sent them.
+    pub sent_digest: [u8; 32],
+    /// The receipt hash of the redacted arguments.
+    pub redacted_digest: [u8; 32],
+    /// PII findings in the arguments as sent, by kind.
+    pub pii: BTreeMap<String, u64>,
+}
+
+impl std::fmt::Debug for CallArguments {
+    /// Lengths and counts only: arguments may carry secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallArguments")
+            .field("redacted_len", &self.redacted.as_ref().map(String::len))
+            .field("pii", &self.pii)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the gateway does with a call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CallVerdict {
@@ -188,6 +217,9 @@ pub enum CallVerdict {
         seq: u64,
         /// The receipt the server checks (a compact JWS by the epoch key).
         receipt: String,
+        /// The call's PII rule: under `redact` the redacted arguments are forwarded (the
+        /// receipt's hash is theirs), and the result is treated by the same rule.
+        pii: PiiAction,
     },
     /// Refuse it; the refusal is entry `seq`.
     Denied {
@@ -203,8 +235,9 @@ pub enum CallVerdict {
 
 /// Decides a `tools/call` of `tool` on `server` for `principal` and writes the decision entry.
 /// `live` is the tool's pinned digest if the upstream's current listing still matches its pin
-/// (from [`check_listing`]), `None` if the tool is withheld; `args` is the receipt's argument
-/// hash of the arguments as they will be forwarded.
+/// (from [`check_listing`]), `None` if the tool is withheld; `args` is what the gateway
+/// found in the call's arguments. Arguments the policy cannot read (not an object) are
+/// refused before anything is written.
 #[allow(clippy::too_many_arguments)]
 pub fn decide_call(
     enclave: &mut Enclave,
@@ -214,7 +247,7 @@ pub fn decide_call(
     server: &str,
     tool: &str,
     live: Option<Digest32>,
-    args: &str,
+    args: &CallArguments,
 ) -> Result<(CallVerdict, Replies), Refusal> {
     if !enclave.serving() {
         return Err(Refusal::NotReady);
@@ -226,9 +259,32 @@ pub fn decide_call(
     let Some(pinned) = live else {
         return Ok((CallVerdict::Withheld, Vec::new()));
     };
-    let record = enclave
+    let mut record = enclave
         .state()
-        .decide(principal, Action::Call, server, Some(tool), now);
+        .decide_call(
+            principal,
+            server,
+            tool,
+            pinned.0,
+            args.redacted.as_deref(),
+            &args.pii,
+            now,
+        )
+        .map_err(Refusal::BadArguments)?;
+    let rule = record
+        .call
+        .as_ref()
+        .and_then(|c| PiiAction::parse(&c.pii.action))
+        .unwrap_or(PiiAction::DEFAULT);
+    // The hash of the arguments as they will be forwarded: redacted unless the rule allows
+    // PII through (a refused call is not forwarded; its record names what was sent).
+    let digest = match rule {
+        PiiAction::Allow | PiiAction::Refuse => args.sent_digest,
+        PiiAction::Redact => args.redacted_digest,
+    };
+    if let Some(c) = record.call.as_mut() {
+        c.args = digest;
+    }
     let allowed = record.allowed;
     let reason = record
         .reason
@@ -260,7 +316,7 @@ pub fn decide_call(
         ten: principal.tenant.clone(),
         mth: "tools/call".into(),
         tool: tool.to_owned(),
-        args: args.to_owned(),
+        args: URL_SAFE_NO_PAD.encode(digest),
         def: URL_SAFE_NO_PAD.encode(pinned.0),
         jti,
         iat: now.as_secs(),
@@ -271,11 +327,19 @@ pub fn decide_call(
         return Err(Refusal::NotReady);
     };
     let receipt = encode_receipt(&claims, &kid, key).map_err(|e| Refusal::Log(e.to_string()))?;
-    Ok((CallVerdict::Allowed { seq, receipt }, replies))
+    Ok((
+        CallVerdict::Allowed {
+            seq,
+            receipt,
+            pii: rule,
+        },
+        replies,
+    ))
 }
 
-/// Writes how call `call` ended: `outcome` is `ok`, `error` or `aborted`, `result` the hash of
-/// the answer the agent receives.
+/// Writes how call `call` ended: `outcome` is `ok`, `error`, `withheld` (the result carried
+/// PII and the rule refuses it) or `aborted`, `result` the hash of the answer the agent
+/// receives, `pii` what the result carried and the rule applied.
 pub fn record_result(
     enclave: &mut Enclave,
     now: UnixMillis,
@@ -283,6 +347,7 @@ pub fn record_result(
     call: u64,
     outcome: &str,
     result: [u8; 32],
+    pii: PiiRecord,
 ) -> Result<(u64, Replies), Refusal> {
     enclave
         .write_for_gateway(
@@ -291,6 +356,7 @@ pub fn record_result(
                 call,
                 outcome: outcome.to_owned(),
                 result,
+                pii,
             },
             now,
         )

@@ -24,6 +24,9 @@
 //! - [`inside`]: what runs on the enclave's handler thread with the enclave itself: the
 //!   decision (hard rules, pins, Cedar), the receipt, and the entries written (through the same
 //!   `Persist`/`Durable` path as every other entry).
+//! - [`redact`]: PII in the path: a call's arguments scanned and redacted before the
+//!   decision (policies see the redacted form), the answer treated by the call's rule
+//!   (allow, redact, refuse) before the agent sees it.
 //! - [`http`]: the HTTP server for agents: `/mcp/{server-id}`, RFC 9728 metadata, 401s.
 //!
 //! ## What it guarantees
@@ -39,12 +42,13 @@
 //! ## What it does not do (yet)
 //!
 //! Resources, prompts and server-to-client requests are refused (deny by default) until the
-//! policy model covers them; PII redaction and rate/spend limits are decided by the verifier's
-//! gateway kernel and wired here as they land.
+//! policy model covers them. Rate and spend limits are the verifier kernel's arithmetic and are
+//! not applied in the path yet.
 
 pub mod era;
 pub mod http;
 pub mod inside;
+pub mod redact;
 pub mod session;
 pub mod upstream;
 

@@ -178,9 +178,15 @@ struct Header<'a> {
 /// base64url SHA-256 of the RFC 8785 canonical form of `arguments` (JSON text; `None` hashes
 /// as `{}`).
 pub fn arguments_hash(arguments: Option<&str>) -> Result<String, ReceiptError> {
+    arguments_digest(arguments).map(|d| URL_SAFE_NO_PAD.encode(d))
+}
+
+/// SHA-256 of the RFC 8785 canonical form of `arguments` (`None` hashes as `{}`): the bytes
+/// [`arguments_hash`] encodes, and what a call's decision entry records.
+pub fn arguments_digest(arguments: Option<&str>) -> Result<[u8; 32], ReceiptError> {
     let canonical = jcs::canonicalize(arguments.unwrap_or("{}"))
         .map_err(|e| ReceiptError::Arguments(e.to_string()))?;
-    Ok(URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes())))
+    Ok(Sha256::digest(canonical.as_bytes()).into())
 }
 
 /// Encodes and signs a receipt under key id `kid`.
