@@ -25,6 +25,7 @@ use attestplane_verifier::gateway::receipt::{
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt as _, Full};
+use sha2::Digest as _;
 use hyper_util::rt::TokioIo;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
@@ -42,6 +43,8 @@ struct Upstream {
     last_call: Mutex<Option<(String, Option<String>)>>,
     last_receipt: Mutex<Option<String>>,
     hang: std::sync::atomic::AtomicBool,
+    /// The text a tool call's result carries.
+    answer_text: Mutex<String>,
 }
 
 impl Upstream {
@@ -53,6 +56,7 @@ impl Upstream {
             last_call: Mutex::new(None),
             last_receipt: Mutex::new(None),
             hang: std::sync::atomic::AtomicBool::new(false),
+            answer_text: Mutex::new("3".into()),
         })
     }
 
@@ -114,7 +118,10 @@ impl Upstream {
                 if self.hang.load(Ordering::SeqCst) {
                     tokio::time::sleep(Duration::from_secs(30)).await;
                 }
-                reply(r#"{"content":[{"type":"text","text":"3"}],"isError":false,"vendor":1e3}"#.into())
+                let text = self.answer_text.lock().unwrap().clone();
+                reply(format!(
+                    r#"{{"content":[{{"type":"text","text":"{text}"}}],"isError":false,"vendor":1e3}}"#
+                ))
             }
             _ => reply("{}".into()),
         }
@@ -212,6 +219,11 @@ const MODERN_LIST: &str = r#"{"jsonrpc":"2.0","id":"l1","method":"tools/list","p
 /// A booted control plane with server `weather` (pins: `add` and `echo` as the upstream lists
 /// them) attested, a policy letting tool-users call `add` only, served with a gateway.
 async fn stack(modern: bool) -> Stack {
+    stack_with(modern, "").await
+}
+
+/// [`stack`] with `extra` policies added to the set.
+async fn stack_with(modern: bool, extra: &str) -> Stack {
     let admin = Admin::new(1);
     let mut server = McpServer::new("weather", "acme", 1);
     let pins: BTreeMap<String, Digest32> = [ADD, ECHO]
@@ -225,7 +237,7 @@ async fn stack(modern: bool) -> Stack {
     let idp = Idp::new(40, "https://idp.acme.example");
     let mut h = Harness::new(&[&admin]);
     let policy = format!(
-        "{STARTER_POLICY}\n@id(\"no-echo\")\nforbid (principal, action == Attestplane::Action::\"call\", resource == Attestplane::Tool::\"weather/echo\");\n"
+        "{STARTER_POLICY}\n@id(\"no-echo\")\nforbid (principal, action == Attestplane::Action::\"call\", resource == Attestplane::Tool::\"weather/echo\");\n{extra}"
     );
     h.setup(&admin, &[&server], &policy, &idp);
     let _ = h.attest(&server);
@@ -716,4 +728,150 @@ async fn a_tampered_call_or_result_entry_is_named_by_replay() {
         let e = replay(&tampered, s.now).unwrap_err();
         assert_eq!(e.seq(), Some(seq as u64), "{e}");
     }
+}
+
+const EMAIL: &str = "alice@example.com";
+const CARD: &str = "4111 1111 1111 1111";
+
+fn decision_at(s: &Stack, index: usize) -> attestplane_verifier::entry::DecisionRecord {
+    match &s.entries()[index] {
+        Event::Decision(d) => (**d).clone(),
+        other => panic!("not a decision: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pii_is_redacted_before_the_server_and_before_the_agent_and_only_counted_in_the_log() {
+    // The starter policy's permits say nothing about PII, so the rule is the default: redact.
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    *s.upstream.answer_text.lock().unwrap() = format!("charged card {CARD}");
+    let before = s.entries().len();
+    let args = format!(r#"{{"a":1,"b":2e0,"note":"mail {EMAIL}, card {CARD}"}}"#);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", &args))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The server saw neither value, and the rest of the message as the agent wrote it.
+    let (forwarded, _) = s.upstream.last_call.lock().unwrap().clone().unwrap();
+    assert!(!forwarded.contains(EMAIL) && !forwarded.contains(CARD), "{forwarded}");
+    assert!(forwarded.contains("[REDACTED:email]") && forwarded.contains("[REDACTED:card]"));
+    assert!(forwarded.contains(r#""b":2e0"#) && forwarded.contains(r#""task":{"ttl":5}"#));
+    // The agent did not get the card number back either.
+    assert!(!body.contains(CARD) && body.contains("[REDACTED:card]"), "{body}");
+    assert!(body.contains(r#""vendor":1e3"#), "the rest of the answer byte for byte: {body}");
+
+    // The receipt covers the arguments as forwarded (redacted), so the server's check passes
+    // on what it received, and fails on what the agent sent.
+    let header = s.upstream.last_receipt.lock().unwrap().clone().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&forwarded).unwrap();
+    let sent_on = v["params"]["arguments"].to_string();
+    let key = epoch_key(&s);
+    let received = ReceivedCall {
+        audience: "https://weather.acme.example/mcp",
+        method: "tools/call",
+        tool: "add",
+        arguments: Some(&sent_on),
+    };
+    verify_receipt(&header, &key, &received, s.now, &mut ReplayCache::new(4)).unwrap();
+    let original = ReceivedCall {
+        arguments: Some(&args),
+        ..received
+    };
+    assert!(matches!(
+        verify_receipt(&header, &key, &original, s.now, &mut ReplayCache::new(4)),
+        Err(ReceiptError::OtherArguments { .. })
+    ));
+
+    // The log counts kinds; no value and no hash of one is in any entry.
+    let d = decision_at(&s, before);
+    let call = d.call.clone().expect("a gateway call records its call section");
+    assert_eq!(call.pii.action, "redact");
+    assert_eq!(call.pii.counts.get("email"), Some(&1));
+    assert_eq!(call.pii.counts.get("card"), Some(&1));
+    let Event::CallResult { pii, outcome, .. } = &s.entries()[before + 1] else {
+        panic!("no result entry");
+    };
+    assert_eq!(outcome, "ok");
+    assert_eq!(pii.counts.get("card"), Some(&1));
+    let digits: String = CARD.chars().filter(|c| c.is_ascii_digit()).collect();
+    for bytes in s.store.lock().unwrap().iter() {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!text.contains(EMAIL) && !text.contains(CARD) && !text.contains(&digits));
+        for finding in [EMAIL, CARD] {
+            let h: [u8; 32] = sha2::Sha256::digest(finding.as_bytes()).into();
+            assert!(!bytes.windows(32).any(|w| w == h), "a finding's hash is logged");
+        }
+    }
+    replays(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refuse_rule_denies_a_call_carrying_pii_and_withholds_a_result_carrying_it() {
+    let s = stack_with(
+        true,
+        "@id(\"add-no-pii\") @pii(\"refuse\")\npermit (principal, action == Attestplane::Action::\"call\", resource == Attestplane::Tool::\"weather/add\") when { principal.roles.contains(\"tool-user\") };\n",
+    )
+    .await;
+    let token = s.token("weather", &["tool-user"]);
+    let before = s.entries().len();
+    let args = format!(r#"{{"a":1,"note":"{EMAIL}"}}"#);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", &args))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("refused") && body.contains("PII"), "{body}");
+    assert_eq!(calls(&s), 0, "the call never reached the server");
+    let d = decision_at(&s, before);
+    assert!(!d.allowed);
+    assert_eq!(d.call.as_ref().unwrap().pii.action, "refuse");
+
+    // A clean call passes, and its result, which carries a card number, is withheld.
+    *s.upstream.answer_text.lock().unwrap() = format!("card {CARD}");
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(calls(&s), 1);
+    assert!(!body.contains(CARD), "{body}");
+    assert!(body.contains(r#""error""#) && body.contains("withheld"), "{body}");
+    let Some(Event::CallResult { outcome, pii, .. }) = s.entries().last().cloned() else {
+        panic!("no result entry");
+    };
+    assert_eq!(outcome, "withheld");
+    assert_eq!(pii.counts.get("card"), Some(&1));
+    replays(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argument_policies_decide_on_the_arguments_and_replay_from_their_logged_projection() {
+    let s = stack_with(
+        true,
+        "@id(\"add-cap\") @arguments(\"a: Long, note: String\")\nforbid (principal, action == Attestplane::Action::\"call\", resource == Attestplane::Tool::\"weather/add\") unless { context.arguments has a && context.arguments.a <= 100 };\n",
+    )
+    .await;
+    let token = s.token("weather", &["tool-user"]);
+    let before = s.entries().len();
+    for (args, allowed) in [
+        (r#"{"a":100,"b":7,"note":"mail alice@example.com"}"#, true),
+        (r#"{"a":1e3}"#, false),
+        // A string where a Long is declared cannot side-step the forbid.
+        (r#"{"a":"5"}"#, false),
+        (r#"{"b":1}"#, false),
+    ] {
+        let (status, body) = s.modern("weather", &token, &modern_call("add", args)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body.contains(r#""result""#), allowed, "{args}: {body}");
+    }
+    assert_eq!(calls(&s), 1);
+    let d = decision_at(&s, before);
+    // Only the declared arguments, canonical, PII redacted: `b` and the address are not
+    // logged.
+    assert_eq!(
+        d.call.unwrap().arguments.as_deref(),
+        Some(r#"{"a":100,"note":"mail [REDACTED:email]"}"#)
+    );
+    let d = decision_at(&s, before + 2);
+    assert_eq!(d.call.unwrap().arguments.as_deref(), Some(r#"{"a":1000}"#));
+    replays(&s);
 }
