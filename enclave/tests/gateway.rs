@@ -25,8 +25,8 @@ use attestplane_verifier::gateway::receipt::{
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt as _, Full};
-use sha2::Digest as _;
 use hyper_util::rt::TokioIo;
+use sha2::Digest as _;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -754,12 +754,21 @@ async fn pii_is_redacted_before_the_server_and_before_the_agent_and_only_counted
     assert_eq!(status, 200, "{body}");
     // The server saw neither value, and the rest of the message as the agent wrote it.
     let (forwarded, _) = s.upstream.last_call.lock().unwrap().clone().unwrap();
-    assert!(!forwarded.contains(EMAIL) && !forwarded.contains(CARD), "{forwarded}");
+    assert!(
+        !forwarded.contains(EMAIL) && !forwarded.contains(CARD),
+        "{forwarded}"
+    );
     assert!(forwarded.contains("[REDACTED:email]") && forwarded.contains("[REDACTED:card]"));
     assert!(forwarded.contains(r#""b":2e0"#) && forwarded.contains(r#""task":{"ttl":5}"#));
     // The agent did not get the card number back either.
-    assert!(!body.contains(CARD) && body.contains("[REDACTED:card]"), "{body}");
-    assert!(body.contains(r#""vendor":1e3"#), "the rest of the answer byte for byte: {body}");
+    assert!(
+        !body.contains(CARD) && body.contains("[REDACTED:card]"),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#""vendor":1e3"#),
+        "the rest of the answer byte for byte: {body}"
+    );
 
     // The receipt covers the arguments as forwarded (redacted), so the server's check passes
     // on what it received, and fails on what the agent sent.
@@ -785,7 +794,10 @@ async fn pii_is_redacted_before_the_server_and_before_the_agent_and_only_counted
 
     // The log counts kinds; no value and no hash of one is in any entry.
     let d = decision_at(&s, before);
-    let call = d.call.clone().expect("a gateway call records its call section");
+    let call = d
+        .call
+        .clone()
+        .expect("a gateway call records its call section");
     assert_eq!(call.pii.action, "redact");
     assert_eq!(call.pii.counts.get("email"), Some(&1));
     assert_eq!(call.pii.counts.get("card"), Some(&1));
@@ -800,7 +812,10 @@ async fn pii_is_redacted_before_the_server_and_before_the_agent_and_only_counted
         assert!(!text.contains(EMAIL) && !text.contains(CARD) && !text.contains(&digits));
         for finding in [EMAIL, CARD] {
             let h: [u8; 32] = sha2::Sha256::digest(finding.as_bytes()).into();
-            assert!(!bytes.windows(32).any(|w| w == h), "a finding's hash is logged");
+            assert!(
+                !bytes.windows(32).any(|w| w == h),
+                "a finding's hash is logged"
+            );
         }
     }
     replays(&s);
@@ -834,7 +849,10 @@ async fn a_refuse_rule_denies_a_call_carrying_pii_and_withholds_a_result_carryin
     assert_eq!(status, 200, "{body}");
     assert_eq!(calls(&s), 1);
     assert!(!body.contains(CARD), "{body}");
-    assert!(body.contains(r#""error""#) && body.contains("withheld"), "{body}");
+    assert!(
+        body.contains(r#""error""#) && body.contains("withheld"),
+        "{body}"
+    );
     let Some(Event::CallResult { outcome, pii, .. }) = s.entries().last().cloned() else {
         panic!("no result entry");
     };
