@@ -327,14 +327,42 @@ async fn agent_routes_answer_their_documented_shapes() {
         answer.json(),
         json!({"token": "handle-jwt", "seq": 11, "expires_at": 1_764_870_000u64})
     );
-    let answer = api.post("/v1/servers/s1/tools/read/authorize").await;
-    assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.json(), json!({"allowed": true, "seq": 12}));
-    let answer = api.post("/v1/servers/s1/tools/write/authorize").await;
-    assert_eq!(answer.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn retired_authorize_route_answers_410_and_never_reaches_the_enclave() {
+    let reached = Arc::new(AtomicUsize::new(0));
+    let seen = reached.clone();
+    let api = Setup::new(move |r| match r {
+        Request::Authorize { .. } => {
+            seen.fetch_add(1, Ordering::SeqCst);
+            Some(Response::Authorized {
+                allowed: true,
+                seq: 12,
+                reason: None,
+            })
+        }
+        _ => error(ErrorCode::Internal, "unexpected request"),
+    })
+    .start()
+    .await;
+    for path in [
+        "/v1/servers/s1/tools/read/authorize",
+        "/v1/servers/ghost/tools/x/authorize",
+    ] {
+        let answer = api.post(path).await;
+        answer.assert_error(StatusCode::GONE, "gone", None);
+        assert!(
+            answer.json()["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("/mcp/")),
+            "the answer says where calls go now"
+        );
+    }
     assert_eq!(
-        answer.json(),
-        json!({"allowed": false, "seq": 13, "reason": "no policy permits call"})
+        reached.load(Ordering::SeqCst),
+        0,
+        "nothing was asked of the enclave"
     );
 }
 
@@ -575,9 +603,6 @@ async fn status_403_denied_carries_the_seq_of_the_logged_refusal() {
     api.post("/v1/servers/s1/handle")
         .await
         .assert_error(forbidden, "denied", Some(42));
-    api.post("/v1/servers/s1/tools/t/authorize")
-        .await
-        .assert_error(forbidden, "denied", Some(42));
 }
 
 #[tokio::test]
@@ -617,9 +642,6 @@ async fn status_404_not_found_for_routes_the_enclave_and_unregistered_servers() 
     api.post("/v1/servers/ghost/handle")
         .await
         .assert_error(not_found, "not_found", Some(3));
-    api.post("/v1/servers/s1/tools/ghost/authorize")
-        .await
-        .assert_error(not_found, "not_found", None);
     // The enclave issued a nonce but the stored log registers no such server.
     api.post("/v1/servers/ghost/attest")
         .await

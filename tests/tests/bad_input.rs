@@ -321,10 +321,10 @@ async fn bad_input_gets_the_documented_4xx_and_writes_only_logged_refusals() {
         )
         .await;
         api.expect(
-            &format!("authorize: {what}"),
+            &format!("retired authorize: {what}"),
             with(api.post("/v1/servers/weather/tools/forecast/authorize")),
-            401,
-            "unauthenticated",
+            410,
+            "gone",
             Logged::No,
         )
         .await;
@@ -340,12 +340,12 @@ async fn bad_input_gets_the_documented_4xx_and_writes_only_logged_refusals() {
     )
     .await;
     api.expect(
-        "authorize: unknown server",
+        "retired authorize: unknown server",
         api.post("/v1/servers/nosuch/tools/forecast/authorize")
             .header("authorization", &bearer),
-        404,
-        "not_found",
-        Logged::Yes,
+        410,
+        "gone",
+        Logged::No,
     )
     .await;
 

@@ -1,12 +1,12 @@
-//! Agent routes (bearer JWT, forwarded to the enclave untouched): discover, resolve a handle,
-//! authorize a tool call.
+//! Agent routes (bearer JWT, forwarded to the enclave untouched): discover, resolve a handle;
+//! and the retired advisory authorize route (410: tool calls go through the MCP gateway).
 
 use attestplane_proto::{ErrorCode, Request, Response, ServerInfo};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 
-use super::body::{Authorization, HandleIssued, ListedServer, ServerList};
+use super::body::{HandleIssued, ListedServer, ServerList};
 use super::error::{ApiError, ApiResult};
 use super::{AppState, path_id};
 
@@ -51,34 +51,20 @@ pub(super) async fn resolve(
     }
 }
 
-pub(super) async fn authorize(
-    State(state): State<AppState>,
-    Path((id, tool)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Authorization>> {
-    let bearer = bearer(&headers)?;
-    let server_id = path_id("server id", &id)?;
-    let tool = path_id("tool name", &tool)?;
-    match state
-        .call(Request::Authorize {
-            bearer,
-            server_id,
-            tool,
-        })
-        .await?
-    {
-        Response::Authorized {
-            allowed,
-            seq,
-            reason,
-        } => Ok(Json(Authorization {
-            allowed,
-            seq,
-            reason,
-        })),
-        Response::Denied { seq, reason, code } => Err(denied(seq, code, &reason)),
-        other => Err(ApiError::unexpected(&other)),
-    }
+/// `POST /v1/servers/{id}/tools/{tool}/authorize`, retired: it asked the enclave whether a
+/// call would be allowed, but nothing made the agent ask, its answer was unsigned, and it wrote
+/// a decision for a call that never passed through the control plane. Tool calls are decided,
+/// enforced and logged by the MCP gateway (`/mcp/{server-id}`); this answers 410 and touches
+/// neither the enclave nor the log.
+pub(super) async fn authorize_retired(Path((id, _tool)): Path<(String, String)>) -> ApiError {
+    ApiError::new(
+        StatusCode::GONE,
+        "gone",
+        format!(
+            "the advisory authorize route is retired: call tools through the MCP gateway at /mcp/{}",
+            id.chars().take(64).collect::<String>()
+        ),
+    )
 }
 
 fn listed(s: ServerInfo) -> ListedServer {

@@ -82,18 +82,6 @@ impl fmt::Debug for HandleIssued {
     }
 }
 
-/// `POST /v1/servers/{id}/tools/{tool}/authorize` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Authorization {
-    /// Whether the call is allowed.
-    pub allowed: bool,
-    /// The log entry recording the decision.
-    pub seq: u64,
-    /// Why not, when not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
 /// `GET /v1/attestation` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnclaveAttestation {

@@ -19,7 +19,8 @@
 //!
 //! - `operator`: `/v1/admin` and `/v1/servers/{id}/attest` (with the bounded fetch of the
 //!   server's attestation document);
-//! - `agent`: discover, resolve and authorize, behind a bearer JWT the enclave checks;
+//! - `agent`: discover and resolve, behind a bearer JWT the enclave checks (and the retired
+//!   advisory authorize route, 410);
 //! - `auditor`: the enclave's attestation and JWKS, and the stored log (entries, checkpoints,
 //!   proofs);
 //! - `error`: [`ApiError`], the one mapping from an outcome to a status and a code;
@@ -154,7 +155,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/servers/{id}/handle", post(agent::resolve))
         .route(
             "/v1/servers/{id}/tools/{tool}/authorize",
-            post(agent::authorize),
+            post(agent::authorize_retired),
         )
         .route("/v1/attestation", get(auditor::own_attestation))
         .route("/v1/jwks", get(auditor::jwks))
