@@ -327,6 +327,9 @@ fn spec(s: usize, pcrs: &BTreeMap<PcrIndex, Pcr>) -> ServerSpec {
             .iter()
             .map(|t| (t.to_string(), Digest32(Sha256::digest(t.as_bytes()).into())))
             .collect(),
+        assurance: attestplane_verifier::admin::Assurance::Nitro,
+        prices: Default::default(),
+        client_requests: Default::default(),
     }
 }
 

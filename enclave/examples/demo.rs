@@ -198,6 +198,9 @@ fn main() -> Result<()> {
             Digest32(Sha256::digest(b"{\"name\":\"forecast\"}").into()),
         )]
         .into(),
+        assurance: attestplane_verifier::admin::Assurance::Nitro,
+        prices: Default::default(),
+        client_requests: Default::default(),
     };
     println!(
         "    {:?}",

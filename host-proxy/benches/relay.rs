@@ -107,6 +107,9 @@ async fn main() {
         allow_debug: false,
         max_attestation_age_ms: 60_000,
         tools: Default::default(),
+        assurance: attestplane_verifier::admin::Assurance::Nitro,
+        prices: Default::default(),
+        client_requests: Default::default(),
     };
     let request = AdminRequest {
         time,

@@ -771,6 +771,9 @@ fn registrations(endpoint: &str) -> Vec<Vec<u8>> {
                     allow_debug: false,
                     max_attestation_age_ms: 60_000,
                     tools: BTreeMap::new(),
+                    assurance: attestplane_verifier::admin::Assurance::Nitro,
+                    prices: Default::default(),
+                    client_requests: Default::default(),
                 }),
             }
             .sign(&key.verifying_key(), &key)

@@ -69,6 +69,9 @@ fn spec(id: &str, endpoint: &str) -> ServerSpec {
         allow_debug: false,
         max_attestation_age_ms: 60_000,
         tools: Default::default(),
+        assurance: attestplane_verifier::admin::Assurance::Nitro,
+        prices: Default::default(),
+        client_requests: Default::default(),
     }
 }
 

@@ -23,7 +23,7 @@
 //! Admin private keys never enter this crate's types except as a `Signer` passed by reference;
 //! nothing here stores or prints one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ciborium::value::Value;
 use ed25519_dalek::{Signature, Signer, VerifyingKey};
@@ -54,6 +54,56 @@ pub const MAX_ID_LEN: usize = 256;
 /// The most tools a server registration may pin.
 pub const MAX_TOOLS: usize = 1024;
 
+use crate::gateway::limits::{LimitError, MAX_ASSET_LEN, check_rules};
+pub use crate::gateway::limits::{MAX_LIMIT_RULES, Price, RateLimit, ScopeKind, SpendCap};
+/// The digest a tool is pinned by (defined with the pin check, which computes it).
+pub use crate::gateway::pin::Digest32;
+
+/// How a registered server's identity is established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Assurance {
+    /// A Nitro Enclave whose attestation document the control plane verifies against the
+    /// registered PCRs.
+    Nitro,
+    /// Nothing: a plain server. It has no PCRs, is never attested, and its tools may still be
+    /// pinned; the policy sees the level (`context.server_assurance`).
+    None,
+}
+
+impl Assurance {
+    /// The level as encoded (and as the policy sees it).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Assurance::Nitro => "nitro",
+            Assurance::None => "none",
+        }
+    }
+}
+
+/// A server-to-client request method a registration may allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientRequest {
+    /// `sampling/createMessage`.
+    Sampling,
+    /// `elicitation/create`.
+    Elicitation,
+    /// `roots/list`.
+    Roots,
+}
+
+impl ClientRequest {
+    /// The name as encoded.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ClientRequest::Sampling => "sampling",
+            ClientRequest::Elicitation => "elicitation",
+            ClientRequest::Roots => "roots",
+        }
+    }
+}
+
 /// A registration of an MCP server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServerSpec {
@@ -75,6 +125,12 @@ pub struct ServerSpec {
     pub max_attestation_age_ms: u64,
     /// Pinned tool definitions: tool name → SHA-256 of its canonical definition.
     pub tools: BTreeMap<String, Digest32>,
+    /// How its identity is established (`nitro`: attested against `pcrs`; `none`: no PCRs).
+    pub assurance: Assurance,
+    /// Per-call prices of its tools (each a pinned tool).
+    pub prices: BTreeMap<String, Price>,
+    /// The server-to-client requests it may make (none by default).
+    pub client_requests: BTreeSet<ClientRequest>,
 }
 
 /// A PCR value that serialises as hex.
@@ -84,16 +140,6 @@ pub struct PcrHex(pub Pcr);
 impl Serialize for PcrHex {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.0.to_hex())
-    }
-}
-
-/// A SHA-256 digest that serialises as hex.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Digest32(pub [u8; 32]);
-
-impl Serialize for Digest32 {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(self.0))
     }
 }
 
@@ -146,6 +192,13 @@ pub enum AdminAction {
         /// The image's PCRs, by index.
         pcrs: BTreeMap<PcrIndex, PcrHex>,
     },
+    /// Replace the rate limits and spend caps.
+    SetLimits {
+        /// GCRA rate limits.
+        rates: Vec<RateLimit>,
+        /// Spend caps.
+        spends: Vec<SpendCap>,
+    },
 }
 
 impl AdminAction {
@@ -160,6 +213,7 @@ impl AdminAction {
             AdminAction::RemoveIdentityProvider { .. } => "remove_identity_provider",
             AdminAction::RotateAdminKeys { .. } => "rotate_admin_keys",
             AdminAction::AllowImage { .. } => "allow_image",
+            AdminAction::SetLimits { .. } => "set_limits",
         }
     }
 }
@@ -344,6 +398,10 @@ pub enum AdminError {
         /// What is wrong with it.
         problem: &'static str,
     },
+    /// A `set_limits` whose rules the gateway could not use (two rules for one scope, too
+    /// many).
+    #[error("admin request: limits: {0}")]
+    Limits(#[from] LimitError),
     /// The request names a key that is not a current admin key.
     #[error("signed by {kid}, which is not a current admin key")]
     UnknownAdminKey {
@@ -487,17 +545,219 @@ fn server_to_value(s: &ServerSpec) -> Value {
                     .collect(),
             ),
         ),
+        ("assurance", Value::Text(s.assurance.as_str().into())),
+        (
+            "prices",
+            Value::Map(
+                s.prices
+                    .iter()
+                    .map(|(n, p)| {
+                        (
+                            Value::Text(n.clone()),
+                            map([
+                                ("amount", uint(p.amount)),
+                                ("asset", Value::Text(p.asset.clone())),
+                            ]),
+                        )
+                    })
+                    .collect(),
+            ),
+        ),
+        (
+            "client_requests",
+            Value::Array(
+                s.client_requests
+                    .iter()
+                    .map(|c| Value::Text(c.as_str().into()))
+                    .collect(),
+            ),
+        ),
     ])
+}
+
+fn prices_from_value(v: Value) -> Result<BTreeMap<String, Price>, AdminError> {
+    let bad = || AdminError::Invalid {
+        field: "prices",
+        problem: "must map tool names to {amount, asset}",
+    };
+    let Value::Map(entries) = v else {
+        return Err(bad());
+    };
+    if entries.len() > MAX_TOOLS {
+        return Err(bad());
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in entries {
+        let Value::Text(tool) = k else {
+            return Err(bad());
+        };
+        let mut p = Fields::new(v, "price")?;
+        let price = Price {
+            amount: p.u64("amount")?,
+            asset: asset(p.text("asset")?)?,
+        };
+        p.finish()?;
+        if out.insert(id("tool name", tool)?, price).is_some() {
+            return Err(bad());
+        }
+    }
+    Ok(out)
+}
+
+fn client_requests_from_value(v: Value) -> Result<BTreeSet<ClientRequest>, AdminError> {
+    let bad = || AdminError::Invalid {
+        field: "client_requests",
+        problem: "must be a set of \"sampling\", \"elicitation\", \"roots\"",
+    };
+    let Value::Array(items) = v else {
+        return Err(bad());
+    };
+    let mut out = BTreeSet::new();
+    for item in items {
+        let c = match item {
+            Value::Text(t) if t == "sampling" => ClientRequest::Sampling,
+            Value::Text(t) if t == "elicitation" => ClientRequest::Elicitation,
+            Value::Text(t) if t == "roots" => ClientRequest::Roots,
+            _ => return Err(bad()),
+        };
+        if !out.insert(c) {
+            return Err(bad());
+        }
+    }
+    Ok(out)
+}
+
+fn limits_to_value(rates: &[RateLimit], spends: &[SpendCap]) -> [(&'static str, Value); 2] {
+    [
+        (
+            "rates",
+            Value::Array(
+                rates
+                    .iter()
+                    .map(|r| {
+                        map([
+                            ("scope", Value::Text(r.scope.as_str().into())),
+                            ("rate_per_minute", uint(r.rate_per_minute)),
+                            ("burst", uint(r.burst)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+        (
+            "spends",
+            Value::Array(
+                spends
+                    .iter()
+                    .map(|c| {
+                        map([
+                            ("scope", Value::Text(c.scope.as_str().into())),
+                            ("asset", Value::Text(c.asset.clone())),
+                            ("cap", uint(c.cap)),
+                            ("window_ms", uint(c.window_ms)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+    ]
+}
+
+fn scope_of(f: &mut Fields) -> Result<ScopeKind, AdminError> {
+    ScopeKind::parse(&f.text("scope")?).ok_or(AdminError::Invalid {
+        field: "scope",
+        problem: "must be tenant, user, agent or tool",
+    })
+}
+
+fn items(v: Value, field: &'static str) -> Result<Vec<Value>, AdminError> {
+    match v {
+        Value::Array(items) if items.len() <= MAX_LIMIT_RULES => Ok(items),
+        _ => Err(AdminError::Invalid {
+            field,
+            problem: "must be an array of at most 256 limits",
+        }),
+    }
+}
+
+/// An asset name: what an identifier may be, and at most [`MAX_ASSET_LEN`] bytes.
+fn asset(v: String) -> Result<String, AdminError> {
+    let v = id("asset", v)?;
+    if v.len() > MAX_ASSET_LEN {
+        return Err(AdminError::Invalid {
+            field: "asset",
+            problem: "is longer than 64 bytes",
+        });
+    }
+    Ok(v)
+}
+
+fn limits_from_value(f: &mut Fields) -> Result<(Vec<RateLimit>, Vec<SpendCap>), AdminError> {
+    let positive = |field: &'static str, v: u64| {
+        if v == 0 {
+            Err(AdminError::Invalid {
+                field,
+                problem: "must be at least 1",
+            })
+        } else {
+            Ok(v)
+        }
+    };
+    let mut rates = Vec::new();
+    for v in items(f.take("rates")?, "rates")? {
+        let mut r = Fields::new(v, "rate limit")?;
+        let limit = RateLimit {
+            scope: scope_of(&mut r)?,
+            rate_per_minute: positive("rate_per_minute", r.u64("rate_per_minute")?)?,
+            burst: positive("burst", r.u64("burst")?)?,
+        };
+        r.finish()?;
+        rates.push(limit);
+    }
+    let mut spends = Vec::new();
+    for v in items(f.take("spends")?, "spends")? {
+        let mut c = Fields::new(v, "spend cap")?;
+        let cap = SpendCap {
+            scope: scope_of(&mut c)?,
+            asset: asset(c.text("asset")?)?,
+            cap: c.u64("cap")?,
+            window_ms: positive("window_ms", c.u64("window_ms")?)?,
+        };
+        c.finish()?;
+        spends.push(cap);
+    }
+    // The gateway's own check: one rate rule per scope, one cap per scope and asset.
+    check_rules(&rates, &spends)?;
+    Ok((rates, spends))
 }
 
 fn server_from_value(v: Value) -> Result<ServerSpec, AdminError> {
     let mut f = Fields::new(v, "server")?;
     let pcrs = pcrs_from_value(f.take("pcrs")?)?;
-    if pcrs.is_empty() {
-        return Err(AdminError::Invalid {
-            field: "pcrs",
-            problem: "is empty: a server must be pinned to at least one measurement",
-        });
+    let assurance = match f.text("assurance")?.as_str() {
+        "nitro" => Assurance::Nitro,
+        "none" => Assurance::None,
+        _ => {
+            return Err(AdminError::Invalid {
+                field: "assurance",
+                problem: "must be nitro or none",
+            });
+        }
+    };
+    match assurance {
+        Assurance::Nitro if pcrs.is_empty() => {
+            return Err(AdminError::Invalid {
+                field: "pcrs",
+                problem: "is empty: a nitro server must be pinned to at least one measurement",
+            });
+        }
+        Assurance::None if !pcrs.is_empty() => {
+            return Err(AdminError::Invalid {
+                field: "pcrs",
+                problem: "must be empty for a server of assurance none",
+            });
+        }
+        _ => {}
     }
     let bad_tools = AdminError::Invalid {
         field: "tools",
@@ -519,6 +779,14 @@ fn server_from_value(v: Value) -> Result<ServerSpec, AdminError> {
     for name in tools.keys() {
         id("tool name", name.clone())?;
     }
+    let prices = prices_from_value(f.take("prices")?)?;
+    if prices.keys().any(|t| !tools.contains_key(t)) {
+        return Err(AdminError::Invalid {
+            field: "prices",
+            problem: "names a tool the registration does not pin",
+        });
+    }
+    let client_requests = client_requests_from_value(f.take("client_requests")?)?;
     let spec = ServerSpec {
         id: id("id", f.text("id")?)?,
         name: id("name", f.text("name")?)?,
@@ -529,6 +797,9 @@ fn server_from_value(v: Value) -> Result<ServerSpec, AdminError> {
         allow_debug: f.bool("allow_debug")?,
         max_attestation_age_ms: f.u64("max_attestation_age_ms")?,
         tools,
+        assurance,
+        prices,
+        client_requests,
     };
     f.finish()?;
     Ok(spec)
@@ -553,6 +824,10 @@ fn action_to_value(a: &AdminAction) -> Value {
         }
         AdminAction::RotateAdminKeys { keys } => map([kind, ("keys", keys32(keys))]),
         AdminAction::AllowImage { pcrs } => map([kind, ("pcrs", pcrs_to_value(pcrs))]),
+        AdminAction::SetLimits { rates, spends } => {
+            let [r, s] = limits_to_value(rates, spends);
+            map([kind, r, s])
+        }
     }
 }
 
@@ -589,6 +864,10 @@ fn action_from_value(v: Value) -> Result<AdminAction, AdminError> {
         "allow_image" => AdminAction::AllowImage {
             pcrs: image_pcrs(pcrs_from_value(f.take("pcrs")?)?)?,
         },
+        "set_limits" => {
+            let (rates, spends) = limits_from_value(&mut f)?;
+            AdminAction::SetLimits { rates, spends }
+        }
         _ => return Err(AdminError::UnknownAction { kind }),
     };
     f.finish()?;
@@ -611,6 +890,16 @@ mod tests {
             allow_debug: false,
             max_attestation_age_ms: 600_000,
             tools: [("forecast".to_string(), Digest32([3; 32]))].into(),
+            assurance: Assurance::Nitro,
+            prices: [(
+                "forecast".to_string(),
+                Price {
+                    amount: 250,
+                    asset: "credits".into(),
+                },
+            )]
+            .into(),
+            client_requests: [ClientRequest::Roots, ClientRequest::Sampling].into(),
         }
     }
 
@@ -643,6 +932,26 @@ mod tests {
                 keys: vec![[4; 32]],
             },
             AdminAction::AllowImage { pcrs: image(5) },
+            AdminAction::SetLimits {
+                rates: vec![RateLimit {
+                    scope: ScopeKind::Agent,
+                    rate_per_minute: 60,
+                    burst: 10,
+                }],
+                spends: vec![SpendCap {
+                    scope: ScopeKind::Tenant,
+                    asset: "credits".into(),
+                    cap: 1_000_000,
+                    window_ms: 86_400_000,
+                }],
+            },
+            AdminAction::RegisterServer(ServerSpec {
+                pcrs: BTreeMap::new(),
+                assurance: Assurance::None,
+                prices: BTreeMap::new(),
+                client_requests: BTreeSet::new(),
+                ..server()
+            }),
         ]
     }
 
@@ -757,6 +1066,170 @@ mod tests {
             10_000_001 + ADMIN_REQUEST_WINDOW_MS
         )));
         assert!(!signed.is_fresh_at(UnixMillis::from_millis(9_999_999 - ADMIN_REQUEST_WINDOW_MS)));
+    }
+
+    /// `v` with its map member `key` replaced by `value`.
+    fn with(v: Value, key: &str, value: Value) -> Value {
+        let Value::Map(entries) = v else {
+            panic!("not a map")
+        };
+        Value::Map(
+            entries
+                .into_iter()
+                .map(|(k, old)| {
+                    let new = if k == Value::Text(key.into()) {
+                        value.clone()
+                    } else {
+                        old
+                    };
+                    (k, new)
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn unknown_assurance_level_is_refused() {
+        // Levels named in the design but not built yet, and anything else, are refused: an
+        // old verifier must never read a level it does not know as one it does.
+        for level in ["webpki", "pinned", "Nitro", ""] {
+            let v = with(
+                server_to_value(&server()),
+                "assurance",
+                Value::Text(level.into()),
+            );
+            assert!(
+                matches!(
+                    server_from_value(v),
+                    Err(AdminError::Invalid {
+                        field: "assurance",
+                        ..
+                    })
+                ),
+                "{level:?}"
+            );
+        }
+        let v = with(server_to_value(&server()), "assurance", uint(0));
+        assert!(server_from_value(v).is_err());
+    }
+
+    #[test]
+    fn plain_server_with_pcrs_and_prices_of_unpinned_tools_are_refused() {
+        // A server of assurance none that names PCRs would read as attested to a careless
+        // reader: refused.
+        let plain = ServerSpec {
+            assurance: Assurance::None,
+            ..server()
+        };
+        assert!(matches!(
+            server_from_value(server_to_value(&plain)),
+            Err(AdminError::Invalid { field: "pcrs", .. })
+        ));
+        // A price for a tool the registration does not pin.
+        let mut s = server();
+        s.prices.insert(
+            "unpinned".into(),
+            Price {
+                amount: 1,
+                asset: "credits".into(),
+            },
+        );
+        assert!(matches!(
+            server_from_value(server_to_value(&s)),
+            Err(AdminError::Invalid {
+                field: "prices",
+                ..
+            })
+        ));
+        // A client request the gateway does not know, or one listed twice.
+        for requests in [
+            Value::Array(vec![Value::Text("resources".into())]),
+            Value::Array(vec![
+                Value::Text("roots".into()),
+                Value::Text("roots".into()),
+            ]),
+            Value::Text("roots".into()),
+        ] {
+            let v = with(server_to_value(&server()), "client_requests", requests);
+            assert!(matches!(
+                server_from_value(v),
+                Err(AdminError::Invalid {
+                    field: "client_requests",
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn set_limits_with_zero_rates_or_unknown_scopes_is_refused() {
+        let bad = [
+            AdminAction::SetLimits {
+                rates: vec![RateLimit {
+                    scope: ScopeKind::Agent,
+                    rate_per_minute: 0,
+                    burst: 1,
+                }],
+                spends: vec![],
+            },
+            AdminAction::SetLimits {
+                rates: vec![RateLimit {
+                    scope: ScopeKind::Agent,
+                    rate_per_minute: 1,
+                    burst: 0,
+                }],
+                spends: vec![],
+            },
+            AdminAction::SetLimits {
+                rates: vec![],
+                spends: vec![SpendCap {
+                    scope: ScopeKind::User,
+                    asset: "credits".into(),
+                    cap: 1,
+                    window_ms: 0,
+                }],
+            },
+        ];
+        // Two rate rules for one scope: the gateway could not tell which applies.
+        let twice = AdminAction::SetLimits {
+            rates: vec![
+                RateLimit {
+                    scope: ScopeKind::Agent,
+                    rate_per_minute: 60,
+                    burst: 1,
+                },
+                RateLimit {
+                    scope: ScopeKind::Agent,
+                    rate_per_minute: 6000,
+                    burst: 100,
+                },
+            ],
+            spends: vec![],
+        };
+        assert!(matches!(
+            action_from_value(action_to_value(&twice)),
+            Err(AdminError::Limits(LimitError::DuplicateRule { .. }))
+        ));
+        for action in bad {
+            assert!(
+                action_from_value(action_to_value(&action)).is_err(),
+                "{action:?}"
+            );
+        }
+        let v = action_to_value(&AdminAction::SetLimits {
+            rates: vec![],
+            spends: vec![],
+        });
+        let scoped = map([
+            ("scope", Value::Text("server".into())),
+            ("rate_per_minute", uint(1)),
+            ("burst", uint(1)),
+        ]);
+        let v = with(v, "rates", Value::Array(vec![scoped]));
+        assert!(matches!(
+            action_from_value(v),
+            Err(AdminError::Invalid { field: "scope", .. })
+        ));
     }
 
     #[test]

@@ -52,7 +52,8 @@ use sha2::{Digest, Sha384};
 use thiserror::Error;
 
 use crate::admin::{
-    AdminAction, AdminError, Deployment, IdentityProviderSpec, ServerSpec, SignedAdminRequest,
+    AdminAction, AdminError, Assurance, Deployment, IdentityProviderSpec, RateLimit, ServerSpec,
+    SignedAdminRequest, SpendCap,
 };
 use crate::attestation::{AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt};
 use crate::cbor::{self, uint};
@@ -182,6 +183,10 @@ pub struct Snapshot {
     pub admin_nonce_times: BTreeMap<String, u64>,
     /// Images allowed by `allow_image` admin acts, in order, as `{"PCRn": hex}`.
     pub allowed_images: Vec<BTreeMap<String, String>>,
+    /// The rate limits in force.
+    pub rate_limits: Vec<RateLimit>,
+    /// The spend caps in force.
+    pub spend_caps: Vec<SpendCap>,
     /// Entries applied.
     pub applied: u64,
 }
@@ -190,6 +195,8 @@ pub struct Snapshot {
 pub struct State {
     admin_keys: Vec<VerifyingKey>,
     genesis: Option<(Vec<[u8; 32]>, bool)>,
+    rate_limits: Vec<RateLimit>,
+    spend_caps: Vec<SpendCap>,
     servers: BTreeMap<String, ServerState>,
     policy: PolicyEngine,
     providers: BTreeMap<String, (IdentityProviderSpec, Jwks)>,
@@ -345,6 +352,8 @@ impl State {
         Self {
             admin_keys: Vec::new(),
             genesis: None,
+            rate_limits: Vec::new(),
+            spend_caps: Vec::new(),
             servers: BTreeMap::new(),
             policy: PolicyEngine::deny_all(),
             providers: BTreeMap::new(),
@@ -401,6 +410,11 @@ impl State {
         &self.admin_keys
     }
 
+    /// The rate limits and spend caps in force (the last `set_limits`).
+    pub fn limits(&self) -> (&[RateLimit], &[SpendCap]) {
+        (&self.rate_limits, &self.spend_caps)
+    }
+
     /// A registered server.
     pub fn server(&self, id: &str) -> Option<&ServerState> {
         self.servers.get(id)
@@ -452,6 +466,8 @@ impl State {
                 .flat_map(|(k, _)| k.iter().map(hex::encode))
                 .collect(),
             genesis_host_chosen: self.genesis.as_ref().is_some_and(|(_, h)| *h),
+            rate_limits: self.rate_limits.clone(),
+            spend_caps: self.spend_caps.clone(),
             servers: self.servers.clone(),
             policy: self.policy.text().to_string(),
             identity_providers: self
@@ -587,6 +603,7 @@ impl State {
                     return Err(Reason::TooManyAllowedImages);
                 }
             }
+            AdminAction::SetLimits { .. } => {}
         }
         Ok(prepared)
     }
@@ -634,6 +651,10 @@ impl State {
                 self.allowed_images
                     .push(pcrs.into_iter().map(|(i, p)| (i, p.0)).collect());
             }
+            AdminAction::SetLimits { rates, spends } => {
+                self.rate_limits = rates;
+                self.spend_caps = spends;
+            }
         }
     }
 
@@ -667,6 +688,9 @@ impl State {
             .ok_or_else(|| Reason::UnknownServer {
                 server: server.to_string(),
             })?;
+        if s.spec.assurance == Assurance::None {
+            return Err(Reason::NotAttestable);
+        }
         let expect = Expectations {
             pcrs: s.spec.pcrs.iter().map(|(i, p)| (*i, p.0)).collect(),
             allow_debug: s.spec.allow_debug,
@@ -870,7 +894,12 @@ impl State {
             record.reason = Some(Reason::OtherTenant);
             return record;
         }
-        if matches!(action, Action::Resolve | Action::Call) && !req.attestation.verified {
+        // A server registered without attestation (assurance none) is never attested: the
+        // policy decides on its assurance level instead of this rule.
+        if matches!(action, Action::Resolve | Action::Call)
+            && server.spec.assurance == Assurance::Nitro
+            && !req.attestation.verified
+        {
             record.reason = Some(match &server.attested {
                 None => Reason::NotAttested,
                 Some(_) => Reason::AttestationStale,
@@ -1381,5 +1410,116 @@ mod tests {
                 ApplyMode::Recheck,
             )
             .unwrap();
+    }
+
+    #[test]
+    fn server_without_attestation_is_registered_never_attested_and_limits_fold() {
+        use crate::admin::{
+            Assurance, ClientRequest, Digest32, Price, RateLimit, ScopeKind, SpendCap,
+        };
+        let mut state = State::new(TrustAnchor::aws_nitro_root_g1());
+        let admin = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let now = UnixMillis::from_millis(1_000);
+        let at = |seq, event| Entry {
+            seq,
+            prev: EntryHash::ZERO,
+            epoch: 0,
+            time: now,
+            event,
+        };
+        state
+            .fold(
+                1,
+                &at(
+                    1,
+                    Event::Genesis {
+                        admin_keys: vec![admin.verifying_key().to_bytes()],
+                        host_chosen: false,
+                    },
+                ),
+                ApplyMode::Recheck,
+            )
+            .unwrap();
+        let genesis_hash = EntryHash::from_bytes([9; 32]);
+        state.set_genesis_hash(genesis_hash);
+        let signed = |nonce: u8, action| {
+            crate::admin::AdminRequest {
+                time: now,
+                nonce: [nonce; 16],
+                deployment: Deployment {
+                    origin: "attestplane.test/log".into(),
+                    genesis: genesis_hash,
+                },
+                action,
+            }
+            .sign(&admin.verifying_key(), &admin)
+            .unwrap()
+        };
+        let spec = ServerSpec {
+            id: "plain".into(),
+            name: "Plain".into(),
+            tenant: "acme".into(),
+            resource: "https://plain.example/mcp".into(),
+            endpoint: "http://plain.example".into(),
+            pcrs: BTreeMap::new(),
+            allow_debug: false,
+            max_attestation_age_ms: 60_000,
+            tools: [("echo".to_string(), Digest32([5; 32]))].into(),
+            assurance: Assurance::None,
+            prices: [(
+                "echo".to_string(),
+                Price {
+                    amount: 3,
+                    asset: "credits".into(),
+                },
+            )]
+            .into(),
+            client_requests: [ClientRequest::Elicitation].into(),
+        };
+        let rates = vec![RateLimit {
+            scope: ScopeKind::Agent,
+            rate_per_minute: 30,
+            burst: 5,
+        }];
+        let spends = vec![SpendCap {
+            scope: ScopeKind::Tenant,
+            asset: "credits".into(),
+            cap: 100,
+            window_ms: 3_600_000,
+        }];
+        for (seq, request) in [
+            (2, signed(2, AdminAction::RegisterServer(spec.clone()))),
+            (
+                3,
+                signed(
+                    3,
+                    AdminAction::SetLimits {
+                        rates: rates.clone(),
+                        spends: spends.clone(),
+                    },
+                ),
+            ),
+        ] {
+            assert!(state.check_admin(&request, now).is_ok());
+            let event = Event::Admin {
+                request,
+                accepted: true,
+                reason: None,
+            };
+            state
+                .fold(seq, &at(seq, event), ApplyMode::Recheck)
+                .unwrap();
+        }
+        assert_eq!(state.server("plain").unwrap().spec, spec);
+        assert_eq!(state.limits(), (rates.as_slice(), spends.as_slice()));
+        // No document can attest it: there are no PCRs to hold one to.
+        assert_eq!(
+            state.check_attestation("plain", &[1; 32], b"any document", now),
+            Err(Reason::NotAttestable)
+        );
+        // Its calls are not refused for lack of attestation: the policy decides (here: no
+        // policy, so deny by default).
+        let d = state.decide(&principal(), Action::Call, "plain", Some("echo"), now);
+        assert_eq!(d.reason, Some(Reason::NoPermit));
     }
 }

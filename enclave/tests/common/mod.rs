@@ -278,6 +278,9 @@ impl McpServer {
                 ("write".to_string(), tool_digest("write")),
             ]
             .into(),
+            assurance: attestplane_verifier::admin::Assurance::Nitro,
+            prices: Default::default(),
+            client_requests: Default::default(),
         };
         Self { nsm, spec }
     }

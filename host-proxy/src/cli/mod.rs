@@ -3,7 +3,7 @@
 //!
 //! - Operators sign admin requests locally with their admin key, for the deployment pinned in
 //!   the configuration ([`deployment`]): `servers register|update|revoke`, `policy set`,
-//!   `idp set|remove`, `keys rotate`, `images allow`. The proxy forwards the signed bytes untouched; the enclave
+//!   `idp set|remove`, `keys rotate`, `images allow`, `limits set`. The proxy forwards the signed bytes untouched; the enclave
 //!   checks them. The CLI then confirms the outcome from the log, against a fresh checkpoint
 //!   signed by the attested epoch key, instead of believing the host's answer ([`submit`]).
 //! - Agents list servers and resolve handles with a bearer token ([`servers`], [`handle`]).
@@ -46,6 +46,7 @@ pub mod handle;
 pub mod http;
 pub mod images;
 pub mod keys;
+pub mod limits;
 pub mod log;
 pub mod mcp;
 pub mod pcrs;
@@ -133,6 +134,9 @@ pub enum ClientCommand {
     /// pin it: admin requests are signed for it alone.
     #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
     Deployment(deployment::DeploymentCommand),
+    /// Replace the gateway's rate limits and spend caps.
+    #[command(subcommand, after_help = PLAIN_HTTP_NOTE)]
+    Limits(limits::LimitsCommand),
 }
 
 /// Runs one client command; the returned code is the process's exit code (0 success, 1 refused
@@ -149,6 +153,7 @@ pub async fn run(command: ClientCommand, context: &ClientContext) -> anyhow::Res
         ClientCommand::Mcp(c) => mcp::run(c, context).await,
         ClientCommand::Images(c) => images::run(c, context).await,
         ClientCommand::Deployment(c) => deployment::run(c, context).await,
+        ClientCommand::Limits(c) => limits::run(c, context).await,
     };
     match result {
         Ok(()) => Ok(0),

@@ -5,13 +5,15 @@
 //! hand it over; the enclave verifies and logs the result. `list` is the agent's view (the
 //! servers the policy lets its token discover).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use attestplane_verifier::admin::{AdminAction, Digest32, PcrHex, ServerSpec};
+use attestplane_verifier::admin::{
+    AdminAction, Assurance, ClientRequest, Digest32, PcrHex, Price, ServerSpec,
+};
 use attestplane_verifier::attestation::{Pcr, PcrIndex};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use reqwest::Url;
 use serde_json::json;
 
@@ -26,7 +28,8 @@ use crate::api::body::{AttestVerified, ServerList};
 /// `servers ...`.
 #[derive(Debug, Subcommand)]
 pub enum ServersCommand {
-    /// Register an MCP server with the measurements (PCRs) it must attest to.
+    /// Register an MCP server: with the measurements (PCRs) it must attest to, or with
+    /// `--assurance none` (a plain server, never attested; its tools are still pinned).
     Register(ServerFlags),
     /// Replace a server's registration (its attestation must then be redone).
     Update(ServerFlags),
@@ -84,6 +87,62 @@ pub struct ServerFlags {
     /// A pinned tool: NAME=SHA256HEX of its canonical definition (repeatable).
     #[arg(long = "tool", value_name = "NAME=SHA256HEX", value_parser = parse_tool)]
     pub tools: Vec<(String, [u8; 32])>,
+    /// How the server's identity is established: `nitro` (its attestation document verified
+    /// against the PCRs given) or `none` (a plain server: no PCRs, never attested; the policy
+    /// sees `context.server_assurance`).
+    #[arg(long, value_enum, default_value_t = AssuranceFlag::Nitro)]
+    pub assurance: AssuranceFlag,
+    /// The price of one call of a pinned tool: TOOL=AMOUNT:ASSET, AMOUNT in atomic units of
+    /// ASSET (repeatable; e.g. `forecast=250:credits`).
+    #[arg(long = "price", value_name = "TOOL=AMOUNT:ASSET", value_parser = parse_price)]
+    pub prices: Vec<(String, Price)>,
+    /// A server-to-client request the server may make through the gateway (repeatable; none
+    /// by default).
+    #[arg(long = "client-request", value_enum, value_name = "KIND")]
+    pub client_requests: Vec<ClientRequestFlag>,
+}
+
+/// `--assurance`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AssuranceFlag {
+    /// Attested: a Nitro Enclave's attestation document, verified against the PCRs.
+    Nitro,
+    /// None: a plain server (no PCRs, never attested).
+    None,
+}
+
+/// `--client-request`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ClientRequestFlag {
+    /// `sampling/createMessage`.
+    Sampling,
+    /// `elicitation/create`.
+    Elicitation,
+    /// `roots/list`.
+    Roots,
+}
+
+/// Parses `TOOL=AMOUNT:ASSET` (a clap value parser).
+pub fn parse_price(s: &str) -> Result<(String, Price), String> {
+    let (tool, price) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected TOOL=AMOUNT:ASSET, got {s:?}"))?;
+    let (amount, asset) = price
+        .split_once(':')
+        .ok_or_else(|| format!("expected TOOL=AMOUNT:ASSET, got {s:?}"))?;
+    if tool.is_empty() || asset.is_empty() {
+        return Err(format!("empty tool or asset in {s:?}"));
+    }
+    let amount = amount
+        .parse::<u64>()
+        .map_err(|_| format!("price of {tool:?}: {amount:?} is not a whole number of units"))?;
+    Ok((
+        tool.to_owned(),
+        Price {
+            amount,
+            asset: asset.to_owned(),
+        },
+    ))
 }
 
 /// Parses `NAME=SHA256HEX` (a clap value parser).
@@ -104,14 +163,27 @@ impl ServerFlags {
     /// The registration these flags describe.
     pub fn spec(&self) -> CliResult<ServerSpec> {
         let pcrs = merge(self.pcrs.as_deref(), &self.pcr)?;
-        if pcrs.is_empty() {
+        let assurance = match self.assurance {
+            AssuranceFlag::Nitro => Assurance::Nitro,
+            AssuranceFlag::None => Assurance::None,
+        };
+        if assurance == Assurance::Nitro && pcrs.is_empty() {
             return Err(CliError::Usage(
                 "give the PCRs the server must attest to: --server-pcrs FILE or --pcr N=HEX \
-                 (ATTESTPLANE_PCRS is the control plane's and not used here)"
+                 (ATTESTPLANE_PCRS is the control plane's and not used here), or register a \
+                 plain server with --assurance none"
                     .into(),
             ));
         }
-        if !self.allow_debug
+        if assurance == Assurance::None && (!pcrs.is_empty() || self.allow_debug) {
+            return Err(CliError::Usage(
+                "a server of --assurance none is never attested: give no PCRs and no \
+                 --allow-debug"
+                    .into(),
+            ));
+        }
+        if assurance == Assurance::Nitro
+            && !self.allow_debug
             && [0u8, 1, 2]
                 .iter()
                 .filter_map(|i| PcrIndex::try_from(*i).ok())
@@ -144,6 +216,26 @@ impl ServerFlags {
                 return Err(CliError::Usage(format!("tool {name:?} is pinned twice")));
             }
         }
+        let mut prices = BTreeMap::new();
+        for (tool, price) in &self.prices {
+            if !tools.contains_key(tool) {
+                return Err(CliError::Usage(format!(
+                    "--price names {tool:?}, which no --tool pins"
+                )));
+            }
+            if prices.insert(tool.clone(), price.clone()).is_some() {
+                return Err(CliError::Usage(format!("tool {tool:?} is priced twice")));
+            }
+        }
+        let client_requests: BTreeSet<ClientRequest> = self
+            .client_requests
+            .iter()
+            .map(|c| match c {
+                ClientRequestFlag::Sampling => ClientRequest::Sampling,
+                ClientRequestFlag::Elicitation => ClientRequest::Elicitation,
+                ClientRequestFlag::Roots => ClientRequest::Roots,
+            })
+            .collect();
         Ok(ServerSpec {
             id: self.id.clone(),
             name: self.name.clone().unwrap_or_else(|| self.id.clone()),
@@ -154,6 +246,9 @@ impl ServerFlags {
             allow_debug: self.allow_debug,
             max_attestation_age_ms,
             tools,
+            assurance,
+            prices,
+            client_requests,
         })
     }
 }
@@ -361,5 +456,89 @@ mod tests {
         // https could never attest: the proxy's fetch client has no TLS.
         bad_endpoint.endpoint = "https://127.0.0.1:7401".into();
         assert!(bad_endpoint.spec().is_err());
+    }
+
+    #[test]
+    fn builds_a_plain_server_with_prices_and_client_requests() {
+        let tool = format!("echo={}", hex::encode([9u8; 32]));
+        let spec = args(&[
+            "--assurance",
+            "none",
+            "--tool",
+            &tool,
+            "--price",
+            "echo=250:credits",
+            "--client-request",
+            "roots",
+            "--client-request",
+            "sampling",
+        ])
+        .unwrap()
+        .spec()
+        .unwrap();
+        assert_eq!(spec.assurance, Assurance::None);
+        assert!(spec.pcrs.is_empty());
+        assert_eq!(
+            spec.prices.get("echo"),
+            Some(&Price {
+                amount: 250,
+                asset: "credits".into()
+            })
+        );
+        assert_eq!(
+            spec.client_requests,
+            [ClientRequest::Roots, ClientRequest::Sampling].into()
+        );
+        // The default is nitro, with no client requests and no prices.
+        let pcr0 = format!("0={}", hex::encode([1u8; 48]));
+        let nitro = args(&["--pcr", &pcr0]).unwrap().spec().unwrap();
+        assert_eq!(nitro.assurance, Assurance::Nitro);
+        assert!(nitro.client_requests.is_empty() && nitro.prices.is_empty());
+    }
+
+    #[test]
+    fn refuses_plain_servers_with_pcrs_and_prices_of_unpinned_tools() {
+        let pcr0 = format!("0={}", hex::encode([1u8; 48]));
+        let tool = format!("echo={}", hex::encode([9u8; 32]));
+        // A plain server with PCRs, or allowed debug: there is nothing to attest.
+        assert!(
+            args(&["--assurance", "none", "--pcr", &pcr0])
+                .unwrap()
+                .spec()
+                .is_err()
+        );
+        assert!(
+            args(&["--assurance", "none", "--allow-debug"])
+                .unwrap()
+                .spec()
+                .is_err()
+        );
+        // An unknown assurance level, client request, or a malformed price.
+        assert!(args(&["--assurance", "webpki"]).is_err());
+        assert!(args(&["--client-request", "resources"]).is_err());
+        assert!(args(&["--price", "echo=-1:credits"]).is_err());
+        assert!(args(&["--price", "echo=1"]).is_err());
+        // A price for a tool no --tool pins, or priced twice.
+        assert!(
+            args(&["--assurance", "none", "--price", "echo=1:credits"])
+                .unwrap()
+                .spec()
+                .is_err()
+        );
+        assert!(
+            args(&[
+                "--assurance",
+                "none",
+                "--tool",
+                &tool,
+                "--price",
+                "echo=1:credits",
+                "--price",
+                "echo=2:credits"
+            ])
+            .unwrap()
+            .spec()
+            .is_err()
+        );
     }
 }

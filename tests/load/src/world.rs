@@ -104,6 +104,9 @@ impl World {
                 Digest32(Sha256::digest(b"{\"name\":\"forecast\"}").into()),
             )]
             .into(),
+            assurance: attestplane_verifier::admin::Assurance::Nitro,
+            prices: Default::default(),
+            client_requests: Default::default(),
         })
     }
 

@@ -35,6 +35,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
 use thiserror::Error;
 
 /// Milliseconds in a minute.
@@ -47,7 +48,8 @@ pub const MAX_LIMIT_RULES: usize = 256;
 pub const MAX_ASSET_LEN: usize = 64;
 
 /// What a limit is counted per.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ScopeKind {
     /// Per tenant.
     Tenant,
@@ -154,7 +156,7 @@ pub enum LimitError {
 }
 
 /// A rate limit: `rate_per_minute` calls a minute per key of `scope`, up to `burst` at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct RateLimit {
     /// What it counts per.
     pub scope: ScopeKind,
@@ -326,7 +328,7 @@ pub fn decide_rate(
 }
 
 /// A spend cap: at most `cap` atomic units of `asset` per `window_ms` per key of `scope`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SpendCap {
     /// What it counts per.
     pub scope: ScopeKind,
@@ -339,7 +341,7 @@ pub struct SpendCap {
 }
 
 /// A call's quoted price: the most it may cost.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Price {
     /// Atomic units.
     pub amount: u64,

@@ -42,7 +42,16 @@ use thiserror::Error;
 
 use super::jcs::{self, JcsError};
 use super::json::{self, Value};
-use crate::admin::Digest32;
+
+/// A SHA-256 digest (a tool's pin) that serialises as hex.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Digest32(pub [u8; 32]);
+
+impl serde::Serialize for Digest32 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
 
 /// The domain tag hashed before a tool's canonical JSON.
 pub const TOOL_DIGEST_DOMAIN: &str = "attestplane/tool/v1";
