@@ -111,7 +111,7 @@ fn main() -> ExitCode {
                     origin: c.origin,
                     genesis: c.genesis,
                 };
-                cli::run(command, &context).await
+                Ok(cli::run(command, &context).await)
             }
         }
     });

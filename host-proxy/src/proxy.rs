@@ -99,27 +99,72 @@ pub struct ProxyConfig {
     pub mcp: Option<RelayConfig>,
 }
 
+/// Why the proxy's settings (flags over the file over defaults) are unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required setting has no value.
+    #[error("no {what}: give {flag}")]
+    Missing {
+        /// What is missing.
+        what: &'static str,
+        /// The flag that gives it.
+        flag: &'static str,
+    },
+    /// A setting's value is not of its kind or out of its range.
+    #[error("{flag} {value:?}: {problem}")]
+    Invalid {
+        /// The flag (or the file's key of the same name).
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The MCP data path's settings given in part.
+    #[error(
+        "the MCP data path needs both --enclave-mcp and --dial-listen (and --mcp-listen means \
+         nothing without them)"
+    )]
+    IncompleteMcpPath,
+}
+
+fn invalid(flag: &'static str, value: &str, problem: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        value: value.to_owned(),
+        problem: problem.to_string(),
+    }
+}
+
 impl ProxyConfig {
     /// Flags over the file over defaults.
-    pub fn resolve(args: ProxyArgs, file: &ProxySection) -> Result<ProxyConfig> {
+    pub fn resolve(args: ProxyArgs, file: &ProxySection) -> Result<ProxyConfig, ConfigError> {
         let mcp = resolve_mcp(&args.mcp_flags(), file)?;
-        let enclave = args.enclave.or_else(|| file.enclave.clone()).context(
-            "no enclave address: give --enclave (vsock:CID:PORT, unix:PATH or tcp:IP:PORT)",
-        )?;
+        let enclave =
+            args.enclave
+                .or_else(|| file.enclave.clone())
+                .ok_or(ConfigError::Missing {
+                    what: "enclave address",
+                    flag: "--enclave (vsock:CID:PORT, unix:PATH or tcp:IP:PORT)",
+                })?;
         let enclave: Address = enclave
             .parse()
-            .map_err(|e| anyhow::anyhow!("--enclave: {e}"))?;
+            .map_err(|e| invalid("--enclave", &enclave, e))?;
         let listen = args
             .listen
             .or_else(|| file.listen.clone())
             .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen: SocketAddr = listen
             .parse()
-            .with_context(|| format!("--listen {listen:?} is not IP:PORT"))?;
-        let data_dir = args
-            .data_dir
-            .or_else(|| file.data_dir.clone())
-            .context("no data directory: give --data-dir")?;
+            .map_err(|_| invalid("--listen", &listen, "is not IP:PORT"))?;
+        let data_dir =
+            args.data_dir
+                .or_else(|| file.data_dir.clone())
+                .ok_or(ConfigError::Missing {
+                    what: "data directory",
+                    flag: "--data-dir",
+                })?;
         let keys = if args.genesis_admin_keys.is_empty() {
             file.genesis_admin_keys.clone().unwrap_or_default()
         } else {
@@ -128,13 +173,13 @@ impl ProxyConfig {
         let genesis_admin_keys = keys
             .iter()
             .map(|k| parse_key(k))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let request_timeout = match args
             .request_timeout
             .or_else(|| file.request_timeout.clone())
         {
             Some(t) => humantime::parse_duration(&t)
-                .with_context(|| format!("request timeout {t:?} is not a duration"))?,
+                .map_err(|e| invalid("--request-timeout", &t, format!("not a duration: {e}")))?,
             None => DEFAULT_REQUEST_TIMEOUT,
         };
         let connections = args
@@ -142,7 +187,11 @@ impl ProxyConfig {
             .or(file.connections)
             .unwrap_or(DEFAULT_CONNECTIONS);
         if !(1..=64).contains(&connections) {
-            bail!("--connections must be between 1 and 64");
+            return Err(invalid(
+                "--connections",
+                &connections.to_string(),
+                "must be between 1 and 64",
+            ));
         }
         Ok(ProxyConfig {
             mcp,
@@ -183,7 +232,7 @@ impl ProxyArgs {
 
 /// The relays' configuration: flags over the file over defaults; `None` when the data path is
 /// off (no enclave MCP address).
-fn resolve_mcp(flags: &McpFlags, file: &ProxySection) -> Result<Option<RelayConfig>> {
+fn resolve_mcp(flags: &McpFlags, file: &ProxySection) -> Result<Option<RelayConfig>, ConfigError> {
     let enclave_mcp = flags
         .enclave_mcp
         .clone()
@@ -196,25 +245,22 @@ fn resolve_mcp(flags: &McpFlags, file: &ProxySection) -> Result<Option<RelayConf
     let (enclave_mcp, dial_listen) = match (enclave_mcp, dial_listen) {
         (Some(e), Some(d)) => (e, d),
         (None, None) if mcp_listen.is_none() => return Ok(None),
-        _ => bail!(
-            "the MCP data path needs both --enclave-mcp and --dial-listen (and --mcp-listen \
-             means nothing without them)"
-        ),
+        _ => return Err(ConfigError::IncompleteMcpPath),
     };
     let enclave_mcp: Address = enclave_mcp
         .parse()
-        .map_err(|e| anyhow::anyhow!("--enclave-mcp: {e}"))?;
+        .map_err(|e| invalid("--enclave-mcp", &enclave_mcp, e))?;
     let dial_listen: Address = dial_listen
         .parse()
-        .map_err(|e| anyhow::anyhow!("--dial-listen: {e}"))?;
+        .map_err(|e| invalid("--dial-listen", &dial_listen, e))?;
     let mcp_listen = mcp_listen.unwrap_or_else(|| DEFAULT_MCP_LISTEN.to_owned());
     let mcp_listen: SocketAddr = mcp_listen
         .parse()
-        .with_context(|| format!("--mcp-listen {mcp_listen:?} is not IP:PORT"))?;
+        .map_err(|_| invalid("--mcp-listen", &mcp_listen, "is not IP:PORT"))?;
     let mut limits = RelayLimits::default();
     if let Some(n) = flags.max_connections.or(file.max_mcp_connections) {
         if n == 0 {
-            bail!("--max-mcp-connections must be at least 1");
+            return Err(invalid("--max-mcp-connections", "0", "must be at least 1"));
         }
         limits.max_agent_connections = n;
         limits.max_upstream_connections = n;
@@ -225,7 +271,7 @@ fn resolve_mcp(flags: &McpFlags, file: &ProxySection) -> Result<Option<RelayConf
         .or_else(|| file.mcp_idle_timeout.clone())
     {
         limits.idle_timeout = humantime::parse_duration(&t)
-            .with_context(|| format!("MCP idle timeout {t:?} is not a duration"))?;
+            .map_err(|e| invalid("--mcp-idle-timeout", &t, format!("not a duration: {e}")))?;
     }
     Ok(Some(RelayConfig {
         mcp_listen,
@@ -235,15 +281,15 @@ fn resolve_mcp(flags: &McpFlags, file: &ProxySection) -> Result<Option<RelayConf
     }))
 }
 
-/// A hex Ed25519 public key.
-pub fn parse_key(hex_key: &str) -> Result<[u8; 32]> {
-    let bytes =
-        hex::decode(hex_key.trim()).with_context(|| format!("admin key {hex_key:?} is not hex"))?;
+/// A hex Ed25519 public key (a genesis admin key).
+pub fn parse_key(hex_key: &str) -> Result<[u8; 32], ConfigError> {
+    let flag = "--genesis-admin-key";
+    let bytes = hex::decode(hex_key.trim()).map_err(|_| invalid(flag, hex_key, "is not hex"))?;
     let key: [u8; 32] = bytes
         .try_into()
-        .map_err(|_| anyhow::anyhow!("admin key {hex_key:?} is not 32 bytes"))?;
+        .map_err(|_| invalid(flag, hex_key, "is not 32 bytes"))?;
     ed25519_dalek::VerifyingKey::from_bytes(&key)
-        .with_context(|| format!("admin key {hex_key:?} is not an Ed25519 public key"))?;
+        .map_err(|_| invalid(flag, hex_key, "is not an Ed25519 public key"))?;
     Ok(key)
 }
 

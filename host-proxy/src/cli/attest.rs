@@ -160,7 +160,7 @@ pub async fn attested_control_plane(
     let mut nonce = [0u8; 32];
     OsRng
         .try_fill_bytes(&mut nonce)
-        .map_err(|e| CliError::Io(anyhow::anyhow!("no randomness from the OS: {e}")))?;
+        .map_err(|e| CliError::Io(format!("no randomness from the OS: {e}")))?;
     let answer: EnclaveAttestation = api
         .get_json(
             &["v1", "attestation"],
@@ -175,7 +175,7 @@ pub async fn attested_control_plane(
     let jwks_json = match answer.jwks {
         serde_json::Value::String(text) => text.into_bytes(),
         other => serde_json::to_vec(&other)
-            .map_err(|e| CliError::Io(anyhow::anyhow!("cannot re-encode the JWKS: {e}")))?,
+            .map_err(|e| CliError::Io(format!("cannot re-encode the JWKS: {e}")))?,
     };
     verify_control_plane(&document, &jwks_json, trust, &nonce, now())
 }

@@ -172,7 +172,7 @@ pub async fn run(command: DeploymentCommand, context: &ClientContext) -> CliResu
 
 /// Writes `deployment` into the `[client]` table of the configuration file at `path`.
 pub fn pin_in_file(path: &Path, deployment: &Deployment) -> CliResult {
-    let io = |e: std::io::Error| CliError::Io(anyhow::anyhow!("{}: {e}", path.display()));
+    let io = |e: std::io::Error| CliError::Io(format!("{}: {e}", path.display()));
     let text = std::fs::read_to_string(path).map_err(io)?;
     let new = pin_in_text(&text, deployment)
         .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;

@@ -72,7 +72,7 @@ impl Api {
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("attestplane/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| CliError::Io(anyhow::anyhow!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| CliError::Io(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self { base, client })
     }
 
@@ -147,14 +147,14 @@ impl Api {
         if let Some(len) = response.content_length()
             && len > limit as u64
         {
-            return Err(CliError::Io(anyhow::anyhow!(
+            return Err(CliError::Io(format!(
                 "the proxy's answer is {len} bytes, more than the limit of {limit}"
             )));
         }
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| self.transport(e))? {
             if body.len().saturating_add(chunk.len()) > limit {
-                return Err(CliError::Io(anyhow::anyhow!(
+                return Err(CliError::Io(format!(
                     "the proxy's answer is more than the limit of {limit} bytes"
                 )));
             }
@@ -190,7 +190,7 @@ impl Api {
         } else {
             format!(": {detail}")
         };
-        CliError::Io(anyhow::anyhow!(
+        CliError::Io(format!(
             "{what} talking to the proxy at {}{detail}",
             self.base
         ))
@@ -198,11 +198,8 @@ impl Api {
 }
 
 fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, CliError> {
-    serde_json::from_slice(body).map_err(|e| {
-        CliError::Io(anyhow::anyhow!(
-            "the proxy's answer is not the expected JSON: {e}"
-        ))
-    })
+    serde_json::from_slice(body)
+        .map_err(|e| CliError::Io(format!("the proxy's answer is not the expected JSON: {e}")))
 }
 
 /// Decodes an error answer; a body not in the API's shape becomes `http_<status>`.

@@ -95,7 +95,7 @@ pub fn generate() -> CliResult<SigningKey> {
     let mut secret = [0u8; 32];
     OsRng
         .try_fill_bytes(&mut secret)
-        .map_err(|e| CliError::Io(anyhow::anyhow!("no randomness from the OS: {e}")))?;
+        .map_err(|e| CliError::Io(format!("no randomness from the OS: {e}")))?;
     let key = SigningKey::from_bytes(&secret);
     secret.fill(0);
     Ok(key)
@@ -128,7 +128,7 @@ pub fn write_new_private(path: &Path, bytes: &[u8]) -> CliResult {
                 path.display()
             ))
         } else {
-            CliError::Io(anyhow::anyhow!("cannot write {}: {e}", path.display()))
+            CliError::Io(format!("cannot write {}: {e}", path.display()))
         }
     };
     let mut file = options.open(path).map_err(io)?;
@@ -139,8 +139,7 @@ pub fn write_new_private(path: &Path, bytes: &[u8]) -> CliResult {
 
 /// Writes `bytes` to `path` with mode 0600, replacing an existing file (tokens, handles).
 pub fn write_private(path: &Path, bytes: &[u8]) -> CliResult {
-    let io =
-        |e: std::io::Error| CliError::Io(anyhow::anyhow!("cannot write {}: {e}", path.display()));
+    let io = |e: std::io::Error| CliError::Io(format!("cannot write {}: {e}", path.display()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -163,8 +162,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> CliResult {
 
 /// Reads a hex Ed25519 secret key file. Warns (on stderr) when others may read it.
 pub fn read_secret_key(path: &Path) -> CliResult<SigningKey> {
-    let io =
-        |e: std::io::Error| CliError::Io(anyhow::anyhow!("cannot read {}: {e}", path.display()));
+    let io = |e: std::io::Error| CliError::Io(format!("cannot read {}: {e}", path.display()));
     let file = std::fs::File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     #[cfg(unix)]

@@ -198,9 +198,8 @@ async fn export(
         );
     }
     let partial = partial_name(out);
-    let io = |p: &Path, e: std::io::Error| {
-        CliError::Io(anyhow::anyhow!("cannot write {}: {e}", p.display()))
-    };
+    let io =
+        |p: &Path, e: std::io::Error| CliError::Io(format!("cannot write {}: {e}", p.display()));
     let mut file = std::fs::File::create(&partial).map_err(|e| io(&partial, e))?;
     let mut next = 0u64;
     let mut bytes_written = 0u64;

@@ -140,8 +140,8 @@ pub enum ClientCommand {
 }
 
 /// Runs one client command; the returned code is the process's exit code (0 success, 1 refused
-/// or failed verification, 2 usage or I/O error).
-pub async fn run(command: ClientCommand, context: &ClientContext) -> anyhow::Result<u8> {
+/// or failed verification, 2 usage or I/O error). A failure is reported on stderr here.
+pub async fn run(command: ClientCommand, context: &ClientContext) -> u8 {
     let result = match command {
         ClientCommand::Keys(c) => keys::run(c, context).await,
         ClientCommand::Servers(c) => servers::run(c, context).await,
@@ -156,11 +156,10 @@ pub async fn run(command: ClientCommand, context: &ClientContext) -> anyhow::Res
         ClientCommand::Limits(c) => limits::run(c, context).await,
     };
     match result {
-        Ok(()) => Ok(0),
-        Err(CliError::Closed) => Ok(0),
+        Ok(()) | Err(CliError::Closed) => 0,
         Err(e) => {
             eprintln!("error: {e}");
-            Ok(e.exit_code())
+            e.exit_code()
         }
     }
 }
@@ -192,9 +191,10 @@ pub enum CliError {
     /// Stdout was closed by the reader (exit 0, nothing printed).
     #[error("stdout closed")]
     Closed,
-    /// I/O, transport or an answer of the wrong shape (exit 2).
-    #[error("{0:#}")]
-    Io(#[from] anyhow::Error),
+    /// I/O, transport or an answer of the wrong shape (exit 2): what failed, with the
+    /// underlying error's text.
+    #[error("{0}")]
+    Io(String),
 }
 
 fn seq_suffix(seq: Option<u64>) -> String {
@@ -237,7 +237,7 @@ pub fn rfc3339(t: UnixMillis) -> String {
 /// Prints a JSON value on stdout.
 pub fn print_json(value: &serde_json::Value) -> CliResult {
     let text = serde_json::to_string_pretty(value)
-        .map_err(|e| CliError::Io(anyhow::anyhow!("cannot encode JSON output: {e}")))?;
+        .map_err(|e| CliError::Io(format!("cannot encode JSON output: {e}")))?;
     outln!("{text}");
     Ok(())
 }
@@ -250,15 +250,14 @@ pub fn write_out(args: std::fmt::Arguments<'_>) -> CliResult {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             CliError::Closed
         } else {
-            CliError::Io(anyhow::anyhow!("cannot write to stdout: {e}"))
+            CliError::Io(format!("cannot write to stdout: {e}"))
         }
     })
 }
 
 /// Reads a whole file of at most `max` bytes.
 pub fn read_file(path: &Path, max: u64) -> CliResult<Vec<u8>> {
-    let io =
-        |e: std::io::Error| CliError::Io(anyhow::anyhow!("cannot read {}: {e}", path.display()));
+    let io = |e: std::io::Error| CliError::Io(format!("cannot read {}: {e}", path.display()));
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > max {
         return Err(CliError::Usage(format!(
@@ -312,7 +311,7 @@ mod tests {
         assert_eq!(api(503).exit_code(), 2);
         assert_eq!(CliError::Failed("bad".into()).exit_code(), 1);
         assert_eq!(CliError::Usage("bad".into()).exit_code(), 2);
-        assert_eq!(CliError::Io(anyhow::anyhow!("bad")).exit_code(), 2);
+        assert_eq!(CliError::Io("bad".to_owned()).exit_code(), 2);
         assert_eq!(CliError::Closed.exit_code(), 0);
     }
 

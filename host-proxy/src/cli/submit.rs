@@ -151,7 +151,7 @@ pub fn sign_admin(
     let mut nonce = [0u8; 16];
     OsRng
         .try_fill_bytes(&mut nonce)
-        .map_err(|e| CliError::Io(anyhow::anyhow!("no randomness from the OS: {e}")))?;
+        .map_err(|e| CliError::Io(format!("no randomness from the OS: {e}")))?;
     let bytes = AdminRequest {
         time,
         nonce,
