@@ -224,6 +224,17 @@ async fn stack(modern: bool) -> Stack {
 
 /// [`stack`] with `extra` policies added to the set.
 async fn stack_with(modern: bool, extra: &str) -> Stack {
+    stack_full(modern, extra, &[], None).await
+}
+
+/// [`stack_with`], with `prices` (tool, amount, asset) in the registration and `limits` (a
+/// `set_limits` act) applied after setup.
+async fn stack_full(
+    modern: bool,
+    extra: &str,
+    prices: &[(&str, u64, &str)],
+    limits: Option<attestplane_verifier::admin::AdminAction>,
+) -> Stack {
     let admin = Admin::new(1);
     let mut server = McpServer::new("weather", "acme", 1);
     let pins: BTreeMap<String, Digest32> = [ADD, ECHO]
@@ -234,12 +245,24 @@ async fn stack_with(modern: bool, extra: &str) -> Stack {
         })
         .collect();
     server.spec.tools = pins;
+    for (tool, amount, asset) in prices {
+        server.spec.prices.insert(
+            (*tool).to_owned(),
+            attestplane_verifier::gateway::limits::Price {
+                amount: *amount,
+                asset: (*asset).to_owned(),
+            },
+        );
+    }
     let idp = Idp::new(40, "https://idp.acme.example");
     let mut h = Harness::new(&[&admin]);
     let policy = format!(
         "{STARTER_POLICY}\n@id(\"no-echo\")\nforbid (principal, action == Attestplane::Action::\"call\", resource == Attestplane::Tool::\"weather/echo\");\n{extra}"
     );
     h.setup(&admin, &[&server], &policy, &idp);
+    if let Some(limits) = limits {
+        h.admin_ok(&admin, limits);
+    }
     let _ = h.attest(&server);
     let now = h.now;
     let store = Arc::new(Mutex::new(h.store.clone()));
@@ -891,5 +914,93 @@ async fn argument_policies_decide_on_the_arguments_and_replay_from_their_logged_
     );
     let d = decision_at(&s, before + 2);
     assert_eq!(d.call.unwrap().arguments.as_deref(), Some(r#"{"a":1000}"#));
+    replays(&s);
+}
+
+fn reason_of(s: &Stack, index: usize) -> Option<attestplane_verifier::reason::Reason> {
+    decision_at(s, index).reason
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_the_rate_limit_is_refused_logged_and_never_reaches_the_server() {
+    use attestplane_verifier::admin::AdminAction;
+    use attestplane_verifier::gateway::limits::{RateLimit, ScopeKind};
+    let limits = AdminAction::SetLimits {
+        rates: vec![RateLimit {
+            scope: ScopeKind::Agent,
+            rate_per_minute: 6,
+            burst: 2,
+        }],
+        spends: vec![],
+    };
+    let s = stack_full(true, "", &[], Some(limits)).await;
+    let token = s.token("weather", &["tool-user"]);
+    let before = s.entries().len();
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let (status, body) = s
+            .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        answers.push(body.contains(r#""result""#));
+    }
+    // The enclave's clock stands still here: a burst of 2, then nothing until the GCRA
+    // interval (10 s at 6 a minute) passes.
+    assert_eq!(answers, [true, true, false, false]);
+    assert_eq!(calls(&s), 2, "refused calls never reached the server");
+    let refused: Vec<_> = s.entries()[before..]
+        .iter()
+        .filter_map(|e| match e {
+            Event::Decision(d) if !d.allowed => d.reason.clone(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            attestplane_verifier::reason::Reason::RateLimited {
+                scope: "agent".into()
+            };
+            2
+        ]
+    );
+    // The verifier replays the GCRA state from the logged times and agrees on every verdict.
+    replays(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_over_the_cap_is_refused_and_each_allowed_call_logs_its_price() {
+    use attestplane_verifier::admin::AdminAction;
+    use attestplane_verifier::gateway::limits::{ScopeKind, SpendCap};
+    let limits = AdminAction::SetLimits {
+        rates: vec![],
+        spends: vec![SpendCap {
+            scope: ScopeKind::Tenant,
+            asset: "USDC".into(),
+            cap: 100,
+            window_ms: 3_600_000,
+        }],
+    };
+    let s = stack_full(true, "", &[("add", 40, "USDC")], Some(limits)).await;
+    let token = s.token("weather", &["tool-user"]);
+    let before = s.entries().len();
+    for expected in [true, true, false] {
+        let (status, body) = s
+            .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body.contains(r#""result""#), expected, "{body}");
+    }
+    assert_eq!(calls(&s), 2);
+    let first = decision_at(&s, before).call.unwrap();
+    let price = first.price.unwrap();
+    assert_eq!((price.amount, price.asset.as_str()), (40, "USDC"));
+    assert_eq!(
+        reason_of(&s, before + 4),
+        Some(attestplane_verifier::reason::Reason::SpendCapReached {
+            scope: "tenant".into(),
+            asset: "USDC".into()
+        })
+    );
     replays(&s);
 }

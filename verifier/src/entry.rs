@@ -265,6 +265,18 @@ pub struct CallRecord {
     pub arguments: Option<String>,
     /// PII found in the arguments as the agent sent them, and the call's rule.
     pub pii: PiiRecord,
+    /// The tool's price in the registration, reserved against the spend caps (`None`: the
+    /// tool has no price). Set on allowed calls only.
+    pub price: Option<PriceRecord>,
+}
+
+/// A call's price: atomic units of an asset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriceRecord {
+    /// Atomic units.
+    pub amount: u64,
+    /// The asset (e.g. `USDC`).
+    pub asset: String,
 }
 
 /// PII findings in one direction of a call: how many of each kind, never the values (nor
@@ -403,6 +415,15 @@ impl Event {
                             ("definition", Value::Bytes(c.definition.to_vec())),
                             ("arguments", opt_text(&c.arguments)),
                             ("pii", pii_to_value(&c.pii)),
+                            (
+                                "price",
+                                c.price.as_ref().map_or(Value::Null, |p| {
+                                    map([
+                                        ("amount", uint(p.amount)),
+                                        ("asset", Value::Text(p.asset.clone())),
+                                    ])
+                                }),
+                            ),
                         ])
                     }),
                 ),
@@ -526,6 +547,18 @@ impl Event {
                             definition: c.array("definition")?,
                             arguments: c.opt_text("arguments")?,
                             pii: pii_from_value(c.take("pii")?)?,
+                            price: match c.take("price")? {
+                                Value::Null => None,
+                                v => {
+                                    let mut p = Fields::new(v, "price")?;
+                                    let price = PriceRecord {
+                                        amount: p.u64("amount")?,
+                                        asset: p.text("asset")?,
+                                    };
+                                    p.finish()?;
+                                    Some(price)
+                                }
+                            },
                         };
                         c.finish()?;
                         Some(record)

@@ -56,6 +56,18 @@ pub enum Reason {
     /// The call's arguments carry PII and the `@pii` rule of the permits that allowed it is
     /// `refuse`.
     PiiRefused,
+    /// The call is over a rate limit (GCRA) for this scope.
+    RateLimited {
+        /// `tenant`, `user`, `agent` or `tool`.
+        scope: String,
+    },
+    /// The call's price would take a spend cap's window over its cap.
+    SpendCapReached {
+        /// `tenant`, `user`, `agent` or `tool`.
+        scope: String,
+        /// The capped asset.
+        asset: String,
+    },
 
     // --- Admin requests.
     /// The request does not decode as an admin request.
@@ -158,6 +170,8 @@ impl Reason {
             Reason::NoPermit => "no_permit",
             Reason::Forbidden { .. } => "forbidden",
             Reason::PiiRefused => "pii_refused",
+            Reason::RateLimited { .. } => "rate_limited",
+            Reason::SpendCapReached { .. } => "spend_cap_reached",
             Reason::MalformedRequest => "malformed_request",
             Reason::UnknownAdminKey { .. } => "unknown_admin_key",
             Reason::BadAdminSignature { .. } => "bad_admin_signature",
@@ -245,6 +259,12 @@ impl Reason {
                 map([code, ("server", Value::Text(server.clone()))])
             }
             Reason::ToolNotPinned { tool } => map([code, ("tool", Value::Text(tool.clone()))]),
+            Reason::RateLimited { scope } => map([code, ("scope", Value::Text(scope.clone()))]),
+            Reason::SpendCapReached { scope, asset } => map([
+                code,
+                ("scope", Value::Text(scope.clone())),
+                ("asset", Value::Text(asset.clone())),
+            ]),
             Reason::Forbidden { policies } => map([code, ("policies", texts(policies))]),
             Reason::UnknownAdminKey { kid } | Reason::BadAdminSignature { kid } => {
                 map([code, ("kid", Value::Bytes(kid.as_bytes().to_vec()))])
@@ -276,6 +296,13 @@ impl Reason {
                 policies: f.texts("policies")?,
             },
             "pii_refused" => Reason::PiiRefused,
+            "rate_limited" => Reason::RateLimited {
+                scope: f.text("scope")?,
+            },
+            "spend_cap_reached" => Reason::SpendCapReached {
+                scope: f.text("scope")?,
+                asset: f.text("asset")?,
+            },
             "malformed_request" => Reason::MalformedRequest,
             "unknown_admin_key" => Reason::UnknownAdminKey {
                 kid: KeyId::from_bytes(f.array("kid")?),
@@ -344,6 +371,10 @@ impl fmt::Display for Reason {
             }
             Reason::PiiRefused => {
                 f.write_str("the arguments carry PII and the policy's rule refuses it")
+            }
+            Reason::RateLimited { scope } => write!(f, "over the {scope} rate limit"),
+            Reason::SpendCapReached { scope, asset } => {
+                write!(f, "the {scope} spend cap for {asset} is reached")
             }
             Reason::MalformedRequest => f.write_str("not a well-formed admin request"),
             Reason::UnknownAdminKey { kid } => {
@@ -433,6 +464,13 @@ mod tests {
                 policies: vec!["p0".into(), "p1".into()],
             },
             Reason::PiiRefused,
+            Reason::RateLimited {
+                scope: "agent".into(),
+            },
+            Reason::SpendCapReached {
+                scope: "tenant".into(),
+                asset: "USDC".into(),
+            },
             Reason::MalformedRequest,
             Reason::UnknownAdminKey {
                 kid: KeyId::from_bytes([1; 32]),

@@ -59,7 +59,11 @@ use crate::attestation::{AttestationVerifier, Expectations, Pcr, PcrIndex, Trust
 use crate::cbor::{self, uint};
 use crate::entry::{
     AttestationFactsRecord, AttestationRecord, CallRecord, DecisionRecord, Entry, EntryHash, Event,
-    HandleRecord, PiiRecord, PrincipalRecord,
+    HandleRecord, PiiRecord, PriceRecord, PrincipalRecord,
+};
+use crate::gateway::limits::{
+    CallScope, RateDecision, RateOutcome, RateState, SpendDecision, SpendOutcome, SpendState,
+    decide_rate, reserve,
 };
 use crate::handle::Jwks;
 use crate::log::VerifiedEntry;
@@ -197,6 +201,11 @@ pub struct State {
     genesis: Option<(Vec<[u8; 32]>, bool)>,
     rate_limits: Vec<RateLimit>,
     spend_caps: Vec<SpendCap>,
+    /// GCRA state of the rate limits, driven by the gateway's allowed calls at their entries'
+    /// times.
+    rate_state: RateState,
+    /// Spend of the spend caps' windows, driven likewise.
+    spend_state: SpendState,
     servers: BTreeMap<String, ServerState>,
     policy: PolicyEngine,
     providers: BTreeMap<String, (IdentityProviderSpec, Jwks)>,
@@ -354,6 +363,8 @@ impl State {
             genesis: None,
             rate_limits: Vec::new(),
             spend_caps: Vec::new(),
+            rate_state: RateState::default(),
+            spend_state: SpendState::default(),
             servers: BTreeMap::new(),
             policy: PolicyEngine::deny_all(),
             providers: BTreeMap::new(),
@@ -670,6 +681,42 @@ impl State {
             }
             !q.is_empty()
         });
+        // Keys whose state equals "never seen" are dropped: memory stays flat, and no decision
+        // changes (the kernel's property).
+        self.rate_state.prune(now.as_millis());
+        self.spend_state.prune(now.as_millis(), &self.spend_caps);
+    }
+
+    /// Whom and what a gateway call counts against.
+    fn call_scope(principal: &PrincipalRecord, server: &str, tool: &str) -> CallScope {
+        CallScope {
+            tenant: principal.tenant.clone(),
+            user: principal.user.clone(),
+            agent: principal.agent.clone(),
+            server: server.to_owned(),
+            tool: tool.to_owned(),
+        }
+    }
+
+    /// The rate and spend outcomes of a gateway call at `now` against the limits in force.
+    fn limit_outcomes(
+        &self,
+        principal: &PrincipalRecord,
+        server: &ServerState,
+        tool: &str,
+        now: UnixMillis,
+    ) -> (RateOutcome, SpendOutcome) {
+        let scope = Self::call_scope(principal, &server.spec.id, tool);
+        let at = now.as_millis();
+        let rate = decide_rate(&self.rate_state, at, &self.rate_limits, &scope);
+        let spend = reserve(
+            &self.spend_state,
+            at,
+            &self.spend_caps,
+            &scope,
+            server.spec.prices.get(tool),
+        );
+        (rate, spend)
     }
 
     /// Verifies a server's attestation document at `now` against its registration: root,
@@ -820,6 +867,7 @@ impl State {
                 action: PiiAction::DEFAULT.as_str().to_owned(),
                 counts: pii.clone(),
             },
+            price: None,
         };
         Ok(self.decide_with(
             principal,
@@ -920,14 +968,41 @@ impl State {
         let decision = self.policy.decide(&req);
         record.allowed = decision.allowed;
         record.policies = decision.policies;
-        if decision.allowed
-            && let Some(c) = record.call.as_mut()
-        {
+        if decision.allowed && record.call.is_some() {
             let rule = self.policy.pii_action(&record.policies);
-            c.pii.action = rule.as_str().to_owned();
-            if rule == PiiAction::Refuse && !c.pii.counts.is_empty() {
+            let mut found = false;
+            if let Some(c) = record.call.as_mut() {
+                c.pii.action = rule.as_str().to_owned();
+                found = !c.pii.counts.is_empty();
+            }
+            let refusal = if rule == PiiAction::Refuse && found {
+                Some(Reason::PiiRefused)
+            } else {
+                // Limits last: a call the policy refuses spends nothing.
+                let tool = tool.unwrap_or_default();
+                let (rate, spend) = self.limit_outcomes(principal, server, tool, now);
+                match (rate.decision, spend.decision) {
+                    (RateDecision::Limited { key, .. }, _) => Some(Reason::RateLimited {
+                        scope: key.kind.as_str().to_owned(),
+                    }),
+                    (_, SpendDecision::OverCap { key, .. }) => Some(Reason::SpendCapReached {
+                        scope: key.key.kind.as_str().to_owned(),
+                        asset: key.asset,
+                    }),
+                    _ => {
+                        if let Some(c) = record.call.as_mut() {
+                            c.price = server.spec.prices.get(tool).map(|p| PriceRecord {
+                                amount: p.amount,
+                                asset: p.asset.clone(),
+                            });
+                        }
+                        None
+                    }
+                }
+            };
+            if let Some(reason) = refusal {
                 record.allowed = false;
-                record.reason = Some(Reason::PiiRefused);
+                record.reason = Some(reason);
                 return record;
             }
         }
@@ -1111,6 +1186,17 @@ impl State {
                         .entry(rec.principal.agent.clone())
                         .or_default()
                         .push_back(now);
+                    // A gateway call counts against the limits in force, at its entry's time:
+                    // the same arithmetic the decision ran, so the state after it is the one
+                    // the next decision (live or replayed) sees.
+                    if rec.call.is_some()
+                        && let (Some(server), Some(tool)) =
+                            (self.servers.get(&rec.server), rec.tool.as_deref())
+                    {
+                        let (rate, spend) = self.limit_outcomes(&rec.principal, server, tool, now);
+                        self.rate_state.apply(&rate);
+                        self.spend_state.apply(&spend.updates);
+                    }
                 }
             }
             Event::Discovery { principal, servers } => {
@@ -1254,6 +1340,16 @@ fn compare_decision(
     let rule = |d: &DecisionRecord| d.call.as_ref().map(|c| c.pii.action.clone());
     if rule(logged) != rule(replayed) {
         return mismatch("pii rule", rule(logged).into(), rule(replayed).into());
+    }
+    let price = |d: &DecisionRecord| {
+        d.call
+            .as_ref()
+            .and_then(|c| c.price.as_ref())
+            .map(|p| json!({ "amount": p.amount, "asset": p.asset }))
+            .unwrap_or(J::Null)
+    };
+    if price(logged) != price(replayed) {
+        return mismatch("price", price(logged), price(replayed));
     }
     match (&logged.handle, &replayed.handle) {
         (None, None) => Ok(()),

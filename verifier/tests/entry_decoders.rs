@@ -13,8 +13,8 @@ use attestplane_verifier::UnixMillis;
 use attestplane_verifier::cbor;
 use attestplane_verifier::entry::{
     AttestationFactsRecord, AttestationRecord, CallRecord, DecisionRecord, ENTRY_CONTENT_TYPE,
-    Entry, EntryError, EntryHash, Event, HandleRecord, KeyId, PiiRecord, PrincipalRecord,
-    SignedEntry,
+    Entry, EntryError, EntryHash, Event, HandleRecord, KeyId, PiiRecord, PriceRecord,
+    PrincipalRecord, SignedEntry,
 };
 use attestplane_verifier::reason::Reason;
 use ciborium::value::{Integer, Value};
@@ -84,14 +84,20 @@ fn pii() -> impl Strategy<Value = PiiRecord> {
 
 fn decision() -> impl Strategy<Value = Event> {
     let call = proptest::option::of(
-        (any::<[u8; 32]>(), any::<[u8; 32]>(), opt_text(), pii()).prop_map(
-            |(args, definition, arguments, pii)| CallRecord {
+        (
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            opt_text(),
+            pii(),
+            proptest::option::of((any::<u64>(), text())),
+        )
+            .prop_map(|(args, definition, arguments, pii, price)| CallRecord {
                 args,
                 definition,
                 arguments,
                 pii,
-            },
-        ),
+                price: price.map(|(amount, asset)| PriceRecord { amount, asset }),
+            }),
     );
     let facts = (
         any::<bool>(),
