@@ -195,8 +195,16 @@ fn encoder_bytes_equal_the_independent_known_answers() {
     let admin = SigningKey::from_bytes(&[0x07; 32]);
     let check = |name: &str, payload: Vec<u8>, signed: Vec<u8>| {
         let (want_payload, want_signed, want_hash) = kat(name);
-        assert_eq!(hex::encode(&payload), hex::encode(&want_payload), "{name}: payload");
-        assert_eq!(hex::encode(&signed), hex::encode(&want_signed), "{name}: signed bytes");
+        assert_eq!(
+            hex::encode(&payload),
+            hex::encode(&want_payload),
+            "{name}: payload"
+        );
+        assert_eq!(
+            hex::encode(&signed),
+            hex::encode(&want_signed),
+            "{name}: signed bytes"
+        );
         assert_eq!(EntryHash::of(&signed).to_hex(), want_hash, "{name}: hash");
     };
 
@@ -227,7 +235,11 @@ fn encoder_bytes_equal_the_independent_known_answers() {
         },
     );
     let genesis_bytes = genesis.sign(&kid, &epoch).unwrap();
-    check("genesis_entry", genesis.payload().unwrap(), genesis_bytes.clone());
+    check(
+        "genesis_entry",
+        genesis.payload().unwrap(),
+        genesis_bytes.clone(),
+    );
 
     let request = AdminRequest {
         time: UnixMillis::from_millis(1_700_000_000_002),
@@ -251,7 +263,11 @@ fn encoder_bytes_equal_the_independent_known_answers() {
         },
     };
     let request_bytes = request.sign(&admin.verifying_key(), &admin).unwrap();
-    check("admin_request", request.payload().unwrap(), request_bytes.clone());
+    check(
+        "admin_request",
+        request.payload().unwrap(),
+        request_bytes.clone(),
+    );
     let decoded = SignedAdminRequest::decode(&kat("admin_request").1).unwrap();
     assert_eq!(decoded.request(), &request);
     assert!(decoded.verify(&[admin.verifying_key()]).is_ok());
