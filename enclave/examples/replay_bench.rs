@@ -1028,6 +1028,10 @@ fn parent() {
             loadavg()
         );
     }
+    if std::env::args().any(|a| a == "--auditor") {
+        auditor(&g, &path, dir.path(), at_end);
+        return;
+    }
     drop(g.entries);
 
     let mut results = Vec::new();
@@ -1133,6 +1137,107 @@ fn parent() {
                 mib(field(f, "hwm_kb"))
             );
         }
+    }
+}
+
+/// `--auditor`: the real `attestplane-verify log` process (built next to this example:
+/// `cargo build --release -p attestplane-verifier --bin attestplane-verify`) over the whole
+/// file and over its first `SMALL_ENTRIES` entries, each under `/usr/bin/time -v` for its peak
+/// RSS, on 2 threads; against the streaming `LogVerifier` alone (signatures, links, epochs: the
+/// `verify` child) on the same file and threads, alternated, so that the ratio comes from one
+/// run on one machine state.
+fn auditor(g: &Generated, path: &Path, dir: &Path, at_end: UnixMillis) {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current exe: {e}"));
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("attestplane-verify"))
+        .filter(|b| b.is_file())
+        .unwrap_or_else(|| panic!("build attestplane-verify (release) next to this example"));
+    let nsm = enclave_nsm(at_end);
+    let root = dir.join("root.pem");
+    let server_root = dir.join("server-root.pem");
+    std::fs::write(&root, nsm.root_pem().unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        &server_root,
+        server_nsm().root_pem().unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let total = g.entries.len() as u64;
+    let small = SMALL_ENTRIES.min(total);
+    let small_path = dir.join("log-small.cbors");
+    std::fs::write(
+        &small_path,
+        g.entries
+            .iter()
+            .take(small as usize)
+            .flat_map(|e| e.iter().copied())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cli = |file: &Path| -> (f64, f64) {
+        let mut cmd = Command::new("/usr/bin/time");
+        cmd.arg("-v").arg(&bin).arg("log").arg(file);
+        for (i, p) in image_pcrs(&nsm) {
+            cmd.arg("--pcr").arg(format!("{}={}", i.get(), p.to_hex()));
+        }
+        let t = Instant::now();
+        let out = cmd
+            .arg("--root")
+            .arg(&root)
+            .arg("--server-root")
+            .arg(&server_root)
+            .arg("--at")
+            .arg(at_end.as_millis().to_string())
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap_or_else(|e| panic!("run attestplane-verify: {e}"));
+        let secs = t.elapsed().as_secs_f64();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "attestplane-verify failed:\n{stdout}\n{stderr}"
+        );
+        let kb: f64 = stderr
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("Maximum resident set size (kbytes): ")
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN);
+        (secs, kb)
+    };
+    eprintln!(
+        "\nauditor: attestplane-verify log (streamed, replay re-deciding everything) against the streaming LogVerifier alone, 2 threads:"
+    );
+    let mut ratios = Vec::new();
+    for round in 0..2 {
+        for (n, file) in [(total, path), (small, small_path.as_path())] {
+            let load = loadavg();
+            let v = run_child("verify", file, n, 2, g.end);
+            let (secs, kb) = cli(file);
+            let sig_rate = rate(&v);
+            let full_rate = n as f64 / secs;
+            eprintln!(
+                "  round {round}, {n} entries: signatures only (LogVerifier, in-process) {sig_rate:.0} entries/s; \
+                 attestplane-verify log (whole process: start, read, verify, replay) {secs:.2} s = {full_rate:.0} entries/s, \
+                 peak RSS {:.1} MiB; full / signatures-only = {:.2} (load {load} -> {})",
+                kb / 1024.0,
+                full_rate / sig_rate,
+                loadavg()
+            );
+            ratios.push((n, full_rate / sig_rate, kb / 1024.0));
+        }
+    }
+    for (n, ratio, mib) in ratios {
+        eprintln!(
+            "  summary {n} entries: full / signatures-only {ratio:.2} (target >= 0.7: {}), peak RSS {mib:.1} MiB (target <= 64: {})",
+            if ratio >= 0.7 { "pass" } else { "miss" },
+            if mib <= 64.0 { "pass" } else { "miss" },
+        );
     }
 }
 

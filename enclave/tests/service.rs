@@ -2038,6 +2038,35 @@ fn foreign_image_epoch_is_re_decided_at_boot() {
     );
 }
 
+#[test]
+fn replay_re_decides_a_forged_decision_on_the_parallel_path_and_names_it() {
+    use attestplane_verifier::replay::{EpochTrust, Replay, ReplayError};
+    use attestplane_verifier::state::StateError;
+    // The auditor's replay defers policy evaluations to all cores; the forged decision is
+    // still refused, by its own sequence number, and the same log passes for the image that
+    // trusts its own epochs (no evaluation at all).
+    let admin = Admin::new(1);
+    let foreign = other_image_nsm(7);
+    let log = log_with_a_decision_policy_would_not_make(&foreign, &admin);
+    let mut replay = Replay::new(log_policy(&foreign), at(3_000), server_anchor()).unwrap();
+    match replay.push_round(&log) {
+        Err(ReplayError::State(StateError::DecisionMismatch {
+            seq: 2,
+            field,
+            logged,
+            replayed,
+        })) => {
+            assert_eq!(field, "allowed");
+            assert_eq!((*logged, *replayed), (true.into(), false.into()));
+        }
+        other => panic!("the forged decision was not refused: {other:?}"),
+    }
+    let mut trusted = Replay::new(log_policy(&foreign), at(3_000), server_anchor())
+        .unwrap()
+        .with_trust(EpochTrust::new(image_pcrs(&foreign)));
+    trusted.push_round(&log).unwrap();
+}
+
 /// One request of the live/replay equivalence property.
 #[derive(Clone, Debug)]
 enum Op {

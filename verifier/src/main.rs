@@ -29,7 +29,7 @@ use attestplane_verifier::attestation::{
 };
 use attestplane_verifier::handle::{HandleExpectations, Jwks, verify_handle};
 use attestplane_verifier::log::LogPolicy;
-use attestplane_verifier::replay::{Replay, ReplayError, ReplayedLog};
+use attestplane_verifier::replay::{EntryReader, ReadError, Replay, ReplayError, ReplayedLog};
 use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -217,6 +217,15 @@ fn fingerprint(key: &[u8; 32]) -> String {
         |_| format!("(not a key) {}", hex::encode(key)),
         |k| attestplane_verifier::entry::KeyId::of(&k).to_hex(),
     )
+}
+
+/// Why a log did not verify: its bytes are not a sequence of entries, or the replay refused.
+#[derive(Debug, thiserror::Error)]
+enum LogFailure {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
 }
 
 #[derive(Debug, Args)]
@@ -430,7 +439,9 @@ fn attestation(a: AttestationArgs) -> anyhow::Result<Verdict> {
 }
 
 fn log(a: LogArgs) -> anyhow::Result<Verdict> {
-    let bytes = read(&a.file)?;
+    // Streamed: one round of entries in memory at a time, never the whole file.
+    let file = std::fs::File::open(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?;
     let trust = match &a.trust {
         Some(p) => TrustFile::read(p)?,
         None => TrustFile::default(),
@@ -476,14 +487,11 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
         Some(p) => TrustAnchor::from_pem(&read(p)?)
             .map_err(|e| anyhow!("{}: not a usable root certificate: {e}", p.display()))?,
     };
-    let entries = attestplane_verifier::cbor::split_sequence(&bytes)
-        .map(|items| items.into_iter().map(<[u8]>::to_vec).collect::<Vec<_>>())
-        .map_err(|e| anyhow!("the file is not a CBOR sequence: {e}"));
-    let result = entries.map(|entries| -> Result<ReplayedLog, ReplayError> {
-        // Verification and replay in one loop: every verified entry is folded into the
-        // state, which re-checks every admin change, server attestation and policy decision
-        // the log records.
-        let mut replay = Replay::new(policy, at, server_anchor)?;
+    // Verification and replay in one loop: every verified entry is folded into the state,
+    // which re-checks every admin change, server attestation and policy decision the log
+    // records (the policy evaluations on all cores).
+    let result = (|| -> Result<ReplayedLog, LogFailure> {
+        let mut replay = Replay::new(policy, at, server_anchor).map_err(ReplayError::from)?;
         if !pinned_keys.is_empty() {
             replay = replay.expect_genesis_keys(pinned_keys.clone());
         }
@@ -497,14 +505,27 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
         {
             replay.remember_root_at(size);
         }
-        for round in entries.chunks(attestplane_verifier::log::ROUND) {
-            replay.push_round(round)?;
+        let mut reader = EntryReader::new(file);
+        loop {
+            let round = reader.next_round(attestplane_verifier::log::ROUND)?;
+            if round.is_empty() {
+                break;
+            }
+            replay.push_round(&round)?;
         }
-        match &checkpoint {
-            Some(note) => replay.finish_with_checkpoint(note),
-            None => replay.finish(),
+        Ok(match &checkpoint {
+            Some(note) => replay.finish_with_checkpoint(note)?,
+            None => replay.finish()?,
+        })
+    })();
+    let result = match result {
+        Err(LogFailure::Read(ReadError::Io(e))) => {
+            return Err(anyhow!("cannot read {}: {e}", a.file.display()));
         }
-    });
+        Err(LogFailure::Read(e)) => Err(e.to_string()),
+        Ok(r) => Ok(Ok(r)),
+        Err(LogFailure::Replay(e)) => Ok(Err(e)),
+    };
     let result = match result {
         Ok(r) => r,
         Err(e) => {

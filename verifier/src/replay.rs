@@ -35,15 +35,17 @@
 //! verification instant.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 
+use rayon::prelude::*;
 use thiserror::Error;
 
 use crate::attestation::{Pcr, PcrIndex, TrustAnchor};
-use crate::entry::Event;
+use crate::entry::{Event, MAX_ENTRY_LEN};
 use crate::log::{
-    LogError, LogPolicy, LogVerifier, VerifiedEntry, VerifiedLog, image_matches, image_of,
+    LogError, LogPolicy, LogVerifier, ROUND, VerifiedEntry, VerifiedLog, image_matches, image_of,
 };
-use crate::state::{ApplyMode, State, StateError};
+use crate::state::{ApplyMode, Deferred, State, StateError};
 use crate::time::UnixMillis;
 
 /// Why a replay failed: the log's structure and signatures, its state, or its genesis.
@@ -214,10 +216,39 @@ impl Replay {
     }
 
     /// Verifies the next entries of the log and folds them into the state.
+    ///
+    /// Three steps: the log verifier checks the round (on all cores); the fold applies it in
+    /// order, computing each logged decision's inputs from the state (cheap) and applying its
+    /// logged outcome; then the policy evaluations of the round's re-decided entries run on
+    /// all cores, each against the snapshot of its own inputs. The first failure of the three,
+    /// by sequence number, is reported.
     pub fn push_round<B: AsRef<[u8]> + Sync>(&mut self, round: &[B]) -> Result<(), ReplayError> {
         let (verified, failure) = self.verifier.verify_round_prefix(round);
-        for entry in &verified {
-            self.fold(entry)?;
+        let mut deferred = Vec::new();
+        let mut fold_failure = None;
+        for (i, entry) in verified.iter().enumerate() {
+            match self.fold(entry) {
+                Ok(Some(d)) => deferred.push((i, d)),
+                Ok(None) => {}
+                Err(e) => {
+                    fold_failure = Some(e);
+                    break;
+                }
+            }
+        }
+        // Every deferred check is of an entry before any fold or log failure.
+        let recheck_failure = deferred
+            .par_iter()
+            .filter_map(|(i, d)| {
+                let entry = verified.get(*i)?;
+                d.check(entry.entry()).err()
+            })
+            .min_by_key(StateError::seq);
+        if let Some(e) = recheck_failure {
+            return Err(e.into());
+        }
+        if let Some(e) = fold_failure {
+            return Err(e);
         }
         match failure {
             Some(e) => Err(e.into()),
@@ -225,7 +256,7 @@ impl Replay {
         }
     }
 
-    fn fold(&mut self, entry: &VerifiedEntry) -> Result<(), ReplayError> {
+    fn fold(&mut self, entry: &VerifiedEntry) -> Result<Option<Deferred>, ReplayError> {
         if let Event::EpochStart { .. } = &entry.entry().event {
             let pcrs = &entry.epoch().pcrs;
             // Pinned, or allowed by an `allow_image` act folded before this entry: an act
@@ -260,12 +291,12 @@ impl Replay {
             }
         }
         let mode = self.trust.mode(entry);
-        self.state.apply_with(entry, mode)?;
+        let deferred = self.state.apply_deferring(entry, mode)?;
         *self
             .events
             .entry(entry.entry().event.type_name())
             .or_default() += 1;
-        Ok(())
+        Ok(deferred)
     }
 
     /// Entries verified and folded so far.
@@ -313,5 +344,205 @@ impl Replay {
             state: self.state,
             events: self.events,
         })
+    }
+}
+
+/// Why an exported log could not be read as a CBOR sequence.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The reader failed.
+    #[error("read error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes are not a sequence of well-formed CBOR items no longer than an entry may be.
+    #[error("not a CBOR sequence of entries: item {item} at byte {offset}: {reason}")]
+    Malformed {
+        /// Index of the item.
+        item: u64,
+        /// Where it starts.
+        offset: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How much an [`EntryReader`] reads at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Reads an exported log (an RFC 8742 CBOR sequence of entries) from any reader, item by item,
+/// without interpreting the items: what a streaming replay feeds [`Replay::push_round`] with.
+/// It holds one round of items and at most one entry's worth of read-ahead (an item longer than
+/// [`MAX_ENTRY_LEN`] is refused), never the whole file.
+#[derive(Debug)]
+pub struct EntryReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+    eof: bool,
+    offset: u64,
+    items: u64,
+}
+
+impl<R: Read> EntryReader<R> {
+    /// A reader over `inner`.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            start: 0,
+            eof: false,
+            offset: 0,
+            items: 0,
+        }
+    }
+
+    /// The next at most `max` items; empty at the end of the sequence.
+    pub fn next_round(&mut self, max: usize) -> Result<Vec<Vec<u8>>, ReadError> {
+        let mut round = Vec::with_capacity(max.min(ROUND));
+        while round.len() < max {
+            match self.next_item()? {
+                Some(item) => round.push(item),
+                None => break,
+            }
+        }
+        Ok(round)
+    }
+
+    /// The next item, or `None` at the end of the sequence.
+    pub fn next_item(&mut self) -> Result<Option<Vec<u8>>, ReadError> {
+        loop {
+            let available = self.buf.get(self.start..).unwrap_or_default();
+            if available.is_empty() && self.eof {
+                return Ok(None);
+            }
+            if !available.is_empty() {
+                match crate::cbor::item_len(available) {
+                    Ok(len) if len <= MAX_ENTRY_LEN => {
+                        if let Some(item) = available.get(..len) {
+                            let item = item.to_vec();
+                            self.start += len;
+                            self.offset += len as u64;
+                            self.items += 1;
+                            return Ok(Some(item));
+                        }
+                    }
+                    Ok(len) => return Err(self.malformed(format!("{len} bytes long"))),
+                    Err(e) => {
+                        // Either truncated by the read-ahead or malformed: only more bytes
+                        // tell, and never more than one entry's worth.
+                        if self.eof || available.len() > MAX_ENTRY_LEN {
+                            return Err(self.malformed(e.to_string()));
+                        }
+                    }
+                }
+            }
+            self.fill()?;
+        }
+    }
+
+    fn malformed(&self, reason: String) -> ReadError {
+        ReadError::Malformed {
+            item: self.items,
+            offset: self.offset,
+            reason,
+        }
+    }
+
+    fn fill(&mut self) -> Result<(), ReadError> {
+        self.buf.drain(..self.start.min(self.buf.len()));
+        self.start = 0;
+        // `read_to_end` over `take` reads up to one chunk into spare capacity, without zeroing
+        // it first, however few bytes each read returns.
+        let read = (&mut self.inner)
+            .take(READ_CHUNK as u64)
+            .read_to_end(&mut self.buf)?;
+        if read == 0 {
+            self.eof = true;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that hands out at most `step` bytes per read.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(out.len()).min(self.bytes.len());
+            let (head, tail) = self.bytes.split_at(n);
+            out[..n].copy_from_slice(head);
+            self.bytes = tail;
+            Ok(n)
+        }
+    }
+
+    fn items() -> Vec<Vec<u8>> {
+        (0..50usize)
+            .map(|i| {
+                let v = ciborium::value::Value::Bytes(vec![i as u8; i * 97]);
+                crate::cbor::encode(&v).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reads_a_sequence_in_rounds_whatever_the_read_sizes() {
+        let items = items();
+        let bytes = items.concat();
+        for step in [1, 7, 4096, usize::MAX] {
+            let mut r = EntryReader::new(Trickle {
+                bytes: &bytes,
+                step,
+            });
+            let mut got = Vec::new();
+            loop {
+                let round = r.next_round(8).unwrap();
+                if round.is_empty() {
+                    break;
+                }
+                assert!(round.len() <= 8);
+                got.extend(round);
+            }
+            assert_eq!(got, items, "step {step}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_truncated_tail_and_names_the_item() {
+        let items = items();
+        let mut bytes = items.concat();
+        bytes.pop();
+        let mut r = EntryReader::new(bytes.as_slice());
+        let err = loop {
+            match r.next_item() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("a truncated sequence read to its end"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(err, ReadError::Malformed { item: 49, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_an_item_longer_than_an_entry_without_reading_it_whole() {
+        // A byte string head that declares 1 GiB, followed by a little of it.
+        let mut bytes = vec![0x5a, 0x40, 0, 0, 0];
+        bytes.extend(vec![0u8; 3 * READ_CHUNK]);
+        let mut r = EntryReader::new(bytes.as_slice());
+        assert!(matches!(
+            r.next_item(),
+            Err(ReadError::Malformed { item: 0, .. })
+        ));
+        assert!(r.buf.len() <= MAX_ENTRY_LEN + READ_CHUNK);
     }
 }

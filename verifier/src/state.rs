@@ -44,6 +44,7 @@
 //! entries ([`crate::log`] does). Spend counters are carried but nothing increments them yet.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use ciborium::value::Value;
 use ed25519_dalek::VerifyingKey;
@@ -207,7 +208,7 @@ pub struct State {
     /// Spend of the spend caps' windows, driven likewise.
     spend_state: SpendState,
     servers: BTreeMap<String, ServerState>,
-    policy: PolicyEngine,
+    policy: Arc<PolicyEngine>,
     providers: BTreeMap<String, (IdentityProviderSpec, Jwks)>,
     admin_nonces: BTreeMap<[u8; 16], UnixMillis>,
     calls: BTreeMap<String, VecDeque<UnixMillis>>,
@@ -366,7 +367,7 @@ impl State {
             rate_state: RateState::default(),
             spend_state: SpendState::default(),
             servers: BTreeMap::new(),
-            policy: PolicyEngine::deny_all(),
+            policy: Arc::new(PolicyEngine::deny_all()),
             providers: BTreeMap::new(),
             admin_nonces: BTreeMap::new(),
             calls: BTreeMap::new(),
@@ -640,7 +641,7 @@ impl State {
             }
             AdminAction::SetPolicy { .. } => {
                 if let Some(p) = prepared.policy {
-                    self.policy = p;
+                    self.policy = Arc::new(p);
                 }
             }
             AdminAction::SetIdentityProvider(spec) => {
@@ -888,9 +889,27 @@ impl State {
         action: Action,
         server_id: &str,
         tool: Option<&str>,
-        mut call: Option<CallRecord>,
+        call: Option<CallRecord>,
         now: UnixMillis,
     ) -> DecisionRecord {
+        match self.decide_plan(principal, action, server_id, tool, call, now) {
+            DecisionPlan::Settled(record) => *record,
+            DecisionPlan::Pending(pending) => pending.evaluate(),
+        }
+    }
+
+    /// [`State::decide_with`] up to the policy evaluation: the hard rules, attestation facts
+    /// and counters from the state, and the requests the policy is to evaluate (against the
+    /// policy engine in force, shared, so the evaluation can run later and elsewhere).
+    fn decide_plan(
+        &self,
+        principal: &PrincipalRecord,
+        action: Action,
+        server_id: &str,
+        tool: Option<&str>,
+        mut call: Option<CallRecord>,
+        now: UnixMillis,
+    ) -> DecisionPlan {
         if let Some(c) = call.as_mut() {
             c.pii.action = PiiAction::DEFAULT.as_str().to_owned();
         }
@@ -923,7 +942,7 @@ impl State {
             record.reason = Some(Reason::UnknownServer {
                 server: server_id.to_string(),
             });
-            return record;
+            return DecisionPlan::Settled(Box::new(record));
         };
         let mut req = self.policy_request(principal, action, server, tool, now);
         if action == Action::Call {
@@ -940,7 +959,7 @@ impl State {
 
         if principal.tenant != server.spec.tenant {
             record.reason = Some(Reason::OtherTenant);
-            return record;
+            return DecisionPlan::Settled(Box::new(record));
         }
         // A server registered without attestation (assurance none) is never attested: the
         // policy decides on its assurance level instead of this rule.
@@ -952,7 +971,7 @@ impl State {
                 None => Reason::NotAttested,
                 Some(_) => Reason::AttestationStale,
             });
-            return record;
+            return DecisionPlan::Settled(Box::new(record));
         }
         if action == Action::Call {
             match tool {
@@ -961,96 +980,74 @@ impl State {
                     record.reason = Some(Reason::ToolNotPinned {
                         tool: tool.unwrap_or_default().to_string(),
                     });
-                    return record;
+                    return DecisionPlan::Settled(Box::new(record));
                 }
             }
         }
-        let decision = self.policy.decide(&req);
-        record.allowed = decision.allowed;
-        record.policies = decision.policies;
-        if decision.allowed && record.call.is_some() {
-            let rule = self.policy.pii_action(&record.policies);
-            let mut found = false;
-            if let Some(c) = record.call.as_mut() {
-                c.pii.action = rule.as_str().to_owned();
-                found = !c.pii.counts.is_empty();
-            }
-            let refusal = if rule == PiiAction::Refuse && found {
-                Some(Reason::PiiRefused)
-            } else {
-                // Limits last: a call the policy refuses spends nothing.
-                let tool = tool.unwrap_or_default();
-                let (rate, spend) = self.limit_outcomes(principal, server, tool, now);
-                match (rate.decision, spend.decision) {
-                    (RateDecision::Limited { key, .. }, _) => Some(Reason::RateLimited {
-                        scope: key.kind.as_str().to_owned(),
-                    }),
-                    (_, SpendDecision::OverCap { key, .. }) => Some(Reason::SpendCapReached {
-                        scope: key.key.kind.as_str().to_owned(),
-                        asset: key.asset,
-                    }),
-                    _ => {
-                        if let Some(c) = record.call.as_mut() {
-                            c.price = server.spec.prices.get(tool).map(|p| PriceRecord {
-                                amount: p.amount,
-                                asset: p.asset.clone(),
-                            });
-                        }
-                        None
-                    }
-                }
-            };
-            if let Some(reason) = refusal {
-                record.allowed = false;
-                record.reason = Some(reason);
-                return record;
-            }
-        }
-        if !decision.allowed {
-            record.reason = Some(if !decision.errors.is_empty() {
-                Reason::PolicyError
-            } else if record.policies.is_empty() {
-                Reason::NoPermit
-            } else {
-                Reason::Forbidden {
-                    policies: record.policies.clone(),
-                }
-            });
-            return record;
-        }
-        if action == Action::Resolve {
-            let tools = server
+        // A gateway call's rate and spend outcomes depend on the limits' state now: computed
+        // here, used by the evaluation only if the policy and the PII rule allow the call.
+        let limits = if record.call.is_some() {
+            let tool = tool.unwrap_or_default();
+            let (rate, spend) = self.limit_outcomes(principal, server, tool, now);
+            Some(match (rate.decision, spend.decision) {
+                (RateDecision::Limited { key, .. }, _) => Err(Reason::RateLimited {
+                    scope: key.kind.as_str().to_owned(),
+                }),
+                (_, SpendDecision::OverCap { key, .. }) => Err(Reason::SpendCapReached {
+                    scope: key.key.kind.as_str().to_owned(),
+                    asset: key.asset,
+                }),
+                _ => Ok(server.spec.prices.get(tool).map(|p| PriceRecord {
+                    amount: p.amount,
+                    asset: p.asset.clone(),
+                })),
+            })
+        } else {
+            None
+        };
+        let tools = if action == Action::Resolve {
+            server
                 .spec
                 .tools
                 .keys()
-                .filter(|t| {
+                .map(|t| {
                     let call = self.policy_request(principal, Action::Call, server, Some(t), now);
-                    self.policy.decide(&call).allowed
+                    (t.clone(), call)
                 })
-                .cloned()
-                .collect();
-            record.handle = Some(HandleRecord {
-                jti: String::new(),
-                expires: now.as_secs().saturating_add(HANDLE_TTL_SECS),
-                audience: server.spec.resource.clone(),
-                tools,
-            });
-        }
-        record
+                .collect()
+        } else {
+            Vec::new()
+        };
+        DecisionPlan::Pending(Box::new(PendingDecision {
+            record,
+            policy: Arc::clone(&self.policy),
+            req,
+            tools,
+            limits,
+            expires: now.as_secs().saturating_add(HANDLE_TTL_SECS),
+            audience: server.spec.resource.clone(),
+        }))
     }
 
     /// The servers `principal` may discover at `now`: same tenant, and the policy allows
     /// `discover`. Sorted by id.
     pub fn discover(&self, principal: &PrincipalRecord, now: UnixMillis) -> Vec<String> {
-        self.servers
-            .values()
-            .filter(|s| s.spec.tenant == principal.tenant)
-            .filter(|s| {
-                let req = self.policy_request(principal, Action::Discover, s, None, now);
-                self.policy.decide(&req).allowed
-            })
-            .map(|s| s.spec.id.clone())
-            .collect()
+        self.discover_plan(principal, now).evaluate()
+    }
+
+    fn discover_plan(&self, principal: &PrincipalRecord, now: UnixMillis) -> PendingDiscovery {
+        PendingDiscovery {
+            policy: Arc::clone(&self.policy),
+            requests: self
+                .servers
+                .values()
+                .filter(|s| s.spec.tenant == principal.tenant)
+                .map(|s| {
+                    let req = self.policy_request(principal, Action::Discover, s, None, now);
+                    (s.spec.id.clone(), req)
+                })
+                .collect(),
+        }
     }
 
     /// Applies an entry the log verifier accepted to the state, re-checking every logged
@@ -1064,12 +1061,10 @@ impl State {
     /// logged decision or discovery is not evaluated again; the state changes exactly as
     /// [`ApplyMode::Recheck`] would change it for an entry that `Recheck` accepts.
     pub fn apply_with(&mut self, entry: &VerifiedEntry, mode: ApplyMode) -> Result<(), StateError> {
-        self.fold(entry.seq(), entry.entry(), mode)?;
-        if let Event::Genesis { .. } = entry.entry().event {
-            // Admin requests name the genesis entry by the hash of its bytes.
-            self.set_genesis_hash(entry.signed().hash());
+        match self.apply_deferring(entry, mode)? {
+            None => Ok(()),
+            Some(deferred) => deferred.check(entry.entry()),
         }
-        Ok(())
     }
 
     /// Applies an entry its author has just decided and signed itself (the enclave, live):
@@ -1082,6 +1077,38 @@ impl State {
     }
 
     fn fold(&mut self, seq: u64, entry: &Entry, mode: ApplyMode) -> Result<(), StateError> {
+        match self.fold_deferring(seq, entry, mode, false)? {
+            None => Ok(()),
+            Some(deferred) => deferred.check(entry),
+        }
+    }
+
+    /// Applies a verified entry like [`State::apply_with`], except that in
+    /// [`ApplyMode::Recheck`] the policy evaluation of a logged decision or discovery is
+    /// returned instead of done: the state changes as the logged outcome says (as it does
+    /// whenever the re-check agrees), and the caller must run [`Deferred::check`] before it
+    /// accepts the entry. [`crate::replay`] runs those checks on all cores.
+    pub(crate) fn apply_deferring(
+        &mut self,
+        entry: &VerifiedEntry,
+        mode: ApplyMode,
+    ) -> Result<Option<Deferred>, StateError> {
+        let deferred = self.fold_deferring(entry.seq(), entry.entry(), mode, true)?;
+        if let Event::Genesis { .. } = entry.entry().event {
+            // As in `apply_with`: admin requests name the genesis entry by its bytes' hash.
+            self.set_genesis_hash(entry.signed().hash());
+        }
+        Ok(deferred)
+    }
+
+    fn fold_deferring(
+        &mut self,
+        seq: u64,
+        entry: &Entry,
+        mode: ApplyMode,
+        defer: bool,
+    ) -> Result<Option<Deferred>, StateError> {
+        let mut deferred = None;
         let now = entry.time;
         self.prune(now);
         match &entry.event {
@@ -1171,15 +1198,22 @@ impl State {
                     });
                 }
                 if mode == ApplyMode::Recheck {
-                    let replayed = self.decide_with(
+                    match self.decide_plan(
                         &rec.principal,
                         action,
                         &rec.server,
                         rec.tool.as_deref(),
                         rec.call.clone(),
                         now,
-                    );
-                    compare_decision(seq, rec, &replayed)?;
+                    ) {
+                        DecisionPlan::Settled(replayed) => compare_decision(seq, rec, &replayed)?,
+                        DecisionPlan::Pending(plan) => {
+                            deferred = Some(Deferred {
+                                seq,
+                                what: Pending::Decision(plan),
+                            });
+                        }
+                    }
                 }
                 if action == Action::Call && rec.allowed {
                     self.calls
@@ -1199,22 +1233,20 @@ impl State {
                     }
                 }
             }
-            Event::Discovery { principal, servers } => {
+            Event::Discovery { principal, .. } => {
                 if mode == ApplyMode::Recheck {
-                    let replayed = self.discover(principal, now);
-                    if *servers != replayed {
-                        return Err(StateError::DecisionMismatch {
-                            seq,
-                            field: "servers",
-                            logged: Box::new(servers.clone().into()),
-                            replayed: Box::new(replayed.into()),
-                        });
-                    }
+                    deferred = Some(Deferred {
+                        seq,
+                        what: Pending::Discovery(self.discover_plan(principal, now)),
+                    });
                 }
             }
         }
         self.applied = self.applied.saturating_add(1);
-        Ok(())
+        match deferred {
+            Some(d) if !defer => d.check(entry).map(|()| None),
+            other => Ok(other),
+        }
     }
 
     fn apply_attestation(
@@ -1275,6 +1307,158 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+/// [`State::decide`] after the state's part: settled by a hard rule, or waiting for the policy.
+enum DecisionPlan {
+    Settled(Box<DecisionRecord>),
+    Pending(Box<PendingDecision>),
+}
+
+/// A decision whose inputs the state has computed (hard rules passed, facts and counters
+/// filled in), its policy evaluation still to do against the policy engine that was in force.
+struct PendingDecision {
+    record: DecisionRecord,
+    policy: Arc<PolicyEngine>,
+    req: DecisionRequest,
+    /// For a `resolve`: the `call` request of every pinned tool, for the handle's scope.
+    tools: Vec<(String, DecisionRequest)>,
+    /// For a gateway call: what the rate limits and spend caps say (a refusal, or the price
+    /// the allowed call logs), from the state the decision was made in.
+    limits: Option<Result<Option<PriceRecord>, Reason>>,
+    expires: u64,
+    audience: String,
+}
+
+impl PendingDecision {
+    /// The decision: Cedar decides, deny by default; an allowed `resolve` carries the handle's
+    /// scope.
+    fn evaluate(&self) -> DecisionRecord {
+        let mut record = self.record.clone();
+        let decision = self.policy.decide(&self.req);
+        record.allowed = decision.allowed;
+        record.policies = decision.policies;
+        if decision.allowed
+            && let Some(c) = record.call.as_mut()
+        {
+            let rule = self.policy.pii_action(&record.policies);
+            c.pii.action = rule.as_str().to_owned();
+            let refusal = if rule == PiiAction::Refuse && !c.pii.counts.is_empty() {
+                Some(Reason::PiiRefused)
+            } else {
+                // Limits last: a call the policy refuses spends nothing.
+                match &self.limits {
+                    Some(Err(reason)) => Some(reason.clone()),
+                    Some(Ok(price)) => {
+                        c.price = price.clone();
+                        None
+                    }
+                    None => None,
+                }
+            };
+            if let Some(reason) = refusal {
+                record.allowed = false;
+                record.reason = Some(reason);
+                return record;
+            }
+        }
+        if !decision.allowed {
+            record.reason = Some(if !decision.errors.is_empty() {
+                Reason::PolicyError
+            } else if record.policies.is_empty() {
+                Reason::NoPermit
+            } else {
+                Reason::Forbidden {
+                    policies: record.policies.clone(),
+                }
+            });
+            return record;
+        }
+        if self.req.action == Action::Resolve {
+            let tools = self
+                .tools
+                .iter()
+                .filter(|(_, call)| self.policy.decide(call).allowed)
+                .map(|(t, _)| t.clone())
+                .collect();
+            record.handle = Some(HandleRecord {
+                jti: String::new(),
+                expires: self.expires,
+                audience: self.audience.clone(),
+                tools,
+            });
+        }
+        record
+    }
+}
+
+/// A discovery's requests (one per server of the agent's tenant), to evaluate.
+struct PendingDiscovery {
+    policy: Arc<PolicyEngine>,
+    requests: Vec<(String, DecisionRequest)>,
+}
+
+impl PendingDiscovery {
+    fn evaluate(&self) -> Vec<String> {
+        self.requests
+            .iter()
+            .filter(|(_, req)| self.policy.decide(req).allowed)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+enum Pending {
+    Decision(Box<PendingDecision>),
+    Discovery(PendingDiscovery),
+}
+
+/// The policy evaluation of a logged decision or discovery, computed from the state the entry
+/// was applied to and independent of everything applied since: it can run on any thread, in
+/// any order, and must pass before the entry counts as checked.
+pub(crate) struct Deferred {
+    seq: u64,
+    what: Pending,
+}
+
+impl Deferred {
+    /// Evaluates the policy and compares the outcome with `logged` (the entry it was made
+    /// for).
+    pub(crate) fn check(&self, logged: &Entry) -> Result<(), StateError> {
+        let seq = self.seq;
+        match (&self.what, &logged.event) {
+            (Pending::Decision(plan), Event::Decision(rec)) => {
+                compare_decision(seq, rec, &plan.evaluate())
+            }
+            (Pending::Discovery(plan), Event::Discovery { servers, .. }) => {
+                let replayed = plan.evaluate();
+                if *servers == replayed {
+                    Ok(())
+                } else {
+                    Err(StateError::DecisionMismatch {
+                        seq,
+                        field: "servers",
+                        logged: Box::new(servers.clone().into()),
+                        replayed: Box::new(replayed.into()),
+                    })
+                }
+            }
+            (Pending::Decision(_), other) | (Pending::Discovery(_), other) => {
+                Err(StateError::DecisionMismatch {
+                    seq,
+                    field: "event",
+                    logged: Box::new(other.type_name().into()),
+                    replayed: Box::new(
+                        match &self.what {
+                            Pending::Decision(_) => "decision",
+                            Pending::Discovery(_) => "discovery",
+                        }
+                        .into(),
+                    ),
+                })
+            }
+        }
     }
 }
 
