@@ -223,6 +223,18 @@ fn refused_allow_image_acts_allow_nothing() {
     assert_eq!(seq, Some(b_epoch));
     let (seq, pcrs) = image_not_allowed(audit(&store, &a, h.now));
     assert_eq!((seq, pcrs), (b_epoch, image_pcrs(&b)));
+
+    // And the auditor's binary, at the same entry (the refused acts before it verify).
+    if let Some(bin) = verify_bin() {
+        let (code, out) = run_cli(&bin, &store, &a, h.now);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(
+            out.contains(&format!("\"first_bad_seq\":{b_epoch}")),
+            "{out}"
+        );
+        let (code, out) = run_cli(&bin, &store[..b_epoch as usize], &a, h.now);
+        assert_eq!(code, Some(0), "{out}");
+    }
 }
 
 /// `attestplane-verify`, found next to this test's own directory in the target dir (built when
