@@ -18,8 +18,8 @@
 //! Trust: none, in both directions. The enclave must survive a hostile host and the host must
 //! survive a misbehaving enclave, so every frame is hostile input: lengths are checked against
 //! named limits before anything is allocated, decoding never panics, and every failure is a
-//! typed [`ProtoError`] that says what was wrong and, where it could be read, which request it
-//! concerns. Nothing on this channel is authenticated or encrypted, and nothing needs to be: what
+//! typed [`ProtoError`] ([`error`]) that says what was wrong and, where it could be read, which
+//! request it concerns. Nothing on this channel is authenticated or encrypted, and nothing needs to be: what
 //! the enclave must believe is signed (admin requests, attestation documents, log entries), and
 //! what it decides is logged and signed by it. Error messages on the wire and the `Debug` output
 //! of messages carry no secrets (bearer tokens and handles are redacted).

@@ -20,11 +20,13 @@
 //! verification; 2 usage, I/O, transport or server (5xx) errors. Errors are printed on stderr
 //! as `error: <code>: <message> (log entry <seq>)`.
 //!
-//! Module layout (no two of these import each other): [`http`] and [`pcrs`] at the bottom;
-//! [`attest`] (the verified control plane) and [`log`] (reading the log the host serves) above
-//! them; [`submit`] (signing, submitting and confirming admin requests) on those; the commands
-//! on top: [`keys`], [`admin`] (policy, identity providers), [`servers`], [`deployment`],
-//! [`handle`], [`token`].
+//! Module layout (no import cycle among them; `scripts/check-module-cycles` checks):
+//! [`http`] and [`pcrs`] at the bottom; [`attest`] (the verified control plane) and [`log`]
+//! (reading the log the host serves) above them; [`submit`] (signing, submitting and confirming
+//! admin requests) on those; the commands on top: [`keys`] (whose admin key the other admin
+//! commands read), [`admin`] (policy, identity providers), [`servers`], [`images`],
+//! [`limits`], [`deployment`], [`handle`], [`mcp`] (the stdio bridge to the gateway),
+//! [`token`].
 //!
 //! What it deliberately does not do: `log tail` and `policy show` display entries as the host
 //! serves them without verifying signatures or hash links (that is `attestplane-verify log`'s
