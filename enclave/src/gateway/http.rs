@@ -746,8 +746,8 @@ impl Gateway {
         agent_era: Era,
         answer: Answer,
     ) -> Reply {
-        let (body, pii) = match redact::treat_answer(&answer.body, rule) {
-            Ok(Treated::Forward(body, pii)) => (body, pii),
+        let (body, pii, withheld) = match redact::treat_answer(&answer.body, rule) {
+            Ok(Treated::Forward(body, pii)) => (body, pii, false),
             Ok(Treated::Withheld(pii)) => {
                 let agent_id = id.and_then(|i| RawValue::from_string(i.to_owned()).ok());
                 let text = error_response(
@@ -757,7 +757,7 @@ impl Gateway {
                         "the result of call {seq} is withheld: it carries PII and the policy's rule refuses it"
                     ),
                 );
-                (text.into_bytes(), pii)
+                (text.into_bytes(), pii, true)
             }
             Err(e) => {
                 let why = match e {
@@ -785,9 +785,6 @@ impl Gateway {
                     .await;
             }
         };
-        let withheld = matches!(parse_message(body.as_bytes()), Ok(m) if m.kind() == Kind::ErrorResponse)
-            && !pii.counts.is_empty()
-            && rule == PiiAction::Refuse;
         let outcome = match parse_message(body.as_bytes()) {
             _ if withheld => "withheld",
             Ok(m) if m.kind() == Kind::Response => {
