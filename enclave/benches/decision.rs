@@ -681,6 +681,7 @@ fn setup() -> Bench {
                     name: s.spec.name.clone(),
                     tenant: s.spec.tenant.clone(),
                     resource: s.spec.resource.clone(),
+                    assurance: "nitro".into(),
                 },
                 tool: Some(c.tool.clone()),
                 attestation: core.state.attestation_facts(s, core.now),

@@ -235,8 +235,31 @@ async fn stack_full(
     prices: &[(&str, u64, &str)],
     limits: Option<attestplane_verifier::admin::AdminAction>,
 ) -> Stack {
+    stack_opts(modern, extra, prices, limits, Opts::default()).await
+}
+
+/// How a test's stack differs from [`stack`]'s.
+#[derive(Default)]
+struct Opts {
+    /// The whole policy set, instead of the starter policy with `no-echo` and the extras.
+    policy: Option<String>,
+    /// Register `weather` with assurance `none` (no PCRs, never attested).
+    plain: bool,
+}
+
+async fn stack_opts(
+    modern: bool,
+    extra: &str,
+    prices: &[(&str, u64, &str)],
+    limits: Option<attestplane_verifier::admin::AdminAction>,
+    opts: Opts,
+) -> Stack {
     let admin = Admin::new(1);
     let mut server = McpServer::new("weather", "acme", 1);
+    if opts.plain {
+        server.spec.assurance = attestplane_verifier::admin::Assurance::None;
+        server.spec.pcrs.clear();
+    }
     let pins: BTreeMap<String, Digest32> = [ADD, ECHO]
         .iter()
         .map(|t| {
@@ -256,14 +279,16 @@ async fn stack_full(
     }
     let idp = Idp::new(40, "https://idp.acme.example");
     let mut h = Harness::new(&[&admin]);
-    let policy = format!(
+    let policy = opts.policy.unwrap_or_else(|| format!(
         "{STARTER_POLICY}\n@id(\"no-echo\")\nforbid (principal, action == Attestplane::Action::\"call\", resource == Attestplane::Tool::\"weather/echo\");\n{extra}"
-    );
+    ));
     h.setup(&admin, &[&server], &policy, &idp);
     if let Some(limits) = limits {
         h.admin_ok(&admin, limits);
     }
-    let _ = h.attest(&server);
+    if !opts.plain {
+        let _ = h.attest(&server);
+    }
     let now = h.now;
     let store = Arc::new(Mutex::new(h.store.clone()));
 
@@ -1003,4 +1028,88 @@ async fn spend_over_the_cap_is_refused_and_each_allowed_call_logs_its_price() {
         })
     );
     replays(&s);
+}
+
+/// A policy that keeps `add` to attested servers and lets tool-users call anything else.
+const NITRO_ONLY_ADD: &str = r#"
+@id("calls") permit (principal, action == Attestplane::Action::"call", resource)
+  when { principal.roles.contains("tool-user") };
+@id("add-attested-only") forbid (principal, action == Attestplane::Action::"call", resource == Attestplane::Tool::"weather/add")
+  unless { context.server_assurance == "nitro" };
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_servers_tool_under_a_nitro_only_policy_is_refused_and_withheld_from_the_listing() {
+    for modern in [true, false] {
+        let plain = stack_opts(
+            modern,
+            "",
+            &[],
+            None,
+            Opts {
+                policy: Some(NITRO_ONLY_ADD.into()),
+                plain: true,
+            },
+        )
+        .await;
+        let token = plain.token("weather", &["tool-user"]);
+        let (status, body) = plain.modern("weather", &token, MODERN_LIST).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains(r#""name":"echo""#),
+            "the other tool is shown: {body}"
+        );
+        assert!(
+            !body.contains(r#""name":"add""#),
+            "withheld from the listing: {body}"
+        );
+        let before = plain.entries().len();
+        let (_, body) = plain
+            .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+            .await;
+        assert!(body.contains("\"error\""), "{body}");
+        assert_eq!(
+            calls(&plain),
+            0,
+            "the refused call never reaches the server"
+        );
+        let d = decision_at(&plain, before);
+        assert!(!d.allowed);
+        assert_eq!(
+            d.reason,
+            Some(attestplane_verifier::reason::Reason::Forbidden {
+                policies: vec!["add-attested-only".into()]
+            })
+        );
+        // The same tool on the plain server's neighbour is callable: the policy is what
+        // refuses, on the registration's level.
+        let (status, body) = plain
+            .modern("weather", &token, &modern_call("echo", r#"{"text":"hi"}"#))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"result\""), "{body}");
+        assert_eq!(calls(&plain), 1);
+        replays(&plain);
+
+        // The same policy on the attested registration lets `add` through and shows it.
+        let attested = stack_opts(
+            modern,
+            "",
+            &[],
+            None,
+            Opts {
+                policy: Some(NITRO_ONLY_ADD.into()),
+                plain: false,
+            },
+        )
+        .await;
+        let token = attested.token("weather", &["tool-user"]);
+        let (_, body) = attested.modern("weather", &token, MODERN_LIST).await;
+        assert!(body.contains(r#""name":"add""#), "{body}");
+        let (_, body) = attested
+            .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+            .await;
+        assert!(body.contains("\"result\""), "{body}");
+        replays(&attested);
+    }
 }

@@ -152,6 +152,7 @@ fn requests(rng: &mut Rng) -> Vec<DecisionRequest> {
                     name: format!("server {s}"),
                     tenant: server_tenant(s),
                     resource: format!("https://{}.mcp.example/", server(s)),
+                    assurance: "nitro".into(),
                 },
                 tool: Some(tool(rng.below(TOOLS_PER_SERVER))),
                 attestation: AttestationFacts {

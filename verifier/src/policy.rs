@@ -87,6 +87,9 @@ pub const SCHEMA: &str = r#"// Attestplane policy schema. Every policy set is va
 //   attestation.pcr_match the document's PCRs equal the registered ones
 //   attestation.debug     the document came from an enclave in debug mode
 //   time                  the decision's time in whole unix seconds
+//   server_assurance      how the server is known, exactly as its signed registration says:
+//                         "nitro" (attested against its PCRs), "none" (a plain server);
+//                         later "webpki", "pinned". Not derived from the attestation facts.
 //   counters.calls_last_minute, counters.spend_micros
 //                         the agent's counters as the enclave keeps them; saturate at
 //                         9223372036854775807.
@@ -96,8 +99,6 @@ pub const SCHEMA: &str = r#"// Attestplane policy schema. Every policy set is va
 //   pii.count, pii.types  PII findings in the arguments: how many, of which kinds
 //   pii.<kind>            findings of one kind (email, phone, card, iban, national_id,
 //                         ip_address, cloud_key, jwt, private_key)
-//   server_assurance      how the server is known: "nitro" (attested), "none", "webpki",
-//                         "pinned"
 namespace Attestplane {
   entity Tenant;
   entity User in [Tenant];
@@ -133,6 +134,7 @@ namespace Attestplane {
     attestation: Attestation,
     time: Long,
     counters: Counters,
+    server_assurance: String,
   };
   // The call's arguments: only those declared with @arguments("name: Type, ...") on some
   // policy of the set, each optional (guard with `context.arguments has name`).
@@ -247,6 +249,10 @@ pub struct ServerFacts {
     pub tenant: String,
     /// Its resource URI (the handle's `aud`).
     pub resource: String,
+    /// Its assurance level exactly as the signed registration records it (`nitro`, `none`;
+    /// later `webpki`, `pinned`): `context.server_assurance`. Never derived from the
+    /// attestation facts: a `none` server stays `none` whatever evidence is presented.
+    pub assurance: String,
 }
 
 /// What the enclave knows of the server's attestation at decision time.
@@ -280,9 +286,6 @@ pub struct CallFacts {
     pub arguments: Option<String>,
     /// PII findings in the call, by kind name (`card` → 2).
     pub pii: BTreeMap<String, u64>,
-    /// The server's assurance level (`nitro`, `none`, `webpki`, `pinned`); `None` derives it
-    /// from the attestation facts (`nitro` if verified, else `none`).
-    pub server_assurance: Option<String>,
 }
 
 impl fmt::Debug for CallFacts {
@@ -291,7 +294,6 @@ impl fmt::Debug for CallFacts {
         f.debug_struct("CallFacts")
             .field("arguments_len", &self.arguments.as_ref().map(String::len))
             .field("pii", &self.pii)
-            .field("server_assurance", &self.server_assurance)
             .finish()
     }
 }
@@ -1048,16 +1050,12 @@ fn context_pairs(
             record(argument_pairs(call.arguments.as_deref(), declared)?)?,
         ));
         pairs.push(("pii".to_owned(), record(pii_pairs(&call.pii))?));
-        let assurance = match &call.server_assurance {
-            Some(a) => a.clone(),
-            None if req.attestation.verified => "nitro".to_owned(),
-            None => "none".to_owned(),
-        };
-        pairs.push((
-            "server_assurance".to_owned(),
-            RestrictedExpression::new_string(assurance),
-        ));
     }
+    // The registration's level, for every action: never derived from the attestation facts.
+    pairs.push((
+        "server_assurance".to_owned(),
+        RestrictedExpression::new_string(req.server.assurance.clone()),
+    ));
     Ok(pairs)
 }
 
@@ -1322,6 +1320,7 @@ mod tests {
                 name: "files".into(),
                 tenant: "acme".into(),
                 resource: "https://files.example/mcp".into(),
+                assurance: "nitro".into(),
             },
             tool: Some("read".into()),
             attestation: AttestationFacts {

@@ -813,6 +813,7 @@ impl State {
                 name: server.spec.name.clone(),
                 tenant: server.spec.tenant.clone(),
                 resource: server.spec.resource.clone(),
+                assurance: server.spec.assurance.as_str().to_owned(),
             },
             tool: tool.map(str::to_string),
             attestation: self.attestation_facts(server, now),
@@ -935,7 +936,6 @@ impl State {
         let facts = call.as_ref().map(|c| CallFacts {
             arguments: c.arguments.clone(),
             pii: c.pii.counts.clone(),
-            server_assurance: None,
         });
         record.call = call;
         let Some(server) = self.servers.get(server_id) else {

@@ -26,6 +26,7 @@ fn call(tool: &str, facts: Option<CallFacts>) -> DecisionRequest {
             name: "payments".into(),
             tenant: "acme".into(),
             resource: "https://pay.example/mcp".into(),
+            assurance: "nitro".into(),
         },
         tool: Some(tool.into()),
         attestation: AttestationFacts {
@@ -140,8 +141,8 @@ fn pii_findings_and_assurance_are_in_the_context() {
              when { context.pii.types.contains("card") || context.pii.private_key > 0 };"#,
     )
     .unwrap();
-    let with = |pii: &[(&str, u64)], assurance: Option<&str>| {
-        call(
+    let with = |pii: &[(&str, u64)], assurance: &str| {
+        let mut req = call(
             "t",
             Some(CallFacts {
                 arguments: None,
@@ -149,25 +150,34 @@ fn pii_findings_and_assurance_are_in_the_context() {
                     .iter()
                     .map(|(k, n)| (k.to_string(), *n))
                     .collect::<BTreeMap<_, _>>(),
-                server_assurance: assurance.map(str::to_owned),
             }),
-        )
+        );
+        req.server.assurance = assurance.to_owned();
+        req
     };
-    assert!(decide(&engine, &with(&[("email", 2)], None)));
-    assert!(!decide(&engine, &with(&[("card", 1)], None)));
-    assert!(!decide(&engine, &with(&[("private_key", 1)], None)));
-    assert!(!decide(&engine, &with(&[], Some("none"))));
-    assert!(decide(&engine, &with(&[], Some("nitro"))));
-    // Derived from the attestation when not given.
-    let mut req = with(&[], None);
-    req.attestation.verified = false;
+    assert!(decide(&engine, &with(&[("email", 2)], "nitro")));
+    assert!(!decide(&engine, &with(&[("card", 1)], "nitro")));
+    assert!(!decide(&engine, &with(&[("private_key", 1)], "nitro")));
+    assert!(!decide(&engine, &with(&[], "none")));
+    assert!(decide(&engine, &with(&[], "nitro")));
+    // The registration's level, never the attestation facts: a `none` server that somehow
+    // carries verified facts is still `none`, a `nitro` one without them still `nitro`.
+    let mut req = with(&[], "none");
+    req.attestation.verified = true;
     assert!(!decide(&engine, &req));
+    let mut req = with(&[], "nitro");
+    req.attestation.verified = false;
+    assert!(decide(&engine, &req));
+    // The listing context (no call facts) sees it too.
+    let mut listing = call("t", None);
+    listing.server.assurance = "none".into();
+    assert!(!decide(&engine, &listing));
 }
 
 #[test]
 fn listing_context_is_the_call_with_no_argument_and_no_finding() {
     // A tool is listed iff `call` is allowed with `call: None`: no argument present, no PII
-    // finding, assurance from the attestation. Forbids on argument values do not hide a tool
+    // finding, the registration's assurance. Forbids on argument values do not hide a tool
     // (the call itself is still decided with its arguments); a permit that requires an
     // argument does.
     let engine = PolicyEngine::new(
@@ -292,18 +302,8 @@ fn call_facts() -> impl Strategy<Value = Option<CallFacts>> {
             0u64..3,
             0..2,
         ),
-        prop::option::of(prop::sample::select(vec![
-            "nitro".to_owned(),
-            "none".to_owned(),
-        ])),
     ))
-    .prop_map(|f| {
-        f.map(|(arguments, pii, server_assurance)| CallFacts {
-            arguments,
-            pii,
-            server_assurance,
-        })
-    })
+    .prop_map(|f| f.map(|(arguments, pii)| CallFacts { arguments, pii }))
 }
 
 proptest! {
@@ -312,12 +312,13 @@ proptest! {
     #[test]
     fn index_agrees_with_full_evaluation_on_calls(
         text in call_policy_set(),
-        facts in prop::collection::vec((call_facts(), prop::sample::select(vec!["transfer", "refund"])), 1..8),
+        facts in prop::collection::vec((call_facts(), prop::sample::select(vec!["transfer", "refund"]), prop::sample::select(vec!["nitro", "none"])), 1..8),
     ) {
         let engine = PolicyEngine::new(&text)
             .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
-        for (f, tool) in facts {
-            let req = call(tool, f);
+        for (f, tool, assurance) in facts {
+            let mut req = call(tool, f);
+            req.server.assurance = assurance.to_owned();
             prop_assert_eq!(engine.decide(&req), engine.decide_unindexed(&req), "{}", text);
         }
     }

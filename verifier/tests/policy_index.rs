@@ -28,6 +28,7 @@ fn request(action: Action, agent_tenant: &str, server_tenant: &str) -> DecisionR
             name: "files".into(),
             tenant: server_tenant.into(),
             resource: "https://files.example/mcp".into(),
+            assurance: "nitro".into(),
         },
         tool: Some("read".into()),
         attestation: AttestationFacts {
@@ -501,6 +502,7 @@ fn decision_request() -> impl Strategy<Value = DecisionRequest> {
                     name: server_name,
                     tenant: server_tenant,
                     resource: "https://mcp.example".into(),
+                    assurance: "nitro".into(),
                 },
                 tool: Some(tool),
                 attestation: AttestationFacts {
