@@ -113,9 +113,24 @@ pub fn request_bytes(
     bearer: Option<&str>,
     json: Option<&str>,
 ) -> Vec<u8> {
+    request_bytes_with(method, host, path, bearer, &[], json)
+}
+
+/// [`request_bytes`] with `headers` (name, value) added.
+pub fn request_bytes_with(
+    method: &str,
+    host: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    headers: &[(&str, &str)],
+    json: Option<&str>,
+) -> Vec<u8> {
     let mut r = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
     if let Some(b) = bearer {
         r.push_str(&format!("Authorization: Bearer {b}\r\n"));
+    }
+    for (name, value) in headers {
+        r.push_str(&format!("{name}: {value}\r\n"));
     }
     match json {
         Some(body) => {

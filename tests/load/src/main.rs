@@ -1,6 +1,11 @@
 //! `attestplane-load`: the whole stack under load (issue 4), against the enclave's in-process
 //! decision rate measured in the same run.
 //!
+//! Two modes: `--mode handle` (the default, described here) measures durable handle
+//! resolutions; `--mode gateway` measures MCP `tools/call` through the enclave's gateway against
+//! the same upstream called directly (issue 10; `gateway.rs` says what it runs and measures,
+//! `upstream.rs` is its upstream, this executable re-run as `attestplane-load bench-upstream`).
+//!
 //! What it does. It starts the real stack from the built binaries — `attestplane-enclave --nsm
 //! mock` on a Unix socket, `attestplane proxy` over a fresh data directory, and an attested MCP
 //! server (`attestplane-demo-server`, or the bench's own mock-NSM document source, see
@@ -61,9 +66,11 @@
 //! `--enforce` (exit 1 when a target is missed). Exit code 0 when the run completed, 1 with
 //! `--enforce` and a missed target, 2 when the stack could not be set up or a round failed.
 
+mod gateway;
 mod http;
 mod inproc;
 mod stack;
+mod upstream;
 mod world;
 
 use std::collections::BTreeMap;
@@ -88,6 +95,14 @@ const TARGET_P99_MS: f64 = 50.0;
 const TARGET_RATIO: f64 = 0.40;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Durable handle resolutions (`POST /v1/servers/{id}/handle`), issue 4.
+    Handle,
+    /// MCP `tools/call` through the gateway (`/mcp/{id}`), issue 10 (see `gateway.rs`).
+    Gateway,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ServerKind {
     /// The demo server if it is built next to this executable, else the bench's own.
     Auto,
@@ -101,6 +116,9 @@ enum ServerKind {
 #[derive(Debug, Parser)]
 #[command(name = "attestplane-load")]
 struct Cli {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Mode::Handle)]
+    mode: Mode,
     /// Concurrent HTTP clients (one keep-alive connection each).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -137,9 +155,32 @@ struct Cli {
     /// Exit 1 when a target is missed.
     #[arg(long)]
     enforce: bool,
+    /// Gateway mode: calls of the one-client latency measurement (each through the gateway
+    /// and directly, interleaved); 0 skips it.
+    #[arg(long, default_value_t = 2000)]
+    latency_calls: usize,
+    /// Gateway mode: stop each round's measurement after this many calls (e.g. 1000000 for
+    /// the memory check, with a long --duration).
+    #[arg(long, value_name = "N")]
+    calls: Option<u64>,
+    /// Gateway mode: how often the processes' RSS is sampled during a round.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    rss_every: Duration,
 }
 
 fn main() -> std::process::ExitCode {
+    let mut args = std::env::args();
+    if std::env::args().nth(1).as_deref() == Some("bench-upstream") {
+        let program = args.next().unwrap_or_default();
+        let _ = args.next();
+        return match upstream::main(std::iter::once(program).chain(args)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("attestplane-load bench-upstream: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let cli = Cli::parse();
     match run(&cli) {
         Ok(true) => std::process::ExitCode::SUCCESS,
@@ -206,6 +247,14 @@ fn run(cli: &Cli) -> Result<bool> {
         .build()
         .context("cannot start the runtime")?;
     let mut world = World::new();
+    if cli.mode == Mode::Gateway {
+        let result = gateway::run(cli, &bin_dir, dir.path(), &rt, &mut world);
+        if cli.keep {
+            let kept = dir.keep();
+            eprintln!("attestplane-load: run directory kept: {}", kept.display());
+        }
+        return result;
+    }
     let tokens = world.tokens(cli.agents, now())?;
 
     eprintln!("attestplane-load: setting up the in-process enclave");
@@ -336,7 +385,7 @@ async fn start_stack(
         proxy_pid,
         server_pid,
     };
-    if let Err(e) = bootstrap(&stack, world, &endpoint, &pcrs).await {
+    if let Err(e) = bootstrap(stack.api, world, World::spec(&endpoint, &pcrs)?).await {
         let tails = stack.tails();
         stack.stop().await;
         bail!("{e:#}\n{tails}");
@@ -364,30 +413,21 @@ fn check_pcrs_file(path: &std::path::Path, pcrs: &[[u8; 48]; 3]) -> Result<()> {
 
 /// Policy, identity provider and registration through `POST /v1/admin`, then the attestation.
 async fn bootstrap(
-    stack: &Stack,
+    api: SocketAddr,
     world: &mut World,
-    endpoint: &str,
-    pcrs: &[[u8; 48]; 3],
+    spec: attestplane_verifier::admin::ServerSpec,
 ) -> Result<()> {
     // Admin requests name the log's genesis entry (entry 1).
-    let reply = http::once(
-        stack.api,
-        "GET",
-        "/v1/log/entries?start=1&end=2",
-        None,
-        None,
-    )
-    .await?;
+    let reply = http::once(api, "GET", "/v1/log/entries?start=1&end=2", None, None).await?;
     if reply.status != 200 || reply.body.is_empty() {
         bail!("GET /v1/log/entries (genesis) answered {}", reply.status);
     }
     world.set_genesis(attestplane_verifier::entry::EntryHash::of(&reply.body));
-    let spec = World::spec(endpoint, pcrs)?;
     for action in world.setup_actions(spec)? {
         let name = action.type_name();
         let bytes = world.admin_request(action, now())?;
         let body = serde_json::json!({ "request": STANDARD.encode(bytes) }).to_string();
-        let reply = http::once(stack.api, "POST", "/v1/admin", None, Some(&body)).await?;
+        let reply = http::once(api, "POST", "/v1/admin", None, Some(&body)).await?;
         if reply.status != 200 {
             bail!(
                 "POST /v1/admin ({name}) answered {}: {}",
@@ -397,7 +437,7 @@ async fn bootstrap(
         }
     }
     let path = format!("/v1/servers/{}/attest", world::SERVER_ID);
-    let reply = http::once(stack.api, "POST", &path, None, None).await?;
+    let reply = http::once(api, "POST", &path, None, None).await?;
     if reply.status != 200 {
         bail!(
             "POST {path} answered {}: {}",

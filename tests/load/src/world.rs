@@ -83,6 +83,20 @@ impl World {
 
     /// The registration of the server at `endpoint` running an image with `pcrs`.
     pub fn spec(endpoint: &str, pcrs: &[[u8; 48]; 3]) -> Result<ServerSpec> {
+        let tools = [(
+            "forecast".to_string(),
+            Digest32(Sha256::digest(b"{\"name\":\"forecast\"}").into()),
+        )]
+        .into();
+        Self::spec_with(endpoint, pcrs, tools)
+    }
+
+    /// [`World::spec`] with `tools` pinned (name → digest).
+    pub fn spec_with(
+        endpoint: &str,
+        pcrs: &[[u8; 48]; 3],
+        tools: BTreeMap<String, Digest32>,
+    ) -> Result<ServerSpec> {
         let mut map = BTreeMap::new();
         for (i, value) in (0u8..).zip(pcrs) {
             let index = PcrIndex::try_from(i).map_err(|e| anyhow::anyhow!("PCR{i}: {e}"))?;
@@ -99,11 +113,7 @@ impl World {
             pcrs: map,
             allow_debug: false,
             max_attestation_age_ms: MAX_ATTESTATION_AGE_MS,
-            tools: [(
-                "forecast".to_string(),
-                Digest32(Sha256::digest(b"{\"name\":\"forecast\"}").into()),
-            )]
-            .into(),
+            tools,
             assurance: attestplane_verifier::admin::Assurance::Nitro,
             prices: Default::default(),
             client_requests: Default::default(),
@@ -151,13 +161,18 @@ impl World {
 
     /// Bearer tokens of `n` agents of the tenant, all with the `tool-user` role, issued at `now`.
     pub fn tokens(&self, n: usize, now: UnixMillis) -> Result<Vec<String>> {
-        (0..n).map(|i| self.token(i, now)).collect()
+        self.tokens_for(n, now, IDP_AUDIENCE)
     }
 
-    fn token(&self, i: usize, now: UnixMillis) -> Result<String> {
+    /// [`World::tokens`] for audience `aud` (an MCP endpoint's resource URI for the gateway).
+    pub fn tokens_for(&self, n: usize, now: UnixMillis, aud: &str) -> Result<Vec<String>> {
+        (0..n).map(|i| self.token(i, now, aud)).collect()
+    }
+
+    fn token(&self, i: usize, now: UnixMillis, aud: &str) -> Result<String> {
         IdentityClaims {
             iss: IDP_ISSUER.into(),
-            aud: IDP_AUDIENCE.into(),
+            aud: aud.into(),
             sub: format!("agent-{i}"),
             user: Some(format!("user-{i}")),
             tenant: TENANT.into(),
