@@ -186,6 +186,13 @@ pub const MAX_ARGUMENT_DECLARATIONS: usize = 256;
 /// The longest call arguments (JSON text) the context is built from, in bytes.
 pub const MAX_ARGUMENTS_LEN: usize = 1024 * 1024;
 
+/// The longest projection of a call's arguments on the declared ones (RFC 8785 canonical
+/// JSON, [`PolicyEngine::project_arguments`]), in bytes: what a decision entry records. Far
+/// below the entry limit, so that a decision entry always fits however large the arguments
+/// (canonical numbers can be longer than the agent's spelling: `1e15` is sixteen digits). A
+/// call over it is refused before it is decided.
+pub const MAX_PROJECTION_LEN: usize = 64 * 1024;
+
 /// The most elements of a `Set` argument put in the context.
 pub const MAX_ARGUMENT_SET_LEN: usize = 1024;
 
@@ -762,6 +769,10 @@ impl PolicyEngine {
     /// its value and its type, right or wrong), which is why the log records the projection
     /// and not the arguments: a decision replays exactly from it, and what no policy reads is
     /// never written down.
+    ///
+    /// A projection longer than [`MAX_PROJECTION_LEN`] is an error (as are arguments that are
+    /// not an I-JSON object of at most [`MAX_ARGUMENTS_LEN`] bytes): the gateway refuses the
+    /// call as invalid params and writes nothing.
     pub fn project_arguments(&self, arguments: Option<&str>) -> Result<Option<String>, String> {
         let Some(text) = arguments else {
             return Ok(None);
@@ -797,9 +808,16 @@ impl PolicyEngine {
             return Ok(None);
         }
         object.push('}');
-        crate::gateway::jcs::canonicalize(&object)
-            .map(Some)
-            .map_err(|e| format!("call arguments: {e}"))
+        let projection = crate::gateway::jcs::canonicalize(&object)
+            .map_err(|e| format!("call arguments: {e}"))?;
+        if projection.len() > MAX_PROJECTION_LEN {
+            return Err(format!(
+                "the declared call arguments' projection is {} bytes, more than \
+                 {MAX_PROJECTION_LEN}",
+                projection.len()
+            ));
+        }
+        Ok(Some(projection))
     }
 
     /// The PII rule of an allowed call whose determining permits are `policies` (a
@@ -1392,6 +1410,43 @@ mod tests {
             Ok(None)
         );
         assert!(engine.project_arguments(Some("[1]")).is_err());
+    }
+
+    #[test]
+    fn a_projection_over_its_bound_is_refused_even_when_the_agent_sent_less() {
+        let engine = PolicyEngine::new(
+            r#"@id("cap") @arguments("to: String")
+               permit(principal, action == Attestplane::Action::"call", resource);"#,
+        )
+        .unwrap();
+        // A string at the bound's edge projects; one byte more does not.
+        let frame = r#"{"to":""}"#.len();
+        let fits = format!(r#"{{"to":"{}"}}"#, "x".repeat(MAX_PROJECTION_LEN - frame));
+        assert_eq!(
+            engine
+                .project_arguments(Some(&fits))
+                .unwrap()
+                .map(|p| p.len()),
+            Some(MAX_PROJECTION_LEN)
+        );
+        let over = format!(
+            r#"{{"to":"{}"}}"#,
+            "x".repeat(MAX_PROJECTION_LEN - frame + 1)
+        );
+        assert!(engine.project_arguments(Some(&over)).is_err());
+        // Canonical numbers outgrow their spelling: 1e15 is sixteen digits. Arguments far
+        // under the bound as sent are over it as projected.
+        let numbers = vec!["1e15"; MAX_PROJECTION_LEN / 16].join(",");
+        let sent = format!(r#"{{"to":[{numbers}],"memo":"{}"}}"#, "m".repeat(1000));
+        assert!(sent.len() < MAX_PROJECTION_LEN / 2);
+        let e = engine.project_arguments(Some(&sent)).unwrap_err();
+        assert!(e.contains("projection"), "{e}");
+        // Undeclared members do not count.
+        let quiet = format!(
+            r#"{{"to":"x","memo":"{}"}}"#,
+            "m".repeat(MAX_PROJECTION_LEN * 2)
+        );
+        assert!(engine.project_arguments(Some(&quiet)).is_ok());
     }
 
     #[test]
