@@ -1113,3 +1113,33 @@ async fn a_plain_servers_tool_under_a_nitro_only_policy_is_refused_and_withheld_
         replays(&attested);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_a_pii_scan_limit_is_aborted_naming_the_limit_and_the_stack_serves_on() {
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    // More findings than the scanner counts: an answer the gateway cannot scan is never
+    // passed on, under any rule.
+    *s.upstream.answer_text.lock().unwrap() =
+        vec!["a@b.example"; attestplane_verifier::gateway::pii::MAX_FINDINGS + 1].join(" ");
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("could not be scanned for PII: more than 10000 findings"),
+        "{body}"
+    );
+    assert!(!body.contains("a@b.example"), "{body}");
+    let last = s.entries().pop().unwrap();
+    let Event::CallResult { outcome, .. } = last else {
+        panic!("{last:?}")
+    };
+    assert_eq!(outcome, "aborted");
+    *s.upstream.answer_text.lock().unwrap() = "3".into();
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    replays(&s);
+}

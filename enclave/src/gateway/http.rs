@@ -761,12 +761,12 @@ impl Gateway {
             }
             Err(e) => {
                 let why = match e {
-                    redact::TreatError::NotAResponse => "not a json-rpc response",
-                    redact::TreatError::Scan(_) => "the answer could not be scanned for PII",
+                    redact::TreatError::NotAResponse => {
+                        UpstreamError::BadAnswer("not a json-rpc response")
+                    }
+                    redact::TreatError::Scan(limit) => UpstreamError::Unscannable(limit),
                 };
-                return self
-                    .aborted(id, seq, rule, &UpstreamError::BadAnswer(why))
-                    .await;
+                return self.aborted(id, seq, rule, &why).await;
             }
         };
         let body = match String::from_utf8(body)

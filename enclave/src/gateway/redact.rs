@@ -189,4 +189,23 @@ mod tests {
             Err(TreatError::NotAResponse)
         );
     }
+
+    #[test]
+    fn an_answer_over_a_scan_limit_names_the_limit_under_every_rule() {
+        let many = vec!["a@b.example"; pii::MAX_FINDINGS + 1].join(" ");
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":7,"result":{{"content":[{{"type":"text","text":"{many}"}}]}}}}"#
+        );
+        for rule in [PiiAction::Allow, PiiAction::Redact, PiiAction::Refuse] {
+            let e = treat_answer(body.as_bytes(), rule).unwrap_err();
+            assert_eq!(
+                e,
+                TreatError::Scan(PiiError::TooManyFindings {
+                    max: pii::MAX_FINDINGS
+                }),
+                "{rule:?}"
+            );
+            assert!(e.to_string().contains("10000 findings"), "{e}");
+        }
+    }
 }

@@ -69,6 +69,11 @@ pub enum UpstreamError {
     /// The answer was too large, not JSON-RPC, or did not answer the request.
     #[error("bad answer from the server: {0}")]
     BadAnswer(&'static str),
+    /// The answer could not be scanned for PII, and which limit it hit (too long, too many
+    /// findings, redaction did not settle, ...): an answer the gateway cannot scan is never
+    /// passed on.
+    #[error("the answer could not be scanned for PII: {0}")]
+    Unscannable(attestplane_verifier::gateway::pii::PiiError),
     /// The call took too long.
     #[error("the server did not answer in time")]
     Timeout,
