@@ -2,8 +2,9 @@
 //! admin key set change.
 //!
 //! An admin request is a COSE_Sign1 in the same Ed25519 profile as log entries, with content
-//! type `application/vnd.attestplane.admin+cbor` (so an admin signature can never pass as an
-//! entry, nor the reverse), signed by one of the current admin keys. Its payload is the
+//! type `application/vnd.attestplane.admin.v1+cbor` (so an admin signature can never pass as an
+//! entry, nor the reverse; a request of another format version is refused as
+//! [`AdminError::UnsupportedVersion`]), signed by one of the current admin keys. Its payload is the
 //! deterministic CBOR map
 //! `{ "time": ms, "nonce": bstr(16), "deployment": { "origin": text, "genesis": bstr(32) },
 //! "action": { "type": ..., ... } }`.
@@ -33,11 +34,11 @@ use thiserror::Error;
 use crate::attestation::{Pcr, PcrIndex};
 use crate::cbor::{self, CborError, Fields, ShapeError, as_u64, keys32, map, uint};
 use crate::cose::{self, CoseError};
-use crate::entry::{EntryHash, KeyId};
+use crate::entry::{EntryHash, FormatVersion, KeyId};
 use crate::time::UnixMillis;
 
-/// Content type of an admin request's protected header.
-pub const ADMIN_CONTENT_TYPE: &str = "application/vnd.attestplane.admin+cbor";
+/// Content type of an admin request's protected header, with the format's version (v1).
+pub const ADMIN_CONTENT_TYPE: &str = "application/vnd.attestplane.admin.v1+cbor";
 
 /// The largest admin request accepted.
 pub const MAX_ADMIN_REQUEST_LEN: usize = cbor::MAX_PAYLOAD_LEN + 512;
@@ -378,6 +379,16 @@ pub enum AdminError {
         /// What was wrong.
         reason: String,
     },
+    /// The request is of another version of the format than the one this verifier reads
+    /// ([`FormatVersion::CURRENT`]): signed by a pre-v1 CLI, or by a later one.
+    #[error(
+        "admin request format {found} is not {}, the only version this verifier reads",
+        FormatVersion::CURRENT
+    )]
+    UnsupportedVersion {
+        /// The version its content type names.
+        found: FormatVersion,
+    },
     /// The payload is not deterministic CBOR.
     #[error("admin request payload: {0}")]
     Cbor(#[from] CborError),
@@ -437,6 +448,7 @@ impl From<CoseError> for AdminError {
             CoseError::Header(reason) => AdminError::Malformed {
                 reason: reason.to_string(),
             },
+            CoseError::Version { found } => AdminError::UnsupportedVersion { found },
             CoseError::NotCanonical => AdminError::Malformed {
                 reason: "not in canonical encoding".into(),
             },

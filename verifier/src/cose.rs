@@ -12,6 +12,10 @@
 //! to the reference opener ([`open_reference`]: parse with `coset`, re-encode the parts, compare
 //! the bytes), which names what is wrong; the two are checked against each other by property
 //! tests, and the reference decides whenever the fast path does not accept.
+//!
+//! The content types carry the format's version (`application/vnd.attestplane.entry.v1+cbor`):
+//! a message of the same kind under another version (or under the unversioned content type
+//! written before v1) is refused as [`CoseError::Version`], naming the version it carries.
 
 use std::borrow::Cow;
 
@@ -30,10 +34,57 @@ pub(crate) enum CoseError {
     Malformed(String),
     /// The protected header is not the profile's.
     Header(&'static str),
+    /// The content type is of the expected kind, but names another version of its format.
+    Version { found: FormatVersion },
     /// Decodes, but not in the one canonical encoding.
     NotCanonical,
     /// The signer failed.
     SigningFailed,
+}
+
+/// A version of the signed formats, as the content type names it. The profile's content types
+/// are `application/vnd.attestplane.{kind}.v{N}+cbor`; before v1 they carried no version
+/// (`application/vnd.attestplane.{kind}+cbor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FormatVersion {
+    /// The unversioned content type written before the format was frozen as v1. No log kept
+    /// in production holds it; it is refused by name.
+    PreV1,
+    /// `.v{N}` in the content type.
+    V(u32),
+}
+
+impl FormatVersion {
+    /// The version of the format this crate reads and writes.
+    pub const CURRENT: Self = Self::V(1);
+
+    /// The version `found` names within the family of `expected` (the same
+    /// `application/vnd.attestplane.{kind}`), or `None` when `found` is not of that family.
+    pub(crate) fn of(found: &str, expected: &str) -> Option<Self> {
+        let (family, _) = expected.strip_suffix("+cbor")?.rsplit_once(".v")?;
+        let rest = found.strip_prefix(family)?.strip_suffix("+cbor")?;
+        if rest.is_empty() {
+            return Some(Self::PreV1);
+        }
+        let digits = rest.strip_prefix(".v")?;
+        // Decimal without leading zeros, so each version has one spelling.
+        if digits.is_empty()
+            || digits.starts_with('0')
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        digits.parse().ok().map(Self::V)
+    }
+}
+
+impl std::fmt::Display for FormatVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PreV1 => f.write_str("pre-v1"),
+            Self::V(n) => write!(f, "v{n}"),
+        }
+    }
 }
 
 /// The parts of an opened COSE_Sign1.
@@ -257,6 +308,12 @@ pub(crate) fn open_reference(
     }
     match &header.content_type {
         Some(coset::ContentType::Text(t)) if t == content_type => {}
+        Some(coset::ContentType::Text(t)) => {
+            return Err(match FormatVersion::of(t, content_type) {
+                Some(found) => CoseError::Version { found },
+                None => CoseError::Header("wrong content type"),
+            });
+        }
         _ => return Err(CoseError::Header("wrong content type")),
     }
     let kid: [u8; 32] = header
@@ -384,5 +441,68 @@ mod tests {
             let reference = open_reference(&bytes, ct, usize::MAX).unwrap();
             assert!(same(&open_exact(&bytes, ct).unwrap(), &reference));
         }
+    }
+
+    #[test]
+    fn content_types_name_their_version_within_their_kind() {
+        let entry = crate::entry::ENTRY_CONTENT_TYPE;
+        let admin = crate::admin::ADMIN_CONTENT_TYPE;
+        assert_eq!(
+            FormatVersion::of(entry, entry),
+            Some(FormatVersion::CURRENT)
+        );
+        assert_eq!(
+            FormatVersion::of(admin, admin),
+            Some(FormatVersion::CURRENT)
+        );
+        for (found, version) in [
+            (
+                "application/vnd.attestplane.entry+cbor",
+                Some(FormatVersion::PreV1),
+            ),
+            (
+                "application/vnd.attestplane.entry.v2+cbor",
+                Some(FormatVersion::V(2)),
+            ),
+            ("application/vnd.attestplane.entry.v4294967296+cbor", None),
+            ("application/vnd.attestplane.entry.v01+cbor", None),
+            ("application/vnd.attestplane.entry.v+cbor", None),
+            ("application/vnd.attestplane.entry.v-1+cbor", None),
+            ("application/vnd.attestplane.entryx+cbor", None),
+            ("application/vnd.attestplane.entry.v1+json", None),
+            ("application/vnd.attestplane.admin.v1+cbor", None),
+            ("application/vnd.attestplane.admin+cbor", None),
+        ] {
+            assert_eq!(FormatVersion::of(found, entry), version, "{found}");
+        }
+        assert_eq!(
+            FormatVersion::of("application/vnd.attestplane.admin+cbor", admin),
+            Some(FormatVersion::PreV1)
+        );
+    }
+
+    #[test]
+    fn another_version_of_the_same_kind_is_refused_by_name() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let entry = crate::entry::ENTRY_CONTENT_TYPE;
+        let pre_v1 = sign(
+            "application/vnd.attestplane.entry+cbor",
+            &[1; 32],
+            vec![0xa0],
+            &key,
+        )
+        .unwrap();
+        assert!(open_exact(&pre_v1, entry).is_none());
+        assert_eq!(
+            open_borrowed(&pre_v1, entry, usize::MAX).err(),
+            Some(CoseError::Version {
+                found: FormatVersion::PreV1
+            })
+        );
+        let admin = sign(crate::admin::ADMIN_CONTENT_TYPE, &[1; 32], vec![0xa0], &key).unwrap();
+        assert_eq!(
+            open_borrowed(&admin, entry, usize::MAX).err(),
+            Some(CoseError::Header("wrong content type"))
+        );
     }
 }

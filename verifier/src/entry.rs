@@ -1,7 +1,7 @@
 //! Log entries: the one definition of their bytes.
 //!
 //! An entry is a tagged COSE_Sign1 (RFC 9052) whose protected header is exactly
-//! `{1: -8 (EdDSA), 3: "application/vnd.attestplane.entry+cbor", 4: kid}`, whose unprotected
+//! `{1: -8 (EdDSA), 3: "application/vnd.attestplane.entry.v1+cbor", 4: kid}`, whose unprotected
 //! header is empty, and whose payload is the deterministic CBOR map
 //!
 //! ```text
@@ -43,8 +43,12 @@ pub use crate::eddsa::KeyId;
 use crate::reason::{Reason, ReasonError, opt_reason, take_opt_reason};
 use crate::time::UnixMillis;
 
-/// Content type in every entry's protected header: binds the signature to this format.
-pub const ENTRY_CONTENT_TYPE: &str = "application/vnd.attestplane.entry+cbor";
+pub use crate::cose::FormatVersion;
+
+/// Content type in every entry's protected header: binds the signature to this format and its
+/// version ([`FormatVersion::CURRENT`], v1). An entry under another version of it, or under
+/// the unversioned type written before v1, is refused as [`EntryError::UnsupportedVersion`].
+pub const ENTRY_CONTENT_TYPE: &str = "application/vnd.attestplane.entry.v1+cbor";
 
 /// The largest encoded entry accepted.
 pub const MAX_ENTRY_LEN: usize = cbor::MAX_PAYLOAD_LEN + 512;
@@ -897,6 +901,7 @@ impl From<CoseError> for EntryError {
             CoseError::TooLong { len, max } => EntryError::TooLong { len, max },
             CoseError::Malformed(reason) => EntryError::Cose { reason },
             CoseError::Header(reason) => EntryError::Header { reason },
+            CoseError::Version { found } => EntryError::UnsupportedVersion { found },
             CoseError::NotCanonical => EntryError::NotCanonical,
             CoseError::SigningFailed => EntryError::SigningFailed,
         }
@@ -926,6 +931,16 @@ pub enum EntryError {
     Header {
         /// What was wrong.
         reason: &'static str,
+    },
+    /// The entry is of another version of the format than the one this verifier reads
+    /// ([`FormatVersion::CURRENT`]): a pre-v1 entry, or one of a later version.
+    #[error(
+        "entry format {found} is not {}, the only version this verifier reads",
+        FormatVersion::CURRENT
+    )]
+    UnsupportedVersion {
+        /// The version its content type names.
+        found: FormatVersion,
     },
     /// The payload is not deterministic CBOR.
     #[error("payload: {0}")]

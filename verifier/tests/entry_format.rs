@@ -19,10 +19,11 @@ fn entry(seq: u64, prev: [u8; 32], epoch: u64, time: u64, event: Event) -> Entry
     }
 }
 
-/// Pins the exact bytes of one entry. The payload hex was written by hand from RFC 8949 §4.2.1
-/// and the entry hash computed independently (Python `cryptography` Ed25519 over a hand-built
-/// COSE Sig_structure), not copied from this crate's output. If this changes, every existing log stops verifying:
-/// change it only with a new format version.
+/// Pins the exact bytes of one entry of format v1. The payload hex was written by hand from
+/// RFC 8949 §4.2.1 and the entry hash computed independently (by `scripts/gen-format-kat`, its
+/// `checkpoint_entry` case, and checked with Python `cryptography` Ed25519 over the same
+/// Sig_structure), not copied from this crate's output. If this changes, every existing log
+/// stops verifying: change it only with a new format version.
 #[test]
 fn entry_bytes_known_answer() {
     let k = key();
@@ -63,11 +64,22 @@ fn entry_bytes_known_answer() {
         )
     );
     let bytes = e.sign(&kid, &k).unwrap();
-    // Tag 18, array(4), protected bstr(79) {1: -8, 3: content type, 4: kid}, {}, payload, sig.
-    assert_eq!(hex::encode(&bytes[..4]), "d284584f");
+    // Tag 18, array(4), protected bstr(82) {1: -8, 3: content type, 4: kid}, {}, payload, sig.
+    assert_eq!(hex::encode(&bytes[..4]), "d2845852");
+    assert_eq!(
+        hex::encode(&bytes[4..54]),
+        concat!(
+            "a30127", // map(3), 1: -8
+            "03",
+            "7829", // 3: text(41)
+            "6170706c69636174696f6e2f766e642e617474657374706c616e652e656e7472792e76312b63626f72",
+            "045820", // 4: bstr(32), the kid follows
+        ),
+        "the protected header names application/vnd.attestplane.entry.v1+cbor"
+    );
     assert_eq!(
         EntryHash::of(&bytes).to_hex(),
-        "4e809cada362753e96385cbacdf040106ba6b25cf6b1b213444cce00cb546d46",
+        "3e9527bd421d2c98f1a771f06102e32a74a24304eb1475770cb60d6a7e8f6883",
         "entry hash changed: the encoding is no longer what existing logs hold"
     );
 }
@@ -291,6 +303,7 @@ fn encoder_bytes_equal_the_independent_known_answers() {
         refused.sign(&kid, &epoch).unwrap(),
     );
     for name in ["checkpoint_entry", "genesis_entry", "refused_admin_entry"] {
+        // The generator's bytes, read back by the log verifier's decoder.
         let decoded = SignedEntry::decode(&kat(name).1).unwrap();
         assert!(decoded.verify(&epoch.verifying_key()).is_ok(), "{name}");
     }
@@ -299,5 +312,56 @@ fn encoder_bytes_equal_the_independent_known_answers() {
             .unwrap()
             .entry(),
         &refused
+    );
+}
+
+/// An entry of the format before v1 (the unversioned content type
+/// `application/vnd.attestplane.entry+cbor`), validly signed, is refused by its version, not
+/// read as v1 and not lumped in with malformed headers: by the one-pass decoder and the
+/// reference decoder alike. Its bytes are the generator's, under the old content type.
+#[test]
+fn rejects_pre_v1_entry_by_its_version() {
+    use attestplane_verifier::entry::{EntryError, FormatVersion};
+
+    let (_, pre_v1, hash) = kat("pre_v1_checkpoint_entry");
+    // The hash entries of this content had before v1: the generator reproduces the old format.
+    assert_eq!(
+        hash,
+        "4e809cada362753e96385cbacdf040106ba6b25cf6b1b213444cce00cb546d46"
+    );
+    let want = EntryError::UnsupportedVersion {
+        found: FormatVersion::PreV1,
+    };
+    assert_eq!(SignedEntry::decode(&pre_v1).unwrap_err(), want);
+    assert_eq!(SignedEntry::decode_reference(&pre_v1).unwrap_err(), want);
+    assert_eq!(
+        want.to_string(),
+        "entry format pre-v1 is not v1, the only version this verifier reads"
+    );
+}
+
+/// An admin request signed under the pre-v1 content type is refused by its version.
+#[test]
+fn rejects_pre_v1_admin_request_by_its_version() {
+    use attestplane_verifier::admin::{AdminError, SignedAdminRequest};
+    use attestplane_verifier::entry::FormatVersion;
+
+    let (_, v1, _) = kat("admin_request");
+    // The same request with "admin.v1+cbor" spelled "admin+cbor": the protected header shrinks
+    // by three bytes, and the signature no longer matters (the version is refused first).
+    let v1_hex = hex::encode(&v1);
+    let ct_v1 = hex::encode("\x78\x29application/vnd.attestplane.admin.v1+cbor");
+    let ct_pre = hex::encode("\x78\x26application/vnd.attestplane.admin+cbor");
+    assert!(v1_hex.starts_with("d2845852"));
+    let pre = v1_hex
+        .replacen("d2845852", "d284584f", 1)
+        .replacen(&ct_v1, &ct_pre, 1);
+    assert_ne!(pre, v1_hex);
+    let err = SignedAdminRequest::decode(&hex::decode(pre).unwrap()).unwrap_err();
+    assert_eq!(
+        err,
+        AdminError::UnsupportedVersion {
+            found: FormatVersion::PreV1
+        }
     );
 }
