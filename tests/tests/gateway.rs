@@ -232,3 +232,280 @@ fn declared_arguments_whose_logged_projection_outgrows_an_entry_get_invalid_para
     assert!(body.contains("\"result\""), "{body}");
     w.verified_log("projection.cbor");
 }
+
+/// The one tool the scripted upstream lists.
+const SCRIPTED_TOOL: &str =
+    r#"{"name":"echo","description":"Echoes.","inputSchema":{"type":"object"}}"#;
+
+/// How the scripted upstream answers `tools/call`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Script {
+    /// Plain JSON, at once.
+    Answer = 0,
+    /// An SSE stream of notifications, then the answer, then the stream held open.
+    FloodThenAnswerHeldOpen = 1,
+    /// An SSE stream of notifications that never ends and never answers.
+    FloodForever = 2,
+    /// One SSE event larger than the gateway reads, then the stream held open.
+    HugeEvent = 3,
+}
+
+/// A scripted MCP server (modern era, plain HTTP/1.1 over TCP written by hand, so that it can
+/// misbehave in ways an SDK will not): registered as a plain server (`--assurance none`).
+struct Scripted {
+    addr: std::net::SocketAddr,
+    script: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Scripted {
+    fn start() -> Scripted {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU8, AtomicUsize};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let script = Arc::new(AtomicU8::new(Script::Answer as u8));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (s, c) = (script.clone(), calls.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let (s, c) = (s.clone(), c.clone());
+                std::thread::spawn(move || serve_scripted(stream, &s, &c));
+            }
+        });
+        Scripted {
+            addr,
+            script,
+            calls,
+        }
+    }
+
+    fn set(&self, script: Script) {
+        self.script
+            .store(script as u8, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Serves one connection: requests until the peer closes or a stream is held.
+fn serve_scripted(
+    mut stream: std::net::TcpStream,
+    script: &std::sync::atomic::AtomicU8,
+    calls: &std::sync::atomic::AtomicUsize,
+) {
+    use std::io::{Read as _, Write as _};
+    let mut buffer = Vec::new();
+    loop {
+        // One request: headers, then Content-Length bytes of body.
+        let head_end = loop {
+            if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 8192];
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        while buffer.len() < head_end + len {
+            let mut chunk = [0u8; 8192];
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buffer.drain(..head_end + len).skip(head_end).collect();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let id = v.get("id").cloned().unwrap_or(serde_json::Value::Null);
+        let json = |result: &str| {
+            let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let reply = match v["method"].as_str().unwrap_or_default() {
+            "server/discover" => json(
+                r#"{"resultType":"complete","supportedVersions":["2026-07-28"],"capabilities":{"tools":{}}}"#,
+            ),
+            "tools/list" => json(&format!(r#"{{"tools":[{SCRIPTED_TOOL}]}}"#)),
+            "tools/call" => {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = r#"{"content":[{"type":"text","text":"echoed"}],"isError":false}"#;
+                let sse_head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                let note = "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n";
+                match script.load(std::sync::atomic::Ordering::SeqCst) {
+                    1 => {
+                        let mut out = String::from(sse_head);
+                        out.push_str(&note.repeat(500));
+                        out.push_str(&format!(
+                            "data: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{answer}}}\n\n"
+                        ));
+                        let _ = stream.write_all(out.as_bytes());
+                        hold(&mut stream);
+                        return;
+                    }
+                    2 => {
+                        let _ = stream.write_all(sse_head.as_bytes());
+                        let burst = note.repeat(64);
+                        while stream.write_all(burst.as_bytes()).is_ok() {}
+                        return;
+                    }
+                    3 => {
+                        let huge = format!(
+                            "{sse_head}data: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"text\":\"{}\"}}}}\n\n",
+                            "x".repeat(5 * 1024 * 1024)
+                        );
+                        let _ = stream.write_all(huge.as_bytes());
+                        hold(&mut stream);
+                        return;
+                    }
+                    _ => json(answer),
+                }
+            }
+            // No listen stream, nothing else.
+            _ => "HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n".to_owned(),
+        };
+        if stream.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Holds a stream open until the peer closes it (at most 30 s).
+fn hold(stream: &mut std::net::TcpStream) {
+    use std::io::Read as _;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut sink = [0u8; 1024];
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+/// The outcomes of the `call_result` entries of an exported log, in order.
+fn call_outcomes(log: &std::path::Path) -> Vec<String> {
+    let bytes = std::fs::read(log).unwrap();
+    attestplane_tests::split_log(&bytes)
+        .iter()
+        .filter_map(|b| {
+            match attestplane_verifier::entry::SignedEntry::decode(b)
+                .unwrap()
+                .entry()
+                .event
+                .clone()
+            {
+                attestplane_verifier::entry::Event::CallResult { outcome, .. } => Some(outcome),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// A [`Walk`] with the scripted server registered as `scripted` (assurance none, its tool
+/// pinned) and a policy letting tool-users call plain servers' tools; the endpoint and token
+/// for it.
+fn scripted_walk() -> (Walk, Scripted, String, String) {
+    let w = Walk::start(
+        "@id(\"call-plain\")\npermit (principal, action == Attestplane::Action::\"call\", resource)\nwhen { principal.tenant == resource.tenant && principal.roles.contains(\"tool-user\") && context.server_assurance == \"none\" };",
+    );
+    let up = Scripted::start();
+    let pin = attestplane_verifier::gateway::pin::tool_digest(SCRIPTED_TOOL).unwrap();
+    let base = format!("http://{}", up.addr);
+    w.stack
+        .files
+        .cli(&[
+            "servers",
+            "register",
+            "--id",
+            "scripted",
+            "--tenant",
+            "acme",
+            "--resource",
+            &format!("{base}/mcp"),
+            "--endpoint",
+            &base,
+            "--assurance",
+            "none",
+            "--tool",
+            &format!("echo={}", hex::encode(pin.digest.0)),
+        ])
+        .ok();
+    let endpoint = w.endpoint.replace("/mcp/weather", "/mcp/scripted");
+    let token = w
+        .stack
+        .files
+        .mint_agent_token_for(Some(&endpoint), "agent-scripted.jwt");
+    (w, up, endpoint, token)
+}
+
+#[test]
+fn an_upstream_flooding_notifications_gets_a_typed_error_or_its_answer_and_the_log_stays_whole() {
+    let (w, up, endpoint, token) = scripted_walk();
+    let send = |body: &str| {
+        w.runtime
+            .block_on(post(&w.client, &endpoint, Some(&token), body))
+    };
+    // 500 notifications, then the answer, then the stream held open: the agent gets the
+    // answer without waiting for the stream to end (the upstream timeout is far longer).
+    let started = std::time::Instant::now();
+    up.set(Script::FloodThenAnswerHeldOpen);
+    let (status, body) = send(&call("echo", "{}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("echoed"), "{body}");
+    assert!(!body.contains("notifications/progress"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the call waited for the held stream"
+    );
+    // Notifications without end and no answer: refused past the event bound, typed.
+    up.set(Script::FloodForever);
+    let (status, body) = send(&call("echo", "{}"));
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(error_code(&body), Some(-32603), "{body}");
+    assert!(
+        body.contains("too many events before the answer")
+            || body.contains("larger than the answer bound"),
+        "{body}"
+    );
+    // The stack serves on.
+    up.set(Script::Answer);
+    let (status, body) = send(&call("echo", "{}"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up.calls(), 3);
+    // Every call has its decision and its result; the refused one's is `aborted`.
+    let json = w.verified_log("flood.cbor");
+    let (log, _) = w.stack.files.export("flood-outcomes.cbor");
+    assert_eq!(call_outcomes(&log), ["ok", "aborted", "ok"], "{json}");
+}
+
+#[test]
+fn an_upstream_sse_event_over_the_bound_gets_a_typed_error_and_the_log_stays_whole() {
+    let (w, up, endpoint, token) = scripted_walk();
+    let send = |body: &str| {
+        w.runtime
+            .block_on(post(&w.client, &endpoint, Some(&token), body))
+    };
+    up.set(Script::HugeEvent);
+    let (status, body) = send(&call("echo", "{}"));
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(error_code(&body), Some(-32603), "{body}");
+    assert!(
+        body.contains("an sse event is too large") || body.contains("larger than the answer bound"),
+        "{body}"
+    );
+    assert!(!body.contains("xxxx"), "{}", &body[..body.len().min(300)]);
+    up.set(Script::Answer);
+    let (status, body) = send(&call("echo", "{}"));
+    assert_eq!(status, 200, "{body}");
+    w.verified_log("huge-event.cbor");
+    let (log, _) = w.stack.files.export("huge-event-outcomes.cbor");
+    assert_eq!(call_outcomes(&log), ["aborted", "ok"]);
+}

@@ -10,9 +10,10 @@
 //! the caller. A legacy upstream's session id is the gateway's, never the agent's; a 404 on it
 //! (the server forgot the session) re-initializes once.
 //!
-//! Answers are read bounded ([`super::MAX_RESPONSE_BODY`]): plain JSON, or an SSE stream from
-//! which the JSON-RPC response to the request's id is taken (notifications before it are
-//! counted and dropped, bounded too).
+//! Answers are read bounded ([`super::MAX_RESPONSE_BODY`]): plain JSON, or an SSE stream read
+//! event by event until the JSON-RPC response in it (notifications before it are counted and
+//! dropped, at most [`MAX_SSE_EVENTS`]; the read stops at the response, so a server that holds
+//! the stream open after answering does not hold the call).
 //!
 //! [`Upstreams::listen_tools_changed`] holds a stream of its own open to an upstream and
 //! reports its `notifications/tools/list_changed`, one bounded event at a time.
@@ -27,6 +28,7 @@ use std::time::Duration;
 use attestplane_verifier::gateway::jsonrpc::{Kind, parse_message};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Body as _;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -384,6 +386,16 @@ impl Upstreams {
             .get(hyper::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        if sse && status.is_success() {
+            // Read event by event and stop at the answer: a server that keeps the stream open
+            // after answering (or floods it) never holds the call past its answer or the
+            // bounds. A stream left unread is not reused: dropping it closes the connection.
+            let (answer, finished) = read_sse_answer(response.into_body()).await?;
+            if finished {
+                self.give_back(&endpoint.server, sender);
+            }
+            return Ok((answer, session));
+        }
         let collected = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
             .collect()
             .await
@@ -403,16 +415,98 @@ impl Upstreams {
         if !status.is_success() {
             return Err(UpstreamError::Status(status.as_u16()));
         }
-        let answer = if sse {
-            answer_from_sse(&collected)?
-        } else {
-            Answer {
-                body: collected,
-                streamed: false,
-                notifications: 0,
-            }
+        let answer = Answer {
+            body: collected,
+            streamed: false,
+            notifications: 0,
         };
         Ok((answer, session))
+    }
+}
+
+/// Reads an SSE response body until the JSON-RPC response in it: the answer, and whether the
+/// stream was read to its end (only then may the connection be reused). Bounded: at most
+/// [`MAX_RESPONSE_BODY`] bytes in all (so no event is larger), at most [`MAX_SSE_EVENTS`]
+/// events before the answer.
+async fn read_sse_answer(mut body: hyper::body::Incoming) -> Result<(Answer, bool), UpstreamError> {
+    let mut reader = SseAnswer::default();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| UpstreamError::Http(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total = total.saturating_add(data.len());
+        if total > MAX_RESPONSE_BODY {
+            return Err(UpstreamError::BadAnswer(
+                "the sse stream is larger than the answer bound",
+            ));
+        }
+        if let Some(answer) = reader.push(&data)? {
+            return Ok((answer, body.is_end_stream()));
+        }
+    }
+    reader.finish().map(|a| (a, true))
+}
+
+/// The JSON-RPC response in an SSE stream, read incrementally: the first `data` event that is
+/// a response or an error response; notifications before it are counted and dropped.
+#[derive(Debug)]
+struct SseAnswer {
+    events: SseEvents,
+    seen: usize,
+    notifications: usize,
+}
+
+impl Default for SseAnswer {
+    fn default() -> Self {
+        Self {
+            events: SseEvents::bounded(MAX_RESPONSE_BODY),
+            seen: 0,
+            notifications: 0,
+        }
+    }
+}
+
+impl SseAnswer {
+    /// Adds `bytes`; the answer once an event completed it.
+    fn push(&mut self, bytes: &[u8]) -> Result<Option<Answer>, UpstreamError> {
+        let events = self.events.push(bytes)?;
+        self.take(events)
+    }
+
+    /// The stream ended: its last event may lack the blank line that ends it.
+    fn finish(mut self) -> Result<Answer, UpstreamError> {
+        let last = self.events.finish()?;
+        match self.take(last)? {
+            Some(a) => Ok(a),
+            None => Err(UpstreamError::BadAnswer(
+                "the stream ended without an answer",
+            )),
+        }
+    }
+
+    fn take(&mut self, events: Vec<String>) -> Result<Option<Answer>, UpstreamError> {
+        for data in events {
+            self.seen += 1;
+            if self.seen > MAX_SSE_EVENTS {
+                return Err(UpstreamError::BadAnswer(
+                    "too many events before the answer",
+                ));
+            }
+            match parse_message(data.as_bytes()).map(|m| m.kind()) {
+                Ok(Kind::Response | Kind::ErrorResponse) => {
+                    return Ok(Some(Answer {
+                        body: Bytes::from(data),
+                        streamed: true,
+                        notifications: self.notifications,
+                    }));
+                }
+                Ok(_) => self.notifications += 1,
+                Err(_) => return Err(UpstreamError::BadAnswer("an sse event is not json-rpc")),
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -490,7 +584,7 @@ impl Upstreams {
             return Err(UpstreamError::BadAnswer("the listen stream is not sse"));
         }
         let mut body = response.into_body();
-        let mut events = SseEvents::default();
+        let mut events = SseEvents::bounded(MAX_LISTEN_EVENT);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| UpstreamError::Http(e.to_string()))?;
             let Ok(data) = frame.into_data() else {
@@ -517,42 +611,80 @@ impl Upstreams {
 }
 
 /// An SSE stream read incrementally: bytes in, the `data` of each complete event out.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SseEvents {
     buffer: Vec<u8>,
+    /// How far `buffer` has been searched for an event's end (without finding one).
+    searched: usize,
+    /// The longest event (or line) accepted.
+    max: usize,
 }
 
 impl SseEvents {
+    /// A reader of events of at most `max` bytes each.
+    fn bounded(max: usize) -> Self {
+        Self {
+            buffer: Vec::new(),
+            searched: 0,
+            max,
+        }
+    }
+
     /// Adds `bytes`; returns the data of the events they completed. An event (or a line)
-    /// longer than [`MAX_LISTEN_EVENT`] ends the stream.
+    /// longer than the bound ends the stream. Each byte is searched once for an event's end,
+    /// however thinly the stream is cut.
     fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, UpstreamError> {
         self.buffer.extend_from_slice(bytes);
         let mut out = Vec::new();
         loop {
-            let end = find_event_end(&self.buffer);
-            let Some((at, len)) = end else {
-                if self.buffer.len() > MAX_LISTEN_EVENT {
+            // A separator may straddle the previous search's end: look back three bytes.
+            let from = self.searched.saturating_sub(3);
+            let Some((at, len)) = self
+                .buffer
+                .get(from..)
+                .and_then(find_event_end)
+                .map(|(at, len)| (at + from, len))
+            else {
+                self.searched = self.buffer.len();
+                if self.buffer.len() > self.max {
                     return Err(UpstreamError::BadAnswer("an sse event is too large"));
                 }
                 return Ok(out);
             };
-            let event: Vec<u8> = self.buffer.drain(..at + len).take(at).collect();
-            let text = std::str::from_utf8(&event)
-                .map_err(|_| UpstreamError::BadAnswer("sse is not utf-8"))?;
-            let mut data = String::new();
-            for line in text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)) {
-                if let Some(d) = line.strip_prefix("data:") {
-                    if !data.is_empty() {
-                        data.push('\n');
-                    }
-                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
-                }
+            if at > self.max {
+                return Err(UpstreamError::BadAnswer("an sse event is too large"));
             }
-            if !data.is_empty() {
+            let event: Vec<u8> = self.buffer.drain(..at + len).take(at).collect();
+            self.searched = 0;
+            if let Some(data) = event_data(&event)? {
                 out.push(data);
             }
         }
     }
+
+    /// The data of the last event, which the end of the stream ended (if it has any).
+    fn finish(&mut self) -> Result<Vec<String>, UpstreamError> {
+        let event = std::mem::take(&mut self.buffer);
+        Ok(event_data(&event)?.into_iter().collect())
+    }
+}
+
+/// The `data` of one event (its lines joined), `None` when it has none.
+fn event_data(event: &[u8]) -> Result<Option<String>, UpstreamError> {
+    let text =
+        std::str::from_utf8(event).map_err(|_| UpstreamError::BadAnswer("sse is not utf-8"))?;
+    let mut data = String::new();
+    let mut any = false;
+    for line in text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)) {
+        if let Some(d) = line.strip_prefix("data:") {
+            if any {
+                data.push('\n');
+            }
+            any = true;
+            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+        }
+    }
+    Ok((any && !data.is_empty()).then_some(data))
 }
 
 /// Where the first event in `buffer` ends: the index of its blank-line separator and the
@@ -585,53 +717,10 @@ pub fn encode_header_value(v: &str) -> String {
 /// The JSON-RPC response in an SSE stream: the first `data` event that is a response or an
 /// error response; notifications before it are counted.
 pub fn answer_from_sse(stream: &[u8]) -> Result<Answer, UpstreamError> {
-    let text =
-        std::str::from_utf8(stream).map_err(|_| UpstreamError::BadAnswer("sse is not utf-8"))?;
-    let mut notifications = 0usize;
-    let mut events = 0usize;
-    let mut data = String::new();
-    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    loop {
-        let line = lines.next();
-        match line {
-            Some(l) if !l.is_empty() => {
-                if let Some(d) = l.strip_prefix("data:") {
-                    if !data.is_empty() {
-                        data.push('\n');
-                    }
-                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
-                }
-                continue;
-            }
-            _ => {}
-        }
-        // End of an event (blank line) or of the stream.
-        if !data.is_empty() {
-            events += 1;
-            if events > MAX_SSE_EVENTS {
-                return Err(UpstreamError::BadAnswer(
-                    "too many events before the answer",
-                ));
-            }
-            let kind = parse_message(data.as_bytes()).map(|m| m.kind());
-            match kind {
-                Ok(Kind::Response | Kind::ErrorResponse) => {
-                    return Ok(Answer {
-                        body: Bytes::from(std::mem::take(&mut data)),
-                        streamed: true,
-                        notifications,
-                    });
-                }
-                Ok(_) => notifications += 1,
-                Err(_) => return Err(UpstreamError::BadAnswer("an sse event is not json-rpc")),
-            }
-            data.clear();
-        }
-        if line.is_none() {
-            return Err(UpstreamError::BadAnswer(
-                "the stream ended without an answer",
-            ));
-        }
+    let mut reader = SseAnswer::default();
+    match reader.push(stream)? {
+        Some(a) => Ok(a),
+        None => reader.finish(),
     }
 }
 
@@ -688,7 +777,7 @@ mod tests {
 
     #[test]
     fn listen_events_are_read_incrementally_and_bounded() {
-        let mut e = SseEvents::default();
+        let mut e = SseEvents::bounded(MAX_LISTEN_EVENT);
         assert!(
             e.push(b"event: message\r\ndata: {\"a\"")
                 .unwrap()
@@ -696,9 +785,59 @@ mod tests {
         );
         assert_eq!(e.push(b":1}\r\n\r\ndata: x\n").unwrap(), vec![r#"{"a":1}"#]);
         assert_eq!(e.push(b"\n: comment\n\n").unwrap(), vec!["x"]);
-        let mut e = SseEvents::default();
+        let mut e = SseEvents::bounded(MAX_LISTEN_EVENT);
         let huge = vec![b'a'; MAX_LISTEN_EVENT + 1];
         assert!(e.push(&huge).is_err());
+    }
+
+    #[test]
+    fn an_sse_answer_cut_one_byte_at_a_time_is_found_once_and_stops_the_read() {
+        let stream = b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\r\n\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\r\n\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"late\"}\n\n";
+        let mut reader = SseAnswer::default();
+        let mut found = None;
+        for (i, b) in stream.iter().enumerate() {
+            if let Some(a) = reader.push(std::slice::from_ref(b)).unwrap() {
+                found = Some((i, a));
+                break;
+            }
+        }
+        let (at, answer) = found.expect("the answer is found");
+        // Found at the blank line that ends it, before the rest of the stream was read.
+        assert_eq!(&stream[at - 3..=at], b"\r\n\r\n");
+        assert_eq!(&answer.body[..], br#"{"jsonrpc":"2.0","id":1,"result":{}}"#);
+        assert_eq!(answer.notifications, 1);
+        // An answer the end of the stream ends (no blank line) is still found.
+        let a = answer_from_sse(b"data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}").unwrap();
+        assert_eq!(&a.body[..], br#"{"jsonrpc":"2.0","id":1,"result":{}}"#);
+    }
+
+    #[test]
+    fn an_sse_event_over_the_answer_bound_is_refused_as_too_large() {
+        let big = format!(
+            "data: {{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{{\"t\":\"{}\"}}}}",
+            "x".repeat(MAX_RESPONSE_BODY)
+        );
+        let mut reader = SseAnswer::default();
+        let mut refused = None;
+        for chunk in big.as_bytes().chunks(64 * 1024) {
+            if let Err(e) = reader.push(chunk) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(
+                refused,
+                Some(UpstreamError::BadAnswer("an sse event is too large"))
+            ),
+            "{refused:?}"
+        );
+        // Complete within one push: refused too.
+        let whole = format!("{big}\n\n");
+        assert!(matches!(
+            answer_from_sse(whole.as_bytes()),
+            Err(UpstreamError::BadAnswer("an sse event is too large"))
+        ));
     }
 
     #[test]
