@@ -45,7 +45,9 @@ use attestplane_enclave::server::{
 use attestplane_enclave::service::{Enclave, EnclaveConfig};
 use attestplane_proto::{Address, Listener};
 use attestplane_verifier::UnixMillis;
-use attestplane_verifier::attestation::TrustAnchor;
+use attestplane_verifier::attestation::{
+    Pcr, PcrIndex, TrustAnchor, names_an_image, parse_pcr_assignment,
+};
 use clap::{Parser, ValueEnum};
 
 /// The mock's seed when none is given: public, fixed, for development only.
@@ -98,6 +100,13 @@ struct Cli {
     /// the host sends. The genesis entry records it and pinned auditors refuse such a log.
     #[arg(long, conflicts_with = "genesis_admin_keys")]
     insecure_host_chosen_genesis: bool,
+    /// Pin an image whose epochs this enclave accepts in the log it continues, as
+    /// `0=HEX,1=HEX,2=HEX` (PCR0, PCR1 and PCR2, none zero; repeatable): for an upgraded
+    /// image, the image that started the log. Its own image is always accepted, and so is any
+    /// image an accepted `allow_image` act allowed earlier in the log. Part of the image's
+    /// measured command line (scripts/build-eif --pinned-image).
+    #[arg(long = "pinned-image", value_name = "N=HEX,…", value_parser = parse_image)]
+    pinned_images: Vec<BTreeMap<PcrIndex, Pcr>>,
     /// The log's origin (the checkpoint key name).
     #[arg(long, default_value = "attestplane/log")]
     origin: String,
@@ -202,6 +211,17 @@ async fn main() -> Result<()> {
         }
         enclave = enclave.with_pinned_genesis(keys);
     }
+    for image in &cli.pinned_images {
+        let pcrs: Vec<String> = image
+            .iter()
+            .map(|(i, p)| format!("PCR{i} {}", p.to_hex()))
+            .collect();
+        eprintln!(
+            "attestplane-enclave: pinned image (accepted in the log it continues): {}",
+            pcrs.join(", ")
+        );
+    }
+    enclave = enclave.with_pinned_images(cli.pinned_images.clone());
 
     let socket_path = match &cli.listen {
         Address::Unix(path) => {
@@ -376,6 +396,23 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
     }
 }
 
+/// Parses a `--pinned-image`: `N=HEX` assignments separated by commas, each PCR once, naming
+/// an image (PCR0, PCR1 and PCR2, none zero), so no pin can match every image (an empty set) or
+/// every debug-mode enclave (zeros).
+fn parse_image(s: &str) -> Result<BTreeMap<PcrIndex, Pcr>, String> {
+    let mut image = BTreeMap::new();
+    for part in s.split(',') {
+        let (index, pcr) = parse_pcr_assignment(part).map_err(|e| e.to_string())?;
+        if image.insert(index, pcr).is_some() {
+            return Err(format!("PCR{index} is given twice"));
+        }
+    }
+    if !names_an_image(&image) {
+        return Err("an image is named by PCR0, PCR1 and PCR2, none of them zero".into());
+    }
+    Ok(image)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,5 +490,37 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn pinned_image_needs_pcr0_1_2_none_zero_each_once() {
+        let h = |b: u8| hex::encode([b; PCR_LEN]);
+        let image = parse_image(&format!("0={},1={}, 2={}", h(1), h(2), h(3))).unwrap();
+        assert_eq!(image.len(), 3);
+        assert_eq!(image.get(&PcrIndex::KERNEL), Some(&Pcr::new([2; PCR_LEN])));
+        let with_8 = parse_image(&format!("0={},1={},2={},8={}", h(1), h(2), h(3), h(4)));
+        assert_eq!(with_8.map(|i| i.len()), Ok(4));
+        for bad in [
+            String::new(),
+            format!("0={},1={}", h(1), h(2)),
+            format!("0={},1={},2={}", h(1), h(2), h(0)),
+            format!("0={},1={},2={},1={}", h(1), h(2), h(3), h(2)),
+            format!("0={},1={},2={}", h(1), h(2), "ab"),
+            format!("0={},1={},32={}", h(1), h(2), h(3)),
+            format!("0={} 1={} 2={}", h(1), h(2), h(3)),
+        ] {
+            assert!(parse_image(&bad).is_err(), "{bad:?} accepted");
+        }
+        let cli = Cli::try_parse_from([
+            "attestplane-enclave",
+            "--nsm",
+            "mock",
+            "--pinned-image",
+            &format!("0={},1={},2={}", h(1), h(2), h(3)),
+            "--pinned-image",
+            &format!("0={},1={},2={}", h(4), h(5), h(6)),
+        ])
+        .unwrap();
+        assert_eq!(cli.pinned_images.len(), 2);
     }
 }

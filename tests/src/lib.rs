@@ -824,12 +824,20 @@ impl SplitStack {
 
     /// Starts the enclave (again) on `DIR/enclave.sock` and waits for its address line.
     pub fn start_enclave(&mut self) {
+        let pcrs = self.files.path("control-plane-pcrs.json");
+        self.start_enclave_image(&pcrs, &[]);
+    }
+
+    /// Starts the enclave (again) as the image whose measurements are in the PCR file `pcrs`
+    /// (the mock reports them), with `extra` arguments, and waits for its address line.
+    pub fn start_enclave_image(&mut self, pcrs: &Path, extra: &[&str]) {
         let f = &self.files;
         let mut cmd = Command::new(binary("attestplane-enclave"));
         cmd.args(["--nsm", "mock", "--listen"])
             .arg(format!("unix:{}", f.path("enclave.sock").display()))
             .arg("--mock-pcrs")
-            .arg(f.path("control-plane-pcrs.json"))
+            .arg(pcrs)
+            .args(extra)
             .arg("--print-mock-root")
             .arg(f.path("control-plane-root.pem"))
             .arg("--server-root")

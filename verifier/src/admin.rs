@@ -510,13 +510,8 @@ fn pcrs_from_value(v: Value) -> Result<BTreeMap<PcrIndex, PcrHex>, AdminError> {
 
 /// Checks an `allow_image` PCR set: PCR0, PCR1 and PCR2 present and not zero.
 fn image_pcrs(pcrs: BTreeMap<PcrIndex, PcrHex>) -> Result<BTreeMap<PcrIndex, PcrHex>, AdminError> {
-    let named = (0u8..=2).all(|i| {
-        PcrIndex::try_from(i)
-            .ok()
-            .and_then(|i| pcrs.get(&i))
-            .is_some_and(|p| !p.0.is_zero())
-    });
-    if !named {
+    let plain: BTreeMap<PcrIndex, Pcr> = pcrs.iter().map(|(i, p)| (*i, p.0)).collect();
+    if !crate::attestation::names_an_image(&plain) {
         return Err(AdminError::Invalid {
             field: "pcrs",
             problem: "an image is named by PCR0, PCR1 and PCR2, none of them zero",

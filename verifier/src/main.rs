@@ -57,7 +57,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct PcrArgs {
     /// An expected PCR value, as INDEX=HEX (repeatable).
-    #[arg(long = "pcr", value_name = "N=HEX", value_parser = parse_pcr)]
+    #[arg(long = "pcr", value_name = "N=HEX", value_parser = attestplane_verifier::attestation::parse_pcr_assignment)]
     pcr: Vec<(PcrIndex, Pcr)>,
     /// A JSON file of expected PCRs: {"PCR0": "hex", ...} or {"0": "hex", ...}
     /// (the shape `attestplane-verify eif --json` and nitro-cli print).
@@ -297,15 +297,6 @@ fn main() -> ExitCode {
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-fn parse_pcr(s: &str) -> Result<(PcrIndex, Pcr), String> {
-    let (i, h) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected N=HEX, got {s:?}"))?;
-    let i: PcrIndex = i.parse().map_err(|e| format!("bad PCR index {i:?}: {e}"))?;
-    let p = Pcr::from_hex(h).map_err(|e| format!("bad PCR{i} value: {e}"))?;
-    Ok((i, p))
 }
 
 fn parse_time(s: &str) -> anyhow::Result<UnixMillis> {

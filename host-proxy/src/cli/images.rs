@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use attestplane_verifier::admin::{AdminAction, PcrHex};
-use attestplane_verifier::attestation::{Pcr, PcrIndex};
+use attestplane_verifier::attestation::{Pcr, PcrIndex, names_an_image};
 use clap::{Args, Subcommand};
 
 use super::keys::admin_key;
@@ -42,11 +42,7 @@ impl ImageFlags {
     /// refuse (and log) anyway: PCR0–2 missing or zero.
     pub fn action(&self) -> CliResult<AdminAction> {
         let pcrs = merge(self.pcrs.as_deref(), &self.pcr)?;
-        let named = [0u8, 1, 2]
-            .iter()
-            .filter_map(|i| PcrIndex::try_from(*i).ok())
-            .all(|i| pcrs.get(&i).is_some_and(|p| !p.is_zero()));
-        if !named {
+        if !names_an_image(&pcrs) {
             return Err(CliError::Usage(
                 "an image is named by PCR0, PCR1 and PCR2, none of them zero: give them with \
                  --image-pcrs FILE or --pcr N=HEX (ATTESTPLANE_PCRS is the running control \

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use attestplane_verifier::attestation::{MAX_PCRS_JSON_LEN, Pcr, PcrIndex, parse_pcrs_json};
+use attestplane_verifier::attestation::{
+    MAX_PCRS_JSON_LEN, Pcr, PcrIndex, parse_pcr_assignment, parse_pcrs_json,
+};
 
 use super::{CliError, CliResult, read_file};
 
@@ -16,15 +18,7 @@ pub const MAX_PCRS_FILE_LEN: u64 = MAX_PCRS_JSON_LEN as u64;
 
 /// Parses `N=HEX` (a clap value parser).
 pub fn parse_pcr_flag(s: &str) -> Result<(PcrIndex, Pcr), String> {
-    let (i, h) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected N=HEX, got {s:?}"))?;
-    let i: PcrIndex = i
-        .trim()
-        .parse()
-        .map_err(|e| format!("bad PCR index {i:?}: {e}"))?;
-    let p = Pcr::from_hex(h.trim()).map_err(|e| format!("bad PCR{i} value: {e}"))?;
-    Ok((i, p))
+    parse_pcr_assignment(s).map_err(|e| e.to_string())
 }
 
 /// Reads a PCR file (the verifier's [`parse_pcrs_json`] says which shapes).

@@ -50,7 +50,10 @@ use sha2::{Digest, Sha256, Sha384};
 pub use chain::{AWS_NITRO_ROOT_G1_PEM, AWS_NITRO_ROOT_G1_SHA256, CertSummary, TrustAnchor};
 pub use document::{AttestationDocument, parse_attestation};
 pub use error::AttestationError;
-pub use types::{MAX_PCRS_JSON_LEN, Pcr, PcrIndex, PcrsJsonError, parse_pcrs_json};
+pub use types::{
+    MAX_PCRS_JSON_LEN, Pcr, PcrIndex, PcrsJsonError, names_an_image, parse_pcr_assignment,
+    parse_pcrs_json,
+};
 
 use cache::{PathCaches, VerifiedPath};
 use chain::VerifiedCaChain;

@@ -3,7 +3,9 @@
 //! A [`PcrIndex`] is 0..=31 by construction and a [`Pcr`] is exactly 48 bytes (SHA-384), so code
 //! holding one never re-checks either. Both print and serialise as the operator types them: a
 //! decimal index and lower-case hex. [`parse_pcrs_json`] reads expected PCR values in every
-//! JSON shape the project writes or accepts (the CLIs, the mock enclave, `nitro-cli`).
+//! JSON shape the project writes or accepts (the CLIs, the mock enclave, `nitro-cli`);
+//! [`parse_pcr_assignment`] reads the `N=HEX` the command lines take for one PCR, and
+//! [`names_an_image`] says whether a PCR set identifies an image.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -155,6 +157,33 @@ impl Serialize for Pcr {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_hex())
     }
+}
+
+/// Parses one PCR as the command lines write it, `N=HEX` (an index 0..=31 and 96 hex digits;
+/// whitespace around either is ignored).
+pub fn parse_pcr_assignment(s: &str) -> Result<(PcrIndex, Pcr), AttestationError> {
+    let (i, h) = s
+        .split_once('=')
+        .ok_or_else(|| AttestationError::PcrValue {
+            reason: format!(
+                "expected N=HEX, got {:?}",
+                s.chars().take(16).collect::<String>()
+            ),
+        })?;
+    let index: PcrIndex = i.parse()?;
+    let pcr = Pcr::from_hex(h).map_err(|_| AttestationError::PcrValue {
+        reason: format!("PCR{index} is not {} hex digits", PCR_LEN * 2),
+    })?;
+    Ok((index, pcr))
+}
+
+/// Whether `pcrs` name an image: PCR0, PCR1 and PCR2 (image, kernel, application) present and
+/// none of them zero (a debug-mode enclave reports zeros, which would name every one of them).
+/// The rule for an `allow_image` act, the CLI that signs one, and the enclave's pinned images.
+pub fn names_an_image(pcrs: &BTreeMap<PcrIndex, Pcr>) -> bool {
+    [PcrIndex::IMAGE, PcrIndex::KERNEL, PcrIndex::APPLICATION]
+        .iter()
+        .all(|i| pcrs.get(i).is_some_and(|p| !p.is_zero()))
 }
 
 /// Serialises bytes as lower-case hex (for `--json`).
