@@ -64,7 +64,7 @@ use sha2::{Digest as _, Sha256};
 use crate::inproc::InProcessGateway;
 use crate::stack::{self, Child};
 use crate::world::{self, World};
-use crate::{Cli, bootstrap, http, log_size, percentile_ms, spread};
+use crate::{Cli, bootstrap, http, log_size, percentile_ms, proxy_metrics, spread};
 
 /// Issue 10's targets.
 const TARGET_ADDED_P50_MS: f64 = 1.0;
@@ -84,6 +84,8 @@ const ANSWER: &str = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"te
 /// The running gateway stack.
 struct Stack {
     children: Vec<Child>,
+    /// The run directory.
+    dir: std::path::PathBuf,
     api: SocketAddr,
     /// The proxy's MCP relay (agents connect here).
     gateway: SocketAddr,
@@ -316,6 +318,7 @@ async fn start_stack(
     children.push(proxy);
     let stack = Stack {
         children,
+        dir: dir.to_path_buf(),
         api: url
             .strip_prefix("http://")
             .and_then(|a| a.parse().ok())
@@ -569,6 +572,28 @@ async fn client(
     r
 }
 
+/// p50 and p99 of `fdatasync` after a 600-byte append (about an entry) in `dir`, 200 times.
+fn fdatasync_ms(dir: &Path) -> Result<(f64, f64)> {
+    use std::io::Write as _;
+    let path = dir.join("fdatasync-probe");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .context("cannot create the fdatasync probe")?;
+    let mut us = Vec::new();
+    for _ in 0..200 {
+        file.write_all(&[0u8; 600])?;
+        let t = Instant::now();
+        file.sync_data()?;
+        us.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    us.sort_unstable();
+    Ok((percentile_ms(&us, 0.5), percentile_ms(&us, 0.99)))
+}
+
 /// RSS of a process, KiB (`VmRSS` of /proc/PID/status).
 fn rss_kib(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -603,6 +628,8 @@ struct Round {
     loadavg: String,
     threads: Vec<(&'static str, Vec<f64>)>,
     rss: Vec<RssSample>,
+    /// The proxy's fdatasyncs over the round.
+    syncs: f64,
 }
 
 impl Round {
@@ -631,11 +658,13 @@ async fn round(
     stack: &Stack,
     addr: SocketAddr,
     requests: &Arc<Vec<Vec<u8>>>,
+    duration: Duration,
     budget: Option<u64>,
 ) -> Result<Round> {
     let pids = stack.pids();
     let loadavg = loadavg();
     let size_before = log_size(stack.api).await?;
+    let metrics_before = proxy_metrics(stack.api).await?;
     let stats_before = upstream_stats(stack.upstream).await?;
     let cpu_before: Vec<Option<Duration>> = pids.iter().map(|(_, p)| stack::cpu_time(*p)).collect();
     let threads_before: Vec<_> = [stack.enclave_pid, stack.proxy_pid]
@@ -644,7 +673,7 @@ async fn round(
         .collect();
     let started = Instant::now();
     let measure_from = started + cli.warmup;
-    let end = measure_from + cli.duration;
+    let end = measure_from + duration;
     let budget = budget.map(|limit| Budget {
         taken: Arc::new(AtomicU64::new(0)),
         limit,
@@ -742,6 +771,12 @@ async fn round(
         .collect();
     r.window = last_done.duration_since(measure_from);
     r.log_growth = log_size(stack.api).await? - size_before;
+    let syncs = |m: &BTreeMap<String, f64>| {
+        m.get("attestplane_store_syncs_total")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    r.syncs = syncs(&proxy_metrics(stack.api).await?) - syncs(&metrics_before);
     r.upstream_receipted = stats_after[0] - stats_before[0];
     r.latencies_us.sort_unstable();
     r.loadavg = loadavg;
@@ -837,6 +872,11 @@ fn measure(
 
     // 1. One client: added latency.
     if cli.latency_calls > 0 {
+        let (f50, f99) = fdatasync_ms(&stack.dir)?;
+        println!(
+            "fdatasync of a 600-byte append on the store's file system: p50 {f50:.3} ms, p99 {f99:.3} ms \
+             (a gateway call waits for two in sequence at one client: its floor)"
+        );
         let load = loadavg();
         let (gw, up) = rt.block_on(latency(
             stack,
@@ -879,7 +919,14 @@ fn measure(
 
     // 2. The upstream alone at the same concurrency.
     let direct_requests = Arc::new(vec![direct_request]);
-    let d = rt.block_on(round(cli, stack, stack.upstream, &direct_requests, None))?;
+    let d = rt.block_on(round(
+        cli,
+        stack,
+        stack.upstream,
+        &direct_requests,
+        cli.duration.min(Duration::from_secs(5)),
+        None,
+    ))?;
     println!(
         "direct: {} clients straight to the upstream: {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms, {} errors; \
          CPU per call: {}; load average before: {}",
@@ -904,6 +951,7 @@ fn measure(
             stack,
             stack.gateway,
             &gateway_requests,
+            cli.duration,
             cli.calls,
         ))?;
         let (after, after_cpu) = reference.run(cli.in_process)?;
@@ -988,8 +1036,11 @@ fn measure(
         }
         println!(
             "         log grew by {} entries for {} answered calls (warm-up included; 2 per call expected); \
-             the upstream ran {} receipted calls",
-            r.log_growth, r.calls_total, r.upstream_receipted
+             the upstream ran {} receipted calls; {:.1} entries per fdatasync",
+            r.log_growth,
+            r.calls_total,
+            r.upstream_receipted,
+            r.log_growth as f64 / r.syncs.max(1.0)
         );
         for (k, v) in &r.errors {
             println!("         error {k}: {v}");
