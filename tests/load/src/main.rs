@@ -56,6 +56,7 @@
 //! target/release/attestplane-load                                  # 3 rounds of 10 s, 64 clients
 //! target/release/attestplane-load --concurrency 128 --duration 20s --rounds 5
 //! target/release/attestplane-load --duration 2s --rounds 1 --warmup 500ms --in-process 500ms   # smoke test
+//! target/release/attestplane-load --mode gateway --duration 10s --rounds 1 --latency-calls 1000  # issue 10
 //! ```
 //!
 //! Flags: `--concurrency N` (64), `--duration D` (10s, measured part of each HTTP round),
@@ -63,7 +64,9 @@
 //! `--agents N` (256 bearer tokens, used in turn), `--server auto|demo|internal` (auto: the demo
 //! server if it is built), `--bin-dir DIR`, `--proxy-connections N` (the proxy's `--connections`),
 //! `--client-threads N` (1), `--keep` (keep the run directory: logs, store, keys),
-//! `--enforce` (exit 1 when a target is missed). Exit code 0 when the run completed, 1 with
+//! `--enforce` (exit 1 when a target is missed); gateway mode only: `--latency-calls N` (2000,
+//! the one-client calls each way; 0 skips), `--calls N` (stop a round after N measured calls),
+//! `--rss-every D` (1s). Exit code 0 when the run completed, 1 with
 //! `--enforce` and a missed target, 2 when the stack could not be set up or a round failed.
 
 mod gateway;
