@@ -35,6 +35,11 @@ const ADD: &str = r#"{"name":"add","description":"Adds two numbers.","inputSchem
 const ECHO: &str =
     r#"{"name":"echo","description":"Echoes text.","inputSchema":{"type":"object"}}"#;
 
+const RESOURCES: &str = r#"{"resources":[{"uri":"file:///docs/a","name":"a","size":1e3},{"uri":"file:///etc/passwd","name":"passwd"}],"nextCursor":"page-2","x-vendor":1e3}"#;
+const TEMPLATES: &str = r#"{"resourceTemplates":[{"uriTemplate":"file:///docs/{name}","name":"docs"},{"uriTemplate":"file:///etc/{name}","name":"etc"}]}"#;
+const PROMPTS: &str =
+    r#"{"prompts":[{"name":"greet","arguments":[{"name":"who"}]},{"name":"secret"}]}"#;
+
 /// A fake upstream MCP server.
 struct Upstream {
     modern: bool,
@@ -45,6 +50,10 @@ struct Upstream {
     hang: std::sync::atomic::AtomicBool,
     /// The text a tool call's result carries.
     answer_text: Mutex<String>,
+    /// `resources/read` and `prompts/get` requests that reached it.
+    reads: AtomicUsize,
+    /// The last of them, with its receipt header.
+    last_read: Mutex<Option<(String, Option<String>)>>,
 }
 
 impl Upstream {
@@ -57,6 +66,8 @@ impl Upstream {
             last_receipt: Mutex::new(None),
             hang: std::sync::atomic::AtomicBool::new(false),
             answer_text: Mutex::new("3".into()),
+            reads: AtomicUsize::new(0),
+            last_read: Mutex::new(None),
         })
     }
 
@@ -122,6 +133,25 @@ impl Upstream {
                 reply(format!(
                     r#"{{"content":[{{"type":"text","text":"{text}"}}],"isError":false,"vendor":1e3}}"#
                 ))
+            }
+            "resources/list" => reply(RESOURCES.into()),
+            "resources/templates/list" => reply(TEMPLATES.into()),
+            "prompts/list" => reply(PROMPTS.into()),
+            "resources/read" => {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                *self.last_read.lock().unwrap() = Some((text.clone(), receipt));
+                let uri = v["params"]["uri"].clone();
+                reply(format!(
+                    r#"{{"contents":[{{"uri":{uri},"text":"hello","x":1e3}}]}}"#
+                ))
+            }
+            "prompts/get" => {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                *self.last_read.lock().unwrap() = Some((text.clone(), receipt));
+                reply(
+                    r#"{"messages":[{"role":"user","content":{"type":"text","text":"write to bob@example.com"}}],"x":1e3}"#
+                        .into(),
+                )
             }
             _ => reply("{}".into()),
         }
@@ -200,7 +230,10 @@ impl Stack {
             ("mcp-protocol-version", "2026-07-28".to_owned()),
             ("mcp-method", method),
         ];
-        if let Some(n) = v["params"]["name"].as_str() {
+        if let Some(n) = v["params"]["name"]
+            .as_str()
+            .or_else(|| v["params"]["uri"].as_str())
+        {
             headers.push(("mcp-name", n.to_owned()));
         }
         let (s, _, b) = self.post(&format!("/mcp/{server}"), &headers, body).await;
@@ -1142,4 +1175,288 @@ async fn an_answer_over_a_pii_scan_limit_is_aborted_naming_the_limit_and_the_sta
         .await;
     assert_eq!(status, 200, "{body}");
     replays(&s);
+}
+
+/// Resources under `file:///docs/` and the prompt `greet` for readers; nothing else (the
+/// starter policy permits no resource or prompt).
+const READERS: &str = r#"
+@id("read-docs")
+permit (principal, action == Attestplane::Action::"read_resource", resource)
+  when { principal.roles.contains("reader") && resource.uri like "file:///docs/*" };
+@id("greet")
+permit (principal, action == Attestplane::Action::"get_prompt", resource == Attestplane::Prompt::"weather/greet")
+  when { principal.roles.contains("reader") };
+"#;
+
+impl Stack {
+    /// A legacy-era session for `token`.
+    async fn session(&self, token: &str) -> String {
+        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+        let auth = ("authorization", format!("Bearer {token}"));
+        let (status, headers, body) = self
+            .post("/mcp/weather", std::slice::from_ref(&auth), init)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        headers
+            .get("mcp-session-id")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Sends `method` with `params` (a JSON object's members, may be empty) to `weather` as an
+    /// agent of the modern era or (with a fresh session) the legacy one.
+    async fn ask(&self, modern: bool, token: &str, method: &str, params: &str) -> (u16, String) {
+        if modern {
+            let sep = if params.is_empty() { "" } else { "," };
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":9,"method":"{method}","params":{{{params}{sep}"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}}}}"#
+            );
+            self.modern("weather", token, &body).await
+        } else {
+            let session = self.session(token).await;
+            let body =
+                format!(r#"{{"jsonrpc":"2.0","id":9,"method":"{method}","params":{{{params}}}}}"#);
+            let (status, _, body) = self
+                .post(
+                    "/mcp/weather",
+                    &[
+                        ("authorization", format!("Bearer {token}")),
+                        ("mcp-session-id", session),
+                    ],
+                    &body,
+                )
+                .await;
+            (status, body)
+        }
+    }
+}
+
+fn reads(s: &Stack) -> usize {
+    s.upstream.reads.load(Ordering::SeqCst)
+}
+
+/// Every (agent era, upstream era) pair.
+const ERAS: [(bool, bool); 4] = [(true, true), (true, false), (false, true), (false, false)];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permitted_resource_read_and_prompt_get_are_logged_like_calls_and_forwarded_byte_for_byte()
+ {
+    for (agent_modern, upstream_modern) in ERAS {
+        let s = stack_with(upstream_modern, READERS).await;
+        let token = s.token("weather", &["reader"]);
+        let before = s.entries().len();
+        let (status, body) = s
+            .ask(
+                agent_modern,
+                &token,
+                "resources/read",
+                r#""uri":"file:///docs/a","x-vendor":1e3"#,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let want = if agent_modern {
+            r#"{"jsonrpc":"2.0","id":9,"result":{"contents":[{"uri":"file:///docs/a","text":"hello","x":1e3}],"resultType":"complete"}}"#
+        } else {
+            r#"{"jsonrpc":"2.0","id":9,"result":{"contents":[{"uri":"file:///docs/a","text":"hello","x":1e3}]}}"#
+        };
+        assert_eq!(body, want, "the answer byte for byte");
+        assert_eq!(reads(&s), 1);
+        let (forwarded, header) = s.upstream.last_read.lock().unwrap().clone().unwrap();
+        assert!(forwarded.contains(r#""x-vendor":1e3"#), "{forwarded}");
+        let events = s.entries();
+        let new = &events[before..];
+        assert_eq!(new.len(), 2, "a decision and a result: {new:?}");
+        let d = decision_at(&s, before);
+        assert!(d.allowed);
+        assert_eq!(d.action, "read_resource");
+        assert_eq!(d.tool.as_deref(), Some("file:///docs/a"));
+        assert_eq!(d.policies, vec!["read-docs".to_owned()]);
+        let Event::CallResult { call, outcome, .. } = &new[1] else {
+            panic!("{:?}", new[1])
+        };
+        assert_eq!((*call as usize, outcome.as_str()), (before, "ok"));
+        // The receipt names the method and the URI, for this read only.
+        let header = header.expect("a receipt header");
+        let v: serde_json::Value = serde_json::from_str(&forwarded).unwrap();
+        assert_eq!(v["params"]["_meta"]["io.attestplane/receipt"], header);
+        let received = ReceivedCall {
+            audience: "https://weather.acme.example/mcp",
+            method: "resources/read",
+            tool: "file:///docs/a",
+            arguments: None,
+        };
+        let verified = verify_receipt(
+            &header,
+            &epoch_key(&s),
+            &received,
+            s.now,
+            &mut ReplayCache::new(4),
+        )
+        .unwrap();
+        assert_eq!(verified.claims().seq as usize, before);
+
+        // A prompt, its arguments scanned: the starter's default rule redacts, so the server
+        // gets the redacted argument and the agent the redacted answer.
+        let before = s.entries().len();
+        let (status, body) = s
+            .ask(
+                agent_modern,
+                &token,
+                "prompts/get",
+                r#""name":"greet","arguments":{"who":"alice@example.com"}"#,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("[REDACTED:email]"), "{body}");
+        assert!(!body.contains("bob@example.com"), "{body}");
+        assert!(body.contains(r#""x":1e3"#), "{body}");
+        let (forwarded, _) = s.upstream.last_read.lock().unwrap().clone().unwrap();
+        assert!(
+            !forwarded.contains("alice@example.com") && forwarded.contains("[REDACTED:email]"),
+            "{forwarded}"
+        );
+        let d = decision_at(&s, before);
+        assert!(d.allowed);
+        assert_eq!(d.action, "get_prompt");
+        assert_eq!(d.tool.as_deref(), Some("greet"));
+        let c = d.call.unwrap();
+        assert_eq!(c.pii.action, "redact");
+        assert_eq!(c.pii.counts.get("email"), Some(&1));
+        assert_eq!(reads(&s), 2);
+        replays(&s);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpermitted_reads_and_prompts_are_refused_with_a_typed_reason_and_never_reach_the_server()
+{
+    use attestplane_verifier::reason::Reason;
+    for (agent_modern, upstream_modern) in ERAS {
+        let s = stack_with(upstream_modern, READERS).await;
+        let reader = s.token("weather", &["reader"]);
+        let tool_user = s.token("weather", &["tool-user"]);
+        let cases: [(&String, &str, &str, &str); 4] = [
+            (
+                &reader,
+                "resources/read",
+                r#""uri":"file:///etc/passwd""#,
+                "read_resource",
+            ),
+            (&reader, "prompts/get", r#""name":"secret""#, "get_prompt"),
+            (
+                &tool_user,
+                "resources/read",
+                r#""uri":"file:///docs/a""#,
+                "read_resource",
+            ),
+            (&tool_user, "prompts/get", r#""name":"greet""#, "get_prompt"),
+        ];
+        for (token, method, params, action) in cases {
+            let before = s.entries().len();
+            let (status, body) = s.ask(agent_modern, token, method, params).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("\"error\""), "{method} {params}: {body}");
+            let d = decision_at(&s, before);
+            assert!(!d.allowed);
+            assert_eq!(d.action, action);
+            assert_eq!(d.reason, Some(Reason::NoPermit), "{method} {params}");
+            assert_eq!(
+                s.entries().len(),
+                before + 1,
+                "a refusal has no result entry"
+            );
+        }
+        assert_eq!(reads(&s), 0, "no refused read reaches the server");
+        // The starter policy alone permits no resource and no prompt.
+        let bare = stack(upstream_modern).await;
+        let token = bare.token("weather", &["reader", "tool-user"]);
+        let (_, body) = bare
+            .ask(
+                agent_modern,
+                &token,
+                "resources/read",
+                r#""uri":"file:///docs/a""#,
+            )
+            .await;
+        assert!(body.contains("\"error\""), "{body}");
+        assert_eq!(reads(&bare), 0);
+        // Subscriptions stay refused.
+        let (_, body) = s
+            .ask(
+                agent_modern,
+                &reader,
+                "resources/subscribe",
+                r#""uri":"file:///docs/a""#,
+            )
+            .await;
+        assert!(body.contains("-32601"), "{body}");
+        replays(&s);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_template_and_prompt_listings_are_filtered_per_identity() {
+    for (agent_modern, upstream_modern) in ERAS {
+        let s = stack_with(upstream_modern, READERS).await;
+        let reader = s.token("weather", &["reader"]);
+        let other = s.token("weather", &["tool-user"]);
+        let tail = if agent_modern {
+            r#","resultType":"complete","ttlMs":0,"cacheScope":"private""#
+        } else {
+            ""
+        };
+        let (status, body) = s.ask(agent_modern, &reader, "resources/list", "").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body,
+            format!(
+                r#"{{"jsonrpc":"2.0","id":9,"result":{{"resources":[{{"uri":"file:///docs/a","name":"a","size":1e3}}],"nextCursor":"page-2","x-vendor":1e3{tail}}}}}"#
+            ),
+            "the permitted resource only; cursor, vendor members and numbers kept"
+        );
+        let (_, body) = s.ask(agent_modern, &other, "resources/list", "").await;
+        assert!(body.contains(r#""resources":[]"#), "{body}");
+        let (_, body) = s
+            .ask(agent_modern, &reader, "resources/templates/list", "")
+            .await;
+        assert!(
+            body.contains(r#""uriTemplate":"file:///docs/{name}""#),
+            "{body}"
+        );
+        assert!(!body.contains("file:///etc/"), "{body}");
+        let (_, body) = s.ask(agent_modern, &reader, "prompts/list", "").await;
+        assert!(body.contains(r#""name":"greet""#), "{body}");
+        assert!(!body.contains("secret"), "{body}");
+        let (_, body) = s.ask(agent_modern, &other, "prompts/list", "").await;
+        assert!(body.contains(r#""prompts":[]"#), "{body}");
+        assert_eq!(reads(&s), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_resource_or_prompt_entry_is_named_by_replay() {
+    let s = stack_with(true, READERS).await;
+    let token = s.token("weather", &["reader"]);
+    let (status, body) = s
+        .ask(true, &token, "resources/read", r#""uri":"file:///docs/a""#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s
+        .ask(true, &token, "prompts/get", r#""name":"secret""#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let store = s.store.lock().unwrap().clone();
+    replay(&store, s.now).unwrap();
+    // The read's decision and result, and the refused prompt's decision.
+    let last = store.len() - 1;
+    for seq in [last - 2, last - 1, last] {
+        let mut tampered = store.clone();
+        let bytes = tampered.get_mut(seq).unwrap();
+        let at = bytes.len() - 80;
+        bytes[at] ^= 1;
+        let e = replay(&tampered, s.now).unwrap_err();
+        assert_eq!(e.seq(), Some(seq as u64), "{e}");
+    }
 }

@@ -227,13 +227,15 @@ pub struct AttestationRecord {
 /// The facts a decision was taken on, and its outcome: enough to re-evaluate it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecisionRecord {
-    /// `discover`, `resolve` or `call`.
+    /// `resolve`, `call`, `read_resource` or `get_prompt` (the last two: the gateway's
+    /// `resources/read` and `prompts/get`).
     pub action: String,
     /// Who asked (from the verified identity token; the token itself is never logged).
     pub principal: PrincipalRecord,
     /// The server concerned.
     pub server: String,
-    /// The tool, for `call`.
+    /// The item: the tool for `call`, the resource URI for `read_resource`, the prompt name
+    /// for `get_prompt`.
     pub tool: Option<String>,
     /// Attestation facts given to the policy.
     pub attestation: AttestationFactsRecord,
@@ -249,7 +251,8 @@ pub struct DecisionRecord {
     pub reason: Option<Reason>,
     /// The handle issued, for an allowed `resolve`.
     pub handle: Option<HandleRecord>,
-    /// For a `call` the gateway decided: what it saw of the call itself.
+    /// For a `call` (`read_resource`, `get_prompt`) the gateway decided: what it saw of the
+    /// request itself.
     pub call: Option<CallRecord>,
 }
 

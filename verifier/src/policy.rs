@@ -75,8 +75,11 @@ pub const SCHEMA: &str = r#"// Attestplane policy schema. Every policy set is va
 //   Tenant::"<tenant id>"
 //   Server::"<server id>"            member of its Tenant
 //   Tool::"<server id>/<tool name>"  member of its Server (so, transitively, of its Tenant)
+//   Resource::"<server id>/<uri>"    a server's resource, by URI; member of its Server
+//   Prompt::"<server id>/<name>"     a server's prompt, by name; member of its Server
 //
-// Actions: discover and resolve apply to (Agent, Server); call applies to (Agent, Tool).
+// Actions: discover and resolve apply to (Agent, Server); call applies to (Agent, Tool);
+// read_resource to (Agent, Resource); get_prompt to (Agent, Prompt).
 // There are no action groups: `action in [A, B]` means "action is A or B".
 //
 // Context:
@@ -93,9 +96,10 @@ pub const SCHEMA: &str = r#"// Attestplane policy schema. Every policy set is va
 //   counters.calls_last_minute, counters.spend_micros
 //                         the agent's counters as the enclave keeps them; saturate at
 //                         9223372036854775807.
-// `call` only:
-//   arguments.<name>      a declared argument of the call as forwarded (see Arguments below);
-//                         absent when the call does not pass it (and in tool listings)
+// `call`, `read_resource` and `get_prompt` (the gateway's actions):
+//   arguments.<name>      a declared argument of the call (or the prompt) as forwarded (see
+//                         Arguments below); absent when not passed (and in listings; a
+//                         resource read has none)
 //   pii.count, pii.types  PII findings in the arguments: how many, of which kinds
 //   pii.<kind>            findings of one kind (email, phone, card, iban, national_id,
 //                         ip_address, cloud_key, jwt, private_key)
@@ -116,6 +120,16 @@ namespace Attestplane {
   // `tenant` is the server's tenant, so `principal.tenant == resource.tenant` works for every
   // action.
   entity Tool in [Server] = {
+    name: String,
+    server: Server,
+    tenant: Tenant,
+  };
+  entity Resource in [Server] = {
+    uri: String,
+    server: Server,
+    tenant: Tenant,
+  };
+  entity Prompt in [Server] = {
     name: String,
     server: Server,
     tenant: Tenant,
@@ -168,6 +182,16 @@ namespace Attestplane {
   action call appliesTo {
     principal: [Agent],
     resource: [Tool],
+    context: CallContext,
+  };
+  action read_resource appliesTo {
+    principal: [Agent],
+    resource: [Resource],
+    context: CallContext,
+  };
+  action get_prompt appliesTo {
+    principal: [Agent],
+    resource: [Prompt],
     context: CallContext,
   };
 }
@@ -229,18 +253,57 @@ pub enum Action {
     Resolve,
     /// Call one of a server's tools (resource: the tool).
     Call,
+    /// Read one of a server's resources, through the gateway (resource: the resource, by URI).
+    ReadResource,
+    /// Get one of a server's prompts, through the gateway (resource: the prompt, by name).
+    GetPrompt,
 }
 
 impl Action {
     /// Every action, in a fixed order.
-    pub const ALL: [Action; 3] = [Action::Discover, Action::Resolve, Action::Call];
+    pub const ALL: [Action; 5] = [
+        Action::Discover,
+        Action::Resolve,
+        Action::Call,
+        Action::ReadResource,
+        Action::GetPrompt,
+    ];
 
-    /// The Cedar action id: `"discover"`, `"resolve"` or `"call"`.
+    /// The Cedar action id: `"discover"`, `"resolve"`, `"call"`, `"read_resource"` or
+    /// `"get_prompt"`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Action::Discover => "discover",
             Action::Resolve => "resolve",
             Action::Call => "call",
+            Action::ReadResource => "read_resource",
+            Action::GetPrompt => "get_prompt",
+        }
+    }
+
+    /// The action named `s` in the log, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// Whether the action is decided on a server's item through the gateway (`call`,
+    /// `read_resource`, `get_prompt`): its context has `arguments` and `pii`, and its request
+    /// names the item ([`DecisionRequest::tool`]).
+    pub const fn is_gated(self) -> bool {
+        matches!(
+            self,
+            Action::Call | Action::ReadResource | Action::GetPrompt
+        )
+    }
+
+    /// The index of the action in [`Action::ALL`].
+    const fn index(self) -> usize {
+        match self {
+            Action::Discover => 0,
+            Action::Resolve => 1,
+            Action::Call => 2,
+            Action::ReadResource => 3,
+            Action::GetPrompt => 4,
         }
     }
 }
@@ -403,7 +466,9 @@ pub struct DecisionRequest {
     pub action: Action,
     /// The server concerned.
     pub server: ServerFacts,
-    /// The tool's name: required for [`Action::Call`], ignored for the others.
+    /// The item the request is about: the tool's name for [`Action::Call`], the resource's
+    /// URI for [`Action::ReadResource`], the prompt's name for [`Action::GetPrompt`]; required
+    /// for those, ignored for the others.
     pub tool: Option<String>,
     /// The server's attestation facts.
     pub attestation: AttestationFacts,
@@ -521,7 +586,9 @@ struct Model {
     tenant: EntityTypeName,
     server: EntityTypeName,
     tool: EntityTypeName,
-    actions: [EntityUid; 3],
+    resource: EntityTypeName,
+    prompt: EntityTypeName,
+    actions: [EntityUid; 5],
 }
 
 impl Model {
@@ -542,11 +609,9 @@ impl Model {
             tenant: name("Attestplane::Tenant")?,
             server: name("Attestplane::Server")?,
             tool: name("Attestplane::Tool")?,
-            actions: [
-                action(Action::Discover),
-                action(Action::Resolve),
-                action(Action::Call),
-            ],
+            resource: name("Attestplane::Resource")?,
+            prompt: name("Attestplane::Prompt")?,
+            actions: Action::ALL.map(action),
             schema,
         })
     }
@@ -560,12 +625,8 @@ impl Model {
     }
 
     fn action(&self, a: Action) -> &EntityUid {
-        let [discover, resolve, call] = &self.actions;
-        match a {
-            Action::Discover => discover,
-            Action::Resolve => resolve,
-            Action::Call => call,
-        }
+        // `index` is below `Action::ALL.len()`, the array's length.
+        &self.actions[a.index()]
     }
 
     /// The type of the resource of requests for `a`.
@@ -573,6 +634,8 @@ impl Model {
         match a {
             Action::Discover | Action::Resolve => &self.server,
             Action::Call => &self.tool,
+            Action::ReadResource => &self.resource,
+            Action::GetPrompt => &self.prompt,
         }
     }
 
@@ -613,7 +676,7 @@ pub struct PolicyEngine {
     arguments: BTreeMap<String, ArgumentType>,
     pii: BTreeMap<String, PiiAction>,
     full: PolicySet,
-    index: [ActionIndex; 3],
+    index: [ActionIndex; 5],
     authorizer: Authorizer,
 }
 
@@ -865,18 +928,14 @@ impl PolicyEngine {
     }
 
     fn action_index(&self, a: Action) -> &ActionIndex {
-        let [discover, resolve, call] = &self.index;
-        match a {
-            Action::Discover => discover,
-            Action::Resolve => resolve,
-            Action::Call => call,
-        }
+        // `index` is below `Action::ALL.len()`, the array's length.
+        &self.index[a.index()]
     }
 }
 
 /// Splits `full` by action and resource scope (see the module docs).
-fn build_index(model: &Model, full: &PolicySet) -> Result<[ActionIndex; 3], PolicyError> {
-    let mut index: [ActionIndex; 3] = Default::default();
+fn build_index(model: &Model, full: &PolicySet) -> Result<[ActionIndex; 5], PolicyError> {
+    let mut index: [ActionIndex; 5] = Default::default();
     for policy in full.policies() {
         let key = match policy.resource_constraint() {
             ResourceConstraint::Any => ResourceKey::Any(None),
@@ -982,21 +1041,26 @@ impl BuiltRequest {
 
         let (resource, resource_and_ancestors) = match req.action {
             Action::Discover | Action::Resolve => (server.clone(), vec![server, server_tenant]),
-            Action::Call => {
-                let Some(tool_name) = &req.tool else {
-                    return Err("call request names no tool".to_owned());
+            Action::Call | Action::ReadResource | Action::GetPrompt => {
+                let Some(item) = &req.tool else {
+                    return Err(format!("{} request names no item", req.action.as_str()));
                 };
-                let tool = Model::uid(&model.tool, &format!("{}/{}", s.id, tool_name));
+                let (ty, naming) = match req.action {
+                    Action::ReadResource => (&model.resource, "uri"),
+                    Action::GetPrompt => (&model.prompt, "name"),
+                    _ => (&model.tool, "name"),
+                };
+                let uid = Model::uid(ty, &format!("{}/{}", s.id, item));
                 entities.push(entity(
-                    &tool,
+                    &uid,
                     vec![
-                        ("name", str_expr(tool_name)),
+                        (naming, str_expr(item)),
                         ("server", uid_expr(&server)),
                         ("tenant", uid_expr(&server_tenant)),
                     ],
                     &server,
                 )?);
-                (tool.clone(), vec![tool, server, server_tenant])
+                (uid.clone(), vec![uid, server, server_tenant])
             }
         };
         let entities = Entities::from_entities(entities, None)
@@ -1060,7 +1124,7 @@ fn context_pairs(
         ("time".to_owned(), long(req.time.as_secs())),
         ("counters".to_owned(), record(counters)?),
     ];
-    if req.action == Action::Call {
+    if req.action.is_gated() {
         let listing = CallFacts::default();
         let call = req.call.as_ref().unwrap_or(&listing);
         pairs.push((

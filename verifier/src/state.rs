@@ -861,6 +861,40 @@ impl State {
         pii: &BTreeMap<String, u64>,
         now: UnixMillis,
     ) -> Result<DecisionRecord, String> {
+        self.decide_gated(
+            principal,
+            Action::Call,
+            server_id,
+            tool,
+            definition,
+            arguments,
+            pii,
+            now,
+        )
+    }
+
+    /// Decides a request the gateway is about to forward, of a gateway action
+    /// ([`Action::is_gated`]): a `tools/call` (`item` the tool, `definition` its pinned
+    /// digest), a `resources/read` (`item` the URI) or a `prompts/get` (`item` the prompt's
+    /// name, `arguments` its arguments). Resources and prompts are not pinned: their
+    /// `definition` is all zeroes. Rate limits and spend caps apply to tool calls only. The
+    /// rest is [`State::decide_call`]'s: the hard rules, then Cedar with the request in the
+    /// context, the PII rule of the permits that allowed it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide_gated(
+        &self,
+        principal: &PrincipalRecord,
+        action: Action,
+        server_id: &str,
+        item: &str,
+        definition: [u8; 32],
+        arguments: Option<&str>,
+        pii: &BTreeMap<String, u64>,
+        now: UnixMillis,
+    ) -> Result<DecisionRecord, String> {
+        if !action.is_gated() {
+            return Err(format!("{} is not a gateway action", action.as_str()));
+        }
         let call = CallRecord {
             args: [0; 32],
             definition,
@@ -871,14 +905,7 @@ impl State {
             },
             price: None,
         };
-        Ok(self.decide_with(
-            principal,
-            Action::Call,
-            server_id,
-            Some(tool),
-            Some(call),
-            now,
-        ))
+        Ok(self.decide_with(principal, action, server_id, Some(item), Some(call), now))
     }
 
     /// Decides like [`State::decide`], for a `call` with `call` (the gateway's) in the
@@ -945,7 +972,7 @@ impl State {
             return DecisionPlan::Settled(Box::new(record));
         };
         let mut req = self.policy_request(principal, action, server, tool, now);
-        if action == Action::Call {
+        if action.is_gated() {
             req.call = facts;
         }
         record.attestation = AttestationFactsRecord {
@@ -963,7 +990,7 @@ impl State {
         }
         // A server registered without attestation (assurance none) is never attested: the
         // policy decides on its assurance level instead of this rule.
-        if matches!(action, Action::Resolve | Action::Call)
+        if (action == Action::Resolve || action.is_gated())
             && server.spec.assurance == Assurance::Nitro
             && !req.attestation.verified
         {
@@ -986,7 +1013,7 @@ impl State {
         }
         // A gateway call's rate and spend outcomes depend on the limits' state now: computed
         // here, used by the evaluation only if the policy and the PII rule allow the call.
-        let limits = if record.call.is_some() {
+        let limits = if record.call.is_some() && action == Action::Call {
             let tool = tool.unwrap_or_default();
             let (rate, spend) = self.limit_outcomes(principal, server, tool, now);
             Some(match (rate.decision, spend.decision) {
@@ -1174,19 +1201,37 @@ impl State {
             },
             Event::Attestation(rec) => self.apply_attestation(seq, rec, now)?,
             Event::Decision(rec) => {
-                let action = match rec.action.as_str() {
-                    "resolve" => Action::Resolve,
-                    "call" => Action::Call,
-                    other => {
+                let action = match Action::parse(&rec.action) {
+                    Some(a) if a != Action::Discover => a,
+                    _ => {
                         return Err(StateError::DecisionMismatch {
                             seq,
                             field: "action",
-                            logged: Box::new(other.into()),
-                            replayed: Box::new(serde_json::json!(["resolve", "call"])),
+                            logged: Box::new(rec.action.clone().into()),
+                            replayed: Box::new(serde_json::json!([
+                                "resolve",
+                                "call",
+                                "read_resource",
+                                "get_prompt"
+                            ])),
                         });
                     }
                 };
-                if rec.call.is_some() && action != Action::Call {
+                // Resources and prompts are decided by the gateway only, always with the
+                // request's section.
+                if rec.call.is_none() && matches!(action, Action::ReadResource | Action::GetPrompt)
+                {
+                    return Err(StateError::DecisionMismatch {
+                        seq,
+                        field: "call",
+                        logged: Box::new(serde_json::json!(null)),
+                        replayed: Box::new(serde_json::json!(format!(
+                            "a call section on a {} decision",
+                            action.as_str()
+                        ))),
+                    });
+                }
+                if rec.call.is_some() && !action.is_gated() {
                     return Err(StateError::DecisionMismatch {
                         seq,
                         field: "call",
@@ -1613,6 +1658,76 @@ mod tests {
             }
             other => panic!("a changed reason code was not named: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_forged_resource_or_prompt_decision_is_named_by_the_fold() {
+        let mut state = State::new(TrustAnchor::aws_nitro_root_g1());
+        let now = UnixMillis::from_millis(1_000);
+        let none = BTreeMap::new();
+        for (seq, action, item) in [
+            (2, Action::ReadResource, "file:///docs/a"),
+            (6, Action::GetPrompt, "greet"),
+        ] {
+            let record = state
+                .decide_gated(
+                    &principal(),
+                    action,
+                    "nowhere",
+                    item,
+                    [0; 32],
+                    None,
+                    &none,
+                    now,
+                )
+                .unwrap();
+            assert_eq!(record.action, action.as_str());
+            assert!(!record.allowed);
+            assert!(record.call.is_some());
+            state
+                .fold(
+                    seq,
+                    &decision_entry(seq, now, record.clone()),
+                    ApplyMode::Recheck,
+                )
+                .unwrap();
+            let named = |state: &mut State, at: u64, r: DecisionRecord| match state.fold(
+                at,
+                &decision_entry(at, now, r),
+                ApplyMode::Recheck,
+            ) {
+                Err(StateError::DecisionMismatch { seq, field, .. }) => (seq, field),
+                other => panic!(
+                    "a forged {} decision was not named: {other:?}",
+                    action.as_str()
+                ),
+            };
+            let mut allowed = record.clone();
+            allowed.allowed = true;
+            allowed.reason = None;
+            assert_eq!(named(&mut state, seq + 1, allowed), (seq + 1, "allowed"));
+            let mut bare = record.clone();
+            bare.call = None;
+            assert_eq!(named(&mut state, seq + 2, bare), (seq + 2, "call"));
+            let mut other = record;
+            other.action = "read_everything".into();
+            assert_eq!(named(&mut state, seq + 3, other), (seq + 3, "action"));
+        }
+        // Not a gateway action.
+        assert!(
+            state
+                .decide_gated(
+                    &principal(),
+                    Action::Resolve,
+                    "nowhere",
+                    "x",
+                    [0; 32],
+                    None,
+                    &none,
+                    now
+                )
+                .is_err()
+        );
     }
 
     #[test]

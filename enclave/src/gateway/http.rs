@@ -16,7 +16,11 @@
 //!   announced change is checked against a fresh listing;
 //! - `tools/call`: decided (pins, hard rules, Cedar), the decision entry made durable, then
 //!   forwarded; the answer's result entry made durable, then answered;
-//! - anything else: refused (`-32601`), deny by default.
+//! - `resources/read`, `prompts/get`: decided (hard rules, Cedar `read_resource` on the URI,
+//!   `get_prompt` on the name) and logged exactly like a call, with a receipt;
+//! - `resources/list`, `resources/templates/list`, `prompts/list`: the agent's page forwarded,
+//!   its items filtered per identity like tools;
+//! - anything else (`resources/subscribe` among them): refused (`-32601`), deny by default.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -28,10 +32,10 @@ use attestplane_verifier::admin::Digest32;
 use attestplane_verifier::entry::{DriftRecord, PiiRecord, PrincipalRecord};
 use attestplane_verifier::gateway::json::parse_ijson;
 use attestplane_verifier::gateway::jsonrpc::{
-    INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, JsonRpcError, Kind, METHOD_NOT_FOUND, Message,
-    RECEIPT_META_KEY, error_response, parse_message,
+    INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, JsonRpcError, Kind, ListKind,
+    METHOD_NOT_FOUND, Message, RECEIPT_META_KEY, error_response, parse_message,
 };
-use attestplane_verifier::policy::PiiAction;
+use attestplane_verifier::policy::{Action, PiiAction};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
@@ -43,12 +47,12 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::era::{self, Era, LEGACY_VERSION, MODERN_VERSION, McpHeaders};
-use super::inside::{self, CallVerdict, GATEWAY_ID_BASE, Refusal};
+use super::inside::{self, CallVerdict, GATEWAY_ID_BASE, Gated, Refusal};
 use super::redact::{self, Treated};
 use super::session::{SessionError, SessionOwner, Sessions};
 use super::upstream::{Answer, Endpoint, UpstreamError, Upstreams};
 use super::{GatewayConfig, MAX_REQUEST_BODY};
-use crate::server::EnclaveAccess;
+use crate::server::{EnclaveAccess, HandlerGone};
 
 /// How long an upstream's listing is trusted for calls before it is fetched again.
 pub const TOOLS_TTL: Duration = Duration::from_secs(60);
@@ -257,6 +261,25 @@ impl Gateway {
             ),
             "tools/list" => self.tools_list(&ctx, &message).await,
             "tools/call" => self.tools_call(&ctx, &message).await,
+            "resources/read" => self.read_or_get(&ctx, &message, Action::ReadResource).await,
+            "prompts/get" => self.read_or_get(&ctx, &message, Action::GetPrompt).await,
+            "resources/list" => {
+                self.gated_list(&ctx, &message, ListKind::Resources, Action::ReadResource)
+                    .await
+            }
+            "resources/templates/list" => {
+                self.gated_list(
+                    &ctx,
+                    &message,
+                    ListKind::ResourceTemplates,
+                    Action::ReadResource,
+                )
+                .await
+            }
+            "prompts/list" => {
+                self.gated_list(&ctx, &message, ListKind::Prompts, Action::GetPrompt)
+                    .await
+            }
             _ => {
                 let status = match era {
                     Era::Modern => StatusCode::NOT_FOUND,
@@ -358,7 +381,7 @@ impl Gateway {
             }
         };
         let body = format!(
-            r#"{{"jsonrpc":"2.0","id":{},"result":{{"protocolVersion":"{LEGACY_VERSION}","capabilities":{{"tools":{{"listChanged":false}}}},"serverInfo":{{"name":"attestplane/{}","version":"{}"}}}}}}"#,
+            r#"{{"jsonrpc":"2.0","id":{},"result":{{"protocolVersion":"{LEGACY_VERSION}","capabilities":{{"tools":{{"listChanged":false}},"resources":{{}},"prompts":{{}}}},"serverInfo":{{"name":"attestplane/{}","version":"{}"}}}}}}"#,
             id.unwrap_or("null"),
             ctx.server,
             env!("CARGO_PKG_VERSION")
@@ -634,6 +657,205 @@ impl Gateway {
                 }
             })
             .await;
+        let gated = Gated {
+            action: Action::Call,
+            method: "tools/call",
+            item: &params.name,
+        };
+        self.forward_decided(
+            ctx,
+            message,
+            &endpoint,
+            gated,
+            params.arguments,
+            redacted,
+            verdict,
+        )
+        .await
+    }
+
+    /// A `resources/read` or `prompts/get`: decided like a tool call (hard rules, then Cedar's
+    /// `read_resource` on the URI or `get_prompt` on the name, a prompt's arguments in the
+    /// context after the PII scan), its decision entry durable before it is forwarded with a
+    /// receipt, its result entry durable before the answer reaches the agent. Resources and
+    /// prompts are not pinned (the registration pins tools only), and rate limits and spend
+    /// caps count tool calls only.
+    async fn read_or_get(&self, ctx: &Ctx, message: &Message<'_>, action: Action) -> Reply {
+        let id = message.id().map(RawValue::get);
+        let parsed = match action {
+            Action::ReadResource => message
+                .resources_read_params()
+                .map(|p| ("resources/read", p.uri, None)),
+            _ => message
+                .prompts_get_params()
+                .map(|p| ("prompts/get", p.name, p.arguments)),
+        };
+        let (method, item, arguments) = match parsed {
+            Ok(p) => p,
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string()),
+        };
+        if let Some(args) = arguments
+            && let Err(e) = parse_ijson(args.get())
+        {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                id,
+                INVALID_PARAMS,
+                &format!("arguments are not I-JSON: {e}"),
+            );
+        }
+        let endpoint = match self.endpoint(&ctx.server).await {
+            Ok(e) => e,
+            Err(r) => return r,
+        };
+        let args = match redact::call_arguments(arguments.map(RawValue::get)) {
+            Ok(a) => a,
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e),
+        };
+        let redacted = args.redacted.clone();
+        let principal = ctx.principal.clone();
+        let server = ctx.server.clone();
+        let target = item.clone();
+        let rid = self.next_id();
+        let verdict = self
+            .access
+            .run(move |enclave, now| {
+                let gated = Gated {
+                    action,
+                    method,
+                    item: &target,
+                };
+                match inside::decide_gated(
+                    enclave, now, rid, &principal, &server, gated, [0; 32], &args,
+                ) {
+                    Ok((v, replies)) => (Ok(v), replies),
+                    Err(e) => (Err(e), Vec::new()),
+                }
+            })
+            .await;
+        let gated = Gated {
+            action,
+            method,
+            item: &item,
+        };
+        self.forward_decided(ctx, message, &endpoint, gated, arguments, redacted, verdict)
+            .await
+    }
+
+    /// `resources/list`, `resources/templates/list` or `prompts/list`: the agent's request
+    /// forwarded (one page at a time, its cursor as sent), and the page's items filtered for
+    /// this agent: an item is shown iff `action` on it (by URI, URI template or name) is
+    /// allowed in the listing context, as tools are. Nothing is logged (a listing decides
+    /// nothing that reaches the server); the kept items and every other member pass byte for
+    /// byte, and an error from the upstream is passed on.
+    async fn gated_list(
+        &self,
+        ctx: &Ctx,
+        message: &Message<'_>,
+        kind: ListKind,
+        action: Action,
+    ) -> Reply {
+        let id = message.id().map(RawValue::get);
+        let method = message.method().unwrap_or_default().to_owned();
+        let endpoint = match self.endpoint(&ctx.server).await {
+            Ok(e) => e,
+            Err(r) => return r,
+        };
+        let era = match self.upstreams.era(&endpoint).await {
+            Ok(e) => e,
+            Err(e) => return upstream_reply(id, &e),
+        };
+        let mut body = message.text().to_owned();
+        if era == Era::Modern && era::body_version(message).is_none() {
+            body = match modern_envelope(body) {
+                Ok(b) => b,
+                Err(_) => return bad_upstream(id),
+            };
+        }
+        let answer = match self
+            .upstreams
+            .call(&endpoint, &method, None, &body, None)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => return upstream_reply(id, &e),
+        };
+        let Ok(page) = parse_message(&answer.body) else {
+            return bad_upstream(id);
+        };
+        if page.kind() == Kind::ErrorResponse {
+            return match with_agent_id(page.text(), id) {
+                Some(b) => json(StatusCode::OK, b),
+                None => bad_upstream(id),
+            };
+        }
+        let Ok(listed) = page.list_result(kind) else {
+            return bad_upstream(id);
+        };
+        let names: Vec<Option<String>> = listed
+            .items
+            .iter()
+            .map(|item| {
+                attestplane_verifier::gateway::jsonrpc::object_members(item, "item")
+                    .ok()
+                    .and_then(|m| {
+                        m.iter()
+                            .find(|(k, _)| k == kind.key())
+                            .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
+                    })
+            })
+            .collect();
+        let principal = ctx.principal.clone();
+        let server = ctx.server.clone();
+        let shown = self
+            .access
+            .run(move |enclave, now| {
+                let now = enclave.entry_time(now);
+                (
+                    inside::filter_items(enclave, now, &principal, &server, action, &names),
+                    Vec::new(),
+                )
+            })
+            .await;
+        let shown = match shown {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return refusal_reply(id, &e),
+            Err(_) => return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+        };
+        let kept: Vec<&RawValue> = listed
+            .items
+            .iter()
+            .zip(shown)
+            .filter_map(|(item, show)| show.then_some(*item))
+            .collect();
+        let Ok(filtered) = page.with_result_items(kind, &kept) else {
+            return bad_upstream(id);
+        };
+        let Some(body) = with_agent_id(&filtered, id) else {
+            return bad_upstream(id);
+        };
+        match for_agent(ctx.era, body, true) {
+            Ok(body) => json(StatusCode::OK, body),
+            Err(_) => bad_upstream(id),
+        }
+    }
+
+    /// Acts on a gated request's verdict (a tool call, a resource read, a prompt get): a
+    /// refusal answered once its entry is durable; an allowed request forwarded once its
+    /// decision entry is durable, with its receipt (and, under `redact`, its redacted
+    /// arguments spliced in), and its answer treated, logged and answered by [`Self::finish`].
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_decided(
+        &self,
+        ctx: &Ctx,
+        message: &Message<'_>,
+        endpoint: &Endpoint,
+        gated: Gated<'_>,
+        arguments: Option<&RawValue>,
+        redacted: Option<String>,
+        verdict: Result<Result<CallVerdict, Refusal>, HandlerGone>,
+    ) -> Reply {
+        let id = message.id().map(RawValue::get);
         let (seq, receipt, rule) = match verdict {
             Ok(Ok(CallVerdict::Allowed { seq, receipt, pii })) => (seq, receipt, pii),
             Ok(Ok(CallVerdict::Denied { seq, reason })) => {
@@ -654,7 +876,7 @@ impl Gateway {
                     INVALID_PARAMS,
                     &format!(
                         "tool {:?} is withheld: it is not pinned, or its definition has changed since it was pinned",
-                        params.name
+                        gated.item
                     ),
                 );
             }
@@ -678,7 +900,7 @@ impl Gateway {
         };
         // Under `redact`, the redacted arguments replace the sent ones (spliced: the rest of
         // the message byte for byte).
-        let redacted_text = match (rule, params.arguments, redacted) {
+        let redacted_text = match (rule, arguments, redacted) {
             (PiiAction::Redact, Some(raw), Some(r)) if r != raw.get() => {
                 match message.with_replaced(raw, &r) {
                     Ok(t) => Some(t),
@@ -723,8 +945,8 @@ impl Gateway {
             .upstreams
             .call(
                 &endpoint,
-                "tools/call",
-                Some(&params.name),
+                gated.method,
+                Some(gated.item),
                 &body,
                 Some(&receipt),
             )
@@ -982,7 +1204,7 @@ fn discover(id: Option<&str>) -> Reply {
     json(
         StatusCode::OK,
         format!(
-            r#"{{"jsonrpc":"2.0","id":{},"result":{{"resultType":"complete","supportedVersions":["{MODERN_VERSION}"],"capabilities":{{"tools":{{}}}},"ttlMs":0,"cacheScope":"private","_meta":{{"io.modelcontextprotocol/serverInfo":{{"name":"attestplane-gateway","version":"{}"}}}}}}}}"#,
+            r#"{{"jsonrpc":"2.0","id":{},"result":{{"resultType":"complete","supportedVersions":["{MODERN_VERSION}"],"capabilities":{{"tools":{{}},"resources":{{}},"prompts":{{}}}},"ttlMs":0,"cacheScope":"private","_meta":{{"io.modelcontextprotocol/serverInfo":{{"name":"attestplane-gateway","version":"{}"}}}}}}}}"#,
             id.unwrap_or("null"),
             env!("CARGO_PKG_VERSION")
         ),

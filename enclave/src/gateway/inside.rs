@@ -233,6 +233,19 @@ pub enum CallVerdict {
     Withheld,
 }
 
+/// What a gated request is about: the action, the JSON-RPC method (the receipt's `mth`), the
+/// item (tool name, resource URI, prompt name: the receipt's `tool`), and the pinned digest the
+/// item is checked against (tools only; resources and prompts are not pinned and carry zeroes).
+#[derive(Clone, Copy, Debug)]
+pub struct Gated<'a> {
+    /// `call`, `read_resource` or `get_prompt`.
+    pub action: Action,
+    /// `tools/call`, `resources/read` or `prompts/get`.
+    pub method: &'a str,
+    /// The tool's name, the resource's URI, or the prompt's name.
+    pub item: &'a str,
+}
+
 /// Decides a `tools/call` of `tool` on `server` for `principal` and writes the decision entry.
 /// `live` is the tool's pinned digest if the upstream's current listing still matches its pin
 /// (from [`check_listing`]), `None` if the tool is withheld; `args` is what the gateway
@@ -252,20 +265,48 @@ pub fn decide_call(
     if !enclave.serving() {
         return Err(Refusal::NotReady);
     }
-    let now = enclave.entry_time(now);
     if enclave.state().server(server).is_none() {
         return Err(Refusal::UnknownServer(server.to_owned()));
     }
     let Some(pinned) = live else {
         return Ok((CallVerdict::Withheld, Vec::new()));
     };
+    let gated = Gated {
+        action: Action::Call,
+        method: "tools/call",
+        item: tool,
+    };
+    decide_gated(enclave, now, id, principal, server, gated, pinned.0, args)
+}
+
+/// Decides a gated request (a tool call with its pinned `definition`, a resource read or a
+/// prompt get with zeroes) and writes the decision entry; an allowed one gets its receipt.
+#[allow(clippy::too_many_arguments)]
+pub fn decide_gated(
+    enclave: &mut Enclave,
+    now: UnixMillis,
+    id: u64,
+    principal: &PrincipalRecord,
+    server: &str,
+    gated: Gated<'_>,
+    definition: [u8; 32],
+    args: &CallArguments,
+) -> Result<(CallVerdict, Replies), Refusal> {
+    if !enclave.serving() {
+        return Err(Refusal::NotReady);
+    }
+    let now = enclave.entry_time(now);
+    if enclave.state().server(server).is_none() {
+        return Err(Refusal::UnknownServer(server.to_owned()));
+    }
     let mut record = enclave
         .state()
-        .decide_call(
+        .decide_gated(
             principal,
+            gated.action,
             server,
-            tool,
-            pinned.0,
+            gated.item,
+            definition,
             args.redacted.as_deref(),
             &args.pii,
             now,
@@ -314,10 +355,10 @@ pub fn decide_call(
         sub: principal.agent.clone(),
         usr: principal.user.clone(),
         ten: principal.tenant.clone(),
-        mth: "tools/call".into(),
-        tool: tool.to_owned(),
+        mth: gated.method.to_owned(),
+        tool: gated.item.to_owned(),
         args: URL_SAFE_NO_PAD.encode(digest),
-        def: URL_SAFE_NO_PAD.encode(pinned.0),
+        def: URL_SAFE_NO_PAD.encode(definition),
         jti,
         iat: now.as_secs(),
         exp: now.as_secs().saturating_add(RECEIPT_LIFETIME_SECS),
@@ -335,6 +376,36 @@ pub fn decide_call(
         },
         replies,
     ))
+}
+
+/// Which of `items` (a listing's items, each named by `names`: resource URIs, template URIs,
+/// prompt names) `principal` is shown: those on which `action` is allowed in the listing
+/// context (no argument, no finding), as tools are. Nothing is written.
+pub fn filter_items(
+    enclave: &Enclave,
+    now: UnixMillis,
+    principal: &PrincipalRecord,
+    server: &str,
+    action: Action,
+    names: &[Option<String>],
+) -> Result<Vec<bool>, Refusal> {
+    if !enclave.serving() {
+        return Err(Refusal::NotReady);
+    }
+    if enclave.state().server(server).is_none() {
+        return Err(Refusal::UnknownServer(server.to_owned()));
+    }
+    Ok(names
+        .iter()
+        .map(|name| {
+            name.as_deref().is_some_and(|n| {
+                enclave
+                    .state()
+                    .decide(principal, action, server, Some(n), now)
+                    .allowed
+            })
+        })
+        .collect())
 }
 
 /// Writes how call `call` ended: `outcome` is `ok`, `error`, `withheld` (the result carried

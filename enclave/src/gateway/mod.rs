@@ -41,8 +41,9 @@
 //!
 //! ## What it does not do (yet)
 //!
-//! Resources, prompts and server-to-client requests are refused (deny by default) until the
-//! policy model covers them. Rate and spend limits are the verifier kernel's arithmetic and are
+//! Resources and prompts pass only where the policy permits (`read_resource`, `get_prompt`),
+//! logged like calls; subscriptions to resources are refused. Server-to-client requests are
+//! refused (deny by default). Rate and spend limits are the verifier kernel's arithmetic and are
 //! not applied in the path yet.
 
 pub mod era;

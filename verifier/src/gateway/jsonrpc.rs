@@ -62,6 +62,9 @@ pub const MAX_TOOL_NAME_LEN: usize = 128;
 /// The longest pagination cursor accepted, in bytes.
 pub const MAX_CURSOR_LEN: usize = 4096;
 
+/// The longest resource URI (`resources/read`) accepted.
+pub const MAX_URI_LEN: usize = 4096;
+
 /// The `_meta` member under which the gateway passes a call's receipt.
 pub const RECEIPT_META_KEY: &str = "io.attestplane/receipt";
 
@@ -572,6 +575,48 @@ impl<'a> Message<'a> {
     /// The params of a `tools/call` request.
     pub fn tools_call_params(&self) -> Result<ToolsCallParams<'a>, JsonRpcError> {
         self.expect(Kind::Request, "tools/call", "tools/call request")?;
+        self.named_params()
+    }
+
+    /// The params of a `prompts/get` request: the prompt's `name` and its `arguments` (an
+    /// object, if present), in the same view as a tool call's.
+    pub fn prompts_get_params(&self) -> Result<ToolsCallParams<'a>, JsonRpcError> {
+        self.expect(Kind::Request, "prompts/get", "prompts/get request")?;
+        self.named_params()
+    }
+
+    /// The params of a `resources/read` request: the resource's `uri`.
+    pub fn resources_read_params(&self) -> Result<ResourcesReadParams<'a>, JsonRpcError> {
+        self.expect(Kind::Request, "resources/read", "resources/read request")?;
+        let params = self.params.ok_or(JsonRpcError::Invalid {
+            field: "params",
+            reason: "missing",
+        })?;
+        let rest = object_members(params, "params")?;
+        let uri_raw = find(&rest, "uri").ok_or(JsonRpcError::Invalid {
+            field: "params.uri",
+            reason: "missing",
+        })?;
+        let uri = string_of(uri_raw, "params.uri")?;
+        if uri.is_empty() || uri.len() > MAX_URI_LEN {
+            return Err(JsonRpcError::Invalid {
+                field: "params.uri",
+                reason: "empty or too long",
+            });
+        }
+        let meta = find(&rest, "_meta");
+        if let Some(m) = meta {
+            object_members(m, "_meta")?;
+        }
+        let rest = rest
+            .into_iter()
+            .filter(|(k, _)| !matches!(k.as_ref(), "uri" | "_meta"))
+            .collect();
+        Ok(ResourcesReadParams { uri, meta, rest })
+    }
+
+    /// `name` and `arguments` of a request's params (a tool call or a prompt).
+    fn named_params(&self) -> Result<ToolsCallParams<'a>, JsonRpcError> {
         let params = self.params.ok_or(JsonRpcError::Invalid {
             field: "params",
             reason: "missing",
@@ -632,29 +677,42 @@ impl<'a> Message<'a> {
 
     /// The result of a response to `tools/list` (the caller knows which request it answers).
     pub fn tools_list_result(&self) -> Result<ToolsListResult<'a>, JsonRpcError> {
+        let r = self.list_result(ListKind::Tools)?;
+        Ok(ToolsListResult {
+            tools: r.items,
+            next_cursor: r.next_cursor,
+            rest: r.rest,
+        })
+    }
+
+    /// The result of a listing response of `kind`: its items (each an object, as written),
+    /// the next cursor, and the other members.
+    pub fn list_result(&self, kind: ListKind) -> Result<ListResult<'a>, JsonRpcError> {
+        let member = kind.member();
+        let field = kind.field();
         self.expect(Kind::Response, "", "response")?;
         let result = self.result.ok_or(JsonRpcError::Invalid {
             field: "result",
             reason: "missing",
         })?;
         let rest = object_members(result, "result")?;
-        let tools_raw = find(&rest, "tools").ok_or(JsonRpcError::Invalid {
-            field: "result.tools",
+        let items_raw = find(&rest, member).ok_or(JsonRpcError::Invalid {
+            field,
             reason: "missing",
         })?;
-        if !tools_raw.get().starts_with('[') {
+        if !items_raw.get().starts_with('[') {
             return Err(JsonRpcError::Invalid {
-                field: "result.tools",
+                field,
                 reason: "not an array",
             });
         }
-        let tools: Vec<&'a RawValue> =
-            serde_json::from_str(tools_raw.get()).map_err(|e| JsonRpcError::Syntax {
+        let items: Vec<&'a RawValue> =
+            serde_json::from_str(items_raw.get()).map_err(|e| JsonRpcError::Syntax {
                 reason: e.to_string(),
             })?;
-        if tools.iter().any(|t| !t.get().starts_with('{')) {
+        if items.iter().any(|t| !t.get().starts_with('{')) {
             return Err(JsonRpcError::Invalid {
-                field: "result.tools",
+                field,
                 reason: "an element is not an object",
             });
         }
@@ -665,10 +723,10 @@ impl<'a> Message<'a> {
         };
         let rest = rest
             .into_iter()
-            .filter(|(k, _)| !matches!(k.as_ref(), "tools" | "nextCursor"))
+            .filter(|(k, _)| k != member && k != "nextCursor")
             .collect();
-        Ok(ToolsListResult {
-            tools,
+        Ok(ListResult {
+            items,
             next_cursor,
             rest,
         })
@@ -779,17 +837,27 @@ impl<'a> Message<'a> {
     /// The message with its `result.tools` array replaced by `tools` (each a tool object of
     /// this message, in the order given), every other byte as received.
     pub fn with_result_tools(&self, tools: &[&RawValue]) -> Result<String, JsonRpcError> {
+        self.with_result_items(ListKind::Tools, tools)
+    }
+
+    /// This response with its listing of `kind` replaced by `items` (each written as given);
+    /// every other byte unchanged.
+    pub fn with_result_items(
+        &self,
+        kind: ListKind,
+        tools: &[&RawValue],
+    ) -> Result<String, JsonRpcError> {
         let result = self.result.ok_or(JsonRpcError::Invalid {
             field: "result",
             reason: "missing",
         })?;
         let members = object_members(result, "result")?;
-        let old = find(&members, "tools").ok_or(JsonRpcError::Invalid {
-            field: "result.tools",
+        let old = find(&members, kind.member()).ok_or(JsonRpcError::Invalid {
+            field: kind.field(),
             reason: "missing",
         })?;
         let range = self.span_of(old).ok_or(JsonRpcError::Invalid {
-            field: "result.tools",
+            field: kind.field(),
             reason: "not part of this message",
         })?;
         let mut with = String::from("[");
@@ -859,6 +927,72 @@ impl fmt::Debug for ToolsCallParams<'_> {
 pub struct ToolsListParams<'a> {
     /// The pagination cursor, if any.
     pub cursor: Option<String>,
+    /// Every other member, as written.
+    pub rest: RawMembers<'a>,
+}
+
+/// The params of a `resources/read` request.
+#[derive(Clone, Debug)]
+pub struct ResourcesReadParams<'a> {
+    /// The resource's URI.
+    pub uri: String,
+    /// `_meta` as written (an object), if present.
+    pub meta: Option<&'a RawValue>,
+    /// Every other member, as written.
+    pub rest: RawMembers<'a>,
+}
+
+/// Which listing a response carries: the member its items are in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListKind {
+    /// `tools/list`: `tools`.
+    Tools,
+    /// `resources/list`: `resources`.
+    Resources,
+    /// `resources/templates/list`: `resourceTemplates`.
+    ResourceTemplates,
+    /// `prompts/list`: `prompts`.
+    Prompts,
+}
+
+impl ListKind {
+    /// The result member holding the items.
+    pub const fn member(self) -> &'static str {
+        match self {
+            ListKind::Tools => "tools",
+            ListKind::Resources => "resources",
+            ListKind::ResourceTemplates => "resourceTemplates",
+            ListKind::Prompts => "prompts",
+        }
+    }
+
+    /// The member's path, for errors.
+    pub const fn field(self) -> &'static str {
+        match self {
+            ListKind::Tools => "result.tools",
+            ListKind::Resources => "result.resources",
+            ListKind::ResourceTemplates => "result.resourceTemplates",
+            ListKind::Prompts => "result.prompts",
+        }
+    }
+
+    /// The member of each item that names it for the policy: `name`, `uri` or `uriTemplate`.
+    pub const fn key(self) -> &'static str {
+        match self {
+            ListKind::Tools | ListKind::Prompts => "name",
+            ListKind::Resources => "uri",
+            ListKind::ResourceTemplates => "uriTemplate",
+        }
+    }
+}
+
+/// The result of a listing response.
+#[derive(Clone, Debug)]
+pub struct ListResult<'a> {
+    /// Each item object, as written.
+    pub items: Vec<&'a RawValue>,
+    /// The cursor of the next page, if any (`null` reads as none).
+    pub next_cursor: Option<String>,
     /// Every other member, as written.
     pub rest: RawMembers<'a>,
 }
