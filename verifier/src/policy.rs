@@ -124,8 +124,11 @@ namespace Attestplane {
     server: Server,
     tenant: Tenant,
   };
+  // `name` is the URI too: every resource type has `name` and `tenant`, so a policy over any
+  // resource's `name` (valid before resources existed) still validates.
   entity Resource in [Server] = {
     uri: String,
+    name: String,
     server: Server,
     tenant: Tenant,
   };
@@ -294,17 +297,6 @@ impl Action {
             self,
             Action::Call | Action::ReadResource | Action::GetPrompt
         )
-    }
-
-    /// The index of the action in [`Action::ALL`].
-    const fn index(self) -> usize {
-        match self {
-            Action::Discover => 0,
-            Action::Resolve => 1,
-            Action::Call => 2,
-            Action::ReadResource => 3,
-            Action::GetPrompt => 4,
-        }
     }
 }
 
@@ -625,8 +617,14 @@ impl Model {
     }
 
     fn action(&self, a: Action) -> &EntityUid {
-        // `index` is below `Action::ALL.len()`, the array's length.
-        &self.actions[a.index()]
+        let [discover, resolve, call, read, get] = &self.actions;
+        match a {
+            Action::Discover => discover,
+            Action::Resolve => resolve,
+            Action::Call => call,
+            Action::ReadResource => read,
+            Action::GetPrompt => get,
+        }
     }
 
     /// The type of the resource of requests for `a`.
@@ -928,8 +926,14 @@ impl PolicyEngine {
     }
 
     fn action_index(&self, a: Action) -> &ActionIndex {
-        // `index` is below `Action::ALL.len()`, the array's length.
-        &self.index[a.index()]
+        let [discover, resolve, call, read, get] = &self.index;
+        match a {
+            Action::Discover => discover,
+            Action::Resolve => resolve,
+            Action::Call => call,
+            Action::ReadResource => read,
+            Action::GetPrompt => get,
+        }
     }
 }
 
@@ -1043,23 +1047,28 @@ impl BuiltRequest {
             Action::Discover | Action::Resolve => (server.clone(), vec![server, server_tenant]),
             Action::Call | Action::ReadResource | Action::GetPrompt => {
                 let Some(item) = &req.tool else {
-                    return Err(format!("{} request names no item", req.action.as_str()));
+                    let what = match req.action {
+                        Action::ReadResource => "resource",
+                        Action::GetPrompt => "prompt",
+                        _ => "tool",
+                    };
+                    return Err(format!("{} request names no {what}", req.action.as_str()));
                 };
-                let (ty, naming) = match req.action {
-                    Action::ReadResource => (&model.resource, "uri"),
-                    Action::GetPrompt => (&model.prompt, "name"),
-                    _ => (&model.tool, "name"),
+                let ty = match req.action {
+                    Action::ReadResource => &model.resource,
+                    Action::GetPrompt => &model.prompt,
+                    _ => &model.tool,
                 };
                 let uid = Model::uid(ty, &format!("{}/{}", s.id, item));
-                entities.push(entity(
-                    &uid,
-                    vec![
-                        (naming, str_expr(item)),
-                        ("server", uid_expr(&server)),
-                        ("tenant", uid_expr(&server_tenant)),
-                    ],
-                    &server,
-                )?);
+                let mut attrs = vec![
+                    ("name", str_expr(item)),
+                    ("server", uid_expr(&server)),
+                    ("tenant", uid_expr(&server_tenant)),
+                ];
+                if req.action == Action::ReadResource {
+                    attrs.push(("uri", str_expr(item)));
+                }
+                entities.push(entity(&uid, attrs, &server)?);
                 (uid.clone(), vec![uid, server, server_tenant])
             }
         };

@@ -887,7 +887,7 @@ impl Gateway {
             return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
         }
         // Forward: the agent's message as it came, toward the upstream's era.
-        let era = match self.upstreams.era(&endpoint).await {
+        let era = match self.upstreams.era(endpoint).await {
             Ok(e) => e,
             Err(e) => return self.aborted(id, seq, rule, &e).await,
         };
@@ -944,7 +944,7 @@ impl Gateway {
         let answer = match self
             .upstreams
             .call(
-                &endpoint,
+                endpoint,
                 gated.method,
                 Some(gated.item),
                 &body,
