@@ -69,6 +69,9 @@ struct ToolCache {
     kept: std::collections::BTreeMap<String, Digest32>,
     /// The drift last logged.
     drift: Vec<DriftRecord>,
+    /// The pins the listing was checked against: a call whose tool's pin has changed since
+    /// (an admin re-pinned or unpinned it) re-lists and re-checks before it is decided.
+    pins: std::collections::BTreeMap<String, Digest32>,
 }
 
 /// The gateway: shared by every agent connection.
@@ -507,13 +510,20 @@ impl Gateway {
                     &for_inside,
                     &mut drift,
                 ) {
-                    Ok((listing, replies)) => (Ok((listing, drift)), replies),
+                    Ok((listing, replies)) => {
+                        let pins = enclave
+                            .state()
+                            .server(&server)
+                            .map(|s| s.spec.tools.clone())
+                            .unwrap_or_default();
+                        (Ok((listing, drift, pins)), replies)
+                    }
                     Err(e) => (Err(e), Vec::new()),
                 }
             })
             .await
             .map_err(|_| plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"))?;
-        let (listing, drift) = outcome.map_err(|e| refusal_reply(None, &e))?;
+        let (listing, drift, pins) = outcome.map_err(|e| refusal_reply(None, &e))?;
         if let Some(seq) = listing.drift_seq {
             self.access
                 .durable(seq)
@@ -526,6 +536,7 @@ impl Gateway {
             cache.fetched = Some(Instant::now());
             cache.kept = listing.kept.clone();
             cache.drift = drift;
+            cache.pins = pins;
         }
         self.listen_for_changes(endpoint);
         let shown = listing
@@ -631,10 +642,6 @@ impl Gateway {
         if !fresh && let Err(r) = self.listing(ctx, &endpoint).await {
             return r;
         }
-        let live = self
-            .lock_tools()
-            .get(&ctx.server)
-            .and_then(|c| c.kept.get(&params.name).copied());
         // PII: scanned and redacted once, here, off the enclave's handler thread; the
         // decision sees the redacted form and picks which form is forwarded.
         let args = match redact::call_arguments(params.arguments.map(RawValue::get)) {
@@ -642,21 +649,57 @@ impl Gateway {
             Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e),
         };
         let redacted = args.redacted.clone();
-        let principal = ctx.principal.clone();
-        let server = ctx.server.clone();
-        let tool = params.name.clone();
-        let rid = self.next_id();
-        let verdict = self
-            .access
-            .run(move |enclave, now| {
-                match inside::decide_call(
-                    enclave, now, rid, &principal, &server, &tool, live, &args,
-                ) {
-                    Ok((v, replies)) => (Ok(v), replies),
-                    Err(e) => (Err(e), Vec::new()),
-                }
-            })
-            .await;
+        let mut verdict = Ok(Ok(Some(CallVerdict::Withheld)));
+        for attempt in 0..2 {
+            let (live, checked_pin) = self
+                .lock_tools()
+                .get(&ctx.server)
+                .map(|c| {
+                    (
+                        c.kept.get(&params.name).copied(),
+                        c.pins.get(&params.name).copied(),
+                    )
+                })
+                .unwrap_or_default();
+            let principal = ctx.principal.clone();
+            let server = ctx.server.clone();
+            let tool = params.name.clone();
+            let args = args.clone();
+            let rid = self.next_id();
+            verdict = self
+                .access
+                .run(move |enclave, now| {
+                    // The listing was checked against the pins of its time: if the tool's pin
+                    // changed since (a re-pin), the check is stale and nothing is decided.
+                    let pinned = enclave
+                        .state()
+                        .server(&server)
+                        .and_then(|s| s.spec.tools.get(&tool).copied());
+                    if pinned != checked_pin {
+                        return (Ok(None), Vec::new());
+                    }
+                    match inside::decide_call(
+                        enclave, now, rid, &principal, &server, &tool, live, &args,
+                    ) {
+                        Ok((v, replies)) => (Ok(Some(v)), replies),
+                        Err(e) => (Err(e), Vec::new()),
+                    }
+                })
+                .await;
+            if !matches!(verdict, Ok(Ok(None))) || attempt == 1 {
+                break;
+            }
+            // Stale: list again (once), against the pins in force.
+            if let Err(r) = self.listing(ctx, &endpoint).await {
+                return r;
+            }
+        }
+        let verdict = match verdict {
+            Ok(Ok(None)) => Ok(Ok(CallVerdict::Withheld)),
+            Ok(Ok(Some(v))) => Ok(Ok(v)),
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(e) => Err(e),
+        };
         let gated = Gated {
             action: Action::Call,
             method: "tools/call",

@@ -45,6 +45,17 @@ pub enum ServersCommand {
     },
     /// List the servers the agent's token (--token) may discover.
     List,
+    /// Re-pin a server's tools to its live listing: fetch the listing from the registered
+    /// endpoint, show the difference from the pinned set (added, removed and changed tools,
+    /// invisible characters escaped), and on confirmation sign and submit the re-pin (an
+    /// `update_server` act that changes only the pins), confirmed like every admin act.
+    Pin {
+        /// The server's id.
+        id: String,
+        /// Sign without asking.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// The flags of a server registration.
@@ -294,6 +305,7 @@ pub async fn run(command: ServersCommand, context: &ClientContext) -> CliResult 
                 Ok(())
             }
         }
+        ServersCommand::Pin { id, yes } => pin(context, &id, yes).await,
         ServersCommand::List => {
             let api = Api::new(&context.url)?;
             let bearer = read_bearer(context)?;
@@ -325,6 +337,391 @@ pub async fn run(command: ServersCommand, context: &ClientContext) -> CliResult 
             Ok(())
         }
     }
+}
+
+/// The most pages of `tools/list` `servers pin` follows.
+const MAX_PIN_PAGES: usize = 64;
+
+/// The largest `tools/list` answer `servers pin` reads.
+const MAX_PIN_ANSWER: usize = 4 * 1024 * 1024;
+
+/// How long `servers pin` waits for each answer of the server.
+const PIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The protocol version `servers pin` asks for first.
+const PIN_MODERN: &str = "2026-07-28";
+
+/// The legacy protocol version `servers pin` falls back to.
+const PIN_LEGACY: &str = "2025-11-25";
+
+/// The latest accepted registration of `id` in the log the host serves, and its entry's
+/// sequence number (`None` when the server is not registered or was revoked).
+async fn registration(api: &Api, id: &str) -> CliResult<Option<(u64, ServerSpec)>> {
+    use attestplane_verifier::admin::SignedAdminRequest;
+    use attestplane_verifier::entry::{Event, SignedEntry};
+
+    use super::log::{PAGE, fetch, head};
+    let size = head(api).await?;
+    let mut latest = None;
+    let mut next = 0u64;
+    while next < size {
+        let end = size.min(next.saturating_add(PAGE));
+        let entries = fetch(api, next, end).await?;
+        if entries.is_empty() {
+            break;
+        }
+        for bytes in &entries {
+            let Ok(entry) = SignedEntry::decode(bytes) else {
+                continue;
+            };
+            let entry = entry.into_entry();
+            let Event::Admin {
+                request,
+                accepted: true,
+                ..
+            } = entry.event
+            else {
+                continue;
+            };
+            let Ok(request) = SignedAdminRequest::decode(&request) else {
+                continue;
+            };
+            match &request.request().action {
+                AdminAction::RegisterServer(spec) | AdminAction::UpdateServer(spec)
+                    if spec.id == id =>
+                {
+                    latest = Some((entry.seq, spec.clone()));
+                }
+                AdminAction::RevokeServer { id: revoked } if revoked == id => latest = None,
+                _ => {}
+            }
+        }
+        next = next.saturating_add(entries.len() as u64);
+    }
+    Ok(latest)
+}
+
+/// One tool of a server's live listing.
+#[derive(Clone, Debug)]
+struct LiveTool {
+    digest: Digest32,
+    /// The tool object as the server listed it.
+    text: String,
+}
+
+/// The MCP URL of a registration: the registered endpoint (what the host dials) with its
+/// resource URI's path.
+fn mcp_url(spec: &ServerSpec) -> CliResult<Url> {
+    let mut url = Url::parse(&spec.endpoint)
+        .map_err(|e| CliError::Failed(format!("the registered endpoint is not a URL: {e}")))?;
+    let path = Url::parse(&spec.resource)
+        .map(|r| r.path().to_owned())
+        .unwrap_or_else(|_| "/".to_owned());
+    url.set_path(&path);
+    Ok(url)
+}
+
+/// The JSON-RPC message in an answer: the body, or the first response event of an SSE body.
+fn rpc_answer(content_type: &str, body: &[u8]) -> Option<Vec<u8>> {
+    use attestplane_verifier::gateway::jsonrpc::{Kind, parse_message};
+    if !content_type.starts_with("text/event-stream") {
+        return Some(body.to_vec());
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    text.replace("\r\n", "\n").split("\n\n").find_map(|event| {
+        let data: Vec<&str> = event
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+            .collect();
+        let data = data.join("\n");
+        let answers = parse_message(data.as_bytes())
+            .is_ok_and(|m| matches!(m.kind(), Kind::Response | Kind::ErrorResponse));
+        answers.then(|| data.into_bytes())
+    })
+}
+
+/// Fetches the server's live `tools/list` (every page, in the modern era or, if the server
+/// refuses it, the legacy one), as the gateway would: by name, with each tool's digest.
+async fn live_tools(spec: &ServerSpec) -> CliResult<BTreeMap<String, LiveTool>> {
+    use attestplane_verifier::gateway::jsonrpc::parse_message;
+    use attestplane_verifier::gateway::pin::tool_digest;
+
+    let url = mcp_url(spec)?;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PIN_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| CliError::Io(format!("http client: {e}")))?;
+    let unreachable =
+        |e: String| CliError::Failed(format!("cannot fetch the live listing of {}: {e}", spec.id));
+    let post =
+        |body: String, version: &'static str, method: &'static str, session: Option<String>| {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let mut req = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .header("accept", "application/json, text/event-stream")
+                    .header("mcp-protocol-version", version)
+                    .header("mcp-method", method);
+                if let Some(s) = session {
+                    req = req.header("mcp-session-id", s);
+                }
+                let resp = req.body(body).send().await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let session = resp
+                    .headers()
+                    .get("mcp-session-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let content_type = resp
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                if resp
+                    .content_length()
+                    .is_some_and(|n| n > MAX_PIN_ANSWER as u64)
+                {
+                    return Err("the answer is too large".to_owned());
+                }
+                let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+                if bytes.len() > MAX_PIN_ANSWER {
+                    return Err("the answer is too large".to_owned());
+                }
+                Ok::<_, String>((status, session, rpc_answer(&content_type, &bytes)))
+            }
+        };
+    let list = |cursor: Option<&str>, legacy: bool| {
+        let mut params = serde_json::Map::new();
+        if let Some(c) = cursor {
+            params.insert("cursor".into(), json!(c));
+        }
+        if !legacy {
+            params.insert(
+                "_meta".into(),
+                json!({ "io.modelcontextprotocol/protocolVersion": PIN_MODERN }),
+            );
+        }
+        json!({"jsonrpc": "2.0", "id": "attestplane-pin", "method": "tools/list", "params": params})
+            .to_string()
+    };
+    // The modern era first; a server that refuses it is asked in the legacy era.
+    let mut session = None;
+    let mut legacy = false;
+    let (status, _, first) = post(list(None, false), PIN_MODERN, "tools/list", None)
+        .await
+        .map_err(unreachable)?;
+    let mut answer = if status.is_success() {
+        first
+    } else {
+        legacy = true;
+        let init = json!({"jsonrpc": "2.0", "id": "attestplane-pin-init", "method": "initialize",
+            "params": {"protocolVersion": PIN_LEGACY, "capabilities": {},
+                       "clientInfo": {"name": "attestplane-pin", "version": env!("CARGO_PKG_VERSION")}}});
+        let (status, s, _) = post(init.to_string(), PIN_LEGACY, "initialize", None)
+            .await
+            .map_err(unreachable)?;
+        if !status.is_success() {
+            return Err(unreachable(format!("the server answered HTTP {status}")));
+        }
+        session = s;
+        let done = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        post(
+            done.to_string(),
+            PIN_LEGACY,
+            "notifications/initialized",
+            session.clone(),
+        )
+        .await
+        .map_err(unreachable)?;
+        let (status, _, a) = post(list(None, true), PIN_LEGACY, "tools/list", session.clone())
+            .await
+            .map_err(unreachable)?;
+        if !status.is_success() {
+            return Err(unreachable(format!("the server answered HTTP {status}")));
+        }
+        a
+    };
+    let mut tools = BTreeMap::new();
+    for page in 0..MAX_PIN_PAGES {
+        let bytes = answer.ok_or_else(|| unreachable("no JSON-RPC answer".into()))?;
+        let message = parse_message(&bytes).map_err(|e| unreachable(e.to_string()))?;
+        let result = message
+            .tools_list_result()
+            .map_err(|e| unreachable(format!("not a tools/list result: {e}")))?;
+        for raw in &result.tools {
+            let d =
+                tool_digest(raw.get()).map_err(|e| unreachable(format!("a listed tool: {e}")))?;
+            let live = LiveTool {
+                digest: d.digest,
+                text: raw.get().to_owned(),
+            };
+            if tools.insert(d.name.clone(), live).is_some() {
+                return Err(CliError::Failed(format!(
+                    "the live listing of {} lists {:?} twice: refusing to pin an ambiguous listing",
+                    spec.id,
+                    escape_invisible(&d.name)
+                )));
+            }
+        }
+        let Some(cursor) = result.next_cursor else {
+            return Ok(tools);
+        };
+        if page + 1 == MAX_PIN_PAGES {
+            break;
+        }
+        let version = if legacy { PIN_LEGACY } else { PIN_MODERN };
+        let (status, _, a) = post(
+            list(Some(&cursor), legacy),
+            version,
+            "tools/list",
+            session.clone(),
+        )
+        .await
+        .map_err(unreachable)?;
+        if !status.is_success() {
+            return Err(unreachable(format!("the server answered HTTP {status}")));
+        }
+        answer = a;
+    }
+    Err(unreachable(format!("more than {MAX_PIN_PAGES} pages")))
+}
+
+/// Text for a terminal with every character that is not printable ASCII escaped (`\u{200b}`):
+/// an invisible change to a description shows.
+fn escape_invisible(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == ' ' || c.is_ascii_graphic() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
+        }
+    }
+    out
+}
+
+/// A short summary of a tool object: its description and the names of its input schema's
+/// properties, escaped.
+fn tool_summary(text: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let description = v
+        .get("description")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let mut properties: Vec<String> = v
+        .get("inputSchema")
+        .and_then(|s| s.get("properties"))
+        .and_then(serde_json::Value::as_object)
+        .map(|o| o.keys().map(|k| escape_invisible(k)).collect())
+        .unwrap_or_default();
+    properties.sort();
+    let mut description = escape_invisible(description);
+    if description.len() > 200 {
+        let cut = (0..=200)
+            .rev()
+            .find(|i| description.is_char_boundary(*i))
+            .unwrap_or(0);
+        description.truncate(cut);
+        description.push_str("...");
+    }
+    format!(
+        "description \"{description}\"; arguments [{}]",
+        properties.join(", ")
+    )
+}
+
+/// `servers pin ID`.
+async fn pin(context: &ClientContext, id: &str, yes: bool) -> CliResult {
+    let api = Api::new(&context.url)?;
+    let (seq, spec) = registration(&api, id).await?.ok_or_else(|| {
+        CliError::Failed(format!(
+            "{id} is not registered (no accepted registration in the log)"
+        ))
+    })?;
+    let live = live_tools(&spec).await?;
+    let pinned = &spec.tools;
+    let mut lines = Vec::new();
+    for (name, tool) in &live {
+        match pinned.get(name) {
+            None => lines.push(format!(
+                "+ added    {}  {}\n    {}",
+                escape_invisible(name),
+                hex::encode(tool.digest.0),
+                tool_summary(&tool.text)
+            )),
+            Some(old) if *old != tool.digest => lines.push(format!(
+                "~ changed  {}  {} -> {}\n    now: {}",
+                escape_invisible(name),
+                hex::encode(old.0),
+                hex::encode(tool.digest.0),
+                tool_summary(&tool.text)
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, old) in pinned {
+        if !live.contains_key(name) {
+            lines.push(format!(
+                "- removed  {}  {}",
+                escape_invisible(name),
+                hex::encode(old.0)
+            ));
+        }
+    }
+    if lines.is_empty() {
+        outln!(
+            "the pins of {id} (registration at log entry {seq}) match its live listing ({} tools): nothing to sign",
+            live.len()
+        );
+        return Ok(());
+    }
+    outln!(
+        "live listing of {id} against its pins (registration at log entry {seq}; the log keeps \
+         only digests of the pinned definitions):"
+    );
+    for l in &lines {
+        outln!("{l}");
+    }
+    let mut repinned = spec.clone();
+    repinned.tools = live.iter().map(|(n, t)| (n.clone(), t.digest)).collect();
+    let dropped: Vec<String> = repinned
+        .prices
+        .keys()
+        .filter(|t| !repinned.tools.contains_key(*t))
+        .cloned()
+        .collect();
+    for t in &dropped {
+        repinned.prices.remove(t);
+        outln!(
+            "  the price of removed tool {} is dropped",
+            escape_invisible(t)
+        );
+    }
+    if !yes {
+        eprint!(
+            "sign the re-pin of {id} ({} tools)? [y/N] ",
+            repinned.tools.len()
+        );
+        let mut answer = String::new();
+        let read = std::io::stdin().read_line(&mut answer);
+        if !matches!(read, Ok(n) if n > 0) || !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Err(CliError::Failed(
+                "the re-pin was not confirmed: nothing signed".into(),
+            ));
+        }
+    }
+    let key = admin_key(context)?;
+    submit_admin(context, &key, AdminAction::UpdateServer(repinned)).await?;
+    if spec.assurance == Assurance::Nitro {
+        outln!("{id} must now be attested again: attestplane servers attest {id}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
