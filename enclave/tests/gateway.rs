@@ -54,6 +54,8 @@ struct Upstream {
     reads: AtomicUsize,
     /// The last of them, with its receipt header.
     last_read: Mutex<Option<(String, Option<String>)>>,
+    /// When set, a tool call is answered `input_required` with these `inputRequests`.
+    input_required: Mutex<Option<String>>,
 }
 
 impl Upstream {
@@ -68,6 +70,7 @@ impl Upstream {
             answer_text: Mutex::new("3".into()),
             reads: AtomicUsize::new(0),
             last_read: Mutex::new(None),
+            input_required: Mutex::new(None),
         })
     }
 
@@ -128,6 +131,11 @@ impl Upstream {
                 *self.last_receipt.lock().unwrap() = receipt;
                 if self.hang.load(Ordering::SeqCst) {
                     tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                if let Some(requests) = self.input_required.lock().unwrap().clone() {
+                    return reply(format!(
+                        r#"{{"resultType":"input_required","inputRequests":{requests},"requestState":"opaque"}}"#
+                    ));
                 }
                 let text = self.answer_text.lock().unwrap().clone();
                 reply(format!(
@@ -278,6 +286,8 @@ struct Opts {
     policy: Option<String>,
     /// Register `weather` with assurance `none` (no PCRs, never attested).
     plain: bool,
+    /// The server-to-client requests `weather`'s registration allows.
+    client_requests: Vec<attestplane_verifier::admin::ClientRequest>,
 }
 
 async fn stack_opts(
@@ -293,6 +303,7 @@ async fn stack_opts(
         server.spec.assurance = attestplane_verifier::admin::Assurance::None;
         server.spec.pcrs.clear();
     }
+    server.spec.client_requests = opts.client_requests.iter().copied().collect();
     let pins: BTreeMap<String, Digest32> = [ADD, ECHO]
         .iter()
         .map(|t| {
@@ -1082,6 +1093,7 @@ async fn a_plain_servers_tool_under_a_nitro_only_policy_is_refused_and_withheld_
             Opts {
                 policy: Some(NITRO_ONLY_ADD.into()),
                 plain: true,
+                ..Opts::default()
             },
         )
         .await;
@@ -1133,6 +1145,7 @@ async fn a_plain_servers_tool_under_a_nitro_only_policy_is_refused_and_withheld_
             Opts {
                 policy: Some(NITRO_ONLY_ADD.into()),
                 plain: false,
+                ..Opts::default()
             },
         )
         .await;
@@ -1459,4 +1472,83 @@ async fn a_tampered_resource_or_prompt_entry_is_named_by_replay() {
         let e = replay(&tampered, s.now).unwrap_err();
         assert_eq!(e.seq(), Some(seq as u64), "{e}");
     }
+}
+
+const SAMPLING: &str =
+    r#"{"s1":{"method":"sampling/createMessage","params":{"messages":[],"maxTokens":5}}}"#;
+const ELICITATION: &str =
+    r#"{"e1":{"method":"elicitation/create","params":{"message":"ok?","requestedSchema":{}}}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_to_client_requests_reach_the_agent_only_when_the_registration_allows_them() {
+    use attestplane_verifier::admin::ClientRequest;
+    // Refused by default: the registration allows nothing.
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    *s.upstream.input_required.lock().unwrap() = Some(SAMPLING.into());
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"error\"") && body.contains("sampling"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("createMessage\",\"params"),
+        "the agent never sees it: {body}"
+    );
+    let Some(Event::CallResult { outcome, .. }) = s.entries().pop() else {
+        panic!("no result entry")
+    };
+    assert_eq!(outcome, "error");
+    replays(&s);
+
+    // Allowed when registered; another kind the server was not registered for is refused.
+    let s = stack_opts(
+        true,
+        "",
+        &[],
+        None,
+        Opts {
+            client_requests: vec![ClientRequest::Sampling],
+            ..Opts::default()
+        },
+    )
+    .await;
+    let token = s.token("weather", &["tool-user"]);
+    *s.upstream.input_required.lock().unwrap() = Some(SAMPLING.into());
+    let (_, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert!(
+        body.contains(r#""resultType":"input_required""#) && body.contains(SAMPLING),
+        "relayed byte for byte: {body}"
+    );
+    let Some(Event::CallResult { outcome, .. }) = s.entries().pop() else {
+        panic!("no result entry")
+    };
+    assert_eq!(outcome, "ok");
+    *s.upstream.input_required.lock().unwrap() = Some(ELICITATION.into());
+    let (_, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert!(
+        body.contains("\"error\"") && body.contains("elicitation"),
+        "{body}"
+    );
+    assert!(!body.contains("requestedSchema"), "{body}");
+    // A legacy agent cannot answer a request inside a result: refused too.
+    *s.upstream.input_required.lock().unwrap() = Some(SAMPLING.into());
+    let (_, body) = s
+        .ask(
+            false,
+            &token,
+            "tools/call",
+            r#""name":"add","arguments":{"a":1}"#,
+        )
+        .await;
+    assert!(body.contains("\"error\""), "{body}");
+    assert!(!body.contains("maxTokens"), "{body}");
+    replays(&s);
 }

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use attestplane_verifier::admin::Digest32;
+use attestplane_verifier::admin::{ClientRequest, Digest32};
 use attestplane_verifier::entry::{DriftRecord, PiiRecord, PrincipalRecord};
 use attestplane_verifier::gateway::json::parse_ijson;
 use attestplane_verifier::gateway::jsonrpc::{
@@ -998,7 +998,7 @@ impl Gateway {
             Ok(a) => a,
             Err(e) => return self.aborted(id, seq, rule, &e).await,
         };
-        self.finish(id, seq, rule, ctx.era, answer).await
+        self.finish(id, seq, rule, ctx, answer).await
     }
 
     /// Treats the answer by the call's PII rule, shapes it for the agent's era, logs its
@@ -1008,9 +1008,10 @@ impl Gateway {
         id: Option<&str>,
         seq: u64,
         rule: PiiAction,
-        agent_era: Era,
+        ctx: &Ctx,
         answer: Answer,
     ) -> Reply {
+        let agent_era = ctx.era;
         let (body, pii, withheld) = match redact::treat_answer(&answer.body, rule) {
             Ok(Treated::Forward(body, pii)) => (body, pii, false),
             Ok(Treated::Withheld(pii)) => {
@@ -1049,6 +1050,36 @@ impl Gateway {
                     )
                     .await;
             }
+        };
+        // A modern upstream's `input_required` result asks the agent for server-to-client
+        // requests (sampling, elicitation, roots), which the agent fulfils and answers by
+        // retrying its request (a new decision). It reaches the agent only if the server's
+        // registration allows every kind it asks for, and only an agent of the modern era can
+        // answer it; otherwise the agent gets an error and the result entry says `error`.
+        let body = match input_required_methods(&body) {
+            Some(methods) if !withheld => {
+                let server = ctx.server.clone();
+                let allowed = self
+                    .access
+                    .run(move |enclave, _| {
+                        let allowed = enclave
+                            .state()
+                            .server(&server)
+                            .map(|s| s.spec.client_requests.clone())
+                            .unwrap_or_default();
+                        (allowed, Vec::new())
+                    })
+                    .await
+                    .unwrap_or_default();
+                match refused_input_request(&methods, &allowed, agent_era) {
+                    None => body,
+                    Some(why) => {
+                        let agent_id = id.and_then(|i| RawValue::from_string(i.to_owned()).ok());
+                        error_response(agent_id.as_deref(), INVALID_REQUEST, &why)
+                    }
+                }
+            }
+            _ => body,
         };
         let outcome = match parse_message(body.as_bytes()) {
             _ if withheld => "withheld",
@@ -1121,6 +1152,83 @@ impl Gateway {
         }
         upstream_reply(id, e)
     }
+}
+
+/// The methods an `input_required` result (the modern era's server-to-client requests) asks
+/// for, one per input request (`None` where a request names none readably); `None` when
+/// `body` is not such a result.
+fn input_required_methods(body: &str) -> Option<Vec<Option<String>>> {
+    use attestplane_verifier::gateway::jsonrpc::object_members;
+    let m = parse_message(body.as_bytes()).ok()?;
+    let members = object_members(m.result()?, "result").ok()?;
+    let (_, kind) = members.iter().find(|(k, _)| k == "resultType")?;
+    if kind.get() != "\"input_required\"" {
+        return None;
+    }
+    let Some(requests) = members
+        .iter()
+        .find(|(k, _)| k == "inputRequests")
+        .and_then(|(_, v)| object_members(v, "result.inputRequests").ok())
+    else {
+        // Input required, but what is asked cannot be read: refused.
+        return Some(vec![None]);
+    };
+    Some(
+        requests
+            .iter()
+            .map(|(_, request)| {
+                object_members(request, "result.inputRequests")
+                    .ok()?
+                    .iter()
+                    .find(|(k, _)| k == "method")
+                    .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
+            })
+            .collect(),
+    )
+}
+
+/// Why server-to-client requests asking for `methods` may not reach an agent of `era` when
+/// the server's registration allows `allowed`; `None` when they may. Deny by default: an
+/// unknown method, an unreadable request, an empty set of requests or a legacy agent (which
+/// cannot answer a request inside a result) refuse.
+fn refused_input_request(
+    methods: &[Option<String>],
+    allowed: &std::collections::BTreeSet<ClientRequest>,
+    era: Era,
+) -> Option<String> {
+    if era != Era::Modern {
+        return Some(
+            "the server asked for input (server-to-client requests) that a 2025-11-25 agent cannot answer through the control plane".into(),
+        );
+    }
+    if methods.is_empty() {
+        return Some("the server asked for input without naming any request".into());
+    }
+    for method in methods {
+        let kind = match method.as_deref() {
+            Some("sampling/createMessage") => Some(ClientRequest::Sampling),
+            Some("elicitation/create") => Some(ClientRequest::Elicitation),
+            Some("roots/list") => Some(ClientRequest::Roots),
+            _ => None,
+        };
+        match kind {
+            Some(k) if allowed.contains(&k) => {}
+            Some(k) => {
+                return Some(format!(
+                    "the server asked the agent for {} ({}), which its registration does not allow",
+                    k.as_str(),
+                    method.as_deref().unwrap_or_default()
+                ));
+            }
+            None => {
+                return Some(format!(
+                    "the server asked the agent for {:?}, which is not a server-to-client request the control plane relays",
+                    method.as_deref().unwrap_or("an unreadable request")
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1408,6 +1516,43 @@ mod tests {
             out,
             r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[],"resultType":"complete","ttlMs":0,"cacheScope":"private"}}"#
         );
+    }
+
+    #[test]
+    fn input_requests_reach_the_agent_only_when_the_registration_allows_every_kind() {
+        let body = |requests: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"result":{{"resultType":"input_required","inputRequests":{requests},"requestState":"s"}}}}"#
+            )
+        };
+        let sampling = body(r#"{"a":{"method":"sampling/createMessage","params":{}}}"#);
+        let both = body(
+            r#"{"a":{"method":"sampling/createMessage","params":{}},"b":{"method":"roots/list"}}"#,
+        );
+        let odd = body(r#"{"a":{"method":"ping"}}"#);
+        let complete =
+            r#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"complete","content":[]}}"#;
+        assert_eq!(input_required_methods(complete), None);
+        let allowed: std::collections::BTreeSet<ClientRequest> = [ClientRequest::Sampling].into();
+        let none = std::collections::BTreeSet::new();
+        let m = input_required_methods(&sampling).unwrap();
+        assert_eq!(refused_input_request(&m, &allowed, Era::Modern), None);
+        // Refused by default, for an unregistered kind, for a method that is no such request,
+        // for an unreadable or empty request set, and toward a legacy agent.
+        assert!(refused_input_request(&m, &none, Era::Modern).is_some());
+        assert!(refused_input_request(&m, &allowed, Era::Legacy).is_some());
+        let m = input_required_methods(&both).unwrap();
+        assert!(
+            refused_input_request(&m, &allowed, Era::Modern)
+                .unwrap()
+                .contains("roots")
+        );
+        let m = input_required_methods(&odd).unwrap();
+        assert!(refused_input_request(&m, &allowed, Era::Modern).is_some());
+        let m = input_required_methods(&body("[]")).unwrap();
+        assert!(refused_input_request(&m, &allowed, Era::Modern).is_some());
+        let m = input_required_methods(&body("{}")).unwrap();
+        assert!(refused_input_request(&m, &allowed, Era::Modern).is_some());
     }
 
     #[test]

@@ -42,8 +42,10 @@
 //! ## What it does not do (yet)
 //!
 //! Resources and prompts pass only where the policy permits (`read_resource`, `get_prompt`),
-//! logged like calls; subscriptions to resources are refused. Server-to-client requests are
-//! refused (deny by default). Rate and spend limits are the verifier kernel's arithmetic and are
+//! logged like calls; subscriptions to resources are refused. Server-to-client requests
+//! reach the agent only as the modern era's `input_required` results, and only where the
+//! server's registration allows every kind they ask for; the legacy era's requests on an SSE
+//! stream are never relayed (the call ends at the upstream timeout). Rate and spend limits are the verifier kernel's arithmetic and are
 //! not applied in the path yet.
 
 pub mod era;
