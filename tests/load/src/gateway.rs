@@ -68,6 +68,14 @@
 //!   upstream 121 us (8 us without the receipt check), load client 13 us: ~0.8 of the 2 cores,
 //!   the rest taken by the machine's other load. (Earlier run, load 13.9: 1897/s, p99 73.7 ms.)
 //!
+//! Re-measured at commit 80b0415 (the store's two group-commit writers and the leaner Persist
+//! path landed; 00:28 UTC, load average 11.1-13.9), first command: one client, direct p50 0.087
+//! ms / p99 0.187 ms, gateway p50 1.240 ms / p99 6.868 ms: added p50 1.15 ms, p99 6.68 ms
+//! (close to, still short of, 1 ms / 5 ms; the probe's appending-file fdatasync was unchanged
+//! at 3.97 ms p50, so the store's own are far cheaper than it); 64 clients 2195 tools/call/s,
+//! p99 65.6 ms, no errors; in-process 4277/s (8788 per CPU-second), 51.3 %; CPU per call:
+//! enclave 232 us, proxy 111 us, upstream 116 us, load client 16 us; 6.9 entries per fdatasync.
+//!
 //! Memory, second command above (started 23:55 UTC, load average 14.7-16.1): 1,000,000 calls in
 //! 622.5 s (1606/s, p99 103.7 ms, no errors), log +2,001,488 entries for 1,000,744 answered
 //! calls; enclave RSS 12.9 MiB before the first call, 19.8 MiB at 70,000 calls, 20.0 at
@@ -905,8 +913,8 @@ fn measure(
     if cli.latency_calls > 0 {
         let (f50, f99) = fdatasync_ms(&stack.dir)?;
         println!(
-            "fdatasync of a 600-byte append on the store's file system: p50 {f50:.3} ms, p99 {f99:.3} ms \
-             (a gateway call waits for two in sequence at one client: its floor)"
+            "fdatasync of a 600-byte append to a growing file on the store's file system: p50 {f50:.3} ms, \
+             p99 {f99:.3} ms (a gateway call waits for two of the store's in sequence at one client)"
         );
         let load = loadavg();
         let (gw, up) = rt.block_on(latency(
