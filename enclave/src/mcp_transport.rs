@@ -13,8 +13,9 @@
 //!   connection.
 //! - [`Dialer::dial`] opens a connection to a registered MCP server through the host: it
 //!   connects to the host's dial address, sends a [`DialRequest`] naming the server id, reads
-//!   the host's [`DialReply`] and returns the connection as an [`UpstreamStream`], within a
-//!   deadline and a limit on upstream connections, or a typed [`DialError`].
+//!   the host's [`DialReply`](attestplane_proto::dial::DialReply) and returns the connection
+//!   as an [`UpstreamStream`], within a deadline and a limit on upstream connections, or a
+//!   typed [`DialError`].
 //!
 //! The TLS seam. Both stream types are boxed [`ByteStream`]s, so the gateway is written
 //! against "some bytes both ways" and never against a socket type. When TLS ends inside the
@@ -193,7 +194,7 @@ impl McpListener {
     /// closed at once (the host relay then closes the agent's) and the wait goes on. Never
     /// reads from a connection, so no peer can stall it.
     ///
-    /// Errors: the listener failed [`MAX_ACCEPT_FAILURES`] times in a row (with a doubling
+    /// Errors: the listener failed `MAX_ACCEPT_FAILURES` times in a row (with a doubling
     /// pause between attempts); transient failures are retried.
     pub async fn accept(&self) -> io::Result<PendingAgent> {
         let mut failures = 0u32;

@@ -125,7 +125,7 @@ const PREALLOCATE_ITEMS: usize = 64;
 /// Decodes `bytes` in one pass if they are exactly one item in deterministic encoding: heads
 /// in shortest form, definite lengths, map keys in strictly increasing order of their encoded
 /// bytes, valid UTF-8 text, only integers, byte and text strings, arrays, maps, booleans and
-/// null, nesting at most [`ONE_PASS_MAX_DEPTH`], nothing after the item. `None` for anything
+/// null, nesting at most `ONE_PASS_MAX_DEPTH`, nothing after the item. `None` for anything
 /// else: it accepts a subset of what [`decode_reference`] accepts, with the same value.
 pub fn decode_one_pass(bytes: &[u8]) -> Option<Value> {
     if bytes.len() > MAX_PAYLOAD_LEN {

@@ -1,9 +1,10 @@
 //! The crate's one error type.
 //!
 //! Each module owns the part of the taxonomy that concerns it (`AttestationError`,
-//! `EntryError`, `LogError`, `MerkleError`, `CheckpointError`, `HandleError`); [`Error`] gathers
-//! them for callers that handle any failure alike. Variants carry the evidence: the first bad
-//! sequence number, the expected and found values. Messages are lower-case and compose.
+//! `EntryError`, `LogError`, `MerkleError`, `CheckpointError`, `HandleError`);
+//! [`Error`](enum@Error) gathers them for callers that handle any failure alike. Variants
+//! carry the evidence: the first bad sequence number, the expected and found values. Messages
+//! are lower-case and compose.
 
 use thiserror::Error;
 

@@ -36,7 +36,8 @@ use super::{
 /// Writer threads, hence batches whose `fdatasync` may be in flight at once.
 const SYNCERS: usize = 2;
 
-/// Completes with the last seq of an append once it is durable; see [`Store::submit`].
+/// Completes with the last seq of an append once it is durable; see
+/// [`Store::submit`](super::Store::submit).
 /// Await it, or call [`Commit::wait`] from a thread that is not async.
 #[must_use = "an append is durable only once its commit completes"]
 pub struct Commit {

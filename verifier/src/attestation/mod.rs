@@ -27,6 +27,12 @@
 //! document is hostile: every length is bounded ([`MAX_DOCUMENT_LEN`] first of all), nothing
 //! panics on input, and no decision is taken on a field before the signature over it verified.
 //!
+//! Layout: [`types`] (the `PcrIndex`/`Pcr` newtypes, the one reader of PCR files and of
+//! `N=HEX`, which PCR sets name an image) at the bottom; [`document`] (parsing, step 1) and
+//! [`chain`] (the pinned root and the certificate path, step 2) on top of it; the private
+//! `cache` (verified certificate paths, so a warm check skips the chain) and `error`
+//! ([`AttestationError`]); this file joins them (steps 3 to 5, [`VerifiedAttestation`]).
+//!
 //! What it deliberately does not do: read a clock ([`VerifyAt::DocumentTimestamp`] exists for
 //! auditing archived documents, and is named so that nobody mistakes it for "now"); fetch
 //! anything (no CRLs: AWS's process disables them and leaves live three hours); interpret

@@ -16,6 +16,9 @@
 //! - [`limits`]: GCRA rate limits and windowed spend caps per tenant, user, agent and tool.
 //! - [`pii`]: personal data and secrets in arguments and results, found after normalisation,
 //!   reported as kinds, counts and hashes, redacted in place.
+//! - [`receipt`]: per-call receipts, the JWS (signed by the epoch key) an MCP server checks
+//!   before it runs a tool: who called, which tool, the hash of the arguments as forwarded,
+//!   and the log entry that decided the call.
 //!
 //! ## What this module does not do
 //!
