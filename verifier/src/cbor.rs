@@ -136,12 +136,49 @@ pub fn decode_one_pass(bytes: &[u8]) -> Option<Value> {
     (r.pos == bytes.len()).then_some(value)
 }
 
-struct OnePass<'a> {
+/// A forward-only reader of deterministic CBOR, for a decoder of a fixed layout (the entry
+/// envelope) that reads its known items itself and hands the rest to [`OnePass::rest_item`].
+/// Every method answers `None` when the bytes are not exactly what it reads in deterministic
+/// form, and the caller then falls back to [`decode`]: the reader only ever accepts what
+/// [`decode_one_pass`] accepts, with the same values.
+pub(crate) struct OnePass<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
 impl<'a> OnePass<'a> {
+    /// A reader at the start of `bytes`, if they are not longer than a payload may be.
+    pub(crate) fn start(bytes: &'a [u8]) -> Option<Self> {
+        (bytes.len() <= MAX_PAYLOAD_LEN).then_some(Self { bytes, pos: 0 })
+    }
+
+    /// Exactly the bytes `want`.
+    pub(crate) fn expect(&mut self, want: &[u8]) -> Option<()> {
+        (self.take(want.len())? == want).then_some(())
+    }
+
+    /// An unsigned integer, in shortest form.
+    pub(crate) fn uint(&mut self) -> Option<u64> {
+        match self.head()? {
+            (0, arg) => Some(arg),
+            _ => None,
+        }
+    }
+
+    /// A byte string of exactly `N` bytes.
+    pub(crate) fn bytes_n<const N: usize>(&mut self) -> Option<[u8; N]> {
+        match self.head()? {
+            (2, len) if len == N as u64 => self.take(N)?.try_into().ok(),
+            _ => None,
+        }
+    }
+
+    /// The one item left, at nesting `depth`, which must end the input.
+    pub(crate) fn rest_item(mut self, depth: usize) -> Option<Value> {
+        let value = self.item(depth)?;
+        (self.pos == self.bytes.len()).then_some(value)
+    }
+
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let end = self.pos.checked_add(n)?;
         let taken = self.bytes.get(self.pos..end)?;
@@ -411,7 +448,8 @@ pub enum ShapeError {
 /// [`Fields::finish`] refuses any left over.
 pub(crate) struct Fields {
     within: &'static str,
-    fields: Vec<(String, Value)>,
+    /// The map's members, every key text (checked by [`Fields::new`]).
+    fields: Vec<(Value, Value)>,
 }
 
 fn field_err(field: &'static str, expected: &'static str) -> ShapeError {
@@ -420,15 +458,20 @@ fn field_err(field: &'static str, expected: &'static str) -> ShapeError {
 
 impl Fields {
     pub(crate) fn new(value: Value, within: &'static str) -> Result<Self, ShapeError> {
-        let fields = text_map(value).ok_or(field_err(within, "map with text keys"))?;
-        Ok(Self { within, fields })
+        // The members are kept as decoded (no second list): only their keys are checked.
+        match value {
+            Value::Map(fields) if fields.iter().all(|(k, _)| matches!(k, Value::Text(_))) => {
+                Ok(Self { within, fields })
+            }
+            _ => Err(field_err(within, "map with text keys")),
+        }
     }
 
     pub(crate) fn take(&mut self, field: &'static str) -> Result<Value, ShapeError> {
         let pos = self
             .fields
             .iter()
-            .position(|(k, _)| k == field)
+            .position(|(k, _)| matches!(k, Value::Text(k) if k == field))
             .ok_or(field_err(field, "present"))?;
         Ok(self.fields.swap_remove(pos).1)
     }
@@ -532,7 +575,11 @@ impl Fields {
         match self.fields.into_iter().next() {
             None => Ok(()),
             Some((key, _)) => Err(ShapeError::UnknownField {
-                key,
+                key: match key {
+                    Value::Text(k) => k,
+                    // `new` admits text keys only.
+                    _ => String::new(),
+                },
                 within: self.within,
             }),
         }

@@ -729,7 +729,37 @@ impl Entry {
 
     /// Decodes a payload, which must be in deterministic form.
     pub fn from_payload(bytes: &[u8]) -> Result<Self, EntryError> {
-        Self::from_value(cbor::decode(bytes)?)
+        match Self::from_payload_envelope(bytes) {
+            Some(decoded) => decoded,
+            None => Self::from_value(cbor::decode(bytes)?),
+        }
+    }
+
+    /// The common case of [`Entry::from_payload`] without building the envelope as a value:
+    /// the payload is exactly `{"seq", "prev", "time", "epoch", "event"}` (deterministic key
+    /// order: shorter keys first) in deterministic CBOR, the event read by the one-pass
+    /// reader. `None` for anything else, which the general path then decodes (or refuses,
+    /// with its precise error): whatever this accepts, that path accepts with the same value
+    /// and whatever this refuses (an event's shape), that path refuses for the same reason.
+    fn from_payload_envelope(bytes: &[u8]) -> Option<Result<Self, EntryError>> {
+        let mut r = cbor::OnePass::start(bytes)?;
+        r.expect(&[0xa5, 0x63, b's', b'e', b'q'])?;
+        let seq = r.uint()?;
+        r.expect(&[0x64, b'p', b'r', b'e', b'v'])?;
+        let prev = EntryHash(r.bytes_n::<32>()?);
+        r.expect(&[0x64, b't', b'i', b'm', b'e'])?;
+        let time = UnixMillis::from_millis(r.uint()?);
+        r.expect(&[0x65, b'e', b'p', b'o', b'c', b'h'])?;
+        let epoch = r.uint()?;
+        r.expect(&[0x65, b'e', b'v', b'e', b'n', b't'])?;
+        let event = r.rest_item(1)?;
+        Some(Event::from_value(event).map(|event| Entry {
+            seq,
+            prev,
+            epoch,
+            time,
+            event,
+        }))
     }
 
     /// [`Entry::from_payload`] with the reference CBOR decoder only (see

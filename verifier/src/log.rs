@@ -599,19 +599,26 @@ impl LogVerifier {
             .map(|b| SignedEntry::decode(b.as_ref()))
             .collect();
 
-        // `entries[i]`, at `first + i`, must verify under `keys[i]`.
+        // `entries[i]`, at `first + i`, must verify under `keys[key_of[i]]`: the round's
+        // epoch keys are few (one, or two where an epoch opens), so each entry names its key
+        // by position instead of carrying a copy.
         let mut entries = Vec::with_capacity(decoded.len());
-        let mut keys = Vec::with_capacity(decoded.len());
+        let mut keys: Vec<PublicKey> = Vec::new();
+        let mut key_of: Vec<usize> = Vec::with_capacity(decoded.len());
         let mut epochs = Vec::with_capacity(decoded.len());
         let mut structural: Option<LogError> = None;
         for (offset, result) in decoded.into_iter().enumerate() {
             let seq = first.saturating_add(offset as u64);
             let step = result
                 .map_err(|source| LogError::Entry { seq, source })
-                .and_then(|entry| self.link(seq, &entry).map(|key| (entry, key)));
+                .and_then(|entry| self.link(seq, &entry).map(|()| entry));
             match (step, &self.epoch) {
-                (Ok((entry, key)), Some(epoch)) => {
-                    keys.push(key);
+                (Ok(entry), Some(epoch)) => {
+                    // `link` accepted the entry under the current epoch's key.
+                    if keys.last() != Some(&epoch.key) {
+                        keys.push(epoch.key);
+                    }
+                    key_of.push(keys.len().saturating_sub(1));
                     entries.push(entry);
                     epochs.push(Arc::clone(&epoch.verified));
                 }
@@ -627,7 +634,7 @@ impl LogVerifier {
             }
         }
         // A bad signature before the structural failure is the first bad entry.
-        if let Err(bad) = check_signatures(first, &entries, &keys) {
+        if let Err(bad) = check_signatures(first, &entries, &keys, &key_of) {
             let good = bad.seq().map_or(0, |s| s.saturating_sub(first)) as usize;
             entries.truncate(good);
             epochs.truncate(good);
@@ -646,9 +653,10 @@ impl LogVerifier {
         (verified, structural)
     }
 
-    /// Checks the entry's place in the log and advances; returns the key its signature must
-    /// verify under. Signatures themselves are checked in batches by the caller.
-    fn link(&mut self, seq: u64, signed: &SignedEntry) -> Result<PublicKey, LogError> {
+    /// Checks the entry's place in the log and advances; its signature must verify under the
+    /// current epoch's key (after an `epoch_start`, the epoch it opened). Signatures
+    /// themselves are checked in batches by the caller.
+    fn link(&mut self, seq: u64, signed: &SignedEntry) -> Result<(), LogError> {
         let entry = signed.entry();
         if entry.seq != seq {
             return Err(LogError::SequenceMismatch {
@@ -685,9 +693,9 @@ impl LogVerifier {
             });
         }
 
-        let key = match &entry.event {
+        match &entry.event {
             Event::EpochStart { attestation } => {
-                self.open_epoch(seq, signed, attestation, expected_prev)?
+                self.open_epoch(seq, signed, attestation, expected_prev)?;
             }
             _ => {
                 let current = self
@@ -708,9 +716,8 @@ impl LogVerifier {
                         found: *signed.kid(),
                     });
                 }
-                current.key
             }
-        };
+        }
 
         self.head = Some(signed.hash());
         self.first_time.get_or_insert(entry.time);
@@ -725,7 +732,7 @@ impl LogVerifier {
         if let Some(last) = self.epochs.last_mut() {
             last.entries = last.entries.saturating_add(1);
         }
-        Ok(key)
+        Ok(())
     }
 
     fn open_epoch(
@@ -734,7 +741,7 @@ impl LogVerifier {
         signed: &SignedEntry,
         attestation: &[u8],
         prev: EntryHash,
-    ) -> Result<PublicKey, LogError> {
+    ) -> Result<(), LogError> {
         let entry = signed.entry();
         let expected_epoch = match &self.epoch {
             None => 0,
@@ -824,7 +831,7 @@ impl LogVerifier {
             debug: doc.is_debug(),
             image,
         });
-        Ok(key)
+        Ok(())
     }
 
     /// Verifies whatever is buffered and returns the verified log.
@@ -929,32 +936,36 @@ fn verify_checkpoint_with_epoch_keys(
     }))
 }
 
-/// Verifies the signatures of `entries` (the first at `first`), `entries[i]` under `keys[i]`,
-/// in parallel batches; on failure names the first bad entry. Every entry gets the verdict
-/// [`PublicKey::verify`] gives it alone (see [`crate::eddsa`]).
+/// Verifies the signatures of `entries` (the first at `first`), `entries[i]` under
+/// `keys[key_of[i]]`, in parallel batches; on failure names the first bad entry. Every entry
+/// gets the verdict [`PublicKey::verify`] gives it alone (see [`crate::eddsa`]).
 fn check_signatures(
     first: u64,
     entries: &[SignedEntry],
     keys: &[PublicKey],
+    key_of: &[usize],
 ) -> Result<(), LogError> {
     let first_bad = entries
         .par_chunks(SIGNATURE_BATCH)
-        .zip(keys.par_chunks(SIGNATURE_BATCH))
+        .zip(key_of.par_chunks(SIGNATURE_BATCH))
         .enumerate()
         .filter_map(|(n, (chunk, chunk_keys))| {
-            let items: Vec<eddsa::Item<'_>> = chunk
-                .iter()
-                .zip(chunk_keys)
-                .map(|(e, key)| eddsa::Item {
-                    key,
-                    message: e.signed_bytes(),
-                    signature: e.signature(),
-                })
-                .collect();
+            let offset = |i: usize| n.saturating_mul(SIGNATURE_BATCH).saturating_add(i);
+            let mut items: Vec<eddsa::Item<'_>> = Vec::with_capacity(chunk.len());
+            for (i, (e, k)) in chunk.iter().zip(chunk_keys).enumerate() {
+                match keys.get(*k) {
+                    Some(key) => items.push(eddsa::Item {
+                        key,
+                        message: e.signed_bytes(),
+                        signature: e.signature(),
+                    }),
+                    // Every entry's key is in `keys`; an entry without one fails.
+                    None => return Some((first.saturating_add(offset(i) as u64), e.hash())),
+                }
+            }
             let i = eddsa::verify_batch(&items).err()?;
             let e = chunk.get(i)?;
-            let offset = n.saturating_mul(SIGNATURE_BATCH).saturating_add(i);
-            Some((first.saturating_add(offset as u64), e.hash()))
+            Some((first.saturating_add(offset(i) as u64), e.hash()))
         })
         .min_by_key(|(seq, _)| *seq);
     match first_bad {
