@@ -68,6 +68,7 @@ use attestplane_verifier::entry::{AttestationRecord, Entry, EntryHash, Event, Pr
 use attestplane_verifier::handle::Jwks;
 use attestplane_verifier::log::{LogPolicy, LogVerifier, verify_log};
 use attestplane_verifier::policy::Action;
+use attestplane_verifier::replay::Replay;
 use attestplane_verifier::state::{ApplyMode, State};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest as _, Sha256};
@@ -809,6 +810,30 @@ fn child(mode: &str) {
             timed += t.elapsed().as_secs_f64();
             assert_eq!(log.size(), limit);
         }
+        "full" => {
+            // What `attestplane-verify log` does, in process: the pipelined `Replay`,
+            // re-deciding every epoch.
+            let nsm = enclave_nsm(now);
+            let policy = LogPolicy::new(anchor_of(&nsm), image_pcrs(&nsm));
+            let mut replay = Replay::new(policy, now, anchor_of(&server_nsm()))
+                .unwrap_or_else(|e| panic!("replay: {e}"))
+                .pipelined();
+            loop {
+                let batch = next(&mut items, &mut seen);
+                if batch.is_empty() {
+                    break;
+                }
+                let t = Instant::now();
+                replay
+                    .push_round(&batch)
+                    .unwrap_or_else(|e| panic!("replay: {e}"));
+                timed += t.elapsed().as_secs_f64();
+            }
+            let t = Instant::now();
+            let replayed = replay.finish().unwrap_or_else(|e| panic!("replay: {e}"));
+            timed += t.elapsed().as_secs_f64();
+            assert_eq!(replayed.log.size(), limit);
+        }
         "paired" => {
             // The enclave's replay and the verifier's own rounds over the same batches, batch by
             // batch, alternating which goes first: a load that drifts during the run weighs on
@@ -1176,6 +1201,29 @@ fn auditor(g: &Generated, path: &Path, dir: &Path, at_end: UnixMillis) {
             .collect::<Vec<u8>>(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    // ATTESTPLANE_REPLAY_BENCH_KEEP=DIR keeps the log and the roots there, and prints the
+    // command line, to profile the CLI on its own.
+    if let Ok(keep) = std::env::var("ATTESTPLANE_REPLAY_BENCH_KEEP") {
+        let keep = PathBuf::from(keep);
+        for (from, name) in [
+            (path, "log.cbors"),
+            (root.as_path(), "root.pem"),
+            (server_root.as_path(), "server-root.pem"),
+        ] {
+            std::fs::copy(from, keep.join(name)).unwrap_or_else(|e| panic!("keep {name}: {e}"));
+        }
+        let pcrs: Vec<String> = image_pcrs(&nsm)
+            .iter()
+            .map(|(i, p)| format!("--pcr {}={}", i.get(), p.to_hex()))
+            .collect();
+        eprintln!(
+            "kept in {}: attestplane-verify log log.cbors {} --root root.pem --server-root \
+             server-root.pem --at {}",
+            keep.display(),
+            pcrs.join(" "),
+            at_end.as_millis()
+        );
+    }
     let cli = |file: &Path| -> (f64, f64) {
         let mut cmd = Command::new("/usr/bin/time");
         cmd.arg("-v").arg(&bin).arg("log").arg(file);
@@ -1219,8 +1267,14 @@ fn auditor(g: &Generated, path: &Path, dir: &Path, at_end: UnixMillis) {
             let load = loadavg();
             let v = run_child("verify", file, n, 2, g.end);
             let (secs, kb) = cli(file);
+            let f = run_child("full", file, n, 2, g.end);
             let sig_rate = rate(&v);
             let full_rate = n as f64 / secs;
+            eprintln!(
+                "  round {round}, {n} entries: pipelined Replay in process (reads not timed) {:.0} entries/s = {:.2} x signatures-only",
+                rate(&f),
+                rate(&f) / sig_rate
+            );
             eprintln!(
                 "  round {round}, {n} entries: signatures only (LogVerifier, in-process) {sig_rate:.0} entries/s; \
                  attestplane-verify log (whole process: start, read, verify, replay) {secs:.2} s = {full_rate:.0} entries/s, \

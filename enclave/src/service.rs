@@ -419,7 +419,10 @@ impl Enclave {
             expected,
             own,
         } = *booting;
-        let (v, state) = replay.into_parts();
+        let (v, state) = match replay.into_parts() {
+            Ok(parts) => parts,
+            Err(e) => return self.broken(id, e.seq(), e.to_string()),
+        };
         self.state = state;
         if v.verified() != expected {
             let message = format!(

@@ -20,7 +20,7 @@ use attestplane_verifier::attestation::{
 use attestplane_verifier::checkpoint::verify_checkpoint;
 use attestplane_verifier::entry::{EntryHash, EpochBinding, Event, SignedEntry};
 use attestplane_verifier::handle::{HandleError, HandleExpectations, verify_handle};
-use attestplane_verifier::log::{LogError, verify_log};
+use attestplane_verifier::log::{LogError, LogPolicy, verify_log};
 use attestplane_verifier::reason::Reason;
 use attestplane_verifier::state::{ATTESTATION_FRESHNESS_MS, Snapshot};
 use base64::Engine as _;
@@ -2065,6 +2065,151 @@ fn replay_re_decides_a_forged_decision_on_the_parallel_path_and_names_it() {
         .unwrap()
         .with_trust(EpochTrust::new(image_pcrs(&foreign)));
     trusted.push_round(&log).unwrap();
+}
+
+/// How a replay of `log` ended: the state's snapshot and the entries by type, or the failure's
+/// sequence number and text.
+type ReplayOutcome = Result<
+    (
+        Snapshot,
+        std::collections::BTreeMap<&'static str, u64>,
+        attestplane_verifier::merkle::Hash,
+    ),
+    (Option<u64>, String),
+>;
+
+/// `log` replayed entry by entry, the plain way: the log verifier on one entry at a time, then
+/// `State::apply` (every decision re-decided on the spot).
+fn sequential_replay(log: &[Vec<u8>], policy: &LogPolicy, at: UnixMillis) -> ReplayOutcome {
+    use attestplane_verifier::log::LogVerifier;
+    use attestplane_verifier::state::State;
+    let mut verifier = LogVerifier::new(policy.clone(), at).unwrap();
+    let mut state = State::new(server_anchor());
+    let mut events = std::collections::BTreeMap::new();
+    for bytes in log {
+        let verified = verifier
+            .verify_round(std::slice::from_ref(bytes))
+            .map_err(|e| (e.seq(), e.to_string()))?;
+        for entry in &verified {
+            state
+                .apply(entry)
+                .map_err(|e| (Some(e.seq()), format!("replay: {e}")))?;
+            *events.entry(entry.entry().event.type_name()).or_default() += 1;
+        }
+    }
+    let log = verifier.finish().map_err(|e| (e.seq(), e.to_string()))?;
+    Ok((state.snapshot(), events, log.root()))
+}
+
+/// `log` through `Replay`, pushed in rounds of `round` entries, pipelined or not.
+fn rounds_replay(
+    log: &[Vec<u8>],
+    policy: &LogPolicy,
+    at: UnixMillis,
+    round: usize,
+    pipelined: bool,
+) -> ReplayOutcome {
+    use attestplane_verifier::replay::Replay;
+    let mut replay = Replay::new(policy.clone(), at, server_anchor()).unwrap();
+    if pipelined {
+        replay = replay.pipelined();
+    }
+    let failed = |e: attestplane_verifier::replay::ReplayError| (e.seq(), e.to_string());
+    for chunk in log.chunks(round) {
+        replay.push_round(chunk).map_err(failed)?;
+    }
+    let done = replay.finish().map_err(failed)?;
+    Ok((done.state.snapshot(), done.events, done.log.root()))
+}
+
+#[test]
+fn pipelined_replay_gives_the_sequential_verdict_and_state_whatever_the_rounds() {
+    // A log with decisions allowed and denied, discoveries, a forged admin act refused,
+    // server revocations and an epoch change (a restart), replayed entry by entry the plain
+    // way and through `Replay` in rounds of several sizes, pipelined and not: the same state,
+    // the same counts and root; and on broken logs the same first failure.
+    let (mut h, admin, idp, _server) = session();
+    h.admin_ok(&admin, AdminAction::RevokeServer { id: "gamma".into() });
+    h.advance(1_000);
+    let store = h.store.clone();
+    let mut r = Harness::boot(h.nsm.clone(), store, &[admin.public()], h.now)
+        .unwrap_or_else(|(r, _)| panic!("restart failed: {r:?}"));
+    r.advance(1_000);
+    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], r.now);
+    expect_handle(r.resolve(&bearer, "search"));
+    assert!(expect_authorized(&r.authorize(&bearer, "search", "search")).0);
+    expect_denied(&r.authorize(&bearer, "search", "delete"));
+    expect_denied(&r.resolve(&bearer, "gamma"));
+    expect_servers(r.discover(&bearer));
+    // The restarted harness counts its admin nonces from the start again: skip the first
+    // epoch's.
+    for _ in 0..64 {
+        r.nonce();
+    }
+    r.admin_ok(
+        &admin,
+        AdminAction::RevokeServer {
+            id: "search".into(),
+        },
+    );
+    expect_denied(&r.resolve(&bearer, "search"));
+    let log = r.store.clone();
+    let policy = log_policy(&r.nsm);
+    let epochs = log
+        .iter()
+        .filter(|b| matches!(decode(b).event, Event::EpochStart { .. }))
+        .count();
+    assert_eq!(epochs, 2);
+
+    let reference = sequential_replay(&log, &policy, r.now).expect("the log replays");
+    assert_eq!(reference.0, r.enclave.state().snapshot());
+    assert!(reference.1.get("decision").copied().unwrap_or(0) >= 6);
+    for round in [1, 2, 3, 7, log.len()] {
+        for pipelined in [false, true] {
+            assert_eq!(
+                rounds_replay(&log, &policy, r.now, round, pipelined),
+                Ok(reference.clone()),
+                "rounds of {round}, pipelined {pipelined}"
+            );
+        }
+    }
+
+    // Broken logs: two entries swapped (the log verifier's failure), a decision the policy
+    // would not make (the fold's), and that forged log with a bad entry after it (both; the
+    // earlier one is named).
+    let mut swapped = log.clone();
+    swapped.swap(9, 10);
+    let foreign = other_image_nsm(7);
+    let forged = log_with_a_decision_policy_would_not_make(&foreign, &admin);
+    let mut forged_then_garbage = forged.clone();
+    forged_then_garbage.push(vec![0xff; 8]);
+    for (name, broken, policy, when, seq) in [
+        ("swapped", &swapped, log_policy(&r.nsm), r.now, 9),
+        ("forged", &forged, log_policy(&foreign), at(3_000), 2),
+        (
+            "forged then garbage",
+            &forged_then_garbage,
+            log_policy(&foreign),
+            at(3_000),
+            2,
+        ),
+    ] {
+        let reference = sequential_replay(broken, &policy, when);
+        assert_eq!(
+            reference.as_ref().err().map(|e| e.0),
+            Some(Some(seq)),
+            "{name}"
+        );
+        for round in [1, 2, 3, broken.len()] {
+            for pipelined in [false, true] {
+                assert_eq!(
+                    rounds_replay(broken, &policy, when, round, pipelined),
+                    reference,
+                    "{name}: rounds of {round}, pipelined {pipelined}"
+                );
+            }
+        }
+    }
 }
 
 /// One request of the live/replay equivalence property.

@@ -480,35 +480,61 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
     };
     // Verification and replay in one loop: every verified entry is folded into the state,
     // which re-checks every admin change, server attestation and policy decision the log
-    // records (the policy evaluations on all cores).
-    let result = (|| -> Result<ReplayedLog, LogFailure> {
-        let mut replay = Replay::new(policy, at, server_anchor).map_err(ReplayError::from)?;
-        if !pinned_keys.is_empty() {
-            replay = replay.expect_genesis_keys(pinned_keys.clone());
-        }
-        // Admin requests must name the log's origin: the checkpoint's (verified at the end).
-        if let Some(origin) = checkpoint.as_deref().and_then(|n| n.lines().next()) {
-            replay = replay.with_origin(origin);
-        }
-        if let Some(size) = checkpoint
-            .as_deref()
-            .and_then(attestplane_verifier::log::claimed_size)
-        {
-            replay.remember_root_at(size);
-        }
-        let mut reader = EntryReader::new(file);
-        loop {
-            let round = reader.next_round(attestplane_verifier::log::ROUND)?;
-            if round.is_empty() {
-                break;
+    // records. Three stages overlap: a reader thread splits the next round off the file while
+    // the replay verifies one round (signatures on all cores) and folds the round before it
+    // (in order on one core, its policy evaluations on all cores); see `Replay::pipelined`.
+    let (rounds_in, rounds) = std::sync::mpsc::sync_channel::<Result<Vec<Vec<u8>>, ReadError>>(1);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let mut reader = EntryReader::new(file);
+            loop {
+                // Half rounds: the round being read, the one waiting for the replay and the
+                // pipeline's two then hold about what whole rounds held unpipelined.
+                let round = reader.next_round(attestplane_verifier::log::ROUND / 2);
+                let last = !matches!(&round, Ok(r) if !r.is_empty());
+                // A closed channel means the replay stopped: stop reading.
+                if rounds_in.send(round).is_err() || last {
+                    break;
+                }
             }
-            replay.push_round(&round)?;
-        }
-        Ok(match &checkpoint {
-            Some(note) => replay.finish_with_checkpoint(note)?,
-            None => replay.finish()?,
-        })
-    })();
+        });
+        let result = (|| -> Result<ReplayedLog, LogFailure> {
+            let mut replay = Replay::new(policy, at, server_anchor)
+                .map_err(ReplayError::from)?
+                .pipelined();
+            if !pinned_keys.is_empty() {
+                replay = replay.expect_genesis_keys(pinned_keys.clone());
+            }
+            // Admin requests must name the log's origin: the checkpoint's (verified at the end).
+            if let Some(origin) = checkpoint.as_deref().and_then(|n| n.lines().next()) {
+                replay = replay.with_origin(origin);
+            }
+            if let Some(size) = checkpoint
+                .as_deref()
+                .and_then(attestplane_verifier::log::claimed_size)
+            {
+                replay.remember_root_at(size);
+            }
+            loop {
+                // The reader sends until the end of the file (an empty round) or its first
+                // error; a reader gone without either is a failure, never the end of the log.
+                let round = rounds.recv().unwrap_or_else(|_| {
+                    Err(ReadError::Io(std::io::Error::other("the reader stopped")))
+                })?;
+                if round.is_empty() {
+                    break;
+                }
+                replay.push_round(&round)?;
+            }
+            Ok(match &checkpoint {
+                Some(note) => replay.finish_with_checkpoint(note)?,
+                None => replay.finish()?,
+            })
+        })();
+        // Unblocks the reader if the replay stopped early.
+        drop(rounds);
+        result
+    });
     let result = match result {
         Err(LogFailure::Read(ReadError::Io(e))) => {
             return Err(anyhow!("cannot read {}: {e}", a.file.display()));

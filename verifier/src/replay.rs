@@ -151,6 +151,18 @@ pub struct ReplayedLog {
 #[derive(Debug)]
 pub struct Replay {
     verifier: LogVerifier,
+    fold: Fold,
+    /// A pipelined replay's last round: verified, not folded yet.
+    pending: Vec<VerifiedEntry>,
+    pipelined: bool,
+}
+
+/// The in-order half of a replay: the state and what the fold checks beyond the log
+/// verifier. Separate from the [`LogVerifier`] so that the two can run at once (a pipelined
+/// replay folds one round while the next is verified).
+#[derive(Debug)]
+struct Fold {
+    policy: LogPolicy,
     state: State,
     trust: EpochTrust,
     genesis: Option<Vec<[u8; 32]>>,
@@ -167,29 +179,34 @@ impl Replay {
         at: UnixMillis,
         server_anchor: TrustAnchor,
     ) -> Result<Self, LogError> {
-        let mut verifier = LogVerifier::new(policy, at)?;
+        let mut verifier = LogVerifier::new(policy.clone(), at)?;
         // Which images may run is the fold's business: it knows the images the log allowed.
         verifier.defer_image_checks();
         Ok(Self {
             verifier,
-            state: State::new(server_anchor),
-            trust: EpochTrust::none(),
-            genesis: None,
-            refuse_host_chosen: false,
-            events: BTreeMap::new(),
+            fold: Fold {
+                policy,
+                state: State::new(server_anchor),
+                trust: EpochTrust::none(),
+                genesis: None,
+                refuse_host_chosen: false,
+                events: BTreeMap::new(),
+            },
+            pending: Vec::new(),
+            pipelined: false,
         })
     }
 
     /// Applies the epochs `trust` trusts without re-deciding their decisions.
     pub fn with_trust(mut self, trust: EpochTrust) -> Self {
-        self.trust = trust;
+        self.fold.trust = trust;
         self
     }
 
     /// Pins the log's origin: every admin request the log records as accepted must name it
     /// (see [`State::with_origin`]).
     pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
-        self.state = self.state.with_origin(origin);
+        self.fold.state = self.fold.state.with_origin(origin);
         self
     }
 
@@ -198,14 +215,26 @@ impl Replay {
     pub fn expect_genesis_keys(mut self, mut keys: Vec<[u8; 32]>) -> Self {
         keys.sort_unstable();
         keys.dedup();
-        self.genesis = Some(keys);
-        self.refuse_host_chosen = true;
+        self.fold.genesis = Some(keys);
+        self.fold.refuse_host_chosen = true;
         self
     }
 
     /// Refuses a log whose genesis keys the host chose (`host_chosen` in the genesis entry).
     pub fn refuse_host_chosen_genesis(mut self) -> Self {
-        self.refuse_host_chosen = true;
+        self.fold.refuse_host_chosen = true;
+        self
+    }
+
+    /// Pipelines the rounds: each [`Replay::push_round`] verifies its round while the round
+    /// pushed before it is folded and re-decided, so that on several cores a round costs
+    /// about its slower half rather than the sum of the two. A failure in a round may then be
+    /// reported by the next call (or by [`Replay::finish`]), still as the first failure by
+    /// sequence number and with the same verdict as an unpipelined replay. For a reader of a
+    /// whole log (the auditor's CLI); a caller that must know after each round whether it
+    /// folded (the enclave answering each batch at boot) leaves it off.
+    pub fn pipelined(mut self) -> Self {
+        self.pipelined = true;
         self
     }
 
@@ -221,13 +250,101 @@ impl Replay {
     /// order, computing each logged decision's inputs from the state (cheap) and applying its
     /// logged outcome; then the policy evaluations of the round's re-decided entries run on
     /// all cores, each against the snapshot of its own inputs. The first failure of the three,
-    /// by sequence number, is reported.
+    /// by sequence number, is reported. In a [pipelined](Replay::pipelined) replay the fold
+    /// and its evaluations are those of the round pushed before, run while this one is
+    /// verified; this round is folded by the next call or by the end of the replay.
     pub fn push_round<B: AsRef<[u8]> + Sync>(&mut self, round: &[B]) -> Result<(), ReplayError> {
-        let (verified, failure) = self.verifier.verify_round_prefix(round);
+        if !self.pipelined {
+            let (verified, failure) = self.verifier.verify_round_prefix(round);
+            // The fold runs over the verified prefix first: an earlier failure of its own
+            // is the one to report.
+            self.fold.settle(&verified)?;
+            return failure.map_or(Ok(()), |e| Err(e.into()));
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let Self { verifier, fold, .. } = self;
+        let ((verified, failure), settled) = rayon::join(
+            || verifier.verify_round_prefix(round),
+            move || fold.settle(&pending),
+        );
+        // Everything of the round before comes before anything of this one.
+        settled?;
+        if let Some(e) = failure {
+            self.fold.settle(&verified)?;
+            return Err(e.into());
+        }
+        self.pending = verified;
+        Ok(())
+    }
+
+    /// Folds a pipelined replay's last round.
+    fn drain(&mut self) -> Result<(), ReplayError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.fold.settle(&pending)
+    }
+
+    /// Entries verified so far (in a [pipelined](Replay::pipelined) replay, the last round
+    /// pushed may not be folded yet).
+    pub fn verified(&self) -> u64 {
+        self.verifier.verified()
+    }
+
+    /// The log verifier (head, epoch, Merkle frontier so far).
+    pub fn verifier(&self) -> &LogVerifier {
+        &self.verifier
+    }
+
+    /// The state so far (in a [pipelined](Replay::pipelined) replay, without the last round
+    /// pushed).
+    pub fn state(&self) -> &State {
+        &self.fold.state
+    }
+
+    /// Entries by event type so far (folded ones).
+    pub fn events(&self) -> &BTreeMap<&'static str, u64> {
+        &self.fold.events
+    }
+
+    /// The log verifier and the state, to continue the log from (the enclave at boot); a
+    /// pipelined replay folds its last round first.
+    pub fn into_parts(mut self) -> Result<(LogVerifier, State), ReplayError> {
+        self.drain()?;
+        Ok((self.verifier, self.fold.state))
+    }
+
+    /// Ends the replay: the log must not be empty.
+    pub fn finish(mut self) -> Result<ReplayedLog, ReplayError> {
+        self.drain()?;
+        let log = self.verifier.finish()?;
+        Ok(ReplayedLog {
+            log,
+            state: self.fold.state,
+            events: self.fold.events,
+        })
+    }
+
+    /// Ends the replay and checks the log against a signed checkpoint held outside the host
+    /// (see [`LogVerifier::finish_with_checkpoint`]); its size must have been announced with
+    /// [`Replay::remember_root_at`].
+    pub fn finish_with_checkpoint(mut self, note: &str) -> Result<ReplayedLog, ReplayError> {
+        self.drain()?;
+        let log = self.verifier.finish_with_checkpoint(note)?;
+        Ok(ReplayedLog {
+            log,
+            state: self.fold.state,
+            events: self.fold.events,
+        })
+    }
+}
+
+impl Fold {
+    /// Folds verified entries in order, then runs the policy evaluations of the re-decided
+    /// ones on all cores; the first failure by sequence number.
+    fn settle(&mut self, verified: &[VerifiedEntry]) -> Result<(), ReplayError> {
         let mut deferred = Vec::new();
         let mut fold_failure = None;
         for (i, entry) in verified.iter().enumerate() {
-            match self.fold(entry) {
+            match self.apply(entry) {
                 Ok(Some(d)) => deferred.push((i, d)),
                 Ok(None) => {}
                 Err(e) => {
@@ -236,7 +353,7 @@ impl Replay {
                 }
             }
         }
-        // Every deferred check is of an entry before any fold or log failure.
+        // Every deferred check is of an entry before the fold's failure, if any.
         let recheck_failure = deferred
             .par_iter()
             .filter_map(|(i, d)| {
@@ -247,21 +364,15 @@ impl Replay {
         if let Some(e) = recheck_failure {
             return Err(e.into());
         }
-        if let Some(e) = fold_failure {
-            return Err(e);
-        }
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        fold_failure.map_or(Ok(()), Err)
     }
 
-    fn fold(&mut self, entry: &VerifiedEntry) -> Result<Option<Deferred>, ReplayError> {
+    fn apply(&mut self, entry: &VerifiedEntry) -> Result<Option<Deferred>, ReplayError> {
         if let Event::EpochStart { .. } = &entry.entry().event {
             let pcrs = &entry.epoch().pcrs;
             // Pinned, or allowed by an `allow_image` act folded before this entry: an act
             // later in the log, or one that was refused, allows nothing here.
-            if !self.verifier.policy().pins(pcrs) && !self.state.image_allowed(pcrs) {
+            if !self.policy.pins(pcrs) && !self.state.image_allowed(pcrs) {
                 return Err(LogError::ImageNotAllowed {
                     seq: entry.seq(),
                     pcrs: image_of(pcrs),
@@ -297,53 +408,6 @@ impl Replay {
             .entry(entry.entry().event.type_name())
             .or_default() += 1;
         Ok(deferred)
-    }
-
-    /// Entries verified and folded so far.
-    pub fn verified(&self) -> u64 {
-        self.verifier.verified()
-    }
-
-    /// The log verifier (head, epoch, Merkle frontier so far).
-    pub fn verifier(&self) -> &LogVerifier {
-        &self.verifier
-    }
-
-    /// The state so far.
-    pub fn state(&self) -> &State {
-        &self.state
-    }
-
-    /// Entries by event type so far.
-    pub fn events(&self) -> &BTreeMap<&'static str, u64> {
-        &self.events
-    }
-
-    /// The log verifier and the state, to continue the log from (the enclave at boot).
-    pub fn into_parts(self) -> (LogVerifier, State) {
-        (self.verifier, self.state)
-    }
-
-    /// Ends the replay: the log must not be empty.
-    pub fn finish(self) -> Result<ReplayedLog, ReplayError> {
-        let log = self.verifier.finish()?;
-        Ok(ReplayedLog {
-            log,
-            state: self.state,
-            events: self.events,
-        })
-    }
-
-    /// Ends the replay and checks the log against a signed checkpoint held outside the host
-    /// (see [`LogVerifier::finish_with_checkpoint`]); its size must have been announced with
-    /// [`Replay::remember_root_at`].
-    pub fn finish_with_checkpoint(self, note: &str) -> Result<ReplayedLog, ReplayError> {
-        let log = self.verifier.finish_with_checkpoint(note)?;
-        Ok(ReplayedLog {
-            log,
-            state: self.state,
-            events: self.events,
-        })
     }
 }
 
