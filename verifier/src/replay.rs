@@ -9,6 +9,11 @@
 //! the log's length, so a caller that reads the log in rounds (as both consumers do) replays
 //! a log of any length.
 //!
+//! A [pipelined](Replay::pipelined) replay (the auditor's CLI) verifies each round while the
+//! round before it is folded and re-decided, so the in-order fold overlaps the signature
+//! checks; its verdict, and the first failure it names, are those of the unpipelined replay
+//! (a test compares the two, round sizes from 1 up, with the entry-by-entry fold).
+//!
 //! ## What a replay checks beyond the log verifier
 //!
 //! - Every logged admin change, attestation and decision against the state so far (see
