@@ -21,18 +21,13 @@
 //! densely from each other. Whether the seq *inside* each signed entry matches is the enclave's
 //! business at replay, and the auditor's.
 //!
-//! ## Writing: group commit, two syncs in flight
+//! ## Writing: one writer, group commit
 //!
 //! [`Store::submit`] checks an append (bounds, and that it starts exactly at the next seq:
-//! no gap, no overlap) and queues it; a writer thread takes everything queued, writes it
+//! no gap, no overlap) and queues it; a single writer thread takes everything queued, writes it
 //! with one `write`, calls `fdatasync` once, publishes it to the index and only then completes
-//! each append's [`Commit`]. There are two such threads: while one batch's `fdatasync` is in
-//! flight the other takes what has queued since, writes it after it and syncs it too, so an
-//! append waits for its own sync rather than for the one in flight to end first. Batches are
-//! published strictly in the order they were written, each only once its own sync has
-//! returned, and together they never leave more than [`MAX_UNSYNCED_BYTES`] written but not
-//! synced. Appends that arrive while both syncs are in flight share the next one, so the
-//! number of syncs per second stays bounded by the disk while throughput grows with
+//! each append's [`Commit`]. Appends that arrive while a sync is in flight share the next one,
+//! so the number of syncs per second stays bounded by the disk while throughput grows with
 //! concurrency. A new segment is started when the current one has reached
 //! [`StoreOptions::segment_bytes`]; its directory entry is made durable (the directory is
 //! fsync'd) before the first record is written into it. A batch never spans two segments.
@@ -79,7 +74,7 @@
 //! - `segment`: the on-disk record format (encoding, parsing, the checksum), segment names,
 //!   the scan that rebuilds the index at open, torn-tail recovery and quarantine, and reads of
 //!   indexed records;
-//! - `writer`: the group-commit writer threads, their queue, and [`Commit`], the future (or
+//! - `writer`: the group-commit writer thread, its queue, and [`Commit`], the future (or
 //!   blocking wait) an append completes through;
 //! - `tree`: pure Merkle bookkeeping over the leaf hashes (chunks with their roots, snapshots,
 //!   proofs composed from the verifier's generators); no I/O, no locks, no store errors;
@@ -139,9 +134,8 @@ pub const RECORD_HEADER_LEN: usize = 8;
 /// append still goes alone).
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
-/// The most bytes that can ever be written but not yet synced: one maximal append (the writer
-/// threads' batches in flight together stay within it). A bad tail longer than this cannot be
-/// a torn write and is reported as corruption.
+/// The most bytes that can ever be written but not yet synced: one batch. A bad tail longer
+/// than this cannot be a torn write and is reported as corruption.
 pub const MAX_UNSYNCED_BYTES: u64 =
     (MAX_APPEND_BYTES + RECORD_HEADER_LEN * MAX_APPEND_ENTRIES) as u64;
 
