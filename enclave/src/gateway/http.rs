@@ -618,15 +618,8 @@ impl Gateway {
             Ok(p) => p,
             Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string()),
         };
-        if let Some(args) = params.arguments
-            && let Err(e) = parse_ijson(args.get())
-        {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                id,
-                INVALID_PARAMS,
-                &format!("arguments are not I-JSON: {e}"),
-            );
+        if let Some(r) = refuse_non_ijson(id, params.arguments) {
+            return r;
         }
         let endpoint = match self.endpoint(&ctx.server).await {
             Ok(e) => e,
@@ -737,15 +730,8 @@ impl Gateway {
             Ok(p) => p,
             Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string()),
         };
-        if let Some(args) = arguments
-            && let Err(e) = parse_ijson(args.get())
-        {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                id,
-                INVALID_PARAMS,
-                &format!("arguments are not I-JSON: {e}"),
-            );
+        if let Some(r) = refuse_non_ijson(id, arguments) {
+            return r;
         }
         let endpoint = match self.endpoint(&ctx.server).await {
             Ok(e) => e,
@@ -1423,6 +1409,18 @@ fn accepted() -> Reply {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::ACCEPTED;
     r
+}
+
+/// Refuses arguments that are not I-JSON (RFC 7493) as invalid params, before anything is
+/// decided or logged: the one check `tools/call` and `prompts/get` share.
+fn refuse_non_ijson(id: Option<&str>, arguments: Option<&RawValue>) -> Option<Reply> {
+    let e = parse_ijson(arguments?.get()).err()?;
+    Some(rpc_error(
+        StatusCode::BAD_REQUEST,
+        id,
+        INVALID_PARAMS,
+        &format!("arguments are not I-JSON: {e}"),
+    ))
 }
 
 fn rpc_error(status: StatusCode, id: Option<&str>, code: i64, message: &str) -> Reply {
