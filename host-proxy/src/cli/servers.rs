@@ -470,7 +470,7 @@ async fn live_tools(spec: &ServerSpec) -> CliResult<BTreeMap<String, LiveTool>> 
                 if let Some(s) = session {
                     req = req.header("mcp-session-id", s);
                 }
-                let resp = req.body(body).send().await.map_err(|e| e.to_string())?;
+                let mut resp = req.body(body).send().await.map_err(|e| e.to_string())?;
                 let status = resp.status();
                 let session = resp
                     .headers()
@@ -489,9 +489,16 @@ async fn live_tools(spec: &ServerSpec) -> CliResult<BTreeMap<String, LiveTool>> 
                 {
                     return Err("the answer is too large".to_owned());
                 }
-                let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-                if bytes.len() > MAX_PIN_ANSWER {
-                    return Err("the answer is too large".to_owned());
+                // Read chunk by chunk: a chunked answer has no length to check up front, and
+                // a hostile server must not make the operator's CLI buffer without bound.
+                let mut bytes = Vec::new();
+                while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+                    if bytes.len() + chunk.len() > MAX_PIN_ANSWER {
+                        return Err(format!(
+                            "the answer is too large (more than {MAX_PIN_ANSWER} bytes)"
+                        ));
+                    }
+                    bytes.extend_from_slice(&chunk);
                 }
                 Ok::<_, String>((status, session, rpc_answer(&content_type, &bytes)))
             }
