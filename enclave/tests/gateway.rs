@@ -811,13 +811,22 @@ async fn a_tampered_call_or_result_entry_is_named_by_replay() {
     let store = s.store.lock().unwrap().clone();
     replay(&store, s.now).unwrap();
     let result = store.len() - 1;
-    for seq in [result - 1, result] {
-        let mut tampered = store.clone();
+    assert_tampering_named(&store, s.now, &[result - 1, result]);
+}
+
+/// Flips a byte inside the payload of each entry at `seqs` in turn (the tail is the
+/// signature) and asserts that replay names that entry.
+fn assert_tampering_named(
+    store: &[Vec<u8>],
+    now: attestplane_verifier::UnixMillis,
+    seqs: &[usize],
+) {
+    for &seq in seqs {
+        let mut tampered = store.to_vec();
         let bytes = tampered.get_mut(seq).unwrap();
-        // A byte inside the payload (the tail is the signature).
         let at = bytes.len() - 80;
         bytes[at] ^= 1;
-        let e = replay(&tampered, s.now).unwrap_err();
+        let e = replay(&tampered, now).unwrap_err();
         assert_eq!(e.seq(), Some(seq as u64), "{e}");
     }
 }
@@ -1082,21 +1091,20 @@ const NITRO_ONLY_ADD: &str = r#"
   unless { context.server_assurance == "nitro" };
 "#;
 
+/// A stack under [`NITRO_ONLY_ADD`] whose registration is `plain` or attested.
+async fn nitro_only_add_stack(modern: bool, plain: bool) -> Stack {
+    let opts = Opts {
+        policy: Some(NITRO_ONLY_ADD.into()),
+        plain,
+        ..Opts::default()
+    };
+    stack_opts(modern, "", &[], None, opts).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_servers_tool_under_a_nitro_only_policy_is_refused_and_withheld_from_the_listing() {
     for modern in [true, false] {
-        let plain = stack_opts(
-            modern,
-            "",
-            &[],
-            None,
-            Opts {
-                policy: Some(NITRO_ONLY_ADD.into()),
-                plain: true,
-                ..Opts::default()
-            },
-        )
-        .await;
+        let plain = nitro_only_add_stack(modern, true).await;
         let token = plain.token("weather", &["tool-user"]);
         let (status, body) = plain.modern("weather", &token, MODERN_LIST).await;
         assert_eq!(status, 200, "{body}");
@@ -1137,18 +1145,7 @@ async fn a_plain_servers_tool_under_a_nitro_only_policy_is_refused_and_withheld_
         replays(&plain);
 
         // The same policy on the attested registration lets `add` through and shows it.
-        let attested = stack_opts(
-            modern,
-            "",
-            &[],
-            None,
-            Opts {
-                policy: Some(NITRO_ONLY_ADD.into()),
-                plain: false,
-                ..Opts::default()
-            },
-        )
-        .await;
+        let attested = nitro_only_add_stack(modern, false).await;
         let token = attested.token("weather", &["tool-user"]);
         let (_, body) = attested.modern("weather", &token, MODERN_LIST).await;
         assert!(body.contains(r#""name":"add""#), "{body}");
@@ -1464,14 +1461,7 @@ async fn a_tampered_resource_or_prompt_entry_is_named_by_replay() {
     replay(&store, s.now).unwrap();
     // The read's decision and result, and the refused prompt's decision.
     let last = store.len() - 1;
-    for seq in [last - 2, last - 1, last] {
-        let mut tampered = store.clone();
-        let bytes = tampered.get_mut(seq).unwrap();
-        let at = bytes.len() - 80;
-        bytes[at] ^= 1;
-        let e = replay(&tampered, s.now).unwrap_err();
-        assert_eq!(e.seq(), Some(seq as u64), "{e}");
-    }
+    assert_tampering_named(&store, s.now, &[last - 2, last - 1, last]);
 }
 
 const SAMPLING: &str =

@@ -558,22 +558,17 @@ impl StackFiles {
     /// [`StackFiles::mint_agent_token`] with another audience (an MCP endpoint's resource URI)
     /// into `DIR/NAME`.
     pub fn mint_agent_token_for(&self, audience: Option<&str>, name: &str) -> String {
+        self.mint_agent_token_as(audience, "tool-user", name)
+    }
+
+    /// [`StackFiles::mint_agent_token_for`] with another role.
+    pub fn mint_agent_token_as(&self, audience: Option<&str>, role: &str, name: &str) -> String {
         let out = self.path(name);
         let _ = std::fs::remove_file(&out);
         let out_arg = out.display().to_string();
         let mut args = vec![
-            "token",
-            "mint",
-            "--sub",
-            "agent-7",
-            "--user",
-            "alice",
-            "--tenant",
-            "acme",
-            "--role",
-            "tool-user",
-            "--out",
-            &out_arg,
+            "token", "mint", "--sub", "agent-7", "--user", "alice", "--tenant", "acme", "--role",
+            role, "--out", &out_arg,
         ];
         if let Some(a) = audience {
             args.extend(["--audience", a]);
@@ -672,6 +667,24 @@ fn start_demo(files: &StackFiles, listen: &str, control_plane: Option<&str>) -> 
 }
 
 impl DevStack {
+    /// The gateway's agent-facing base URL (`http://IP:PORT`) that `attestplane dev` printed.
+    pub fn gateway_url(&self) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(addr) = self.proc.stdout_lines().iter().find_map(|l| {
+                l.strip_prefix("attestplane MCP relay: tcp:")
+                    .map(str::to_owned)
+            }) {
+                return format!("http://{}", addr.trim());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "attestplane dev printed no MCP relay address"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops `attestplane dev` as Ctrl-C would (SIGTERM) and returns whether it exited
     /// successfully within `timeout`, and the processes still running with the data directory
     /// on their command line afterwards (its children, if it failed to stop them).

@@ -74,20 +74,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// The gateway's agent-facing base URL that `attestplane dev` printed.
 pub fn gateway_url(stack: &DevStack) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(addr) = stack.proc.stdout_lines().iter().find_map(|l| {
-            l.strip_prefix("attestplane MCP relay: tcp:")
-                .map(str::to_owned)
-        }) {
-            return format!("http://{}", addr.trim());
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "attestplane dev printed no MCP relay address"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stack.gateway_url()
 }
 
 /// Python SDK servers, one per shape, in one process (`tests/peers/py_server.py`).
@@ -419,28 +406,7 @@ pub fn register_pinned(
 
 /// An agent token for `endpoint` (agent-7 for alice in acme) with role `role`.
 pub fn mint_token(stack: &DevStack, endpoint: &str, role: &str, name: &str) -> String {
-    let out = stack.files.path(name);
-    let out_arg = out.display().to_string();
-    stack
-        .files
-        .cli(&[
-            "token",
-            "mint",
-            "--sub",
-            "agent-7",
-            "--user",
-            "alice",
-            "--tenant",
-            "acme",
-            "--role",
-            role,
-            "--audience",
-            endpoint,
-            "--out",
-            &out_arg,
-        ])
-        .ok();
-    std::fs::read_to_string(&out).unwrap().trim().to_owned()
+    stack.files.mint_agent_token_as(Some(endpoint), role, name)
 }
 
 /// `GET /control/stats` of a Python peer server.
