@@ -56,9 +56,6 @@ const DEV_SEED: [u8; 32] = *b"attestplane-enclave dev seed 001";
 /// Gateway jobs waiting for the enclave's handler.
 const GATEWAY_QUEUE: usize = 256;
 
-/// The largest `--mock-pcrs` file read.
-const MAX_PCR_FILE_LEN: u64 = attestplane_verifier::attestation::MAX_PCRS_JSON_LEN as u64;
-
 /// PCRs a `--mock-pcrs` file may set: those the hypervisor measures and locks at boot.
 const MAX_MOCK_PCR_INDEX: u16 = 15;
 
@@ -340,25 +337,14 @@ fn parse_seed(text: &str) -> Result<[u8; 32]> {
         .map_err(|_| anyhow::anyhow!("--mock-seed must be 32 bytes, found {}", bytes.len()))
 }
 
-/// Reads `{"PCR0": hex, …}` or `{"0": hex, …}`.
+/// Reads a `--mock-pcrs` file with the verifier's one PCR-file reader.
 fn read_pcr_file(path: &Path) -> Result<BTreeMap<u16, [u8; PCR_LEN]>> {
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
-    if len > MAX_PCR_FILE_LEN {
-        bail!(
-            "{} is {len} bytes; a PCR file is at most {MAX_PCR_FILE_LEN}",
-            path.display()
-        );
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse_pcrs(&text).with_context(|| format!("bad PCR file {}", path.display()))
+    let pcrs = attestplane_verifier::attestation::read_pcrs_file(path)?;
+    mock_pcrs(pcrs).with_context(|| format!("bad PCR file {}", path.display()))
 }
 
-/// The verifier's one PCR-file reader, limited to the PCRs the mock NSM has.
-fn parse_pcrs(text: &str) -> Result<BTreeMap<u16, [u8; PCR_LEN]>> {
-    let pcrs = attestplane_verifier::attestation::parse_pcrs_json(text.as_bytes())?;
+/// The PCRs of a `--mock-pcrs` file, limited to those the mock NSM has.
+fn mock_pcrs(pcrs: BTreeMap<PcrIndex, Pcr>) -> Result<BTreeMap<u16, [u8; PCR_LEN]>> {
     let mut out = BTreeMap::new();
     for (index, value) in pcrs {
         let index = u16::from(index.get());
@@ -416,6 +402,12 @@ fn parse_image(s: &str) -> Result<BTreeMap<PcrIndex, Pcr>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_pcrs(text: &str) -> Result<BTreeMap<u16, [u8; PCR_LEN]>> {
+        mock_pcrs(attestplane_verifier::attestation::parse_pcrs_json(
+            text.as_bytes(),
+        )?)
+    }
 
     #[test]
     fn pcr_file_accepts_named_and_numeric_keys() {

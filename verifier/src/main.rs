@@ -74,8 +74,7 @@ struct PcrArgs {
 impl PcrArgs {
     fn expected(&self) -> anyhow::Result<BTreeMap<PcrIndex, Pcr>> {
         let mut out = match &self.pcrs_file {
-            Some(path) => attestplane_verifier::attestation::parse_pcrs_json(&read(path)?)
-                .map_err(|e| anyhow!("{}: {e}", path.display()))?,
+            Some(path) => attestplane_verifier::attestation::read_pcrs_file(path)?,
             None => BTreeMap::new(),
         };
         for (i, p) in &self.pcr {

@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use attestplane_verifier::attestation::{
-    MAX_PCRS_JSON_LEN, Pcr, PcrIndex, parse_pcr_assignment, parse_pcrs_json,
+    MAX_PCRS_JSON_LEN, Pcr, PcrIndex, PcrsFileError, parse_pcr_assignment,
 };
 
-use super::{CliError, CliResult, read_file};
+use super::{CliError, CliResult};
 
 /// The largest PCR file read.
 pub const MAX_PCRS_FILE_LEN: u64 = MAX_PCRS_JSON_LEN as u64;
@@ -21,10 +21,14 @@ pub fn parse_pcr_flag(s: &str) -> Result<(PcrIndex, Pcr), String> {
     parse_pcr_assignment(s).map_err(|e| e.to_string())
 }
 
-/// Reads a PCR file (the verifier's [`parse_pcrs_json`] says which shapes).
+/// Reads a PCR file with the verifier's one reader
+/// ([`attestplane_verifier::attestation::read_pcrs_file`]): a file that cannot be read is an I/O
+/// error, one of the wrong shape or size a usage error.
 pub fn read_pcrs_file(path: &Path) -> CliResult<BTreeMap<PcrIndex, Pcr>> {
-    let bytes = read_file(path, MAX_PCRS_FILE_LEN)?;
-    parse_pcrs_json(&bytes).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    attestplane_verifier::attestation::read_pcrs_file(path).map_err(|e| match e {
+        PcrsFileError::Io { .. } => CliError::Io(e.to_string()),
+        _ => CliError::Usage(e.to_string()),
+    })
 }
 
 /// The PCRs of a file and flags together; a flag may not contradict the file.

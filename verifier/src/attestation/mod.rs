@@ -57,8 +57,8 @@ pub use chain::{AWS_NITRO_ROOT_G1_PEM, AWS_NITRO_ROOT_G1_SHA256, CertSummary, Tr
 pub use document::{AttestationDocument, parse_attestation};
 pub use error::AttestationError;
 pub use types::{
-    MAX_PCRS_JSON_LEN, Pcr, PcrIndex, PcrsJsonError, names_an_image, parse_pcr_assignment,
-    parse_pcrs_json,
+    MAX_PCRS_JSON_LEN, Pcr, PcrIndex, PcrsFileError, PcrsJsonError, names_an_image,
+    parse_pcr_assignment, parse_pcrs_json, read_pcrs_file,
 };
 
 use cache::{PathCaches, VerifiedPath};

@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Serialize, Serializer};
@@ -297,6 +299,48 @@ pub fn parse_pcrs_json(bytes: &[u8]) -> Result<BTreeMap<PcrIndex, Pcr>, PcrsJson
     Ok(out)
 }
 
+/// Why a PCR file could not be read.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum PcrsFileError {
+    /// The file could not be opened or read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The file's bytes are not a PCR document ([`parse_pcrs_json`]), or more than
+    /// [`MAX_PCRS_JSON_LEN`] of them.
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with its contents.
+        source: PcrsJsonError,
+    },
+}
+
+/// Reads a PCR file: at most [`MAX_PCRS_JSON_LEN`] bytes (one more is read, to tell a longer
+/// file, a device or a pipe apart), parsed by [`parse_pcrs_json`]. The one PCR-file reader of
+/// the enclave's command line, the operator's CLI and `attestplane-verify`.
+pub fn read_pcrs_file(path: &Path) -> Result<BTreeMap<PcrIndex, Pcr>, PcrsFileError> {
+    let io = |source| PcrsFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PCRS_JSON_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    parse_pcrs_json(&bytes).map_err(|source| PcrsFileError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +423,37 @@ mod tests {
             let err = parse_pcrs_json(bad.as_bytes()).unwrap_err();
             assert!(format!("{err:?}").starts_with(want), "{bad:.40}: {err:?}");
         }
+    }
+
+    #[test]
+    fn pcrs_file_reading_is_bounded_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.json");
+        std::fs::write(&good, format!(r#"{{"PCR0": "{}"}}"#, hex48(1))).unwrap();
+        assert_eq!(read_pcrs_file(&good).unwrap().len(), 1);
+        // One byte over the limit (valid JSON but for its length) is refused by length.
+        let long = dir.path().join("long.json");
+        let json = format!(r#"{{"PCR0": "{}"}}"#, hex48(1));
+        let pad = " ".repeat(MAX_PCRS_JSON_LEN + 1 - json.len());
+        std::fs::write(&long, format!("{json}{pad}")).unwrap();
+        let err = read_pcrs_file(&long).unwrap_err();
+        assert!(
+            matches!(&err, PcrsFileError::Invalid { path, source: PcrsJsonError::TooLong { .. } } if path == &long),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with(&long.display().to_string()),
+            "{err}"
+        );
+        // An endless file is read only up to the limit.
+        let err = read_pcrs_file(Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            matches!(err, PcrsFileError::Invalid { source: PcrsJsonError::TooLong { len, .. }, .. } if len == MAX_PCRS_JSON_LEN + 1),
+            "{err:?}"
+        );
+        let missing = dir.path().join("missing.json");
+        let err = read_pcrs_file(&missing).unwrap_err();
+        assert!(matches!(err, PcrsFileError::Io { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("cannot read "), "{err}");
     }
 }
