@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, bail};
 use attestplane_proto::{Address, ByteBuf, Request, Response};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{AdminAction, Deployment, IdentityProviderSpec};
-use attestplane_verifier::attestation::{Expectations, TrustAnchor, VerifyAt, verify_attestation};
+use attestplane_verifier::attestation::{
+    AttestationError, Expectations, TrustAnchor, VerifyAt, verify_attestation,
+};
 use clap::Args;
 use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -28,9 +29,9 @@ use tokio::process::{Child, Command};
 use crate::cli::attest::ControlPlaneTrust;
 use crate::cli::http::Api;
 use crate::cli::pcrs::read_pcrs_file;
-use crate::cli::{admin, deployment, keys, submit};
-use crate::enclave_client::EnclaveClient;
-use crate::proxy::{self, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REQUEST_TIMEOUT, ProxyConfig};
+use crate::cli::{CliError, admin, deployment, keys, submit};
+use crate::enclave_client::{ClientError, EnclaveClient};
+use crate::proxy::{self, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REQUEST_TIMEOUT, ProxyConfig, ProxyError};
 use crate::relay::{RelayConfig, RelayLimits};
 
 /// The development identity provider's issuer.
@@ -71,16 +72,122 @@ pub struct DevArgs {
     pub bin_dir: Option<PathBuf>,
 }
 
+/// Why `attestplane dev` could not start the stack or stopped with an error. Each variant names
+/// what failed; the underlying error, if any, is its [`std::error::Error::source`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DevError {
+    /// A file or directory of the stack could not be created, read or written.
+    #[error("{what}")]
+    Io {
+        /// What was being done, naming the file.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// This executable's directory (where the other binaries are looked for) is unknown.
+    #[error("this executable has no directory")]
+    NoExecutableDir,
+    /// An address flag is not `IP:PORT`.
+    #[error("{flag} {value:?} is not IP:PORT")]
+    BadAddress {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it does not parse.
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// A binary of the stack is not where it was looked for.
+    #[error(
+        "{} not found; build the workspace's binaries first (cargo build --workspace --bins) \
+         or give --bin-dir",
+        exe.display()
+    )]
+    MissingBinary {
+        /// Where it was looked for.
+        exe: PathBuf,
+    },
+    /// A child started but did not print its address.
+    #[error("{} {problem}", exe.display())]
+    ChildStart {
+        /// The child's executable.
+        exe: PathBuf,
+        /// What went wrong: it timed out, or exited first.
+        problem: &'static str,
+    },
+    /// The enclave's socket address is not an address.
+    #[error(transparent)]
+    Address(#[from] attestplane_proto::ProtoError),
+    /// The in-process proxy could not start or failed.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// A CLI step (keys, deployment, admin signing) failed.
+    #[error(transparent)]
+    Cli(#[from] CliError),
+    /// A call to the enclave failed.
+    #[error(transparent)]
+    Enclave(#[from] ClientError),
+    /// The enclave refused an admin act of the bootstrap.
+    #[error("the enclave refused {action} (log entry {seq}): {reason}")]
+    Refused {
+        /// The act.
+        action: &'static str,
+        /// The entry that recorded the refusal.
+        seq: u64,
+        /// The enclave's reason.
+        reason: String,
+    },
+    /// The enclave answered a request with a reply of another kind.
+    #[error("unexpected reply to {request}")]
+    UnexpectedReply {
+        /// The request.
+        request: &'static str,
+    },
+    /// The enclave answered a request for its attestation document with another reply.
+    #[error("the enclave did not return its attestation document")]
+    NoAttestation,
+    /// The mock root the enclave printed is not a root certificate.
+    #[error("control-plane-root.pem is not a root certificate")]
+    Root(#[source] AttestationError),
+    /// The control plane's own attestation document does not verify under its mock root.
+    #[error("the control plane's own document does not verify")]
+    OwnDocument(#[source] AttestationError),
+    /// The control plane runs another log than the development one.
+    #[error("the control plane's log is {found:?}, not {DEV_ORIGIN:?}")]
+    WrongOrigin {
+        /// The origin it runs.
+        found: String,
+    },
+    /// A JSON file of the stack could not be encoded.
+    #[error("cannot encode {what}")]
+    Json {
+        /// Which file.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// `DevError::Io` with `what`.
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
+    let what = what.into();
+    move |source| DevError::Io { what, source }
+}
+
 /// Runs the local stack until SIGINT/SIGTERM.
-pub async fn main(args: DevArgs) -> Result<u8> {
+pub async fn main(args: DevArgs) -> Result<u8, DevError> {
     let dir = args.data_dir.clone();
     create_private_dir(&dir)?;
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()
-            .context("cannot find this executable")?
+            .map_err(io("cannot find this executable"))?
             .parent()
-            .context("this executable has no directory")?
+            .ok_or(DevError::NoExecutableDir)?
             .to_path_buf(),
     };
     let admin = load_or_create_key(&dir.join("admin.key"))?;
@@ -89,25 +196,8 @@ pub async fn main(args: DevArgs) -> Result<u8> {
 
     // The API's address is fixed before anything starts, so that the demo server can be told
     // where the control plane's JWKS is (port 0: a free port, picked now).
-    let mut listen: std::net::SocketAddr = args
-        .listen
-        .parse()
-        .with_context(|| format!("--listen {:?} is not IP:PORT", args.listen))?;
-    if listen.port() == 0 {
-        listen = std::net::TcpListener::bind(listen)
-            .and_then(|l| l.local_addr())
-            .with_context(|| format!("cannot find a free port on {}", listen.ip()))?;
-    }
-
-    let mut mcp_listen: std::net::SocketAddr = args
-        .mcp_listen
-        .parse()
-        .with_context(|| format!("--mcp-listen {:?} is not IP:PORT", args.mcp_listen))?;
-    if mcp_listen.port() == 0 {
-        mcp_listen = std::net::TcpListener::bind(mcp_listen)
-            .and_then(|l| l.local_addr())
-            .with_context(|| format!("cannot find a free port on {}", mcp_listen.ip()))?;
-    }
+    let listen = bound_address("--listen", &args.listen)?;
+    let mcp_listen = bound_address("--mcp-listen", &args.mcp_listen)?;
 
     let mut children = Vec::new();
     let mut demo_url = None;
@@ -140,8 +230,10 @@ pub async fn main(args: DevArgs) -> Result<u8> {
 
     let socket = dir.join("enclave.sock");
     if socket.exists() {
-        std::fs::remove_file(&socket)
-            .with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
+        std::fs::remove_file(&socket).map_err(io(format!(
+            "cannot remove the stale socket {}",
+            socket.display()
+        )))?;
     }
     // The MCP data path: the enclave listens for relayed agents on one socket and dials
     // upstreams through the proxy on another.
@@ -173,9 +265,7 @@ pub async fn main(args: DevArgs) -> Result<u8> {
     children.push(enclave);
 
     let running = proxy::start(ProxyConfig {
-        enclave: format!("unix:{}", socket.display())
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        enclave: format!("unix:{}", socket.display()).parse()?,
         listen,
         store_dir: dir.join("log"),
         genesis_admin_keys: vec![admin.verifying_key().to_bytes()],
@@ -201,7 +291,7 @@ pub async fn main(args: DevArgs) -> Result<u8> {
     }
     if let Some(demo) = &demo_url {
         std::fs::write(dir.join("demo-server-url"), format!("{demo}\n"))
-            .context("cannot write demo-server-url")?;
+            .map_err(io("cannot write demo-server-url"))?;
     }
     write_client_config(&dir, &url, &deployment)?;
 
@@ -227,18 +317,33 @@ fn path_arg(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn create_private_dir(dir: &Path) -> Result<()> {
+/// `value` of `flag` as an address; port 0 is replaced by a free port, picked now.
+fn bound_address(flag: &'static str, value: &str) -> Result<std::net::SocketAddr, DevError> {
+    let addr: std::net::SocketAddr = value.parse().map_err(|source| DevError::BadAddress {
+        flag,
+        value: value.to_owned(),
+        source,
+    })?;
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.local_addr())
+        .map_err(io(format!("cannot find a free port on {}", addr.ip())))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), DevError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))
+        .map_err(io(format!("cannot create {}", dir.display())))
 }
 
 /// Reads a hex Ed25519 secret key file, creating it (mode 0600) if it does not exist; the
 /// CLI's key-file code, so that secret keys are handled in one place.
-fn load_or_create_key(path: &Path) -> Result<SigningKey> {
+fn load_or_create_key(path: &Path) -> Result<SigningKey, DevError> {
     if path.exists() {
         return Ok(keys::read_secret_key(path)?);
     }
@@ -249,13 +354,11 @@ fn load_or_create_key(path: &Path) -> Result<SigningKey> {
 
 /// Starts `exe` with `args`, stdout piped, and returns it with the first line it prints (its
 /// address).
-async fn spawn(exe: &Path, args: &[String]) -> Result<(Child, String)> {
+async fn spawn(exe: &Path, args: &[String]) -> Result<(Child, String), DevError> {
     if !exe.exists() {
-        bail!(
-            "{} not found; build the workspace's binaries first (cargo build --workspace --bins) \
-             or give --bin-dir",
-            exe.display()
-        );
+        return Err(DevError::MissingBinary {
+            exe: exe.to_owned(),
+        });
     }
     let mut child = Command::new(exe)
         .args(args)
@@ -264,14 +367,21 @@ async fn spawn(exe: &Path, args: &[String]) -> Result<(Child, String)> {
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start {}", exe.display()))?;
-    let stdout = child.stdout.take().context("no stdout")?;
+        .map_err(io(format!("cannot start {}", exe.display())))?;
+    let start_error = |problem| DevError::ChildStart {
+        exe: exe.to_owned(),
+        problem,
+    };
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| start_error("has no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(CHILD_START_TIMEOUT, lines.next_line())
         .await
-        .with_context(|| format!("{} did not start in time", exe.display()))?
-        .with_context(|| format!("reading from {}", exe.display()))?
-        .with_context(|| format!("{} exited before printing its address", exe.display()))?;
+        .map_err(|_| start_error("did not start in time"))?
+        .map_err(io(format!("reading from {}", exe.display())))?
+        .ok_or_else(|| start_error("exited before printing its address"))?;
     // Keep draining its stdout so that it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, line.trim().to_owned()))
@@ -279,20 +389,17 @@ async fn spawn(exe: &Path, args: &[String]) -> Result<(Child, String)> {
 
 /// The deployment of the stack at `url`, verified against `DIR/control-plane-root.pem` and
 /// `DIR/control-plane-pcrs.json`.
-async fn learn_deployment(dir: &Path, url: &str) -> Result<Deployment> {
-    let root = std::fs::read(dir.join("control-plane-root.pem"))
-        .context("cannot read control-plane-root.pem")?;
+async fn learn_deployment(dir: &Path, url: &str) -> Result<Deployment, DevError> {
     let trust = ControlPlaneTrust {
-        anchor: TrustAnchor::from_pem(&root).map_err(|e| anyhow::anyhow!("{e}"))?,
+        anchor: control_plane_root(dir)?,
         pcrs: read_pcrs_file(&dir.join("control-plane-pcrs.json"))?,
         allow_debug: false,
     };
     let learned = deployment::learn(&Api::new(url)?, &trust).await?;
     if learned.deployment.origin != DEV_ORIGIN {
-        bail!(
-            "the control plane's log is {:?}, not {DEV_ORIGIN:?}",
-            learned.deployment.origin
-        );
+        return Err(DevError::WrongOrigin {
+            found: learned.deployment.origin,
+        });
     }
     Ok(learned.deployment)
 }
@@ -303,7 +410,7 @@ async fn bootstrap(
     admin_key: &SigningKey,
     idp: &SigningKey,
     deployment: &Deployment,
-) -> Result<()> {
+) -> Result<(), DevError> {
     let jwks = admin::jwks_of(idp, DEV_KID)?;
     for action in [
         AdminAction::SetPolicy {
@@ -336,11 +443,14 @@ async fn bootstrap(
                 seq,
                 ..
             } => eprintln!("attestplane dev: {name} accepted (log entry {seq})"),
-            Response::AdminResult { reason, seq, .. } => bail!(
-                "the enclave refused {name} (log entry {seq}): {}",
-                reason.unwrap_or_default()
-            ),
-            _ => bail!("unexpected reply to {name}"),
+            Response::AdminResult { reason, seq, .. } => {
+                return Err(DevError::Refused {
+                    action: name,
+                    seq,
+                    reason: reason.unwrap_or_default(),
+                });
+            }
+            _ => return Err(DevError::UnexpectedReply { request: name }),
         }
     }
     Ok(())
@@ -348,7 +458,7 @@ async fn bootstrap(
 
 /// Writes the control plane's PCRs, read from its own attestation document checked against
 /// the mock root it printed.
-async fn write_control_plane_pcrs(client: &EnclaveClient, dir: &Path) -> Result<()> {
+async fn write_control_plane_pcrs(client: &EnclaveClient, dir: &Path) -> Result<(), DevError> {
     let Response::Attestation { document, .. } = client
         .call(
             Request::GetAttestation { nonce: None },
@@ -356,18 +466,16 @@ async fn write_control_plane_pcrs(client: &EnclaveClient, dir: &Path) -> Result<
         )
         .await?
     else {
-        bail!("the enclave did not return its attestation document");
+        return Err(DevError::NoAttestation);
     };
-    let root = std::fs::read(dir.join("control-plane-root.pem"))
-        .context("cannot read control-plane-root.pem")?;
-    let anchor = TrustAnchor::from_pem(&root).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let anchor = control_plane_root(dir)?;
     let verified = verify_attestation(
         &document,
         &anchor,
         &Expectations::default(),
         VerifyAt::Instant(UnixMillis::from_system_time(SystemTime::now())),
     )
-    .map_err(|e| anyhow::anyhow!("the control plane's own document does not verify: {e}"))?;
+    .map_err(DevError::OwnDocument)?;
     let mut pcrs = serde_json::Map::new();
     for (index, value) in verified.pcrs() {
         let i = index.get();
@@ -375,13 +483,23 @@ async fn write_control_plane_pcrs(client: &EnclaveClient, dir: &Path) -> Result<
             pcrs.insert(format!("PCR{i}"), hex::encode(value.as_bytes()).into());
         }
     }
-    let text = serde_json::to_string_pretty(&pcrs)?;
+    let text = serde_json::to_string_pretty(&pcrs).map_err(|source| DevError::Json {
+        what: "the control plane's PCRs",
+        source,
+    })?;
     std::fs::write(dir.join("control-plane-pcrs.json"), text + "\n")
-        .context("cannot write control-plane-pcrs.json")?;
+        .map_err(io("cannot write control-plane-pcrs.json"))?;
     Ok(())
 }
 
-fn write_client_config(dir: &Path, url: &str, deployment: &Deployment) -> Result<()> {
+/// The mock root the enclave printed into `DIR/control-plane-root.pem`.
+fn control_plane_root(dir: &Path) -> Result<TrustAnchor, DevError> {
+    let root = std::fs::read(dir.join("control-plane-root.pem"))
+        .map_err(io("cannot read control-plane-root.pem"))?;
+    TrustAnchor::from_pem(&root).map_err(DevError::Root)
+}
+
+fn write_client_config(dir: &Path, url: &str, deployment: &Deployment) -> Result<(), DevError> {
     let text = format!(
         "# Written by `attestplane dev`. Use with --config {}/config.toml or ATTESTPLANE_CONFIG.\n\
          [client]\n\
@@ -399,12 +517,12 @@ fn write_client_config(dir: &Path, url: &str, deployment: &Deployment) -> Result
         deployment::toml_string(&deployment.origin),
         deployment.genesis,
     );
-    std::fs::write(dir.join("config.toml"), text).context("cannot write config.toml")
+    std::fs::write(dir.join("config.toml"), text).map_err(io("cannot write config.toml"))
 }
 
 /// An MCP client configuration for the gateway: the stdio bridge (for clients configured with
 /// a command) and the streamable-HTTP endpoint (for clients that take a URL and a token).
-fn write_mcp_client_config(dir: &Path, gateway: &str) -> Result<()> {
+fn write_mcp_client_config(dir: &Path, gateway: &str) -> Result<(), DevError> {
     let config = serde_json::json!({
         "mcpServers": {
             "weather": {
@@ -419,9 +537,12 @@ fn write_mcp_client_config(dir: &Path, gateway: &str) -> Result<()> {
             },
         }
     });
-    let text =
-        serde_json::to_string_pretty(&config).context("cannot encode the MCP client config")?;
-    std::fs::write(dir.join("mcp-client.json"), text + "\n").context("cannot write mcp-client.json")
+    let text = serde_json::to_string_pretty(&config).map_err(|source| DevError::Json {
+        what: "the MCP client config",
+        source,
+    })?;
+    std::fs::write(dir.join("mcp-client.json"), text + "\n")
+        .map_err(io("cannot write mcp-client.json"))
 }
 
 fn print_mcp_steps(dir: &Path, gateway: &str) {

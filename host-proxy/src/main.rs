@@ -92,8 +92,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Proxy(args) => proxy::main(args, &file.proxy).await,
-            Command::Dev(args) => dev::main(args).await,
+            Command::Proxy(args) => proxy::main(args, &file.proxy).await.map_err(|e| chain(&e)),
+            Command::Dev(args) => dev::main(args).await.map_err(|e| chain(&e)),
             Command::Client(command) => {
                 let c = file.client;
                 let context = ClientContext {
@@ -118,8 +118,20 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e}");
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its sources, outermost first, joined by ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

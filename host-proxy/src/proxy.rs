@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use attestplane_proto::Address;
 use clap::Args;
 
@@ -22,7 +21,7 @@ use crate::api::{AppState, router};
 use crate::config::ProxySection;
 use crate::enclave_client::{ClientOptions, DEFAULT_CONNECTIONS, EnclaveClient};
 use crate::relay::{DEFAULT_MCP_LISTEN, Relay, RelayConfig, RelayLimits};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Default address of the HTTP API.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
@@ -127,6 +126,63 @@ pub enum ConfigError {
          nothing without them)"
     )]
     IncompleteMcpPath,
+}
+
+/// Why the proxy could not start or stopped with an error. Each variant names what failed;
+/// the underlying error is its [`std::error::Error::source`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The settings are unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error("cannot open the log store in {}", dir.display())]
+    OpenStore {
+        /// The store's directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// The task opening the store did not finish.
+    #[error("the log store's opening task failed")]
+    OpenTask(#[source] tokio::task::JoinError),
+    /// The API's address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP client for attestation fetches could not be built.
+    #[error("cannot build the HTTP client for attestation fetches")]
+    HttpClient(#[source] reqwest::Error),
+    /// The MCP data path's relays could not start.
+    #[error("cannot start the MCP relays (agents on {mcp_listen}, dial on {dial_listen})")]
+    Relay {
+        /// The agent-facing address.
+        mcp_listen: SocketAddr,
+        /// Where the enclave dials.
+        dial_listen: Address,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The enclave refused the stored log (or the client gave up on it).
+    #[error("the enclave cannot serve this log: {why}")]
+    EnclaveRefused {
+        /// The enclave client's reason.
+        why: String,
+    },
+    /// The HTTP server's task panicked.
+    #[error("the HTTP server panicked")]
+    ServerPanicked(#[source] tokio::task::JoinError),
+    /// The HTTP server failed.
+    #[error("the HTTP server failed")]
+    ServerFailed(#[source] std::io::Error),
 }
 
 fn invalid(flag: &'static str, value: &str, problem: impl ToString) -> ConfigError {
@@ -294,7 +350,7 @@ pub fn parse_key(hex_key: &str) -> Result<[u8; 32], ConfigError> {
 }
 
 /// `attestplane proxy`: runs until SIGINT/SIGTERM.
-pub async fn main(args: ProxyArgs, file: &ProxySection) -> Result<u8> {
+pub async fn main(args: ProxyArgs, file: &ProxySection) -> Result<u8, ProxyError> {
     let config = ProxyConfig::resolve(args, file)?;
     let running = start(config).await?;
     println!("attestplane proxy ready: http://{}", running.local_addr);
@@ -326,15 +382,14 @@ pub struct Running {
 
 /// Opens the store, binds and serves the API, connects to the enclave and returns once the
 /// enclave serves (replay included). Fails if the enclave refuses the stored log.
-pub async fn start(config: ProxyConfig) -> Result<Running> {
+pub async fn start(config: ProxyConfig) -> Result<Running, ProxyError> {
     let dir = config.store_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&dir))
-        .await?
-        .with_context(|| {
-            format!(
-                "cannot open the log store in {}",
-                config.store_dir.display()
-            )
+        .await
+        .map_err(ProxyError::OpenTask)?
+        .map_err(|source| ProxyError::OpenStore {
+            dir: config.store_dir.clone(),
+            source,
         })?;
     let recovery = store.recovery();
     eprintln!(
@@ -366,12 +421,16 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
     );
     // Serve at once (so /healthz and /readyz answer during a long replay; other routes wait
     // for readiness within their timeout), then wait for the replay however long it takes.
+    let listen_error = |source| ProxyError::Listen {
+        addr: config.listen,
+        source,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let local_addr = listener.local_addr()?;
+        .map_err(listen_error)?;
+    let local_addr = listener.local_addr().map_err(listen_error)?;
     let state = AppState::new(client.clone(), config.request_timeout, config.max_in_flight)
-        .context("cannot build the HTTP client for attestation fetches")?;
+        .map_err(ProxyError::HttpClient)?;
     let api_state = state.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -385,11 +444,14 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
     // connections made during the replay reach the enclave, which serves MCP only after it.
     let relay = match config.mcp.clone() {
         Some(mcp) => {
-            let what = format!(
-                "cannot start the MCP relays (agents on {}, dial on {})",
-                mcp.mcp_listen, mcp.dial_listen
-            );
-            let relay = Relay::start(mcp, Arc::clone(&store)).await.context(what)?;
+            let (mcp_listen, dial_listen) = (mcp.mcp_listen, mcp.dial_listen.clone());
+            let relay = Relay::start(mcp, Arc::clone(&store))
+                .await
+                .map_err(|source| ProxyError::Relay {
+                    mcp_listen,
+                    dial_listen,
+                    source,
+                })?;
             api_state.set_relay_metrics(Arc::clone(relay.metrics()));
             Some(relay)
         }
@@ -401,7 +463,7 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
             Err(crate::enclave_client::ClientError::Failed(why)) => {
                 let _ = stop.send(());
                 let _ = server.await;
-                bail!("the enclave cannot serve this log: {why}")
+                return Err(ProxyError::EnclaveRefused { why });
             }
             Err(_) => continue,
         }
@@ -421,16 +483,24 @@ pub async fn start(config: ProxyConfig) -> Result<Running> {
 impl Running {
     /// Serves the API until `shutdown` completes, then drains (requests in flight finish, their
     /// entries stored) and closes.
-    pub async fn wait(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    pub async fn wait(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ProxyError> {
         let mut server = self.server;
         let relay = self.relay;
         tokio::select! {
             () = shutdown => {
                 let _ = self.stop.send(());
-                server.await.context("the HTTP server panicked")?.context("the HTTP server failed")?;
+                server
+                    .await
+                    .map_err(ProxyError::ServerPanicked)?
+                    .map_err(ProxyError::ServerFailed)?;
             }
             result = &mut server => {
-                result.context("the HTTP server panicked")?.context("the HTTP server failed")?;
+                result
+                    .map_err(ProxyError::ServerPanicked)?
+                    .map_err(ProxyError::ServerFailed)?;
             }
         }
         if let Some(relay) = relay {
