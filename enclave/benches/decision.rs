@@ -359,7 +359,7 @@ impl Idp {
             user: Some(agent.user.clone()),
             tenant: tenant(agent.tenant),
             roles: agent.roles.iter().map(|r| r.to_string()).collect(),
-            iat: now.as_secs(),
+            iat: Some(now.as_secs()),
             exp: now.as_secs() + 86_400,
         }
         .encode(&self.kid, &self.key)

@@ -218,7 +218,7 @@ fn main() -> Result<()> {
         user: Some("alice".into()),
         tenant: "acme".into(),
         roles: vec!["tool-user".into()],
-        iat: now.as_secs(),
+        iat: Some(now.as_secs()),
         exp: now.as_secs() + 3600,
     }
     .encode("dev-idp", &idp)?;

@@ -7,6 +7,9 @@
 //! honoured, `aud` must name the provider's audience, and the claims map to the agent (`sub`),
 //! its user (`user`, default `sub`), tenant (`tenant`, required) and roles (`roles`, optional).
 //!
+//! The claims are read by the verifier's [`IdentityClaims::read`], the reading side of the one
+//! identity-claims type every token minter (the CLI, the tests, the benchmarks) writes with.
+//!
 //! A development issuer for local use is an ordinary admin-installed provider: there is no
 //! bypass. Tokens are secrets: they never appear in errors, logs or entries; only the verified
 //! identity is logged.
@@ -23,7 +26,9 @@ use std::collections::{HashMap, VecDeque};
 
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::entry::PrincipalRecord;
-use attestplane_verifier::handle::{HandleError, verify_jws};
+use attestplane_verifier::handle::{
+    ClaimError, HandleError, IDENTITY_LEEWAY_SECS, IdentityClaims, MAX_IDENTITY_ROLES, verify_jws,
+};
 use attestplane_verifier::state::State;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -35,10 +40,10 @@ use thiserror::Error;
 pub const MAX_BEARER_LEN: usize = 8 * 1024;
 
 /// The most roles a token may carry.
-pub const MAX_ROLES: usize = 64;
+pub const MAX_ROLES: usize = MAX_IDENTITY_ROLES;
 
 /// Clock skew allowed on `exp`, `nbf`, `iat`, in seconds.
-pub const LEEWAY_SECS: u64 = 60;
+pub const LEEWAY_SECS: u64 = IDENTITY_LEEWAY_SECS;
 
 /// The most verified tokens a [`BearerCache`] remembers.
 pub const BEARER_CACHE_CAPACITY: usize = 4096;
@@ -66,36 +71,18 @@ pub enum IdentityError {
     },
 }
 
+impl From<ClaimError> for IdentityError {
+    fn from(e: ClaimError) -> Self {
+        IdentityError::Claim {
+            claim: e.claim,
+            problem: e.problem,
+        }
+    }
+}
+
 impl From<HandleError> for IdentityError {
     fn from(e: HandleError) -> Self {
         IdentityError::Rejected(e.to_string())
-    }
-}
-
-fn text(
-    claims: &serde_json::Map<String, Value>,
-    claim: &'static str,
-) -> Result<Option<String>, IdentityError> {
-    match claims.get(claim) {
-        None => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Ok(Some(s.clone())),
-        Some(_) => Err(IdentityError::Claim {
-            claim,
-            problem: "must be a non-empty string of at most 256 bytes",
-        }),
-    }
-}
-
-fn secs(
-    claims: &serde_json::Map<String, Value>,
-    claim: &'static str,
-) -> Result<Option<u64>, IdentityError> {
-    match claims.get(claim) {
-        None => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or(IdentityError::Claim {
-            claim,
-            problem: "must be a non-negative integer (seconds)",
-        }),
     }
 }
 
@@ -292,94 +279,22 @@ fn verify(
     let (_kid, claims) = verify_jws(bearer, jwks)?;
 
     // From here on the claims are the provider's.
-    if text(&claims, "iss")?.as_deref() != Some(provider.issuer.as_str()) {
-        return Err(IdentityError::Claim {
-            claim: "iss",
-            problem: "does not match the provider",
-        });
-    }
     let expected = match audience {
         Audience::Provider => provider.audience.as_str(),
         Audience::Resource(uri) => uri,
     };
-    let aud_ok = match claims.get("aud") {
-        Some(Value::String(a)) => a == expected,
-        Some(Value::Array(items)) => items.iter().any(|a| a.as_str() == Some(expected)),
-        _ => false,
-    };
-    if !aud_ok {
-        return Err(IdentityError::Claim {
-            claim: "aud",
-            problem: "does not name this control plane",
-        });
-    }
-    let now_s = now.as_secs();
-    let exp = secs(&claims, "exp")?.ok_or(IdentityError::Claim {
-        claim: "exp",
-        problem: "is required",
-    })?;
-    if now_s >= exp.saturating_add(LEEWAY_SECS) {
-        return Err(IdentityError::Claim {
-            claim: "exp",
-            problem: "token has expired",
-        });
-    }
-    if let Some(nbf) = secs(&claims, "nbf")?
-        && now_s.saturating_add(LEEWAY_SECS) < nbf
-    {
-        return Err(IdentityError::Claim {
-            claim: "nbf",
-            problem: "token is not yet valid",
-        });
-    }
-    if let Some(iat) = secs(&claims, "iat")?
-        && iat > now_s.saturating_add(LEEWAY_SECS)
-    {
-        return Err(IdentityError::Claim {
-            claim: "iat",
-            problem: "token was issued in the future",
-        });
-    }
-    let agent = text(&claims, "sub")?.ok_or(IdentityError::Claim {
-        claim: "sub",
-        problem: "is required",
-    })?;
-    let tenant = text(&claims, "tenant")?.ok_or(IdentityError::Claim {
-        claim: "tenant",
-        problem: "is required",
-    })?;
-    let user = text(&claims, "user")?.unwrap_or_else(|| agent.clone());
-    let roles = match claims.get("roles") {
-        None => Vec::new(),
-        Some(Value::Array(items)) if items.len() <= MAX_ROLES => items
-            .iter()
-            .map(|r| match r {
-                Value::String(s) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()
-            .ok_or(IdentityError::Claim {
-                claim: "roles",
-                problem: "must be an array of non-empty strings",
-            })?,
-        Some(_) => {
-            return Err(IdentityError::Claim {
-                claim: "roles",
-                problem: "must be an array of at most 64 strings",
-            });
-        }
-    };
-    let mut roles = roles;
+    let claims = IdentityClaims::read(&claims, &provider.issuer, expected, now)?;
+    let mut roles = claims.roles;
     roles.sort();
     roles.dedup();
     Ok((
         PrincipalRecord {
-            agent,
-            user,
-            tenant,
+            user: claims.user.unwrap_or_else(|| claims.sub.clone()),
+            agent: claims.sub,
+            tenant: claims.tenant,
             roles,
             issuer,
         },
-        exp,
+        claims.exp,
     ))
 }

@@ -115,7 +115,7 @@ fn jwt(key: &SigningKey, issuer: &str, iat: u64, exp: u64) -> String {
         user: Some("alice".into()),
         tenant: "acme".into(),
         roles: vec!["tool-user".into()],
-        iat,
+        iat: Some(iat),
         exp,
     }
     .encode("dev", key)

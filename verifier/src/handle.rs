@@ -319,17 +319,38 @@ where
     ))
 }
 
+/// The most roles an agent identity token may carry.
+pub const MAX_IDENTITY_ROLES: usize = 64;
+
+/// The longest text claim (`iss`, `sub`, `user`, `tenant`, each role) of an identity token, in
+/// bytes.
+pub const MAX_IDENTITY_CLAIM_LEN: usize = 256;
+
+/// Clock skew allowed on an identity token's `exp`, `nbf` and `iat`, in seconds.
+pub const IDENTITY_LEEWAY_SECS: u64 = 60;
+
+/// Why an agent identity token's claims were refused: which claim, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("token claim {claim}: {problem}")]
+pub struct ClaimError {
+    /// The claim.
+    pub claim: &'static str,
+    /// What is wrong.
+    pub problem: &'static str,
+}
+
 /// The claims of an agent's identity token, as an identity provider issues them and the
 /// enclave reads them: who the agent is (`sub`), whom it acts for (`user`, the agent itself
 /// when absent), its tenant and roles, for which audience, and when it was issued and expires
 /// (seconds since the epoch). The development identity provider (`attestplane token mint`),
-/// the tests and the benchmarks all mint tokens from this type; the enclave's reader
-/// (`attestplane_enclave::identity`) is the other side of the same format.
+/// the tests and the benchmarks mint tokens from this type ([`IdentityClaims::encode`]); the
+/// enclave reads them with [`IdentityClaims::read`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct IdentityClaims {
     /// Issuer: the identity provider.
     pub iss: String,
-    /// Audience: the control plane (or one of its resources).
+    /// Audience: the control plane (or one of its resources). A token read may name several
+    /// (an array); read, this is the one it was accepted for.
     pub aud: String,
     /// Subject: the agent.
     pub sub: String,
@@ -338,10 +359,11 @@ pub struct IdentityClaims {
     pub user: Option<String>,
     /// The agent's tenant.
     pub tenant: String,
-    /// The agent's roles.
+    /// The agent's roles, as the token lists them.
     pub roles: Vec<String>,
-    /// Issued at.
-    pub iat: u64,
+    /// Issued at (optional when read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     /// Expires at.
     pub exp: u64,
 }
@@ -354,6 +376,108 @@ impl IdentityClaims {
         signer: &S,
     ) -> Result<String, HandleError> {
         encode_jws(self, kid, signer)
+    }
+
+    /// Reads the claims of a token whose signature verified under `issuer`'s keys
+    /// ([`verify_jws`]), for `audience`, at `now`.
+    ///
+    /// `iss` must be `issuer`; `aud` a string equal to `audience` or an array naming it; `exp`
+    /// is required and, with `nbf` and `iat` when present, a non-negative integer of seconds:
+    /// the token is refused from `exp` plus [`IDENTITY_LEEWAY_SECS`] on, before `nbf` minus the
+    /// leeway, and when issued later than `now` plus the leeway. `sub` and `tenant` are
+    /// required, `user` optional, each a non-empty string of at most
+    /// [`MAX_IDENTITY_CLAIM_LEN`] bytes; `roles`, if present, an array of at most
+    /// [`MAX_IDENTITY_ROLES`] such strings. Other claims are ignored. The first failing claim,
+    /// in that order, is the one named.
+    pub fn read(
+        claims: &Map<String, Value>,
+        issuer: &str,
+        audience: &str,
+        now: UnixMillis,
+    ) -> Result<IdentityClaims, ClaimError> {
+        let refuse = |claim, problem| ClaimError { claim, problem };
+        if claim_text(claims, "iss")?.as_deref() != Some(issuer) {
+            return Err(refuse("iss", "does not match the provider"));
+        }
+        let aud_ok = match claims.get("aud") {
+            Some(Value::String(a)) => a == audience,
+            Some(Value::Array(items)) => items.iter().any(|a| a.as_str() == Some(audience)),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(refuse("aud", "does not name this control plane"));
+        }
+        let now_s = now.as_secs();
+        let exp = claim_secs(claims, "exp")?.ok_or(refuse("exp", "is required"))?;
+        if now_s >= exp.saturating_add(IDENTITY_LEEWAY_SECS) {
+            return Err(refuse("exp", "token has expired"));
+        }
+        if let Some(nbf) = claim_secs(claims, "nbf")?
+            && now_s.saturating_add(IDENTITY_LEEWAY_SECS) < nbf
+        {
+            return Err(refuse("nbf", "token is not yet valid"));
+        }
+        let iat = claim_secs(claims, "iat")?;
+        if let Some(iat) = iat
+            && iat > now_s.saturating_add(IDENTITY_LEEWAY_SECS)
+        {
+            return Err(refuse("iat", "token was issued in the future"));
+        }
+        let sub = claim_text(claims, "sub")?.ok_or(refuse("sub", "is required"))?;
+        let tenant = claim_text(claims, "tenant")?.ok_or(refuse("tenant", "is required"))?;
+        let user = claim_text(claims, "user")?;
+        let roles = match claims.get("roles") {
+            None => Vec::new(),
+            Some(Value::Array(items)) if items.len() <= MAX_IDENTITY_ROLES => items
+                .iter()
+                .map(|r| match r {
+                    Value::String(s) if text_fits(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or(refuse("roles", "must be an array of non-empty strings"))?,
+            Some(_) => return Err(refuse("roles", "must be an array of at most 64 strings")),
+        };
+        Ok(IdentityClaims {
+            iss: issuer.to_owned(),
+            aud: audience.to_owned(),
+            sub,
+            user,
+            tenant,
+            roles,
+            iat,
+            exp,
+        })
+    }
+}
+
+fn text_fits(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_IDENTITY_CLAIM_LEN
+}
+
+/// A text claim of an identity token, if present.
+fn claim_text(
+    claims: &Map<String, Value>,
+    claim: &'static str,
+) -> Result<Option<String>, ClaimError> {
+    match claims.get(claim) {
+        None => Ok(None),
+        Some(Value::String(s)) if text_fits(s) => Ok(Some(s.clone())),
+        Some(_) => Err(ClaimError {
+            claim,
+            problem: "must be a non-empty string of at most 256 bytes",
+        }),
+    }
+}
+
+/// A time claim (seconds) of an identity token, if present.
+fn claim_secs(claims: &Map<String, Value>, claim: &'static str) -> Result<Option<u64>, ClaimError> {
+    match claims.get(claim) {
+        None => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or(ClaimError {
+            claim,
+            problem: "must be a non-negative integer (seconds)",
+        }),
     }
 }
 
@@ -827,5 +951,39 @@ mod tests {
         let mut c = good;
         c.exp = c.iat;
         assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn identity_claims_read_back_as_written() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let jwks = Jwks::from_keys([("k", key.verifying_key())]).unwrap();
+        let written = IdentityClaims {
+            iss: "https://idp.example".into(),
+            aud: "attestplane".into(),
+            sub: "agent-7".into(),
+            user: None,
+            tenant: "acme".into(),
+            roles: vec!["b".into(), "a".into()],
+            iat: Some(1_000),
+            exp: 4_600,
+        };
+        let token = written.encode("k", &key).unwrap();
+        let (_, claims) = verify_jws(&token, &jwks).unwrap();
+        let now = UnixMillis::from_millis(2_000_000);
+        let read = IdentityClaims::read(&claims, &written.iss, &written.aud, now).unwrap();
+        assert_eq!(read, written);
+        // Read for another issuer or audience, the same claims are refused.
+        assert_eq!(
+            IdentityClaims::read(&claims, "https://other.example", &written.aud, now)
+                .unwrap_err()
+                .claim,
+            "iss"
+        );
+        assert_eq!(
+            IdentityClaims::read(&claims, &written.iss, "other", now)
+                .unwrap_err()
+                .claim,
+            "aud"
+        );
     }
 }

@@ -205,7 +205,7 @@ impl Idp {
             user: None,
             tenant: tenant.into(),
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
-            iat: now.as_secs(),
+            iat: Some(now.as_secs()),
             exp: now.as_secs() + 3600,
         })
         .unwrap()

@@ -61,10 +61,10 @@ pub enum TokenCommand {
     },
 }
 
-/// Checks and signs an agent token: the lifetime (`exp - iat`) positive and at most
-/// [`MAX_TTL`], no empty claim, no empty kid.
+/// Checks and signs an agent token: `iat` given, the lifetime (`exp - iat`) positive and at
+/// most [`MAX_TTL`], no empty claim, no empty kid.
 pub fn mint(claims: &IdentityClaims, kid: &str, key: &SigningKey) -> CliResult<String> {
-    let ttl = claims.exp.saturating_sub(claims.iat);
+    let ttl = claims.iat.map_or(0, |iat| claims.exp.saturating_sub(iat));
     if ttl == 0 || ttl > MAX_TTL.as_secs() {
         return Err(CliError::Usage(format!(
             "the lifetime must be positive and at most {}",
@@ -124,7 +124,7 @@ pub fn run(command: TokenCommand, context: &ClientContext) -> CliResult {
         sub,
         tenant,
         roles,
-        iat,
+        iat: Some(iat),
         exp: iat.saturating_add(ttl.as_secs()),
     };
     let key = read_secret_key(&key_path)?;
@@ -169,7 +169,7 @@ mod tests {
             user: Some("alice".into()),
             tenant: "acme".into(),
             roles: vec!["tool-user".into()],
-            iat: 1_764_870_000,
+            iat: Some(1_764_870_000),
             exp: 1_764_873_600,
         }
     }
@@ -206,11 +206,15 @@ mod tests {
         c.user = Some(String::new());
         assert!(mint(&c, "dev", &key).is_err());
         let mut c = claims();
-        c.exp = c.iat;
+        let iat = c.iat.unwrap();
+        c.exp = iat;
         assert!(mint(&c, "dev", &key).is_err());
-        c.exp = c.iat - 1;
+        c.exp = iat - 1;
         assert!(mint(&c, "dev", &key).is_err());
-        c.exp = c.iat + MAX_TTL.as_secs() + 1;
+        c.exp = iat + MAX_TTL.as_secs() + 1;
+        assert!(mint(&c, "dev", &key).is_err());
+        let mut c = claims();
+        c.iat = None;
         assert!(mint(&c, "dev", &key).is_err());
         assert!(mint(&claims(), "", &key).is_err());
     }

@@ -177,7 +177,7 @@ impl World {
             user: Some(format!("user-{i}")),
             tenant: TENANT.into(),
             roles: vec!["tool-user".into()],
-            iat: now.as_secs(),
+            iat: Some(now.as_secs()),
             exp: now.as_secs() + TOKEN_TTL_SECS,
         }
         .encode(IDP_KID, &self.idp)
