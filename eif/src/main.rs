@@ -11,12 +11,6 @@
 //! 1 the inputs cannot make an image, 2 usage or I/O error.
 
 #![forbid(unsafe_code)]
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -3,6 +3,13 @@
 //! a newc reader written here for the initramfs. And determinism: the same inputs give the same
 //! bytes, through the library and through the `attestplane-eif` binary.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::Path;
 use std::process::Command;
 

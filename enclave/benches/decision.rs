@@ -48,6 +48,13 @@
 //! re-decided it when applying: 1.76–2.25x. p99 ratios are dominated by the machine's load
 //! (millisecond preemptions) and are not meaningful here.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;

@@ -29,6 +29,13 @@
 //!
 //! Run: `cargo bench -p attestplane-enclave --bench log_verify`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::Instant;

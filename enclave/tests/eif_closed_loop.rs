@@ -7,6 +7,13 @@
 //! PCRs of an image whose kernel differs in one byte. The same holds through the
 //! `attestplane-verify` binary with `--pcrs FILE`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -3,6 +3,13 @@
 //! `server::run_with_inside`, with a fake host that stores `Persist`ed entries and reports them
 //! durable), and forwards to a fake upstream MCP server that counts what reaches it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -3,6 +3,13 @@
 //! claim. Every token here carries a genuine signature of the installed provider, so only the
 //! claims decide. Time is pinned at the harness's clock.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod common;
 
 use attestplane_enclave::identity::{

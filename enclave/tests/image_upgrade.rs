@@ -3,6 +3,13 @@
 //! enclave's boot and by the auditor's replay (the one `Replay` loop both run), and by the
 //! `attestplane-verify log` binary when it is built next to this test.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod common;
 
 use std::collections::BTreeMap;

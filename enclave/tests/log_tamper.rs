@@ -5,6 +5,13 @@
 //! NSM, so each test can produce exactly the forgery it names. One test also runs the enclave's
 //! real `LogWriter` across two epochs.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::collections::BTreeMap;
 
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm};

@@ -3,6 +3,13 @@
 //! two-epoch log (replaying every decision) and rejects it when the link between the epochs is
 //! cut, naming the entry.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod common;
 
 use std::path::PathBuf;

@@ -6,6 +6,13 @@
 //! durable and collects the released final replies. Time is pinned: the enclave's clock starts
 //! at [`common::T0`] and moves only when a test moves it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod common;
 
 use std::sync::Arc;

@@ -13,6 +13,13 @@
 //! binding the test's own epoch key, signed with the crafted signers of
 //! `verifier/tests/support/torsion.rs`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod common;
 
 #[path = "../../verifier/tests/support/torsion.rs"]

@@ -13,6 +13,13 @@
 //! - dial: connection set-up through the dialer (request, registry lookup, TCP connect to the
 //!   registered echo, reply), p50 / p99.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

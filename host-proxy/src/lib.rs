@@ -50,15 +50,6 @@
 //! - It holds no key that signs anything the enclave signs.
 
 #![forbid(unsafe_code)]
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 pub mod api;
 pub mod cli;

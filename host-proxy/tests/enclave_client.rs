@@ -8,6 +8,13 @@
 //! - An enclave whose log is ahead of the store is refused, with a reason naming the fix.
 //! - A `Persist` overlapping stored entries stops the client instead of corrupting the store.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -3,6 +3,13 @@
 //! connection they accept, so a test can prove that a refused dial never reached them), and a
 //! real store holds the admin entries the dialer reads registrations from.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,6 +1,13 @@
 //! Integration tests of the durable log store through its public API, including a crash test
 //! that SIGKILLs a child process (this test binary, re-invoked) while it appends.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -22,6 +22,13 @@
 //!
 //! Run: `cargo bench -p attestplane-verifier --bench attestation`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::hint::black_box;
 use std::time::Instant;
 

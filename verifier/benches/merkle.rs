@@ -8,6 +8,13 @@
 //!
 //! Run: `cargo bench -p attestplane-verifier --bench merkle`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::hint::black_box;
 
 use attestplane_verifier::merkle::{

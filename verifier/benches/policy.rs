@@ -10,6 +10,13 @@
 //!
 //! Run: `cargo bench -p attestplane-verifier --bench policy`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::hint::black_box;
 
 use attestplane_verifier::UnixMillis;

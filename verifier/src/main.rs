@@ -10,12 +10,6 @@
 //! `--at` is left to its default of "now".
 
 #![forbid(unsafe_code)]
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,13 @@
 //! The state fold refuses a log that records, as accepted, an admin request made for another
 //! deployment: another log (another genesis entry) or this log under another origin.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment};
 use attestplane_verifier::attestation::TrustAnchor;

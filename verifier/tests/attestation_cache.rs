@@ -8,6 +8,13 @@
 //! `cabundle`, a bad COSE signature under a cached path, and expectations a cached path must
 //! still be held to.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::attestation::{
     AttestationError, AttestationVerifier, CertSummary, Check, Expectations, TrustAnchor,

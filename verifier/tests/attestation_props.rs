@@ -1,6 +1,13 @@
 //! Property tests: no byte of a real attestation document can change without the verifier
 //! noticing, and no input makes the parser or the verifier panic.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use attestplane_verifier::UnixMillis;
 use std::sync::LazyLock;
 

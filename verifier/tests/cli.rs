@@ -1,6 +1,13 @@
 //! The `attestplane-verify` binary as an auditor runs it: output and exit codes (0 verified,
 //! 1 failed verification, 2 usage or I/O error) on the real AWS documents.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

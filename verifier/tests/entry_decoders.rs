@@ -9,6 +9,13 @@
 //! [`cbor::decode_reference`] accepts, with the same value, and must accept the deterministic
 //! encoding of any value a signed payload can hold.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::cbor;
 use attestplane_verifier::entry::{

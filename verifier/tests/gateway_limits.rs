@@ -2,6 +2,13 @@
 //! elapsed time's worth of calls, and a replay of the logged calls reaches the same decisions
 //! as the live run whenever the live run pruned its state.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use attestplane_verifier::gateway::limits::{
     CallScope, Price, RateDecision, RateLimit, RateState, ScopeKind, SpendCap, SpendDecision,
     SpendState, decide_rate, gcra, reserve, settle,

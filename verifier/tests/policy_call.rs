@@ -2,6 +2,13 @@
 //! context; the listing context tool lists are filtered with; the index still agrees with full
 //! evaluation.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::collections::BTreeMap;
 
 use attestplane_verifier::UnixMillis;

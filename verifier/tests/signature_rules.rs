@@ -9,6 +9,13 @@
 //! and the `attestplane-verify log` CLI) are tried in the enclave crate's
 //! `tests/signature_rules.rs`, with epoch documents from the mock NSM.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 #[path = "support/torsion.rs"]
 mod torsion;
 

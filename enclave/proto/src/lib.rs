@@ -36,15 +36,6 @@
 //! The one exception is [`signal`]: the SIGINT/SIGTERM future every long-running program of the
 //! workspace stops on, here because this is the crate all of them already depend on.
 #![forbid(unsafe_code)]
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 pub mod dial;
 pub mod error;

@@ -1,6 +1,13 @@
 //! The wire format on the public API: every message round-trips, the encoding is pinned, and
 //! hostile bytes give typed errors.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use attestplane_proto::{
     Body, ByteBuf, ED25519_PUBLIC_KEY_LEN, ErrorCode, Frame, FrameDecoder, LEN_PREFIX,
     MAX_ADMIN_KEYS, MAX_ENTRIES_PER_FRAME, MAX_FRAME_LEN, PROTOCOL_VERSION, ProtoError, Request,

@@ -1,6 +1,13 @@
 //! Frames over real sockets (loopback TCP on port 0, a Unix socket in a temp dir) and over
 //! in-memory pipes that deliver them a byte at a time.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::time::Duration;
 
 use attestplane_proto::{

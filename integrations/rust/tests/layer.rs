@@ -2,6 +2,13 @@
 //! missing, forged, replayed, other-audience, other-arguments, expired or mismatched one is
 //! refused with -32001 and the handler never runs.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
