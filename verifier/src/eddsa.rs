@@ -13,7 +13,7 @@
 //!
 //! - the encoding of a point `A` of the curve (it decompresses),
 //! - the canonical encoding of that point (`y < p`, and no sign bit on `x = 0`), so one key
-//!   has one byte string and one [`KeyId`](crate::entry::KeyId),
+//!   has one byte string and one [`KeyId`],
 //! - of order `l`, the prime order of the base point's subgroup: not of small order (with such a
 //!   key anyone can sign anything under the cofactored equation) and without a small-order
 //!   component. The enclave's keys are `a·B` and always pass; the check is made once, when a key

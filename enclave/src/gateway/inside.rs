@@ -7,8 +7,9 @@
 //! ([`crate::server::EnclaveAccess::durable`]) before it acts on the outcome: before it
 //! forwards an allowed call, and before it answers the agent with a call's result.
 //!
-//! The decisions are the verifier's: hard rules and Cedar through [`State::decide`] (the same
-//! function `attestplane-verify log` replays), pins through
+//! The decisions are the verifier's: hard rules and Cedar through
+//! [`State::decide`](attestplane_verifier::state::State::decide) (the same function
+//! `attestplane-verify log` replays), pins through
 //! `attestplane_verifier::gateway::pin::check_tools`.
 
 use std::collections::BTreeMap;
