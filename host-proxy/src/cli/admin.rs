@@ -212,32 +212,11 @@ fn accepted_policy(bytes: &[u8]) -> Option<(u64, UnixMillis, String)> {
 
 #[cfg(test)]
 mod tests {
-    use attestplane_verifier::admin::Deployment;
-    use attestplane_verifier::entry::{EntryHash, KeyId};
-
     use super::*;
     use crate::cli::keys::generate;
     use crate::cli::log::summary;
     use crate::cli::submit::sign_admin;
-
-    fn entry(seq: u64, event: Event, key: &SigningKey) -> Vec<u8> {
-        Entry {
-            seq,
-            prev: EntryHash::ZERO,
-            epoch: 0,
-            time: UnixMillis::from_millis(1_764_870_000_000 + seq),
-            event,
-        }
-        .sign(&KeyId::of(&key.verifying_key()), key)
-        .unwrap()
-    }
-
-    fn deployment() -> Deployment {
-        Deployment {
-            origin: "attestplane.test/log".into(),
-            genesis: EntryHash::from_bytes([7; 32]),
-        }
-    }
+    use crate::cli::testing::{deployment, signed_entry as entry};
 
     #[test]
     fn policy_show_takes_accepted_set_policy_only() {

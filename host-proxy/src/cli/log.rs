@@ -476,23 +476,10 @@ pub fn subject_of(action: &AdminAction) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use attestplane_verifier::UnixMillis;
-    use attestplane_verifier::entry::{Entry, EntryHash};
     use ed25519_dalek::SigningKey;
 
     use super::*;
-
-    fn entry(seq: u64, event: Event, key: &SigningKey) -> Vec<u8> {
-        Entry {
-            seq,
-            prev: EntryHash::ZERO,
-            epoch: 0,
-            time: UnixMillis::from_millis(1_764_870_000_000 + seq),
-            event,
-        }
-        .sign(&KeyId::of(&key.verifying_key()), key)
-        .unwrap()
-    }
+    use crate::cli::testing::signed_entry as entry;
 
     #[test]
     fn splits_a_sequence_and_refuses_a_truncated_tail() {
@@ -573,21 +560,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        ClientContext {
-            url: format!("http://{addr}"),
-            json: false,
-            admin_key: None,
-            token: None,
-            idp_key: None,
-            idp_issuer: None,
-            idp_audience: None,
-            root: None,
-            pcrs: None,
-            allow_debug: false,
-            config: None,
-            origin: None,
-            genesis: None,
-        }
+        crate::cli::testing::context(&format!("http://{addr}"))
     }
 
     async fn export_from(fake: Fake) -> (CliResult, tempfile::TempDir) {

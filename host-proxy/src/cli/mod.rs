@@ -54,6 +54,8 @@ pub mod mcp;
 pub mod pcrs;
 pub mod servers;
 pub mod submit;
+#[cfg(test)]
+mod testing;
 pub mod token;
 
 use std::path::{Path, PathBuf};

@@ -382,13 +382,7 @@ mod tests {
     use attestplane_verifier::entry::{Entry, KeyId};
 
     use super::*;
-
-    fn deployment() -> Deployment {
-        Deployment {
-            origin: "attestplane.test/log".into(),
-            genesis: EntryHash::from_bytes([7; 32]),
-        }
-    }
+    use crate::cli::testing::deployment;
 
     #[test]
     fn a_signed_request_verifies_with_the_verifier_and_only_under_its_key() {
@@ -438,19 +432,9 @@ mod tests {
 
     fn context(origin: Option<&str>, genesis: Option<&str>) -> ClientContext {
         ClientContext {
-            url: "http://127.0.0.1:9".into(),
-            json: false,
-            admin_key: None,
-            token: None,
-            idp_key: None,
-            idp_issuer: None,
-            idp_audience: None,
-            root: None,
-            pcrs: None,
-            allow_debug: false,
-            config: None,
             origin: origin.map(str::to_owned),
             genesis: genesis.map(str::to_owned),
+            ..crate::cli::testing::context("http://127.0.0.1:9")
         }
     }
 
