@@ -260,6 +260,12 @@ pub fn verify_batch(items: &[Item<'_>]) -> Result<(), usize> {
     }
 }
 
+// The signers and torsion points the verifier's, the enclave's and the end-to-end
+// signature-rule tests use.
+#[cfg(test)]
+#[path = "../tests/support/torsion.rs"]
+mod torsion;
+
 #[cfg(test)]
 mod tests {
     use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
@@ -270,27 +276,7 @@ mod tests {
 
     use super::*;
 
-    /// The eight torsion points, found from the curve: `[l]P` for points `P` of hashed `y`.
-    fn torsion_points() -> Vec<EdwardsPoint> {
-        let mut found: Vec<EdwardsPoint> = Vec::new();
-        for i in 0u64..10_000 {
-            if found.len() == 8 {
-                break;
-            }
-            let mut y = [0u8; 32];
-            y.copy_from_slice(&Sha512::digest(i.to_le_bytes())[..32]);
-            let Some(p) = CompressedEdwardsY(y).decompress() else {
-                continue;
-            };
-            let t = p * -Scalar::ONE + p;
-            assert!(t.is_small_order());
-            if !found.contains(&t) {
-                found.push(t);
-            }
-        }
-        assert_eq!(found.len(), 8);
-        found
-    }
+    use super::torsion::torsion_points;
 
     #[test]
     fn keys_of_small_order_or_with_torsion_are_refused() {

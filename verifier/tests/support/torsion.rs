@@ -2,11 +2,11 @@
 //! carries a small-order component, keys with one, and keys of small order. Only the holder of
 //! an epoch key can make the first; the others are keys an epoch document could bind.
 //!
-//! Shared by the verifier's, the enclave's and the end-to-end tests (included with `#[path]`),
-//! so every path is tried with the same crafted signatures. The arithmetic is written out with
-//! curve25519-dalek: `R' = [r]B + T`, `k = SHA-512(R' ‖ A ‖ M) mod l`, `s = r + k·a mod l`, so
-//! `[8][s]B = [8]R' + [8][k]A` holds (the cofactored equation) while `[s]B = R' + [k]A` does not
-//! (the cofactorless one) unless `T` is the identity.
+//! Shared by the verifier's unit and integration tests, the enclave's and the end-to-end tests
+//! (included with `#[path]`), so every path is tried with the same crafted signatures. The
+//! arithmetic is written out with curve25519-dalek: `R' = [r]B + T`, `k = SHA-512(R' ‖ A ‖ M)
+//! mod l`, `s = r + k·a mod l`, so `[8][s]B = [8]R' + [8][k]A` holds (the cofactored equation)
+//! while `[s]B = R' + [k]A` does not (the cofactorless one) unless `T` is the identity.
 
 #![allow(dead_code)]
 
