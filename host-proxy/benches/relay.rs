@@ -28,13 +28,14 @@ use attestplane_host::store::Store;
 use attestplane_proto::{
     Address, DialRequest, DialStatus, ServerId, connect, read_dial_reply, write_dial,
 };
-use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment, PcrHex, ServerSpec};
-use attestplane_verifier::attestation::{Pcr, PcrIndex};
-use attestplane_verifier::entry::{Entry, EntryHash, Event, KeyId};
+use attestplane_verifier::admin::AdminAction;
 use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
+
+#[path = "../tests/support/registrations.rs"]
+mod registrations;
+use registrations::{append_admin, spec};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -99,50 +100,8 @@ async fn main() {
     // A store registering the echo as "echo".
     let store = Arc::new(Store::open(dir.path().join("log")).unwrap());
     let key = SigningKey::from_bytes(&[5; 32]);
-    let time = UnixMillis::from_millis(1_800_000_000_000);
-    let spec = ServerSpec {
-        id: "echo".into(),
-        name: "echo".into(),
-        tenant: "t".into(),
-        resource: format!("http://{tcp_addr}/mcp"),
-        endpoint: format!("http://{tcp_addr}"),
-        pcrs: [(
-            PcrIndex::try_from(0u8).unwrap(),
-            PcrHex(Pcr::try_from([1u8; 48].as_slice()).unwrap()),
-        )]
-        .into(),
-        allow_debug: false,
-        max_attestation_age_ms: 60_000,
-        tools: Default::default(),
-        assurance: attestplane_verifier::admin::Assurance::Nitro,
-        prices: Default::default(),
-        client_requests: Default::default(),
-    };
-    let request = AdminRequest {
-        time,
-        nonce: [0; 16],
-        deployment: Deployment {
-            origin: "attestplane.bench/log".into(),
-            genesis: EntryHash::ZERO,
-        },
-        action: AdminAction::RegisterServer(spec),
-    }
-    .sign(&key.verifying_key(), &key)
-    .unwrap();
-    let entry = Entry {
-        seq: 0,
-        prev: EntryHash::ZERO,
-        epoch: 0,
-        time,
-        event: Event::Admin {
-            request,
-            accepted: true,
-            reason: None,
-        },
-    }
-    .sign(&KeyId::of(&key.verifying_key()), &key)
-    .unwrap();
-    store.append(0, vec![entry]).await.unwrap();
+    let spec = spec("echo", &format!("http://{tcp_addr}"));
+    append_admin(&store, &key, 0, AdminAction::RegisterServer(spec), true).await;
 
     let relay = Relay::start(
         RelayConfig {

@@ -22,13 +22,14 @@ use attestplane_proto::{
     Address, DialReply, DialRequest, DialStatus, ServerId, Stream, connect, read_dial_reply,
     write_dial,
 };
-use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment, PcrHex, ServerSpec};
-use attestplane_verifier::attestation::{Pcr, PcrIndex};
-use attestplane_verifier::entry::{Entry, EntryHash, Event, KeyId};
+use attestplane_verifier::admin::AdminAction;
 use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
+
+#[path = "support/registrations.rs"]
+mod registrations;
+use registrations::{append_admin, spec};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -54,34 +55,7 @@ impl Fixture {
 
     /// Appends an admin entry (accepted or not) as the enclave would have signed it.
     async fn admin(&mut self, action: AdminAction, accepted: bool) {
-        let time = UnixMillis::from_millis(1_800_000_000_000 + self.seq);
-        let mut nonce = [0u8; 16];
-        nonce[..8].copy_from_slice(&self.seq.to_be_bytes());
-        let request = AdminRequest {
-            time,
-            nonce,
-            deployment: Deployment {
-                origin: "attestplane.test/log".into(),
-                genesis: EntryHash::ZERO,
-            },
-            action,
-        }
-        .sign(&self.key.verifying_key(), &self.key)
-        .unwrap();
-        let entry = Entry {
-            seq: self.seq,
-            prev: EntryHash::ZERO,
-            epoch: 0,
-            time,
-            event: Event::Admin {
-                request,
-                accepted,
-                reason: None,
-            },
-        }
-        .sign(&KeyId::of(&self.key.verifying_key()), &self.key)
-        .unwrap();
-        self.store.append(self.seq, vec![entry]).await.unwrap();
+        append_admin(&self.store, &self.key, self.seq, action, accepted).await;
         self.seq += 1;
     }
 
@@ -106,27 +80,6 @@ impl Fixture {
         )
         .await
         .unwrap()
-    }
-}
-
-fn spec(id: &str, endpoint: &str) -> ServerSpec {
-    ServerSpec {
-        id: id.into(),
-        name: id.into(),
-        tenant: "acme".into(),
-        resource: format!("{endpoint}/mcp"),
-        endpoint: endpoint.into(),
-        pcrs: [(
-            PcrIndex::try_from(0u8).unwrap(),
-            PcrHex(Pcr::try_from([1u8; 48].as_slice()).unwrap()),
-        )]
-        .into(),
-        allow_debug: false,
-        max_attestation_age_ms: 60_000,
-        tools: Default::default(),
-        assurance: attestplane_verifier::admin::Assurance::Nitro,
-        prices: Default::default(),
-        client_requests: Default::default(),
     }
 }
 

@@ -14,66 +14,14 @@ use attestplane_enclave::mcp_transport::{
 use attestplane_host::relay::{Relay, RelayConfig, RelayLimits};
 use attestplane_host::store::Store;
 use attestplane_proto::Address;
-use attestplane_verifier::UnixMillis;
-use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment, PcrHex, ServerSpec};
-use attestplane_verifier::attestation::{Pcr, PcrIndex};
-use attestplane_verifier::entry::{Entry, EntryHash, Event, KeyId};
+use attestplane_verifier::admin::AdminAction;
 use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-async fn admin(store: &Store, seq: u64, action: AdminAction) {
-    let key = SigningKey::from_bytes(&[9; 32]);
-    let time = UnixMillis::from_millis(1_800_000_000_000 + seq);
-    let mut nonce = [0u8; 16];
-    nonce[..8].copy_from_slice(&seq.to_be_bytes());
-    let request = AdminRequest {
-        time,
-        nonce,
-        deployment: Deployment {
-            origin: "attestplane.test/log".into(),
-            genesis: EntryHash::ZERO,
-        },
-        action,
-    }
-    .sign(&key.verifying_key(), &key)
-    .unwrap();
-    let entry = Entry {
-        seq,
-        prev: EntryHash::ZERO,
-        epoch: 0,
-        time,
-        event: Event::Admin {
-            request,
-            accepted: true,
-            reason: None,
-        },
-    }
-    .sign(&KeyId::of(&key.verifying_key()), &key)
-    .unwrap();
-    store.append(seq, vec![entry]).await.unwrap();
-}
-
-fn spec(id: &str, endpoint: &str) -> ServerSpec {
-    ServerSpec {
-        id: id.into(),
-        name: id.into(),
-        tenant: "acme".into(),
-        resource: format!("{endpoint}/mcp"),
-        endpoint: endpoint.into(),
-        pcrs: [(
-            PcrIndex::try_from(0u8).unwrap(),
-            PcrHex(Pcr::try_from([1u8; 48].as_slice()).unwrap()),
-        )]
-        .into(),
-        allow_debug: false,
-        max_attestation_age_ms: 60_000,
-        tools: Default::default(),
-        assurance: attestplane_verifier::admin::Assurance::Nitro,
-        prices: Default::default(),
-        client_requests: Default::default(),
-    }
-}
+#[path = "../../host-proxy/tests/support/registrations.rs"]
+mod registrations;
+use registrations::{append_admin, spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_to_enclave_to_upstream_and_back_through_both_relays() {
@@ -95,10 +43,12 @@ async fn agent_to_enclave_to_upstream_and_back_through_both_relays() {
             });
         }
     });
-    admin(
+    append_admin(
         &store,
+        &SigningKey::from_bytes(&[9; 32]),
         0,
         AdminAction::RegisterServer(spec("weather", &format!("http://{upstream_addr}"))),
+        true,
     )
     .await;
 
