@@ -142,6 +142,33 @@ fn idp() -> Idp {
     Idp::new(40, "https://idp.acme.example")
 }
 
+/// The common start: admin 1, the server `search` of acme (image 1) registered under the
+/// starter policy with the test identity provider, and a token of an acme tool-user.
+struct Started {
+    admin: Admin,
+    server: McpServer,
+    idp: Idp,
+    h: Harness,
+    bearer: String,
+}
+
+impl Started {
+    fn search() -> Started {
+        let admin = Admin::new(1);
+        let server = McpServer::new("search", "acme", 1);
+        let idp = idp();
+        let h = started(&admin, &[&server], &idp);
+        let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+        Started {
+            admin,
+            server,
+            idp,
+            h,
+            bearer,
+        }
+    }
+}
+
 /// A policy allowing every same-tenant action on verified servers, debug or not, with a rate
 /// limit of `limit` calls a minute.
 fn permissive_policy(limit: u64) -> String {
@@ -487,11 +514,7 @@ fn refuses_policy_that_fails_schema_validation() {
 
 #[test]
 fn no_handle_for_unattested_server() {
-    let admin = Admin::new(1);
-    let server = McpServer::new("search", "acme", 1);
-    let idp = idp();
-    let mut h = started(&admin, &[&server], &idp);
-    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let Started { mut h, bearer, .. } = Started::search();
 
     let reply = h.resolve(&bearer, "search");
     let (seq, reason, code) = expect_denied(&reply);
@@ -515,11 +538,12 @@ fn no_handle_for_unattested_server() {
 
 #[test]
 fn no_handle_for_stale_attestation() {
-    let admin = Admin::new(1);
-    let server = McpServer::new("search", "acme", 1);
-    let idp = idp();
-    let mut h = started(&admin, &[&server], &idp);
-    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let Started {
+        server,
+        mut h,
+        bearer,
+        ..
+    } = Started::search();
 
     assert!(expect_attest(&h.attest(&server)).0);
     h.advance(MAX_ATTESTATION_AGE_MS);
@@ -710,11 +734,12 @@ fn unissued_nonce_cannot_deattest_a_server() {
     // Anyone on the enclave channel can present evidence. Evidence under a nonce the enclave
     // never issued (or one already used, or expired) is logged as refused and changes nothing:
     // it must not withdraw the attestation the server proved with a nonce the enclave did issue.
-    let admin = Admin::new(1);
-    let server = McpServer::new("search", "acme", 1);
-    let idp = idp();
-    let mut h = started(&admin, &[&server], &idp);
-    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let Started {
+        server,
+        mut h,
+        bearer,
+        ..
+    } = Started::search();
     assert!(expect_attest(&h.attest(&server)).0);
     let attested = h.enclave.state().server("search").unwrap().attested.clone();
     assert!(attested.is_some());
@@ -759,11 +784,13 @@ fn unissued_nonce_cannot_deattest_a_server() {
 
 #[test]
 fn handle_verifies_against_served_jwks() {
-    let admin = Admin::new(1);
-    let server = McpServer::new("search", "acme", 1);
-    let idp = idp();
-    let mut h = started(&admin, &[&server], &idp);
-    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let Started {
+        server,
+        idp,
+        mut h,
+        bearer,
+        ..
+    } = Started::search();
     let (_, _, measurement, _) = expect_attest(&h.attest(&server));
     h.advance(2_000);
 
@@ -1638,11 +1665,13 @@ fn restart_replays_to_the_same_state_and_opens_a_linked_epoch() {
 
 #[test]
 fn clock_stepping_back_does_not_break_the_log() {
-    let admin = Admin::new(1);
-    let server = McpServer::new("search", "acme", 1);
-    let idp = idp();
-    let mut h = started(&admin, &[&server], &idp);
-    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let Started {
+        admin,
+        server,
+        mut h,
+        bearer,
+        ..
+    } = Started::search();
     h.advance(10_000);
     assert!(expect_attest(&h.attest(&server)).0);
     h.advance(5_000);
@@ -1676,11 +1705,13 @@ fn clock_stepping_back_does_not_break_the_log() {
 
 #[test]
 fn updates_and_revocations_take_effect() {
-    let admin = Admin::new(1);
-    let server = McpServer::new("search", "acme", 1);
-    let idp = idp();
-    let mut h = started(&admin, &[&server], &idp);
-    let bearer = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let Started {
+        admin,
+        server,
+        idp,
+        mut h,
+        bearer,
+    } = Started::search();
     assert!(expect_attest(&h.attest(&server)).0);
     expect_handle(h.resolve(&bearer, "search"));
 
