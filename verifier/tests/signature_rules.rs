@@ -28,6 +28,7 @@ use attestplane_verifier::handle::{
     HandleClaims, HandleError, HandleExpectations, Jwks, encode_handle, verify_handle,
 };
 use attestplane_verifier::merkle::Hash;
+use ed25519_dalek::ed25519::signature::Keypair;
 use ed25519_dalek::{Signature, Signer, SigningKey};
 use torsion::{
     SmallOrderKeyForger, TorsionSigner, torsion_point, torsion_points, with_non_canonical_s,
@@ -55,6 +56,41 @@ fn library_batch(items: &[Item<'_>]) -> bool {
         ));
     }
     v.verify(rand_core::OsRng).is_ok()
+}
+
+/// A batch of `messages[i]` signed `signatures[i]`, all under `key`.
+fn items<'a>(
+    key: &'a PublicKey,
+    messages: &'a [Vec<u8>],
+    signatures: &'a [Signature],
+) -> Vec<Item<'a>> {
+    messages
+        .iter()
+        .zip(signatures)
+        .map(|(message, signature)| Item {
+            key,
+            message,
+            signature,
+        })
+        .collect()
+}
+
+/// A key the verifier refuses (`reason`) is refused as a checkpoint's key and cannot enter a
+/// JWKS.
+fn refused_for_checkpoints_and_handles<S>(signer: &S, reason: KeyError)
+where
+    S: Signer<Signature> + Keypair<VerifyingKey = ed25519_dalek::VerifyingKey>,
+{
+    let cp = Checkpoint::new(ORIGIN, 1, Hash::from_bytes([1; 32])).unwrap();
+    let note = sign_checkpoint(&cp, ORIGIN, signer).unwrap();
+    assert!(matches!(
+        verify_checkpoint(&note, ORIGIN, &signer.verifying_key()),
+        Err(CheckpointError::BadKey { reason: r, .. }) if r == reason
+    ));
+    assert!(matches!(
+        Jwks::from_keys([("k", signer.verifying_key())]),
+        Err(HandleError::BadJwks { .. })
+    ));
 }
 
 fn messages(n: usize) -> Vec<Vec<u8>> {
@@ -129,15 +165,7 @@ fn torsion_in_r_gets_one_verdict_alone_and_in_every_batch() {
             message: &ms[0],
             signature: &torsion,
         }];
-        let one_key: Vec<Item<'_>> = ms
-            .iter()
-            .zip(&sigs)
-            .map(|(message, signature)| Item {
-                key: &key,
-                message,
-                signature,
-            })
-            .collect();
+        let one_key = items(&key, &ms, &sigs);
         let two_keys: Vec<Item<'_>> = ms
             .iter()
             .enumerate()
@@ -194,15 +222,7 @@ fn torsion_in_r_next_to_a_bad_signature_is_not_the_one_named() {
         let mut sigs: Vec<Signature> = ms.iter().map(|m| plain.sign_message(m)).collect();
         sigs[5] = torsion;
         sigs[11] = plain.sign_message(b"another message");
-        let items: Vec<Item<'_>> = ms
-            .iter()
-            .zip(&sigs)
-            .map(|(message, signature)| Item {
-                key: &key,
-                message,
-                signature,
-            })
-            .collect();
+        let items = items(&key, &ms, &sigs);
         for run in 0..RUNS {
             assert_eq!(
                 eddsa::verify_batch(&items),
@@ -222,15 +242,7 @@ fn non_canonical_s_is_refused_everywhere() {
     let good = sigs[9];
     sigs[9] = with_non_canonical_s(&good);
     assert!(!library_single(key.as_bytes(), &ms[9], &sigs[9]));
-    let items: Vec<Item<'_>> = ms
-        .iter()
-        .zip(&sigs)
-        .map(|(message, signature)| Item {
-            key: &key,
-            message,
-            signature,
-        })
-        .collect();
+    let items = items(&key, &ms, &sigs);
     for run in 0..RUNS {
         assert!(key.verify(&ms[9], &sigs[9]).is_err(), "run {run}");
         assert_eq!(eddsa::verify_batch(&items), Err(9), "run {run}");
@@ -272,22 +284,8 @@ fn small_order_epoch_key_is_refused_everywhere() {
             Err(KeyError::SmallOrder)
         );
 
-        // Checkpoints.
-        let cp = Checkpoint::new(ORIGIN, 1, Hash::from_bytes([1; 32])).unwrap();
-        let note = sign_checkpoint(&cp, ORIGIN, &forger).unwrap();
-        assert!(matches!(
-            verify_checkpoint(&note, ORIGIN, &forger.verifying_key()),
-            Err(CheckpointError::BadKey {
-                reason: KeyError::SmallOrder,
-                ..
-            })
-        ));
-
-        // Handles: such a key cannot enter a JWKS, built or parsed.
-        assert!(matches!(
-            Jwks::from_keys([("k", forger.verifying_key())]),
-            Err(HandleError::BadJwks { .. })
-        ));
+        // Checkpoints and handles: such a key cannot enter a JWKS, built or parsed.
+        refused_for_checkpoints_and_handles(&forger, KeyError::SmallOrder);
         let x = base64_url(&forger.public());
         let doc = format!(
             r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"k","alg":"EdDSA","use":"sig"}}]}}"#
@@ -326,19 +324,7 @@ fn epoch_key_with_a_torsion_component_is_refused_everywhere() {
             PublicKey::from_bytes(&signer.public()),
             Err(KeyError::MixedOrder)
         );
-        let cp = Checkpoint::new(ORIGIN, 1, Hash::from_bytes([1; 32])).unwrap();
-        let note = sign_checkpoint(&cp, ORIGIN, &signer).unwrap();
-        assert!(matches!(
-            verify_checkpoint(&note, ORIGIN, &signer.verifying_key()),
-            Err(CheckpointError::BadKey {
-                reason: KeyError::MixedOrder,
-                ..
-            })
-        ));
-        assert!(matches!(
-            Jwks::from_keys([("k", signer.verifying_key())]),
-            Err(HandleError::BadJwks { .. })
-        ));
+        refused_for_checkpoints_and_handles(&signer, KeyError::MixedOrder);
     }
 }
 
