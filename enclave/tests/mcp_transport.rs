@@ -66,8 +66,9 @@ fn dialer(path: PathBuf, max: usize, timeout: Duration) -> Dialer {
     )
 }
 
-#[tokio::test]
-async fn dial_returns_a_stream_that_carries_the_upstreams_bytes() {
+/// A host that connects every dial for `weather`, and a dialer of at most `max` connections
+/// to it; the count of dial requests the host received.
+fn connecting_host(max: usize) -> (tempfile::TempDir, Dialer, Arc<AtomicUsize>) {
     let dir = tempfile::tempdir().unwrap();
     let path = sock(&dir, "dial.sock");
     let requests = fake_host(
@@ -75,7 +76,12 @@ async fn dial_returns_a_stream_that_carries_the_upstreams_bytes() {
         "weather",
         DialReply::new(DialStatus::Connected, ""),
     );
-    let d = dialer(path, 4, T);
+    (dir, dialer(path, max, T), requests)
+}
+
+#[tokio::test]
+async fn dial_returns_a_stream_that_carries_the_upstreams_bytes() {
+    let (_dir, d, requests) = connecting_host(4);
     let mut s = d.dial("weather").await.unwrap();
     assert_eq!(d.open_connections(), 1);
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -249,14 +255,7 @@ async fn no_host_is_host_unreachable_and_bad_ids_are_refused_before_connecting()
 
 #[tokio::test]
 async fn dialer_limit_refuses_without_asking_the_host_and_frees_on_drop() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir, "dial.sock");
-    let requests = fake_host(
-        path.clone(),
-        "weather",
-        DialReply::new(DialStatus::Connected, ""),
-    );
-    let d = dialer(path, 2, T);
+    let (_dir, d, requests) = connecting_host(2);
     let a = d.dial("weather").await.unwrap();
     let _b = d.dial("weather").await.unwrap();
     let err = d.dial("weather").await.err().unwrap();
