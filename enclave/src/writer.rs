@@ -12,7 +12,9 @@
 
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::checkpoint::{Checkpoint, sign_checkpoint};
-use attestplane_verifier::entry::{Entry, EntryError, EntryHash, EpochBinding, Event, KeyId};
+use attestplane_verifier::entry::{
+    Entry, EntryError, EntryHash, EpochBinding, Event, KeyId, MAX_ENTRY_LEN,
+};
 use attestplane_verifier::merkle::{self, CompactRange};
 use ed25519_dalek::VerifyingKey;
 use thiserror::Error;
@@ -128,7 +130,9 @@ impl LogWriter {
         Ok((writer, written))
     }
 
-    /// Signs `event` as the next entry.
+    /// Signs `event` as the next entry. An entry longer than [`MAX_ENTRY_LEN`] (which the
+    /// host's store and every verifier refuse) is refused here, before it is chained: the head
+    /// does not move, so nothing is half-written and the next entry links to the last one.
     pub fn append(&mut self, event: Event, now: UnixMillis) -> Result<Written, WriterError> {
         let time = now.max(self.head.time);
         let seq = self.head.size;
@@ -140,6 +144,12 @@ impl LogWriter {
             event,
         };
         let bytes = entry.sign(&self.key.kid(), &self.key)?;
+        if bytes.len() > MAX_ENTRY_LEN {
+            return Err(WriterError::Entry(EntryError::TooLong {
+                len: bytes.len(),
+                max: MAX_ENTRY_LEN,
+            }));
+        }
         let hash = EntryHash::of(&bytes);
         self.head
             .frontier
@@ -193,5 +203,45 @@ impl LogWriter {
     /// The epoch key, for signing handles.
     pub(crate) fn key(&self) -> &EpochKey {
         &self.key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nsm::{Clock, MockNsm};
+
+    fn admin(len: usize) -> Event {
+        Event::Admin {
+            request: vec![0xa5; len],
+            accepted: false,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn an_entry_over_the_limit_is_refused_before_it_is_chained() {
+        let t = UnixMillis::from_millis(1_000);
+        let nsm = MockNsm::builder([7; 32], Clock::Fixed(t)).build();
+        let (mut w, start) = LogWriter::open(&nsm, Head::empty(), "test", t).unwrap();
+        let before = w.head().clone();
+        // The store and every verifier refuse an entry over MAX_ENTRY_LEN: the old writer
+        // chained it anyway, so the host could never store it and every later entry linked
+        // to an entry the log would never hold.
+        match w.append(admin(MAX_ENTRY_LEN), t) {
+            Err(WriterError::Entry(EntryError::TooLong { len, max })) => {
+                assert!(len > max && max == MAX_ENTRY_LEN, "{len} {max}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(w.head(), &before, "the head did not move");
+        // The next entry links to the last one written.
+        let next = w.append(admin(16), t).unwrap();
+        assert_eq!(next.seq, start.seq + 1);
+        assert_eq!(next.entry.prev, start.hash);
+        // An entry just under the limit is still written.
+        let big = w.append(admin(MAX_ENTRY_LEN - 1024), t).unwrap();
+        assert!(big.bytes.len() <= MAX_ENTRY_LEN);
+        assert_eq!(big.seq, next.seq + 1);
     }
 }

@@ -63,7 +63,34 @@ struct Upstream {
     last_read: Mutex<Option<(String, Option<String>)>>,
     /// When set, a tool call is answered `input_required` with these `inputRequests`.
     input_required: Mutex<Option<String>>,
+    /// When set (legacy era), a tool call is answered as an SSE stream that first asks the
+    /// client `count` server-to-client requests of `method`, then waits for the client's
+    /// response to the first one (POSTed to the session) and answers the call with what it
+    /// got: a tool error if the client refused.
+    ask_client: Mutex<Option<(String, usize)>>,
+    /// The JSON-RPC responses POSTed to it (answers to its requests), with their session id.
+    client_responses: Mutex<Vec<(serde_json::Value, Option<String>)>>,
+    client_responded: tokio::sync::Notify,
 }
+
+/// A response body fed by a channel: an SSE stream the test upstream writes as it goes.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 impl Upstream {
     fn new(modern: bool) -> Arc<Self> {
@@ -78,12 +105,84 @@ impl Upstream {
             reads: AtomicUsize::new(0),
             last_read: Mutex::new(None),
             input_required: Mutex::new(None),
+            ask_client: Mutex::new(None),
+            client_responses: Mutex::new(Vec::new()),
+            client_responded: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Serves one request: a response POSTed by the client (recorded, `202`), a tool call
+    /// that asks the client first ([`Self::ask_client`]) as an SSE stream, anything else by
+    /// [`Self::answer`].
+    async fn serve(
+        self: Arc<Self>,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<UpBody> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if v.get("method").is_none() && v.get("id").is_some() {
+            let session = parts
+                .headers
+                .get("mcp-session-id")
+                .map(|h| h.to_str().unwrap().to_owned());
+            self.client_responses.lock().unwrap().push((v, session));
+            self.client_responded.notify_one();
+            let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
+            *r.status_mut() = hyper::StatusCode::ACCEPTED;
+            return r;
+        }
+        let ask = self.ask_client.lock().unwrap().clone();
+        if let (Some((method, count)), "tools/call") =
+            (ask, v["method"].as_str().unwrap_or_default())
+        {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let id = v["id"].clone();
+            let (tx, rx) = tokio::sync::mpsc::channel(count + 2);
+            let up = self.clone();
+            tokio::spawn(async move {
+                for i in 0..count {
+                    let event = format!(
+                        "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":\"ask-{i}\",\"method\":\"{method}\",\"params\":{{\"messages\":[],\"maxTokens\":5}}}}\n\n"
+                    );
+                    let _ = tx.send(Bytes::from(event)).await;
+                }
+                // Wait for the client's answer as a server's tool does (up to 5 s).
+                let answered = tokio::time::timeout(Duration::from_secs(5), async {
+                    loop {
+                        let notified = up.client_responded.notified();
+                        if let Some(r) = up.client_responses.lock().unwrap().first().cloned() {
+                            return r.0;
+                        }
+                        notified.await;
+                    }
+                })
+                .await;
+                let text = match answered {
+                    Ok(r) if r.get("error").is_some() => {
+                        format!("the client refused: {}", r["error"]["code"])
+                    }
+                    Ok(_) => "the client answered".to_owned(),
+                    Err(_) => "no answer from the client".to_owned(),
+                };
+                let event = format!(
+                    "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"content\":[{{\"type\":\"text\",\"text\":\"{text}\"}}],\"isError\":true}}}}\n\n"
+                );
+                let _ = tx.send(Bytes::from(event)).await;
+            });
+            let mut r = hyper::Response::new(UpBody::new(ChannelBody(rx)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            return r;
+        }
+        self.answer(hyper::Request::from_parts(parts, Full::new(body)))
+            .await
+            .map(|b| b.boxed())
     }
 
     async fn answer(
         self: Arc<Self>,
-        req: hyper::Request<hyper::body::Incoming>,
+        req: hyper::Request<Full<Bytes>>,
     ) -> hyper::Response<Full<Bytes>> {
         let auth = req
             .headers()
@@ -354,7 +453,7 @@ async fn stack_opts(
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let up = up.clone();
-                    async move { Ok::<_, std::convert::Infallible>(up.answer(req).await) }
+                    async move { Ok::<_, std::convert::Infallible>(up.serve(req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
@@ -1547,5 +1646,222 @@ async fn server_to_client_requests_reach_the_agent_only_when_the_registration_al
         .await;
     assert!(body.contains("\"error\""), "{body}");
     assert!(!body.contains("maxTokens"), "{body}");
+    replays(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_servers_sampling_request_mid_call_is_refused_at_once_and_the_call_ends_with_its_answer()
+ {
+    use attestplane_verifier::admin::ClientRequest;
+    // A legacy upstream whose tool asks the client for sampling on the call's SSE stream and
+    // waits for the answer. The old gateway dropped the request like a notification: the
+    // server never heard back and the call ended `aborted` at the upstream timeout (504).
+    let s = stack(false).await;
+    let token = s.token("weather", &["tool-user"]);
+    *s.upstream.ask_client.lock().unwrap() = Some(("sampling/createMessage".into(), 1));
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("the client refused: -32601") && body.contains("\"isError\":true"),
+        "the server's own answer, after it saw the refusal: {body}"
+    );
+    assert!(
+        !body.contains("maxTokens"),
+        "the agent never sees the request: {body}"
+    );
+    {
+        let responses = s.upstream.client_responses.lock().unwrap();
+        assert_eq!(responses.len(), 1, "{responses:?}");
+        let (r, session) = &responses[0];
+        assert_eq!(r["id"], "ask-0", "{r}");
+        assert_eq!(r["error"]["code"], -32601, "{r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("sampling/createMessage"),
+            "{r}"
+        );
+        assert_eq!(
+            session.as_deref(),
+            Some("upstream-session"),
+            "POSTed to the upstream's session"
+        );
+    }
+    let Some(Event::CallResult { outcome, .. }) = s.entries().pop() else {
+        panic!("no result entry")
+    };
+    assert_eq!(outcome, "error", "the agent got a tool error");
+    replays(&s);
+
+    // Registered for sampling, and a legacy agent: still refused at once, since the gateway
+    // answers agents with plain JSON and has no stream to ask an agent on (relaying is not
+    // built). The call ends with the server's answer all the same.
+    let s = stack_opts(
+        false,
+        "",
+        &[],
+        None,
+        Opts {
+            client_requests: vec![ClientRequest::Sampling],
+            ..Opts::default()
+        },
+    )
+    .await;
+    let token = s.token("weather", &["tool-user"]);
+    *s.upstream.ask_client.lock().unwrap() = Some(("sampling/createMessage".into(), 1));
+    let (status, body) = s
+        .ask(
+            false,
+            &token,
+            "tools/call",
+            r#""name":"add","arguments":{"a":1}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("the client refused: -32601"), "{body}");
+    assert_eq!(s.upstream.client_responses.lock().unwrap().len(), 1);
+    replays(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_server_flooding_requests_mid_call_is_aborted_and_the_stack_serves_on() {
+    use attestplane_enclave::gateway::upstream::MAX_SERVER_REQUESTS;
+    let s = stack(false).await;
+    let token = s.token("weather", &["tool-user"]);
+    *s.upstream.ask_client.lock().unwrap() = Some(("ping".into(), MAX_SERVER_REQUESTS + 1));
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("too many server-to-client requests"),
+        "{body}"
+    );
+    let Some(Event::CallResult { outcome, .. }) = s.entries().pop() else {
+        panic!("no result entry")
+    };
+    assert_eq!(outcome, "aborted");
+    {
+        let responses = s.upstream.client_responses.lock().unwrap();
+        assert!(
+            responses.len() <= MAX_SERVER_REQUESTS,
+            "{}",
+            responses.len()
+        );
+        // A ping is answered with its empty result, not refused.
+        for (r, _) in responses.iter() {
+            assert_eq!(r["result"], serde_json::json!({}), "{r}");
+        }
+    }
+    *s.upstream.ask_client.lock().unwrap() = None;
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    replays(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_the_writer_refuses_as_too_large_fails_the_request_at_once_and_nothing_is_half_written()
+ {
+    use attestplane_verifier::entry::MAX_ENTRY_LEN;
+    // A hostile upstream lists thousands of unpinned tools with long names: the drift entry
+    // that records them would be over the entry limit. The old writer chained it anyway (the
+    // real host's store refuses it, so the log stalled and the agent waited for a `Durable`
+    // that never came); now the writer refuses it before chaining and the agent gets a typed
+    // error at once.
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    let head = s.store.lock().unwrap().len();
+    {
+        let mut tools = s.upstream.tools.lock().unwrap();
+        for i in 0..4000 {
+            tools.push(format!(
+                r#"{{"name":"t{i:04}-{}","inputSchema":{{"type":"object"}}}}"#,
+                "n".repeat(300)
+            ));
+        }
+    }
+    let (status, body) = s.modern("weather", &token, MODERN_LIST).await;
+    assert_eq!(status, 500, "{}", &body[..body.len().min(300)]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], -32603, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds the limit"),
+        "{v}"
+    );
+    // A call needs a listing: refused the same way, never forwarded, nothing written.
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(calls(&s), 0);
+    {
+        let store = s.store.lock().unwrap();
+        assert_eq!(store.len(), head, "nothing was written");
+        assert!(store.iter().all(|e| e.len() <= MAX_ENTRY_LEN));
+    }
+    // The stack serves on: the upstream's listing back to normal, a call goes through, and
+    // the log replays.
+    s.upstream.tools.lock().unwrap().truncate(2);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(calls(&s), 1);
+    replays(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_tools_call_is_answered_like_a_policy_denial_and_an_undecidable_call_400() {
+    // The documented table (ARCHITECTURE.md, "Statuses"): a request the gateway decided and
+    // refused is a JSON-RPC error in a 200; a request that cannot be decided as sent is a 400.
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    let code = |body: &str| {
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["error"]["code"].as_i64()
+    };
+    // Denied by the policy (`no-echo`): 200, -32602, with a decision entry.
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("echo", r#"{"t":"x"}"#))
+        .await;
+    assert_eq!((status, code(&body)), (200, Some(-32602)), "{body}");
+    // Withheld: a tool the server never listed, and a pinned tool the server changed.
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("nope", r#"{"a":1}"#))
+        .await;
+    assert_eq!((status, code(&body)), (200, Some(-32602)), "{body}");
+    assert!(body.contains("withheld"), "{body}");
+    *s.upstream.tools.lock().unwrap() =
+        vec![ADD.replace("Adds two", "Adds\u{200b} two"), ECHO.to_owned()];
+    let (_, body) = s.modern("weather", &token, MODERN_LIST).await;
+    assert!(!body.contains("\"add\""), "{body}");
+    for modern in [true, false] {
+        let (status, body) = s
+            .ask(
+                modern,
+                &token,
+                "tools/call",
+                r#""name":"add","arguments":{"a":1}"#,
+            )
+            .await;
+        assert_eq!((status, code(&body)), (200, Some(-32602)), "{body}");
+        assert!(body.contains("withheld"), "{body}");
+    }
+    // Cannot be decided as sent: arguments that are not I-JSON, arguments that are not an
+    // object: 400 with -32602.
+    for args in [r#"{"a":9007199254740993}"#, "[1]"] {
+        let (status, body) = s
+            .modern("weather", &token, &modern_call("echo", args))
+            .await;
+        assert_eq!((status, code(&body)), (400, Some(-32602)), "{args}: {body}");
+    }
+    assert_eq!(calls(&s), 0, "nothing reached the server");
     replays(&s);
 }

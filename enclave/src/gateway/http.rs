@@ -1106,7 +1106,13 @@ impl Gateway {
                 }
                 json(StatusCode::OK, body)
             }
-            Ok(Err(e)) => refusal_reply(id, &e),
+            Ok(Err(e)) => {
+                // The writer refused the result entry (nothing of it was written): the call
+                // still ends with an `aborted` entry if one can be written, and the agent gets
+                // a typed error at once, never the answer.
+                self.record_aborted(seq, rule).await;
+                refusal_reply(id, &e)
+            }
             Err(_) => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
         }
     }
@@ -1119,6 +1125,13 @@ impl Gateway {
         rule: PiiAction,
         e: &UpstreamError,
     ) -> Reply {
+        self.record_aborted(seq, rule).await;
+        upstream_reply(id, e)
+    }
+
+    /// Writes an `aborted` result entry for call `seq` and waits for it to be durable (best
+    /// effort: the agent's error does not wait on a log that cannot be written).
+    async fn record_aborted(&self, seq: u64, rule: PiiAction) {
         let rid = self.next_id();
         let pii = PiiRecord {
             action: rule.as_str().to_owned(),
@@ -1136,7 +1149,6 @@ impl Gateway {
         if let Ok(Ok(s)) = written {
             let _ = self.access.durable(s).await;
         }
-        upstream_reply(id, e)
     }
 }
 

@@ -45,7 +45,7 @@
 //! logged like calls; subscriptions to resources are refused. Server-to-client requests
 //! reach the agent only as the modern era's `input_required` results, and only where the
 //! server's registration allows every kind they ask for; the legacy era's requests on an SSE
-//! stream are never relayed (the call ends at the upstream timeout). Rate and spend limits are the verifier kernel's arithmetic and are
+//! stream are answered at once with an error and never relayed ([`upstream`]). Rate and spend limits are the verifier kernel's arithmetic and are
 //! not applied in the path yet.
 
 pub mod era;

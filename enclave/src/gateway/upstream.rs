@@ -15,6 +15,14 @@
 //! dropped, at most [`MAX_SSE_EVENTS`]; the read stops at the response, so a server that holds
 //! the stream open after answering does not hold the call).
 //!
+//! A legacy (`2025-11-25`) server asks its client for sampling, elicitation or roots with a
+//! JSON-RPC request on the stream of the answer it is working on, and waits for the client to
+//! POST the response to its session. The gateway relays none of them to the agent (it answers
+//! agents with plain JSON, so an agent has no stream to be asked on): each is answered at once
+//! with a JSON-RPC error (`-32601`, naming the method; a `ping` gets its empty result), so the
+//! server's tool sees the refusal and finishes, and the call ends with the server's own answer.
+//! At most [`MAX_SERVER_REQUESTS`] are answered per call; more end the call as a bad answer.
+//!
 //! [`Upstreams::listen_tools_changed`] holds a stream of its own open to an upstream and
 //! reports its `notifications/tools/list_changed`, one bounded event at a time.
 
@@ -25,7 +33,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use attestplane_verifier::gateway::jsonrpc::{Kind, parse_message};
+use attestplane_verifier::gateway::jsonrpc::{
+    Kind, METHOD_NOT_FOUND, error_response, parse_message,
+};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Body as _;
@@ -54,6 +64,14 @@ pub trait Connect: Send + Sync + 'static {
 
 /// The most SSE events read before the response.
 pub const MAX_SSE_EVENTS: usize = 1024;
+
+/// The most server-to-client requests a legacy server may send on one answer's stream (each
+/// is answered with a POST of its own); one more ends the call as a bad answer.
+pub const MAX_SERVER_REQUESTS: usize = 16;
+
+/// The largest answer read to a POST of a response (a server acknowledges one with `202` and
+/// no body).
+const MAX_ACK_BODY: usize = 64 * 1024;
 
 /// Why an upstream call failed: every variant ends the call with an `aborted` entry.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +160,9 @@ pub struct Answer {
     pub streamed: bool,
     /// Notifications the server sent before the answer (dropped; counted).
     pub notifications: usize,
+    /// Server-to-client requests the server sent before the answer (legacy era; each
+    /// answered with an error, never relayed to the agent).
+    pub server_requests: usize,
 }
 
 /// The client: connections, eras and sessions per server.
@@ -342,34 +363,7 @@ impl Upstreams {
         body: &str,
         receipt: Option<&str>,
     ) -> Result<(Answer, Option<String>), UpstreamError> {
-        let mut request = hyper::Request::post(endpoint.path.as_str())
-            .header(hyper::header::HOST, endpoint.authority.as_str())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::ACCEPT, "application/json, text/event-stream");
-        match known.era {
-            Era::Modern => {
-                request = request
-                    .header("MCP-Protocol-Version", MODERN_VERSION)
-                    .header("Mcp-Method", method);
-                if let Some(n) = name {
-                    request = request.header("Mcp-Name", encode_header_value(n));
-                }
-            }
-            Era::Legacy => {
-                if method != "initialize" {
-                    request = request.header("MCP-Protocol-Version", LEGACY_VERSION);
-                }
-                if let Some(s) = &known.session {
-                    request = request.header("Mcp-Session-Id", s.as_str());
-                }
-            }
-        }
-        if let Some(r) = receipt {
-            request = request.header("Attestplane-Receipt", r);
-        }
-        let request = request
-            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
-            .map_err(|e| UpstreamError::Http(e.to_string()))?;
+        let request = post_request(endpoint, known, method, name, body, receipt)?;
         let mut sender = self.sender(&endpoint.server).await?;
         let response = sender
             .send_request(request)
@@ -390,7 +384,9 @@ impl Upstreams {
             // Read event by event and stop at the answer: a server that keeps the stream open
             // after answering (or floods it) never holds the call past its answer or the
             // bounds. A stream left unread is not reused: dropping it closes the connection.
-            let (answer, finished) = read_sse_answer(response.into_body()).await?;
+            let (answer, finished) = self
+                .read_sse_answer(endpoint, known, response.into_body())
+                .await?;
             if finished {
                 self.give_back(&endpoint.server, sender);
             }
@@ -408,6 +404,7 @@ impl Upstreams {
                     body: Bytes::new(),
                     streamed: false,
                     notifications: 0,
+                    server_requests: 0,
                 },
                 session,
             ));
@@ -419,34 +416,150 @@ impl Upstreams {
             body: collected,
             streamed: false,
             notifications: 0,
+            server_requests: 0,
         };
         Ok((answer, session))
     }
 }
 
-/// Reads an SSE response body until the JSON-RPC response in it: the answer, and whether the
-/// stream was read to its end (only then may the connection be reused). Bounded: at most
-/// [`MAX_RESPONSE_BODY`] bytes in all (so no event is larger), at most [`MAX_SSE_EVENTS`]
-/// events before the answer.
-async fn read_sse_answer(mut body: hyper::body::Incoming) -> Result<(Answer, bool), UpstreamError> {
-    let mut reader = SseAnswer::default();
-    let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| UpstreamError::Http(e.to_string()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        total = total.saturating_add(data.len());
-        if total > MAX_RESPONSE_BODY {
-            return Err(UpstreamError::BadAnswer(
-                "the sse stream is larger than the answer bound",
-            ));
+/// The POST of one JSON-RPC message to `endpoint` in `known`'s era (and session).
+fn post_request(
+    endpoint: &Endpoint,
+    known: &Known,
+    method: &str,
+    name: Option<&str>,
+    body: &str,
+    receipt: Option<&str>,
+) -> Result<hyper::Request<Full<Bytes>>, UpstreamError> {
+    let mut request = hyper::Request::post(endpoint.path.as_str())
+        .header(hyper::header::HOST, endpoint.authority.as_str())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::ACCEPT, "application/json, text/event-stream");
+    match known.era {
+        Era::Modern => {
+            request = request
+                .header("MCP-Protocol-Version", MODERN_VERSION)
+                .header("Mcp-Method", method);
+            if let Some(n) = name {
+                request = request.header("Mcp-Name", encode_header_value(n));
+            }
         }
-        if let Some(answer) = reader.push(&data)? {
-            return Ok((answer, body.is_end_stream()));
+        Era::Legacy => {
+            if method != "initialize" {
+                request = request.header("MCP-Protocol-Version", LEGACY_VERSION);
+            }
+            if let Some(s) = &known.session {
+                request = request.header("Mcp-Session-Id", s.as_str());
+            }
         }
     }
-    reader.finish().map(|a| (a, true))
+    if let Some(r) = receipt {
+        request = request.header("Attestplane-Receipt", r);
+    }
+    request
+        .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+        .map_err(|e| UpstreamError::Http(e.to_string()))
+}
+
+impl Upstreams {
+    /// Reads an SSE response body until the JSON-RPC response in it: the answer, and whether
+    /// the stream was read to its end (only then may the connection be reused). Bounded: at
+    /// most [`MAX_RESPONSE_BODY`] bytes in all (so no event is larger), at most
+    /// [`MAX_SSE_EVENTS`] events before the answer. A server-to-client request before the
+    /// answer (legacy era) is answered at once with an error ([`Self::refuse_server_request`])
+    /// and the read goes on: the server's answer comes after it.
+    async fn read_sse_answer(
+        &self,
+        endpoint: &Endpoint,
+        known: &Known,
+        mut body: hyper::body::Incoming,
+    ) -> Result<(Answer, bool), UpstreamError> {
+        let mut reader = SseAnswer::default();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| UpstreamError::Http(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            total = total.saturating_add(data.len());
+            if total > MAX_RESPONSE_BODY {
+                return Err(UpstreamError::BadAnswer(
+                    "the sse stream is larger than the answer bound",
+                ));
+            }
+            let found = reader.push(&data)?;
+            if let Some(answer) = found {
+                // Requests in the same read as the answer are moot: the server has answered.
+                return Ok((answer, body.is_end_stream()));
+            }
+            let requests = std::mem::take(&mut reader.requests);
+            // Only a legacy server has a session to answer to; a modern server asks inside a
+            // result (`input_required`), and a request on its stream is dropped.
+            if known.era == Era::Legacy {
+                for request in requests {
+                    self.refuse_server_request(endpoint, known, &request)
+                        .await?;
+                }
+            }
+        }
+        reader.finish().map(|a| (a, true))
+    }
+
+    /// Answers a server-to-client request the server sent on an answer's stream: `ping` with
+    /// its empty result, anything else with a JSON-RPC error (`-32601`) naming the method,
+    /// POSTed to the server's session as the legacy era's client answers a request. The
+    /// server's `2xx` is all that is read back (bounded); another status ends the call.
+    async fn refuse_server_request(
+        &self,
+        endpoint: &Endpoint,
+        known: &Known,
+        request: &str,
+    ) -> Result<(), UpstreamError> {
+        let m = parse_message(request.as_bytes())
+            .map_err(|_| UpstreamError::BadAnswer("an sse event is not json-rpc"))?;
+        let method = m.method().unwrap_or_default();
+        let response = if method == "ping" {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
+                m.id().map_or("null", |i| i.get())
+            )
+        } else {
+            error_response(
+                m.id(),
+                METHOD_NOT_FOUND,
+                &format!(
+                    "the control plane does not relay a {LEGACY_VERSION} server's requests to the agent ({}): refused",
+                    truncated(method, 64)
+                ),
+            )
+        };
+        let post = post_request(endpoint, known, "", None, &response, None)?;
+        let mut sender = self.sender(&endpoint.server).await?;
+        let answer = sender
+            .send_request(post)
+            .await
+            .map_err(|e| UpstreamError::Http(e.to_string()))?;
+        let status = answer.status();
+        Limited::new(answer.into_body(), MAX_ACK_BODY)
+            .collect()
+            .await
+            .map_err(|_| UpstreamError::BadAnswer("the acknowledgement is too large or cut off"))?;
+        self.give_back(&endpoint.server, sender);
+        if !status.is_success() {
+            return Err(UpstreamError::Status(status.as_u16()));
+        }
+        Ok(())
+    }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary (a hostile method name is not
+/// echoed whole).
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
 }
 
 /// The JSON-RPC response in an SSE stream, read incrementally: the first `data` event that is
@@ -456,6 +569,10 @@ struct SseAnswer {
     events: SseEvents,
     seen: usize,
     notifications: usize,
+    /// Server-to-client requests read and not yet answered (their JSON text).
+    requests: Vec<String>,
+    /// Server-to-client requests read in all.
+    requests_seen: usize,
 }
 
 impl Default for SseAnswer {
@@ -464,6 +581,8 @@ impl Default for SseAnswer {
             events: SseEvents::bounded(MAX_RESPONSE_BODY),
             seen: 0,
             notifications: 0,
+            requests: Vec::new(),
+            requests_seen: 0,
         }
     }
 }
@@ -500,9 +619,19 @@ impl SseAnswer {
                         body: Bytes::from(data),
                         streamed: true,
                         notifications: self.notifications,
+                        server_requests: self.requests_seen,
                     }));
                 }
-                Ok(_) => self.notifications += 1,
+                Ok(Kind::Request) => {
+                    self.requests_seen += 1;
+                    if self.requests_seen > MAX_SERVER_REQUESTS {
+                        return Err(UpstreamError::BadAnswer(
+                            "too many server-to-client requests before the answer",
+                        ));
+                    }
+                    self.requests.push(data);
+                }
+                Ok(Kind::Notification) => self.notifications += 1,
                 Err(_) => return Err(UpstreamError::BadAnswer("an sse event is not json-rpc")),
             }
         }
