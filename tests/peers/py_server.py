@@ -19,6 +19,12 @@ Besides MCP, each server has two test routes (not MCP; the tests read them direc
   visible change; `convert`: an invisible one, a zero-width space in the description); with
   `?notify=1` it also sends `notifications/tools/list_changed` to `subscriptions/listen`.
 
+A `legacy-asking-sse` shape (legacy, stateful, SSE) also has `ask_model`, a tool that asks the
+client's model for a completion (`sampling/createMessage`, on the call's own SSE stream, as a
+legacy server does) and answers with what it got; a refusal is recorded in
+/control/stats as `client_refusals` (its JSON-RPC code and message) and the tool answers
+`sampling refused: CODE`.
+
 A `receipted` shape checks receipts with integrations/python's `RequireReceipt`, its key taken
 from the control plane's attestation as `attested_key` verifies it (see `receipt_checker`).
 """
@@ -37,10 +43,11 @@ from starlette.responses import JSONResponse
 RECEIPT_META_KEY = "io.attestplane/receipt"
 
 
-def make_server(receipts=None) -> MCPServer:
+def make_server(receipts=None, asking=False) -> MCPServer:
     """One server with its own tools and its own counters; with `receipts` (a
-    `ReceiptChecker`), one that runs only calls with a valid receipt."""
-    stats = {"calls": {}, "ran": {}, "receipt_header": 0, "receipt_meta": 0, "lists": 0}
+    `ReceiptChecker`), one that runs only calls with a valid receipt; with `asking`, one that
+    also has `ask_model` (sampling in the middle of a call)."""
+    stats = {"calls": {}, "ran": {}, "receipt_header": 0, "receipt_meta": 0, "lists": 0, "client_refusals": []}
 
     def ran(name):
         stats["ran"][name] = stats["ran"].get(name, 0) + 1
@@ -86,6 +93,27 @@ def make_server(receipts=None) -> MCPServer:
     server.add_tool(add)
     server.add_tool(weather)
     server.add_tool(convert)
+
+    if asking:
+        from mcp.server.mcpserver import Context
+        from mcp.shared.exceptions import MCPError
+        from mcp.types import SamplingMessage, TextContent
+
+        async def ask_model(question: str, ctx: Context) -> str:
+            """Ask the client's model a question."""
+            ran("ask_model")
+            try:
+                result = await ctx.session.create_message(
+                    [SamplingMessage(role="user", content=TextContent(type="text", text=question))],
+                    max_tokens=16,
+                    related_request_id=ctx.request_id,
+                )
+            except MCPError as e:
+                stats["client_refusals"].append({"code": e.code, "message": e.message})
+                return f"sampling refused: {e.code}"
+            return f"the model said: {result.content}"
+
+        server.add_tool(ask_model)
 
     @server.custom_route("/control/stats", methods=["GET"])
     async def show_stats(_request: Request) -> JSONResponse:
@@ -143,6 +171,7 @@ SHAPES = {
     "legacy-stateful-sse": (False, False, True, False),
     "legacy-stateless-json": (True, True, True, False),
     "receipted-stateful-sse": (False, False, False, True),
+    "legacy-asking-sse": (False, False, True, False),
 }
 
 
@@ -180,7 +209,7 @@ def main() -> None:
         servers = []
         for shape in args.shapes:
             stateless, json_response, legacy, receipted = SHAPES[shape]
-            server = make_server(receipt_checker() if receipted else None)
+            server = make_server(receipt_checker() if receipted else None, asking=shape == "legacy-asking-sse")
             app = server.streamable_http_app(stateless_http=stateless, json_response=json_response)
             if legacy:
                 app = legacy_only(app)

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use attestplane_tests::DevStack;
 use peers_support::{
-    Front, PyServers, gateway_url, mint_token, node_client, python_client, register_pinned,
+    PyServers, gateway_url, mint_token, node_client, python_client, register_pinned,
     server_everything, stats,
 };
 use serde_json::{Value, json};
@@ -54,9 +54,14 @@ fn python_sdk_client_in_both_eras_through_the_gateway_to_python_sdk_servers() {
     let mut sessions = Vec::new();
     let mut expect = Vec::new();
     for shape in shapes {
-        let front = Front::start(&runtime, servers.addr(shape), &stack.demo_url);
         // `convert` is left unpinned: the gateway withholds it.
-        register_pinned(&stack, &runtime, shape, &front, &["add", "weather"]);
+        register_pinned(
+            &stack,
+            &runtime,
+            shape,
+            servers.addr(shape),
+            &["add", "weather"],
+        );
         let endpoint = format!("{gateway}/mcp/{shape}");
         let user = mint_token(&stack, &endpoint, "tool-user", &format!("{shape}.jwt"));
         let viewer = mint_token(&stack, &endpoint, "viewer", &format!("{shape}-viewer.jwt"));
@@ -130,12 +135,11 @@ fn rug_pulled_tools_are_withheld_and_their_calls_never_reach_the_server() {
     let servers = PyServers::start(&python, &["stateless-json"]);
     let runtime = peers_support::runtime();
     let upstream = servers.addr("stateless-json");
-    let front = Front::start(&runtime, upstream, &stack.demo_url);
     register_pinned(
         &stack,
         &runtime,
         "pulled",
-        &front,
+        upstream,
         &["add", "weather", "convert"],
     );
     let endpoint = format!("{gateway}/mcp/pulled");
@@ -213,8 +217,13 @@ fn typescript_sdk_client_through_the_gateway_to_server_everything_and_a_python_s
     let gateway = gateway_url(&stack);
     let runtime = peers_support::runtime();
     let everything = server_everything(&node);
-    let front = Front::start(&runtime, everything.addr(), &stack.demo_url);
-    register_pinned(&stack, &runtime, "everything", &front, &["echo", "get-sum"]);
+    register_pinned(
+        &stack,
+        &runtime,
+        "everything",
+        everything.addr(),
+        &["echo", "get-sum"],
+    );
     let endpoint = format!("{gateway}/mcp/everything");
     let user = mint_token(&stack, &endpoint, "tool-user", "everything.jwt");
     let viewer = mint_token(&stack, &endpoint, "viewer", "everything-viewer.jwt");
@@ -231,8 +240,13 @@ fn typescript_sdk_client_through_the_gateway_to_server_everything_and_a_python_s
         .as_ref()
         .map(|p| PyServers::start(p, &["stateful-sse"]));
     if let Some(py) = &py {
-        let front = Front::start(&runtime, py.addr("stateful-sse"), &stack.demo_url);
-        register_pinned(&stack, &runtime, "python", &front, &["add", "weather"]);
+        register_pinned(
+            &stack,
+            &runtime,
+            "python",
+            py.addr("stateful-sse"),
+            &["add", "weather"],
+        );
         let endpoint = format!("{gateway}/mcp/python");
         let token = mint_token(&stack, &endpoint, "tool-user", "python.jwt");
         sessions.push(json!({"url": endpoint, "token": token, "ops": [list(), call("add", json!({"a": 40, "b": 2}))]}));
@@ -310,8 +324,7 @@ fn an_announced_rug_pull_refuses_the_next_call_without_waiting_for_a_listing() {
     let servers = PyServers::start(&python, &["stateful-sse"]);
     let runtime = peers_support::runtime();
     let upstream = servers.addr("stateful-sse");
-    let front = Front::start(&runtime, upstream, &stack.demo_url);
-    register_pinned(&stack, &runtime, "announced", &front, &["add", "weather"]);
+    register_pinned(&stack, &runtime, "announced", upstream, &["add", "weather"]);
     let endpoint = format!("{gateway}/mcp/announced");
     let token = mint_token(&stack, &endpoint, "tool-user", "announced.jwt");
     let session = |ops: Value| {
@@ -345,6 +358,62 @@ fn an_announced_rug_pull_refuses_the_next_call_without_waiting_for_a_listing() {
         json!({"weather": 1}),
         "the refused call never reached the server"
     );
+    let (ok, _) = stack.stop(Duration::from_secs(20));
+    assert!(ok);
+}
+
+#[test]
+fn a_legacy_python_servers_sampling_request_mid_call_is_refused_at_once_and_the_call_ends_with_its_answer()
+ {
+    // A legacy PyPI `mcp` server whose tool asks the client's model (sampling) on the call's
+    // SSE stream and waits for the answer. The old gateway dropped the request like a
+    // notification: the server never heard back and the call ended `aborted` at the upstream
+    // timeout (30 s). Now the gateway refuses it at once (the registration allows no
+    // sampling, and no agent can be asked through it in the legacy era), the tool sees the
+    // refusal, and the agent gets the tool's own answer.
+    let Some(python) = peers_support::python() else {
+        return;
+    };
+    let mut stack = DevStack::start();
+    let gateway = gateway_url(&stack);
+    let shape = "legacy-asking-sse";
+    let servers = PyServers::start(&python, &[shape]);
+    let runtime = peers_support::runtime();
+    let upstream = servers.addr(shape);
+    register_pinned(&stack, &runtime, "asking", upstream, &["add", "ask_model"]);
+    let endpoint = format!("{gateway}/mcp/asking");
+    let token = mint_token(&stack, &endpoint, "tool-user", "asking.jwt");
+    let mut sessions = Vec::new();
+    for mode in ["legacy", "2026-07-28"] {
+        sessions.push(json!({
+            "url": endpoint, "token": token, "mode": mode,
+            "ops": [call("ask_model", json!({"question": "2+2?"})), call("add", json!({"a": 2, "b": 2}))],
+        }));
+    }
+    let answers = python_client(&python, &json!(sessions));
+    for session in &answers {
+        let out = outcomes(session);
+        assert_eq!(out[0]["ok"], true, "{session}");
+        assert_eq!(out[0]["text"], "sampling refused: -32601", "{session}");
+        assert_eq!(out[1]["text"], "4", "the session serves on: {session}");
+    }
+    let s = stats(&runtime, upstream);
+    assert_eq!(s["ran"]["ask_model"], 2, "{s}");
+    let refusals = s["client_refusals"].as_array().unwrap();
+    assert_eq!(refusals.len(), 2, "{s}");
+    for r in refusals {
+        assert_eq!(r["code"], -32601, "{s}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("sampling/createMessage"),
+            "{s}"
+        );
+    }
+    let (log, checkpoint) = stack.files.export("asking.cbor");
+    let (ran, out) = stack.files.verify_log(&log, Some(&checkpoint));
+    assert_eq!(ran.code, Some(0), "{out}");
     let (ok, _) = stack.stop(Duration::from_secs(20));
     assert!(ok);
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use attestplane_tests::{DevStack, binary, run};
-use peers_support::{Front, PyServers, gateway_url, mint_token, register_pinned, stats};
+use peers_support::{PyServers, gateway_url, mint_token, register_plain, stats};
 
 use attestplane_verifier::gateway::receipt::{
     ReceiptClaims, ReceivedCall, ReplayCache, arguments_hash, encode_receipt, verify_receipt,
@@ -108,8 +108,9 @@ fn python_middleware_runs_gateway_calls_and_refuses_calls_that_skip_it() {
     let mut stack = DevStack::start();
     let gateway = gateway_url(&stack);
     let runtime = peers_support::runtime();
-    let front = Front::reserve(&runtime, &stack.demo_url);
-    let resource = format!("{}/mcp", front.url);
+    // The server checks receipts for its resource URI, which it knows before it listens
+    // (the resource names the server; the endpoint is where the host reaches it).
+    let resource = "https://receipted.peers.test/mcp".to_owned();
     let data = |name: &str| stack.files.path(name).display().to_string();
     let shape = "receipted-stateful-sse";
     let servers = PyServers::start_with(
@@ -127,8 +128,14 @@ fn python_middleware_runs_gateway_calls_and_refuses_calls_that_skip_it() {
         ],
     );
     let upstream = servers.addr(shape);
-    front.route_to(upstream);
-    register_pinned(&stack, &runtime, "receipted", &front, &["add", "weather"]);
+    register_plain(
+        &stack,
+        &runtime,
+        "receipted",
+        upstream,
+        &resource,
+        &["add", "weather"],
+    );
     let endpoint = format!("{gateway}/mcp/receipted");
     let token = mint_token(&stack, &endpoint, "tool-user", "receipted.jwt");
     let direct = format!("http://{upstream}/mcp");

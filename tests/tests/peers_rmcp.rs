@@ -9,7 +9,7 @@ mod peers_support;
 use std::time::Duration;
 
 use attestplane_tests::DevStack;
-use peers_support::{Front, PyServers, gateway_url, mint_token, register_pinned, stats};
+use peers_support::{PyServers, gateway_url, mint_token, register_pinned, stats};
 use rmcp::model::{CallToolRequestParams, ClientConfig, ProtocolVersion};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -114,8 +114,7 @@ fn rmcp_client_in_both_eras_through_the_gateway_to_the_demo_and_python_servers()
         .map(|p| PyServers::start(p, &["stateful-sse", "legacy-stateless-json"]));
     if let Some(py) = &py {
         for shape in ["stateful-sse", "legacy-stateless-json"] {
-            let front = Front::start(&runtime, py.addr(shape), &stack.demo_url);
-            register_pinned(&stack, &runtime, shape, &front, &["add", "weather"]);
+            register_pinned(&stack, &runtime, shape, py.addr(shape), &["add", "weather"]);
             targets.push((
                 shape.into(),
                 ("add", json!({"a": 40, "b": 2})),

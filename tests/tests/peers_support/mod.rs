@@ -1,7 +1,8 @@
 //! What the peer tests share: finding the installed peers (SKIP locally, FAIL under CI when
-//! one is missing), starting the peer servers, a byte-relaying front that gives each peer
-//! server an attestation endpoint, pins computed from a server's live listing, and running the
-//! peer clients.
+//! one is missing), starting the peer servers, registering them as plain servers (assurance
+//! `none`: they run in no TEE, so nothing attests them) with pins computed from their live
+//! listing, and running the peer clients. The attested (`nitro`) server path is the demo
+//! server's (`tests/tests/gateway.rs`, `peers_rmcp.rs`) and the benchmark upstream's.
 
 #![allow(dead_code)] // each test binary uses a part
 
@@ -12,7 +13,6 @@ use std::time::Duration;
 
 use attestplane_tests::{DevStack, Proc, run};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// `tests/peers/`: the pinned peer installs and the peer scripts.
 pub fn peers_dir() -> PathBuf {
@@ -63,7 +63,7 @@ pub fn node() -> Option<PathBuf> {
     )
 }
 
-/// A runtime for the test's own HTTP (fronts, pins, stats).
+/// A runtime for the test's own HTTP (pins, stats).
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -184,78 +184,6 @@ pub fn server_everything(node: &Path) -> Everything {
     panic!("server-everything did not start");
 }
 
-/// A front for a peer server that has no attestation of its own: a connection whose first
-/// request is for `/attestation` is relayed to the demo server (whose mock-NSM document the
-/// registration expects), every other connection to the peer server, bytes untouched in both
-/// directions. The registered endpoint is the front; what the gateway sends and the peer
-/// answers passes through as is.
-pub struct Front {
-    /// `http://IP:PORT`.
-    pub url: String,
-    upstream: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Front {
-    /// Starts a front for `upstream` (`IP:PORT`) and the demo server at `demo_url`.
-    pub fn start(runtime: &tokio::runtime::Runtime, upstream: &str, demo_url: &str) -> Front {
-        let front = Front::reserve(runtime, demo_url);
-        front.route_to(upstream);
-        front
-    }
-
-    /// Sets the peer server (`IP:PORT`) that non-attestation connections go to.
-    pub fn route_to(&self, upstream: &str) {
-        *self
-            .upstream
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = upstream.to_owned();
-    }
-
-    /// A front whose address is known before its peer server's (a server that must know its
-    /// own resource URI when it starts); [`Front::route_to`] sets the server.
-    pub fn reserve(runtime: &tokio::runtime::Runtime, demo_url: &str) -> Front {
-        let cell = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let upstream = cell.clone();
-        let demo = demo_url.trim_start_matches("http://").to_owned();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        runtime.spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let upstream = upstream
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                let demo = demo.clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
-                        match inbound.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let attestation = head.starts_with(b"GET /attestation");
-                    let target = if attestation { demo } else { upstream };
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    if outbound.write_all(&head).await.is_err() {
-                        return;
-                    }
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                });
-            }
-        });
-        Front {
-            url,
-            upstream: cell,
-        }
-    }
-}
-
 /// One HTTP POST of a JSON-RPC message to an MCP endpoint: status, session id, and the
 /// JSON-RPC response (plain JSON, or the response event of an SSE stream) as raw text.
 async fn post(
@@ -353,17 +281,32 @@ pub async fn live_tools(url: &str) -> Vec<Box<serde_json::value::RawValue>> {
         .tools
 }
 
-/// Registers the server behind `front` as `id` (tenant `acme`, the demo server's PCRs) with
-/// pins for the tools named in `pin`, computed from its live listing, and attests it.
+/// Registers the server at `addr` (`IP:PORT`, its MCP endpoint at `/mcp`) as `id`
+/// (tenant `acme`, assurance `none`: a plain server, never attested) with pins for the tools
+/// named in `pin`, computed from its live listing. Its resource URI is
+/// `http://{addr}/mcp`.
 pub fn register_pinned(
     stack: &DevStack,
     runtime: &tokio::runtime::Runtime,
     id: &str,
-    front: &Front,
+    addr: &str,
     pin: &[&str],
 ) {
-    let resource = format!("{}/mcp", front.url);
-    let tools = runtime.block_on(live_tools(&resource));
+    register_plain(stack, runtime, id, addr, &format!("http://{addr}/mcp"), pin);
+}
+
+/// [`register_pinned`] with resource URI `resource` (whose path is the MCP endpoint's): a
+/// server that checks receipts knows its audience before it listens.
+pub fn register_plain(
+    stack: &DevStack,
+    runtime: &tokio::runtime::Runtime,
+    id: &str,
+    addr: &str,
+    resource: &str,
+    pin: &[&str],
+) {
+    let tools = runtime.block_on(live_tools(&format!("http://{addr}/mcp")));
+    let endpoint = format!("http://{addr}");
     let mut args: Vec<String> = [
         "servers",
         "register",
@@ -372,15 +315,11 @@ pub fn register_pinned(
         "--tenant",
         "acme",
         "--resource",
-        &resource,
+        resource,
         "--endpoint",
-        &front.url,
-        "--server-pcrs",
-        &stack
-            .files
-            .path("demo-server-pcrs.json")
-            .display()
-            .to_string(),
+        &endpoint,
+        "--assurance",
+        "none",
     ]
     .iter()
     .map(|s| (*s).to_owned())
@@ -401,7 +340,34 @@ pub fn register_pinned(
     assert_eq!(pinned, want, "{id} does not list every tool to pin");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     stack.files.cli(&args).ok();
-    stack.files.cli(&["servers", "attest", id]).ok();
+    allow_plain_servers(stack);
+}
+
+/// The policy for plain peer servers: the starter policy (whose call permit needs a verified
+/// attestation, which a server of assurance `none` never has) and a permit for tool-users of
+/// the tenant on servers of assurance `none`. Set once per stack.
+const PLAIN_PEERS_POLICY: &str = r#"
+@id("call-plain-peers")
+permit (principal, action == Attestplane::Action::"call", resource)
+when {
+  principal.tenant == resource.tenant &&
+  principal.roles.contains("tool-user") &&
+  context.server_assurance == "none"
+};
+"#;
+
+fn allow_plain_servers(stack: &DevStack) {
+    let path = stack.files.path("plain-peers.cedar");
+    if path.exists() {
+        return;
+    }
+    let starter = std::fs::read_to_string(attestplane_tests::starter_policy_path())
+        .expect("the starter policy");
+    std::fs::write(&path, format!("{starter}\n{PLAIN_PEERS_POLICY}")).unwrap();
+    stack
+        .files
+        .cli(&["policy", "set", &path.display().to_string()])
+        .ok();
 }
 
 /// An agent token for `endpoint` (agent-7 for alice in acme) with role `role`.
