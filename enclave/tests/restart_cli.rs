@@ -18,18 +18,6 @@ use std::process::Command;
 use attestplane_proto::Response;
 use common::*;
 
-/// `attestplane-verify`, next to this test's directory in the target dir (built by
-/// `cargo test --workspace`).
-fn verifier_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    let bin = dir.join(format!(
-        "attestplane-verify{}",
-        std::env::consts::EXE_SUFFIX
-    ));
-    bin.exists().then_some(bin)
-}
-
 #[test]
 fn verifier_cli_accepts_two_epoch_log_and_rejects_a_cut_link() {
     let Some(verify) = verifier_binary() else {

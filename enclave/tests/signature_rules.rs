@@ -212,18 +212,6 @@ fn boot_replay(nsm: &Arc<MockNsm>, log: &[Vec<u8>]) -> Result<(), (Option<u64>, 
     }
 }
 
-/// `attestplane-verify`, next to this test's directory in the target dir (built by
-/// `cargo build`/`cargo test --workspace`).
-fn verifier_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    let bin = dir.join(format!(
-        "attestplane-verify{}",
-        std::env::consts::EXE_SUFFIX
-    ));
-    bin.exists().then_some(bin)
-}
-
 /// The auditor's files for logs attested by `nsm`, in `dir`.
 struct Cli {
     binary: PathBuf,

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use attestplane_enclave::nsm::{Clock, MockNsm, Nsm};
@@ -592,4 +593,16 @@ impl Harness {
 /// The event of `entry`.
 pub fn event(entry: &Entry) -> &Event {
     &entry.event
+}
+
+/// `attestplane-verify`, next to this test's directory in the target dir (built by
+/// `cargo build`/`cargo test --workspace`).
+pub fn verifier_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.parent()?;
+    let bin = dir.join(format!(
+        "attestplane-verify{}",
+        std::env::consts::EXE_SUFFIX
+    ));
+    bin.exists().then_some(bin)
 }
