@@ -15,6 +15,7 @@ Besides MCP, each server has two test routes (not MCP; the tests read them direc
   carried a receipt in the `Attestplane-Receipt` header and in `params._meta`), counted in a
   ServerMiddleware before any validation, so a refused call that never reached the server is
   visible as a count that did not move; and what ran (`ran`, counted in the tools);
+- POST /control/flood?n=N: adds N tools with 300-byte names (a hostile listing);
 - POST /control/rugpull: changes tools' descriptions after they were pinned (`weather`: a
   visible change; `convert`: an invisible one, a zero-width space in the description); with
   `?notify=1` it also sends `notifications/tools/list_changed` to `subscriptions/listen`.
@@ -118,6 +119,14 @@ def make_server(receipts=None, asking=False) -> MCPServer:
     @server.custom_route("/control/stats", methods=["GET"])
     async def show_stats(_request: Request) -> JSONResponse:
         return JSONResponse(stats)
+
+    @server.custom_route("/control/flood", methods=["POST"])
+    async def flood(_request: Request) -> JSONResponse:
+        # A hostile listing: `n` more (unpinned) tools with long names.
+        n = int(_request.query_params.get("n", "4000"))
+        for i in range(n):
+            server.add_tool(add, name=f"t{i:04}-" + "n" * 300)
+        return JSONResponse({"added": n})
 
     @server.custom_route("/control/rugpull", methods=["POST"])
     async def rugpull(_request: Request) -> JSONResponse:

@@ -417,3 +417,94 @@ fn a_legacy_python_servers_sampling_request_mid_call_is_refused_at_once_and_the_
     let (ok, _) = stack.stop(Duration::from_secs(20));
     assert!(ok);
 }
+
+#[test]
+fn a_hostile_listing_whose_drift_entry_is_over_the_entry_limit_fails_at_once_and_the_control_plane_serves_on()
+ {
+    // A server lists 4000 unpinned tools with long names: the `tool_drift` entry recording
+    // them would be over the log's entry limit. The old enclave signed and chained it anyway;
+    // the host's store refused it and stopped serving, and the agent waited for a `Durable`
+    // that never came. Now the writer refuses it before chaining it: the agent gets a typed
+    // error at once, nothing is written, and the control plane serves on.
+    let Some(python) = peers_support::python() else {
+        return;
+    };
+    let mut stack = DevStack::start();
+    let gateway = gateway_url(&stack);
+    let runtime = peers_support::runtime();
+    stack.files.register_and_attest_weather(&stack.demo_url);
+    let servers = PyServers::start(&python, &["stateless-json"]);
+    let upstream = servers.addr("stateless-json");
+    register_pinned(&stack, &runtime, "hostile", upstream, &["add", "weather"]);
+    peers_support::flood(&runtime, upstream, 4000);
+    let endpoint = format!("{gateway}/mcp/hostile");
+    let token = mint_token(&stack, &endpoint, "tool-user", "hostile.jwt");
+    let head = attestplane_tests::log_head(&stack.url).0;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let modern = |method: &str, name: Option<&str>, body: String| {
+        let bearer = format!("Bearer {token}");
+        let mut headers = vec![
+            ("authorization", bearer),
+            ("mcp-protocol-version", "2026-07-28".to_owned()),
+            ("mcp-method", method.to_owned()),
+        ];
+        if let Some(n) = name {
+            headers.push(("mcp-name", n.to_owned()));
+        }
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        runtime.block_on(peers_support::post(&client, &endpoint, &headers, &body))
+    };
+    let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}"#;
+    let (status, _, body) = modern(
+        "tools/list",
+        None,
+        format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{{{meta}}}}}"#),
+    );
+    let short = &body[..body.len().min(400)];
+    assert_eq!(status, 500, "{short}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], -32603, "{short}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exceeds the limit"),
+        "{short}"
+    );
+    // A call needs a listing: refused the same way, and it never reached the server.
+    let (status, _, body) = modern(
+        "tools/call",
+        Some("add"),
+        format!(
+            r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"add","arguments":{{"a":1,"b":2}},{meta}}}}}"#
+        ),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(stats(&runtime, upstream)["calls"], json!({}));
+    assert_eq!(
+        attestplane_tests::log_head(&stack.url).0,
+        head,
+        "nothing was written"
+    );
+    // The control plane serves on: a call to another server goes through and is logged.
+    let weather = format!("{gateway}/mcp/weather");
+    let token = stack
+        .files
+        .mint_agent_token_for(Some(&weather), "weather.jwt");
+    let answers = python_client(
+        &python,
+        &json!([{"url": weather, "token": token, "mode": "2026-07-28", "ops": [call("forecast", json!({"city": "Oslo"}))]}]),
+    );
+    let out = outcomes(&answers[0]);
+    assert_eq!(out[0]["ok"], true, "{}", answers[0]);
+    assert!(attestplane_tests::log_head(&stack.url).0 > head);
+    let (log, checkpoint) = stack.files.export("hostile.cbor");
+    let (ran, out) = stack.files.verify_log(&log, Some(&checkpoint));
+    assert_eq!(ran.code, Some(0), "{out}");
+    let (ok, _) = stack.stop(Duration::from_secs(20));
+    assert!(ok);
+}

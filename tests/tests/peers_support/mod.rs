@@ -186,7 +186,7 @@ pub fn server_everything(node: &Path) -> Everything {
 
 /// One HTTP POST of a JSON-RPC message to an MCP endpoint: status, session id, and the
 /// JSON-RPC response (plain JSON, or the response event of an SSE stream) as raw text.
-async fn post(
+pub async fn post(
     client: &reqwest::Client,
     url: &str,
     headers: &[(&str, &str)],
@@ -401,6 +401,11 @@ pub fn rug_pull(runtime: &tokio::runtime::Runtime, addr: &str) {
 /// `notifications/tools/list_changed` on the server's `subscriptions/listen` streams.
 pub fn rug_pull_announced(runtime: &tokio::runtime::Runtime, addr: &str) {
     rug_pull_at(runtime, addr, "/control/rugpull?notify=1");
+}
+
+/// `POST /control/flood?n=N` of a Python peer server: `n` more tools with long names.
+pub fn flood(runtime: &tokio::runtime::Runtime, addr: &str, n: usize) {
+    rug_pull_at(runtime, addr, &format!("/control/flood?n={n}"));
 }
 
 fn rug_pull_at(runtime: &tokio::runtime::Runtime, addr: &str, path: &str) {
