@@ -56,7 +56,9 @@ pub enum Refusal {
     /// params; nothing is logged).
     #[error("bad arguments: {0}")]
     BadArguments(String),
-    /// The enclave could not write an entry (HTTP 500; the enclave stops serving).
+    /// The enclave could not write an entry (HTTP 500). An entry the writer refuses (over the
+    /// entry size limit) is refused before it is chained: nothing is written and the enclave
+    /// serves on. An entry chained but not applied stops the enclave serving.
     #[error("the log could not be written: {0}")]
     Log(String),
 }
