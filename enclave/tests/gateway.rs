@@ -71,6 +71,9 @@ struct Upstream {
     /// The JSON-RPC responses POSTed to it (answers to its requests), with their session id.
     client_responses: Mutex<Vec<(serde_json::Value, Option<String>)>>,
     client_responded: tokio::sync::Notify,
+    /// The session's GET stream (legacy era), once the client opened it: what the test writes
+    /// there reaches the client outside any call.
+    get_stream: Mutex<Option<tokio::sync::mpsc::Sender<Bytes>>>,
 }
 
 /// A response body fed by a channel: an SSE stream the test upstream writes as it goes.
@@ -108,6 +111,7 @@ impl Upstream {
             ask_client: Mutex::new(None),
             client_responses: Mutex::new(Vec::new()),
             client_responded: tokio::sync::Notify::new(),
+            get_stream: Mutex::new(None),
         })
     }
 
@@ -119,6 +123,14 @@ impl Upstream {
         req: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<UpBody> {
         let (parts, body) = req.into_parts();
+        if parts.method == hyper::Method::GET && !self.modern {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            *self.get_stream.lock().unwrap() = Some(tx);
+            let mut r = hyper::Response::new(UpBody::new(ChannelBody(rx)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            return r;
+        }
         let body = body.collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         if v.get("method").is_none() && v.get("id").is_some() {
@@ -1864,4 +1876,56 @@ async fn a_withheld_tools_call_is_answered_like_a_policy_denial_and_an_undecidab
     }
     assert_eq!(calls(&s), 0, "nothing reached the server");
     replays(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_servers_request_on_its_session_stream_is_refused_at_once() {
+    // A legacy server may ask outside any call, on the session's GET stream (the PyPI `mcp`
+    // SDK sends `roots/list` there). The old gateway's listener ignored it, so whatever waited
+    // on it in the server waited for ever.
+    let s = stack(false).await;
+    let token = s.token("weather", &["tool-user"]);
+    let (status, body) = s.modern("weather", &token, MODERN_LIST).await;
+    assert_eq!(status, 200, "{body}");
+    // The listing starts the listener on the session's stream.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        if let Some(tx) = s.upstream.get_stream.lock().unwrap().clone() {
+            break tx;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no GET stream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stream
+        .send(Bytes::from_static(
+            b"event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":41,\"method\":\"roots/list\"}\r\n\r\n",
+        ))
+        .await
+        .unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let notified = s.upstream.client_responded.notified();
+            if let Some(r) = s.upstream.client_responses.lock().unwrap().first().cloned() {
+                return r;
+            }
+            notified.await;
+        }
+    })
+    .await;
+    let (r, session) = answered.expect("the server's request was never answered");
+    assert_eq!(r["id"], 41, "{r}");
+    assert_eq!(r["error"]["code"], -32601, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("roots/list"),
+        "{r}"
+    );
+    assert_eq!(session.as_deref(), Some("upstream-session"));
+    // The stack serves on.
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
 }

@@ -649,8 +649,9 @@ impl Upstreams {
     /// Listens for the upstream's `notifications/tools/list_changed` on a connection of its
     /// own, calling `on_change` for each, until the stream ends: in the modern era a
     /// `subscriptions/listen` request for `toolsListChanged`, in the legacy era the session's
-    /// GET stream. Events are read one at a time, each bounded ([`MAX_LISTEN_EVENT`]); other
-    /// messages are ignored; an answer to the listen request ends it. An upstream that offers
+    /// GET stream. Events are read one at a time, each bounded ([`MAX_LISTEN_EVENT`]); a legacy
+    /// server's request on it is refused at once (as on a call's stream); other messages are
+    /// ignored; an answer to the listen request ends it. An upstream that offers
     /// no stream (HTTP 405, an error, not SSE) ends it at once.
     pub async fn listen_tools_changed(
         &self,
@@ -720,16 +721,17 @@ impl Upstreams {
                 continue;
             };
             for event in events.push(&data)? {
-                match parse_message(event.as_bytes()) {
-                    Ok(m)
-                        if m.kind() == Kind::Notification
-                            && m.method() == Some(TOOLS_LIST_CHANGED) =>
-                    {
-                        on_change();
-                    }
+                let kind = parse_message(event.as_bytes())
+                    .map(|m| (m.kind(), m.method() == Some(TOOLS_LIST_CHANGED)));
+                match kind {
+                    Ok((Kind::Notification, true)) => on_change(),
                     // The server ended the subscription.
-                    Ok(m) if matches!(m.kind(), Kind::Response | Kind::ErrorResponse) => {
-                        return Ok(());
+                    Ok((Kind::Response | Kind::ErrorResponse, _)) => return Ok(()),
+                    // A legacy server's request outside any call (its session's stream): refused
+                    // at once like one on a call's stream, so that whatever waits on it in the
+                    // server does not wait for ever. A failed answer does not end the stream.
+                    Ok((Kind::Request, _)) if known.era == Era::Legacy => {
+                        let _ = self.refuse_server_request(endpoint, &known, &event).await;
                     }
                     _ => {}
                 }
