@@ -103,6 +103,42 @@ struct Ctx {
     principal: PrincipalRecord,
     /// The era the agent speaks (answers are shaped for it).
     era: Era,
+    /// Where the server is, as registered when the agent was authenticated (`None`: the
+    /// registered endpoint is not an `http://` URL).
+    endpoint: Option<Endpoint>,
+}
+
+impl Ctx {
+    /// The upstream's endpoint, or the answer that it cannot be reached.
+    fn endpoint(&self) -> Result<Endpoint, Reply> {
+        self.endpoint.clone().ok_or_else(not_http)
+    }
+}
+
+/// Who is calling: an agent already authenticated (with the endpoint read in the same trip to
+/// the handler thread), or a bearer token not checked yet, to be checked on the handler
+/// thread in the same trip as the decision.
+enum Caller {
+    Known(PrincipalRecord, Option<Endpoint>),
+    Bearer(String),
+}
+
+/// The step a `tools/call` trip to the handler thread took.
+enum CallStep {
+    /// The registered endpoint is not an `http://` URL: nothing decided.
+    NotHttp,
+    /// The tool's pin changed since its listing was checked: nothing decided; list again.
+    Stale,
+    /// Decided (and, unless withheld, the decision entry written).
+    Verdict(CallVerdict),
+}
+
+/// Why a `tools/call` trip refused the call before deciding it, or could not decide it.
+enum CallFailed {
+    /// Authentication (or the endpoint lookup that precedes it) refused it.
+    Auth(Refusal),
+    /// The decision could not be taken or written.
+    Decide(Refusal),
 }
 
 impl Gateway {
@@ -156,6 +192,14 @@ impl Gateway {
     }
 
     /// Answers one HTTP request.
+    ///
+    /// A POST's body is read (bounded) and parsed before its bearer token is checked, so that
+    /// a modern-era `tools/call` is authenticated, checked against its pin and decided in one
+    /// trip to the enclave's handler thread. Nothing is decided, written or forwarded before
+    /// the token checks out, and any refusal found while reading the request is answered only
+    /// after the token is checked: an agent without a valid token gets its 401 whatever it
+    /// sent. What an unauthenticated request can cost is one bounded read and parse (and, for a
+    /// `tools/call`, the bounded PII scan of its arguments).
     pub async fn handle(&self, req: Request<Incoming>) -> Reply {
         let path = req.uri().path().to_owned();
         if let Some(id) = path.strip_prefix("/.well-known/oauth-protected-resource/mcp/") {
@@ -171,22 +215,20 @@ impl Gateway {
         };
         let headers = mcp_headers(req.headers());
         let method = req.method().clone();
-        let principal = match self.authenticate(&server, bearer).await {
-            Ok(p) => p,
-            Err(Refusal::Unauthenticated(why)) => return self.unauthorized(&server, &why),
-            Err(e) => return refusal_reply(None, &e),
-        };
-        match method {
-            Method::POST => {}
-            Method::DELETE => return self.delete_session(&server, &principal, &headers),
-            // No server-initiated stream is offered (the spec allows 405).
-            Method::GET => {
-                return with_allow(plain(
+        if method != Method::POST {
+            let principal = match self.authenticate(&server, bearer).await {
+                Ok((p, _)) => p,
+                Err(reply) => return reply,
+            };
+            return match method {
+                Method::DELETE => self.delete_session(&server, &principal, &headers),
+                // No server-initiated stream is offered (the spec allows 405).
+                Method::GET => with_allow(plain(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "no server-initiated stream at this endpoint",
-                ));
-            }
-            _ => return with_allow(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST")),
+                )),
+                _ => with_allow(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST")),
+            };
         }
         let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
             .collect()
@@ -194,49 +236,69 @@ impl Gateway {
         {
             Ok(b) => b.to_bytes(),
             Err(_) => {
-                return rpc_error(
+                let refused = rpc_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     None,
                     INVALID_REQUEST,
                     "request body too large",
                 );
+                return self.once_authenticated(&server, bearer, refused).await;
             }
         };
         let message = match parse_message(&body) {
             Ok(m) => m,
-            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+            Err(e) => {
+                let refused = rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string());
+                return self.once_authenticated(&server, bearer, refused).await;
+            }
         };
         let id = message.id().map(|r| r.get().to_owned());
         let era = match era::classify(&headers, &message) {
             Ok(era) => era,
             Err(e) => {
-                return rpc_error(
+                let refused = rpc_error(
                     StatusCode::BAD_REQUEST,
                     id.as_deref(),
                     e.code(),
                     &e.to_string(),
                 );
+                return self.once_authenticated(&server, bearer, refused).await;
             }
-        };
-        let ctx = Ctx {
-            server,
-            principal,
-            era,
         };
         match message.kind() {
             Kind::Request => {}
-            Kind::Notification => return accepted(),
+            Kind::Notification => {
+                return self.once_authenticated(&server, bearer, accepted()).await;
+            }
             // The gateway never sends requests to agents: a response is out of place.
             Kind::Response | Kind::ErrorResponse => {
-                return rpc_error(
+                let refused = rpc_error(
                     StatusCode::BAD_REQUEST,
                     None,
                     INVALID_REQUEST,
                     "unexpected response: the gateway sent no request",
                 );
+                return self.once_authenticated(&server, bearer, refused).await;
             }
         }
         let method = message.method().unwrap_or_default().to_owned();
+        // The modern era has no session to check first: a call goes to the handler thread
+        // once, token and all.
+        if era == Era::Modern && method == "tools/call" {
+            return self
+                .tools_call(&server, era, Caller::Bearer(bearer), &message)
+                .await;
+        }
+        let (principal, endpoint) = match self.authenticate(&server, bearer).await {
+            Ok(x) => x,
+            Err(reply) => return reply,
+        };
+        let ctx = Ctx {
+            server,
+            principal,
+            era,
+            endpoint,
+        };
         if era == Era::Legacy && method != "initialize" {
             let owner = owner(&ctx);
             let result = match &headers.session {
@@ -263,7 +325,10 @@ impl Gateway {
                 ),
             ),
             "tools/list" => self.tools_list(&ctx, &message).await,
-            "tools/call" => self.tools_call(&ctx, &message).await,
+            "tools/call" => {
+                let caller = Caller::Known(ctx.principal, ctx.endpoint);
+                self.tools_call(&ctx.server, era, caller, &message).await
+            }
             "resources/read" => self.read_or_get(&ctx, &message, Action::ReadResource).await,
             "prompts/get" => self.read_or_get(&ctx, &message, Action::GetPrompt).await,
             "resources/list" => {
@@ -298,19 +363,50 @@ impl Gateway {
         }
     }
 
-    async fn authenticate(&self, server: &str, bearer: String) -> Result<PrincipalRecord, Refusal> {
+    /// Authenticates the agent for `server`'s endpoint and reads where the server is, in one
+    /// trip to the handler thread; the answer to give instead if it fails (401, 404, 503).
+    async fn authenticate(
+        &self,
+        server: &str,
+        bearer: String,
+    ) -> Result<(PrincipalRecord, Option<Endpoint>), Reply> {
         let audience = self.config.resource(server);
-        let server = server.to_owned();
-        self.access
+        let id = server.to_owned();
+        let who = self
+            .access
             .run(move |enclave, now| {
-                let r = match inside::endpoint_url(enclave, &server) {
-                    Ok(_) => inside::authenticate(enclave, &bearer, &audience, now),
-                    Err(e) => Err(e),
-                };
-                (r, Vec::new())
+                let who = authenticate_inside(enclave, &id, &bearer, &audience, now);
+                (who, Vec::new())
             })
             .await
-            .map_err(|_| Refusal::NotReady)?
+            .map_err(|_| Refusal::NotReady)
+            .and_then(|r| r);
+        who.map_err(|e| self.refused_caller(server, &e))
+    }
+
+    /// The answer to a caller refused before its request is decided.
+    fn refused_caller(&self, server: &str, e: &Refusal) -> Reply {
+        match e {
+            Refusal::Unauthenticated(why) => self.unauthorized(server, why),
+            e => refusal_reply(None, e),
+        }
+    }
+
+    /// `reply` (a refusal found while reading the request, or an acknowledgement) once the
+    /// caller's token checks out; the authentication's refusal otherwise.
+    async fn once_authenticated(&self, server: &str, bearer: String, reply: Reply) -> Reply {
+        match self.authenticate(server, bearer).await {
+            Ok(_) => reply,
+            Err(refused) => refused,
+        }
+    }
+
+    /// [`Self::once_authenticated`] for a caller that may be authenticated already.
+    async fn answer_caller(&self, server: &str, caller: Caller, reply: Reply) -> Reply {
+        match caller {
+            Caller::Known(..) => reply,
+            Caller::Bearer(bearer) => self.once_authenticated(server, bearer, reply).await,
+        }
     }
 
     fn unauthorized(&self, server: &str, why: &str) -> Reply {
@@ -413,25 +509,6 @@ impl Gateway {
                 Err(_) => plain(StatusCode::NOT_FOUND, "unknown session"),
             },
             None => plain(StatusCode::BAD_REQUEST, "no session"),
-        }
-    }
-
-    async fn endpoint(&self, server: &str) -> Result<Endpoint, Reply> {
-        let id = server.to_owned();
-        let url = self
-            .access
-            .run(move |enclave, _| (inside::endpoint_url(enclave, &id), Vec::new()))
-            .await;
-        match url {
-            Ok(Ok((endpoint, resource))) => Endpoint::of_registration(server, &endpoint, &resource)
-                .ok_or_else(|| {
-                    plain(
-                        StatusCode::BAD_GATEWAY,
-                        "the registered endpoint is not an http:// URL",
-                    )
-                }),
-            Ok(Err(e)) => Err(refusal_reply(None, &e)),
-            Err(_) => Err(plain(StatusCode::SERVICE_UNAVAILABLE, "not ready")),
         }
     }
 
@@ -583,7 +660,7 @@ impl Gateway {
 
     async fn tools_list(&self, ctx: &Ctx, message: &Message<'_>) -> Reply {
         let id = message.id().map(RawValue::get);
-        let endpoint = match self.endpoint(&ctx.server).await {
+        let endpoint = match ctx.endpoint() {
             Ok(e) => e,
             Err(r) => return r,
         };
@@ -612,41 +689,77 @@ impl Gateway {
         }
     }
 
-    async fn tools_call(&self, ctx: &Ctx, message: &Message<'_>) -> Reply {
+    /// A `tools/call`. For a caller whose token is still to check (the modern era), the token,
+    /// the endpoint, the pin and the decision are checked and taken in one trip to the handler
+    /// thread; otherwise (the legacy era, whose session was checked first) the pin and the
+    /// decision. The listing is fetched first only if the cached one is older than
+    /// [`TOOLS_TTL`] (then the caller is authenticated first: a listing is fetched for an
+    /// authenticated agent only).
+    async fn tools_call(
+        &self,
+        server: &str,
+        era: Era,
+        mut caller: Caller,
+        message: &Message<'_>,
+    ) -> Reply {
         let id = message.id().map(RawValue::get);
         let params = match message.tools_call_params() {
             Ok(p) => p,
-            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string()),
+            Err(e) => {
+                let refused = rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string());
+                return self.answer_caller(server, caller, refused).await;
+            }
         };
         if let Some(r) = refuse_non_ijson(id, params.arguments) {
-            return r;
+            return self.answer_caller(server, caller, r).await;
         }
-        let endpoint = match self.endpoint(&ctx.server).await {
-            Ok(e) => e,
-            Err(r) => return r,
-        };
         // The tool's live definition must still be its pinned one: from a listing younger than
         // the TTL, or a fresh one.
         let fresh = self
             .lock_tools()
-            .get(&ctx.server)
+            .get(server)
             .and_then(|c| c.fetched.filter(|t| t.elapsed() < TOOLS_TTL).map(|_| ()))
             .is_some();
-        if !fresh && let Err(r) = self.listing(ctx, &endpoint).await {
-            return r;
+        if !fresh {
+            let (principal, endpoint) = match caller {
+                Caller::Known(p, e) => (p, e),
+                Caller::Bearer(bearer) => match self.authenticate(server, bearer).await {
+                    Ok(x) => x,
+                    Err(reply) => return reply,
+                },
+            };
+            let ctx = Ctx {
+                server: server.to_owned(),
+                principal,
+                era,
+                endpoint,
+            };
+            let endpoint = match ctx.endpoint() {
+                Ok(e) => e,
+                Err(r) => return r,
+            };
+            if let Err(r) = self.listing(&ctx, &endpoint).await {
+                return r;
+            }
+            caller = Caller::Known(ctx.principal, ctx.endpoint);
         }
         // PII: scanned and redacted once, here, off the enclave's handler thread; the
         // decision sees the redacted form and picks which form is forwarded.
         let args = match redact::call_arguments(params.arguments.map(RawValue::get)) {
             Ok(a) => a,
-            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e),
+            Err(e) => {
+                let refused = rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e);
+                return self.answer_caller(server, caller, refused).await;
+            }
         };
         let redacted = args.redacted.clone();
-        let mut verdict = Ok(Ok(Some(CallVerdict::Withheld)));
-        for attempt in 0..2 {
+        let args = Arc::new(args);
+        let mut attempt = 0;
+        let (ctx, endpoint, verdict) = loop {
+            attempt += 1;
             let (live, checked_pin) = self
                 .lock_tools()
-                .get(&ctx.server)
+                .get(server)
                 .map(|c| {
                     (
                         c.kept.get(&params.name).copied(),
@@ -654,44 +767,73 @@ impl Gateway {
                     )
                 })
                 .unwrap_or_default();
-            let principal = ctx.principal.clone();
-            let server = ctx.server.clone();
+            let (known, bearer) = match caller {
+                // An endpoint the gateway cannot reach: refused before anything is decided.
+                Caller::Known(_, None) => return not_http(),
+                Caller::Known(p, e) => (Some((p, e)), None),
+                Caller::Bearer(b) => (None, Some(b)),
+            };
+            let principal = known.as_ref().map(|(p, _)| p.clone());
+            let audience = self.config.resource(server);
+            let sid = server.to_owned();
             let tool = params.name.clone();
-            let args = args.clone();
+            let args_inside = Arc::clone(&args);
             let rid = self.next_id();
-            verdict = self
+            let trip = self
                 .access
                 .run(move |enclave, now| {
-                    // The listing was checked against the pins of its time: if the tool's pin
-                    // changed since (a re-pin), the check is stale and nothing is decided.
-                    let pinned = enclave
-                        .state()
-                        .server(&server)
-                        .and_then(|s| s.spec.tools.get(&tool).copied());
-                    if pinned != checked_pin {
-                        return (Ok(None), Vec::new());
-                    }
-                    match inside::decide_call(
-                        enclave, now, rid, &principal, &server, &tool, live, &args,
+                    match decide_call_inside(
+                        enclave,
+                        now,
+                        rid,
+                        &sid,
+                        &audience,
+                        principal,
+                        bearer.as_deref(),
+                        &tool,
+                        live,
+                        checked_pin,
+                        &args_inside,
                     ) {
-                        Ok((v, replies)) => (Ok(Some(v)), replies),
+                        Ok((who, step, replies)) => (Ok((who, step)), replies),
                         Err(e) => (Err(e), Vec::new()),
                     }
                 })
                 .await;
-            if !matches!(verdict, Ok(Ok(None))) || attempt == 1 {
-                break;
+            let (who, step): (_, CallStep) = match trip {
+                Err(HandlerGone) => return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+                Ok(Err(CallFailed::Auth(e))) => return self.refused_caller(server, &e),
+                Ok(Err(CallFailed::Decide(e))) => return refusal_reply(id, &e),
+                Ok(Ok(x)) => x,
+            };
+            let Some((principal, endpoint)) = who.or(known) else {
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+            };
+            let ctx = Ctx {
+                server: server.to_owned(),
+                principal,
+                era,
+                endpoint,
+            };
+            let endpoint = match ctx.endpoint() {
+                Ok(e) => e,
+                Err(r) => return r,
+            };
+            match step {
+                CallStep::NotHttp => return not_http(),
+                CallStep::Verdict(v) => break (ctx, endpoint, Ok(Ok(v))),
+                // Stale twice: withheld (as before a fresh listing was possible).
+                CallStep::Stale if attempt >= 2 => {
+                    break (ctx, endpoint, Ok(Ok(CallVerdict::Withheld)));
+                }
+                CallStep::Stale => {
+                    // List again (once), against the pins in force.
+                    if let Err(r) = self.listing(&ctx, &endpoint).await {
+                        return r;
+                    }
+                    caller = Caller::Known(ctx.principal, ctx.endpoint);
+                }
             }
-            // Stale: list again (once), against the pins in force.
-            if let Err(r) = self.listing(ctx, &endpoint).await {
-                return r;
-            }
-        }
-        let verdict = match verdict {
-            Ok(Ok(None)) => Ok(Ok(CallVerdict::Withheld)),
-            Ok(Ok(Some(v))) => Ok(Ok(v)),
-            Ok(Err(e)) => Ok(Err(e)),
-            Err(e) => Err(e),
         };
         let gated = Gated {
             action: Action::Call,
@@ -699,7 +841,7 @@ impl Gateway {
             item: &params.name,
         };
         self.forward_decided(
-            ctx,
+            &ctx,
             message,
             &endpoint,
             gated,
@@ -733,7 +875,7 @@ impl Gateway {
         if let Some(r) = refuse_non_ijson(id, arguments) {
             return r;
         }
-        let endpoint = match self.endpoint(&ctx.server).await {
+        let endpoint = match ctx.endpoint() {
             Ok(e) => e,
             Err(r) => return r,
         };
@@ -786,7 +928,7 @@ impl Gateway {
     ) -> Reply {
         let id = message.id().map(RawValue::get);
         let method = message.method().unwrap_or_default().to_owned();
-        let endpoint = match self.endpoint(&ctx.server).await {
+        let endpoint = match ctx.endpoint() {
             Ok(e) => e,
             Err(r) => return r,
         };
@@ -1150,6 +1292,85 @@ impl Gateway {
             let _ = self.access.durable(s).await;
         }
     }
+}
+
+/// On the handler thread: where `server` is registered (unknown: 404), then the agent whose
+/// `bearer` token is valid for `audience` (otherwise 401).
+fn authenticate_inside(
+    enclave: &mut crate::service::Enclave,
+    server: &str,
+    bearer: &str,
+    audience: &str,
+    now: attestplane_verifier::UnixMillis,
+) -> Result<(PrincipalRecord, Option<Endpoint>), Refusal> {
+    let (endpoint, resource) = inside::endpoint_url(enclave, server)?;
+    let principal = inside::authenticate(enclave, bearer, audience, now)?;
+    Ok((
+        principal,
+        Endpoint::of_registration(server, &endpoint, &resource),
+    ))
+}
+
+/// On the handler thread, one `tools/call`: authenticates `bearer` if the caller is not
+/// `known` yet, checks that the tool's pin is still the one its listing was checked against
+/// (`checked_pin`), and decides (writing the decision entry). Returns whom it authenticated,
+/// the step taken and the `Persist` of what it wrote.
+#[allow(clippy::too_many_arguments)]
+fn decide_call_inside(
+    enclave: &mut crate::service::Enclave,
+    now: attestplane_verifier::UnixMillis,
+    rid: u64,
+    server: &str,
+    audience: &str,
+    known: Option<PrincipalRecord>,
+    bearer: Option<&str>,
+    tool: &str,
+    live: Option<Digest32>,
+    checked_pin: Option<Digest32>,
+    args: &inside::CallArguments,
+) -> Result<
+    (
+        Option<(PrincipalRecord, Option<Endpoint>)>,
+        CallStep,
+        inside::Replies,
+    ),
+    CallFailed,
+> {
+    let (principal, who) = match (known, bearer) {
+        (Some(p), _) => (p, None),
+        (None, Some(bearer)) => {
+            let (p, endpoint) = authenticate_inside(enclave, server, bearer, audience, now)
+                .map_err(CallFailed::Auth)?;
+            let not_http = endpoint.is_none();
+            let who = Some((p.clone(), endpoint));
+            if not_http {
+                return Ok((who, CallStep::NotHttp, Vec::new()));
+            }
+            (p, who)
+        }
+        (None, None) => return Err(CallFailed::Auth(Refusal::NotReady)),
+    };
+    // The listing was checked against the pins of its time: if the tool's pin changed since
+    // (a re-pin), the check is stale and nothing is decided.
+    let pinned = enclave
+        .state()
+        .server(server)
+        .and_then(|s| s.spec.tools.get(tool).copied());
+    if pinned != checked_pin {
+        return Ok((who, CallStep::Stale, Vec::new()));
+    }
+    let (verdict, replies) =
+        inside::decide_call(enclave, now, rid, &principal, server, tool, live, args)
+            .map_err(CallFailed::Decide)?;
+    Ok((who, CallStep::Verdict(verdict), replies))
+}
+
+/// The answer when a server's registered endpoint is not one the gateway can reach.
+fn not_http() -> Reply {
+    plain(
+        StatusCode::BAD_GATEWAY,
+        "the registered endpoint is not an http:// URL",
+    )
 }
 
 /// The methods an `input_required` result (the modern era's server-to-client requests) asks

@@ -48,8 +48,8 @@ use attestplane_verifier::gateway::jsonrpc::{
     self, Kind, RECEIPT_META_KEY, RECEIPT_REQUIRED, object_members,
 };
 use attestplane_verifier::gateway::receipt::{
-    RECEIPT_HEADER, ReceiptError, ReceivedCall, ReplayCache, VerifiedReceipt, attested_key,
-    verify_receipt,
+    RECEIPT_HEADER, ReceiptError, ReceiptVerifier, ReceivedCall, ReplayCache, VerifiedReceipt,
+    attested_key,
 };
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -62,11 +62,11 @@ use serde_json::value::RawValue;
 /// The largest request body read, in bytes (the verifier's JSON-RPC message bound).
 pub const MAX_BODY_LEN: usize = jsonrpc::MAX_MESSAGE_LEN;
 
-/// Checks receipts for one server: the control plane's attested key, the server's resource
-/// URI, and a replay cache.
+/// Checks receipts for one server: the control plane's attested key (prepared once, see
+/// [`ReceiptVerifier`]), the server's resource URI, and a replay cache.
 #[derive(Debug)]
 pub struct ReceiptChecker {
-    key: VerifyingKey,
+    verifier: ReceiptVerifier,
     audience: String,
     cache: Mutex<ReplayCache>,
 }
@@ -95,23 +95,28 @@ impl std::fmt::Display for Refusal {
 impl ReceiptChecker {
     /// A checker with `key` (the attested epoch key), for the server at `audience`, remembering
     /// up to `cache_capacity` unexpired receipts (past that, calls are refused until some
-    /// expire).
-    pub fn new(key: VerifyingKey, audience: impl Into<String>, cache_capacity: usize) -> Self {
-        Self {
-            key,
+    /// expire). The key is prepared here, once; a key that is not canonical or not of prime
+    /// order is refused.
+    pub fn new(
+        key: VerifyingKey,
+        audience: impl Into<String>,
+        cache_capacity: usize,
+    ) -> Result<Self, ReceiptError> {
+        Ok(Self {
+            verifier: ReceiptVerifier::new(&key)?,
             audience: audience.into(),
             cache: Mutex::new(ReplayCache::new(cache_capacity)),
-        }
+        })
     }
 
     /// A checker with the epoch key of the control plane's verified attestation document;
-    /// `None` if the document carries no Ed25519 key.
+    /// `None` if the document carries no acceptable Ed25519 key.
     pub fn from_attestation(
         document: &VerifiedAttestation,
         audience: impl Into<String>,
         cache_capacity: usize,
     ) -> Option<Self> {
-        Some(Self::new(attested_key(document)?, audience, cache_capacity))
+        Self::new(attested_key(document)?, audience, cache_capacity).ok()
     }
 
     /// Checks one request: `body` as received, `header` the `Attestplane-Receipt` header's
@@ -156,7 +161,8 @@ impl ReceiptChecker {
             .cache
             .lock()
             .map_err(|_| Refusal::Receipt(ReceiptError::CacheFull))?;
-        verify_receipt(token, &self.key, &call, now, &mut cache)
+        self.verifier
+            .verify(token, &call, now, &mut cache)
             .map(Some)
             .map_err(Refusal::Receipt)
     }

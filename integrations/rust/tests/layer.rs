@@ -55,7 +55,7 @@ fn now_secs() -> u64 {
 }
 
 fn app(calls: Arc<AtomicUsize>) -> Router {
-    let checker = Arc::new(ReceiptChecker::new(key().verifying_key(), AUDIENCE, 64));
+    let checker = Arc::new(ReceiptChecker::new(key().verifying_key(), AUDIENCE, 64).unwrap());
     Router::new()
         .route(
             "/mcp",

@@ -7,9 +7,10 @@
 //! deployment's server does per call and little else: hyper's HTTP/1.1 server on one runtime
 //! thread, the JSON-RPC message read through the verifier's borrowed views (no typed model), and
 //! on `/mcp` the **receipt check** a server behind the gateway must run: the
-//! `Attestplane-Receipt` header verified by `attestplane_verifier::gateway::receipt::verify_receipt`
-//! (an Ed25519 signature by the control plane's attested epoch key, the audience, method, tool
-//! and the RFC 8785 hash of the arguments as received, expiry, and a replay cache). A call to
+//! `Attestplane-Receipt` header verified by an `attestplane_verifier::gateway::receipt::ReceiptVerifier`
+//! built once the key is known (an Ed25519 signature by the control plane's attested epoch key,
+//! the audience, method, tool and the RFC 8785 hash of the arguments as received, expiry, and a
+//! replay cache), as a deployed server holds one. A call to
 //! `/mcp` without a valid receipt is refused (HTTP 401) and never runs.
 //!
 //! The key comes from `--receipt-key-file`: read at first use, because the bench learns the key
@@ -40,7 +41,7 @@ use attestplane_enclave::nsm::{Clock, MockNsm, Nsm};
 use attestplane_verifier::UnixMillis;
 use attestplane_verifier::gateway::jsonrpc::{Kind, parse_message};
 use attestplane_verifier::gateway::receipt::{
-    RECEIPT_HEADER, ReceivedCall, ReplayCache, verify_receipt,
+    RECEIPT_HEADER, ReceiptVerifier, ReceivedCall, ReplayCache,
 };
 use bytes::Bytes;
 use clap::Parser;
@@ -89,7 +90,8 @@ struct Upstream {
     nsm: MockNsm,
     resource: String,
     key_file: PathBuf,
-    key: OnceLock<VerifyingKey>,
+    /// The control plane's key, prepared once it is known.
+    verifier: OnceLock<ReceiptVerifier>,
     replay: Mutex<ReplayCache>,
     baseline: bool,
     receipted: AtomicU64,
@@ -137,7 +139,7 @@ async fn serve(cli: UpstreamCli) -> Result<()> {
         nsm,
         resource: format!("http://{bound}/mcp"),
         key_file: cli.receipt_key_file,
-        key: OnceLock::new(),
+        verifier: OnceLock::new(),
         replay: Mutex::new(ReplayCache::new(REPLAY_CAPACITY)),
         baseline: cli.insecure_unreceipted_baseline,
         receipted: AtomicU64::new(0),
@@ -239,14 +241,15 @@ impl Upstream {
         }
     }
 
-    fn key(&self) -> Option<VerifyingKey> {
-        if let Some(k) = self.key.get() {
-            return Some(*k);
+    fn verifier(&self) -> Option<&ReceiptVerifier> {
+        if let Some(v) = self.verifier.get() {
+            return Some(v);
         }
         let text = std::fs::read_to_string(&self.key_file).ok()?;
         let bytes: [u8; 32] = hex::decode(text.trim()).ok()?.try_into().ok()?;
         let key = VerifyingKey::from_bytes(&bytes).ok()?;
-        Some(*self.key.get_or_init(|| key))
+        let verifier = ReceiptVerifier::new(&key).ok()?;
+        Some(self.verifier.get_or_init(|| verifier))
     }
 
     async fn mcp(&self, req: Request<hyper::body::Incoming>, receipted: bool) -> Reply {
@@ -282,7 +285,7 @@ impl Upstream {
                 }
                 let arguments = params.arguments.map(|a| a.get());
                 if receipted {
-                    let Some(key) = self.key() else {
+                    let Some(verifier) = self.verifier() else {
                         return rpc_error(
                             StatusCode::SERVICE_UNAVAILABLE,
                             id,
@@ -308,7 +311,7 @@ impl Upstream {
                     let now = UnixMillis::from_system_time(SystemTime::now());
                     let checked = {
                         let mut cache = self.replay.lock().unwrap_or_else(PoisonError::into_inner);
-                        verify_receipt(&token, &key, &call, now, &mut cache)
+                        verifier.verify(&token, &call, now, &mut cache)
                     };
                     if let Err(e) = checked {
                         self.refused.fetch_add(1, Ordering::Relaxed);

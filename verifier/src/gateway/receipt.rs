@@ -21,15 +21,20 @@
 //! The gateway sends it in the `Attestplane-Receipt` header and in
 //! `params._meta["io.attestplane/receipt"]` (which works over stdio too).
 //!
-//! A server checks it with [`verify_receipt`]: the key is the control plane's *attested* epoch
-//! key (from a verified attestation document, [`attested_key`]), never a JWKS the host merely
-//! serves; the audience is its own resource URI; method, tool and the hash of the arguments it
-//! received must match; the time is the server's, a parameter; and a [`ReplayCache`] refuses a
-//! `jti` seen before its expiry. Canonical JSON makes the argument hash independent of
+//! A server checks it with a [`ReceiptVerifier`] (or the one-shot [`verify_receipt`]): the key
+//! is the control plane's *attested* epoch key (from a verified attestation document,
+//! [`attested_key`]), never a JWKS the host merely serves; the audience is its own resource URI;
+//! method, tool and the hash of the arguments it received must match; the time is the server's,
+//! a parameter; and a [`ReplayCache`] refuses a `jti` seen before its expiry. A server builds
+//! its `ReceiptVerifier` once per key: preparing a key (decompressing the point, checking it is
+//! canonical and of prime order) costs about as much as checking a signature, and
+//! [`verify_receipt`] pays it on every call. Canonical JSON makes the argument hash independent of
 //! whitespace, key order and number spelling, so the server hashes what it parsed, not bytes a
 //! framework may have re-serialised.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -254,10 +259,21 @@ impl VerifiedReceipt {
 }
 
 /// Receipts seen and not yet expired, bounded.
+///
+/// Expired receipts are dropped as the cache's time advances (each `jti` is queued by expiry
+/// when recorded and dropped once, so the cost is amortised over the receipts recorded), not
+/// only once the cache is full: a busy server's cache holds about a receipt lifetime's worth of
+/// calls. The cache's time is the latest `now` it was given and never goes back: a receipt that
+/// has expired by that time is refused even when a later call is checked at an earlier time
+/// (otherwise a clock stepped back could replay a receipt whose `jti` was already dropped).
 #[derive(Debug)]
 pub struct ReplayCache {
-    seen: HashMap<String, u64>,
+    seen: HashMap<Arc<str>, u64>,
+    /// The same receipts by expiry, earliest first.
+    by_expiry: BinaryHeap<Reverse<(u64, Arc<str>)>>,
     capacity: usize,
+    /// The latest time (seconds) the cache was given.
+    horizon: u64,
 }
 
 impl ReplayCache {
@@ -265,25 +281,58 @@ impl ReplayCache {
     pub fn new(capacity: usize) -> Self {
         Self {
             seen: HashMap::new(),
+            by_expiry: BinaryHeap::new(),
             capacity,
+            horizon: 0,
         }
     }
 
-    /// Records `jti` (valid until `exp`, seconds) at `now_s`; refuses one already recorded.
+    /// The receipts held (recorded and not yet dropped as expired).
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether the cache holds no receipt.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Drops the receipts expired at the cache's time (with leeway: a receipt is dropped only
+    /// once no verifier at that time would accept it).
+    fn prune(&mut self) {
+        while let Some(Reverse((exp, _))) = self.by_expiry.peek() {
+            if exp.saturating_add(RECEIPT_LEEWAY_SECS) >= self.horizon {
+                break;
+            }
+            if let Some(Reverse((_, jti))) = self.by_expiry.pop() {
+                self.seen.remove(&jti);
+            }
+        }
+    }
+
+    /// Records `jti` (valid until `exp`, seconds) at `now_s`; refuses one already recorded,
+    /// one expired at the cache's time, and any once the cache holds `capacity` unexpired
+    /// receipts.
     fn record(&mut self, jti: &str, exp: u64, now_s: u64) -> Result<(), ReceiptError> {
+        self.horizon = self.horizon.max(now_s);
+        self.prune();
         if self.seen.contains_key(jti) {
             return Err(ReceiptError::Replayed {
                 jti: jti.to_owned(),
             });
         }
-        if self.seen.len() >= self.capacity {
-            self.seen
-                .retain(|_, e| e.saturating_add(RECEIPT_LEEWAY_SECS) >= now_s);
-            if self.seen.len() >= self.capacity {
-                return Err(ReceiptError::CacheFull);
-            }
+        if self.horizon >= exp.saturating_add(RECEIPT_LEEWAY_SECS) {
+            return Err(ReceiptError::Expired {
+                exp,
+                now: self.horizon,
+            });
         }
-        self.seen.insert(jti.to_owned(), exp);
+        if self.seen.len() >= self.capacity {
+            return Err(ReceiptError::CacheFull);
+        }
+        let jti: Arc<str> = Arc::from(jti);
+        self.seen.insert(Arc::clone(&jti), exp);
+        self.by_expiry.push(Reverse((exp, jti)));
         Ok(())
     }
 }
@@ -302,9 +351,98 @@ fn secs(claims: &Map<String, Value>, name: &'static str) -> Result<u64, ReceiptE
         .ok_or(ReceiptError::Claim(name))
 }
 
+/// Checks receipts with one key, prepared once: the control plane's attested epoch key,
+/// decoded and checked (canonical, prime order) when the verifier is built rather than on every
+/// call. Build one per key (a new epoch has a new key) and share it; the replay cache is the
+/// caller's, so several verifiers may share one or not.
+#[derive(Clone, Debug)]
+pub struct ReceiptVerifier {
+    /// The key alone, under its key id.
+    jwks: Jwks,
+}
+
+impl ReceiptVerifier {
+    /// A verifier for receipts signed by `key`. Refused: a key that is not canonical or not of
+    /// prime order (the same rules as every key the verifier accepts).
+    pub fn new(key: &VerifyingKey) -> Result<Self, ReceiptError> {
+        let kid = crate::entry::KeyId::of(key).to_hex();
+        let jwks = Jwks::from_keys([(kid, *key)]).map_err(ReceiptError::Jws)?;
+        Ok(Self { jwks })
+    }
+
+    /// Verifies `token` for `call` at `now`, recording it in `replay`. Every check runs
+    /// before the receipt is recorded, so a refused receipt does not use up its `jti`.
+    pub fn verify(
+        &self,
+        token: &str,
+        call: &ReceivedCall<'_>,
+        now: UnixMillis,
+        replay: &mut ReplayCache,
+    ) -> Result<VerifiedReceipt, ReceiptError> {
+        let (_, c) = verify_jws_typed(token, &self.jwks, Some(RECEIPT_TYP))?;
+        let claims = ReceiptClaims {
+            iss: text(&c, "iss")?,
+            aud: text(&c, "aud")?,
+            sub: text(&c, "sub")?,
+            usr: text(&c, "usr")?,
+            ten: text(&c, "ten")?,
+            mth: text(&c, "mth")?,
+            tool: text(&c, "tool")?,
+            args: text(&c, "args")?,
+            def: text(&c, "def")?,
+            jti: text(&c, "jti")?,
+            iat: secs(&c, "iat")?,
+            exp: secs(&c, "exp")?,
+            seq: secs(&c, "seq")?,
+        };
+        if claims.aud != call.audience {
+            return Err(ReceiptError::WrongAudience {
+                expected: call.audience.to_owned(),
+                found: claims.aud,
+            });
+        }
+        if claims.mth != call.method || claims.tool != call.tool {
+            return Err(ReceiptError::WrongCall {
+                method: call.method.to_owned(),
+                tool: call.tool.to_owned(),
+                found_method: claims.mth,
+                found_tool: claims.tool,
+            });
+        }
+        let found = arguments_hash(call.arguments)?;
+        if found != claims.args {
+            return Err(ReceiptError::OtherArguments {
+                expected: claims.args,
+                found,
+            });
+        }
+        if claims.exp <= claims.iat || claims.exp - claims.iat > MAX_RECEIPT_LIFETIME_SECS {
+            return Err(ReceiptError::Lifetime {
+                iat: claims.iat,
+                exp: claims.exp,
+            });
+        }
+        let now_s = now.as_secs();
+        if now_s >= claims.exp.saturating_add(RECEIPT_LEEWAY_SECS) {
+            return Err(ReceiptError::Expired {
+                exp: claims.exp,
+                now: now_s,
+            });
+        }
+        if now_s.saturating_add(RECEIPT_LEEWAY_SECS) < claims.iat {
+            return Err(ReceiptError::NotYetValid {
+                iat: claims.iat,
+                now: now_s,
+            });
+        }
+        replay.record(&claims.jti, claims.exp, now_s)?;
+        Ok(VerifiedReceipt { claims })
+    }
+}
+
 /// Verifies `token` for `call` with the control plane's attested key at `now`, recording it
-/// in `replay`. Every check runs before the receipt is recorded, so a refused receipt does not
-/// use up its `jti`.
+/// in `replay`: [`ReceiptVerifier::verify`] with a verifier built for this one call. A server
+/// that checks more than one receipt keeps a [`ReceiptVerifier`] instead.
 pub fn verify_receipt(
     token: &str,
     key: &VerifyingKey,
@@ -312,66 +450,7 @@ pub fn verify_receipt(
     now: UnixMillis,
     replay: &mut ReplayCache,
 ) -> Result<VerifiedReceipt, ReceiptError> {
-    let kid = crate::entry::KeyId::of(key).to_hex();
-    let jwks = Jwks::from_keys([(kid, *key)]).map_err(ReceiptError::Jws)?;
-    let (_, c) = verify_jws_typed(token, &jwks, Some(RECEIPT_TYP))?;
-    let claims = ReceiptClaims {
-        iss: text(&c, "iss")?,
-        aud: text(&c, "aud")?,
-        sub: text(&c, "sub")?,
-        usr: text(&c, "usr")?,
-        ten: text(&c, "ten")?,
-        mth: text(&c, "mth")?,
-        tool: text(&c, "tool")?,
-        args: text(&c, "args")?,
-        def: text(&c, "def")?,
-        jti: text(&c, "jti")?,
-        iat: secs(&c, "iat")?,
-        exp: secs(&c, "exp")?,
-        seq: secs(&c, "seq")?,
-    };
-    if claims.aud != call.audience {
-        return Err(ReceiptError::WrongAudience {
-            expected: call.audience.to_owned(),
-            found: claims.aud,
-        });
-    }
-    if claims.mth != call.method || claims.tool != call.tool {
-        return Err(ReceiptError::WrongCall {
-            method: call.method.to_owned(),
-            tool: call.tool.to_owned(),
-            found_method: claims.mth,
-            found_tool: claims.tool,
-        });
-    }
-    let found = arguments_hash(call.arguments)?;
-    if found != claims.args {
-        return Err(ReceiptError::OtherArguments {
-            expected: claims.args,
-            found,
-        });
-    }
-    if claims.exp <= claims.iat || claims.exp - claims.iat > MAX_RECEIPT_LIFETIME_SECS {
-        return Err(ReceiptError::Lifetime {
-            iat: claims.iat,
-            exp: claims.exp,
-        });
-    }
-    let now_s = now.as_secs();
-    if now_s >= claims.exp.saturating_add(RECEIPT_LEEWAY_SECS) {
-        return Err(ReceiptError::Expired {
-            exp: claims.exp,
-            now: now_s,
-        });
-    }
-    if now_s.saturating_add(RECEIPT_LEEWAY_SECS) < claims.iat {
-        return Err(ReceiptError::NotYetValid {
-            iat: claims.iat,
-            now: now_s,
-        });
-    }
-    replay.record(&claims.jti, claims.exp, now_s)?;
-    Ok(VerifiedReceipt { claims })
+    ReceiptVerifier::new(key)?.verify(token, call, now, replay)
 }
 
 #[cfg(test)]
@@ -558,5 +637,116 @@ mod tests {
         later.iat = T + 40;
         later.exp = T + 60;
         assert!(verify_receipt(&token(&later), &vk, &call(None), at(T + 41), &mut cache).is_ok());
+    }
+
+    fn receipt_with(jti: char, iat: u64, exp: u64) -> String {
+        let mut c = claims(None);
+        c.jti = jti.to_string().repeat(32);
+        c.iat = iat;
+        c.exp = exp;
+        token(&c)
+    }
+
+    #[test]
+    fn an_expired_receipts_slot_is_reclaimed_before_the_cache_is_full() {
+        let verifier = ReceiptVerifier::new(&key().verifying_key()).unwrap();
+        let mut cache = ReplayCache::new(16);
+        let a = receipt_with('a', T, T + 30);
+        verifier.verify(&a, &call(None), at(T), &mut cache).unwrap();
+        assert_eq!(cache.len(), 1);
+        // Still within its lifetime and leeway: kept.
+        let b = receipt_with('b', T + 34, T + 60);
+        verifier
+            .verify(&b, &call(None), at(T + 34), &mut cache)
+            .unwrap();
+        assert_eq!(cache.len(), 2);
+        // Past it: the next receipt recorded reclaims the first's slot, though the cache is
+        // far from full.
+        let c = receipt_with('c', T + 36, T + 60);
+        verifier
+            .verify(&c, &call(None), at(T + 36), &mut cache)
+            .unwrap();
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn a_replayed_receipt_is_refused_throughout_its_lifetime_while_others_expire() {
+        let verifier = ReceiptVerifier::new(&key().verifying_key()).unwrap();
+        let mut cache = ReplayCache::new(4);
+        let short = receipt_with('s', T, T + 1);
+        verifier
+            .verify(&short, &call(None), at(T), &mut cache)
+            .unwrap();
+        let long = receipt_with('l', T, T + 60);
+        verifier
+            .verify(&long, &call(None), at(T), &mut cache)
+            .unwrap();
+        for (i, now) in [T + 10, T + 30, T + 50, T + 64].into_iter().enumerate() {
+            // Others come and go (the short one is dropped on the way) ...
+            let other = receipt_with(char::from(b'0' + u8::try_from(i).unwrap()), now, now + 2);
+            verifier
+                .verify(&other, &call(None), at(now), &mut cache)
+                .unwrap();
+            // ... and the long one is refused as a replay until it expires.
+            assert_eq!(
+                verifier.verify(&long, &call(None), at(now), &mut cache),
+                Err(ReceiptError::Replayed {
+                    jti: "l".repeat(32)
+                }),
+                "at {now}"
+            );
+        }
+        assert!(cache.len() <= 3, "expired receipts kept: {}", cache.len());
+    }
+
+    #[test]
+    fn a_clock_stepped_back_cannot_replay_a_dropped_receipt() {
+        let verifier = ReceiptVerifier::new(&key().verifying_key()).unwrap();
+        let mut cache = ReplayCache::new(4);
+        let a = receipt_with('a', T, T + 30);
+        verifier.verify(&a, &call(None), at(T), &mut cache).unwrap();
+        // Time moves past a's expiry: a's slot is reclaimed.
+        let b = receipt_with('b', T + 40, T + 60);
+        verifier
+            .verify(&b, &call(None), at(T + 40), &mut cache)
+            .unwrap();
+        assert_eq!(cache.len(), 1);
+        // A verifier whose clock stepped back would take a as fresh: the cache's time does not
+        // go back, so it is refused.
+        let e = verifier.verify(&a, &call(None), at(T + 1), &mut cache);
+        assert!(matches!(e, Err(ReceiptError::Expired { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn a_prepared_verifier_checks_exactly_what_verify_receipt_checks() {
+        let vk = key().verifying_key();
+        let verifier = ReceiptVerifier::new(&vk).unwrap();
+        let t = token(&claims(Some(r#"{"amount":10}"#)));
+        let mut cache = ReplayCache::new(16);
+        let e = verifier.verify(&t, &call(Some(r#"{"amount":11}"#)), at(T), &mut cache);
+        assert!(
+            matches!(e, Err(ReceiptError::OtherArguments { .. })),
+            "{e:?}"
+        );
+        let mallory =
+            ReceiptVerifier::new(&SigningKey::from_bytes(&[6; 32]).verifying_key()).unwrap();
+        let e = mallory.verify(&t, &call(Some(r#"{"amount":10}"#)), at(T), &mut cache);
+        assert!(matches!(e, Err(ReceiptError::Jws(_))), "{e:?}");
+        let ok = verifier
+            .verify(&t, &call(Some(r#"{"amount":10}"#)), at(T), &mut cache)
+            .unwrap();
+        assert_eq!(ok.claims().seq, 42);
+    }
+
+    #[test]
+    fn a_small_order_key_is_refused_when_the_verifier_is_built() {
+        // The identity point: every signature "verifies" under it with a lax verifier.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = VerifyingKey::from_bytes(&identity).unwrap();
+        assert!(matches!(
+            ReceiptVerifier::new(&weak),
+            Err(ReceiptError::Jws(_))
+        ));
     }
 }
