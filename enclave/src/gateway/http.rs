@@ -108,13 +108,6 @@ struct Ctx {
     endpoint: Option<Endpoint>,
 }
 
-impl Ctx {
-    /// The upstream's endpoint, or the answer that it cannot be reached.
-    fn endpoint(&self) -> Result<Endpoint, Reply> {
-        self.endpoint.clone().ok_or_else(not_http)
-    }
-}
-
 /// Who is calling: an agent already authenticated (with the endpoint read in the same trip to
 /// the handler thread), or a bearer token not checked yet, to be checked on the handler
 /// thread in the same trip as the decision.
@@ -122,6 +115,9 @@ enum Caller {
     Known(PrincipalRecord, Option<Endpoint>),
     Bearer(String),
 }
+
+/// Whom a trip to the handler thread authenticated, and where their server is.
+type Who = Option<(PrincipalRecord, Option<Endpoint>)>;
 
 /// The step a `tools/call` trip to the handler thread took.
 enum CallStep {
@@ -660,9 +656,8 @@ impl Gateway {
 
     async fn tools_list(&self, ctx: &Ctx, message: &Message<'_>) -> Reply {
         let id = message.id().map(RawValue::get);
-        let endpoint = match ctx.endpoint() {
-            Ok(e) => e,
-            Err(r) => return r,
+        let Some(endpoint) = ctx.endpoint.clone() else {
+            return not_http();
         };
         let (last, shown) = match self.listing(ctx, &endpoint).await {
             Ok(x) => x,
@@ -734,9 +729,8 @@ impl Gateway {
                 era,
                 endpoint,
             };
-            let endpoint = match ctx.endpoint() {
-                Ok(e) => e,
-                Err(r) => return r,
+            let Some(endpoint) = ctx.endpoint.clone() else {
+                return not_http();
             };
             if let Err(r) = self.listing(&ctx, &endpoint).await {
                 return r;
@@ -815,9 +809,8 @@ impl Gateway {
                 era,
                 endpoint,
             };
-            let endpoint = match ctx.endpoint() {
-                Ok(e) => e,
-                Err(r) => return r,
+            let Some(endpoint) = ctx.endpoint.clone() else {
+                return not_http();
             };
             match step {
                 CallStep::NotHttp => return not_http(),
@@ -875,9 +868,8 @@ impl Gateway {
         if let Some(r) = refuse_non_ijson(id, arguments) {
             return r;
         }
-        let endpoint = match ctx.endpoint() {
-            Ok(e) => e,
-            Err(r) => return r,
+        let Some(endpoint) = ctx.endpoint.clone() else {
+            return not_http();
         };
         let args = match redact::call_arguments(arguments.map(RawValue::get)) {
             Ok(a) => a,
@@ -928,9 +920,8 @@ impl Gateway {
     ) -> Reply {
         let id = message.id().map(RawValue::get);
         let method = message.method().unwrap_or_default().to_owned();
-        let endpoint = match ctx.endpoint() {
-            Ok(e) => e,
-            Err(r) => return r,
+        let Some(endpoint) = ctx.endpoint.clone() else {
+            return not_http();
         };
         let era = match self.upstreams.era(&endpoint).await {
             Ok(e) => e,
@@ -1328,14 +1319,7 @@ fn decide_call_inside(
     live: Option<Digest32>,
     checked_pin: Option<Digest32>,
     args: &inside::CallArguments,
-) -> Result<
-    (
-        Option<(PrincipalRecord, Option<Endpoint>)>,
-        CallStep,
-        inside::Replies,
-    ),
-    CallFailed,
-> {
+) -> Result<(Who, CallStep, inside::Replies), CallFailed> {
     let (principal, who) = match (known, bearer) {
         (Some(p), _) => (p, None),
         (None, Some(bearer)) => {
