@@ -1929,3 +1929,53 @@ async fn a_legacy_servers_request_on_its_session_stream_is_refused_at_once() {
         .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A modern-era `tools/call` is read and parsed before its token is checked (so that it is
+/// authenticated and decided in one trip to the handler thread): a caller without a valid
+/// token must still get its 401 whatever it sent, and nothing may be decided, written or
+/// forwarded for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_tools_call_gets_401_whatever_its_body_and_nothing_is_decided() {
+    let s = stack(true).await;
+    // One allowed call first: the listing is cached, so the one-trip path is the one taken.
+    let token = s.token("weather", &["tool-user"]);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1,"b":2}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let before = s.entries().len();
+    let served = calls(&s);
+    let other = s.token("other", &["tool-user"]);
+    let bodies = [
+        modern_call("add", r#"{"a":1,"b":2}"#),
+        modern_call("add", r#"{"a":1e400,"b":2}"#),
+        modern_call("add", r#"[1,2]"#),
+        "{\"jsonrpc\":".to_owned(),
+    ];
+    for (who, bearer) in [
+        ("another endpoint's token", other.as_str()),
+        ("garbage", "x.y.z"),
+    ] {
+        for body in &bodies {
+            let headers = [
+                ("authorization", format!("Bearer {bearer}")),
+                ("mcp-protocol-version", "2026-07-28".to_owned()),
+                ("mcp-method", "tools/call".to_owned()),
+                ("mcp-name", "add".to_owned()),
+            ];
+            let (status, h, answer) = s.post("/mcp/weather", &headers, body).await;
+            assert_eq!(status, 401, "{who}, {body}: {answer}");
+            assert!(h.get("www-authenticate").is_some(), "{who}, {body}");
+        }
+    }
+    assert_eq!(
+        s.entries().len(),
+        before,
+        "an unauthenticated call was logged"
+    );
+    assert_eq!(
+        calls(&s),
+        served,
+        "an unauthenticated call reached the server"
+    );
+}
