@@ -2250,6 +2250,88 @@ fn pipelined_replay_gives_the_sequential_verdict_and_state_whatever_the_rounds()
     }
 }
 
+/// Whether the decision an authorize, resolve or (denied) reply names was logged as allowed.
+fn logged_allowed(h: &Harness, reply: &Response) -> bool {
+    let seq = match reply {
+        Response::Authorized { seq, .. }
+        | Response::Denied { seq, .. }
+        | Response::Handle { seq, .. } => *seq,
+        other => panic!("expected a decision, got {other:?}"),
+    };
+    decision(h, seq).allowed
+}
+
+#[test]
+fn replay_follows_idp_policy_and_registry_changes_that_flip_later_decisions() {
+    // Three admin acts change what the same agent asking about the same server means, each
+    // flipping a later decision: an identity provider that now asserts other roles for the
+    // agent, a policy re-install, and a server revoked and registered again under another
+    // name. Anything that reused Cedar entities or policies built before such a change (a
+    // cache keyed by the agent's or the server's id alone, or kept across policy sets) would
+    // decide the later request as the earlier one: the live decisions below would not flip,
+    // and replay (sequential, in rounds, pipelined) would not give them. (A cache keyed that
+    // way was tried and fails this test.)
+    let (mut h, admin, idp, server) = session();
+    let tool_user = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
+    let call = h.authorize(&tool_user, "search", "search");
+    assert!(logged_allowed(&h, &call), "{call:?}");
+    // The identity provider is replaced (new key): the same agent is now a reader only.
+    let idp2 = Idp::new(41, &idp.issuer);
+    h.admin_ok(&admin, idp2.install());
+    let reader = idp2.token(ACME_AGENT, "acme", &["reader"], h.now);
+    let call = h.authorize(&reader, "search", "search");
+    assert!(!logged_allowed(&h, &call), "{call:?}");
+    // A new policy lets readers call, and forbids resolving a server named "search v2".
+    let policy = format!(
+        "{}\n{}",
+        STARTER_POLICY.replace(r#"contains("tool-user")"#, r#"contains("reader")"#),
+        r#"@id("no-v2") forbid (principal, action == Attestplane::Action::"resolve", resource)
+           when { resource.name == "search v2" };"#
+    );
+    h.admin_ok(
+        &admin,
+        AdminAction::SetPolicy {
+            text: policy.clone(),
+        },
+    );
+    let call = h.authorize(&reader, "search", "search");
+    assert!(logged_allowed(&h, &call), "{call:?}");
+    let resolve = h.resolve(&reader, "search");
+    assert!(logged_allowed(&h, &resolve), "{resolve:?}");
+    // The server is revoked, then registered again as "search v2" and attested again.
+    h.admin_ok(
+        &admin,
+        AdminAction::RevokeServer {
+            id: "search".into(),
+        },
+    );
+    expect_denied(&h.resolve(&reader, "search"));
+    let mut renamed = server.spec.clone();
+    renamed.name = "search v2".into();
+    h.admin_ok(&admin, AdminAction::RegisterServer(renamed));
+    h.advance(1_000);
+    assert!(expect_attest(&h.attest(&server)).0);
+    let resolve = h.resolve(&reader, "search");
+    assert!(!logged_allowed(&h, &resolve), "{resolve:?}");
+    let call = h.authorize(&reader, "search", "search");
+    assert!(logged_allowed(&h, &call), "{call:?}");
+    h.advance(1_000);
+
+    let log = h.store.clone();
+    let policy = log_policy(&h.nsm);
+    let reference = sequential_replay(&log, &policy, h.now).expect("the log replays");
+    assert_eq!(reference.0, h.enclave.state().snapshot());
+    for round in [1, 2, 5, log.len()] {
+        for pipelined in [false, true] {
+            assert_eq!(
+                rounds_replay(&log, &policy, h.now, round, pipelined),
+                Ok(reference.clone()),
+                "rounds of {round}, pipelined {pipelined}"
+            );
+        }
+    }
+}
+
 /// One request of the live/replay equivalence property.
 #[derive(Clone, Debug)]
 enum Op {
