@@ -22,7 +22,9 @@
 //!   frame sent by the host is answered `BadFrame`. Request id [`NO_REQUEST_ID`] is reserved and
 //!   answered `BadRequest`.
 //! - Replies reach a connection's task through its *outbox*, already encoded (the handler
-//!   encodes them, so it knows their size). The task writes everything its outbox holds with
+//!   encodes them, so it knows their size). The handler hands a burst's replies over together:
+//!   it serves the jobs already waiting (at most [`JOBS_PER_FLUSH`]) before passing their
+//!   replies on, so a burst wakes each connection's task once. The task writes everything its outbox holds with
 //!   one write (one system call for a burst of replies, not one per frame), and it reads the
 //!   next request only when its outbox is empty: a host that does not read its replies stops
 //!   being read (backpressure), and its socket buffers, not the enclave's memory, hold the
@@ -103,6 +105,10 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default for [`ServerLimits::max_queued_reply_bytes`]: far more than a host that reads its
 /// replies ever leaves queued (a few KiB), far less than the enclave's memory.
 pub const DEFAULT_MAX_QUEUED_REPLY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The most jobs the handler serves before handing their replies to the connections (it hands
+/// them over sooner when no job is waiting): bounds what a reply waits for its burst's end.
+const JOBS_PER_FLUSH: usize = 8;
 
 /// The most bytes one write hands the socket; a larger outbox is written in several.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
@@ -307,6 +313,10 @@ fn encode_reply(frame: &Frame) -> Option<Vec<u8>> {
 /// in bytes, before anything is queued.
 struct Outbox {
     tx: mpsc::UnboundedSender<Outgoing>,
+    /// Replies queued by the handler but not yet handed to the channel: the handler hands them
+    /// over together when it has no more work at hand ([`Handler::flush`]), so a burst of
+    /// replies wakes the connection's task once, not once per reply.
+    staged: Vec<Outgoing>,
     /// Encoded bytes queued or being written; the connection's task subtracts what it has
     /// taken out, the handler adds what it queues.
     queued: Arc<AtomicUsize>,
@@ -327,6 +337,7 @@ impl Outbox {
         let (tx, rx) = mpsc::unbounded_channel();
         let outbox = Outbox {
             tx,
+            staged: Vec::new(),
             queued: Arc::new(AtomicUsize::new(0)),
             kill: Arc::new(Notify::new()),
         };
@@ -337,9 +348,12 @@ impl Outbox {
         self.queued.load(Ordering::Acquire)
     }
 
-    /// Queues `out` unless that would take the outbox past `limit` (an empty outbox takes one
-    /// reply of any size).
-    fn push(&self, out: Outgoing, limit: usize) -> Result<(), Refused> {
+    /// Queues `out` (staged until the next [`Outbox::flush`]) unless that would take the
+    /// outbox past `limit` (an empty outbox takes one reply of any size).
+    fn push(&mut self, out: Outgoing, limit: usize) -> Result<(), Refused> {
+        if self.tx.is_closed() {
+            return Err(Refused::Gone(out));
+        }
         let len = out.bytes.len();
         // Only the handler adds, so what it reads here can only shrink before the add.
         let queued = self.queued();
@@ -347,10 +361,22 @@ impl Outbox {
             return Err(Refused::Full(out));
         }
         self.queued.fetch_add(len, Ordering::AcqRel);
-        self.tx.send(out).map_err(|mpsc::error::SendError(out)| {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-            Refused::Gone(out)
-        })
+        self.staged.push(out);
+        Ok(())
+    }
+
+    /// Hands the staged replies to the connection's task; returns those it could not take
+    /// (its task has gone).
+    fn flush(&mut self) -> Vec<Outgoing> {
+        let mut lost = Vec::new();
+        for out in self.staged.drain(..) {
+            let len = out.bytes.len();
+            if let Err(mpsc::error::SendError(out)) = self.tx.send(out) {
+                self.queued.fetch_sub(len, Ordering::AcqRel);
+                lost.push(out);
+            }
+        }
+        lost
     }
 }
 
@@ -548,13 +574,48 @@ struct Handler<C> {
 }
 
 impl<C: Fn() -> UnixMillis> Handler<C> {
+    /// Serves jobs until the queue closes. The replies of the jobs at hand (up to
+    /// [`JOBS_PER_FLUSH`]) are handed to their connections together, once per burst.
     fn run(mut self, mut queue: mpsc::Receiver<Job>) {
         while let Some(job) = queue.blocking_recv() {
-            self.job(job);
+            self.serve(job);
+            for _ in 1..JOBS_PER_FLUSH {
+                match queue.try_recv() {
+                    Ok(job) => self.serve(job),
+                    Err(_) => break,
+                }
+            }
+            self.flush();
         }
     }
 
+    /// Serves one job and hands its replies over at once.
+    #[cfg(test)]
     fn job(&mut self, job: Job) {
+        self.serve(job);
+        self.flush();
+    }
+
+    /// Hands every staged reply to its connection; a reply whose connection's task has gone
+    /// meanwhile is rerouted like any reply of a closed connection.
+    fn flush(&mut self) {
+        loop {
+            let mut lost = Vec::new();
+            for outbox in self.conns.values_mut() {
+                if !outbox.staged.is_empty() {
+                    lost.extend(outbox.flush());
+                }
+            }
+            if lost.is_empty() {
+                return;
+            }
+            for out in lost {
+                self.reroute(out);
+            }
+        }
+    }
+
+    fn serve(&mut self, job: Job) {
         match job {
             Job::Open { conn, outbox } => {
                 self.conns.insert(conn, outbox);
@@ -575,9 +636,13 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
                 }
             }
             Job::Closed { conn, undelivered } => {
-                self.conns.remove(&conn);
+                let staged = self
+                    .conns
+                    .remove(&conn)
+                    .map(|outbox| outbox.staged)
+                    .unwrap_or_default();
                 self.routes.retain(|_, c| *c != conn);
-                for frame in undelivered {
+                for frame in undelivered.into_iter().chain(staged) {
                     self.reroute(frame);
                 }
             }
@@ -630,7 +695,7 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
     /// Queues `out` for `conn`. An outbox at its limit means the host has stopped reading that
     /// connection: it is closed, and `out` rerouted like any reply of a closed connection.
     fn send(&mut self, conn: ConnId, out: Outgoing) {
-        let Some(outbox) = self.conns.get(&conn) else {
+        let Some(outbox) = self.conns.get_mut(&conn) else {
             self.reroute(out);
             return;
         };
@@ -645,8 +710,16 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
                     self.max_queued
                 );
                 outbox.kill.notify_one();
-                // No more replies for it; its task hands back what it could not write.
-                self.conns.remove(&conn);
+                // No more replies for it; its task hands back what it could not write, and
+                // what never reached it is rerouted here.
+                let staged = self
+                    .conns
+                    .remove(&conn)
+                    .map(|outbox| outbox.staged)
+                    .unwrap_or_default();
+                for frame in staged {
+                    self.reroute(frame);
+                }
                 self.reroute(out);
             }
         }
@@ -671,7 +744,7 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
             .collect();
         targets.sort_unstable();
         for (_, conn) in targets {
-            let Some(outbox) = self.conns.get(&conn) else {
+            let Some(outbox) = self.conns.get_mut(&conn) else {
                 continue;
             };
             match outbox.push(out, self.max_queued) {
@@ -1053,6 +1126,31 @@ mod tests {
         assert_eq!(next(&mut b), (3, Response::Ack, true), "not A's held Ack");
         assert!(b.try_recv().is_err());
         assert!(h.routes.is_empty());
+    }
+
+    /// Replies wait in the handler until its burst ends; a connection that closes meanwhile
+    /// must not take its staged `Persist` with it (the entries would never be stored).
+    #[test]
+    fn a_persist_staged_for_a_connection_that_closes_before_the_flush_is_rerouted() {
+        let (mut h, mut a, mut b) = handler();
+        begin(&mut h, A, 1);
+        assert_eq!(next(&mut a), (1, Response::Ack, true));
+        h.serve(Job::Request {
+            conn: A,
+            id: 2,
+            request: Request::ReplayEnd,
+        });
+        assert!(a.try_recv().is_err(), "staged, not yet handed over");
+        h.serve(Job::Closed {
+            conn: A,
+            undelivered: Vec::new(),
+        });
+        h.flush();
+        let (id, reply, done) = next(&mut b);
+        assert_eq!(id, 2);
+        assert!(matches!(reply, Response::Persist { .. }), "{reply:?}");
+        assert!(!done);
+        assert!(a.try_recv().is_err());
     }
 
     #[test]
