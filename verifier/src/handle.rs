@@ -284,11 +284,28 @@ struct HeaderOut<'a> {
     kid: &'a str,
 }
 
+/// A JWT of type `JWT` ([`encode_jws_typed`]). Handles ([`encode_handle`]) and agent identity
+/// tokens ([`IdentityClaims::encode`]) are made with it.
+pub fn encode_jws<C, S>(claims: &C, kid: &str, signer: &S) -> Result<String, HandleError>
+where
+    C: Serialize + ?Sized,
+    S: Signer<Signature>,
+{
+    encode_jws_typed(claims, "JWT", kid, signer)
+}
+
 /// The one JWT encoder of the project: `claims` (any JSON object, in its serialisation order)
 /// signed with EdDSA under `kid`, as `base64url(header).base64url(claims).base64url(signature)`
-/// with the header `{"alg":"EdDSA","typ":"JWT","kid":…}`. Handles ([`encode_handle`]) and
-/// agent identity tokens ([`IdentityClaims::encode`]) are made with it.
-pub fn encode_jws<C, S>(claims: &C, kid: &str, signer: &S) -> Result<String, HandleError>
+/// with the header `{"alg":"EdDSA","typ":typ,"kid":…}`. [`encode_jws`] makes the `JWT`-typed
+/// handles and identity tokens; the gateway's receipts
+/// ([`crate::gateway::receipt::encode_receipt`]) carry their own `typ`, so that one kind of
+/// token is never taken for another.
+pub fn encode_jws_typed<C, S>(
+    claims: &C,
+    typ: &str,
+    kid: &str,
+    signer: &S,
+) -> Result<String, HandleError>
 where
     C: Serialize + ?Sized,
     S: Signer<Signature>,
@@ -296,7 +313,7 @@ where
     check_kid(kid)?;
     let header = serde_json::to_vec(&HeaderOut {
         alg: ALGORITHM,
-        typ: "JWT",
+        typ,
         kid,
     })
     .map_err(|_| HandleError::Malformed {

@@ -173,13 +173,6 @@ pub struct ReceiptClaims {
     pub seq: u64,
 }
 
-#[derive(Serialize)]
-struct Header<'a> {
-    alg: &'static str,
-    typ: &'static str,
-    kid: &'a str,
-}
-
 /// base64url SHA-256 of the RFC 8785 canonical form of `arguments` (JSON text; `None` hashes
 /// as `{}`).
 pub fn arguments_hash(arguments: Option<&str>) -> Result<String, ReceiptError> {
@@ -206,23 +199,12 @@ pub fn encode_receipt<S: Signer<Signature>>(
             exp: claims.exp,
         });
     }
-    let header = serde_json::to_vec(&Header {
-        alg: "EdDSA",
-        typ: RECEIPT_TYP,
+    Ok(crate::handle::encode_jws_typed(
+        claims,
+        RECEIPT_TYP,
         kid,
-    })
-    .map_err(|_| ReceiptError::Claim("header"))?;
-    let payload = serde_json::to_vec(claims).map_err(|_| ReceiptError::Claim("claims"))?;
-    let input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header),
-        URL_SAFE_NO_PAD.encode(payload)
-    );
-    let signature = signer.sign(input.as_bytes());
-    Ok(format!(
-        "{input}.{}",
-        URL_SAFE_NO_PAD.encode(signature.to_bytes())
-    ))
+        signer,
+    )?)
 }
 
 /// The control plane's epoch key from its verified attestation document: the only key a
