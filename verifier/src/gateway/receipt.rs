@@ -33,7 +33,7 @@
 //! framework may have re-serialised.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -250,7 +250,7 @@ impl VerifiedReceipt {
 /// (otherwise a clock stepped back could replay a receipt whose `jti` was already dropped).
 #[derive(Debug)]
 pub struct ReplayCache {
-    seen: HashMap<Arc<str>, u64>,
+    seen: HashSet<Arc<str>>,
     /// The same receipts by expiry, earliest first.
     by_expiry: BinaryHeap<Reverse<(u64, Arc<str>)>>,
     capacity: usize,
@@ -262,7 +262,7 @@ impl ReplayCache {
     /// A cache holding at most `capacity` unexpired receipts.
     pub fn new(capacity: usize) -> Self {
         Self {
-            seen: HashMap::new(),
+            seen: HashSet::new(),
             by_expiry: BinaryHeap::new(),
             capacity,
             horizon: 0,
@@ -298,7 +298,7 @@ impl ReplayCache {
     fn record(&mut self, jti: &str, exp: u64, now_s: u64) -> Result<(), ReceiptError> {
         self.horizon = self.horizon.max(now_s);
         self.prune();
-        if self.seen.contains_key(jti) {
+        if self.seen.contains(jti) {
             return Err(ReceiptError::Replayed {
                 jti: jti.to_owned(),
             });
@@ -313,7 +313,7 @@ impl ReplayCache {
             return Err(ReceiptError::CacheFull);
         }
         let jti: Arc<str> = Arc::from(jti);
-        self.seen.insert(Arc::clone(&jti), exp);
+        self.seen.insert(Arc::clone(&jti));
         self.by_expiry.push(Reverse((exp, jti)));
         Ok(())
     }
