@@ -1979,3 +1979,70 @@ async fn an_unauthenticated_tools_call_gets_401_whatever_its_body_and_nothing_is
         "an unauthenticated call reached the server"
     );
 }
+
+/// A refusal answers with the JSON-RPC id of the request it refuses whenever that id can be
+/// read: the old gateway answered a refused listing (and the call that needed it, and a
+/// refused token) with `"id": null`, which a client cannot match to its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_listing_and_other_refusals_carry_the_requests_id_not_null() {
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    let id_of = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["id"].clone();
+    // A listing whose drift entry the writer refuses (a hostile upstream's thousands of long
+    // unpinned names): 500, and the id is the listing's.
+    {
+        let mut tools = s.upstream.tools.lock().unwrap();
+        for i in 0..4000 {
+            tools.push(format!(
+                r#"{{"name":"t{i:04}-{}","inputSchema":{{"type":"object"}}}}"#,
+                "n".repeat(300)
+            ));
+        }
+    }
+    let (status, body) = s.modern("weather", &token, MODERN_LIST).await;
+    assert_eq!(status, 500);
+    assert_eq!(id_of(&body), "l1", "{body}");
+    // The call that needed that listing: refused with its own id.
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 500);
+    assert_eq!(id_of(&body), 7, "{body}");
+    // The legacy era's listing, refused the same way.
+    let (status, body) = s.ask(false, &token, "tools/list", r#""cursor":"c""#).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(id_of(&body), 9, "{body}");
+    assert_eq!(calls(&s), 0);
+    s.upstream.tools.lock().unwrap().truncate(2);
+    // A token for another endpoint: 401, with the request's id.
+    let other = s.token("elsewhere", &["tool-user"]);
+    let (status, body) = s.modern("weather", &other, MODERN_LIST).await;
+    assert_eq!(status, 401);
+    assert_eq!(id_of(&body), "l1", "{body}");
+    let (status, body) = s
+        .modern("weather", &other, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(id_of(&body), 7, "{body}");
+    // A body that is not a request the gateway reads, but whose id is plain.
+    let (status, _, body) = s
+        .post(
+            "/mcp/weather",
+            &[("authorization", format!("Bearer {token}"))],
+            r#"{"jsonrpc":"1.0","id":"bad-1","method":"tools/list"}"#,
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(id_of(&body), "bad-1", "{body}");
+    // A response where the gateway asked nothing.
+    let (status, _, body) = s
+        .post(
+            "/mcp/weather",
+            &[("authorization", format!("Bearer {token}"))],
+            r#"{"jsonrpc":"2.0","id":"r-9","result":{}}"#,
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(id_of(&body), "r-9", "{body}");
+    replays(&s);
+}

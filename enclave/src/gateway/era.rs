@@ -11,7 +11,7 @@
 //!
 //! Pure functions of the request's headers and parsed body; no I/O.
 
-use attestplane_verifier::gateway::jsonrpc::Message;
+use attestplane_verifier::gateway::jsonrpc::{MAX_ID_LEN, Message};
 use serde_json::value::RawValue;
 
 /// The legacy protocol version the gateway speaks.
@@ -196,6 +196,30 @@ pub fn classify(headers: &McpHeaders, message: &Message<'_>) -> Result<Era, EraE
     Ok(Era::Modern)
 }
 
+/// The `id` of a body that is not a message the gateway reads (a wrong `jsonrpc`, a bad
+/// member, a response where a request belongs), as written, when it can still be read without
+/// doubt: a top-level object whose one `id` member is a string or a number of at most
+/// [`MAX_ID_LEN`] bytes. A refusal of such a body carries it (JSON-RPC answers `null` only
+/// when the id cannot be detected); anything else (not JSON, a batch, two `id` members, an id
+/// of another type) is `None`.
+pub fn readable_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+    }
+    if body.len() > attestplane_verifier::gateway::jsonrpc::MAX_MESSAGE_LEN {
+        return None;
+    }
+    // Serde refuses a duplicated `id` member: an ambiguous id is not read.
+    let parsed: IdOnly<'_> = serde_json::from_slice(body).ok()?;
+    let id = parsed.id?.get();
+    let readable = id.len() <= MAX_ID_LEN
+        && (serde_json::from_str::<String>(id).is_ok()
+            || serde_json::from_str::<serde_json::Number>(id).is_ok());
+    readable.then(|| id.to_owned())
+}
+
 /// A header value as the spec encodes it: plain ASCII, or `=?base64?…?=` for anything else.
 pub fn decode_header_value(value: &str) -> Option<String> {
     use base64::Engine as _;
@@ -278,6 +302,30 @@ mod tests {
         let m = parse_message(body.as_bytes()).unwrap();
         let e = classify(&headers(Some("1999-01-01"), None, None), &m).unwrap_err();
         assert_eq!(e.code(), UNSUPPORTED_PROTOCOL_VERSION);
+    }
+
+    #[test]
+    fn an_unreadable_or_ambiguous_id_is_not_echoed_in_a_refusal() {
+        let id = |b: &str| readable_id(b.as_bytes());
+        assert_eq!(
+            id(r#"{"jsonrpc":"1.0","id":"a-1","method":"x"}"#).as_deref(),
+            Some(r#""a-1""#)
+        );
+        assert_eq!(id(r#"{"id":7e0,"method":{}}"#).as_deref(), Some("7e0"));
+        // Two ids: which one a client meant is unknowable.
+        assert_eq!(id(r#"{"id":1,"id":2}"#), None);
+        // Not a string or number, not an object, not JSON, too long.
+        for b in [
+            r#"{"id":{"x":1}}"#,
+            r#"{"id":null}"#,
+            r#"[{"id":1}]"#,
+            r#"{"id":1"#,
+            "7",
+        ] {
+            assert_eq!(id(b), None, "{b}");
+        }
+        let long = format!(r#"{{"id":"{}"}}"#, "x".repeat(MAX_ID_LEN));
+        assert_eq!(id(&long), None);
     }
 
     #[test]

@@ -207,12 +207,12 @@ impl Gateway {
         let server = server.to_owned();
         let bearer = match bearer(req.headers()) {
             Some(b) => b,
-            None => return self.unauthorized(&server, "a bearer token is required"),
+            None => return self.unauthorized(&server, None, "a bearer token is required"),
         };
         let headers = mcp_headers(req.headers());
         let method = req.method().clone();
         if method != Method::POST {
-            let principal = match self.authenticate(&server, bearer).await {
+            let principal = match self.authenticate(&server, None, bearer).await {
                 Ok((p, _)) => p,
                 Err(reply) => return reply,
             };
@@ -238,14 +238,20 @@ impl Gateway {
                     INVALID_REQUEST,
                     "request body too large",
                 );
-                return self.once_authenticated(&server, bearer, refused).await;
+                return self
+                    .once_authenticated(&server, None, bearer, refused)
+                    .await;
             }
         };
         let message = match parse_message(&body) {
             Ok(m) => m,
             Err(e) => {
-                let refused = rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string());
-                return self.once_authenticated(&server, bearer, refused).await;
+                // Not a message the gateway reads, but its id may still be readable: the
+                // refusal carries it then.
+                let id = era::readable_id(&body);
+                let id = id.as_deref();
+                let refused = rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string());
+                return self.once_authenticated(&server, id, bearer, refused).await;
             }
         };
         let id = message.id().map(|r| r.get().to_owned());
@@ -258,23 +264,29 @@ impl Gateway {
                     e.code(),
                     &e.to_string(),
                 );
-                return self.once_authenticated(&server, bearer, refused).await;
+                return self
+                    .once_authenticated(&server, id.as_deref(), bearer, refused)
+                    .await;
             }
         };
         match message.kind() {
             Kind::Request => {}
             Kind::Notification => {
-                return self.once_authenticated(&server, bearer, accepted()).await;
+                return self
+                    .once_authenticated(&server, None, bearer, accepted())
+                    .await;
             }
             // The gateway never sends requests to agents: a response is out of place.
             Kind::Response | Kind::ErrorResponse => {
                 let refused = rpc_error(
                     StatusCode::BAD_REQUEST,
-                    None,
+                    id.as_deref(),
                     INVALID_REQUEST,
                     "unexpected response: the gateway sent no request",
                 );
-                return self.once_authenticated(&server, bearer, refused).await;
+                return self
+                    .once_authenticated(&server, id.as_deref(), bearer, refused)
+                    .await;
             }
         }
         let method = message.method().unwrap_or_default().to_owned();
@@ -285,7 +297,7 @@ impl Gateway {
                 .tools_call(&server, era, Caller::Bearer(bearer), &message)
                 .await;
         }
-        let (principal, endpoint) = match self.authenticate(&server, bearer).await {
+        let (principal, endpoint) = match self.authenticate(&server, id.as_deref(), bearer).await {
             Ok(x) => x,
             Err(reply) => return reply,
         };
@@ -361,52 +373,66 @@ impl Gateway {
 
     /// Authenticates the agent for `server`'s endpoint and reads where the server is, in one
     /// trip to the handler thread; the answer to give instead if it fails (401, 404, 503).
+    /// `id` is the request's JSON-RPC id, which a refusal carries.
     async fn authenticate(
         &self,
         server: &str,
+        id: Option<&str>,
         bearer: String,
     ) -> Result<(PrincipalRecord, Option<Endpoint>), Reply> {
         let audience = self.config.resource(server);
-        let id = server.to_owned();
+        let sid = server.to_owned();
         let who = self
             .access
             .run(move |enclave, now| {
-                let who = authenticate_inside(enclave, &id, &bearer, &audience, now);
+                let who = authenticate_inside(enclave, &sid, &bearer, &audience, now);
                 (who, Vec::new())
             })
             .await
             .map_err(|_| Refusal::NotReady)
             .and_then(|r| r);
-        who.map_err(|e| self.refused_caller(server, &e))
+        who.map_err(|e| self.refused_caller(server, id, &e))
     }
 
-    /// The answer to a caller refused before its request is decided.
-    fn refused_caller(&self, server: &str, e: &Refusal) -> Reply {
+    /// The answer to a caller refused before its request (JSON-RPC id `id`) is decided.
+    fn refused_caller(&self, server: &str, id: Option<&str>, e: &Refusal) -> Reply {
         match e {
-            Refusal::Unauthenticated(why) => self.unauthorized(server, why),
-            e => refusal_reply(None, e),
+            Refusal::Unauthenticated(why) => self.unauthorized(server, id, why),
+            e => refusal_reply(id, e),
         }
     }
 
     /// `reply` (a refusal found while reading the request, or an acknowledgement) once the
     /// caller's token checks out; the authentication's refusal otherwise.
-    async fn once_authenticated(&self, server: &str, bearer: String, reply: Reply) -> Reply {
-        match self.authenticate(server, bearer).await {
+    async fn once_authenticated(
+        &self,
+        server: &str,
+        id: Option<&str>,
+        bearer: String,
+        reply: Reply,
+    ) -> Reply {
+        match self.authenticate(server, id, bearer).await {
             Ok(_) => reply,
             Err(refused) => refused,
         }
     }
 
     /// [`Self::once_authenticated`] for a caller that may be authenticated already.
-    async fn answer_caller(&self, server: &str, caller: Caller, reply: Reply) -> Reply {
+    async fn answer_caller(
+        &self,
+        server: &str,
+        id: Option<&str>,
+        caller: Caller,
+        reply: Reply,
+    ) -> Reply {
         match caller {
             Caller::Known(..) => reply,
-            Caller::Bearer(bearer) => self.once_authenticated(server, bearer, reply).await,
+            Caller::Bearer(bearer) => self.once_authenticated(server, id, bearer, reply).await,
         }
     }
 
-    fn unauthorized(&self, server: &str, why: &str) -> Reply {
-        let mut reply = rpc_error(StatusCode::UNAUTHORIZED, None, INVALID_REQUEST, why);
+    fn unauthorized(&self, server: &str, id: Option<&str>, why: &str) -> Reply {
+        let mut reply = rpc_error(StatusCode::UNAUTHORIZED, id, INVALID_REQUEST, why);
         let challenge = format!(
             "Bearer resource_metadata=\"{}\"",
             self.config.metadata_url(server)
@@ -547,15 +573,22 @@ impl Gateway {
 
     /// Lists, checks pins (logging drift) and filters for `ctx`'s agent. Returns the last
     /// page (its other members are forwarded as they are) and the shown tools' text.
-    async fn listing(&self, ctx: &Ctx, endpoint: &Endpoint) -> Result<(Bytes, Vec<String>), Reply> {
+    /// A refusal answers the request whose JSON-RPC id is `rid` (a listing, or the call that
+    /// needed one).
+    async fn listing(
+        &self,
+        ctx: &Ctx,
+        endpoint: &Endpoint,
+        rid: Option<&str>,
+    ) -> Result<(Bytes, Vec<String>), Reply> {
         let pages = self
             .fetch_tools(endpoint)
             .await
-            .map_err(|e| upstream_reply(None, &e))?;
+            .map_err(|e| upstream_reply(rid, &e))?;
         let mut listed: Vec<Box<RawValue>> = Vec::new();
         for page in &pages {
-            let m = parse_message(page).map_err(|_| bad_upstream(None))?;
-            let r = m.tools_list_result().map_err(|_| bad_upstream(None))?;
+            let m = parse_message(page).map_err(|_| bad_upstream(rid))?;
+            let r = m.tools_list_result().map_err(|_| bad_upstream(rid))?;
             for t in r.tools {
                 listed.push(t.to_owned());
             }
@@ -596,7 +629,7 @@ impl Gateway {
             })
             .await
             .map_err(|_| plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"))?;
-        let (listing, drift, pins) = outcome.map_err(|e| refusal_reply(None, &e))?;
+        let (listing, drift, pins) = outcome.map_err(|e| refusal_reply(rid, &e))?;
         if let Some(seq) = listing.drift_seq {
             self.access
                 .durable(seq)
@@ -659,7 +692,7 @@ impl Gateway {
         let Some(endpoint) = ctx.endpoint.clone() else {
             return not_http();
         };
-        let (last, shown) = match self.listing(ctx, &endpoint).await {
+        let (last, shown) = match self.listing(ctx, &endpoint, id).await {
             Ok(x) => x,
             Err(r) => return r,
         };
@@ -702,11 +735,11 @@ impl Gateway {
             Ok(p) => p,
             Err(e) => {
                 let refused = rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string());
-                return self.answer_caller(server, caller, refused).await;
+                return self.answer_caller(server, id, caller, refused).await;
             }
         };
         if let Some(r) = refuse_non_ijson(id, params.arguments) {
-            return self.answer_caller(server, caller, r).await;
+            return self.answer_caller(server, id, caller, r).await;
         }
         // The tool's live definition must still be its pinned one: from a listing younger than
         // the TTL, or a fresh one.
@@ -718,7 +751,7 @@ impl Gateway {
         if !fresh {
             let (principal, endpoint) = match caller {
                 Caller::Known(p, e) => (p, e),
-                Caller::Bearer(bearer) => match self.authenticate(server, bearer).await {
+                Caller::Bearer(bearer) => match self.authenticate(server, id, bearer).await {
                     Ok(x) => x,
                     Err(reply) => return reply,
                 },
@@ -732,7 +765,7 @@ impl Gateway {
             let Some(endpoint) = ctx.endpoint.clone() else {
                 return not_http();
             };
-            if let Err(r) = self.listing(&ctx, &endpoint).await {
+            if let Err(r) = self.listing(&ctx, &endpoint, id).await {
                 return r;
             }
             caller = Caller::Known(ctx.principal, ctx.endpoint);
@@ -743,7 +776,7 @@ impl Gateway {
             Ok(a) => a,
             Err(e) => {
                 let refused = rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e);
-                return self.answer_caller(server, caller, refused).await;
+                return self.answer_caller(server, id, caller, refused).await;
             }
         };
         let redacted = args.redacted.clone();
@@ -796,7 +829,7 @@ impl Gateway {
                 .await;
             let (who, step): (_, CallStep) = match trip {
                 Err(HandlerGone) => return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
-                Ok(Err(CallFailed::Auth(e))) => return self.refused_caller(server, &e),
+                Ok(Err(CallFailed::Auth(e))) => return self.refused_caller(server, id, &e),
                 Ok(Err(CallFailed::Decide(e))) => return refusal_reply(id, &e),
                 Ok(Ok(x)) => x,
             };
@@ -821,7 +854,7 @@ impl Gateway {
                 }
                 CallStep::Stale => {
                     // List again (once), against the pins in force.
-                    if let Err(r) = self.listing(&ctx, &endpoint).await {
+                    if let Err(r) = self.listing(&ctx, &endpoint, id).await {
                         return r;
                     }
                     caller = Caller::Known(ctx.principal, ctx.endpoint);

@@ -52,7 +52,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
-use ed25519_dalek::VerifyingKey;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha384};
 
@@ -279,8 +278,9 @@ struct AppState {
     calls: std::sync::atomic::AtomicU64,
     cp_root: Option<PathBuf>,
     cp_pcrs: Option<PathBuf>,
-    /// The control plane's attested epoch key, and when it was verified.
-    attested: Mutex<Option<(VerifyingKey, Instant)>>,
+    /// The receipt verifier for the control plane's attested epoch key (the key decoded and
+    /// checked once, not per call), and when the key was verified.
+    attested: Mutex<Option<(Arc<receipt::ReceiptVerifier>, Instant)>>,
     receipts: Mutex<ReplayCache>,
     http: reqwest::Client,
 }
@@ -399,15 +399,19 @@ impl AppState {
         Ok(jwks)
     }
 
-    /// The control plane's epoch key from its attestation document, verified with a fresh
-    /// nonce against --control-plane-root and --control-plane-pcrs (never a JWKS believed as
-    /// served). `fresh` skips the cache (a new epoch may have opened).
-    async fn attested_key(&self, fresh: bool) -> Result<VerifyingKey, String> {
+    /// A receipt verifier for the control plane's epoch key from its attestation document,
+    /// verified with a fresh nonce against --control-plane-root and --control-plane-pcrs (never
+    /// a JWKS believed as served). `fresh` skips the cache (a new epoch may have opened).
+    async fn attested_key(&self, fresh: bool) -> Result<Arc<receipt::ReceiptVerifier>, String> {
         if !fresh
-            && let Some((key, at)) = *self.attested.lock().unwrap_or_else(PoisonError::into_inner)
+            && let Some((verifier, at)) = self
+                .attested
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
             && at.elapsed() < ATTESTED_TTL
         {
-            return Ok(key);
+            return Ok(Arc::clone(verifier));
         }
         let (Some(root), Some(pcrs), Some(base)) =
             (&self.cp_root, &self.cp_pcrs, self.control_plane.as_deref())
@@ -451,8 +455,13 @@ impl AppState {
         let verified = verify_attestation(&document, &anchor, &expect, VerifyAt::Instant(now))
             .map_err(|e| format!("the control plane's attestation did not verify: {e}"))?;
         let key = receipt::attested_key(&verified).ok_or("the document binds no Ed25519 key")?;
-        *self.attested.lock().unwrap_or_else(PoisonError::into_inner) = Some((key, Instant::now()));
-        Ok(key)
+        let verifier = Arc::new(
+            receipt::ReceiptVerifier::new(&key)
+                .map_err(|e| format!("the attested key cannot verify receipts: {e}"))?,
+        );
+        *self.attested.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((Arc::clone(&verifier), Instant::now()));
+        Ok(verifier)
     }
 
     /// Checks the receipt a gateway-relayed `tools/call` carries (header or
@@ -480,7 +489,7 @@ impl AppState {
         let now = UnixMillis::from_system_time(SystemTime::now());
         let mut last = String::new();
         for fresh in [false, true] {
-            let key = self.attested_key(fresh).await.map_err(|e| {
+            let verifier = self.attested_key(fresh).await.map_err(|e| {
                 eprintln!("attestplane-demo-server: {e}");
                 error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -490,7 +499,7 @@ impl AppState {
             })?;
             let result = {
                 let mut cache = self.receipts.lock().unwrap_or_else(PoisonError::into_inner);
-                receipt::verify_receipt(&token, &key, &call, now, &mut cache)
+                verifier.verify(&token, &call, now, &mut cache)
             };
             match result {
                 Ok(_) => return Ok(()),
