@@ -74,6 +74,9 @@ struct Upstream {
     /// The session's GET stream (legacy era), once the client opened it: what the test writes
     /// there reaches the client outside any call.
     get_stream: Mutex<Option<tokio::sync::mpsc::Sender<Bytes>>>,
+    /// With [`Self::ask_client`]: answer the call right after asking, without waiting for the
+    /// client's response.
+    dont_wait: std::sync::atomic::AtomicBool,
 }
 
 /// A response body fed by a channel: an SSE stream the test upstream writes as it goes.
@@ -112,6 +115,7 @@ impl Upstream {
             client_responses: Mutex::new(Vec::new()),
             client_responded: tokio::sync::Notify::new(),
             get_stream: Mutex::new(None),
+            dont_wait: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -162,6 +166,9 @@ impl Upstream {
                 // Wait for the client's answer as a server's tool does (up to 5 s).
                 let answered = tokio::time::timeout(Duration::from_secs(5), async {
                     loop {
+                        if up.dont_wait.load(Ordering::SeqCst) {
+                            return serde_json::json!({"dont": "wait"});
+                        }
                         let notified = up.client_responded.notified();
                         if let Some(r) = up.client_responses.lock().unwrap().first().cloned() {
                             return r.0;
@@ -174,6 +181,7 @@ impl Upstream {
                     Ok(r) if r.get("error").is_some() => {
                         format!("the client refused: {}", r["error"]["code"])
                     }
+                    Ok(r) if r.get("dont").is_some() => "did not wait".to_owned(),
                     Ok(_) => "the client answered".to_owned(),
                     Err(_) => "no answer from the client".to_owned(),
                 };
@@ -406,6 +414,8 @@ struct Opts {
     plain: bool,
     /// The server-to-client requests `weather`'s registration allows.
     client_requests: Vec<attestplane_verifier::admin::ClientRequest>,
+    /// How long a relayed request waits for the agent (the default otherwise).
+    agent_answer_timeout: Option<Duration>,
 }
 
 async fn stack_opts(
@@ -513,11 +523,14 @@ async fn stack_opts(
         }
     });
 
-    let config = GatewayConfig {
+    let mut config = GatewayConfig {
         public_base: "http://gateway.test".into(),
         upstream_timeout: Duration::from_millis(800),
         ..GatewayConfig::default()
     };
+    if let Some(t) = opts.agent_answer_timeout {
+        config.agent_answer_timeout = t;
+    }
     let gateway = Arc::new(Gateway::new(
         config.clone(),
         access,
@@ -1708,9 +1721,10 @@ async fn a_legacy_servers_sampling_request_mid_call_is_refused_at_once_and_the_c
     assert_eq!(outcome, "error", "the agent got a tool error");
     replays(&s);
 
-    // Registered for sampling, and a legacy agent: still refused at once, since the gateway
-    // answers agents with plain JSON and has no stream to ask an agent on (relaying is not
-    // built). The call ends with the server's answer all the same.
+    // Registered for sampling, and a modern agent: still refused at once (a modern agent has no
+    // session to answer a legacy server's request from; a legacy agent gets it relayed:
+    // `a_legacy_servers_allowed_sampling_request_is_relayed_to_the_agent_...`). The call ends
+    // with the server's answer all the same.
     let s = stack_opts(
         false,
         "",
@@ -1726,7 +1740,7 @@ async fn a_legacy_servers_sampling_request_mid_call_is_refused_at_once_and_the_c
     *s.upstream.ask_client.lock().unwrap() = Some(("sampling/createMessage".into(), 1));
     let (status, body) = s
         .ask(
-            false,
+            true,
             &token,
             "tools/call",
             r#""name":"add","arguments":{"a":1}"#,
@@ -2044,5 +2058,281 @@ async fn a_refused_listing_and_other_refusals_carry_the_requests_id_not_null() {
         .await;
     assert_eq!(status, 400);
     assert_eq!(id_of(&body), "r-9", "{body}");
+    replays(&s);
+}
+
+/// An open SSE answer to an agent, read event by event.
+struct AgentStream {
+    body: hyper::body::Incoming,
+    buffer: String,
+}
+
+impl AgentStream {
+    /// The next event's data as JSON (`None` when the stream ended).
+    async fn next(&mut self) -> Option<serde_json::Value> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let event: String = self.buffer.drain(..end + 2).collect();
+                let data: Vec<&str> = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                if data.is_empty() {
+                    continue;
+                }
+                return Some(serde_json::from_str(&data.join("\n")).unwrap());
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(10), self.body.frame())
+                .await
+                .expect("the stream stalled")?
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                self.buffer.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+    }
+}
+
+impl Stack {
+    /// A token for agent `agent` at `weather`'s endpoint.
+    fn token_for(&self, agent: &str) -> String {
+        let mut claims = self.idp.claims(agent, "acme", &["tool-user"], self.now);
+        claims["aud"] = serde_json::json!(self.config.resource("weather"));
+        self.idp.sign_claims(&claims)
+    }
+
+    /// Sends a legacy agent's `body` in `session` and returns the answer's status, content type
+    /// and body, unread.
+    async fn open_legacy(
+        &self,
+        token: &str,
+        session: &str,
+        body: &str,
+    ) -> (u16, String, hyper::body::Incoming) {
+        let stream = TcpStream::connect(self.agent).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::post("/mcp/weather")
+            .header("host", "gateway")
+            .header("authorization", format!("Bearer {token}"))
+            .header("mcp-session-id", session)
+            .header("mcp-protocol-version", "2025-11-25")
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let kind = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (status, kind, resp.into_body())
+    }
+
+    /// A legacy agent POSTs `response` in `session`: the status and body.
+    async fn respond(&self, token: &str, session: &str, response: &str) -> (u16, String) {
+        let (status, _, body) = self
+            .post(
+                "/mcp/weather",
+                &[
+                    ("authorization", format!("Bearer {token}")),
+                    ("mcp-session-id", session.to_owned()),
+                    ("mcp-protocol-version", "2025-11-25".to_owned()),
+                ],
+                response,
+            )
+            .await;
+        (status, body)
+    }
+}
+
+const LEGACY_ADD: &str =
+    r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"add","arguments":{"a":1}}}"#;
+
+/// A legacy server's sampling request mid-call, the registration allowing sampling, a legacy
+/// agent: the old gateway refused it (`-32601`) whatever the registration said. Now the agent
+/// gets it on the call's SSE stream under a gateway id, its answer reaches the server under the
+/// server's id, and the call ends on the same stream. Responses forged from another agent's
+/// session, from another session of the same agent, or to a guessed id are refused and change
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_servers_allowed_sampling_request_is_relayed_to_the_agent_and_forged_answers_are_refused()
+ {
+    use attestplane_verifier::admin::ClientRequest;
+    let s = stack_opts(
+        false,
+        "",
+        &[],
+        None,
+        Opts {
+            client_requests: vec![ClientRequest::Sampling],
+            ..Opts::default()
+        },
+    )
+    .await;
+    let alice = s.token("weather", &["tool-user"]);
+    let mallory = s.token_for("mallory");
+    let session = s.session(&alice).await;
+    let other_session = s.session(&alice).await;
+    let mallorys = s.session(&mallory).await;
+    *s.upstream.ask_client.lock().unwrap() = Some(("sampling/createMessage".into(), 1));
+    let (status, kind, body) = s.open_legacy(&alice, &session, LEGACY_ADD).await;
+    assert_eq!(status, 200);
+    assert!(kind.starts_with("text/event-stream"), "{kind}");
+    let mut stream = AgentStream {
+        body,
+        buffer: String::new(),
+    };
+    let asked = stream.next().await.expect("the relayed request");
+    assert_eq!(asked["method"], "sampling/createMessage", "{asked}");
+    assert_eq!(asked["params"]["maxTokens"], 5, "{asked}");
+    let gid = asked["id"].as_str().expect("a string id").to_owned();
+    assert!(
+        gid.starts_with("attestplane-relay-") && gid.len() == "attestplane-relay-".len() + 32,
+        "a gateway id, never the server's: {gid}"
+    );
+    let answer = |id: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":"{id}","result":{{"role":"assistant","content":{{"type":"text","text":"sunny"}},"model":"m-1"}}}}"#
+        )
+    };
+    // Forged: another agent in its own session, the same agent in another session, a guessed
+    // id. Each is refused with a typed error and none reaches the server.
+    for (token, sess, id) in [
+        (&mallory, &mallorys, gid.clone()),
+        (&alice, &other_session, gid.clone()),
+        (
+            &alice,
+            &session,
+            format!("attestplane-relay-{}", "0".repeat(32)),
+        ),
+        (&alice, &session, "ask-0".to_owned()),
+    ] {
+        let (status, body) = s.respond(token, sess, &answer(&id)).await;
+        assert_eq!(status, 400, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{v}");
+        assert_eq!(v["id"], id.as_str(), "{v}");
+    }
+    // Another agent's session id with alice's token: unknown session, like any.
+    let (status, _) = s.respond(&alice, &mallorys, &answer(&gid)).await;
+    assert_eq!(status, 404);
+    assert!(s.upstream.client_responses.lock().unwrap().is_empty());
+    // The agent's own answer: taken once.
+    let (status, body) = s.respond(&alice, &session, &answer(&gid)).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = s.respond(&alice, &session, &answer(&gid)).await;
+    assert_eq!(status, 400, "an answered id is used up");
+    let last = stream.next().await.expect("the call's answer");
+    assert_eq!(last["id"], 9, "{last}");
+    assert_eq!(
+        last["result"]["content"][0]["text"], "the client answered",
+        "{last}"
+    );
+    assert!(
+        stream.next().await.is_none(),
+        "the stream ends with the answer"
+    );
+    {
+        let responses = s.upstream.client_responses.lock().unwrap();
+        assert_eq!(responses.len(), 1, "{responses:?}");
+        let (r, upstream_session) = &responses[0];
+        assert_eq!(r["id"], "ask-0", "under the server's own id: {r}");
+        assert_eq!(r["result"]["model"], "m-1", "the agent's answer: {r}");
+        assert_eq!(upstream_session.as_deref(), Some("upstream-session"));
+    }
+    let Some(Event::CallResult { outcome, .. }) = s.entries().pop() else {
+        panic!("no result entry")
+    };
+    assert_eq!(outcome, "error", "the server's tool result says isError");
+    replays(&s);
+}
+
+/// An agent that never answers a relayed request: the server is told so once the agent's time
+/// is up, and the call ends with its answer on the stream. The wait is not the upstream's: the
+/// agent's limit here is longer than the upstream timeout, which must not end the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_answers_a_relayed_request_is_timed_out_and_the_server_told() {
+    use attestplane_verifier::admin::ClientRequest;
+    let s = stack_opts(
+        false,
+        "",
+        &[],
+        None,
+        Opts {
+            client_requests: vec![ClientRequest::Sampling, ClientRequest::Elicitation],
+            agent_answer_timeout: Some(Duration::from_millis(1500)),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let alice = s.token("weather", &["tool-user"]);
+    let session = s.session(&alice).await;
+    *s.upstream.ask_client.lock().unwrap() = Some(("elicitation/create".into(), 1));
+    let (_, kind, body) = s.open_legacy(&alice, &session, LEGACY_ADD).await;
+    assert!(kind.starts_with("text/event-stream"), "{kind}");
+    let mut stream = AgentStream {
+        body,
+        buffer: String::new(),
+    };
+    let asked = stream.next().await.unwrap();
+    assert_eq!(asked["method"], "elicitation/create");
+    let last = stream.next().await.expect("the call's answer");
+    assert_eq!(
+        last["result"]["content"][0]["text"], "the client refused: -32603",
+        "{last}"
+    );
+    {
+        let responses = s.upstream.client_responses.lock().unwrap();
+        let (r, _) = &responses[0];
+        assert_eq!(r["id"], "ask-0");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains("in time"),
+            "{r}"
+        );
+    }
+    // The answer after the time is up reaches nothing.
+    let gid = asked["id"].as_str().unwrap();
+    let (status, _) = s
+        .respond(
+            &alice,
+            &session,
+            &format!(r#"{{"jsonrpc":"2.0","id":"{gid}","result":{{"action":"decline"}}}}"#),
+        )
+        .await;
+    assert_eq!(status, 400);
+    replays(&s);
+}
+
+/// A modern server may only ask inside a result (`input_required`): a JSON-RPC request on its
+/// answer's SSE stream is not of its era. The old gateway dropped it and forwarded the answer
+/// after it; now the call ends as a bad answer (`aborted`, 502) and nothing of the stream
+/// reaches the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modern_server_sending_a_request_on_its_answers_stream_is_aborted_and_nothing_forwarded()
+{
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    *s.upstream.ask_client.lock().unwrap() = Some(("sampling/createMessage".into(), 1));
+    s.upstream.dont_wait.store(true, Ordering::SeqCst);
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("2026-07-28 server sent a request"), "{body}");
+    assert!(
+        !body.contains("did not wait") && !body.contains("maxTokens"),
+        "{body}"
+    );
+    let Some(Event::CallResult { outcome, .. }) = s.entries().pop() else {
+        panic!("no result entry")
+    };
+    assert_eq!(outcome, "aborted");
+    assert!(s.upstream.client_responses.lock().unwrap().is_empty());
     replays(&s);
 }

@@ -20,6 +20,8 @@
 //!   `get_prompt` on the name) and logged exactly like a call, with a receipt;
 //! - `resources/list`, `resources/templates/list`, `prompts/list`: the agent's page forwarded,
 //!   its items filtered per identity like tools;
+//! - a legacy agent's JSON-RPC response: its answer to a server's request the gateway relayed
+//!   to it on a call's stream ([`super::relay`]), taken only from that agent and session;
 //! - anything else (`resources/subscribe` among them): refused (`-32601`), deny by default.
 
 use std::collections::HashMap;
@@ -49,6 +51,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::era::{self, Era, LEGACY_VERSION, MODERN_VERSION, McpHeaders};
 use super::inside::{self, CallVerdict, GATEWAY_ID_BASE, Gated, Refusal};
 use super::redact::{self, Treated};
+use super::relay::{AgentBody, CallRelay, Relays};
 use super::session::{SessionError, SessionOwner, Sessions};
 use super::upstream::{Answer, Endpoint, UpstreamError, Upstreams};
 use super::{GatewayConfig, MAX_REQUEST_BODY};
@@ -85,6 +88,10 @@ pub struct Gateway {
     /// started, and whether it still runs.
     listeners: Arc<Mutex<HashMap<String, (Instant, bool)>>>,
     next_id: AtomicU64,
+    /// Server-to-client requests relayed to agents, awaiting their answers.
+    relays: Arc<Relays>,
+    /// The gateway itself, for the tasks a relaying call runs in (set when it first serves).
+    me: std::sync::OnceLock<std::sync::Weak<Gateway>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -95,7 +102,7 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+type Reply = Response<AgentBody>;
 
 /// A settled request: who, where, which era.
 struct Ctx {
@@ -106,6 +113,8 @@ struct Ctx {
     /// Where the server is, as registered when the agent was authenticated (`None`: the
     /// registered endpoint is not an `http://` URL).
     endpoint: Option<Endpoint>,
+    /// The legacy session the request came in (checked), if any.
+    session: Option<String>,
 }
 
 /// Who is calling: an agent already authenticated (with the endpoint read in the same trip to
@@ -141,6 +150,7 @@ impl Gateway {
     /// A gateway deciding through `access` and reaching upstreams through `upstreams`.
     pub fn new(config: GatewayConfig, access: EnclaveAccess, upstreams: Upstreams) -> Self {
         let sessions = Sessions::new(config.max_sessions, config.session_idle);
+        let relays = Arc::new(Relays::new(config.agent_answer_timeout));
         Self {
             config,
             access,
@@ -149,6 +159,8 @@ impl Gateway {
             tools: Arc::new(Mutex::new(HashMap::new())),
             listeners: Arc::new(Mutex::new(HashMap::new())),
             next_id: AtomicU64::new(0),
+            relays,
+            me: std::sync::OnceLock::new(),
         }
     }
 
@@ -157,6 +169,7 @@ impl Gateway {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let _ = self.me.set(Arc::downgrade(&self));
         let gateway = self;
         let service = hyper::service::service_fn(move |req| {
             let gateway = gateway.clone();
@@ -276,7 +289,15 @@ impl Gateway {
                     .once_authenticated(&server, None, bearer, accepted())
                     .await;
             }
-            // The gateway never sends requests to agents: a response is out of place.
+            // A legacy agent's answer to a server's request the gateway relayed to it.
+            Kind::Response | Kind::ErrorResponse
+                if era == Era::Legacy && headers.session.is_some() =>
+            {
+                return self
+                    .agent_response(&server, id.as_deref(), bearer, &headers, &message)
+                    .await;
+            }
+            // Otherwise the gateway asked nothing: a response is out of place.
             Kind::Response | Kind::ErrorResponse => {
                 let refused = rpc_error(
                     StatusCode::BAD_REQUEST,
@@ -294,7 +315,7 @@ impl Gateway {
         // once, token and all.
         if era == Era::Modern && method == "tools/call" {
             return self
-                .tools_call(&server, era, Caller::Bearer(bearer), &message)
+                .tools_call(&server, era, Caller::Bearer(bearer), None, &message)
                 .await;
         }
         let (principal, endpoint) = match self.authenticate(&server, id.as_deref(), bearer).await {
@@ -306,6 +327,7 @@ impl Gateway {
             principal,
             era,
             endpoint,
+            session: headers.session.clone(),
         };
         if era == Era::Legacy && method != "initialize" {
             let owner = owner(&ctx);
@@ -335,7 +357,9 @@ impl Gateway {
             "tools/list" => self.tools_list(&ctx, &message).await,
             "tools/call" => {
                 let caller = Caller::Known(ctx.principal, ctx.endpoint);
-                self.tools_call(&ctx.server, era, caller, &message).await
+                let session = ctx.session.as_deref();
+                self.tools_call(&ctx.server, era, caller, session, &message)
+                    .await
             }
             "resources/read" => self.read_or_get(&ctx, &message, Action::ReadResource).await,
             "prompts/get" => self.read_or_get(&ctx, &message, Action::GetPrompt).await,
@@ -728,6 +752,7 @@ impl Gateway {
         server: &str,
         era: Era,
         mut caller: Caller,
+        session: Option<&str>,
         message: &Message<'_>,
     ) -> Reply {
         let id = message.id().map(RawValue::get);
@@ -761,6 +786,7 @@ impl Gateway {
                 principal,
                 era,
                 endpoint,
+                session: session.map(str::to_owned),
             };
             let Some(endpoint) = ctx.endpoint.clone() else {
                 return not_http();
@@ -841,6 +867,7 @@ impl Gateway {
                 principal,
                 era,
                 endpoint,
+                session: session.map(str::to_owned),
             };
             let Some(endpoint) = ctx.endpoint.clone() else {
                 return not_http();
@@ -1136,6 +1163,12 @@ impl Gateway {
                 }
             };
         }
+        if let Some(reply) = self
+            .relayed_call(ctx, id, seq, rule, endpoint, &gated, &body, &receipt, era)
+            .await
+        {
+            return reply;
+        }
         let answer = match self
             .upstreams
             .call(
@@ -1151,6 +1184,138 @@ impl Gateway {
             Err(e) => return self.aborted(id, seq, rule, &e).await,
         };
         self.finish(id, seq, rule, ctx, answer).await
+    }
+
+    /// A legacy agent's call forwarded to a legacy server whose registration allows
+    /// server-to-client requests: run by a task of its own that relays the server's requests
+    /// of an allowed kind to the agent on the call's SSE stream ([`super::relay`]) and ends it
+    /// with the call's answer. `None` when the call cannot relay (another era on either side,
+    /// no session, nothing allowed): it is forwarded as any other.
+    #[allow(clippy::too_many_arguments)]
+    async fn relayed_call(
+        &self,
+        ctx: &Ctx,
+        id: Option<&str>,
+        seq: u64,
+        rule: PiiAction,
+        endpoint: &Endpoint,
+        gated: &Gated<'_>,
+        body: &str,
+        receipt: &str,
+        upstream_era: Era,
+    ) -> Option<Reply> {
+        if ctx.era != Era::Legacy || upstream_era != Era::Legacy {
+            return None;
+        }
+        let session = ctx.session.clone()?;
+        let me = self.me.get().and_then(std::sync::Weak::upgrade)?;
+        let server = ctx.server.clone();
+        let allowed = self
+            .access
+            .run(move |enclave, _| {
+                let allowed = enclave
+                    .state()
+                    .server(&server)
+                    .map(|s| s.spec.client_requests.clone())
+                    .unwrap_or_default();
+                (allowed, Vec::new())
+            })
+            .await
+            .ok()?;
+        if allowed.is_empty() {
+            return None;
+        }
+        let (head, headed) = tokio::sync::oneshot::channel();
+        let mut relay = CallRelay::new(
+            self.relays.clone(),
+            self.access.clone(),
+            owner(ctx),
+            session.clone(),
+            allowed,
+            rule,
+            id.map(str::to_owned),
+            head,
+        );
+        let ctx = Ctx {
+            server: ctx.server.clone(),
+            principal: ctx.principal.clone(),
+            era: ctx.era,
+            endpoint: ctx.endpoint.clone(),
+            session: Some(session),
+        };
+        let (endpoint, method, item) = (
+            endpoint.clone(),
+            gated.method.to_owned(),
+            gated.item.to_owned(),
+        );
+        let (id, body, receipt) = (id.map(str::to_owned), body.to_owned(), receipt.to_owned());
+        tokio::spawn(async move {
+            let paused = relay.paused();
+            let answer = me
+                .upstreams
+                .call_answering(
+                    &endpoint,
+                    &method,
+                    Some(&item),
+                    &body,
+                    Some(&receipt),
+                    &mut relay,
+                    &paused,
+                )
+                .await;
+            let reply = match answer {
+                Ok(a) => me.finish(id.as_deref(), seq, rule, &ctx, a).await,
+                Err(e) => me.aborted(id.as_deref(), seq, rule, &e).await,
+            };
+            relay.conclude(reply).await;
+        });
+        Some(
+            headed
+                .await
+                .unwrap_or_else(|_| plain(StatusCode::SERVICE_UNAVAILABLE, "not ready")),
+        )
+    }
+
+    /// A legacy agent's response to a server's request the gateway relayed to it: taken only
+    /// from the agent and the session it was relayed to, while its call waits (`202`);
+    /// anything else is refused (`400`, naming no more than that) and changes nothing.
+    async fn agent_response(
+        &self,
+        server: &str,
+        id: Option<&str>,
+        bearer: String,
+        headers: &McpHeaders,
+        message: &Message<'_>,
+    ) -> Reply {
+        let (principal, _) = match self.authenticate(server, id, bearer).await {
+            Ok(x) => x,
+            Err(reply) => return reply,
+        };
+        let owner = SessionOwner {
+            server: server.to_owned(),
+            agent: principal.agent.clone(),
+            issuer: principal.issuer.clone(),
+        };
+        let Some(session) = headers.session.as_deref() else {
+            return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_REQUEST, "no session");
+        };
+        if let Err(e) = self.lock_sessions().touch(session, &owner, Instant::now()) {
+            return rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, &e.to_string());
+        }
+        let delivered = match message.id() {
+            Some(rid) => self.relays.deliver(
+                &owner,
+                session,
+                rid,
+                message.text().to_owned(),
+                Instant::now(),
+            ),
+            None => Err(super::relay::RelayError::Unknown),
+        };
+        match delivered {
+            Ok(()) => accepted(),
+            Err(e) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_REQUEST, &e.to_string()),
+        }
     }
 
     /// Treats the answer by the call's PII rule, shapes it for the agent's era, logs its
@@ -1628,7 +1793,7 @@ fn mcp_headers(h: &HeaderMap) -> McpHeaders {
 }
 
 fn json(status: StatusCode, body: String) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).into());
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -1638,7 +1803,7 @@ fn json(status: StatusCode, body: String) -> Reply {
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())).into());
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -1656,7 +1821,7 @@ fn with_allow(mut r: Reply) -> Reply {
 }
 
 fn accepted() -> Reply {
-    let mut r = Response::new(Full::new(Bytes::new()));
+    let mut r = Response::new(Full::new(Bytes::new()).into());
     *r.status_mut() = StatusCode::ACCEPTED;
     r
 }

@@ -28,6 +28,8 @@
 //!   decision (policies see the redacted form), the answer treated by the call's rule
 //!   (allow, redact, refuse) before the agent sees it.
 //! - [`http`]: the HTTP server for agents: `/mcp/{server-id}`, RFC 9728 metadata, 401s.
+//! - [`relay`]: a legacy server's server-to-client requests relayed to a legacy agent on the
+//!   call's SSE stream, where the server's registration allows their kind.
 //!
 //! ## What it guarantees
 //!
@@ -43,15 +45,16 @@
 //!
 //! Resources and prompts pass only where the policy permits (`read_resource`, `get_prompt`),
 //! logged like calls; subscriptions to resources are refused. Server-to-client requests
-//! reach the agent only as the modern era's `input_required` results, and only where the
-//! server's registration allows every kind they ask for; the legacy era's requests on an SSE
-//! stream are answered at once with an error and never relayed ([`upstream`]). Rate and spend limits are the verifier kernel's arithmetic and are
+//! reach the agent only where the server's registration allows their kind: a modern server's
+//! `input_required` results to a modern agent, a legacy server's requests on a call's stream
+//! to a legacy agent ([`relay`]); any other is answered with an error ([`upstream`]). Rate and spend limits are the verifier kernel's arithmetic and are
 //! not applied in the path yet.
 
 pub mod era;
 pub mod http;
 pub mod inside;
 pub mod redact;
+pub mod relay;
 pub mod session;
 pub mod upstream;
 
@@ -76,6 +79,9 @@ pub struct GatewayConfig {
     pub max_sessions: usize,
     /// How long a legacy session lives without use.
     pub session_idle: Duration,
+    /// How long a call waits for its agent's answer to a server-to-client request the gateway
+    /// relayed ([`relay`]); then the server is told the agent did not answer.
+    pub agent_answer_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -85,6 +91,7 @@ impl Default for GatewayConfig {
             upstream_timeout: Duration::from_secs(30),
             max_sessions: 10_000,
             session_idle: Duration::from_secs(30 * 60),
+            agent_answer_timeout: Duration::from_secs(120),
         }
     }
 }

@@ -17,11 +17,16 @@
 //!
 //! A legacy (`2025-11-25`) server asks its client for sampling, elicitation or roots with a
 //! JSON-RPC request on the stream of the answer it is working on, and waits for the client to
-//! POST the response to its session. The gateway relays none of them to the agent (it answers
-//! agents with plain JSON, so an agent has no stream to be asked on): each is answered at once
-//! with a JSON-RPC error (`-32601`, naming the method; a `ping` gets its empty result), so the
-//! server's tool sees the refusal and finishes, and the call ends with the server's own answer.
-//! At most [`MAX_SERVER_REQUESTS`] are answered per call; more end the call as a bad answer.
+//! POST the response to its session. What answers it is the call's [`ServerRequests`]: by
+//! default [`RefuseAll`] (a JSON-RPC error `-32601` naming the method at once; a `ping` gets
+//! its empty result), so the server's tool sees the refusal and finishes and the call ends with
+//! the server's own answer; for a legacy agent whose server's registration allows the kind, the
+//! gateway's relay ([`super::relay`]) asks the agent. The answer is POSTed to the server's
+//! session. At most [`MAX_SERVER_REQUESTS`] are answered per call; more end the call as a bad
+//! answer. The time the call waits on an agent's answer ([`Paused`]) does not count against the
+//! upstream's timeout (the agent's answer has a limit of its own). A modern (`2026-07-28`)
+//! server asks inside a result (`input_required`); a request on its answer's stream is not of
+//! that era and ends the call as a bad answer (nothing of it reaches the agent).
 //!
 //! [`Upstreams::listen_tools_changed`] holds a stream of its own open to an upstream and
 //! reports its `notifications/tools/list_changed`, one bounded event at a time.
@@ -68,6 +73,90 @@ pub const MAX_SSE_EVENTS: usize = 1024;
 /// The most server-to-client requests a legacy server may send on one answer's stream (each
 /// is answered with a POST of its own); one more ends the call as a bad answer.
 pub const MAX_SERVER_REQUESTS: usize = 16;
+
+/// Answers the server-to-client requests a legacy server sends on one call's stream.
+pub trait ServerRequests: Send {
+    /// The JSON-RPC response to POST to the server's session for `request` (its text, as the
+    /// server sent it, a JSON-RPC request): its id must be the server's.
+    fn answer<'a>(
+        &'a mut self,
+        request: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<String, UpstreamError>> + Send + 'a>>;
+}
+
+/// Answers every server-to-client request at once, relaying none: `ping` with its empty
+/// result, anything else with a JSON-RPC error `-32601` naming the method.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RefuseAll;
+
+impl ServerRequests for RefuseAll {
+    fn answer<'a>(
+        &'a mut self,
+        request: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<String, UpstreamError>> + Send + 'a>> {
+        Box::pin(async move { refusal(request) })
+    }
+}
+
+/// The answer [`RefuseAll`] gives `request`.
+pub fn refusal(request: &str) -> Result<String, UpstreamError> {
+    let m = parse_message(request.as_bytes())
+        .map_err(|_| UpstreamError::BadAnswer("an sse event is not json-rpc"))?;
+    let method = m.method().unwrap_or_default();
+    Ok(if method == "ping" {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
+            m.id().map_or("null", |i| i.get())
+        )
+    } else {
+        error_response(
+            m.id(),
+            METHOD_NOT_FOUND,
+            &format!(
+                "the control plane does not relay this {LEGACY_VERSION} server's request to the agent ({}): refused",
+                truncated(method, 64)
+            ),
+        )
+    })
+}
+
+/// How long a call has waited on its agent (an agent answering a relayed server-to-client
+/// request): time the upstream's timeout does not count.
+#[derive(Debug, Default)]
+pub struct Paused(Mutex<(Duration, Option<std::time::Instant>)>);
+
+impl Paused {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Duration, Option<std::time::Instant>)> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The call starts waiting on its agent.
+    pub fn begin(&self) {
+        let mut p = self.lock();
+        if p.1.is_none() {
+            p.1 = Some(std::time::Instant::now());
+        }
+    }
+
+    /// The wait is over.
+    pub fn end(&self) {
+        let mut p = self.lock();
+        if let Some(since) = p.1.take() {
+            p.0 = p.0.saturating_add(since.elapsed());
+        }
+    }
+
+    /// The time waited so far (a wait in progress included), and whether one is.
+    fn waited(&self) -> (Duration, bool) {
+        let p = self.lock();
+        match p.1 {
+            Some(since) => (p.0.saturating_add(since.elapsed()), true),
+            None => (p.0, false),
+        }
+    }
+}
 
 /// The largest answer read to a POST of a response (a server acknowledges one with `202` and
 /// no body).
@@ -239,7 +328,15 @@ impl Upstreams {
             session: None,
         };
         if let Ok((answer, _)) = self
-            .exchange(endpoint, &modern, "server/discover", None, &discover, None)
+            .exchange(
+                endpoint,
+                &modern,
+                "server/discover",
+                None,
+                &discover,
+                None,
+                &mut RefuseAll,
+            )
             .await
             && let Ok(m) = parse_message(&answer.body)
             && m.kind() == Kind::Response
@@ -261,7 +358,15 @@ impl Upstreams {
             session: None,
         };
         let (answer, session) = self
-            .exchange(endpoint, &fresh, "initialize", None, &init, None)
+            .exchange(
+                endpoint,
+                &fresh,
+                "initialize",
+                None,
+                &init,
+                None,
+                &mut RefuseAll,
+            )
             .await?;
         let m = parse_message(&answer.body).map_err(|_| UpstreamError::BadAnswer("initialize"))?;
         if m.kind() != Kind::Response {
@@ -279,6 +384,7 @@ impl Upstreams {
             None,
             initialized,
             None,
+            &mut RefuseAll,
         )
         .await?;
         Ok(known)
@@ -297,14 +403,15 @@ impl Upstreams {
     ) -> Result<Answer, UpstreamError> {
         let work = async {
             let known = self.known(endpoint).await?;
+            let mut refuse = RefuseAll;
             match self
-                .exchange(endpoint, &known, method, name, body, receipt)
+                .exchange(endpoint, &known, method, name, body, receipt, &mut refuse)
                 .await
             {
                 Err(UpstreamError::Status(404)) if known.era == Era::Legacy => {
                     self.forget(&endpoint.server);
                     let known = self.known(endpoint).await?;
-                    self.exchange(endpoint, &known, method, name, body, receipt)
+                    self.exchange(endpoint, &known, method, name, body, receipt, &mut refuse)
                         .await
                         .map(|(a, _)| a)
                 }
@@ -314,6 +421,59 @@ impl Upstreams {
         tokio::time::timeout(self.timeout, work)
             .await
             .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    /// [`Self::call`], a legacy server's requests on the answer's stream answered by
+    /// `requests` instead of refused; the time `paused` records (the call waiting on its
+    /// agent) does not count against the timeout.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call_answering(
+        &self,
+        endpoint: &Endpoint,
+        method: &str,
+        name: Option<&str>,
+        body: &str,
+        receipt: Option<&str>,
+        requests: &mut dyn ServerRequests,
+        paused: &Paused,
+    ) -> Result<Answer, UpstreamError> {
+        let work = async {
+            let known = self.known(endpoint).await?;
+            match self
+                .exchange(endpoint, &known, method, name, body, receipt, requests)
+                .await
+            {
+                Err(UpstreamError::Status(404)) if known.era == Era::Legacy => {
+                    self.forget(&endpoint.server);
+                    let known = self.known(endpoint).await?;
+                    self.exchange(endpoint, &known, method, name, body, receipt, requests)
+                        .await
+                        .map(|(a, _)| a)
+                }
+                other => other.map(|(a, _)| a),
+            }
+        };
+        let started = tokio::time::Instant::now();
+        tokio::pin!(work);
+        loop {
+            let (waited, waiting) = paused.waited();
+            let deadline = started + self.timeout + waited;
+            // While the call waits on its agent the deadline moves with it: look again later.
+            let wake = if waiting {
+                deadline.max(tokio::time::Instant::now() + Duration::from_millis(100))
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(wake, &mut work).await {
+                Ok(result) => return result,
+                Err(_) => {
+                    let (waited, waiting) = paused.waited();
+                    if !waiting && tokio::time::Instant::now() >= started + self.timeout + waited {
+                        return Err(UpstreamError::Timeout);
+                    }
+                }
+            }
+        }
     }
 
     async fn sender(&self, server: &str) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
@@ -354,6 +514,8 @@ impl Upstreams {
     }
 
     /// One HTTP exchange; returns the answer and the `Mcp-Session-Id` the server sent, if any.
+    /// A legacy server's requests on the answer's stream are answered by `requests`.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &self,
         endpoint: &Endpoint,
@@ -362,6 +524,7 @@ impl Upstreams {
         name: Option<&str>,
         body: &str,
         receipt: Option<&str>,
+        requests: &mut dyn ServerRequests,
     ) -> Result<(Answer, Option<String>), UpstreamError> {
         let request = post_request(endpoint, known, method, name, body, receipt)?;
         let mut sender = self.sender(&endpoint.server).await?;
@@ -385,7 +548,7 @@ impl Upstreams {
             // after answering (or floods it) never holds the call past its answer or the
             // bounds. A stream left unread is not reused: dropping it closes the connection.
             let (answer, finished) = self
-                .read_sse_answer(endpoint, known, response.into_body())
+                .read_sse_answer(endpoint, known, response.into_body(), requests)
                 .await?;
             if finished {
                 self.give_back(&endpoint.server, sender);
@@ -466,13 +629,15 @@ impl Upstreams {
     /// the stream was read to its end (only then may the connection be reused). Bounded: at
     /// most [`MAX_RESPONSE_BODY`] bytes in all (so no event is larger), at most
     /// [`MAX_SSE_EVENTS`] events before the answer. A server-to-client request before the
-    /// answer (legacy era) is answered at once with an error ([`Self::refuse_server_request`])
-    /// and the read goes on: the server's answer comes after it.
+    /// answer (legacy era) is answered by `requests`, POSTed to the server's session
+    /// ([`Self::post_to_session`]), and the read goes on: the server's answer comes after it.
+    /// A modern server's request on the stream is not of its era: the call ends, a bad answer.
     async fn read_sse_answer(
         &self,
         endpoint: &Endpoint,
         known: &Known,
         mut body: hyper::body::Incoming,
+        requests: &mut dyn ServerRequests,
     ) -> Result<(Answer, bool), UpstreamError> {
         let mut reader = SseAnswer::default();
         let mut total = 0usize;
@@ -488,52 +653,43 @@ impl Upstreams {
                 ));
             }
             let found = reader.push(&data)?;
+            // Only a legacy server has a session to answer to; a modern server asks inside a
+            // result (`input_required`), and a request on its stream (before its answer or in
+            // the same read) is not of its era: nothing of the stream reaches the agent.
+            if known.era == Era::Modern && reader.requests_seen > 0 {
+                return Err(UpstreamError::BadAnswer(
+                    "a 2026-07-28 server sent a request on an answer's stream",
+                ));
+            }
             if let Some(answer) = found {
                 // Requests in the same read as the answer are moot: the server has answered.
                 return Ok((answer, body.is_end_stream()));
             }
-            let requests = std::mem::take(&mut reader.requests);
-            // Only a legacy server has a session to answer to; a modern server asks inside a
-            // result (`input_required`), and a request on its stream is dropped.
-            if known.era == Era::Legacy {
-                for request in requests {
-                    self.refuse_server_request(endpoint, known, &request)
-                        .await?;
-                }
+            let pending = std::mem::take(&mut reader.requests);
+            for request in pending {
+                let response = requests.answer(&request).await?;
+                self.post_to_session(endpoint, known, &response).await?;
             }
         }
-        reader.finish().map(|a| (a, true))
+        let answer = reader.finish()?;
+        if known.era == Era::Modern && answer.server_requests > 0 {
+            return Err(UpstreamError::BadAnswer(
+                "a 2026-07-28 server sent a request on an answer's stream",
+            ));
+        }
+        Ok((answer, true))
     }
 
-    /// Answers a server-to-client request the server sent on an answer's stream: `ping` with
-    /// its empty result, anything else with a JSON-RPC error (`-32601`) naming the method,
-    /// POSTed to the server's session as the legacy era's client answers a request. The
-    /// server's `2xx` is all that is read back (bounded); another status ends the call.
-    async fn refuse_server_request(
+    /// POSTs `response` (the answer to a server-to-client request the server sent on a stream)
+    /// to the server's session, as the legacy era's client answers a request. The server's
+    /// `2xx` is all that is read back (bounded); another status ends the call.
+    async fn post_to_session(
         &self,
         endpoint: &Endpoint,
         known: &Known,
-        request: &str,
+        response: &str,
     ) -> Result<(), UpstreamError> {
-        let m = parse_message(request.as_bytes())
-            .map_err(|_| UpstreamError::BadAnswer("an sse event is not json-rpc"))?;
-        let method = m.method().unwrap_or_default();
-        let response = if method == "ping" {
-            format!(
-                r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
-                m.id().map_or("null", |i| i.get())
-            )
-        } else {
-            error_response(
-                m.id(),
-                METHOD_NOT_FOUND,
-                &format!(
-                    "the control plane does not relay a {LEGACY_VERSION} server's requests to the agent ({}): refused",
-                    truncated(method, 64)
-                ),
-            )
-        };
-        let post = post_request(endpoint, known, "", None, &response, None)?;
+        let post = post_request(endpoint, known, "", None, response, None)?;
         let mut sender = self.sender(&endpoint.server).await?;
         let answer = sender
             .send_request(post)
@@ -731,7 +887,9 @@ impl Upstreams {
                     // at once like one on a call's stream, so that whatever waits on it in the
                     // server does not wait for ever. A failed answer does not end the stream.
                     Ok((Kind::Request, _)) if known.era == Era::Legacy => {
-                        let _ = self.refuse_server_request(endpoint, &known, &event).await;
+                        if let Ok(response) = refusal(&event) {
+                            let _ = self.post_to_session(endpoint, &known, &response).await;
+                        }
                     }
                     _ => {}
                 }
