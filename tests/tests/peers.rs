@@ -16,7 +16,7 @@ use std::time::Duration;
 use attestplane_tests::DevStack;
 use peers_support::{
     PyServers, gateway_url, mint_token, node_client, python_client, register_pinned,
-    server_everything, stats,
+    register_plain_with, server_everything, stats,
 };
 use serde_json::{Value, json};
 
@@ -411,6 +411,68 @@ fn a_legacy_python_servers_sampling_request_mid_call_is_refused_at_once_and_the_
             "{s}"
         );
     }
+    let (log, checkpoint) = stack.files.export("asking.cbor");
+    let (ran, out) = stack.files.verify_log(&log, Some(&checkpoint));
+    assert_eq!(ran.code, Some(0), "{out}");
+    let (ok, _) = stack.stop(Duration::from_secs(20));
+    assert!(ok);
+}
+
+#[test]
+fn a_legacy_python_servers_allowed_sampling_request_is_relayed_to_a_legacy_python_client_and_its_model_answers()
+ {
+    // The same legacy PyPI `mcp` server, registered with `--client-request sampling`: the old
+    // gateway refused its request whatever the registration said. Now a legacy PyPI `mcp`
+    // client with a sampling callback gets it on the call's SSE stream, its model's answer
+    // reaches the server's tool, and the call ends with the tool's answer. A modern client
+    // (no session to answer from) is still refused.
+    let Some(python) = peers_support::python() else {
+        return;
+    };
+    let mut stack = DevStack::start();
+    let gateway = gateway_url(&stack);
+    let shape = "legacy-asking-sse";
+    let servers = PyServers::start(&python, &[shape]);
+    let runtime = peers_support::runtime();
+    let upstream = servers.addr(shape);
+    register_plain_with(
+        &stack,
+        &runtime,
+        "asking",
+        upstream,
+        &format!("http://{upstream}/mcp"),
+        &["add", "ask_model"],
+        &["--client-request", "sampling"],
+    );
+    let endpoint = format!("{gateway}/mcp/asking");
+    let token = mint_token(&stack, &endpoint, "tool-user", "asking.jwt");
+    let mut sessions = Vec::new();
+    for mode in ["legacy", "2026-07-28"] {
+        sessions.push(json!({
+            "url": endpoint, "token": token, "mode": mode, "sampling": "four, from the peer model",
+            "ops": [call("ask_model", json!({"question": "2+2?"})), call("add", json!({"a": 2, "b": 2}))],
+        }));
+    }
+    let answers = python_client(&python, &json!(sessions));
+    let legacy = &answers[0];
+    let out = outcomes(legacy);
+    assert_eq!(out[0]["ok"], true, "{legacy}");
+    assert!(
+        out[0]["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("four, from the peer model"),
+        "the server's tool got the client's model's answer: {legacy}"
+    );
+    assert_eq!(legacy["sampled"], json!(["2+2?"]), "{legacy}");
+    assert_eq!(out[1]["text"], "4", "the session serves on: {legacy}");
+    let modern = &answers[1];
+    let out = outcomes(modern);
+    assert_eq!(out[0]["text"], "sampling refused: -32601", "{modern}");
+    assert_eq!(modern["sampled"], json!([]), "{modern}");
+    let s = stats(&runtime, upstream);
+    assert_eq!(s["ran"]["ask_model"], 2, "{s}");
+    assert_eq!(s["client_refusals"].as_array().unwrap().len(), 1, "{s}");
     let (log, checkpoint) = stack.files.export("asking.cbor");
     let (ran, out) = stack.files.verify_log(&log, Some(&checkpoint));
     assert_eq!(ran.code, Some(0), "{out}");

@@ -305,6 +305,19 @@ pub fn register_plain(
     resource: &str,
     pin: &[&str],
 ) {
+    register_plain_with(stack, runtime, id, addr, resource, pin, &[]);
+}
+
+/// [`register_plain`] with `extra` arguments to `servers register` (e.g. `--client-request`).
+pub fn register_plain_with(
+    stack: &DevStack,
+    runtime: &tokio::runtime::Runtime,
+    id: &str,
+    addr: &str,
+    resource: &str,
+    pin: &[&str],
+    extra: &[&str],
+) {
     let tools = runtime.block_on(live_tools(&format!("http://{addr}/mcp")));
     let endpoint = format!("http://{addr}");
     let mut args: Vec<String> = [
@@ -322,6 +335,7 @@ pub fn register_plain(
         "none",
     ]
     .iter()
+    .chain(extra)
     .map(|s| (*s).to_owned())
     .collect();
     let mut pinned = Vec::new();
