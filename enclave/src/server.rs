@@ -16,6 +16,17 @@
 //!   id, never by "whoever asked last". An id is in flight from its request until its final
 //!   reply (any reply but [`Response::Persist`]); a second request under an id in flight is
 //!   answered `Conflict` and never reaches the enclave.
+//! - Short jobs are served in place. The handler sits behind a lock; a runtime task with a
+//!   short job takes it when it is free (`try_lock`, never waiting) and serves the job on its
+//!   own thread instead of queueing it for the handler thread: the gateway's jobs
+//!   ([`EnclaveAccess::run`]) and a host's `Durable` when nothing of its connection is ahead of
+//!   it (queued or awaiting its reply) and the handler already knows the connection. A busy
+//!   handler means the queue, as before. Either way one job at a time has the enclave, and a
+//!   connection's requests are served in the order it sent them. What this saves is the two
+//!   thread hand-offs per job (queue → handler thread → the task that waits): at one client a
+//!   gateway call made four such trips (decision, its `Durable`, result, its `Durable`), each
+//!   a wake-up of a sleeping thread. A job that panics in place poisons the lock and the
+//!   handler thread stops serving (fail closed, as when a job panics on that thread).
 //! - One task per connection reads frames and writes replies. Frame errors are answered on the
 //!   spot with [`ProtoError::reply`]; after an error that loses the stream's place
 //!   ([`ProtoError::is_fatal`]) the connection is closed, otherwise it continues. A response
@@ -78,8 +89,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use attestplane_proto::{
@@ -202,19 +213,40 @@ enum Job {
 pub type InsideJob = Box<dyn FnOnce(&mut Enclave, UnixMillis) -> Vec<(u64, Response)> + Send>;
 
 /// The enclave's side door for work that originates inside it (the MCP gateway): closures run
-/// on the one handler thread, in order with the host's requests, and the durable watermark the
+/// with the enclave, one at a time with the host's requests, and the durable watermark the
 /// host has reported. Cloned freely; made by [`inside_channel`], served by [`run_with_inside`].
+///
+/// A closure runs in place, on the calling task's thread, when the handler is free (it takes
+/// the handler's lock without waiting); otherwise it joins the handler's queue and runs on the
+/// handler thread. Either way it runs alone with the enclave, and its replies are routed and
+/// handed to the connections before [`EnclaveAccess::run`] returns.
 #[derive(Clone, Debug)]
 pub struct EnclaveAccess {
-    jobs: mpsc::Sender<InsideJob>,
+    door: watch::Receiver<Option<Door>>,
     durable: watch::Receiver<Option<u64>>,
 }
 
 /// The receiving half of [`EnclaveAccess`], handed to [`run_with_inside`].
 #[derive(Debug)]
 pub struct InsideQueue {
-    jobs: mpsc::Receiver<InsideJob>,
+    door: watch::Sender<Option<Door>>,
     durable: watch::Sender<Option<u64>>,
+    /// Room for the side door's jobs in the handler's queue.
+    capacity: usize,
+}
+
+/// How the side door reaches a running handler: in place, or through its queue. Both are weak:
+/// the side door never keeps a stopped handler (or its queue) alive.
+#[derive(Clone)]
+struct Door {
+    handler: Weak<dyn InPlace>,
+    queue: mpsc::WeakSender<Job>,
+}
+
+impl std::fmt::Debug for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Door").finish_non_exhaustive()
+    }
 }
 
 /// The enclave has stopped serving (its handler is gone).
@@ -222,25 +254,27 @@ pub struct InsideQueue {
 #[error("the enclave's request handler has stopped")]
 pub struct HandlerGone;
 
-/// A side door to the enclave and its queue; `capacity` bounds the jobs waiting.
+/// A side door to the enclave; `capacity` is the room its jobs get in the handler's queue.
 pub fn inside_channel(capacity: usize) -> (EnclaveAccess, InsideQueue) {
-    let (jobs_tx, jobs_rx) = mpsc::channel(capacity.max(1));
+    let (door_tx, door_rx) = watch::channel(None);
     let (durable_tx, durable_rx) = watch::channel(None);
     (
         EnclaveAccess {
-            jobs: jobs_tx,
+            door: door_rx,
             durable: durable_rx,
         },
         InsideQueue {
-            jobs: jobs_rx,
+            door: door_tx,
             durable: durable_tx,
+            capacity: capacity.max(1),
         },
     )
 }
 
 impl EnclaveAccess {
-    /// Runs `f` with the enclave on its handler thread; `f` returns its result and the replies
-    /// to route (the `Persist` of the entries it wrote).
+    /// Runs `f` with the enclave (in place when the handler is free, on the handler thread
+    /// otherwise); `f` returns its result and the replies to route (the `Persist` of the
+    /// entries it wrote), which are handed to the host's connections before this returns.
     pub async fn run<T, F>(&self, f: F) -> Result<T, HandlerGone>
     where
         T: Send + 'static,
@@ -252,17 +286,60 @@ impl EnclaveAccess {
             let _ = tx.send(value);
             replies
         });
-        self.jobs.send(job).await.map_err(|_| HandlerGone)?;
+        let door = self.door().await?;
+        let job = match door.handler.upgrade() {
+            Some(handler) => handler.try_serve(Job::Inside(job)),
+            None => return Err(HandlerGone),
+        };
+        if let Some(job) = job {
+            let queue = door.queue.upgrade().ok_or(HandlerGone)?;
+            queue.send(job).await.map_err(|_| HandlerGone)?;
+        }
         rx.await.map_err(|_| HandlerGone)
+    }
+
+    /// The running handler's door; waits for the server to start.
+    async fn door(&self) -> Result<Door, HandlerGone> {
+        if let Some(door) = self.door.borrow().as_ref() {
+            return Ok(door.clone());
+        }
+        let mut rx = self.door.clone();
+        let door = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| HandlerGone)?;
+        door.as_ref().cloned().ok_or(HandlerGone)
     }
 
     /// Waits until the host has reported every entry up to `seq` durable.
     pub async fn durable(&self, seq: u64) -> Result<(), HandlerGone> {
+        if self.durable.borrow().is_some_and(|d| d >= seq) {
+            return Ok(());
+        }
         let mut rx = self.durable.clone();
         rx.wait_for(|d| d.is_some_and(|d| d >= seq))
             .await
             .map(|_| ())
             .map_err(|_| HandlerGone)
+    }
+}
+
+/// The handler served in place: by a runtime task whose job is short (a gateway trip, a
+/// `Durable`), when no one else holds it.
+trait InPlace: Send + Sync {
+    /// Serves `job` now, with its replies handed over, if the handler is free; gives it back
+    /// otherwise (the handler is busy, or stopped by a panic: the queue's path then fails).
+    fn try_serve(&self, job: Job) -> Option<Job>;
+}
+
+impl<C: Fn() -> UnixMillis + Send> InPlace for Mutex<Handler<C>> {
+    fn try_serve(&self, job: Job) -> Option<Job> {
+        let Ok(mut handler) = self.try_lock() else {
+            return Some(job);
+        };
+        handler.serve(job);
+        handler.flush();
+        None
     }
 }
 
@@ -322,6 +399,9 @@ struct Outbox {
     queued: Arc<AtomicUsize>,
     /// Tells the connection's task to give up (its host has stopped reading).
     kill: Arc<Notify>,
+    /// Set once the handler knows the connection (its `Open` served): only then may the
+    /// connection's task serve a job in place (a reply for an unknown connection is lost).
+    open: Arc<AtomicBool>,
 }
 
 /// Why a reply could not be queued.
@@ -340,6 +420,7 @@ impl Outbox {
             staged: Vec::new(),
             queued: Arc::new(AtomicUsize::new(0)),
             kill: Arc::new(Notify::new()),
+            open: Arc::new(AtomicBool::new(false)),
         };
         (outbox, rx)
     }
@@ -413,28 +494,29 @@ pub async fn run_with_inside<C>(
 where
     C: Fn() -> UnixMillis + Send + Sync + 'static,
 {
-    let (jobs, queue) = mpsc::channel(limits.max_connections.max(1));
     let InsideQueue {
-        jobs: mut inside_jobs,
+        door,
         durable: durable_tx,
+        capacity,
     } = inside;
-    let forward = jobs.clone();
-    let inside_task = tokio::spawn(async move {
-        while let Some(job) = inside_jobs.recv().await {
-            if forward.send(Job::Inside(job)).await.is_err() {
-                break;
-            }
-        }
-    });
-    let handler = Handler {
+    // One queue: a job per allowed connection plus the side door's room.
+    let (jobs, queue) = mpsc::channel(limits.max_connections.max(1).saturating_add(capacity));
+    let handler = Arc::new(Mutex::new(Handler {
         enclave,
         clock,
         conns: BTreeMap::new(),
         routes: HashMap::new(),
         max_queued: limits.max_queued_reply_bytes,
         durable: durable_tx,
-    };
-    let mut handler_task = Some(tokio::task::spawn_blocking(move || handler.run(queue)));
+    }));
+    let in_place: Arc<dyn InPlace> = handler.clone();
+    door.send_replace(Some(Door {
+        handler: Arc::downgrade(&in_place),
+        queue: jobs.downgrade(),
+    }));
+    let mut handler_task = Some(tokio::task::spawn_blocking(move || {
+        Handler::run(&handler, queue);
+    }));
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut conns: JoinSet<()> = JoinSet::new();
     let mut next_conn: ConnId = 0;
@@ -474,7 +556,10 @@ where
                     let (outbox, rx) = Outbox::new();
                     let queued = Arc::clone(&outbox.queued);
                     let kill = Arc::clone(&outbox.kill);
-                    if jobs.send(Job::Open { conn, outbox }).await.is_err() {
+                    let open = Arc::clone(&outbox.open);
+                    if let Some(job) = in_place.try_serve(Job::Open { conn, outbox })
+                        && jobs.send(job).await.is_err()
+                    {
                         // The handler is gone; the branch above reports why.
                         continue;
                     }
@@ -485,6 +570,8 @@ where
                         in_flight: 0,
                         limit: limits.max_in_flight_per_connection,
                         jobs: jobs.clone(),
+                        in_place: Arc::clone(&in_place),
+                        open,
                         queued,
                         kill,
                         batch: Vec::new(),
@@ -523,10 +610,8 @@ where
         conns.shutdown().await;
     }
     // With every connection gone and this last sender dropped, the handler's queue closes and
-    // it returns after the request it is handling, if any.
-    // The gateway's side door holds a sender too: close it so the handler's queue can end.
-    inside_task.abort();
-    let _ = inside_task.await;
+    // it returns after the request it is handling, if any (the side door's sender is weak).
+    drop(in_place);
     drop(jobs);
     if let Some(task) = handler_task
         && let Err(e) = task.await
@@ -576,16 +661,25 @@ struct Handler<C> {
 impl<C: Fn() -> UnixMillis> Handler<C> {
     /// Serves jobs until the queue closes. The replies of the jobs at hand (up to
     /// [`JOBS_PER_FLUSH`]) are handed to their connections together, once per burst.
-    fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+    ///
+    /// The handler is shared with the tasks that serve short jobs in place
+    /// ([`InPlace::try_serve`]); it is locked per burst. A job that panicked in place left the
+    /// lock poisoned and the enclave in an unknown state: the handler stops, and [`run`]
+    /// reports it.
+    fn run(shared: &Mutex<Self>, mut queue: mpsc::Receiver<Job>) {
         while let Some(job) = queue.blocking_recv() {
-            self.serve(job);
+            let Ok(mut handler) = shared.lock() else {
+                eprintln!("attestplane-enclave: a job served in place panicked; stopping");
+                return;
+            };
+            handler.serve(job);
             for _ in 1..JOBS_PER_FLUSH {
                 match queue.try_recv() {
-                    Ok(job) => self.serve(job),
+                    Ok(job) => handler.serve(job),
                     Err(_) => break,
                 }
             }
-            self.flush();
+            handler.flush();
         }
     }
 
@@ -618,6 +712,7 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
     fn serve(&mut self, job: Job) {
         match job {
             Job::Open { conn, outbox } => {
+                outbox.open.store(true, Ordering::Release);
                 self.conns.insert(conn, outbox);
             }
             Job::Request { conn, id, request } => {
@@ -785,6 +880,10 @@ struct Connection {
     in_flight: usize,
     limit: usize,
     jobs: mpsc::Sender<Job>,
+    /// The handler, for a `Durable` served in place.
+    in_place: Arc<dyn InPlace>,
+    /// Whether the handler knows this connection yet (see [`Outbox::open`]).
+    open: Arc<AtomicBool>,
     /// Bytes in this connection's outbox (see [`Outbox::queued`]).
     queued: Arc<AtomicUsize>,
     /// Set by the handler when it closes this connection.
@@ -910,12 +1009,22 @@ impl Connection {
                 )
                 .await;
         }
+        // A `Durable` with nothing of this connection's ahead of it (in the queue or awaiting
+        // its reply) is served in place when the handler is free: it is short, and it is what
+        // the gateway's calls wait for. Anything else, or a busy handler: the queue, in order.
+        let in_place = durable && self.in_flight == 0 && self.open.load(Ordering::Acquire);
         self.in_flight = self.in_flight.saturating_add(1);
-        let job = Job::Request {
+        let mut job = Job::Request {
             conn: self.conn,
             id,
             request,
         };
+        if in_place {
+            match self.in_place.try_serve(job) {
+                None => return Ok(()),
+                Some(back) => job = back,
+            }
+        }
         self.jobs.send(job).await.map_err(|_| Close::HandlerGone)
     }
 
