@@ -949,6 +949,28 @@ impl Enclave {
         self.nsm.random(n).map_err(|e| format!("nsm: {e}"))
     }
 
+    /// The sequence number the next entry will have (the log's size), while serving.
+    pub(crate) fn next_seq(&self) -> Option<u64> {
+        self.writer().map(|w| w.head().size)
+    }
+
+    /// [`Self::write_for_gateway`] of an entry that must be entry `seq` (a receipt made
+    /// beforehand names it): refused, with nothing written, if the next entry would be another.
+    pub(crate) fn write_for_gateway_as(
+        &mut self,
+        id: u64,
+        event: Event,
+        now: UnixMillis,
+        seq: u64,
+    ) -> Result<Replies, String> {
+        match self.next_seq() {
+            Some(next) if next == seq => {}
+            Some(next) => return Err(format!("entry {seq} expected, the log's next is {next}")),
+            None => return Err("not ready".into()),
+        }
+        self.write_for_gateway(id, event, now).map(|(_, r)| r)
+    }
+
     /// Writes `event` (signed, applied to the state) and returns its sequence number and the
     /// `Persist` reply that hands it to the host under `id`.
     pub(crate) fn write_for_gateway(

@@ -2336,3 +2336,42 @@ async fn a_modern_server_sending_a_request_on_its_answers_stream_is_aborted_and_
     assert!(s.upstream.client_responses.lock().unwrap().is_empty());
     replays(&s);
 }
+
+/// An agent without a valid token must cost the gateway a token check, not a read and parse
+/// (and PII scan) of its body: the old gateway read the whole body (up to 1 MiB) before it
+/// checked the token, so a request that declares a large body and sends it slowly (or never)
+/// held its 401 until every byte had arrived. The token is now checked first: the 401 comes
+/// with most of the body still unsent, and nothing is decided or forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_is_refused_before_its_large_body_is_read() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = stack(true).await;
+    let other = s.token("elsewhere", &["tool-user"]);
+    for token in ["not-a-token".to_owned(), other] {
+        let mut stream = TcpStream::connect(s.agent).await.unwrap();
+        let declared = 512 * 1024;
+        let head = format!(
+            "POST /mcp/weather HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n\
+             authorization: Bearer {token}\r\nmcp-protocol-version: 2026-07-28\r\n\
+             mcp-method: tools/call\r\nmcp-name: add\r\ncontent-length: {declared}\r\n\r\n"
+        );
+        // The head and the start of a tools/call whose arguments would fill the declared
+        // length; the rest never comes.
+        let mut start = head.into_bytes();
+        start.extend_from_slice(
+            br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"add","arguments":{"a":""#,
+        );
+        start.extend_from_slice(&[b'4'; 1024]);
+        stream.write_all(&start).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut answer))
+            .await
+            .expect("no answer while the body is still unsent: the body is being read first")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+        assert!(text.contains("resource_metadata="), "{text}");
+    }
+    assert_eq!(calls(&s), 0);
+    replays(&s);
+}

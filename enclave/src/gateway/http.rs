@@ -117,33 +117,12 @@ struct Ctx {
     session: Option<String>,
 }
 
-/// Who is calling: an agent already authenticated (with the endpoint read in the same trip to
-/// the handler thread), or a bearer token not checked yet, to be checked on the handler
-/// thread in the same trip as the decision.
-enum Caller {
-    Known(PrincipalRecord, Option<Endpoint>),
-    Bearer(String),
-}
-
-/// Whom a trip to the handler thread authenticated, and where their server is.
-type Who = Option<(PrincipalRecord, Option<Endpoint>)>;
-
 /// The step a `tools/call` trip to the handler thread took.
 enum CallStep {
-    /// The registered endpoint is not an `http://` URL: nothing decided.
-    NotHttp,
     /// The tool's pin changed since its listing was checked: nothing decided; list again.
     Stale,
     /// Decided (and, unless withheld, the decision entry written).
     Verdict(CallVerdict),
-}
-
-/// Why a `tools/call` trip refused the call before deciding it, or could not decide it.
-enum CallFailed {
-    /// Authentication (or the endpoint lookup that precedes it) refused it.
-    Auth(Refusal),
-    /// The decision could not be taken or written.
-    Decide(Refusal),
 }
 
 impl Gateway {
@@ -202,13 +181,12 @@ impl Gateway {
 
     /// Answers one HTTP request.
     ///
-    /// A POST's body is read (bounded) and parsed before its bearer token is checked, so that
-    /// a modern-era `tools/call` is authenticated, checked against its pin and decided in one
-    /// trip to the enclave's handler thread. Nothing is decided, written or forwarded before
-    /// the token checks out, and any refusal found while reading the request is answered only
-    /// after the token is checked: an agent without a valid token gets its 401 whatever it
-    /// sent. What an unauthenticated request can cost is one bounded read and parse (and, for a
-    /// `tools/call`, the bounded PII scan of its arguments).
+    /// The bearer token is checked first, before a POST's body is read: an agent without a
+    /// valid token gets its 401 at the cost of one signature check (none when the token is in
+    /// the enclave's bearer cache), and its body is read only if it is small
+    /// ([`ID_READ_LIMIT`]), and then only skimmed for the request's JSON-RPC id, which the 401
+    /// carries; never parsed as a message or scanned for PII. Nothing is decided, written or
+    /// forwarded before the token checks out.
     pub async fn handle(&self, req: Request<Incoming>) -> Reply {
         let path = req.uri().path().to_owned();
         if let Some(id) = path.strip_prefix("/.well-known/oauth-protected-resource/mcp/") {
@@ -224,11 +202,17 @@ impl Gateway {
         };
         let headers = mcp_headers(req.headers());
         let method = req.method().clone();
+        let (principal, endpoint) = match self.authenticated(&server, bearer).await {
+            Ok(x) => x,
+            Err(e) => {
+                let id = match method {
+                    Method::POST => small_body_id(req.into_body()).await,
+                    _ => None,
+                };
+                return self.refused_caller(&server, id.as_deref(), &e);
+            }
+        };
         if method != Method::POST {
-            let principal = match self.authenticate(&server, None, bearer).await {
-                Ok((p, _)) => p,
-                Err(reply) => return reply,
-            };
             return match method {
                 Method::DELETE => self.delete_session(&server, &principal, &headers),
                 // No server-initiated stream is offered (the spec allows 405).
@@ -245,15 +229,12 @@ impl Gateway {
         {
             Ok(b) => b.to_bytes(),
             Err(_) => {
-                let refused = rpc_error(
+                return rpc_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     None,
                     INVALID_REQUEST,
                     "request body too large",
                 );
-                return self
-                    .once_authenticated(&server, None, bearer, refused)
-                    .await;
             }
         };
         let message = match parse_message(&body) {
@@ -262,66 +243,46 @@ impl Gateway {
                 // Not a message the gateway reads, but its id may still be readable: the
                 // refusal carries it then.
                 let id = era::readable_id(&body);
-                let id = id.as_deref();
-                let refused = rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string());
-                return self.once_authenticated(&server, id, bearer, refused).await;
+                return rpc_error(
+                    StatusCode::BAD_REQUEST,
+                    id.as_deref(),
+                    e.code(),
+                    &e.to_string(),
+                );
             }
         };
         let id = message.id().map(|r| r.get().to_owned());
         let era = match era::classify(&headers, &message) {
             Ok(era) => era,
             Err(e) => {
-                let refused = rpc_error(
+                return rpc_error(
                     StatusCode::BAD_REQUEST,
                     id.as_deref(),
                     e.code(),
                     &e.to_string(),
                 );
-                return self
-                    .once_authenticated(&server, id.as_deref(), bearer, refused)
-                    .await;
             }
         };
         match message.kind() {
             Kind::Request => {}
-            Kind::Notification => {
-                return self
-                    .once_authenticated(&server, None, bearer, accepted())
-                    .await;
-            }
+            Kind::Notification => return accepted(),
             // A legacy agent's answer to a server's request the gateway relayed to it.
             Kind::Response | Kind::ErrorResponse
                 if era == Era::Legacy && headers.session.is_some() =>
             {
-                return self
-                    .agent_response(&server, id.as_deref(), bearer, &headers, &message)
-                    .await;
+                return self.agent_response(&server, id.as_deref(), &principal, &headers, &message);
             }
             // Otherwise the gateway asked nothing: a response is out of place.
             Kind::Response | Kind::ErrorResponse => {
-                let refused = rpc_error(
+                return rpc_error(
                     StatusCode::BAD_REQUEST,
                     id.as_deref(),
                     INVALID_REQUEST,
                     "unexpected response: the gateway sent no request",
                 );
-                return self
-                    .once_authenticated(&server, id.as_deref(), bearer, refused)
-                    .await;
             }
         }
         let method = message.method().unwrap_or_default().to_owned();
-        // The modern era has no session to check first: a call goes to the handler thread
-        // once, token and all.
-        if era == Era::Modern && method == "tools/call" {
-            return self
-                .tools_call(&server, era, Caller::Bearer(bearer), None, &message)
-                .await;
-        }
-        let (principal, endpoint) = match self.authenticate(&server, id.as_deref(), bearer).await {
-            Ok(x) => x,
-            Err(reply) => return reply,
-        };
         let ctx = Ctx {
             server,
             principal,
@@ -355,12 +316,7 @@ impl Gateway {
                 ),
             ),
             "tools/list" => self.tools_list(&ctx, &message).await,
-            "tools/call" => {
-                let caller = Caller::Known(ctx.principal, ctx.endpoint);
-                let session = ctx.session.as_deref();
-                self.tools_call(&ctx.server, era, caller, session, &message)
-                    .await
-            }
+            "tools/call" => self.tools_call(ctx, &message).await,
             "resources/read" => self.read_or_get(&ctx, &message, Action::ReadResource).await,
             "prompts/get" => self.read_or_get(&ctx, &message, Action::GetPrompt).await,
             "resources/list" => {
@@ -396,26 +352,22 @@ impl Gateway {
     }
 
     /// Authenticates the agent for `server`'s endpoint and reads where the server is, in one
-    /// trip to the handler thread; the answer to give instead if it fails (401, 404, 503).
-    /// `id` is the request's JSON-RPC id, which a refusal carries.
-    async fn authenticate(
+    /// trip to the enclave; why not (401, 404, 503) if it fails.
+    async fn authenticated(
         &self,
         server: &str,
-        id: Option<&str>,
         bearer: String,
-    ) -> Result<(PrincipalRecord, Option<Endpoint>), Reply> {
+    ) -> Result<(PrincipalRecord, Option<Endpoint>), Refusal> {
         let audience = self.config.resource(server);
         let sid = server.to_owned();
-        let who = self
-            .access
+        self.access
             .run(move |enclave, now| {
                 let who = authenticate_inside(enclave, &sid, &bearer, &audience, now);
                 (who, Vec::new())
             })
             .await
             .map_err(|_| Refusal::NotReady)
-            .and_then(|r| r);
-        who.map_err(|e| self.refused_caller(server, id, &e))
+            .and_then(|r| r)
     }
 
     /// The answer to a caller refused before its request (JSON-RPC id `id`) is decided.
@@ -423,35 +375,6 @@ impl Gateway {
         match e {
             Refusal::Unauthenticated(why) => self.unauthorized(server, id, why),
             e => refusal_reply(id, e),
-        }
-    }
-
-    /// `reply` (a refusal found while reading the request, or an acknowledgement) once the
-    /// caller's token checks out; the authentication's refusal otherwise.
-    async fn once_authenticated(
-        &self,
-        server: &str,
-        id: Option<&str>,
-        bearer: String,
-        reply: Reply,
-    ) -> Reply {
-        match self.authenticate(server, id, bearer).await {
-            Ok(_) => reply,
-            Err(refused) => refused,
-        }
-    }
-
-    /// [`Self::once_authenticated`] for a caller that may be authenticated already.
-    async fn answer_caller(
-        &self,
-        server: &str,
-        id: Option<&str>,
-        caller: Caller,
-        reply: Reply,
-    ) -> Reply {
-        match caller {
-            Caller::Known(..) => reply,
-            Caller::Bearer(bearer) => self.once_authenticated(server, id, bearer, reply).await,
         }
     }
 
@@ -741,78 +664,46 @@ impl Gateway {
         }
     }
 
-    /// A `tools/call`. For a caller whose token is still to check (the modern era), the token,
-    /// the endpoint, the pin and the decision are checked and taken in one trip to the handler
-    /// thread; otherwise (the legacy era, whose session was checked first) the pin and the
-    /// decision. The listing is fetched first only if the cached one is older than
-    /// [`TOOLS_TTL`] (then the caller is authenticated first: a listing is fetched for an
-    /// authenticated agent only).
-    async fn tools_call(
-        &self,
-        server: &str,
-        era: Era,
-        mut caller: Caller,
-        session: Option<&str>,
-        message: &Message<'_>,
-    ) -> Reply {
+    /// A `tools/call` of an authenticated agent: the pin and the decision in one trip to the
+    /// enclave. The listing is fetched first only if the cached one is older than
+    /// [`TOOLS_TTL`].
+    async fn tools_call(&self, ctx: Ctx, message: &Message<'_>) -> Reply {
         let id = message.id().map(RawValue::get);
         let params = match message.tools_call_params() {
             Ok(p) => p,
-            Err(e) => {
-                let refused = rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string());
-                return self.answer_caller(server, id, caller, refused).await;
-            }
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, e.code(), &e.to_string()),
         };
         if let Some(r) = refuse_non_ijson(id, params.arguments) {
-            return self.answer_caller(server, id, caller, r).await;
+            return r;
         }
+        // An endpoint the gateway cannot reach: refused before anything is decided.
+        let Some(endpoint) = ctx.endpoint.clone() else {
+            return not_http();
+        };
         // The tool's live definition must still be its pinned one: from a listing younger than
         // the TTL, or a fresh one.
         let fresh = self
             .lock_tools()
-            .get(server)
+            .get(&ctx.server)
             .and_then(|c| c.fetched.filter(|t| t.elapsed() < TOOLS_TTL).map(|_| ()))
             .is_some();
-        if !fresh {
-            let (principal, endpoint) = match caller {
-                Caller::Known(p, e) => (p, e),
-                Caller::Bearer(bearer) => match self.authenticate(server, id, bearer).await {
-                    Ok(x) => x,
-                    Err(reply) => return reply,
-                },
-            };
-            let ctx = Ctx {
-                server: server.to_owned(),
-                principal,
-                era,
-                endpoint,
-                session: session.map(str::to_owned),
-            };
-            let Some(endpoint) = ctx.endpoint.clone() else {
-                return not_http();
-            };
-            if let Err(r) = self.listing(&ctx, &endpoint, id).await {
-                return r;
-            }
-            caller = Caller::Known(ctx.principal, ctx.endpoint);
+        if !fresh && let Err(r) = self.listing(&ctx, &endpoint, id).await {
+            return r;
         }
         // PII: scanned and redacted once, here, off the enclave's handler thread; the
         // decision sees the redacted form and picks which form is forwarded.
         let args = match redact::call_arguments(params.arguments.map(RawValue::get)) {
             Ok(a) => a,
-            Err(e) => {
-                let refused = rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e);
-                return self.answer_caller(server, id, caller, refused).await;
-            }
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, &e),
         };
         let redacted = args.redacted.clone();
         let args = Arc::new(args);
         let mut attempt = 0;
-        let (ctx, endpoint, verdict) = loop {
+        let verdict = loop {
             attempt += 1;
             let (live, checked_pin) = self
                 .lock_tools()
-                .get(server)
+                .get(&ctx.server)
                 .map(|c| {
                     (
                         c.kept.get(&params.name).copied(),
@@ -820,15 +711,8 @@ impl Gateway {
                     )
                 })
                 .unwrap_or_default();
-            let (known, bearer) = match caller {
-                // An endpoint the gateway cannot reach: refused before anything is decided.
-                Caller::Known(_, None) => return not_http(),
-                Caller::Known(p, e) => (Some((p, e)), None),
-                Caller::Bearer(b) => (None, Some(b)),
-            };
-            let principal = known.as_ref().map(|(p, _)| p.clone());
-            let audience = self.config.resource(server);
-            let sid = server.to_owned();
+            let principal = ctx.principal.clone();
+            let sid = ctx.server.clone();
             let tool = params.name.clone();
             let args_inside = Arc::clone(&args);
             let rid = self.next_id();
@@ -840,51 +724,31 @@ impl Gateway {
                         now,
                         rid,
                         &sid,
-                        &audience,
-                        principal,
-                        bearer.as_deref(),
+                        &principal,
                         &tool,
                         live,
                         checked_pin,
                         &args_inside,
                     ) {
-                        Ok((who, step, replies)) => (Ok((who, step)), replies),
+                        Ok((step, replies)) => (Ok(step), replies),
                         Err(e) => (Err(e), Vec::new()),
                     }
                 })
                 .await;
-            let (who, step): (_, CallStep) = match trip {
+            let step = match trip {
                 Err(HandlerGone) => return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
-                Ok(Err(CallFailed::Auth(e))) => return self.refused_caller(server, id, &e),
-                Ok(Err(CallFailed::Decide(e))) => return refusal_reply(id, &e),
-                Ok(Ok(x)) => x,
-            };
-            let Some((principal, endpoint)) = who.or(known) else {
-                return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
-            };
-            let ctx = Ctx {
-                server: server.to_owned(),
-                principal,
-                era,
-                endpoint,
-                session: session.map(str::to_owned),
-            };
-            let Some(endpoint) = ctx.endpoint.clone() else {
-                return not_http();
+                Ok(Err(e)) => return refusal_reply(id, &e),
+                Ok(Ok(step)) => step,
             };
             match step {
-                CallStep::NotHttp => return not_http(),
-                CallStep::Verdict(v) => break (ctx, endpoint, Ok(Ok(v))),
+                CallStep::Verdict(v) => break v,
                 // Stale twice: withheld (as before a fresh listing was possible).
-                CallStep::Stale if attempt >= 2 => {
-                    break (ctx, endpoint, Ok(Ok(CallVerdict::Withheld)));
-                }
+                CallStep::Stale if attempt >= 2 => break CallVerdict::Withheld,
                 CallStep::Stale => {
                     // List again (once), against the pins in force.
                     if let Err(r) = self.listing(&ctx, &endpoint, id).await {
                         return r;
                     }
-                    caller = Caller::Known(ctx.principal, ctx.endpoint);
                 }
             }
         };
@@ -900,7 +764,7 @@ impl Gateway {
             gated,
             params.arguments,
             redacted,
-            verdict,
+            Ok(Ok(verdict)),
         )
         .await
     }
@@ -1105,53 +969,27 @@ impl Gateway {
             Ok(Err(e)) => return refusal_reply(id, &e),
             Err(_) => return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
         };
+        // The bytes to forward are made while the decision entry's fdatasync runs (making
+        // them is not forwarding): the agent's message as it came, the receipt spliced into
+        // `params._meta` and, under `redact`, the redacted arguments in place of the sent
+        // ones. Nothing leaves before the entry is durable.
+        let outgoing = outgoing_body(message, arguments, redacted, rule, &receipt);
         if self.access.durable(seq).await.is_err() {
             return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
         }
-        // Forward: the agent's message as it came, toward the upstream's era.
+        let mut body = match outgoing {
+            Ok(b) => b,
+            Err(why) => {
+                return self
+                    .aborted(id, seq, rule, &UpstreamError::BadAnswer(why))
+                    .await;
+            }
+        };
+        // Toward the upstream's era: a modern upstream also gets the protocol version in
+        // `params._meta` if the agent spoke legacy.
         let era = match self.upstreams.era(endpoint).await {
             Ok(e) => e,
             Err(e) => return self.aborted(id, seq, rule, &e).await,
-        };
-        // The receipt goes into params._meta (and a header); a modern upstream also gets the
-        // protocol version there if the agent spoke legacy. Only those members are spliced.
-        let Ok(quoted) = RawValue::from_string(format!("\"{receipt}\"")) else {
-            return self
-                .aborted(id, seq, rule, &UpstreamError::BadAnswer("receipt"))
-                .await;
-        };
-        // Under `redact`, the redacted arguments replace the sent ones (spliced: the rest of
-        // the message byte for byte).
-        let redacted_text = match (rule, arguments, redacted) {
-            (PiiAction::Redact, Some(raw), Some(r)) if r != raw.get() => {
-                match message.with_replaced(raw, &r) {
-                    Ok(t) => Some(t),
-                    Err(_) => {
-                        return self
-                            .aborted(id, seq, rule, &UpstreamError::BadAnswer("redaction"))
-                            .await;
-                    }
-                }
-            }
-            _ => None,
-        };
-        let redacted_message = match redacted_text
-            .as_deref()
-            .map(|t| parse_message(t.as_bytes()))
-        {
-            Some(Ok(m)) => Some(m),
-            Some(Err(_)) => {
-                return self
-                    .aborted(id, seq, rule, &UpstreamError::BadAnswer("redaction"))
-                    .await;
-            }
-            None => None,
-        };
-        let outgoing = redacted_message.as_ref().unwrap_or(message);
-        let Ok(mut body) = outgoing.with_params_meta(RECEIPT_META_KEY, &quoted) else {
-            return self
-                .aborted(id, seq, rule, &UpstreamError::BadAnswer("receipt"))
-                .await;
         };
         if era == Era::Modern && era::body_version(message).is_none() {
             body = match modern_envelope(body) {
@@ -1279,18 +1117,14 @@ impl Gateway {
     /// A legacy agent's response to a server's request the gateway relayed to it: taken only
     /// from the agent and the session it was relayed to, while its call waits (`202`);
     /// anything else is refused (`400`, naming no more than that) and changes nothing.
-    async fn agent_response(
+    fn agent_response(
         &self,
         server: &str,
         id: Option<&str>,
-        bearer: String,
+        principal: &PrincipalRecord,
         headers: &McpHeaders,
         message: &Message<'_>,
     ) -> Reply {
-        let (principal, _) = match self.authenticate(server, id, bearer).await {
-            Ok(x) => x,
-            Err(reply) => return reply,
-        };
         let owner = SessionOwner {
             server: server.to_owned(),
             agent: principal.agent.clone(),
@@ -1500,38 +1334,21 @@ fn authenticate_inside(
     ))
 }
 
-/// On the handler thread, one `tools/call`: authenticates `bearer` if the caller is not
-/// `known` yet, checks that the tool's pin is still the one its listing was checked against
-/// (`checked_pin`), and decides (writing the decision entry). Returns whom it authenticated,
-/// the step taken and the `Persist` of what it wrote.
+/// With the enclave, one `tools/call` of an authenticated agent: checks that the tool's pin
+/// is still the one its listing was checked against (`checked_pin`), and decides (writing the
+/// decision entry). Returns the step taken and the `Persist` of what it wrote.
 #[allow(clippy::too_many_arguments)]
 fn decide_call_inside(
     enclave: &mut crate::service::Enclave,
     now: attestplane_verifier::UnixMillis,
     rid: u64,
     server: &str,
-    audience: &str,
-    known: Option<PrincipalRecord>,
-    bearer: Option<&str>,
+    principal: &PrincipalRecord,
     tool: &str,
     live: Option<Digest32>,
     checked_pin: Option<Digest32>,
     args: &inside::CallArguments,
-) -> Result<(Who, CallStep, inside::Replies), CallFailed> {
-    let (principal, who) = match (known, bearer) {
-        (Some(p), _) => (p, None),
-        (None, Some(bearer)) => {
-            let (p, endpoint) = authenticate_inside(enclave, server, bearer, audience, now)
-                .map_err(CallFailed::Auth)?;
-            let not_http = endpoint.is_none();
-            let who = Some((p.clone(), endpoint));
-            if not_http {
-                return Ok((who, CallStep::NotHttp, Vec::new()));
-            }
-            (p, who)
-        }
-        (None, None) => return Err(CallFailed::Auth(Refusal::NotReady)),
-    };
+) -> Result<(CallStep, inside::Replies), Refusal> {
     // The listing was checked against the pins of its time: if the tool's pin changed since
     // (a re-pin), the check is stale and nothing is decided.
     let pinned = enclave
@@ -1539,12 +1356,32 @@ fn decide_call_inside(
         .server(server)
         .and_then(|s| s.spec.tools.get(tool).copied());
     if pinned != checked_pin {
-        return Ok((who, CallStep::Stale, Vec::new()));
+        return Ok((CallStep::Stale, Vec::new()));
     }
     let (verdict, replies) =
-        inside::decide_call(enclave, now, rid, &principal, server, tool, live, args)
-            .map_err(CallFailed::Decide)?;
-    Ok((who, CallStep::Verdict(verdict), replies))
+        inside::decide_call(enclave, now, rid, principal, server, tool, live, args)?;
+    Ok((CallStep::Verdict(verdict), replies))
+}
+
+/// The largest body of an unauthenticated POST read to find the request's id for its 401:
+/// a larger one is not read at all.
+pub const ID_READ_LIMIT: usize = 16 * 1024;
+
+/// The JSON-RPC id of a refused caller's request body, read only if its declared length
+/// (`Content-Length`) is at most [`ID_READ_LIMIT`] bytes, and only skimmed for the id
+/// ([`era::readable_id`]). A larger body, or one of unknown length, is not read at all.
+async fn small_body_id(body: Incoming) -> Option<String> {
+    use hyper::body::Body as _;
+    let declared = body.size_hint().exact()?;
+    if declared > ID_READ_LIMIT as u64 {
+        return None;
+    }
+    let bytes = Limited::new(body, ID_READ_LIMIT)
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    era::readable_id(&bytes)
 }
 
 /// The answer when a server's registered endpoint is not one the gateway can reach.
@@ -1630,6 +1467,35 @@ fn refused_input_request(
         }
     }
     None
+}
+
+/// The body an allowed request is forwarded with: `message` as the agent sent it, with
+/// `receipt` spliced into `params._meta` and, under `redact`, the `redacted` arguments in
+/// place of the sent `arguments` (spliced: the rest byte for byte). Why not, if it cannot be
+/// made.
+fn outgoing_body(
+    message: &Message<'_>,
+    arguments: Option<&RawValue>,
+    redacted: Option<String>,
+    rule: PiiAction,
+    receipt: &str,
+) -> Result<String, &'static str> {
+    let quoted = RawValue::from_string(format!("\"{receipt}\"")).map_err(|_| "receipt")?;
+    let redacted_text = match (rule, arguments, redacted) {
+        (PiiAction::Redact, Some(raw), Some(r)) if r != raw.get() => {
+            Some(message.with_replaced(raw, &r).map_err(|_| "redaction")?)
+        }
+        _ => None,
+    };
+    match redacted_text {
+        Some(text) => parse_message(text.as_bytes())
+            .map_err(|_| "redaction")?
+            .with_params_meta(RECEIPT_META_KEY, &quoted)
+            .map_err(|_| "receipt"),
+        None => message
+            .with_params_meta(RECEIPT_META_KEY, &quoted)
+            .map_err(|_| "receipt"),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

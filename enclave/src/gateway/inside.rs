@@ -1,5 +1,7 @@
-//! What the gateway does with the enclave itself, on its one handler thread: authenticate an
-//! agent, check an upstream's tools against their pins, decide a call, and write the entries.
+//! What the gateway does with the enclave itself, one job at a time with the host's requests
+//! (in place on the calling task's thread when the handler is free, on the handler thread
+//! otherwise): authenticate an agent, check an upstream's tools against their pins, decide a
+//! call, and write the entries.
 //!
 //! Each function here is a plain function of the enclave, the inputs and the enclave's time,
 //! run through [`crate::server::EnclaveAccess::run`]; it returns its outcome and the `Persist`
@@ -295,13 +297,57 @@ pub fn decide_gated(
     definition: [u8; 32],
     args: &CallArguments,
 ) -> Result<(CallVerdict, Replies), Refusal> {
+    decide_gated_with(
+        enclave,
+        now,
+        id,
+        principal,
+        server,
+        gated,
+        definition,
+        args,
+        sign_receipt,
+    )
+}
+
+/// Signs `claims` with the epoch key (the receipt's `kid` is the key's): how
+/// [`decide_gated`] makes receipts.
+pub fn sign_receipt(enclave: &Enclave, claims: &ReceiptClaims) -> Result<String, Refusal> {
+    let Some((key, kid)) = enclave.epoch_signer() else {
+        return Err(Refusal::NotReady);
+    };
+    encode_receipt(claims, &kid, key).map_err(|e| Refusal::Log(format!("receipt: {e}")))
+}
+
+/// [`decide_gated`] with the receipt signed by `sign` ([`sign_receipt`] there; a parameter so
+/// that a signer's failure can be tried). An allowed request's receipt is made (its jti
+/// drawn, its claims signed) before the decision entry is written, naming the sequence number
+/// and time the entry will have: a receipt that cannot be made leaves no entry at all (never
+/// a decision whose `Persist` was dropped), and a write that fails leaves a receipt no one
+/// sees.
+#[allow(clippy::too_many_arguments)]
+pub fn decide_gated_with(
+    enclave: &mut Enclave,
+    now: UnixMillis,
+    id: u64,
+    principal: &PrincipalRecord,
+    server: &str,
+    gated: Gated<'_>,
+    definition: [u8; 32],
+    args: &CallArguments,
+    sign: impl FnOnce(&Enclave, &ReceiptClaims) -> Result<String, Refusal>,
+) -> Result<(CallVerdict, Replies), Refusal> {
     if !enclave.serving() {
         return Err(Refusal::NotReady);
     }
     let now = enclave.entry_time(now);
-    if enclave.state().server(server).is_none() {
+    let Some(audience) = enclave
+        .state()
+        .server(server)
+        .map(|s| s.spec.resource.clone())
+    else {
         return Err(Refusal::UnknownServer(server.to_owned()));
-    }
+    };
     let mut record = enclave
         .state()
         .decide_gated(
@@ -334,43 +380,41 @@ pub fn decide_gated(
         .reason
         .as_ref()
         .map_or_else(|| "denied by policy".to_owned(), ToString::to_string);
-    // The receipt's jti comes from the NSM before anything is written: a failure here leaves
-    // no decision entry without its receipt.
-    let jti = if allowed {
-        Some(hex::encode(enclave.random(16).map_err(Refusal::Log)?))
+    // The receipt, before anything is written: the entry's sequence number is the log's size
+    // and its time `now` (the writer assigns exactly these; checked below).
+    let made = if allowed {
+        let seq = enclave.next_seq().ok_or(Refusal::NotReady)?;
+        let jti = hex::encode(enclave.random(16).map_err(Refusal::Log)?);
+        let claims = ReceiptClaims {
+            iss: enclave.issuer().to_owned(),
+            aud: audience,
+            sub: principal.agent.clone(),
+            usr: principal.user.clone(),
+            ten: principal.tenant.clone(),
+            mth: gated.method.to_owned(),
+            tool: gated.item.to_owned(),
+            args: URL_SAFE_NO_PAD.encode(digest),
+            def: URL_SAFE_NO_PAD.encode(definition),
+            jti,
+            iat: now.as_secs(),
+            exp: now.as_secs().saturating_add(RECEIPT_LIFETIME_SECS),
+            seq,
+        };
+        Some((seq, sign(enclave, &claims)?))
     } else {
         None
     };
-    let audience = enclave
-        .state()
-        .server(server)
-        .map(|s| s.spec.resource.clone())
-        .unwrap_or_default();
-    let (seq, replies) = enclave
-        .write_for_gateway(id, Event::Decision(Box::new(record)), now)
-        .map_err(Refusal::Log)?;
-    let Some(jti) = jti else {
+    let event = Event::Decision(Box::new(record));
+    let Some((seq, receipt)) = made else {
+        let (seq, replies) = enclave
+            .write_for_gateway(id, event, now)
+            .map_err(Refusal::Log)?;
         return Ok((CallVerdict::Denied { seq, reason }, replies));
     };
-    let claims = ReceiptClaims {
-        iss: enclave.issuer().to_owned(),
-        aud: audience,
-        sub: principal.agent.clone(),
-        usr: principal.user.clone(),
-        ten: principal.tenant.clone(),
-        mth: gated.method.to_owned(),
-        tool: gated.item.to_owned(),
-        args: URL_SAFE_NO_PAD.encode(digest),
-        def: URL_SAFE_NO_PAD.encode(definition),
-        jti,
-        iat: now.as_secs(),
-        exp: now.as_secs().saturating_add(RECEIPT_LIFETIME_SECS),
-        seq,
-    };
-    let Some((key, kid)) = enclave.epoch_signer() else {
-        return Err(Refusal::NotReady);
-    };
-    let receipt = encode_receipt(&claims, &kid, key).map_err(|e| Refusal::Log(e.to_string()))?;
+    // Written only as the entry the receipt names (`seq`), or not at all.
+    let replies = enclave
+        .write_for_gateway_as(id, event, now, seq)
+        .map_err(Refusal::Log)?;
     Ok((
         CallVerdict::Allowed {
             seq,
