@@ -36,6 +36,10 @@
 //!      `recheck`: the same with every epoch re-decided (`State::apply`, Cedar evaluated
 //!      again), as for epochs written by another image and as an auditor does.
 //!
+//! `--auditor` measures the auditor's full verification instead (see [`auditor`]); with
+//! `--distinct` the log is built so that no two of its Cedar requests share a memo key (see
+//! [`generate`]).
+//!
 //! Target: replay ≥ 0.8 × `verify_log` throughput; memory bounded by the state.
 //!
 //! Measured (2026-12-04, 2 shared cores, load average 2–13 from other builds), 1,000,000
@@ -542,7 +546,13 @@ struct Generated {
     secs: f64,
 }
 
-fn generate(total: u64, path: &Path) -> Generated {
+/// With `distinct`, the policy set also reads `context.attestation.age_ms` in arithmetic (a
+/// forbid that never holds), so that a replay's [`DecisionMemo`] keys every request by its
+/// exact age: no two Cedar requests of the log share a key (each entry has its own
+/// millisecond), the memo's worst case.
+///
+/// [`DecisionMemo`]: attestplane_verifier::policy::DecisionMemo
+fn generate(total: u64, path: &Path, distinct: bool) -> Generated {
     let start = Instant::now();
     let mut rng = Rng(0x5eed_7e91);
     let nsm = enclave_nsm(at(T0));
@@ -551,7 +561,13 @@ fn generate(total: u64, path: &Path) -> Generated {
     let policy = LogPolicy::new(anchor_of(&nsm), image_pcrs(&nsm));
     let admin = SigningKey::from_bytes(&[1; 32]);
     let idp = SigningKey::from_bytes(&[40; 32]);
-    let text = policy_text(&mut rng);
+    let mut text = policy_text(&mut rng);
+    if distinct {
+        text.push_str(
+            "@id(\"age-arithmetic\")\nforbid (principal, action, resource)\n\
+             when { context.attestation has age_ms && context.attestation.age_ms + 1 < 0 };\n",
+        );
+    }
     let agents = agents(&mut rng);
     let (jobs, received) = sync_channel(4096);
     let (genesis_sent, genesis_hash) = channel();
@@ -840,6 +856,8 @@ fn child(mode: &str) {
             let replayed = replay.finish().unwrap_or_else(|e| panic!("replay: {e}"));
             timed += t.elapsed().as_secs_f64();
             assert_eq!(replayed.log.size(), limit);
+            fields.push(("memo_hits", replayed.memo.hits.to_string()));
+            fields.push(("memo_misses", replayed.memo.misses.to_string()));
         }
         "paired" => {
             // The enclave's replay and the verifier's own rounds over the same batches, batch by
@@ -1029,7 +1047,8 @@ fn parent() {
         "replay bench: generating {total} entries (load average {})",
         loadavg()
     );
-    let g = generate(total, &path);
+    let distinct = std::env::args().any(|a| a == "--distinct");
+    let g = generate(total, &path, distinct);
     eprintln!(
         "generated {} entries, {} bytes ({:.0} bytes/entry) in {:.0} s; by type (count, mean bytes):",
         g.entries.len(),
@@ -1277,10 +1296,15 @@ fn auditor(g: &Generated, path: &Path, dir: &Path, at_end: UnixMillis) {
             let f = run_child("full", file, n, 2, g.end);
             let sig_rate = rate(&v);
             let full_rate = n as f64 / secs;
+            let hits = field(&f, "memo_hits");
+            let misses = field(&f, "memo_misses");
             eprintln!(
-                "  round {round}, {n} entries: pipelined Replay in process (reads not timed) {:.0} entries/s = {:.2} x signatures-only",
+                "  round {round}, {n} entries: pipelined Replay in process (reads not timed) {:.0} entries/s = {:.2} x signatures-only; \
+                 Cedar requests {:.0}, {:.1} % answered from the memo",
                 rate(&f),
-                rate(&f) / sig_rate
+                rate(&f) / sig_rate,
+                hits + misses,
+                100.0 * hits / (hits + misses)
             );
             eprintln!(
                 "  round {round}, {n} entries: signatures only (LogVerifier, in-process) {sig_rate:.0} entries/s; \

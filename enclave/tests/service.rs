@@ -2270,7 +2270,9 @@ fn replay_follows_idp_policy_and_registry_changes_that_flip_later_decisions() {
     // cache keyed by the agent's or the server's id alone, or kept across policy sets) would
     // decide the later request as the earlier one: the live decisions below would not flip,
     // and replay (sequential, in rounds, pipelined) would not give them. (A cache keyed that
-    // way was tried and fails this test.)
+    // way was tried and fails this test.) Then a policy reading the time and a counter flips
+    // later decisions that differ from earlier ones in nothing else (what the replay's memo
+    // of Cedar answers must key on).
     let (mut h, admin, idp, server) = session();
     let tool_user = idp.token(ACME_AGENT, "acme", &["tool-user"], h.now);
     let call = h.authorize(&tool_user, "search", "search");
@@ -2315,6 +2317,34 @@ fn replay_follows_idp_policy_and_registry_changes_that_flip_later_decisions() {
     assert!(!logged_allowed(&h, &resolve), "{resolve:?}");
     let call = h.authorize(&reader, "search", "search");
     assert!(logged_allowed(&h, &call), "{call:?}");
+    h.advance(1_000);
+    // A policy that reads the time and a counter, each compared with a literal: requests
+    // equal in everything else are decided apart by those comparisons alone. A replay that
+    // remembered answers by anything less than their outcomes (the memo's key) would answer
+    // the later request as the earlier one.
+    h.advance(61_000);
+    let cut = h.now.as_secs() + 30;
+    h.admin_ok(
+        &admin,
+        AdminAction::SetPolicy {
+            text: format!(
+                "{policy}\n\
+                 @id(\"burst\") forbid (principal, action == Attestplane::Action::\"call\", resource)\n\
+                 unless {{ context.counters.calls_last_minute < 2 }};\n\
+                 @id(\"closing\") forbid (principal, action == Attestplane::Action::\"call\", resource)\n\
+                 when {{ context.time >= {cut} }};"
+            ),
+        },
+    );
+    for expected in [true, true, false] {
+        // The same instant: only the counter differs between the three.
+        let call = h.authorize(&reader, "search", "search");
+        assert_eq!(logged_allowed(&h, &call), expected, "{call:?}");
+    }
+    h.advance(61_000);
+    // The counter is back to zero, as for the first call; only the time differs from it.
+    let call = h.authorize(&reader, "search", "search");
+    assert!(!logged_allowed(&h, &call), "{call:?}");
     h.advance(1_000);
 
     let log = h.store.clone();

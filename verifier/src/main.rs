@@ -551,7 +551,12 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
         }
     };
     match result {
-        Ok(ReplayedLog { log, state, events }) => {
+        Ok(ReplayedLog {
+            log,
+            state,
+            events,
+            memo,
+        }) => {
             let state = state.snapshot();
             let fingerprints = |keys: &[String]| -> Vec<String> {
                 keys.iter()
@@ -585,6 +590,10 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
                         "log": log,
                         "state": state,
                         "events": events,
+                        "cedar_requests": {
+                            "evaluated": memo.misses,
+                            "answered_from_memo": memo.hits,
+                        },
                         "admin_keys": {
                             "at_genesis": at_genesis,
                             "at_end": at_end,
@@ -632,6 +641,11 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
                     state.servers.len(),
                     state.policy.len(),
                     state.identity_providers.len()
+                );
+                println!(
+                    "  cedar:       {} requests evaluated, {} more answered from the replay's \
+                     memo of earlier answers",
+                    memo.misses, memo.hits
                 );
                 if checkpoint.is_some() {
                     println!("  checkpoint:  signed by an epoch key and consistent with the log");

@@ -62,6 +62,11 @@ use cedar_policy::{
     Validator,
 };
 
+mod memo;
+
+use memo::NumberUses;
+pub use memo::{DecisionMemo, MemoStats};
+
 use crate::gateway::json::{self, Value as JsonValue};
 use crate::gateway::pii::PiiKind;
 use crate::time::UnixMillis;
@@ -676,6 +681,8 @@ pub struct PolicyEngine {
     full: PolicySet,
     index: [ActionIndex; 5],
     authorizer: Authorizer,
+    /// How the set reads the context's numbers: what a [`DecisionMemo`] may abstract.
+    numbers: NumberUses,
 }
 
 impl PolicyEngine {
@@ -758,6 +765,7 @@ impl PolicyEngine {
 
         let pii = pii_rules(&full)?;
         let index = build_index(model, &full)?;
+        let numbers = NumberUses::of(&full);
         Ok(Self {
             text: text.to_owned(),
             arguments,
@@ -765,6 +773,7 @@ impl PolicyEngine {
             full,
             index,
             authorizer: Authorizer::new(),
+            numbers,
         })
     }
 
@@ -777,6 +786,7 @@ impl PolicyEngine {
             full: PolicySet::new(),
             index: Default::default(),
             authorizer: Authorizer::new(),
+            numbers: NumberUses::default(),
         }
     }
 
@@ -1095,7 +1105,12 @@ impl BuiltRequest {
 
 /// A Cedar `Long` from a `u64`, saturating at `i64::MAX`.
 fn long(v: u64) -> RestrictedExpression {
-    RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX))
+    RestrictedExpression::new_long(saturating_long(v))
+}
+
+/// The `Long` the context carries for a `u64`: saturated at `i64::MAX`.
+fn saturating_long(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// The request context (see [`SCHEMA`]).
@@ -1104,6 +1119,8 @@ fn context_pairs(
     declared: &BTreeMap<String, ArgumentType>,
 ) -> Result<Vec<(String, RestrictedExpression)>, String> {
     let a = &req.attestation;
+    // The numbers come from the one function a memo's key is computed with.
+    let [time, age_ms, calls_last_minute, spend_micros] = memo::context_numbers(req);
     let mut attestation = vec![
         (
             "verified".to_owned(),
@@ -1115,22 +1132,28 @@ fn context_pairs(
         ),
         ("debug".to_owned(), RestrictedExpression::new_bool(a.debug)),
     ];
-    if let Some(age) = a.age_ms {
-        attestation.push(("age_ms".to_owned(), long(age)));
+    if let Some(age) = age_ms {
+        attestation.push(("age_ms".to_owned(), RestrictedExpression::new_long(age)));
     }
     let counters = vec![
         (
             "calls_last_minute".to_owned(),
-            long(req.counters.calls_last_minute),
+            RestrictedExpression::new_long(calls_last_minute.unwrap_or(0)),
         ),
-        ("spend_micros".to_owned(), long(req.counters.spend_micros)),
+        (
+            "spend_micros".to_owned(),
+            RestrictedExpression::new_long(spend_micros.unwrap_or(0)),
+        ),
     ];
     let record = |fields| {
         RestrictedExpression::new_record(fields).map_err(|e| format!("building context: {e}"))
     };
     let mut pairs = vec![
         ("attestation".to_owned(), record(attestation)?),
-        ("time".to_owned(), long(req.time.as_secs())),
+        (
+            "time".to_owned(),
+            RestrictedExpression::new_long(time.unwrap_or(0)),
+        ),
         ("counters".to_owned(), record(counters)?),
     ];
     if req.action.is_gated() {

@@ -50,6 +50,7 @@ use crate::entry::{Event, MAX_ENTRY_LEN};
 use crate::log::{
     LogError, LogPolicy, LogVerifier, ROUND, VerifiedEntry, VerifiedLog, image_matches, image_of,
 };
+use crate::policy::{DecisionMemo, MemoStats};
 use crate::state::{ApplyMode, Deferred, State, StateError};
 use crate::time::UnixMillis;
 
@@ -149,6 +150,9 @@ pub struct ReplayedLog {
     pub state: State,
     /// Entries by event type.
     pub events: BTreeMap<&'static str, u64>,
+    /// How many of the re-decisions' Cedar requests were answered from the replay's
+    /// [`DecisionMemo`], and how many Cedar evaluated.
+    pub memo: MemoStats,
 }
 
 /// Log verification and state fold over a log streamed in by rounds (see the module
@@ -173,6 +177,9 @@ struct Fold {
     genesis: Option<Vec<[u8; 32]>>,
     refuse_host_chosen: bool,
     events: BTreeMap<&'static str, u64>,
+    /// The re-decisions' Cedar answers, shared by the threads that check them (bounded; its
+    /// answers are Cedar's own, see [`DecisionMemo`]).
+    memo: DecisionMemo,
 }
 
 impl Replay {
@@ -196,6 +203,7 @@ impl Replay {
                 genesis: None,
                 refuse_host_chosen: false,
                 events: BTreeMap::new(),
+                memo: DecisionMemo::new(),
             },
             pending: Vec::new(),
             pipelined: false,
@@ -310,6 +318,12 @@ impl Replay {
         &self.fold.events
     }
 
+    /// How many of the re-decisions' Cedar requests so far were answered from the replay's
+    /// [`DecisionMemo`] and how many Cedar evaluated.
+    pub fn memo_stats(&self) -> MemoStats {
+        self.fold.memo.stats()
+    }
+
     /// The log verifier and the state, to continue the log from (the enclave at boot); a
     /// pipelined replay folds its last round first.
     pub fn into_parts(mut self) -> Result<(LogVerifier, State), ReplayError> {
@@ -323,6 +337,7 @@ impl Replay {
         let log = self.verifier.finish()?;
         Ok(ReplayedLog {
             log,
+            memo: self.fold.memo.stats(),
             state: self.fold.state,
             events: self.fold.events,
         })
@@ -336,6 +351,7 @@ impl Replay {
         let log = self.verifier.finish_with_checkpoint(note)?;
         Ok(ReplayedLog {
             log,
+            memo: self.fold.memo.stats(),
             state: self.fold.state,
             events: self.fold.events,
         })
@@ -359,11 +375,12 @@ impl Fold {
             }
         }
         // Every deferred check is of an entry before the fold's failure, if any.
+        let memo = &self.memo;
         let recheck_failure = deferred
             .par_iter()
             .filter_map(|(i, d)| {
                 let entry = verified.get(*i)?;
-                d.check(entry.entry()).err()
+                d.check(entry.entry(), Some(memo)).err()
             })
             .min_by_key(StateError::seq);
         if let Some(e) = recheck_failure {

@@ -69,8 +69,8 @@ use crate::gateway::limits::{
 use crate::handle::Jwks;
 use crate::log::VerifiedEntry;
 use crate::policy::{
-    Action, AttestationFacts, CallFacts, Counters, DecisionRequest, PiiAction, PolicyEngine,
-    Principal, ServerFacts,
+    Action, AttestationFacts, CallFacts, Counters, Decision, DecisionMemo, DecisionRequest,
+    PiiAction, PolicyEngine, Principal, ServerFacts,
 };
 use crate::reason::Reason;
 use crate::time::UnixMillis;
@@ -922,7 +922,7 @@ impl State {
     ) -> DecisionRecord {
         match self.decide_plan(principal, action, server_id, tool, call, now) {
             DecisionPlan::Settled(record) => *record,
-            DecisionPlan::Pending(pending) => pending.evaluate(),
+            DecisionPlan::Pending(pending) => pending.evaluate(None),
         }
     }
 
@@ -1059,7 +1059,7 @@ impl State {
     /// The servers `principal` may discover at `now`: same tenant, and the policy allows
     /// `discover`. Sorted by id.
     pub fn discover(&self, principal: &PrincipalRecord, now: UnixMillis) -> Vec<String> {
-        self.discover_plan(principal, now).evaluate()
+        self.discover_plan(principal, now).evaluate(None)
     }
 
     fn discover_plan(&self, principal: &PrincipalRecord, now: UnixMillis) -> PendingDiscovery {
@@ -1090,7 +1090,7 @@ impl State {
     pub fn apply_with(&mut self, entry: &VerifiedEntry, mode: ApplyMode) -> Result<(), StateError> {
         match self.apply_deferring(entry, mode)? {
             None => Ok(()),
-            Some(deferred) => deferred.check(entry.entry()),
+            Some(deferred) => deferred.check(entry.entry(), None),
         }
     }
 
@@ -1106,7 +1106,7 @@ impl State {
     fn fold(&mut self, seq: u64, entry: &Entry, mode: ApplyMode) -> Result<(), StateError> {
         match self.fold_deferring(seq, entry, mode, false)? {
             None => Ok(()),
-            Some(deferred) => deferred.check(entry),
+            Some(deferred) => deferred.check(entry, None),
         }
     }
 
@@ -1289,7 +1289,7 @@ impl State {
         }
         self.applied = self.applied.saturating_add(1);
         match deferred {
-            Some(d) if !defer => d.check(entry).map(|()| None),
+            Some(d) if !defer => d.check(entry, None).map(|()| None),
             other => Ok(other),
         }
     }
@@ -1376,12 +1376,25 @@ struct PendingDecision {
     audience: String,
 }
 
+/// `policy.decide(req)`, through `memo` when there is one (a replay's; its answers are
+/// Cedar's, see [`DecisionMemo`]).
+fn decide_through(
+    policy: &Arc<PolicyEngine>,
+    req: &DecisionRequest,
+    memo: Option<&DecisionMemo>,
+) -> Decision {
+    match memo {
+        Some(m) => m.decide(policy, req),
+        None => policy.decide(req),
+    }
+}
+
 impl PendingDecision {
     /// The decision: Cedar decides, deny by default; an allowed `resolve` carries the handle's
     /// scope.
-    fn evaluate(&self) -> DecisionRecord {
+    fn evaluate(&self, memo: Option<&DecisionMemo>) -> DecisionRecord {
         let mut record = self.record.clone();
-        let decision = self.policy.decide(&self.req);
+        let decision = decide_through(&self.policy, &self.req, memo);
         record.allowed = decision.allowed;
         record.policies = decision.policies;
         if decision.allowed
@@ -1424,7 +1437,7 @@ impl PendingDecision {
             let tools = self
                 .tools
                 .iter()
-                .filter(|(_, call)| self.policy.decide(call).allowed)
+                .filter(|(_, call)| decide_through(&self.policy, call, memo).allowed)
                 .map(|(t, _)| t.clone())
                 .collect();
             record.handle = Some(HandleRecord {
@@ -1445,10 +1458,10 @@ struct PendingDiscovery {
 }
 
 impl PendingDiscovery {
-    fn evaluate(&self) -> Vec<String> {
+    fn evaluate(&self, memo: Option<&DecisionMemo>) -> Vec<String> {
         self.requests
             .iter()
-            .filter(|(_, req)| self.policy.decide(req).allowed)
+            .filter(|(_, req)| decide_through(&self.policy, req, memo).allowed)
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -1468,16 +1481,20 @@ pub(crate) struct Deferred {
 }
 
 impl Deferred {
-    /// Evaluates the policy and compares the outcome with `logged` (the entry it was made
-    /// for).
-    pub(crate) fn check(&self, logged: &Entry) -> Result<(), StateError> {
+    /// Evaluates the policy (through `memo`, if any) and compares the outcome with `logged`
+    /// (the entry it was made for).
+    pub(crate) fn check(
+        &self,
+        logged: &Entry,
+        memo: Option<&DecisionMemo>,
+    ) -> Result<(), StateError> {
         let seq = self.seq;
         match (&self.what, &logged.event) {
             (Pending::Decision(plan), Event::Decision(rec)) => {
-                compare_decision(seq, rec, &plan.evaluate())
+                compare_decision(seq, rec, &plan.evaluate(memo))
             }
             (Pending::Discovery(plan), Event::Discovery { servers, .. }) => {
-                let replayed = plan.evaluate();
+                let replayed = plan.evaluate(memo);
                 if *servers == replayed {
                     Ok(())
                 } else {

@@ -1,0 +1,948 @@
+//! A bounded memo of Cedar decisions, for replay.
+//!
+//! A decision is a pure function of (policy set, request): [`PolicyEngine::decide`] builds the
+//! entities and the context from the [`DecisionRequest`] alone. A replay re-decides the same
+//! agent asking the same server for the same tool over and over, so [`DecisionMemo`] answers a
+//! request it has seen with the decision it computed then, under the same engine.
+//!
+//! ## The key
+//!
+//! Two requests share an answer only when Cedar could not tell them apart:
+//!
+//! - the same engine: the memo holds the [`Arc`] of the engine its answers came from and
+//!   forgets them all when asked about another (a policy re-install is a new engine);
+//! - every field of the request equal, compared in full (the hash only picks the bucket):
+//!   principal (agent, user, tenant, roles, issuer: what the identity provider asserted),
+//!   action, server facts (id, name, tenant, resource, assurance: what the registry says),
+//!   item, attestation flags, the call's arguments and PII findings;
+//! - the context's numbers (`time`, `attestation.age_ms`, `counters.calls_last_minute`,
+//!   `counters.spend_micros`) either equal as Cedar sees them, or, for a number that every
+//!   policy of the set only compares with integer literals (`context.time > 1700000000`), the
+//!   same outcome of every such comparison in the set: then no policy can observe anything
+//!   else of it. `attestation.age_ms` must also be present in both or absent in both.
+//!
+//! Which numbers are only compared with literals is read from each policy's JSON form
+//! ([`NumberUses::of`]), denying the shortcut by default: any other reading of a number (in
+//! arithmetic, compared with another expression, in a set, its record or the whole `context`
+//! used as a value, `in`, `contains`, anything this analysis does not recognise) makes the
+//! exact value part of the key.
+//!
+//! Memory is bounded: two generations of at most `capacity` answers each; a full current
+//! generation becomes the old one and the old one is dropped. Answers found in the old
+//! generation move to the current one.
+//!
+//! The enclave's live decisions do not use it ([`PolicyEngine::decide`] is unchanged); the
+//! replay fold does ([`crate::replay`]).
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use cedar_policy::PolicySet;
+use serde_json::Value as J;
+
+use super::{AttestationFacts, Counters, Decision, DecisionRequest, PolicyEngine, saturating_long};
+
+/// The context's numbers as Cedar sees them, in [`NUMBER_PATHS`] order: `time` (whole
+/// seconds), `attestation.age_ms` (absent without a verified attestation),
+/// `counters.calls_last_minute`, `counters.spend_micros`; each saturated at `i64::MAX`. The
+/// context is built from these very values.
+pub(super) fn context_numbers(req: &DecisionRequest) -> [Option<i64>; 4] {
+    [
+        Some(saturating_long(req.time.as_secs())),
+        req.attestation.age_ms.map(saturating_long),
+        Some(saturating_long(req.counters.calls_last_minute)),
+        Some(saturating_long(req.counters.spend_micros)),
+    ]
+}
+
+/// Where the numbers of [`context_numbers`] are in the context.
+const NUMBER_PATHS: [&[&str]; 4] = [
+    &["time"],
+    &["attestation", "age_ms"],
+    &["counters", "calls_last_minute"],
+    &["counters", "spend_micros"],
+];
+
+/// The most distinct literal comparisons of one number kept as its key; past it the exact
+/// value is the key.
+const MAX_THRESHOLDS: usize = 64;
+
+/// A comparison of a number with an integer literal, the number on the left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Cmp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl Cmp {
+    fn parse(op: &str) -> Option<Self> {
+        Some(match op {
+            "<" => Cmp::Lt,
+            "<=" => Cmp::Le,
+            ">" => Cmp::Gt,
+            ">=" => Cmp::Ge,
+            "==" => Cmp::Eq,
+            "!=" => Cmp::Ne,
+            _ => return None,
+        })
+    }
+
+    /// The comparison with its operands swapped: `n < x` is `x > n`.
+    fn swapped(self) -> Self {
+        match self {
+            Cmp::Lt => Cmp::Gt,
+            Cmp::Le => Cmp::Ge,
+            Cmp::Gt => Cmp::Lt,
+            Cmp::Ge => Cmp::Le,
+            Cmp::Eq => Cmp::Eq,
+            Cmp::Ne => Cmp::Ne,
+        }
+    }
+
+    fn holds(self, x: i64, n: i64) -> bool {
+        match self {
+            Cmp::Lt => x < n,
+            Cmp::Le => x <= n,
+            Cmp::Gt => x > n,
+            Cmp::Ge => x >= n,
+            Cmp::Eq => x == n,
+            Cmp::Ne => x != n,
+        }
+    }
+}
+
+/// How a policy set reads one of the context's numbers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NumberUse {
+    /// Only in these comparisons with integer literals (none: not at all).
+    Thresholds(Vec<(Cmp, i64)>),
+    /// Some other way: the exact value matters.
+    Exact,
+}
+
+/// How a policy set reads each of the context's numbers ([`NUMBER_PATHS`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct NumberUses([NumberUse; 4]);
+
+impl Default for NumberUses {
+    /// Read by no policy (the empty set).
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| NumberUse::Thresholds(Vec::new())))
+    }
+}
+
+/// What the memo keys one number by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Seen {
+    /// Absent from the context (`attestation.age_ms` without an attestation).
+    Absent,
+    /// The value itself.
+    Exact(i64),
+    /// The outcomes of the set's comparisons of it, one bit each.
+    Outcomes(u64),
+}
+
+impl NumberUses {
+    /// Reads `set`'s policies. Any policy this cannot read makes every number exact.
+    pub(super) fn of(set: &PolicySet) -> Self {
+        let mut uses = Self::default();
+        for policy in set.policies() {
+            match policy.to_json() {
+                Ok(json) => uses.visit(&json),
+                Err(_) => return Self::exact(),
+            }
+        }
+        for u in &mut uses.0 {
+            if let NumberUse::Thresholds(t) = u {
+                t.sort_unstable();
+                t.dedup();
+                if t.len() > MAX_THRESHOLDS {
+                    *u = NumberUse::Exact;
+                }
+            }
+        }
+        uses
+    }
+
+    fn exact() -> Self {
+        Self(std::array::from_fn(|_| NumberUse::Exact))
+    }
+
+    /// Walks an expression (or any JSON around one): every `{"Var": "context"}` it meets is
+    /// either part of a form recognised here or makes something exact.
+    fn visit(&mut self, v: &J) {
+        match v {
+            J::Array(items) => items.iter().for_each(|i| self.visit(i)),
+            J::Object(map) => {
+                if let (1, Some((op, inner))) = (map.len(), map.iter().next()) {
+                    if let Some(cmp) = Cmp::parse(op)
+                        && self.threshold(cmp, inner)
+                    {
+                        return;
+                    }
+                    match op.as_str() {
+                        "." => {
+                            if let Some(path) = context_path(v) {
+                                self.read(&path);
+                                return;
+                            }
+                        }
+                        // Whether an attribute of the context is present: the key has every
+                        // presence (only `attestation.age_ms` can be absent; `arguments`' are
+                        // compared in full).
+                        "has" => {
+                            if inner.get("left").and_then(context_path).is_some() {
+                                return;
+                            }
+                        }
+                        "Var" => {
+                            if inner.as_str() == Some("context") {
+                                *self = Self::exact();
+                                return;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                map.values().for_each(|x| self.visit(x));
+            }
+            _ => {}
+        }
+    }
+
+    /// Records `number CMP literal` (or `literal CMP number`) if `operands` is one.
+    fn threshold(&mut self, cmp: Cmp, operands: &J) -> bool {
+        let (Some(left), Some(right)) = (operands.get("left"), operands.get("right")) else {
+            return false;
+        };
+        let literal = |e: &J| {
+            e.as_object()
+                .filter(|m| m.len() == 1)
+                .and_then(|m| m.get("Value"))
+                .and_then(J::as_i64)
+        };
+        let number = |e: &J| {
+            let path = context_path(e)?;
+            NUMBER_PATHS.iter().position(|p| *p == path.as_slice())
+        };
+        let (index, cmp, n) = match (number(left), literal(right), literal(left), number(right)) {
+            (Some(i), Some(n), _, _) => (i, cmp, n),
+            (_, _, Some(n), Some(i)) => (i, cmp.swapped(), n),
+            _ => return false,
+        };
+        if let Some(NumberUse::Thresholds(t)) = self.0.get_mut(index) {
+            t.push((cmp, n));
+        }
+        true
+    }
+
+    /// `path` of the context is read as a value: every number at, under or above it is exact.
+    fn read(&mut self, path: &[&str]) {
+        for (u, p) in self.0.iter_mut().zip(NUMBER_PATHS) {
+            if p.starts_with(path) || path.starts_with(p) {
+                *u = NumberUse::Exact;
+            }
+        }
+    }
+
+    fn seen(&self, numbers: [Option<i64>; 4]) -> [Seen; 4] {
+        let mut out = [Seen::Absent; 4];
+        for ((o, value), u) in out.iter_mut().zip(numbers).zip(&self.0) {
+            *o = match (value, u) {
+                (None, _) => Seen::Absent,
+                (Some(x), NumberUse::Exact) => Seen::Exact(x),
+                (Some(x), NumberUse::Thresholds(t)) => Seen::Outcomes(
+                    t.iter()
+                        .enumerate()
+                        .filter(|(_, (cmp, n))| cmp.holds(x, *n))
+                        .fold(0u64, |bits, (i, _)| bits | (1u64 << i)),
+                ),
+            };
+        }
+        out
+    }
+}
+
+/// The context path an expression reads (`context.attestation.age_ms` is
+/// `["attestation", "age_ms"]`, `context` itself `[]`), if it is one.
+fn context_path(e: &J) -> Option<Vec<&str>> {
+    let m = e.as_object().filter(|m| m.len() == 1)?;
+    if let Some(var) = m.get("Var") {
+        return (var.as_str() == Some("context")).then(Vec::new);
+    }
+    let dot = m.get(".")?;
+    let mut path = context_path(dot.get("left")?)?;
+    path.push(dot.get("attr")?.as_str()?);
+    Some(path)
+}
+
+/// Whether two requests are equal in every field but the context's numbers (which [`Seen`]
+/// compares). Written with every field named, so that a field added to the request is a
+/// compile error here until it is compared.
+fn same_but_numbers(a: &DecisionRequest, b: &DecisionRequest) -> bool {
+    let DecisionRequest {
+        principal,
+        action,
+        server,
+        tool,
+        attestation,
+        time: _,
+        counters:
+            Counters {
+                calls_last_minute: _,
+                spend_micros: _,
+            },
+        call,
+    } = a;
+    let AttestationFacts {
+        verified,
+        age_ms: _,
+        pcr_match,
+        debug,
+    } = attestation;
+    *principal == b.principal
+        && *action == b.action
+        && *server == b.server
+        && *tool == b.tool
+        && *verified == b.attestation.verified
+        && *pcr_match == b.attestation.pcr_match
+        && *debug == b.attestation.debug
+        && *call == b.call
+}
+
+/// Some of the fields [`same_but_numbers`] compares (those that tell requests apart most:
+/// equal requests hash equally, and every field is compared in full within a bucket), and the
+/// numbers' key, hashed with a keyed hash: a log cannot choose requests that share a bucket.
+fn hash_key(state: &RandomState, req: &DecisionRequest, seen: &[Seen; 4]) -> u64 {
+    let mut h = state.build_hasher();
+    req.principal.agent.hash(&mut h);
+    req.action.hash(&mut h);
+    req.server.id.hash(&mut h);
+    req.tool.hash(&mut h);
+    seen.hash(&mut h);
+    h.finish()
+}
+
+/// One remembered answer.
+struct Slot {
+    req: DecisionRequest,
+    seen: [Seen; 4],
+    decision: Decision,
+}
+
+/// One generation of answers, by key hash.
+#[derive(Default)]
+struct Table {
+    buckets: HashMap<u64, Vec<Slot>>,
+    len: usize,
+}
+
+impl Table {
+    fn position(&self, hash: u64, req: &DecisionRequest, seen: &[Seen; 4]) -> Option<usize> {
+        self.buckets
+            .get(&hash)?
+            .iter()
+            .position(|s| s.seen == *seen && same_but_numbers(&s.req, req))
+    }
+
+    fn take(&mut self, hash: u64, at: usize) -> Option<Slot> {
+        let bucket = self.buckets.get_mut(&hash)?;
+        if at >= bucket.len() {
+            return None;
+        }
+        let slot = bucket.swap_remove(at);
+        if bucket.is_empty() {
+            self.buckets.remove(&hash);
+        }
+        self.len -= 1;
+        Some(slot)
+    }
+
+    fn push(&mut self, hash: u64, slot: Slot) {
+        self.buckets.entry(hash).or_default().push(slot);
+        self.len += 1;
+    }
+}
+
+/// What the memo holds: the engine its answers are of, and two generations of them.
+#[derive(Default)]
+struct Inner {
+    engine: Option<Arc<PolicyEngine>>,
+    current: Table,
+    old: Table,
+    stats: MemoStats,
+}
+
+impl Inner {
+    fn is_for(&self, engine: &Arc<PolicyEngine>) -> bool {
+        self.engine.as_ref().is_some_and(|e| Arc::ptr_eq(e, engine))
+    }
+
+    fn get(
+        &mut self,
+        engine: &Arc<PolicyEngine>,
+        hash: u64,
+        req: &DecisionRequest,
+        seen: &[Seen; 4],
+        capacity: usize,
+    ) -> Option<Decision> {
+        if !self.is_for(engine) {
+            return None;
+        }
+        if let Some(at) = self.current.position(hash, req, seen) {
+            return self
+                .current
+                .buckets
+                .get(&hash)
+                .and_then(|b| b.get(at))
+                .map(|s| s.decision.clone());
+        }
+        let at = self.old.position(hash, req, seen)?;
+        let slot = self.old.take(hash, at)?;
+        let decision = slot.decision.clone();
+        self.push(hash, slot, capacity);
+        Some(decision)
+    }
+
+    fn insert(&mut self, engine: &Arc<PolicyEngine>, hash: u64, slot: Slot, capacity: usize) {
+        if !self.is_for(engine) {
+            // Answers of another engine are never given for this one: forget them.
+            self.engine = Some(Arc::clone(engine));
+            self.current = Table::default();
+            self.old = Table::default();
+        }
+        // Another thread may have answered the same request meanwhile.
+        if self.current.position(hash, &slot.req, &slot.seen).is_none() {
+            self.push(hash, slot, capacity);
+        }
+    }
+
+    fn push(&mut self, hash: u64, slot: Slot, capacity: usize) {
+        if self.current.len >= capacity {
+            self.old = std::mem::take(&mut self.current);
+        }
+        self.current.push(hash, slot);
+    }
+}
+
+/// How often a [`DecisionMemo`] answered from memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoStats {
+    /// Requests answered from memory.
+    pub hits: u64,
+    /// Requests Cedar evaluated.
+    pub misses: u64,
+}
+
+/// A bounded memo of Cedar decisions, shared by the threads of a replay (see the module
+/// documentation for what its key holds and why its answers are exactly Cedar's).
+pub struct DecisionMemo {
+    inner: Mutex<Inner>,
+    hasher: RandomState,
+    capacity: usize,
+}
+
+impl fmt::Debug for DecisionMemo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecisionMemo")
+            .field("capacity", &self.capacity)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for DecisionMemo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DecisionMemo {
+    /// Answers per generation of [`DecisionMemo::new`]: two generations of these hold about
+    /// 10 MiB at most (a request and its answer are a few hundred bytes).
+    pub const DEFAULT_CAPACITY: usize = 8192;
+
+    /// An empty memo of [`DecisionMemo::DEFAULT_CAPACITY`] answers per generation.
+    pub fn new() -> Self {
+        Self::with_capacity(Self::DEFAULT_CAPACITY)
+    }
+
+    /// An empty memo of `capacity` answers per generation (at least one).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            hasher: RandomState::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// `engine.decide(req)`, answered from memory when the memo holds an answer of `engine`
+    /// for a request Cedar cannot tell from `req`.
+    pub fn decide(&self, engine: &Arc<PolicyEngine>, req: &DecisionRequest) -> Decision {
+        let seen = engine.numbers.seen(context_numbers(req));
+        let hash = hash_key(&self.hasher, req, &seen);
+        {
+            let Ok(mut inner) = self.inner.lock() else {
+                return engine.decide(req);
+            };
+            if let Some(d) = inner.get(engine, hash, req, &seen, self.capacity) {
+                inner.stats.hits += 1;
+                return d;
+            }
+            inner.stats.misses += 1;
+        }
+        let decision = engine.decide(req);
+        if let Ok(mut inner) = self.inner.lock() {
+            let slot = Slot {
+                req: req.clone(),
+                seen,
+                decision: decision.clone(),
+            };
+            inner.insert(engine, hash, slot, self.capacity);
+        }
+        decision
+    }
+
+    /// Hits and misses so far.
+    pub fn stats(&self) -> MemoStats {
+        self.inner.lock().map(|i| i.stats).unwrap_or_default()
+    }
+
+    /// Answers held now (both generations).
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .map(|i| i.current.len + i.old.len)
+            .unwrap_or(0)
+    }
+
+    /// Whether it holds no answer.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::policy::{Action, CallFacts, Principal, ServerFacts};
+    use crate::time::UnixMillis;
+
+    const T: u64 = 1_700_000_000;
+
+    fn request() -> DecisionRequest {
+        DecisionRequest {
+            principal: Principal {
+                agent: "agent-1".into(),
+                user: "alice".into(),
+                tenant: "acme".into(),
+                roles: vec!["tool-user".into()],
+                issuer: "https://idp.example".into(),
+            },
+            action: Action::Call,
+            server: ServerFacts {
+                id: "srv-1".into(),
+                name: "files".into(),
+                tenant: "acme".into(),
+                resource: "https://files.example/mcp".into(),
+                assurance: "nitro".into(),
+            },
+            tool: Some("read".into()),
+            attestation: AttestationFacts {
+                verified: true,
+                age_ms: Some(1_000),
+                pcr_match: true,
+                debug: false,
+            },
+            time: UnixMillis::from_secs(T),
+            counters: Counters::default(),
+            call: Some(CallFacts::default()),
+        }
+    }
+
+    fn engine(text: &str) -> Arc<PolicyEngine> {
+        Arc::new(PolicyEngine::new(text).unwrap_or_else(|e| panic!("{text}: {e}")))
+    }
+
+    fn uses(text: &str) -> NumberUses {
+        let set: PolicySet = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+        NumberUses::of(&set)
+    }
+
+    /// Decides `requests` in order through one memo and directly: the answers must be equal,
+    /// the verdict must flip somewhere (else the sequence could not catch a memo that answers
+    /// the wrong request), and the memo must have answered some from memory (else it was not
+    /// tested). Returns the memo's stats.
+    fn agrees(engine: &Arc<PolicyEngine>, requests: &[DecisionRequest]) -> MemoStats {
+        let memo = DecisionMemo::new();
+        let mut verdicts = std::collections::BTreeSet::new();
+        for (i, req) in requests.iter().enumerate() {
+            let direct = engine.decide(req);
+            assert_eq!(memo.decide(engine, req), direct, "request {i}: {req:?}");
+            verdicts.insert(direct.allowed);
+        }
+        assert_eq!(verdicts.len(), 2, "no request flipped the verdict");
+        let stats = memo.stats();
+        assert!(
+            stats.hits > 0,
+            "nothing was answered from memory: {stats:?}"
+        );
+        stats
+    }
+
+    #[test]
+    fn numbers_compared_only_with_literals_are_keyed_by_the_outcomes() {
+        let u = uses(
+            r#"permit(principal, action, resource) when { context.time > 1700000000 };
+               permit(principal, action, resource) when { 600 > context.counters.calls_last_minute };
+               permit(principal, action, resource) when {
+                   context.attestation has age_ms && context.attestation.age_ms <= 60000 };
+               permit(principal, action, resource) when {
+                   if context.attestation.verified then context.time != 5 else false };"#,
+        );
+        assert_eq!(
+            u,
+            NumberUses([
+                NumberUse::Thresholds(vec![(Cmp::Gt, 1_700_000_000), (Cmp::Ne, 5)]),
+                NumberUse::Thresholds(vec![(Cmp::Le, 60_000)]),
+                NumberUse::Thresholds(vec![(Cmp::Lt, 600)]),
+                NumberUse::Thresholds(Vec::new()),
+            ])
+        );
+        let t = |x: u64| {
+            let mut r = request();
+            r.time = UnixMillis::from_millis(x);
+            u.seen(context_numbers(&r))
+        };
+        // Milliseconds Cedar never sees, and seconds on the same side of every literal.
+        assert_eq!(t(T * 1000 + 1), t(T * 1000 + 999));
+        assert_eq!(t((T + 1) * 1000), t((T + 9) * 1000));
+        assert_ne!(t(T * 1000), t((T + 1) * 1000));
+    }
+
+    #[test]
+    fn numbers_read_any_other_way_are_keyed_exactly() {
+        let exact = |text: &str, which: &[usize]| {
+            let u = uses(text);
+            for (i, use_) in u.0.iter().enumerate() {
+                assert_eq!(
+                    *use_ == NumberUse::Exact,
+                    which.contains(&i),
+                    "{text}: number {i} is {use_:?}"
+                );
+            }
+        };
+        exact(
+            "permit(principal, action, resource) when { context.time + 1 > 5 };",
+            &[0],
+        );
+        exact(
+            "permit(principal, action, resource) when { context.time == context.counters.spend_micros };",
+            &[0, 3],
+        );
+        exact(
+            r#"permit(principal, action, resource) when {
+                   context.counters == {"calls_last_minute": 1, "spend_micros": 0} };"#,
+            &[2, 3],
+        );
+        exact(
+            "permit(principal, action, resource) when { [context.time, 1].contains(5) };",
+            &[0],
+        );
+        exact(
+            "permit(principal, action, resource) when { context.time > -5 };",
+            &[],
+        );
+        exact(
+            r#"permit(principal, action, resource) when { context.attestation == context.attestation };"#,
+            &[1],
+        );
+        exact(
+            "permit(principal, action, resource) when { context == context };",
+            &[0, 1, 2, 3],
+        );
+        exact(
+            r#"permit(principal, action, resource) when { context.time > "x" };"#,
+            &[0],
+        );
+        exact(
+            "permit(principal, action, resource) when { (if true then context else context).time > 5 };",
+            &[0, 1, 2, 3],
+        );
+        // A comparison with more literals than the key keeps.
+        let many: String = (0..=MAX_THRESHOLDS)
+            .map(|i| format!("permit(principal, action, resource) when {{ context.time == {i} }};"))
+            .collect();
+        exact(&many, &[0]);
+    }
+
+    #[test]
+    fn a_policy_reading_the_time_flips_a_later_decision() {
+        let e =
+            engine(r#"permit(principal, action, resource) when { context.time > 1700000000 };"#);
+        let at = |ms: u64| {
+            let mut r = request();
+            r.time = UnixMillis::from_millis(ms);
+            r
+        };
+        let s = agrees(
+            &e,
+            &[
+                at(T * 1000),
+                at(T * 1000 + 999),
+                at(T * 1000 + 1000),
+                at(T * 1000 + 5000),
+                at(T * 1000 - 1),
+            ],
+        );
+        assert_eq!(s, MemoStats { hits: 3, misses: 2 });
+        // Read some other way, every second is its own key.
+        let exact = engine(
+            r#"permit(principal, action, resource) when { context.time - 1 == 1700000000 };"#,
+        );
+        agrees(
+            &exact,
+            &[
+                at(T * 1000),
+                at(T * 1000 + 1),
+                at((T + 1) * 1000),
+                at(T * 1000),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_policy_reading_a_counter_flips_a_later_decision() {
+        let e = engine(
+            r#"permit(principal, action, resource);
+               forbid(principal, action, resource) unless { context.counters.calls_last_minute < 600 };"#,
+        );
+        let calls = |n: u64| {
+            let mut r = request();
+            r.counters.calls_last_minute = n;
+            r
+        };
+        agrees(
+            &e,
+            &[calls(0), calls(599), calls(600), calls(u64::MAX), calls(1)],
+        );
+        let record = engine(
+            r#"permit(principal, action, resource) when {
+                   context.counters == {"calls_last_minute": 5, "spend_micros": 0} };"#,
+        );
+        agrees(&record, &[calls(5), calls(6), calls(5)]);
+        let spend = engine(
+            r#"permit(principal, action, resource) when { context.counters.spend_micros * 2 < 10 };"#,
+        );
+        let spent = |n: u64| {
+            let mut r = request();
+            r.counters.spend_micros = n;
+            r
+        };
+        agrees(&spend, &[spent(4), spent(5), spent(4)]);
+    }
+
+    #[test]
+    fn an_attestation_age_or_its_absence_flips_a_later_decision() {
+        let e = engine(
+            r#"permit(principal, action, resource) when {
+                   context.attestation has age_ms && context.attestation.age_ms < 60000 };"#,
+        );
+        let aged = |age: Option<u64>, verified: bool| {
+            let mut r = request();
+            r.attestation.age_ms = age;
+            r.attestation.verified = verified;
+            r
+        };
+        agrees(
+            &e,
+            &[
+                aged(Some(0), true),
+                aged(Some(59_999), true),
+                aged(Some(60_000), true),
+                aged(None, true),
+                aged(Some(1), true),
+            ],
+        );
+        let verified =
+            engine(r#"permit(principal, action, resource) when { context.attestation.verified };"#);
+        agrees(
+            &verified,
+            &[
+                aged(Some(1), true),
+                aged(Some(1), false),
+                aged(Some(1), true),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_call_argument_or_its_pii_flips_a_later_decision() {
+        let e = engine(
+            r#"@arguments("amount: Long")
+               permit(principal, action == Attestplane::Action::"call", resource) when {
+                   context.arguments has amount && context.arguments.amount <= 100 &&
+                   context.pii.count == 0 };"#,
+        );
+        let call = |args: &str, pii: u64| {
+            let mut r = request();
+            r.call = Some(CallFacts {
+                arguments: Some(args.into()),
+                pii: if pii > 0 {
+                    BTreeMap::from([("email".to_owned(), pii)])
+                } else {
+                    BTreeMap::new()
+                },
+            });
+            r
+        };
+        agrees(
+            &e,
+            &[
+                call(r#"{"amount":100}"#, 0),
+                call(r#"{"amount":101}"#, 0),
+                call(r#"{"amount":100}"#, 1),
+                call(r#"{"amount":100}"#, 0),
+            ],
+        );
+    }
+
+    #[test]
+    fn an_identity_provider_or_registry_change_flips_a_later_decision() {
+        let e = engine(
+            r#"permit(principal, action, resource is Attestplane::Tool) when {
+                   principal.roles.contains("tool-user") && resource.server.name == "files" &&
+                   context.server_assurance == "nitro" };"#,
+        );
+        let base = request();
+        let mut roles = request();
+        roles.principal.roles = vec!["viewer".into()];
+        let mut renamed = request();
+        renamed.server.name = "other".into();
+        let mut plain = request();
+        plain.server.assurance = "none".into();
+        let mut item = request();
+        item.tool = Some("write".into());
+        agrees(
+            &e,
+            &[
+                base.clone(),
+                roles,
+                base.clone(),
+                renamed,
+                plain,
+                item,
+                base,
+            ],
+        );
+    }
+
+    #[test]
+    fn a_policy_reinstall_flips_a_later_decision() {
+        let allow = engine("permit(principal, action, resource);");
+        let deny =
+            engine("permit(principal, action, resource); forbid(principal, action, resource);");
+        let memo = DecisionMemo::new();
+        let req = request();
+        assert!(memo.decide(&allow, &req).allowed);
+        assert!(memo.decide(&allow, &req).allowed);
+        // The same text installed again is another engine: answers are not carried over.
+        let again = engine("permit(principal, action, resource);");
+        assert!(memo.decide(&again, &req).allowed);
+        assert!(!memo.decide(&deny, &req).allowed);
+        assert!(memo.decide(&allow, &req).allowed);
+        assert_eq!(memo.stats(), MemoStats { hits: 1, misses: 4 });
+    }
+
+    #[test]
+    fn memory_stays_bounded_and_old_answers_stay_right() {
+        let e = engine(
+            r#"permit(principal, action, resource) when { principal.roles.contains("even") };"#,
+        );
+        let memo = DecisionMemo::with_capacity(4);
+        for round in 0..3 {
+            for i in 0..20u32 {
+                let mut r = request();
+                r.principal.agent = format!("agent-{i}");
+                r.principal.roles = if i % 2 == 0 {
+                    vec!["even".into()]
+                } else {
+                    vec![]
+                };
+                assert_eq!(
+                    memo.decide(&e, &r),
+                    e.decide(&r),
+                    "round {round}, agent {i}"
+                );
+                assert!(memo.len() <= 8, "{} answers held", memo.len());
+            }
+        }
+        // A request seen just before is answered from memory, through the old generation too.
+        let before = memo.stats();
+        for i in [19u32, 18, 17, 16, 15] {
+            let mut r = request();
+            r.principal.agent = format!("agent-{i}");
+            r.principal.roles = if i % 2 == 0 {
+                vec!["even".into()]
+            } else {
+                vec![]
+            };
+            assert_eq!(memo.decide(&e, &r), e.decide(&r));
+        }
+        assert_eq!(memo.stats().hits - before.hits, 5);
+    }
+
+    /// Random requests over small domains against sets reading the numbers every way: the
+    /// memo (small, so that it evicts) always answers what Cedar answers.
+    #[test]
+    fn memo_answers_equal_cedar_answers_on_random_requests() {
+        let sets = [
+            r#"permit(principal, action, resource) when { context.time > 1700000002 };
+               forbid(principal, action, resource) when { context.counters.calls_last_minute >= 3 };"#,
+            r#"permit(principal, action, resource) when {
+                   context.attestation has age_ms && context.attestation.age_ms < 2 };
+               forbid(principal, action, resource) when { context.time == 1700000001 };"#,
+            r#"permit(principal, action, resource) when { context.counters.calls_last_minute + 1 < 3 };
+               permit(principal, action, resource) when { principal.roles.contains("a") };"#,
+            r#"permit(principal, action, resource) when {
+                   context.counters == {"calls_last_minute": 1, "spend_micros": 2} };"#,
+        ];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for text in sets {
+            let e = engine(text);
+            let memo = DecisionMemo::with_capacity(16);
+            for _ in 0..2_000 {
+                let mut r = request();
+                r.time = UnixMillis::from_millis((T + next(4)) * 1000 + next(1000));
+                r.counters.calls_last_minute = next(5);
+                r.counters.spend_micros = next(3);
+                r.attestation.age_ms = [None, Some(0), Some(1), Some(2), Some(3)]
+                    .get(next(5) as usize)
+                    .copied()
+                    .flatten();
+                r.principal.roles = [vec![], vec!["a".to_owned()]]
+                    .get(next(2) as usize)
+                    .cloned()
+                    .unwrap_or_default();
+                r.principal.agent = format!("agent-{}", next(3));
+                assert_eq!(memo.decide(&e, &r), e.decide(&r), "{text}: {r:?}");
+            }
+            assert!(memo.stats().hits > 0, "{text}: {:?}", memo.stats());
+        }
+    }
+}
