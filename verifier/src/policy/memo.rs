@@ -197,16 +197,10 @@ impl NumberUses {
                         // Whether an attribute of the context is present: the key has every
                         // presence (only `attestation.age_ms` can be absent; `arguments`' are
                         // compared in full).
-                        "has" => {
-                            if inner.get("left").and_then(context_path).is_some() {
-                                return;
-                            }
-                        }
-                        "Var" => {
-                            if inner.as_str() == Some("context") {
-                                *self = Self::exact();
-                                return;
-                            }
+                        "has" if inner.get("left").and_then(context_path).is_some() => return,
+                        "Var" if inner.as_str() == Some("context") => {
+                            *self = Self::exact();
+                            return;
                         }
                         _ => {}
                     }
