@@ -220,6 +220,38 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_drift_a_listing_can_produce_fits_one_entry() {
+        use attestplane_verifier::entry::DriftRecord;
+        use attestplane_verifier::gateway::pin::{MAX_LISTED_TOOLS, MAX_TOOL_NAME_LEN};
+        // Every listed tool yields at most one drift record, whose name is at most
+        // MAX_TOOL_NAME_LEN bytes (a longer one is `invalid` by position): the worst record is
+        // a `changed` one with both digests. MAX_LISTED_TOOLS of them, for a server id of the
+        // longest an endpoint accepts, must be loggable, or a hostile listing could make its
+        // endpoint's drift unloggable.
+        let t = UnixMillis::from_millis(1_000);
+        let nsm = MockNsm::builder([7; 32], Clock::Fixed(t)).build();
+        let (mut w, _) = LogWriter::open(&nsm, Head::empty(), "test", t).unwrap();
+        let record = |i: usize| DriftRecord {
+            kind: "changed".into(),
+            name: format!("{i:05}{}", "é".repeat((MAX_TOOL_NAME_LEN - 5) / 2)),
+            pinned: Some([0xff; 32]),
+            found: Some([0xee; 32]),
+        };
+        let drift: Vec<DriftRecord> = (0..MAX_LISTED_TOOLS).map(record).collect();
+        assert!(drift.iter().all(|d| d.name.len() <= MAX_TOOL_NAME_LEN));
+        let written = w
+            .append(
+                Event::ToolDrift {
+                    server: "s".repeat(256),
+                    drift,
+                },
+                t,
+            )
+            .expect("the worst drift entry fits");
+        assert!(written.bytes.len() <= MAX_ENTRY_LEN);
+    }
+
+    #[test]
     fn an_entry_over_the_limit_is_refused_before_it_is_chained() {
         let t = UnixMillis::from_millis(1_000);
         let nsm = MockNsm::builder([7; 32], Clock::Fixed(t)).build();

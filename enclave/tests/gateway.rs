@@ -77,6 +77,8 @@ struct Upstream {
     /// With [`Self::ask_client`]: answer the call right after asking, without waiting for the
     /// client's response.
     dont_wait: std::sync::atomic::AtomicBool,
+    /// Answer `tools/list` with something that is not JSON-RPC.
+    list_garbage: std::sync::atomic::AtomicBool,
 }
 
 /// A response body fed by a channel: an SSE stream the test upstream writes as it goes.
@@ -116,6 +118,7 @@ impl Upstream {
             client_responded: tokio::sync::Notify::new(),
             get_stream: Mutex::new(None),
             dont_wait: std::sync::atomic::AtomicBool::new(false),
+            list_garbage: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -245,6 +248,12 @@ impl Upstream {
             "notifications/initialized" => {
                 let mut r = hyper::Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = hyper::StatusCode::ACCEPTED;
+                r
+            }
+            "tools/list" if self.list_garbage.load(Ordering::SeqCst) => {
+                let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"<html>")));
+                r.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
                 r
             }
             "tools/list" => {
@@ -1791,17 +1800,17 @@ async fn a_legacy_server_flooding_requests_mid_call_is_aborted_and_the_stack_ser
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_entry_the_writer_refuses_as_too_large_fails_the_request_at_once_and_nothing_is_half_written()
+async fn a_hostile_listing_of_long_names_is_logged_within_the_entry_limit_and_the_pinned_tool_stays_callable()
  {
     use attestplane_verifier::entry::MAX_ENTRY_LEN;
-    // A hostile upstream lists thousands of unpinned tools with long names: the drift entry
-    // that records them would be over the entry limit. The old writer chained it anyway (the
-    // real host's store refuses it, so the log stalled and the agent waited for a `Durable`
-    // that never came); now the writer refuses it before chaining and the agent gets a typed
-    // error at once.
+    // A hostile upstream lists thousands of unpinned tools with long names, and one name of
+    // 200,000 bytes. The old drift entry recorded each under its name: it was over the entry
+    // limit, the writer refused it, and the endpoint's listings and calls failed (500) for as
+    // long as the server listed them (and the writer before that chained it: the log
+    // stalled). A name longer than any call can carry is now `invalid` by position, so the
+    // drift entry stays within the limit, is logged, and the pinned tool stays callable.
     let s = stack(true).await;
     let token = s.token("weather", &["tool-user"]);
-    let head = s.store.lock().unwrap().len();
     {
         let mut tools = s.upstream.tools.lock().unwrap();
         for i in 0..4000 {
@@ -1810,37 +1819,59 @@ async fn an_entry_the_writer_refuses_as_too_large_fails_the_request_at_once_and_
                 "n".repeat(300)
             ));
         }
+        tools.push(format!(
+            r#"{{"name":"{}","inputSchema":{{}}}}"#,
+            "h".repeat(200_000)
+        ));
+        // Names of the longest a call can carry: unpinned, under their names.
+        for i in 0..90 {
+            tools.push(format!(
+                r#"{{"name":"u{i:02}{}","inputSchema":{{}}}}"#,
+                "é".repeat(62)
+            ));
+        }
     }
     let (status, body) = s.modern("weather", &token, MODERN_LIST).await;
-    assert_eq!(status, 500, "{}", &body[..body.len().min(300)]);
+    assert_eq!(status, 200, "{}", &body[..body.len().min(300)]);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["error"]["code"], -32603, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("exceeds the limit"),
-        "{v}"
+    let names: Vec<&str> = v["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["add"],
+        "the hostile tools are withheld (echo by the policy)"
     );
-    // A call needs a listing: refused the same way, never forwarded, nothing written.
-    let (status, body) = s
-        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
-        .await;
-    assert_eq!(status, 500, "{body}");
-    assert_eq!(calls(&s), 0);
-    {
-        let store = s.store.lock().unwrap();
-        assert_eq!(store.len(), head, "nothing was written");
-        assert!(store.iter().all(|e| e.len() <= MAX_ENTRY_LEN));
-    }
-    // The stack serves on: the upstream's listing back to normal, a call goes through, and
-    // the log replays.
-    s.upstream.tools.lock().unwrap().truncate(2);
     let (status, body) = s
         .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(calls(&s), 1);
+    let drift = s
+        .entries()
+        .into_iter()
+        .find_map(|e| match e {
+            Event::ToolDrift { drift, .. } => Some(drift),
+            _ => None,
+        })
+        .expect("the drift is logged");
+    assert_eq!(drift.len(), 4091, "one record per hostile tool");
+    assert_eq!(
+        drift.iter().filter(|d| d.kind == "invalid").count(),
+        4001,
+        "too long to name: by position"
+    );
+    assert!(drift.iter().all(|d| d.name.len() <= 128));
+    assert!(
+        s.store
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|e| e.len() <= MAX_ENTRY_LEN)
+    );
     replays(&s);
 }
 
@@ -2002,32 +2033,23 @@ async fn a_refused_listing_and_other_refusals_carry_the_requests_id_not_null() {
     let s = stack(true).await;
     let token = s.token("weather", &["tool-user"]);
     let id_of = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["id"].clone();
-    // A listing whose drift entry the writer refuses (a hostile upstream's thousands of long
-    // unpinned names): 500, and the id is the listing's.
-    {
-        let mut tools = s.upstream.tools.lock().unwrap();
-        for i in 0..4000 {
-            tools.push(format!(
-                r#"{{"name":"t{i:04}-{}","inputSchema":{{"type":"object"}}}}"#,
-                "n".repeat(300)
-            ));
-        }
-    }
+    // A listing the upstream answers with garbage: 502, and the id is the listing's.
+    s.upstream.list_garbage.store(true, Ordering::SeqCst);
     let (status, body) = s.modern("weather", &token, MODERN_LIST).await;
-    assert_eq!(status, 500);
+    assert_eq!(status, 502);
     assert_eq!(id_of(&body), "l1", "{body}");
     // The call that needed that listing: refused with its own id.
     let (status, body) = s
         .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
         .await;
-    assert_eq!(status, 500);
+    assert_eq!(status, 502);
     assert_eq!(id_of(&body), 7, "{body}");
     // The legacy era's listing, refused the same way.
     let (status, body) = s.ask(false, &token, "tools/list", r#""cursor":"c""#).await;
-    assert_eq!(status, 500, "{body}");
+    assert_eq!(status, 502, "{body}");
     assert_eq!(id_of(&body), 9, "{body}");
     assert_eq!(calls(&s), 0);
-    s.upstream.tools.lock().unwrap().truncate(2);
+    s.upstream.list_garbage.store(false, Ordering::SeqCst);
     // A token for another endpoint: 401, with the request's id.
     let other = s.token("elsewhere", &["tool-user"]);
     let (status, body) = s.modern("weather", &other, MODERN_LIST).await;

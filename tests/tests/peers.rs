@@ -481,13 +481,14 @@ fn a_legacy_python_servers_allowed_sampling_request_is_relayed_to_a_legacy_pytho
 }
 
 #[test]
-fn a_hostile_listing_whose_drift_entry_is_over_the_entry_limit_fails_at_once_and_the_control_plane_serves_on()
+fn a_hostile_listing_of_thousands_of_long_names_is_logged_within_the_entry_limit_and_its_pinned_tools_stay_callable()
  {
-    // A server lists 4000 unpinned tools with long names: the `tool_drift` entry recording
-    // them would be over the log's entry limit. The old enclave signed and chained it anyway;
-    // the host's store refused it and stopped serving, and the agent waited for a `Durable`
-    // that never came. Now the writer refuses it before chaining it: the agent gets a typed
-    // error at once, nothing is written, and the control plane serves on.
+    // A server lists 4000 unpinned tools with 300-byte names. The old check recorded each
+    // under its name: the `tool_drift` entry was over the log's entry limit, the writer refused
+    // it, and the endpoint's listings and calls failed (500) for as long as the server listed
+    // them. A name longer than any `tools/call` can carry (128 bytes) is now `invalid` and
+    // recorded by its position, so the drift is logged, the hostile tools are withheld, and the
+    // pinned tools stay callable.
     let Some(python) = peers_support::python() else {
         return;
     };
@@ -527,17 +528,16 @@ fn a_hostile_listing_whose_drift_entry_is_over_the_entry_limit_fails_at_once_and
         format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{{{meta}}}}}"#),
     );
     let short = &body[..body.len().min(400)];
-    assert_eq!(status, 500, "{short}");
+    assert_eq!(status, 200, "{short}");
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["error"]["code"], -32603, "{short}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("exceeds the limit"),
-        "{short}"
-    );
-    // A call needs a listing: refused the same way, and it never reached the server.
+    let mut shown: Vec<&str> = v["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    shown.sort_unstable();
+    assert_eq!(shown, ["add", "weather"], "the hostile tools are withheld");
     let (status, _, body) = modern(
         "tools/call",
         Some("add"),
@@ -545,12 +545,12 @@ fn a_hostile_listing_whose_drift_entry_is_over_the_entry_limit_fails_at_once_and
             r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"add","arguments":{{"a":1,"b":2}},{meta}}}}}"#
         ),
     );
-    assert_eq!(status, 500, "{body}");
-    assert_eq!(stats(&runtime, upstream)["calls"], json!({}));
-    assert_eq!(
-        attestplane_tests::log_head(&stack.url).0,
-        head,
-        "nothing was written"
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""id":2"#) && body.contains('3'), "{body}");
+    assert_eq!(stats(&runtime, upstream)["calls"], json!({"add": 1}));
+    assert!(
+        attestplane_tests::log_head(&stack.url).0 > head,
+        "the drift, the decision and the result were written"
     );
     // The control plane serves on: a call to another server goes through and is logged.
     let weather = format!("{gateway}/mcp/weather");

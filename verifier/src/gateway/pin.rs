@@ -21,7 +21,11 @@
 //! - [`Drift::Duplicate`]: a name is listed more than once (every copy is withheld: which one
 //!   the server would run is not known);
 //! - [`Drift::Invalid`]: the element has no string `name` or no canonical form (duplicate
-//!   member names, a lone surrogate, a number that overflows).
+//!   member names, a lone surrogate, a number that overflows), or a name longer than
+//!   [`MAX_TOOL_NAME_LEN`] (no `tools/call` can name it). It is reported by its position, not
+//!   its name, so every drift record is bounded and the drift of the largest listing
+//!   ([`MAX_LISTED_TOOLS`] tools) fits one log entry: a hostile name cannot make the drift
+//!   unloggable.
 //!
 //! The name set is pinned too: [`PinCheck::set_matches`] is true only if the listed names are
 //! exactly the pinned ones and every tool is kept. A tool is callable only if it is kept
@@ -42,6 +46,7 @@ use thiserror::Error;
 
 use super::jcs::{self, JcsError};
 use super::json::{self, Value};
+pub use super::jsonrpc::MAX_TOOL_NAME_LEN;
 
 /// A SHA-256 digest (a tool's pin) that serialises as hex.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +94,14 @@ pub enum PinError {
     /// The definition has no canonical form.
     #[error("tool definition has no canonical form: {0}")]
     Canonical(#[from] JcsError),
+    /// The tool's name is longer than [`MAX_TOOL_NAME_LEN`]: no `tools/call` can name it.
+    #[error("tool name is {len} bytes, more than the maximum {max}")]
+    NameTooLong {
+        /// Its length.
+        len: usize,
+        /// [`MAX_TOOL_NAME_LEN`].
+        max: usize,
+    },
     /// The listing holds more than [`MAX_LISTED_TOOLS`] tools.
     #[error("listing holds {count} tools, more than the maximum {max}")]
     TooManyTools {
@@ -284,8 +297,23 @@ pub fn check_tools<'a>(
             max: MAX_LISTED_TOOLS,
         });
     }
-    let digests: Vec<Result<ToolDigest, PinError>> =
-        listed.iter().map(|t| tool_digest(t.get())).collect();
+    // A name no call can carry is invalid, reported by position: a drift record never holds
+    // more than MAX_TOOL_NAME_LEN bytes of a listed name.
+    let digests: Vec<Result<ToolDigest, PinError>> = listed
+        .iter()
+        .map(|t| {
+            tool_digest(t.get()).and_then(|d| {
+                if d.name.len() > MAX_TOOL_NAME_LEN {
+                    Err(PinError::NameTooLong {
+                        len: d.name.len(),
+                        max: MAX_TOOL_NAME_LEN,
+                    })
+                } else {
+                    Ok(d)
+                }
+            })
+        })
+        .collect();
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for d in digests.iter().flatten() {
         *counts.entry(d.name.as_str()).or_default() += 1;
@@ -520,6 +548,32 @@ mod tests {
             ]
         );
         assert!(matches!(&c.drift()[5], Drift::Missing { name, .. } if name == "read"));
+    }
+
+    #[test]
+    fn a_hostile_tool_name_longer_than_any_call_can_carry_is_invalid_by_position() {
+        // The old check reported it under its name: a few names of up to MAX_TOOL_LEN each
+        // made the drift entry too large to log, and the endpoint's listings failed for as
+        // long as the server listed them.
+        let long = format!(r#"{{"name":"{}","inputSchema":{{}}}}"#, "n".repeat(200_000));
+        let edge = format!(
+            r#"{{"name":"{}","inputSchema":{{}}}}"#,
+            "é".repeat(MAX_TOOL_NAME_LEN / 2)
+        );
+        let listed = [raw(&long), raw(READ), raw(&edge)];
+        let c = check(&listed, &pins(&[READ]));
+        assert_eq!(c.kept().len(), 1, "the pinned tool is kept");
+        match &c.drift()[0] {
+            Drift::Invalid {
+                index: 0,
+                error: PinError::NameTooLong { len, max },
+            } => assert_eq!((*len, *max), (200_000, MAX_TOOL_NAME_LEN)),
+            other => panic!("{other:?}"),
+        }
+        // A name of exactly the bound is a name.
+        assert!(
+            matches!(&c.drift()[1], Drift::Unpinned { name, .. } if name.len() == MAX_TOOL_NAME_LEN)
+        );
     }
 
     #[test]
