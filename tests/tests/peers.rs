@@ -521,7 +521,8 @@ fn a_hostile_listing_of_thousands_of_long_names_is_logged_within_the_entry_limit
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         runtime.block_on(peers_support::post(&client, &endpoint, &headers, &body))
     };
-    let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}"#;
+    // The modern era's request envelope (a modern server refuses a request without it).
+    let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"t","version":"1"},"io.modelcontextprotocol/clientCapabilities":{}}"#;
     let (status, _, body) = modern(
         "tools/list",
         None,
