@@ -15,6 +15,15 @@
 //! seq with [`Request::Durable`]; only then does the enclave release the final replies. So no
 //! caller is ever answered on the strength of an entry that is not on disk.
 //!
+//! Commits, two ways. Under concurrency the store's writer thread group-commits the queued
+//! batches and one task reports each completed commit. A lone `Persist` on an idle store (one
+//! client) is committed by the connection's reader itself ([`Store::submit_or_reserve`]):
+//! write and `fdatasync` on its own runtime thread, then the `Durable` queued on its own
+//! connection, without waking the writer thread and being woken back (two thread hand-offs per
+//! `Persist`, a tenth of a millisecond or more on a small VM). Either way the `Durable` is sent
+//! only after the `fdatasync` covering the entry returned, and never for an entry whose write
+//! failed (the store then fails and the client stops serving).
+//!
 //! Boot and reconnection. On every new connection the client says `Hello`. If the enclave has
 //! not replayed (a fresh enclave, or one that restarted), one connection streams the whole
 //! stored log into it (`ReplayBegin`, `ReplayEntries`…, `ReplayEnd`, whose `Persist` carries the
@@ -47,7 +56,7 @@ use attestplane_proto::{
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::{Commit, Store, StoreError};
+use crate::store::{Commit, InlineCommit, Store, StoreError, Submitted};
 
 /// Persistent connections to the enclave by default.
 pub const DEFAULT_CONNECTIONS: usize = 4;
@@ -471,7 +480,7 @@ impl Shared {
                     "enclave ready (epoch {epoch}, {stored} entries stored)"
                 ));
                 if let Some(last) = stored.checked_sub(1) {
-                    self.report_durable(last).await;
+                    self.report_durable(last, Some(slot)).await;
                 }
                 Ok(())
             }
@@ -646,12 +655,23 @@ impl Shared {
         let mut decoder = FrameDecoder::new();
         loop {
             match read_frame(&mut reader, &mut decoder).await {
-                Ok(Some(frame)) => {
-                    if let Err(e) = self.on_frame(frame) {
+                Ok(Some(frame)) => match self.on_frame(frame) {
+                    Ok(None) => {}
+                    Ok(Some(inline)) => {
+                        // Blocks this runtime thread for one fdatasync: only taken when the
+                        // store is otherwise idle (see `Store::submit_or_reserve`).
+                        match inline.run() {
+                            Ok(last) => self.report_durable(last, Some(slot)).await,
+                            Err(e) => {
+                                self.fail_store(&e);
+                            }
+                        }
+                    }
+                    Err(e) => {
                         tracing_line(&format!("connection {slot}: {e}; closing it"));
                         return;
                     }
-                }
+                },
                 Ok(None) => return,
                 Err(e) if e.is_fatal() => {
                     tracing_line(&format!("connection {slot}: {e}"));
@@ -671,7 +691,9 @@ impl Shared {
         }
     }
 
-    fn on_frame(self: &Arc<Self>, frame: Frame) -> Result<(), ClientError> {
+    /// Handles one frame from the enclave; a `Persist` reserved for an inline commit is
+    /// returned for the caller to run.
+    fn on_frame(self: &Arc<Self>, frame: Frame) -> Result<Option<InlineCommit>, ClientError> {
         if frame.version != PROTOCOL_VERSION {
             return Err(ClientError::Protocol(format!(
                 "protocol version {} (this client speaks {PROTOCOL_VERSION})",
@@ -713,12 +735,17 @@ impl Shared {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Queues a `Persist` batch for the store in seq order and reports durability as commits
-    /// complete.
-    fn persist(self: &Arc<Self>, first_seq: u64, entries: Vec<ByteBuf>) -> Result<(), ClientError> {
+    /// complete; or, on an idle store, returns the batch's commit reserved for the caller to run
+    /// (at most one: while it is reserved, later batches queue behind it).
+    fn persist(
+        self: &Arc<Self>,
+        first_seq: u64,
+        entries: Vec<ByteBuf>,
+    ) -> Result<Option<InlineCommit>, ClientError> {
         if entries.is_empty() {
             return Err(ClientError::Protocol("an empty Persist".into()));
         }
@@ -740,23 +767,30 @@ impl Shared {
                 ));
             }
             seq.parked.insert(first_seq, entries);
-            return Ok(());
+            return Ok(None);
         }
+        let mut inline = None;
         let mut batch = Some((first_seq, entries));
         while let Some((first, entries)) = batch.take() {
             let n = entries.len() as u64;
-            let commit = self
+            let submitted = self
                 .store
-                .submit(first, entries.into_iter().map(ByteBuf::into_vec).collect())
+                .submit_or_reserve(first, entries.into_iter().map(ByteBuf::into_vec).collect())
                 .map_err(|e| self.fail_store(&e))?;
             self.metrics.persists.fetch_add(1, Ordering::Relaxed);
             seq.next = first.saturating_add(n);
             let next = seq.next;
             batch = seq.parked.remove(&next).map(|e| (next, e));
-            // Sent under the sequencer's lock: the reporter sees commits in seq order.
-            let _ = self.commits.send(commit);
+            match submitted {
+                // Sent under the sequencer's lock: the reporter sees commits in seq order.
+                Submitted::Queued(commit) => {
+                    let _ = self.commits.send(commit);
+                }
+                // Only the first batch can be reserved: the reservation keeps the store busy.
+                Submitted::Inline(commit) => inline = Some(commit),
+            }
         }
-        Ok(())
+        Ok(inline)
     }
 
     /// The one task that waits for group commits (in submission order) and reports them with
@@ -792,16 +826,19 @@ impl Shared {
                     }
                 }
             }
-            self.report_durable(last).await;
+            self.report_durable(last, None).await;
         }
     }
 
-    async fn report_durable(&self, last: u64) {
+    /// Sends `Durable { through_seq: last }` (on `prefer`'s connection if it is up), unless a
+    /// report as high went out already. Call it only once every entry up to `last` is durable.
+    async fn report_durable(&self, last: u64, prefer: Option<usize>) {
         let reported_next = last.saturating_add(1);
         if self.reported.fetch_max(reported_next, Ordering::SeqCst) >= reported_next {
             return; // A later commit already reported this one.
         }
-        let Ok(slot) = self.pick_slot() else {
+        let preferred = prefer.filter(|&s| lock(&self.links).get(s).is_some_and(Option::is_some));
+        let Some(slot) = preferred.or_else(|| self.pick_slot().ok()) else {
             return; // No connection: the next report (or the next replay) covers it.
         };
         let id = self.fresh_id();

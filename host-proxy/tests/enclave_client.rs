@@ -7,6 +7,8 @@
 //!   died) is stored all the same, and reported durable.
 //! - An enclave whose log is ahead of the store is refused, with a reason naming the fix.
 //! - A `Persist` overlapping stored entries stops the client instead of corrupting the store.
+//! - A lone `Persist` (committed by the connection's reader, not the writer thread) is reported
+//!   `Durable` only once it is on disk, and a `Persist` whose write fails never is.
 
 #![allow(
     clippy::unwrap_used,
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use attestplane_host::enclave_client::{ClientError, ClientOptions, EnclaveClient, Phase};
-use attestplane_host::store::Store;
+use attestplane_host::store::{MIN_SEGMENT_BYTES, Store, StoreOptions};
 use attestplane_proto::{
     Address, Body, ByteBuf, Frame, FrameDecoder, Listener, Request, Response, read_frame,
     write_frame,
@@ -331,4 +333,77 @@ async fn a_persist_overlapping_stored_entries_stops_the_client() {
     assert!(matches!(reply, Err(ClientError::Failed(_))), "{reply:?}");
     assert!(matches!(client.phase(), Phase::Failed(_)));
     assert_eq!(store.range(0, 1).unwrap(), vec![b"entry 0".to_vec()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_persist_is_reported_durable_only_once_stored_and_a_failed_write_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("enclave.sock");
+    let mut fake = Fake::start(&socket).await;
+    let log = dir.path().join("log");
+    let store = Arc::new(
+        Store::open_with(
+            &log,
+            StoreOptions {
+                segment_bytes: MIN_SEGMENT_BYTES,
+            },
+        )
+        .unwrap(),
+    );
+    let client = EnclaveClient::start(
+        Address::Unix(socket),
+        Arc::clone(&store),
+        ClientOptions {
+            connections: 1,
+            ..ClientOptions::default()
+        },
+    );
+    let c = client.clone();
+    let first = tokio::spawn(async move { c.call(resolve("a"), Duration::from_secs(10)).await });
+    let (conn, id, _) = fake.next(None).await;
+    // One entry that fills the first segment, so that the next commit starts segment 1.
+    let full = ByteBuf::from(vec![7u8; MIN_SEGMENT_BYTES as usize]);
+    fake.send(
+        conn,
+        id,
+        Response::Persist {
+            first_seq: 0,
+            entries: vec![full],
+        },
+    )
+    .await;
+    fake.durable_through(0, None).await;
+    assert_eq!(store.len(), 1, "Durable(0) before entry 0 was durable");
+    assert_eq!(
+        store.stats().inline_commits,
+        1,
+        "a lone Persist is committed by the reader"
+    );
+    fake.send(conn, id, handle(0)).await;
+    assert_eq!(first.await.unwrap(), Ok(handle(0)));
+
+    // A file squatting segment 1's name: creating it fails, a real I/O failure of the commit.
+    std::fs::File::create(log.join("segments").join("00000000000000000001.log")).unwrap();
+    let c = client.clone();
+    let second = tokio::spawn(async move { c.call(resolve("b"), Duration::from_secs(10)).await });
+    let (conn, id, _) = fake.next(Some(0)).await;
+    fake.send(
+        conn,
+        id,
+        Response::Persist {
+            first_seq: 1,
+            entries: vec![entry(1)],
+        },
+    )
+    .await;
+    let reply = second.await.unwrap();
+    assert!(matches!(reply, Err(ClientError::Failed(_))), "{reply:?}");
+    assert!(matches!(client.phase(), Phase::Failed(_)));
+    // No Durable for the entry that never reached the disk, now or later.
+    let later = tokio::time::timeout(Duration::from_millis(500), fake.next(Some(0))).await;
+    assert!(
+        !matches!(later, Ok((_, _, Request::Durable { through_seq })) if through_seq >= 1),
+        "{later:?}"
+    );
+    assert_eq!(store.len(), 1);
 }

@@ -334,6 +334,18 @@ async fn metrics(State(state): State<AppState>) -> HttpResponse {
     let _ = writeln!(out, "attestplane_log_entries {}", store.len());
     let _ = writeln!(out, "# TYPE attestplane_store_syncs_total counter");
     let _ = writeln!(out, "attestplane_store_syncs_total {}", stats.syncs);
+    let _ = writeln!(out, "# TYPE attestplane_store_inline_commits_total counter");
+    let _ = writeln!(
+        out,
+        "attestplane_store_inline_commits_total {}",
+        stats.inline_commits
+    );
+    let _ = writeln!(out, "# TYPE attestplane_store_commit_seconds_total counter");
+    let _ = writeln!(
+        out,
+        "attestplane_store_commit_seconds_total {}",
+        stats.commit_micros as f64 / 1e6
+    );
     let c = state.inner.client.metrics();
     let replies = c.replies.load(Ordering::Relaxed);
     let _ = writeln!(out, "# TYPE attestplane_enclave_round_trip_seconds summary");

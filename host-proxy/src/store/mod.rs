@@ -28,7 +28,9 @@
 //! with one `write`, calls `fdatasync` once, publishes it to the index and only then completes
 //! each append's [`Commit`]. Appends that arrive while a sync is in flight share the next one,
 //! so the number of syncs per second stays bounded by the disk while throughput grows with
-//! concurrency. A new segment is started when the current one has reached
+//! concurrency. [`Store::submit_or_reserve`] lets a lone append on an idle store skip the
+//! thread: its submitter writes, syncs and publishes it itself ([`InlineCommit`]), one commit at
+//! a time with the writer thread, so the disk order is still the submission order. A new segment is started when the current one has reached
 //! [`StoreOptions::segment_bytes`]; its directory entry is made durable (the directory is
 //! fsync'd) before the first record is written into it. A batch never spans two segments.
 //!
@@ -113,7 +115,7 @@ mod tree;
 mod writer;
 
 pub use segment::{NotTorn, RecordFault};
-pub use writer::Commit;
+pub use writer::{Commit, InlineCommit, Submitted};
 
 use tree::{Leaves, TreeSnapshot};
 use writer::{Pending, Queue, Writer};
@@ -450,6 +452,11 @@ pub struct StoreStats {
     pub syncs: u64,
     /// Segments created.
     pub segments_created: u64,
+    /// Group commits run on the submitting thread ([`Store::submit_or_reserve`]) rather than
+    /// the writer thread.
+    pub inline_commits: u64,
+    /// Time spent in group commits (write, `fdatasync`, index), in microseconds.
+    pub commit_micros: u64,
 }
 
 /// The durable log store. See the module documentation.
@@ -506,18 +513,21 @@ impl Store {
             dir,
             queue: Mutex::new(Queue::new(next_seq)),
             wake: Condvar::new(),
+            writer: Mutex::new(writer),
             index: RwLock::new(index),
             checkpoint: Mutex::new(()),
             appends: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             segments_created: AtomicU64::new(0),
+            inline_commits: AtomicU64::new(0),
+            commit_micros: AtomicU64::new(0),
             _lock: lock,
         });
         let for_thread = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("attestplane-store-writer".into())
-            .spawn(move || writer.run(&for_thread))
+            .spawn(move || writer::run(&for_thread))
             .map_err(StoreError::io("spawn the writer thread for", &shared.dir))?;
         Ok(Store {
             shared,
@@ -537,27 +547,52 @@ impl Store {
     pub fn submit(&self, first_seq: u64, entries: Vec<Vec<u8>>) -> Result<Commit, StoreError> {
         let pending = Pending::check(first_seq, entries)?;
         let mut queue = lock(&self.shared.queue);
-        if let Some(cause) = &queue.failed {
-            return Err(StoreError::Failed {
-                cause: Box::new(cause.clone()),
-            });
-        }
-        if queue.closing {
-            return Err(StoreError::Closed);
-        }
-        let next = queue.next_seq;
-        if first_seq > next {
-            return Err(StoreError::Gap { next, first_seq });
-        }
-        if first_seq < next {
-            return Err(StoreError::Overlap { next, first_seq });
-        }
-        queue.next_seq = pending.end_seq;
+        admit(&mut queue, first_seq, pending.end_seq)?;
         let (pending, commit) = pending.with_commit();
         queue.pending.push_back(pending);
+        let idle = !queue.busy;
         drop(queue);
-        self.shared.wake.notify_one();
+        if idle {
+            self.shared.wake.notify_one();
+        }
         Ok(commit)
+    }
+
+    /// [`Store::submit`], except that when no commit is in flight, nothing else is queued and
+    /// the last group commit held a single append (one writer at a time, as with one client),
+    /// the append is not handed to the writer thread: it is reserved for the caller, who writes
+    /// and syncs it on its own thread with [`InlineCommit::run`]. That saves the two thread
+    /// hand-offs (to the writer and back) a lone append otherwise pays; under concurrency the
+    /// writer thread's group commit takes over again by itself (a commit in flight, or a
+    /// batch of several appends, sends the next ones to the queue).
+    ///
+    /// The order of calls is the order on disk, as with `submit`: appends submitted after a
+    /// reservation wait for it (the writer thread takes them only once it has run). An
+    /// [`InlineCommit`] dropped without running is handed to the writer thread.
+    pub fn submit_or_reserve(
+        &self,
+        first_seq: u64,
+        entries: Vec<Vec<u8>>,
+    ) -> Result<Submitted, StoreError> {
+        let pending = Pending::check(first_seq, entries)?;
+        let mut queue = lock(&self.shared.queue);
+        admit(&mut queue, first_seq, pending.end_seq)?;
+        if !queue.busy && queue.pending.is_empty() && queue.last_batch_appends <= 1 {
+            queue.busy = true;
+            drop(queue);
+            return Ok(Submitted::Inline(InlineCommit::new(
+                Arc::clone(&self.shared),
+                pending,
+            )));
+        }
+        let (pending, commit) = pending.with_commit();
+        queue.pending.push_back(pending);
+        let idle = !queue.busy;
+        drop(queue);
+        if idle {
+            self.shared.wake.notify_one();
+        }
+        Ok(Submitted::Queued(commit))
     }
 
     /// Appends `entries` as seqs `first_seq..` and returns the last seq once they are durable
@@ -686,6 +721,8 @@ impl Store {
             entries: s.entries.load(Ordering::Relaxed),
             syncs: s.syncs.load(Ordering::Relaxed),
             segments_created: s.segments_created.load(Ordering::Relaxed),
+            inline_commits: s.inline_commits.load(Ordering::Relaxed),
+            commit_micros: s.commit_micros.load(Ordering::Relaxed),
         }
     }
 
@@ -708,6 +745,28 @@ impl Store {
         }
         Ok(index.leaves.snapshot(size))
     }
+}
+
+/// Admits an append of seqs `first_seq..end_seq` to `queue`: no append after a failure or
+/// once closing, and exactly the next seq (no gap, no overlap). Advances the next seq.
+fn admit(queue: &mut Queue, first_seq: u64, end_seq: u64) -> Result<(), StoreError> {
+    if let Some(cause) = &queue.failed {
+        return Err(StoreError::Failed {
+            cause: Box::new(cause.clone()),
+        });
+    }
+    if queue.closing {
+        return Err(StoreError::Closed);
+    }
+    let next = queue.next_seq;
+    if first_seq > next {
+        return Err(StoreError::Gap { next, first_seq });
+    }
+    if first_seq < next {
+        return Err(StoreError::Overlap { next, first_seq });
+    }
+    queue.next_seq = end_seq;
+    Ok(())
 }
 
 impl Drop for Store {
@@ -763,6 +822,9 @@ struct Shared {
     dir: PathBuf,
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// The segment writer. Locked only by the committer that set [`Queue::busy`] (the writer
+    /// thread or an [`InlineCommit`]), so never contended.
+    writer: Mutex<Writer>,
     index: RwLock<Index>,
     /// Serialises checkpoint replacement.
     checkpoint: Mutex<()>,
@@ -770,6 +832,8 @@ struct Shared {
     entries: AtomicU64,
     syncs: AtomicU64,
     segments_created: AtomicU64,
+    inline_commits: AtomicU64,
+    commit_micros: AtomicU64,
     /// Holds the advisory lock for the store's lifetime.
     _lock: File,
 }

@@ -2,6 +2,12 @@
 //! `write`, syncs once, publishes them to the index, and only then completes each append's
 //! [`Commit`]. After a failed write or sync it fails everything queued and stops: the store
 //! accepts no append until it is reopened.
+//!
+//! A lone append on an idle store may instead be committed by its submitter on its own thread
+//! ([`InlineCommit`]): the same write, sync and publication, without the two thread hand-offs.
+//! One committer at a time holds [`Queue::busy`]; the writer thread takes no batch while an
+//! inline commit runs, and the inline committer wakes it afterwards if appends queued up
+//! meanwhile, so the disk order stays the submission order.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -45,6 +51,7 @@ impl Commit {
             if let Some(result) = state.result.take() {
                 return result;
             }
+            state.waiting = true;
             state = self
                 .slot
                 .ready
@@ -76,6 +83,11 @@ pub(super) struct Queue {
     /// The first write or sync failure; no appends after it.
     pub(super) failed: Option<StoreError>,
     pub(super) closing: bool,
+    /// A commit is being written and synced (by the writer thread or an [`InlineCommit`]);
+    /// nobody else takes a batch meanwhile.
+    pub(super) busy: bool,
+    /// Appends in the last group commit (1 when the store sees one writer at a time).
+    pub(super) last_batch_appends: usize,
 }
 
 impl Queue {
@@ -85,6 +97,68 @@ impl Queue {
             next_seq,
             failed: None,
             closing: false,
+            busy: false,
+            last_batch_appends: 0,
+        }
+    }
+}
+
+/// What [`Store::submit_or_reserve`](super::Store::submit_or_reserve) did with an append.
+#[must_use = "an append is durable only once its commit completes or runs"]
+#[derive(Debug)]
+pub enum Submitted {
+    /// Queued for the writer thread, like [`Store::submit`](super::Store::submit).
+    Queued(Commit),
+    /// Reserved for the caller to write and sync on its own thread.
+    Inline(InlineCommit),
+}
+
+/// An append reserved for its submitter to commit on its own thread; see
+/// [`Store::submit_or_reserve`](super::Store::submit_or_reserve). While it exists the writer
+/// thread takes no batch, so run it promptly: dropped without running, it is handed to the
+/// writer thread (and nobody learns when it is durable).
+#[must_use = "the store writes nothing else until an inline commit runs or is dropped"]
+pub struct InlineCommit {
+    shared: Arc<Shared>,
+    pending: Option<Pending>,
+}
+
+impl fmt::Debug for InlineCommit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InlineCommit").finish_non_exhaustive()
+    }
+}
+
+impl InlineCommit {
+    pub(super) fn new(shared: Arc<Shared>, pending: Pending) -> InlineCommit {
+        InlineCommit {
+            shared,
+            pending: Some(pending),
+        }
+    }
+
+    /// Writes and syncs the append on this thread (blocking it for one `fdatasync`), publishes
+    /// it, and returns its last seq once it is durable. A failure fails the store as a failure
+    /// of the writer thread does.
+    pub fn run(mut self) -> Result<u64, StoreError> {
+        let Some(pending) = self.pending.take() else {
+            return Err(StoreError::Closed);
+        };
+        let last = pending.end_seq.saturating_sub(1);
+        let batch = vec![pending];
+        self.shared.inline_commits.fetch_add(1, Ordering::Relaxed);
+        commit(&self.shared, batch, Committer::Inline).map(|()| last)
+    }
+}
+
+impl Drop for InlineCommit {
+    fn drop(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            let mut queue = lock(&self.shared.queue);
+            queue.pending.push_front(pending);
+            queue.busy = false;
+            drop(queue);
+            self.shared.wake.notify_one();
         }
     }
 }
@@ -168,6 +242,9 @@ struct Slot {
 struct SlotState {
     result: Option<Result<u64, StoreError>>,
     waker: Option<Waker>,
+    /// A thread waits in [`Commit::wait`] (the condition variable is signalled only then: a
+    /// signal costs a system call even with nobody waiting).
+    waiting: bool,
 }
 
 /// The writer's end of a [`Commit`]. Dropped without completing (the writer stopped), it
@@ -193,12 +270,14 @@ impl Drop for Completer {
 }
 
 fn fill(slot: &Slot, result: Result<u64, StoreError>) {
-    let waker = {
+    let (waker, waiting) = {
         let mut state = lock(&slot.state);
         state.result = Some(result);
-        state.waker.take()
+        (state.waker.take(), state.waiting)
     };
-    slot.ready.notify_all();
+    if waiting {
+        slot.ready.notify_all();
+    }
     if let Some(waker) = waker {
         waker.wake();
     }
@@ -251,40 +330,6 @@ impl Writer {
             current,
             buf: Vec::new(),
         })
-    }
-
-    pub(super) fn run(mut self, shared: &Shared) {
-        while let Some(batch) = next_batch(shared) {
-            match self.write(shared, &batch) {
-                Ok(()) => {
-                    let entries: usize = batch.iter().map(|p| p.entries.len()).sum();
-                    shared
-                        .appends
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    shared.entries.fetch_add(entries as u64, Ordering::Relaxed);
-                    for p in batch {
-                        let last = p.end_seq.saturating_sub(1);
-                        p.done.complete(Ok(last));
-                    }
-                }
-                Err(error) => {
-                    let rest = {
-                        let mut queue = lock(&shared.queue);
-                        queue.failed = Some(error.clone());
-                        std::mem::take(&mut queue.pending)
-                    };
-                    for p in batch {
-                        p.done.complete(Err(error.clone()));
-                    }
-                    for p in rest {
-                        p.done.complete(Err(StoreError::Failed {
-                            cause: Box::new(error.clone()),
-                        }));
-                    }
-                    return;
-                }
-            }
-        }
     }
 
     /// Writes one batch, syncs it once, then publishes it to the index.
@@ -371,11 +416,86 @@ impl Writer {
     }
 }
 
-/// Waits for queued appends and takes a batch of them; `None` once closing and drained.
+/// The writer thread: takes batches and commits them until the store closes or fails.
+pub(super) fn run(shared: &Shared) {
+    while let Some(batch) = next_batch(shared) {
+        if commit(shared, batch, Committer::Thread).is_err() {
+            return;
+        }
+    }
+}
+
+/// Who runs a commit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Committer {
+    /// The writer thread (which looks at the queue again by itself afterwards).
+    Thread,
+    /// An [`InlineCommit`] on its submitter's thread.
+    Inline,
+}
+
+/// Writes, syncs and publishes `batch` (the caller holds [`Queue::busy`]), completes its
+/// appends, and releases `busy`; an inline committer then wakes the writer thread if appends
+/// queued up meanwhile (or the store is closing). After a failure every queued append fails
+/// too and the store takes no more.
+fn commit(shared: &Shared, batch: Vec<Pending>, by: Committer) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    let written = lock(&shared.writer).write(shared, &batch);
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    shared.commit_micros.fetch_add(micros, Ordering::Relaxed);
+    let appends = batch.len();
+    match written {
+        Ok(()) => {
+            let entries: usize = batch.iter().map(|p| p.entries.len()).sum();
+            shared.appends.fetch_add(appends as u64, Ordering::Relaxed);
+            shared.entries.fetch_add(entries as u64, Ordering::Relaxed);
+            // The store is free again before the waiters learn of it: an append one of them
+            // submits next finds it idle.
+            let wake = {
+                let mut queue = lock(&shared.queue);
+                queue.busy = false;
+                queue.last_batch_appends = appends;
+                by == Committer::Inline && (!queue.pending.is_empty() || queue.closing)
+            };
+            if wake {
+                shared.wake.notify_one();
+            }
+            for p in batch {
+                let last = p.end_seq.saturating_sub(1);
+                p.done.complete(Ok(last));
+            }
+            Ok(())
+        }
+        Err(error) => {
+            let rest = {
+                let mut queue = lock(&shared.queue);
+                queue.failed = Some(error.clone());
+                queue.busy = false;
+                std::mem::take(&mut queue.pending)
+            };
+            // Wakes the writer thread if it waits (it stops: nothing is queued any more).
+            shared.wake.notify_all();
+            for p in batch {
+                p.done.complete(Err(error.clone()));
+            }
+            for p in rest {
+                p.done.complete(Err(StoreError::Failed {
+                    cause: Box::new(error.clone()),
+                }));
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Waits for queued appends while no other commit runs, and takes a batch of them (setting
+/// [`Queue::busy`]); `None` once closing and drained, or after a failure.
 fn next_batch(shared: &Shared) -> Option<Vec<Pending>> {
     let mut queue = lock(&shared.queue);
-    while queue.pending.is_empty() {
-        if queue.closing {
+    while queue.pending.is_empty() || queue.busy {
+        // Closing: an inline commit still reserved writes itself (or, dropped, is never
+        // acknowledged); waiting for it could deadlock a thread that drops the store holding one.
+        if queue.failed.is_some() || (queue.closing && queue.pending.is_empty()) {
             return None;
         }
         queue = shared
@@ -383,6 +503,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Pending>> {
             .wait(queue)
             .unwrap_or_else(PoisonError::into_inner);
     }
+    queue.busy = true;
     let mut batch = Vec::new();
     let mut bytes = 0usize;
     while let Some(front) = queue.pending.front() {
@@ -460,6 +581,136 @@ mod tests {
             c.wait().unwrap();
         }
         assert_eq!(store.stats().syncs, 3);
+    }
+
+    fn reserve(store: &Store, seq: u64) -> InlineCommit {
+        match store.submit_or_reserve(seq, vec![entry(seq)]).unwrap() {
+            Submitted::Inline(c) => c,
+            Submitted::Queued(_) => panic!("append {seq} was queued, not reserved"),
+        }
+    }
+
+    #[test]
+    fn a_lone_append_on_an_idle_store_is_committed_by_its_submitter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for seq in 0..3u64 {
+            let inline = reserve(&store, seq);
+            assert_eq!(
+                store.len(),
+                seq,
+                "nothing is durable before the commit runs"
+            );
+            assert_eq!(inline.run().unwrap(), seq);
+            assert_eq!(store.len(), seq + 1);
+            assert_eq!(store.get(seq).unwrap(), entry(seq));
+        }
+        let stats = store.stats();
+        assert_eq!(
+            (stats.inline_commits, stats.syncs, stats.appends),
+            (3, 3, 3)
+        );
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.len(), 3, "inline commits are on disk");
+    }
+
+    #[test]
+    fn appends_submitted_behind_an_inline_commit_are_written_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let inline = reserve(&store, 0);
+        // While the reservation holds the store, the next appends queue for the writer thread,
+        // which must not write them first (seq 1 before seq 0 would be a gap on disk).
+        let queued: Vec<Commit> = (1..4u64)
+            .map(
+                |seq| match store.submit_or_reserve(seq, vec![entry(seq)]).unwrap() {
+                    Submitted::Queued(c) => c,
+                    Submitted::Inline(_) => panic!("a second reservation while one is held"),
+                },
+            )
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(
+            store.len(),
+            0,
+            "the writer thread waited for the reservation"
+        );
+        assert_eq!(inline.run().unwrap(), 0);
+        for (seq, c) in (1u64..).zip(queued) {
+            assert_eq!(c.wait().unwrap(), seq);
+        }
+        assert_eq!(
+            store.range(0, 4).unwrap(),
+            (0..4).map(entry).collect::<Vec<_>>()
+        );
+        // The three queued appends were one group commit of three: the next lone append
+        // goes to the writer thread too (concurrency was seen), the one after that inline.
+        match store.submit_or_reserve(4, vec![entry(4)]).unwrap() {
+            Submitted::Queued(c) => assert_eq!(c.wait().unwrap(), 4),
+            Submitted::Inline(_) => panic!("reserved right after a group commit of three"),
+        }
+        assert_eq!(reserve(&store, 5).run().unwrap(), 5);
+        assert_eq!(store.stats().inline_commits, 2);
+    }
+
+    #[test]
+    fn a_dropped_inline_commit_is_written_by_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        drop(reserve(&store, 0));
+        assert_eq!(store.append_blocking(1, vec![entry(1)]).unwrap(), 1);
+        assert_eq!(store.get(0).unwrap(), entry(0));
+        assert_eq!(store.stats().inline_commits, 0);
+    }
+
+    #[test]
+    fn dropping_the_store_with_an_inline_commit_reserved_does_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let inline = reserve(&store, 0);
+        drop(store);
+        // The reservation still commits by itself (the writer thread has stopped).
+        assert_eq!(inline.run().unwrap(), 0);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn an_inline_write_failure_fails_it_and_every_later_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            segment_bytes: MIN_SEGMENT_BYTES,
+        };
+        let store = Store::open_with(dir.path(), options).unwrap();
+        let full = vec![7u8; MIN_SEGMENT_BYTES as usize];
+        let Submitted::Inline(first) = store.submit_or_reserve(0, vec![full]).unwrap() else {
+            panic!("the first append on an idle store is reserved");
+        };
+        assert_eq!(first.run().unwrap(), 0);
+        // The next commit starts segment 1; a file of that name makes creating it fail.
+        File::create(
+            dir.path()
+                .join(super::super::segment::SEGMENTS_DIR)
+                .join(segment_name(1)),
+        )
+        .unwrap();
+        let err = reserve(&store, 1).run().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Io {
+                    op: "create segment",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(store.len(), 1, "the failed append is not published");
+        let err = store.submit_or_reserve(2, vec![entry(2)]).unwrap_err();
+        assert!(matches!(err, StoreError::Failed { .. }), "{err}");
+        let err = store.append_blocking(2, vec![entry(2)]).unwrap_err();
+        assert!(matches!(err, StoreError::Failed { .. }), "{err}");
     }
 
     #[test]

@@ -86,7 +86,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
@@ -103,7 +103,7 @@ use sha2::{Digest as _, Sha256};
 use crate::inproc::InProcessGateway;
 use crate::stack::{self, Child};
 use crate::world::{self, World};
-use crate::{Cli, bootstrap, http, log_size, percentile_ms, proxy_metrics, spread};
+use crate::{Cli, bootstrap, clients, http, log_size, percentile_ms, proxy_metrics, spread};
 
 /// Issue 10's targets.
 const TARGET_ADDED_P50_MS: f64 = 1.0;
@@ -520,97 +520,6 @@ fn check_answer(reply: &http::Reply) -> Result<(), String> {
     }
 }
 
-/// Per-client result.
-#[derive(Debug, Default)]
-struct ClientResult {
-    latencies_us: Vec<u32>,
-    ok: u64,
-    all_ok: u64,
-    errors: BTreeMap<String, u64>,
-    last_done: Option<Instant>,
-}
-
-/// Stops measured calls once `budget` reaches `limit` (each measured call takes one).
-#[derive(Clone, Debug)]
-struct Budget {
-    taken: Arc<AtomicU64>,
-    limit: u64,
-}
-
-/// One client: back-to-back requests on one connection until `end` (or the budget), measured
-/// from `measure_from`.
-async fn client(
-    addr: SocketAddr,
-    requests: Arc<Vec<Vec<u8>>>,
-    first: usize,
-    stride: usize,
-    measure_from: Instant,
-    end: Instant,
-    budget: Option<Budget>,
-) -> ClientResult {
-    let mut r = ClientResult::default();
-    let mut conn: Option<http::Conn> = None;
-    let mut i = first;
-    loop {
-        let started = Instant::now();
-        if started >= end {
-            break;
-        }
-        let measured = started >= measure_from;
-        if measured
-            && let Some(b) = &budget
-            && b.taken.fetch_add(1, Ordering::Relaxed) >= b.limit
-        {
-            break;
-        }
-        let c = match conn.as_mut() {
-            Some(c) => c,
-            None => match http::Conn::connect(addr).await {
-                Ok(c) => conn.insert(c),
-                Err(e) => {
-                    *r.errors.entry(format!("io: {e}")).or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let raw = &requests[i % requests.len()];
-        i = i.wrapping_add(stride);
-        let started = Instant::now();
-        let reply = c.send(raw).await;
-        let done = Instant::now();
-        match reply {
-            Ok(reply) => match check_answer(&reply) {
-                Ok(()) => {
-                    r.all_ok += 1;
-                    if measured {
-                        r.ok += 1;
-                        let us = u32::try_from(done.duration_since(started).as_micros())
-                            .unwrap_or(u32::MAX);
-                        r.latencies_us.push(us);
-                        r.last_done = Some(done);
-                    }
-                }
-                Err(kind) => {
-                    if measured {
-                        *r.errors.entry(kind).or_default() += 1;
-                    }
-                    if reply.status == 503 {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-            },
-            Err(e) => {
-                if measured {
-                    *r.errors.entry(format!("io: {e}")).or_default() += 1;
-                }
-                conn = None;
-            }
-        }
-    }
-    r
-}
-
 /// p50 and p99 of `fdatasync` after a 600-byte append (about an entry) in `dir`, 200 times.
 fn fdatasync_ms(dir: &Path) -> Result<(f64, f64)> {
     use std::io::Write as _;
@@ -713,23 +622,15 @@ async fn round(
     let started = Instant::now();
     let measure_from = started + cli.warmup;
     let end = measure_from + duration;
-    let budget = budget.map(|limit| Budget {
-        taken: Arc::new(AtomicU64::new(0)),
-        limit,
-    });
-    let tasks: Vec<_> = (0..cli.concurrency)
-        .map(|c| {
-            tokio::spawn(client(
-                addr,
-                Arc::clone(requests),
-                c,
-                cli.concurrency,
-                measure_from,
-                end,
-                budget.clone(),
-            ))
-        })
-        .collect();
+    let clients = tokio::spawn(clients::run(clients::Load {
+        addr,
+        requests: Arc::clone(requests),
+        concurrency: cli.concurrency,
+        measure_from,
+        end,
+        budget,
+        check: check_answer,
+    }));
     // RSS sampler: the upstream's call counter says how far the round is.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
@@ -758,20 +659,15 @@ async fn round(
             samples
         })
     };
-    let mut r = Round::default();
-    let mut last_done = measure_from;
-    for t in tasks {
-        let c = t.await.context("a client task failed")?;
-        r.ok += c.ok;
-        r.calls_total += c.all_ok;
-        r.latencies_us.extend(c.latencies_us);
-        for (k, v) in c.errors {
-            *r.errors.entry(k).or_default() += v;
-        }
-        if let Some(d) = c.last_done {
-            last_done = last_done.max(d);
-        }
-    }
+    let c = clients.await.context("the clients failed")??;
+    let mut r = Round {
+        ok: c.ok,
+        calls_total: c.all_ok,
+        latencies_us: c.latencies_us,
+        errors: c.errors,
+        ..Round::default()
+    };
+    let last_done = c.last_done.unwrap_or(measure_from).max(measure_from);
     r.wall = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     r.rss = sampler.await.context("the RSS sampler failed")?;
@@ -789,16 +685,7 @@ async fn round(
         .into_iter()
         .zip(threads_before)
     {
-        let mut busy: Vec<f64> = stack::threads_cpu_time(pid)
-            .into_iter()
-            .map(|(tid, t)| {
-                let b = before.get(&tid).copied().unwrap_or_default();
-                t.saturating_sub(b).as_secs_f64() / r.wall.as_secs_f64()
-            })
-            .filter(|&cores| cores >= 0.01)
-            .collect();
-        busy.sort_by(|a, b| b.total_cmp(a));
-        busy.truncate(6);
+        let busy = clients::busiest_threads(pid, &before, r.wall);
         r.threads.push((name, busy));
     }
     r.cpu = pids
@@ -817,7 +704,6 @@ async fn round(
     };
     r.syncs = syncs(&proxy_metrics(stack.api).await?) - syncs(&metrics_before);
     r.upstream_receipted = stats_after[0] - stats_before[0];
-    r.latencies_us.sort_unstable();
     r.loadavg = loadavg;
     Ok(r)
 }
@@ -851,6 +737,35 @@ async fn latency(
     gw_us.sort_unstable();
     up_us.sort_unstable();
     Ok((gw_us, up_us))
+}
+
+/// The proxy store's part of the one-client calls, from its counters over the measurement
+/// (warm-up included): commits per call, how many its connection readers ran themselves, and
+/// the mean time of one commit (write + fdatasync + index), the host's disk stage of the call.
+fn print_store_stages(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, calls: usize) {
+    let delta = |name: &str| Some(after.get(name)? - before.get(name).copied().unwrap_or(0.0));
+    let warmup = (calls / 10).max(50);
+    let calls = (calls + warmup) as f64;
+    let Some(syncs) = delta("attestplane_store_syncs_total").filter(|s| *s > 0.0) else {
+        return;
+    };
+    let mut line = format!(
+        "  proxy store: {:.2} commits per gateway call",
+        syncs / calls
+    );
+    if let Some(inline) = delta("attestplane_store_inline_commits_total") {
+        line.push_str(&format!(
+            ", {:.0} % run by the connection reader",
+            100.0 * inline / syncs
+        ));
+    }
+    if let Some(secs) = delta("attestplane_store_commit_seconds_total") {
+        line.push_str(&format!(
+            ", mean commit (write + fdatasync + index) {:.3} ms",
+            1e3 * secs / syncs
+        ));
+    }
+    println!("{line}");
 }
 
 fn cpu_line(r: &Round) -> String {
@@ -917,6 +832,7 @@ fn measure(
              p99 {f99:.3} ms (a gateway call waits for two of the store's in sequence at one client)"
         );
         let load = loadavg();
+        let metrics_before = rt.block_on(proxy_metrics(stack.api))?;
         let (gw, up) = rt.block_on(latency(
             stack,
             &gateway_requests,
@@ -948,12 +864,17 @@ fn measure(
             "  added    p50 {added50:.3} ms  p99 {added99:.3} ms  p99.9 {:.3} ms  (gateway - direct, per percentile)",
             p(&gw, 0.999) - p(&up, 0.999)
         );
+        let metrics_after = rt.block_on(proxy_metrics(stack.api))?;
+        print_store_stages(&metrics_before, &metrics_after, cli.latency_calls);
         let ok = added50 <= TARGET_ADDED_P50_MS && added99 <= TARGET_ADDED_P99_MS;
         all_ok &= ok;
         println!(
             "  target added p50 <= {TARGET_ADDED_P50_MS} ms and p99 <= {TARGET_ADDED_P99_MS} ms: {}",
             verdict(ok)
         );
+    }
+    if cli.latency_only {
+        return Ok(!cli.enforce || all_ok);
     }
 
     // 2. The upstream alone at the same concurrency.

@@ -65,10 +65,11 @@
 //! server if it is built), `--bin-dir DIR`, `--proxy-connections N` (the proxy's `--connections`),
 //! `--client-threads N` (1), `--keep` (keep the run directory: logs, store, keys),
 //! `--enforce` (exit 1 when a target is missed); gateway mode only: `--latency-calls N` (2000,
-//! the one-client calls each way; 0 skips), `--calls N` (stop a round after N measured calls),
+//! the one-client calls each way; 0 skips), `--latency-only` (that measurement alone), `--calls N` (stop a round after N measured calls),
 //! `--rss-every D` (1s). Exit code 0 when the run completed, 1 with
 //! `--enforce` and a missed target, 2 when the stack could not be set up or a round failed.
 
+mod clients;
 mod gateway;
 mod http;
 mod inproc;
@@ -162,6 +163,10 @@ struct Cli {
     /// and directly, interleaved); 0 skips it.
     #[arg(long, default_value_t = 2000)]
     latency_calls: usize,
+    /// Gateway mode: run the one-client latency measurement only (no direct round, no
+    /// 64-client rounds, no in-process blocks).
+    #[arg(long)]
+    latency_only: bool,
     /// Gateway mode: stop each round's measurement after this many calls (e.g. 1000000 for
     /// the memory check, with a long --duration).
     #[arg(long, value_name = "N")]
@@ -482,16 +487,6 @@ impl Round {
     }
 }
 
-/// Per-client result.
-#[derive(Debug, Default)]
-struct ClientResult {
-    latencies_us: Vec<u32>,
-    ok: u64,
-    all_ok: u64,
-    errors: BTreeMap<String, u64>,
-    last_done: Option<Instant>,
-}
-
 #[derive(serde::Deserialize)]
 struct HandleBody {
     token: String,
@@ -541,73 +536,18 @@ fn error_key(reply: &http::Reply) -> String {
     format!("{} {code}", reply.status)
 }
 
-/// One client: back-to-back requests on one connection from `start` until `end`, measured
-/// from `measure_from`.
-async fn client(
-    api: SocketAddr,
-    requests: Arc<Vec<Vec<u8>>>,
-    first: usize,
-    stride: usize,
-    measure_from: Instant,
-    end: Instant,
-) -> ClientResult {
-    let mut r = ClientResult::default();
-    let mut conn: Option<http::Conn> = None;
-    let mut i = first;
-    while Instant::now() < end {
-        let c = match conn.as_mut() {
-            Some(c) => c,
-            None => match http::Conn::connect(api).await {
-                Ok(c) => conn.insert(c),
-                Err(e) => {
-                    *r.errors.entry(format!("io: {e}")).or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let raw = &requests[i % requests.len()];
-        i = i.wrapping_add(stride);
-        let started = Instant::now();
-        let reply = c.send(raw).await;
-        let done = Instant::now();
-        let measured = started >= measure_from;
-        match reply {
-            Ok(reply) if reply.status == 200 => {
-                let good = serde_json::from_slice::<HandleBody>(&reply.body)
-                    .is_ok_and(|h| !h.token.is_empty() && h.seq > 0);
-                if !good {
-                    if measured {
-                        *r.errors.entry("200 without a handle".into()).or_default() += 1;
-                    }
-                    continue;
-                }
-                r.all_ok += 1;
-                if measured {
-                    r.ok += 1;
-                    let us =
-                        u32::try_from(done.duration_since(started).as_micros()).unwrap_or(u32::MAX);
-                    r.latencies_us.push(us);
-                    r.last_done = Some(done);
-                }
-            }
-            Ok(reply) => {
-                if measured {
-                    *r.errors.entry(error_key(&reply)).or_default() += 1;
-                }
-                if reply.status == 503 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-            Err(e) => {
-                if measured {
-                    *r.errors.entry(format!("io: {e}")).or_default() += 1;
-                }
-                conn = None;
-            }
-        }
+/// A handle resolution's reply: a 200 carrying a handle, or the failure's status and code.
+fn check_handle(reply: &http::Reply) -> Result<(), String> {
+    if reply.status != 200 {
+        return Err(error_key(reply));
     }
-    r
+    let good = serde_json::from_slice::<HandleBody>(&reply.body)
+        .is_ok_and(|h| !h.token.is_empty() && h.seq > 0);
+    if good {
+        Ok(())
+    } else {
+        Err("200 without a handle".into())
+    }
 }
 
 async fn http_round(cli: &Cli, stack: &Stack, requests: &Arc<Vec<Vec<u8>>>) -> Result<Round> {
@@ -630,46 +570,30 @@ async fn http_round(cli: &Cli, stack: &Stack, requests: &Arc<Vec<Vec<u8>>>) -> R
     let started = Instant::now();
     let measure_from = started + cli.warmup;
     let end = measure_from + cli.duration;
-    let tasks: Vec<_> = (0..cli.concurrency)
-        .map(|c| {
-            tokio::spawn(client(
-                stack.api,
-                Arc::clone(requests),
-                c,
-                cli.concurrency,
-                measure_from,
-                end,
-            ))
-        })
-        .collect();
-    let mut round = Round::default();
-    let mut last_done = measure_from;
-    for t in tasks {
-        let r = t.await.context("a client task failed")?;
-        round.ok += r.ok;
-        round.handles_total += r.all_ok;
-        round.latencies_us.extend(r.latencies_us);
-        for (k, v) in r.errors {
-            *round.errors.entry(k).or_default() += v;
-        }
-        if let Some(d) = r.last_done {
-            last_done = last_done.max(d);
-        }
-    }
+    let c = clients::run(clients::Load {
+        addr: stack.api,
+        requests: Arc::clone(requests),
+        concurrency: cli.concurrency,
+        measure_from,
+        end,
+        budget: None,
+        check: check_handle,
+    })
+    .await?;
+    let mut round = Round {
+        ok: c.ok,
+        handles_total: c.all_ok,
+        latencies_us: c.latencies_us,
+        errors: c.errors,
+        ..Round::default()
+    };
+    let last_done = c.last_done.unwrap_or(measure_from).max(measure_from);
     round.wall = started.elapsed();
     for ((name, pid), before) in [("enclave", stack.enclave_pid), ("proxy", stack.proxy_pid)]
         .into_iter()
         .zip(threads_before)
     {
-        let mut busy: Vec<f64> = stack::threads_cpu_time(pid)
-            .into_iter()
-            .map(|(tid, t)| {
-                let b = before.get(&tid).copied().unwrap_or_default();
-                t.saturating_sub(b).as_secs_f64() / round.wall.as_secs_f64()
-            })
-            .filter(|&cores| cores >= 0.01)
-            .collect();
-        busy.sort_by(|a, b| b.total_cmp(a));
+        let busy = clients::busiest_threads(pid, &before, round.wall);
         round.threads.push((name, busy));
     }
     round.cpu = pids
@@ -686,7 +610,6 @@ async fn http_round(cli: &Cli, stack: &Stack, requests: &Arc<Vec<Vec<u8>>>) -> R
         .iter()
         .map(|(k, v)| (k.clone(), v - metrics_before.get(k).copied().unwrap_or(0.0)))
         .collect();
-    round.latencies_us.sort_unstable();
     round.loadavg = loadavg
         .split_whitespace()
         .take(3)
