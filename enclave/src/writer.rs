@@ -237,6 +237,11 @@ mod tests {
             pinned: Some([0xff; 32]),
             found: Some([0xee; 32]),
         };
+        // The check refuses a listing with more records than an entry may hold.
+        assert_eq!(
+            MAX_LISTED_TOOLS,
+            attestplane_verifier::entry::MAX_DRIFT_RECORDS
+        );
         let drift: Vec<DriftRecord> = (0..MAX_LISTED_TOOLS).map(record).collect();
         assert!(drift.iter().all(|d| d.name.len() <= MAX_TOOL_NAME_LEN));
         let written = w

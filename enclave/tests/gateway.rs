@@ -2397,3 +2397,44 @@ async fn a_bad_token_is_refused_before_its_large_body_is_read() {
     assert_eq!(calls(&s), 0);
     replays(&s);
 }
+
+/// A hostile upstream lists as many tools as a listing may hold and none of the pinned ones:
+/// one drift record per listed tool plus one per missing pin is more than a log entry may hold.
+/// The old gateway wrote that entry all the same; no verifier reads it, so the log no longer
+/// replayed (nor would the enclave restart on it). Now the listing is refused as a whole,
+/// logged as one `invalid` record: nothing is kept, calls are withheld, and the log replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_whose_drift_is_more_than_an_entry_may_hold_is_logged_as_one_record_and_the_log_replays()
+ {
+    use attestplane_verifier::gateway::pin::MAX_LISTED_TOOLS;
+    let s = stack(true).await;
+    let token = s.token("weather", &["tool-user"]);
+    *s.upstream.tools.lock().unwrap() = (0..MAX_LISTED_TOOLS)
+        .map(|i| format!(r#"{{"name":"t{i}","inputSchema":{{}}}}"#))
+        .collect();
+    let (status, body) = s.modern("weather", &token, MODERN_LIST).await;
+    assert_eq!(status, 200, "{}", &body[..body.len().min(300)]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["result"]["tools"],
+        serde_json::json!([]),
+        "nothing is kept"
+    );
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("withheld"), "{body}");
+    assert_eq!(calls(&s), 0);
+    let drift = s
+        .entries()
+        .into_iter()
+        .find_map(|e| match e {
+            Event::ToolDrift { drift, .. } => Some(drift),
+            _ => None,
+        })
+        .expect("the drift is logged");
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert_eq!(drift[0].kind, "invalid");
+    replays(&s);
+}

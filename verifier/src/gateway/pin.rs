@@ -102,6 +102,15 @@ pub enum PinError {
         /// [`MAX_TOOL_NAME_LEN`].
         max: usize,
     },
+    /// The listing differs from the pins in more than [`MAX_LISTED_TOOLS`] ways (its tools
+    /// and the pinned tools it omits): more than one log entry may record.
+    #[error("listing differs from its pins in {count} ways, more than the maximum {max}")]
+    TooMuchDrift {
+        /// How many.
+        count: usize,
+        /// [`MAX_LISTED_TOOLS`].
+        max: usize,
+    },
     /// The listing holds more than [`MAX_LISTED_TOOLS`] tools.
     #[error("listing holds {count} tools, more than the maximum {max}")]
     TooManyTools {
@@ -406,6 +415,16 @@ pub fn check_tools<'a>(
             });
         }
     }
+    // A log entry holds at most MAX_LISTED_TOOLS drift records (the entry format's
+    // MAX_DRIFT_RECORDS): every listed tool and every pin absent from the listing is at most one
+    // record, so a full listing that also omits a pinned tool would be over it, and an entry
+    // holding it would be one no verifier reads. Such a listing is refused as a whole.
+    if check.drift.len() > MAX_LISTED_TOOLS {
+        return Err(PinError::TooMuchDrift {
+            count: check.drift.len(),
+            max: MAX_LISTED_TOOLS,
+        });
+    }
     Ok(check)
 }
 
@@ -573,6 +592,31 @@ mod tests {
         // A name of exactly the bound is a name.
         assert!(
             matches!(&c.drift()[1], Drift::Unpinned { name, .. } if name.len() == MAX_TOOL_NAME_LEN)
+        );
+    }
+
+    #[test]
+    fn a_full_listing_that_also_omits_a_pin_is_refused_as_a_whole() {
+        // 4096 unpinned tools and a pinned tool missing: 4097 drift records, one more than an
+        // entry may hold. The old check reported them all, and the entry recording them was one
+        // no verifier reads (so the log no longer replayed, nor the enclave restarted).
+        let listed: Vec<Box<RawValue>> = (0..MAX_LISTED_TOOLS)
+            .map(|i| raw(&format!(r#"{{"name":"t{i}"}}"#)))
+            .collect();
+        let refs: Vec<&RawValue> = listed.iter().map(|b| b.as_ref()).collect();
+        match check_tools(&refs, &pins(&[READ])) {
+            Err(PinError::TooMuchDrift { count, max }) => {
+                assert_eq!((count, max), (MAX_LISTED_TOOLS + 1, MAX_LISTED_TOOLS));
+            }
+            other => panic!("{:?}", other.map(|c| c.drift().len())),
+        }
+        // One fewer tool: recorded in full.
+        assert_eq!(
+            check_tools(&refs[1..], &pins(&[READ]))
+                .unwrap()
+                .drift()
+                .len(),
+            MAX_LISTED_TOOLS
         );
     }
 
