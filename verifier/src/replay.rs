@@ -377,9 +377,9 @@ impl Fold {
         // Every deferred check is of an entry before the fold's failure, if any.
         let memo = &self.memo;
         let recheck_failure = deferred
-            .par_iter()
+            .into_par_iter()
             .filter_map(|(i, d)| {
-                let entry = verified.get(*i)?;
+                let entry = verified.get(i)?;
                 d.check(entry.entry(), Some(memo)).err()
             })
             .min_by_key(StateError::seq);

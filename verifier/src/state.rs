@@ -1392,8 +1392,8 @@ fn decide_through(
 impl PendingDecision {
     /// The decision: Cedar decides, deny by default; an allowed `resolve` carries the handle's
     /// scope.
-    fn evaluate(&self, memo: Option<&DecisionMemo>) -> DecisionRecord {
-        let mut record = self.record.clone();
+    fn evaluate(self, memo: Option<&DecisionMemo>) -> DecisionRecord {
+        let mut record = self.record;
         let decision = decide_through(&self.policy, &self.req, memo);
         record.allowed = decision.allowed;
         record.policies = decision.policies;
@@ -1443,7 +1443,7 @@ impl PendingDecision {
             record.handle = Some(HandleRecord {
                 jti: String::new(),
                 expires: self.expires,
-                audience: self.audience.clone(),
+                audience: self.audience,
                 tools,
             });
         }
@@ -1484,12 +1484,12 @@ impl Deferred {
     /// Evaluates the policy (through `memo`, if any) and compares the outcome with `logged`
     /// (the entry it was made for).
     pub(crate) fn check(
-        &self,
+        self,
         logged: &Entry,
         memo: Option<&DecisionMemo>,
     ) -> Result<(), StateError> {
         let seq = self.seq;
-        match (&self.what, &logged.event) {
+        match (self.what, &logged.event) {
             (Pending::Decision(plan), Event::Decision(rec)) => {
                 compare_decision(seq, rec, &plan.evaluate(memo))
             }
@@ -1506,20 +1506,18 @@ impl Deferred {
                     })
                 }
             }
-            (Pending::Decision(_), other) | (Pending::Discovery(_), other) => {
-                Err(StateError::DecisionMismatch {
-                    seq,
-                    field: "event",
-                    logged: Box::new(other.type_name().into()),
-                    replayed: Box::new(
-                        match &self.what {
-                            Pending::Decision(_) => "decision",
-                            Pending::Discovery(_) => "discovery",
-                        }
-                        .into(),
-                    ),
-                })
-            }
+            (what, other) => Err(StateError::DecisionMismatch {
+                seq,
+                field: "event",
+                logged: Box::new(other.type_name().into()),
+                replayed: Box::new(
+                    match what {
+                        Pending::Decision(_) => "decision",
+                        Pending::Discovery(_) => "discovery",
+                    }
+                    .into(),
+                ),
+            }),
         }
     }
 }
