@@ -162,7 +162,7 @@ impl Upstream {
             tokio::spawn(async move {
                 for i in 0..count {
                     let event = format!(
-                        "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":\"ask-{i}\",\"method\":\"{method}\",\"params\":{{\"messages\":[],\"maxTokens\":5}}}}\n\n"
+                        "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":\"ask-{i}\",\"method\":\"{method}\",\"params\":{{\"messages\":[],\"maxTokens\":5,\"systemPrompt\":\"reply to bob@example.com\"}}}}\n\n"
                     );
                     let _ = tx.send(Bytes::from(event)).await;
                 }
@@ -2179,7 +2179,8 @@ const LEGACY_ADD: &str =
 /// A legacy server's sampling request mid-call, the registration allowing sampling, a legacy
 /// agent: the old gateway refused it (`-32601`) whatever the registration said. Now the agent
 /// gets it on the call's SSE stream under a gateway id, its answer reaches the server under the
-/// server's id, and the call ends on the same stream. Responses forged from another agent's
+/// server's id, and the call ends on the same stream; both directions follow the call's PII
+/// rule (here `redact`). Responses forged from another agent's
 /// session, from another session of the same agent, or to a guessed id are refused and change
 /// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2213,6 +2214,11 @@ async fn a_legacy_servers_allowed_sampling_request_is_relayed_to_the_agent_and_f
     let asked = stream.next().await.expect("the relayed request");
     assert_eq!(asked["method"], "sampling/createMessage", "{asked}");
     assert_eq!(asked["params"]["maxTokens"], 5, "{asked}");
+    // The call's PII rule (`redact`: the permit says nothing) applies to what is relayed.
+    assert_eq!(
+        asked["params"]["systemPrompt"], "reply to [REDACTED:email]",
+        "{asked}"
+    );
     let gid = asked["id"].as_str().expect("a string id").to_owned();
     assert!(
         gid.starts_with("attestplane-relay-") && gid.len() == "attestplane-relay-".len() + 32,
@@ -2220,7 +2226,7 @@ async fn a_legacy_servers_allowed_sampling_request_is_relayed_to_the_agent_and_f
     );
     let answer = |id: &str| {
         format!(
-            r#"{{"jsonrpc":"2.0","id":"{id}","result":{{"role":"assistant","content":{{"type":"text","text":"sunny"}},"model":"m-1"}}}}"#
+            r#"{{"jsonrpc":"2.0","id":"{id}","result":{{"role":"assistant","content":{{"type":"text","text":"sunny, ask carol@example.com"}},"model":"m-1"}}}}"#
         )
     };
     // Forged: another agent in its own session, the same agent in another session, a guessed
@@ -2266,6 +2272,10 @@ async fn a_legacy_servers_allowed_sampling_request_is_relayed_to_the_agent_and_f
         let (r, upstream_session) = &responses[0];
         assert_eq!(r["id"], "ask-0", "under the server's own id: {r}");
         assert_eq!(r["result"]["model"], "m-1", "the agent's answer: {r}");
+        assert_eq!(
+            r["result"]["content"]["text"], "sunny, ask [REDACTED:email]",
+            "the agent's answer under the call's rule: {r}"
+        );
         assert_eq!(upstream_session.as_deref(), Some("upstream-session"));
     }
     let Some(Event::CallResult { outcome, .. }) = s.entries().pop() else {
