@@ -393,7 +393,7 @@ pub async fn start(config: ProxyConfig) -> Result<Running, ProxyError> {
         })?;
     let recovery = store.recovery();
     eprintln!(
-        "attestplane: store {}: {} entries in {} segments, indexed in {:.1} s{}",
+        "attestplane: store {}: {} entries in {} segments, indexed in {:.1} s{}{}",
         config.store_dir.display(),
         recovery.entries,
         recovery.segments,
@@ -406,6 +406,10 @@ pub async fn start(config: ProxyConfig) -> Result<Running, ProxyError> {
                 t.saved_to.display()
             ),
             None => String::new(),
+        },
+        match recovery.unused_tail {
+            0 => String::new(),
+            n => format!("; cut {n} bytes of unused room (zeros) after the last record"),
         }
     );
     let entries_at_open = recovery.entries;

@@ -10,6 +10,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -458,14 +459,142 @@ fn a_torn_tail_with_a_bad_checksum_and_garbage_after_is_dropped() {
 }
 
 #[test]
-fn a_zero_filled_tail_is_dropped() {
+fn a_zero_filled_tail_is_unused_room_cut_without_quarantine() {
     let dir = one_segment_of(10);
     let seg = segment_path(dir.path(), 0);
-    // The file's size reached the disk but the data did not: zeros.
+    // What a store that did not close leaves (the room it made ahead of its records), or a
+    // size that reached the disk before the data did: zeros after the last record.
     let file = OpenOptions::new().write(true).open(&seg).unwrap();
     file.set_len(10 * RECORD_LEN + 4096).unwrap();
     drop(file);
-    reopen_after_torn_tail(dir.path(), 10, |f| matches!(f, RecordFault::ZeroLength));
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.recovery().torn_tail, None);
+    assert_eq!(store.recovery().unused_tail, 4096);
+    assert!(
+        !dir.path().join("quarantine").exists(),
+        "zeros are not kept"
+    );
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 10 * RECORD_LEN);
+    assert_holds(&store, 10);
+    store.append_blocking(10, entries(10..12)).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.recovery().unused_tail, 0);
+    assert_holds(&store, 12);
+}
+
+#[test]
+fn an_open_store_writes_over_room_it_made_ahead_and_cuts_it_when_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = segment_path(dir.path(), 0);
+    let store = Store::open(dir.path()).unwrap();
+    store.append_blocking(0, entries(0..3)).unwrap();
+    let size = fs::metadata(&seg).unwrap().len();
+    assert!(
+        size > 3 * RECORD_LEN,
+        "the file is extended ahead of its records ({size} bytes for {})",
+        3 * RECORD_LEN
+    );
+    store.append_blocking(3, entries(3..5)).unwrap();
+    assert_eq!(
+        fs::metadata(&seg).unwrap().len(),
+        size,
+        "no new size per append"
+    );
+    drop(store);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 5 * RECORD_LEN);
+}
+
+#[test]
+fn a_crashed_stores_unused_room_is_cut_and_its_records_ending_in_zeros_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = segment_path(dir.path(), 0);
+    let store = Store::open(dir.path()).unwrap();
+    // Entry 0 ends in 280 zero bytes, right before the unused room.
+    assert!(entry(0).ends_with(&[0; 200]));
+    store.append_blocking(0, entries(0..1)).unwrap();
+    // A crash: the process dies with the room still there (a copy of the file as it is now).
+    let crashed = tempfile::tempdir().unwrap();
+    fs::create_dir(crashed.path().join("segments")).unwrap();
+    fs::copy(&seg, segment_path(crashed.path(), 0)).unwrap();
+    drop(store);
+    let room = fs::metadata(segment_path(crashed.path(), 0)).unwrap().len() - RECORD_LEN;
+    assert!(room > 0);
+    let store = Store::open(crashed.path()).unwrap();
+    assert_eq!(store.recovery().torn_tail, None);
+    assert_eq!(store.recovery().unused_tail, room);
+    assert_holds(&store, 1);
+}
+
+#[test]
+fn a_torn_write_into_unused_room_is_quarantined_up_to_its_last_written_byte() {
+    let dir = one_segment_of(10);
+    let seg = segment_path(dir.path(), 0);
+    // Record 9 was being written over zeros: its header and 100 bytes of body reached the
+    // disk, the rest of the room is zeros.
+    let before = fs::read(&seg).unwrap();
+    let cut = usize::try_from(9 * RECORD_LEN + 8 + 100).unwrap();
+    let file = OpenOptions::new().write(true).open(&seg).unwrap();
+    file.set_len(9 * RECORD_LEN).unwrap();
+    file.set_len(10 * RECORD_LEN + 64 * 1024).unwrap();
+    drop(file);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .write_all_at(
+            &before[usize::try_from(9 * RECORD_LEN).unwrap()..cut],
+            9 * RECORD_LEN,
+        )
+        .unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let torn = store.recovery().torn_tail.clone().expect("a torn tail");
+    assert_eq!((torn.offset, torn.seq), (9 * RECORD_LEN, 9));
+    assert!(
+        matches!(torn.fault, RecordFault::BadChecksum { .. }),
+        "{:?}",
+        torn.fault
+    );
+    let kept = fs::read(&torn.saved_to).unwrap();
+    let written = &before[usize::try_from(9 * RECORD_LEN).unwrap()..cut];
+    let last = written.iter().rposition(|&b| b != 0).unwrap() + 1;
+    assert_eq!(
+        kept,
+        written[..last],
+        "the written bytes, not the room after them"
+    );
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 9 * RECORD_LEN);
+    assert_holds(&store, 9);
+}
+
+#[test]
+fn a_full_segment_ends_at_its_last_record_before_the_next_is_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path(), small_segments()).unwrap();
+    for seq in 0..30 {
+        store.append_blocking(seq, entries(seq..seq + 1)).unwrap();
+    }
+    // While the store is open, every segment but the last ends exactly at its records.
+    let mut segments: Vec<_> = fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    for seg in &segments[..segments.len() - 1] {
+        assert_eq!(
+            fs::metadata(seg).unwrap().len() % RECORD_LEN,
+            0,
+            "{}",
+            seg.display()
+        );
+        let bytes = fs::read(seg).unwrap();
+        assert_ne!(bytes.last(), None);
+    }
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.recovery().unused_tail, 0);
+    assert_holds(&store, 30);
 }
 
 #[test]

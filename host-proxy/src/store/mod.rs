@@ -58,8 +58,13 @@
 //!
 //! At open every record of every segment is checked. A bad record (short header, zero or
 //! oversized length, a body running past the end of the file, or a checksum mismatch) is
-//! - a *torn tail*, cut away, if it is in the last segment, the bytes from it to the end of the
-//!   file are no more than one batch can leave unsynced ([`MAX_UNSYNCED_BYTES`]) and no valid
+//! - *unused room*, cut away, if only zeros follow the last valid record: the writer extends
+//!   a segment file ahead of its records (the `fdatasync` of a write over zeros the file
+//!   already holds need not record a new size) and cuts it back when the store closes or the
+//!   segment is full, so a store that did not close leaves such zeros. They hold no record,
+//!   and their count is reported in [`Store::recovery`];
+//! - a *torn tail*, cut away, if it is in the last segment, the bytes from it to the last
+//!   non-zero byte of the file are no more than one batch can leave unsynced ([`MAX_UNSYNCED_BYTES`]) and no valid
 //!   record starts anywhere after it. Such bytes were never acknowledged (acknowledgement
 //!   follows the sync of the whole batch); they are copied to `DIR/quarantine/` first and
 //!   reported in [`Store::recovery`];
@@ -420,6 +425,9 @@ pub struct Recovery {
     pub bytes: u64,
     /// The torn tail cut from the last segment, if there was one.
     pub torn_tail: Option<TornTail>,
+    /// Bytes of zeros cut after the last record of a segment: room the writer makes ahead of
+    /// its records and cuts when the store closes, left by a store that did not close.
+    pub unused_tail: u64,
     /// Time spent scanning and indexing.
     pub elapsed: Duration,
 }

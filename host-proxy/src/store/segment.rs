@@ -199,6 +199,7 @@ pub(super) fn rebuild_index(
         segments: segments.len(),
         bytes: 0,
         torn_tail: None,
+        unused_tail: 0,
         elapsed: Duration::ZERO,
     };
     let mut expected = 0u64;
@@ -214,7 +215,19 @@ pub(super) fn rebuild_index(
         let scan = scan_segment(path, &mut index)?;
         recovery.bytes = recovery.bytes.saturating_add(scan.file_len);
         let mut len = scan.file_len;
-        if let Some((offset, fault)) = scan.bad {
+        // Zeros after the last record hold no record: room the writer made ahead of its
+        // records (see `Writer::write`), or a size that reached the disk before the data did.
+        // They are cut, and nothing of them is kept.
+        let bad = match scan.bad {
+            Some((offset, _)) if written_end(path, offset, scan.file_len)? == offset => {
+                truncate(path, offset)?;
+                len = offset;
+                recovery.unused_tail = recovery.unused_tail.saturating_add(scan.file_len - offset);
+                None
+            }
+            bad => bad,
+        };
+        if let Some((offset, fault)) = bad {
             let seq = first_seq.saturating_add(scan.count);
             let corrupt = |not_torn| StoreError::Corrupt {
                 path: path.clone(),
@@ -226,7 +239,9 @@ pub(super) fn rebuild_index(
             if !is_last {
                 return Err(corrupt(NotTorn::NotLastSegment));
             }
-            let tail = read_torn_tail(path, scan.file_len, offset).map_err(|e| match e {
+            // The torn write ends at its last non-zero byte; zeros after it are unused room.
+            let end = written_end(path, offset, scan.file_len)?;
+            let tail = read_torn_tail(path, end, offset).map_err(|e| match e {
                 TailError::NotTorn(why) => corrupt(why),
                 TailError::Store(e) => e,
             })?;
@@ -337,6 +352,28 @@ fn scan_segment(path: &Path, index: &mut Index) -> Result<Scan, StoreError> {
         count,
         bad,
     })
+}
+
+/// The offset just past the last non-zero byte of `path` in `from..to` (`from` when all are
+/// zero), read in blocks.
+fn written_end(path: &Path, from: u64, to: u64) -> Result<u64, StoreError> {
+    const BLOCK: usize = 64 * 1024;
+    let file = File::open(path).map_err(StoreError::io("open segment", path))?;
+    let mut buf = vec![0u8; BLOCK];
+    let mut end = from;
+    let mut at = from;
+    while at < to {
+        // to - at > 0; at most BLOCK.
+        let n = usize::try_from((to - at).min(BLOCK as u64)).unwrap_or(BLOCK);
+        let block = buf.get_mut(..n).unwrap_or_default();
+        file.read_exact_at(block, at)
+            .map_err(StoreError::io("read segment", path))?;
+        if let Some(i) = block.iter().rposition(|&b| b != 0) {
+            end = at + i as u64 + 1;
+        }
+        at += n as u64;
+    }
+    Ok(end)
 }
 
 fn parse_header(header: [u8; RECORD_HEADER_LEN]) -> (u64, u32) {

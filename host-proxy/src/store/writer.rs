@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -283,11 +283,44 @@ fn fill(slot: &Slot, result: Result<u64, StoreError>) {
     }
 }
 
+/// Bytes a segment file is extended by ahead of its records (see [`Writer::write`]).
+pub(super) const PREALLOC_BYTES: u64 = 1024 * 1024;
+
 /// The segment the writer appends to.
 struct OpenSegment {
     file: File,
     path: Arc<Path>,
+    /// Where the records end: the next record's offset.
     len: u64,
+    /// The file's size: `len` plus zeros not yet written over.
+    size: u64,
+    /// A write or sync failed: what lies past `len` is unknown, so it is never cut on close.
+    failed: bool,
+}
+
+impl OpenSegment {
+    /// Cuts the file back to its records (the zeros ahead of them) and syncs it.
+    fn trim(&mut self) -> Result<(), StoreError> {
+        if self.size == self.len || self.failed {
+            return Ok(());
+        }
+        self.file
+            .set_len(self.len)
+            .map_err(StoreError::io("truncate segment", &self.path))?;
+        self.file
+            .sync_all()
+            .map_err(StoreError::io("fsync segment", &self.path))?;
+        self.size = self.len;
+        Ok(())
+    }
+}
+
+impl Drop for OpenSegment {
+    /// A store closed cleanly leaves its last segment ending at its last record. If this
+    /// fails, or the process dies first, the next open cuts the zeros instead.
+    fn drop(&mut self) {
+        let _ = self.trim();
+    }
 }
 
 /// The writer thread's state.
@@ -310,15 +343,18 @@ impl Writer {
         let current = match last {
             Some(last) => {
                 let file = OpenOptions::new()
-                    .append(true)
+                    .write(true)
                     .open(&last.path)
                     .map_err(StoreError::io("open segment for append", &last.path))?;
                 file.sync_all()
                     .map_err(StoreError::io("fsync segment", &last.path))?;
+                // The scan at open cut everything past the last record.
                 Some(OpenSegment {
                     file,
                     path: Arc::clone(&last.path),
                     len: last.len,
+                    size: last.len,
+                    failed: false,
                 })
             }
             None => None,
@@ -333,6 +369,13 @@ impl Writer {
     }
 
     /// Writes one batch, syncs it once, then publishes it to the index.
+    ///
+    /// Records are written over zeros the file already holds: the file is extended ahead of
+    /// them, [`PREALLOC_BYTES`] at a time, so that most `fdatasync`s need not also record a new
+    /// file size (measured on the ext4 of the development machine: 0.15 ms per `fdatasync` of
+    /// a 600-byte record against 0.22 ms when appending). The scan at open reads a tail of
+    /// zeros after the last record as this unused room and cuts it, and a segment is cut back
+    /// to its records before the next one is started and when the store closes.
     fn write(&mut self, shared: &Shared, batch: &[Pending]) -> Result<(), StoreError> {
         let first_seq = batch.first().map_or(0, |p| p.first_seq);
         let mut created = None;
@@ -341,9 +384,14 @@ impl Writer {
             .as_ref()
             .is_none_or(|s| s.len >= self.segment_bytes);
         if roll {
+            // The full segment ends at its last record before the next one exists: only the
+            // last segment may hold unused room.
+            if let Some(full) = self.current.as_mut() {
+                full.trim()?;
+            }
             let path: Arc<Path> = self.segments_dir.join(segment_name(first_seq)).into();
             let file = OpenOptions::new()
-                .append(true)
+                .write(true)
                 .create_new(true)
                 .open(&path)
                 .map_err(StoreError::io("create segment", &path))?;
@@ -355,7 +403,13 @@ impl Writer {
                 path: Arc::clone(&path),
                 len: 0,
             });
-            self.current = Some(OpenSegment { file, path, len: 0 });
+            self.current = Some(OpenSegment {
+                file,
+                path,
+                len: 0,
+                size: 0,
+                failed: false,
+            });
         }
         let Some(segment) = self.current.as_mut() else {
             return Err(StoreError::Closed);
@@ -383,14 +437,34 @@ impl Writer {
                 leaves.push(merkle::leaf_hash(hash.as_bytes()));
             }
         }
+        let end = segment.len.saturating_add(self.buf.len() as u64);
+        if end > segment.size {
+            // Room for this batch and, within the segment's size, the next few.
+            let size = end.max(
+                segment
+                    .len
+                    .saturating_add(PREALLOC_BYTES)
+                    .min(self.segment_bytes),
+            );
+            segment.failed = true;
+            segment
+                .file
+                .set_len(size)
+                .map_err(StoreError::io("extend segment", &segment.path))?;
+            segment.size = size;
+            segment.failed = false;
+        }
+        // Until the sync returns, what lies past `len` is unknown.
+        segment.failed = true;
         segment
             .file
-            .write_all(&self.buf)
+            .write_all_at(&self.buf, segment.len)
             .map_err(StoreError::io("write segment", &segment.path))?;
         segment
             .file
             .sync_data()
             .map_err(StoreError::io("fdatasync segment", &segment.path))?;
+        segment.failed = false;
         shared.syncs.fetch_add(1, Ordering::Relaxed);
         segment.len = segment.len.saturating_add(self.buf.len() as u64);
         if self.buf.capacity() > 2 * MAX_BATCH_BYTES {
