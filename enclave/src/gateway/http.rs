@@ -1024,6 +1024,24 @@ impl Gateway {
         self.finish(id, seq, rule, ctx, answer).await
     }
 
+    /// The kinds of server-to-client request `server`'s registration allows (none for a server
+    /// no longer registered).
+    async fn client_requests(
+        &self,
+        server: String,
+    ) -> Result<std::collections::BTreeSet<ClientRequest>, HandlerGone> {
+        self.access
+            .run(move |enclave, _| {
+                let allowed = enclave
+                    .state()
+                    .server(&server)
+                    .map(|s| s.spec.client_requests.clone())
+                    .unwrap_or_default();
+                (allowed, Vec::new())
+            })
+            .await
+    }
+
     /// A legacy agent's call forwarded to a legacy server whose registration allows
     /// server-to-client requests: run by a task of its own that relays the server's requests
     /// of an allowed kind to the agent on the call's SSE stream ([`super::relay`]) and ends it
@@ -1047,19 +1065,7 @@ impl Gateway {
         }
         let session = ctx.session.clone()?;
         let me = self.me.get().and_then(std::sync::Weak::upgrade)?;
-        let server = ctx.server.clone();
-        let allowed = self
-            .access
-            .run(move |enclave, _| {
-                let allowed = enclave
-                    .state()
-                    .server(&server)
-                    .map(|s| s.spec.client_requests.clone())
-                    .unwrap_or_default();
-                (allowed, Vec::new())
-            })
-            .await
-            .ok()?;
+        let allowed = self.client_requests(ctx.server.clone()).await.ok()?;
         if allowed.is_empty() {
             return None;
         }
@@ -1209,17 +1215,8 @@ impl Gateway {
         // answer it; otherwise the agent gets an error and the result entry says `error`.
         let body = match input_required_methods(&body) {
             Some(methods) if !withheld => {
-                let server = ctx.server.clone();
                 let allowed = self
-                    .access
-                    .run(move |enclave, _| {
-                        let allowed = enclave
-                            .state()
-                            .server(&server)
-                            .map(|s| s.spec.client_requests.clone())
-                            .unwrap_or_default();
-                        (allowed, Vec::new())
-                    })
+                    .client_requests(ctx.server.clone())
                     .await
                     .unwrap_or_default();
                 match refused_input_request(&methods, &allowed, agent_era) {

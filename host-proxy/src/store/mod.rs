@@ -556,6 +556,12 @@ impl Store {
         let pending = Pending::check(first_seq, entries)?;
         let mut queue = lock(&self.shared.queue);
         admit(&mut queue, first_seq, pending.end_seq)?;
+        Ok(self.enqueue(queue, pending))
+    }
+
+    /// Queues `pending` (already admitted under `queue`) for the writer thread, waking it if it
+    /// is idle.
+    fn enqueue(&self, mut queue: MutexGuard<'_, Queue>, pending: Pending) -> Commit {
         let (pending, commit) = pending.with_commit();
         queue.pending.push_back(pending);
         let idle = !queue.busy;
@@ -563,7 +569,7 @@ impl Store {
         if idle {
             self.shared.wake.notify_one();
         }
-        Ok(commit)
+        commit
     }
 
     /// [`Store::submit`], except that when no commit is in flight, nothing else is queued and
@@ -593,14 +599,7 @@ impl Store {
                 pending,
             )));
         }
-        let (pending, commit) = pending.with_commit();
-        queue.pending.push_back(pending);
-        let idle = !queue.busy;
-        drop(queue);
-        if idle {
-            self.shared.wake.notify_one();
-        }
-        Ok(Submitted::Queued(commit))
+        Ok(Submitted::Queued(self.enqueue(queue, pending)))
     }
 
     /// Appends `entries` as seqs `first_seq..` and returns the last seq once they are durable
