@@ -141,6 +141,7 @@ pub fn decode_one_pass(bytes: &[u8]) -> Option<Value> {
 /// Every method answers `None` when the bytes are not exactly what it reads in deterministic
 /// form, and the caller then falls back to [`decode`]: the reader only ever accepts what
 /// [`decode_one_pass`] accepts, with the same values.
+#[derive(Clone)]
 pub(crate) struct OnePass<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -171,6 +172,11 @@ impl<'a> OnePass<'a> {
             (2, len) if len == N as u64 => self.take(N)?.try_into().ok(),
             _ => None,
         }
+    }
+
+    /// Whether every byte has been read.
+    pub(crate) fn at_end(&self) -> bool {
+        self.pos == self.bytes.len()
     }
 
     /// The one item left, at nesting `depth`, which must end the input.

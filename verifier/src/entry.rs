@@ -18,7 +18,8 @@
 //!
 //! Decoding reads the bytes once: the COSE_Sign1 envelope is compared with the profile's fixed
 //! layout and the payload read by a one-pass deterministic CBOR reader
-//! ([`cbor::decode_one_pass`]), without re-encoding. The earlier decoding (parse, re-encode,
+//! ([`cbor::decode_one_pass`]), without re-encoding; an event whose encoding has a fixed
+//! layout (`checkpoint`) is read in place, without building it as a CBOR value first. The earlier decoding (parse, re-encode,
 //! compare) is kept as [`SignedEntry::decode_reference`]: it gives the answer, and the precise
 //! error, whenever the one-pass path does not accept, and property tests and the `entry` fuzz
 //! target hold the two to the same answers.
@@ -497,6 +498,21 @@ impl Event {
         }
     }
 
+    /// The event that ends the payload at `r`, when it is of a type whose encoding has a fixed
+    /// layout (`checkpoint`), read without building it as a value; `None` for anything else,
+    /// which [`Event::from_value`] then decodes or refuses. Accepts only what that path
+    /// accepts, with the same value.
+    fn read_fixed(mut r: cbor::OnePass<'_>) -> Option<Self> {
+        // {"root": bstr(32), "size": uint, "type": "checkpoint"}: keys in deterministic order.
+        r.expect(&[0xa3, 0x64, b'r', b'o', b'o', b't'])?;
+        let root = r.bytes_n::<32>()?;
+        r.expect(&[0x64, b's', b'i', b'z', b'e'])?;
+        let size = r.uint()?;
+        r.expect(&[0x64, b't', b'y', b'p', b'e', 0x6a])?;
+        r.expect(b"checkpoint")?;
+        r.at_end().then_some(Event::Checkpoint { size, root })
+    }
+
     fn from_value(value: Value) -> Result<Self, EntryError> {
         let mut f = Fields::new(value, "event")?;
         let kind = f.text("type")?;
@@ -752,6 +768,15 @@ impl Entry {
         r.expect(&[0x65, b'e', b'p', b'o', b'c', b'h'])?;
         let epoch = r.uint()?;
         r.expect(&[0x65, b'e', b'v', b'e', b'n', b't'])?;
+        if let Some(event) = Event::read_fixed(r.clone()) {
+            return Some(Ok(Entry {
+                seq,
+                prev,
+                epoch,
+                time,
+                event,
+            }));
+        }
         let event = r.rest_item(1)?;
         Some(Event::from_value(event).map(|event| Entry {
             seq,
@@ -1097,6 +1122,53 @@ mod tests {
             Entry::from_payload(&bytes),
             Err(EntryError::Shape(ShapeError::UnknownField { key, .. })) if key == "extra"
         ));
+    }
+
+    /// The fixed-layout reader of `checkpoint` events gives the general path's answer on the
+    /// encodings next to the one it accepts (and the right value on that one).
+    #[test]
+    fn checkpoint_fast_path_agrees_with_the_value_path() {
+        let payload = sample(300).payload().unwrap();
+        // {"root": bstr(32), "size": 300, "type": "checkpoint"} ends the payload: 64 bytes.
+        let fixed_at = payload.len() - (1 + 5 + 2 + 32 + 5 + 3 + 5 + 1 + 10);
+        let event = payload[fixed_at..].to_vec();
+        let envelope = &payload[..fixed_at];
+        let mut variants: Vec<Vec<u8>> = vec![event.clone()];
+        // size 300 (0x19 0x01 0x2c) in a longer head; root one byte short; another type;
+        // an extra field; a byte after the map; the map cut short.
+        let size_at = 1 + 5 + 2 + 32 + 5;
+        assert_eq!(event[size_at..size_at + 3], [0x19, 0x01, 0x2c]);
+        let mut long_size = event.clone();
+        long_size.splice(size_at..size_at + 3, [0x1a, 0, 0, 0x01, 0x2c]);
+        variants.push(long_size);
+        let mut short_root = event.clone();
+        assert_eq!(short_root[6..8], [0x58, 32]);
+        short_root[7] = 31;
+        short_root.remove(8);
+        variants.push(short_root);
+        let mut other_type = event.clone();
+        let last = other_type.len() - 1;
+        other_type[last] = b'q';
+        variants.push(other_type);
+        let mut extra = event.clone();
+        extra[0] = 0xa4;
+        extra.extend_from_slice(&[0x65, b'e', b'x', b't', b'r', b'a', 0x01]);
+        variants.push(extra);
+        let mut trailing = event.clone();
+        trailing.push(0x00);
+        variants.push(trailing);
+        variants.push(event[..event.len() - 1].to_vec());
+        for (i, v) in variants.iter().enumerate() {
+            let whole = [envelope, v.as_slice()].concat();
+            let fast = Entry::from_payload(&whole);
+            assert_eq!(fast, Entry::from_payload_reference(&whole), "variant {i}");
+            assert_eq!(fast.is_ok(), i == 0, "variant {i}");
+        }
+        assert_eq!(
+            Entry::from_payload(&payload).unwrap(),
+            sample(300),
+            "the fixed layout reads the value written"
+        );
     }
 
     #[test]

@@ -19,13 +19,18 @@
 //! ## Throughput
 //!
 //! Entries are decoded (one pass over their bytes, see [`crate::entry`]) and hashed in
-//! parallel, linked in one sequential pass, and their signatures are checked in parallel
-//! batches of [`SIGNATURE_BATCH`] with [`eddsa::verify_batch`]. Signatures follow the one rule
-//! set of [`crate::eddsa`] (cofactored verification as ZIP 215 defines it; epoch keys canonical
-//! and of prime order, checked once when the epoch opens), under which batch and single
-//! verification give the same verdict on every input: whether an entry verifies does not depend
-//! on the chunk it falls in, on its neighbours, on the number of threads or on the batch
-//! coefficients. A batch of one epoch's signatures costs one multiscalar multiplication with the
+//! parallel into a buffer the verifier reuses from round to round, linked in one sequential
+//! pass over that buffer (by reference: nothing is moved or copied), and their signatures are
+//! checked in parallel batches of [`SIGNATURE_BATCH`] with [`eddsa::verify_batch`], each under
+//! the key of its epoch (a round holds one or two epochs, recorded once, not per entry). Only
+//! callers that keep the entries ([`LogVerifier::verify_round`], the replay) get
+//! [`VerifiedEntry`] values built; [`verify_log`] and [`LogVerifier::push`] do not.
+//!
+//! Signatures follow the one rule set of [`crate::eddsa`] (cofactored verification as ZIP 215
+//! defines it; epoch keys canonical and of prime order, checked once when the epoch opens),
+//! under which batch and single verification give the same verdict on every input: whether an
+//! entry verifies does not depend on the chunk it falls in, on its neighbours, on the number of
+//! threads or on the batch coefficients. A batch of one epoch's signatures costs one multiscalar multiplication with the
 //! key's terms gathered into one. When a batch fails, its signatures are checked one by one to
 //! name the first bad entry.
 //!
@@ -453,6 +458,7 @@ impl LogError {
     }
 }
 
+#[derive(Clone)]
 struct CurrentEpoch {
     key: PublicKey,
     verified: Arc<VerifiedEpoch>,
@@ -475,6 +481,8 @@ pub struct LogVerifier {
     roots_at: BTreeMap<u64, Option<merkle::Hash>>,
     epochs: Vec<EpochSummary>,
     buffered: Vec<Vec<u8>>,
+    /// The last round's decoded entries: kept only for its allocation, reused by the next.
+    decoded: Vec<Result<SignedEntry, EntryError>>,
     /// Leave the image check of each epoch to the caller (a [`crate::replay::Replay`], which
     /// knows which images the log allowed before it).
     defer_images: bool,
@@ -510,6 +518,7 @@ impl LogVerifier {
             roots_at: BTreeMap::new(),
             epochs: Vec::new(),
             buffered: Vec::new(),
+            decoded: Vec::new(),
             defer_images: false,
         })
     }
@@ -569,7 +578,7 @@ impl LogVerifier {
         self.buffered.push(bytes);
         if self.buffered.len() >= ROUND {
             let round = std::mem::take(&mut self.buffered);
-            self.verify_round(&round)?;
+            self.verify_round_discard(&round)?;
         }
         Ok(())
     }
@@ -594,35 +603,74 @@ impl LogVerifier {
         round: &[B],
     ) -> (Vec<VerifiedEntry>, Option<LogError>) {
         let first = self.next_seq;
-        let decoded: Vec<Result<SignedEntry, EntryError>> = round
+        let mut decoded = std::mem::take(&mut self.decoded);
+        let (good, epochs, failure) = self.check_round(round, &mut decoded);
+        // `check_round` left `good` entries, all decoded; each belongs to the last epoch that
+        // opened at or before it.
+        let verified = decoded
+            .drain(..)
+            .take(good)
+            .enumerate()
+            .filter_map(|(offset, result)| {
+                let signed = result.ok()?;
+                let epoch = Arc::clone(&epochs.of(offset)?.verified);
+                Some(VerifiedEntry {
+                    seq: first.saturating_add(offset as u64),
+                    signed,
+                    epoch,
+                })
+            })
+            .collect();
+        self.decoded = decoded;
+        (verified, failure)
+    }
+
+    /// [`LogVerifier::verify_round`] for a caller that keeps nothing of the entries but the
+    /// verifier's own state (`verify_log`, `push`, `finish`).
+    fn verify_round_discard<B: AsRef<[u8]> + Sync>(&mut self, round: &[B]) -> Result<(), LogError> {
+        let mut decoded = std::mem::take(&mut self.decoded);
+        let (_, _, failure) = self.check_round(round, &mut decoded);
+        decoded.clear();
+        self.decoded = decoded;
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Decodes `round` into `decoded` (in parallel, reusing its allocation), links the entries
+    /// in order and checks their signatures in parallel batches. Returns how many entries
+    /// verified (a prefix of `decoded`, every one of them decoded), the epochs they belong to,
+    /// and the first failure: the first bad entry, whatever the reason.
+    fn check_round<B: AsRef<[u8]> + Sync>(
+        &mut self,
+        round: &[B],
+        decoded: &mut Vec<Result<SignedEntry, EntryError>>,
+    ) -> (usize, RoundEpochs, Option<LogError>) {
+        let first = self.next_seq;
+        round
             .par_iter()
             .map(|b| SignedEntry::decode(b.as_ref()))
-            .collect();
+            .collect_into_vec(decoded);
 
-        // `entries[i]`, at `first + i`, must verify under `keys[key_of[i]]`: the round's
-        // epoch keys are few (one, or two where an epoch opens), so each entry names its key
-        // by position instead of carrying a copy.
-        let mut entries = Vec::with_capacity(decoded.len());
-        let mut keys: Vec<PublicKey> = Vec::new();
-        let mut key_of: Vec<usize> = Vec::with_capacity(decoded.len());
-        let mut epochs = Vec::with_capacity(decoded.len());
+        // The round's epochs are few (one, or two where an epoch opens): each entry's key is
+        // that of the last epoch that opened at or before it, so no entry carries a copy.
+        let mut epochs = RoundEpochs::default();
+        let mut good = 0usize;
         let mut structural: Option<LogError> = None;
-        for (offset, result) in decoded.into_iter().enumerate() {
+        for (offset, result) in decoded.iter().enumerate() {
             let seq = first.saturating_add(offset as u64);
-            let step = result
-                .map_err(|source| LogError::Entry { seq, source })
-                .and_then(|entry| self.link(seq, &entry).map(|()| entry));
+            let step = match result {
+                Ok(entry) => self.link(seq, entry),
+                Err(source) => Err(LogError::Entry {
+                    seq,
+                    source: source.clone(),
+                }),
+            };
             match (step, &self.epoch) {
-                (Ok(entry), Some(epoch)) => {
+                (Ok(()), Some(epoch)) => {
                     // `link` accepted the entry under the current epoch's key.
-                    if keys.last() != Some(&epoch.key) {
-                        keys.push(epoch.key);
-                    }
-                    key_of.push(keys.len().saturating_sub(1));
-                    entries.push(entry);
-                    epochs.push(Arc::clone(&epoch.verified));
+                    epochs.enter(offset, epoch);
+                    good = offset.saturating_add(1);
                 }
-                (Ok(_), None) => {
+                (Ok(()), None) => {
                     // `link` opens an epoch before it accepts anything.
                     structural = Some(LogError::MissingEpochStart { seq });
                     break;
@@ -634,23 +682,12 @@ impl LogVerifier {
             }
         }
         // A bad signature before the structural failure is the first bad entry.
-        if let Err(bad) = check_signatures(first, &entries, &keys, &key_of) {
-            let good = bad.seq().map_or(0, |s| s.saturating_sub(first)) as usize;
-            entries.truncate(good);
-            epochs.truncate(good);
+        let linked = decoded.get(..good).unwrap_or_default();
+        if let Err(bad) = check_signatures(first, linked, &epochs) {
+            good = bad.seq().map_or(0, |s| s.saturating_sub(first)) as usize;
             structural = Some(bad);
         }
-        let verified = entries
-            .into_iter()
-            .zip(epochs)
-            .enumerate()
-            .map(|(offset, (signed, epoch))| VerifiedEntry {
-                seq: first.saturating_add(offset as u64),
-                signed,
-                epoch,
-            })
-            .collect();
-        (verified, structural)
+        (good, epochs, structural)
     }
 
     /// Checks the entry's place in the log and advances; its signature must verify under the
@@ -837,7 +874,7 @@ impl LogVerifier {
     /// Verifies whatever is buffered and returns the verified log.
     pub fn finish(mut self) -> Result<VerifiedLog, LogError> {
         let round = std::mem::take(&mut self.buffered);
-        self.verify_round(&round)?;
+        self.verify_round_discard(&round)?;
         if self.next_seq == 0 {
             return Err(LogError::Empty);
         }
@@ -858,7 +895,7 @@ impl LogVerifier {
     /// The checkpoint's size must have been announced with [`LogVerifier::remember_root_at`].
     pub fn finish_with_checkpoint(mut self, note: &str) -> Result<VerifiedLog, LogError> {
         let round = std::mem::take(&mut self.buffered);
-        self.verify_round(&round)?;
+        self.verify_round_discard(&round)?;
         let roots_at = std::mem::take(&mut self.roots_at);
         let log = self.finish()?;
         let cp = verify_checkpoint_with_epoch_keys(note, &log.epochs);
@@ -936,36 +973,62 @@ fn verify_checkpoint_with_epoch_keys(
     }))
 }
 
-/// Verifies the signatures of `entries` (the first at `first`), `entries[i]` under
-/// `keys[key_of[i]]`, in parallel batches; on failure names the first bad entry. Every entry
-/// gets the verdict [`PublicKey::verify`] gives it alone (see [`crate::eddsa`]).
+/// The epochs of one round's linked entries: `spans[i]` opened (or was current) at offset
+/// `spans[i].0` and covers the entries up to the next span's start.
+#[derive(Default)]
+struct RoundEpochs {
+    spans: Vec<(usize, CurrentEpoch)>,
+}
+
+impl RoundEpochs {
+    /// Records that the entry at `offset` verified under `epoch` (offsets in increasing order).
+    fn enter(&mut self, offset: usize, epoch: &CurrentEpoch) {
+        let same = self
+            .spans
+            .last()
+            .is_some_and(|(_, e)| Arc::ptr_eq(&e.verified, &epoch.verified));
+        if !same {
+            self.spans.push((offset, epoch.clone()));
+        }
+    }
+
+    /// The epoch of the entry at `offset`: the last span that starts at or before it.
+    fn of(&self, offset: usize) -> Option<&CurrentEpoch> {
+        let after = self.spans.partition_point(|(start, _)| *start <= offset);
+        self.spans.get(after.checked_sub(1)?).map(|(_, e)| e)
+    }
+}
+
+/// Verifies the signatures of `entries` (the first at `first`, all decoded), each under the key
+/// of its epoch in `epochs`, in parallel batches; on failure names the first bad entry. Every
+/// entry gets the verdict [`PublicKey::verify`] gives it alone (see [`crate::eddsa`]).
 fn check_signatures(
     first: u64,
-    entries: &[SignedEntry],
-    keys: &[PublicKey],
-    key_of: &[usize],
+    entries: &[Result<SignedEntry, EntryError>],
+    epochs: &RoundEpochs,
 ) -> Result<(), LogError> {
     let first_bad = entries
         .par_chunks(SIGNATURE_BATCH)
-        .zip(key_of.par_chunks(SIGNATURE_BATCH))
         .enumerate()
-        .filter_map(|(n, (chunk, chunk_keys))| {
+        .filter_map(|(n, chunk)| {
             let offset = |i: usize| n.saturating_mul(SIGNATURE_BATCH).saturating_add(i);
+            let seq = |i: usize| first.saturating_add(offset(i) as u64);
             let mut items: Vec<eddsa::Item<'_>> = Vec::with_capacity(chunk.len());
-            for (i, (e, k)) in chunk.iter().zip(chunk_keys).enumerate() {
-                match keys.get(*k) {
-                    Some(key) => items.push(eddsa::Item {
-                        key,
+            for (i, e) in chunk.iter().enumerate() {
+                match (e, epochs.of(offset(i))) {
+                    (Ok(e), Some(epoch)) => items.push(eddsa::Item {
+                        key: &epoch.key,
                         message: e.signed_bytes(),
                         signature: e.signature(),
                     }),
-                    // Every entry's key is in `keys`; an entry without one fails.
-                    None => return Some((first.saturating_add(offset(i) as u64), e.hash())),
+                    // Every linked entry decoded and has an epoch; one without fails.
+                    (Ok(e), None) => return Some((seq(i), e.hash())),
+                    (Err(_), _) => return Some((seq(i), EntryHash::ZERO)),
                 }
             }
             let i = eddsa::verify_batch(&items).err()?;
-            let e = chunk.get(i)?;
-            Some((first.saturating_add(offset(i) as u64), e.hash()))
+            let e = chunk.get(i)?.as_ref().ok()?;
+            Some((seq(i), e.hash()))
         })
         .min_by_key(|(seq, _)| *seq);
     match first_bad {
@@ -982,7 +1045,7 @@ pub fn verify_log<B: AsRef<[u8]> + Sync>(
 ) -> Result<VerifiedLog, LogError> {
     let mut v = LogVerifier::new(policy, at)?;
     for round in entries.chunks(ROUND) {
-        v.verify_round(round)?;
+        v.verify_round_discard(round)?;
     }
     v.finish()
 }
