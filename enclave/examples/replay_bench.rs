@@ -1233,6 +1233,7 @@ fn auditor(g: &Generated, path: &Path, dir: &Path, at_end: UnixMillis) {
         let keep = PathBuf::from(keep);
         for (from, name) in [
             (path, "log.cbors"),
+            (small_path.as_path(), "log-small.cbors"),
             (root.as_path(), "root.pem"),
             (server_root.as_path(), "server-root.pem"),
         ] {
@@ -1249,6 +1250,17 @@ fn auditor(g: &Generated, path: &Path, dir: &Path, at_end: UnixMillis) {
             pcrs.join(" "),
             at_end.as_millis()
         );
+        // ATTESTPLANE_REPLAY_BENCH_KEEP_ONLY=1: generate and keep, measure nothing (the
+        // generation is a build's load; the measurements belong in a quiet hold).
+        if std::env::var_os("ATTESTPLANE_REPLAY_BENCH_KEEP_ONLY").is_some() {
+            eprintln!(
+                "signatures-only: {CHILD_ENV}=verify {} FILE ENTRIES 2 {}",
+                std::env::current_exe()
+                    .map_or_else(|_| "replay_bench".into(), |e| e.display().to_string()),
+                g.end.as_millis()
+            );
+            return;
+        }
     }
     let cli = |file: &Path| -> (f64, f64) {
         let mut cmd = Command::new("/usr/bin/time");

@@ -2250,6 +2250,140 @@ fn pipelined_replay_gives_the_sequential_verdict_and_state_whatever_the_rounds()
     }
 }
 
+/// A log in `nsm`'s epoch: genesis, `server` registered (seq 2), its attestation at 3 s
+/// (seq 3) logged `verified` or refused for a bad signature, with its document's signature
+/// broken or not, and, if `then_forged`, a decision no state gives (seq 4, for a server that
+/// does not exist: refused by the in-order fold itself, with no deferred check).
+fn log_with_an_attestation(
+    nsm: &attestplane_enclave::nsm::MockNsm,
+    admin: &Admin,
+    server: &McpServer,
+    verified: bool,
+    broken: bool,
+    then_forged: bool,
+) -> Vec<Vec<u8>> {
+    use attestplane_enclave::writer::{Head, LogWriter};
+    use attestplane_verifier::attestation::AttestationError;
+    use attestplane_verifier::entry::AttestationRecord;
+    use attestplane_verifier::state::measurement_digest;
+    let (mut writer, start) = LogWriter::open(nsm, Head::empty(), ORIGIN, at(0)).unwrap();
+    let genesis = writer
+        .append(
+            Event::Genesis {
+                admin_keys: vec![admin.public()],
+                host_chosen: false,
+            },
+            at(1_000),
+        )
+        .unwrap();
+    let deployment = Deployment {
+        origin: ORIGIN.into(),
+        genesis: EntryHash::of(&genesis.bytes),
+    };
+    let register = writer
+        .append(
+            Event::Admin {
+                request: admin.sign(&deployment, at(2_000), [1; 16], server.register()),
+                accepted: true,
+                reason: None,
+            },
+            at(2_000),
+        )
+        .unwrap();
+    let nonce = vec![7; 32];
+    let mut document = server.attest(&nonce, at(3_000));
+    if broken {
+        // The COSE signature is the document's last item.
+        *document.last_mut().unwrap() ^= 1;
+    }
+    let pcrs = server.spec.pcrs.iter().map(|(i, p)| (*i, p.0)).collect();
+    let attestation = writer
+        .append(
+            Event::Attestation(AttestationRecord {
+                server: server.id().into(),
+                nonce,
+                document,
+                verified,
+                measurement: verified.then(|| measurement_digest(&pcrs)),
+                reason: (!verified)
+                    .then(|| Reason::of_attestation_error(&AttestationError::BadSignature)),
+            }),
+            at(3_000),
+        )
+        .unwrap();
+    let mut log = vec![
+        start.bytes,
+        genesis.bytes,
+        register.bytes,
+        attestation.bytes,
+    ];
+    if then_forged {
+        let forged = log_with_a_decision_policy_would_not_make(nsm, admin);
+        let decision = decode(forged.last().unwrap()).event;
+        log.push(writer.append(decision, at(4_000)).unwrap().bytes);
+    }
+    log
+}
+
+#[test]
+fn replay_names_a_forged_attestation_by_its_seq_whatever_the_rounds() {
+    // A document that does not verify, logged as verified, or one that verifies, logged as
+    // refused, is named by its own sequence number, before a later entry the fold refuses in
+    // the same round, in rounds of any size, pipelined or not; a sound one gives the state the
+    // entry-by-entry fold gives. (Guards any move of the document check off the in-order
+    // fold, such as deferring it to the parallel checks with the Cedar evaluations.)
+    let admin = Admin::new(1);
+    let foreign = other_image_nsm(7);
+    let server = McpServer::new("search", "acme", 1);
+    let policy = log_policy(&foreign);
+    let when = at(5_000);
+    for (verified, broken) in [(true, false), (false, true)] {
+        let log = log_with_an_attestation(&foreign, &admin, &server, verified, broken, false);
+        let reference = sequential_replay(&log, &policy, when).expect("the log replays");
+        assert_eq!(
+            reference
+                .0
+                .servers
+                .get("search")
+                .map(|s| s.attested.is_some()),
+            Some(verified),
+            "the server is registered, attested as logged"
+        );
+        for round in [1, 2, 3, log.len()] {
+            for pipelined in [false, true] {
+                assert_eq!(
+                    rounds_replay(&log, &policy, when, round, pipelined),
+                    Ok(reference.clone()),
+                    "verified {verified}: rounds of {round}, pipelined {pipelined}"
+                );
+            }
+        }
+    }
+    for (verified, broken) in [(true, true), (false, false)] {
+        for then_forged in [false, true] {
+            let log =
+                log_with_an_attestation(&foreign, &admin, &server, verified, broken, then_forged);
+            let name = format!("verified {verified}, broken {broken}, then forged {then_forged}");
+            let reference = sequential_replay(&log, &policy, when);
+            match &reference {
+                Err((Some(3), text)) => {
+                    assert!(text.contains("attestation logged as"), "{name}: {text}")
+                }
+                other => panic!("{name}: the forged attestation was not named: {other:?}"),
+            }
+            for round in [1, 2, 3, log.len()] {
+                for pipelined in [false, true] {
+                    assert_eq!(
+                        rounds_replay(&log, &policy, when, round, pipelined),
+                        reference,
+                        "{name}: rounds of {round}, pipelined {pipelined}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Whether the decision an authorize, resolve or (denied) reply names was logged as allowed.
 fn logged_allowed(h: &Harness, reply: &Response) -> bool {
     let seq = match reply {
