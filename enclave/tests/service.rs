@@ -1929,15 +1929,17 @@ fn pinned_auditor_refuses_a_log_with_other_genesis_keys() {
 // Trusted application: live, and at boot for the enclave's own image
 // ---------------------------------------------------------------------------------------------
 
-/// A log of one epoch opened on `nsm`: the epoch start, genesis under `admin`, and a decision
-/// no policy makes (a `call` allowed on a server nobody registered, with no policy installed),
-/// signed by the epoch key like any other entry.
-fn log_with_a_decision_policy_would_not_make(
+/// A new log on `nsm`: its writer, the epoch start (seq 0) and genesis under `admin` (seq 1, at
+/// 1 s).
+fn open_log_under(
     nsm: &attestplane_enclave::nsm::MockNsm,
     admin: &Admin,
-) -> Vec<Vec<u8>> {
+) -> (
+    attestplane_enclave::writer::LogWriter,
+    attestplane_enclave::writer::Written,
+    attestplane_enclave::writer::Written,
+) {
     use attestplane_enclave::writer::{Head, LogWriter};
-    use attestplane_verifier::entry::{AttestationFactsRecord, DecisionRecord, PrincipalRecord};
     let (mut writer, start) = LogWriter::open(nsm, Head::empty(), ORIGIN, at(0)).unwrap();
     let genesis = writer
         .append(
@@ -1948,6 +1950,18 @@ fn log_with_a_decision_policy_would_not_make(
             at(1_000),
         )
         .unwrap();
+    (writer, start, genesis)
+}
+
+/// A log of one epoch opened on `nsm`: the epoch start, genesis under `admin`, and a decision
+/// no policy makes (a `call` allowed on a server nobody registered, with no policy installed),
+/// signed by the epoch key like any other entry.
+fn log_with_a_decision_policy_would_not_make(
+    nsm: &attestplane_enclave::nsm::MockNsm,
+    admin: &Admin,
+) -> Vec<Vec<u8>> {
+    use attestplane_verifier::entry::{AttestationFactsRecord, DecisionRecord, PrincipalRecord};
+    let (mut writer, start, genesis) = open_log_under(nsm, admin);
     let forged = DecisionRecord {
         action: "call".into(),
         principal: PrincipalRecord {
@@ -2262,20 +2276,10 @@ fn log_with_an_attestation(
     broken: bool,
     then_forged: bool,
 ) -> Vec<Vec<u8>> {
-    use attestplane_enclave::writer::{Head, LogWriter};
     use attestplane_verifier::attestation::AttestationError;
     use attestplane_verifier::entry::AttestationRecord;
     use attestplane_verifier::state::measurement_digest;
-    let (mut writer, start) = LogWriter::open(nsm, Head::empty(), ORIGIN, at(0)).unwrap();
-    let genesis = writer
-        .append(
-            Event::Genesis {
-                admin_keys: vec![admin.public()],
-                host_chosen: false,
-            },
-            at(1_000),
-        )
-        .unwrap();
+    let (mut writer, start, genesis) = open_log_under(nsm, admin);
     let deployment = Deployment {
         origin: ORIGIN.into(),
         genesis: EntryHash::of(&genesis.bytes),
