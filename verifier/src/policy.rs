@@ -1416,10 +1416,12 @@ impl Merge {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn request(action: Action) -> DecisionRequest {
+    /// A call-shaped request of agent-1 (tenant acme) to srv-1's `read`, attested, at
+    /// 1,700,000,000 s; shared with the memo's tests.
+    pub(crate) fn request(action: Action) -> DecisionRequest {
         DecisionRequest {
             principal: Principal {
                 agent: "agent-1".into(),

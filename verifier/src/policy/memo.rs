@@ -531,38 +531,16 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::policy::{Action, CallFacts, Principal, ServerFacts};
+    use crate::policy::{Action, CallFacts};
     use crate::time::UnixMillis;
 
     const T: u64 = 1_700_000_000;
 
+    /// The policy tests' request, with the call's facts.
     fn request() -> DecisionRequest {
         DecisionRequest {
-            principal: Principal {
-                agent: "agent-1".into(),
-                user: "alice".into(),
-                tenant: "acme".into(),
-                roles: vec!["tool-user".into()],
-                issuer: "https://idp.example".into(),
-            },
-            action: Action::Call,
-            server: ServerFacts {
-                id: "srv-1".into(),
-                name: "files".into(),
-                tenant: "acme".into(),
-                resource: "https://files.example/mcp".into(),
-                assurance: "nitro".into(),
-            },
-            tool: Some("read".into()),
-            attestation: AttestationFacts {
-                verified: true,
-                age_ms: Some(1_000),
-                pcr_match: true,
-                debug: false,
-            },
-            time: UnixMillis::from_secs(T),
-            counters: Counters::default(),
             call: Some(CallFacts::default()),
+            ..crate::policy::tests::request(Action::Call)
         }
     }
 
