@@ -218,16 +218,25 @@ pub(super) fn rebuild_index(
         // Zeros after the last record hold no record: room the writer made ahead of its
         // records (see `Writer::write`), or a size that reached the disk before the data did.
         // They are cut, and nothing of them is kept.
+        // The tail after the last record ends at its last non-zero byte (read once).
         let bad = match scan.bad {
-            Some((offset, _)) if written_end(path, offset, scan.file_len)? == offset => {
+            Some((offset, fault)) => {
+                Some((offset, fault, written_end(path, offset, scan.file_len)?))
+            }
+            None => None,
+        };
+        let bad = match bad {
+            Some((offset, _, end)) if end == offset => {
                 truncate(path, offset)?;
                 len = offset;
-                recovery.unused_tail = recovery.unused_tail.saturating_add(scan.file_len - offset);
+                recovery.unused_tail = recovery
+                    .unused_tail
+                    .saturating_add(scan.file_len.saturating_sub(offset));
                 None
             }
             bad => bad,
         };
-        if let Some((offset, fault)) = bad {
+        if let Some((offset, fault, end)) = bad {
             let seq = first_seq.saturating_add(scan.count);
             let corrupt = |not_torn| StoreError::Corrupt {
                 path: path.clone(),
@@ -239,8 +248,8 @@ pub(super) fn rebuild_index(
             if !is_last {
                 return Err(corrupt(NotTorn::NotLastSegment));
             }
-            // The torn write ends at its last non-zero byte; zeros after it are unused room.
-            let end = written_end(path, offset, scan.file_len)?;
+            // The torn write ends at its last non-zero byte (`end`); zeros after it are unused
+            // room.
             let tail = read_torn_tail(path, end, offset).map_err(|e| match e {
                 TailError::NotTorn(why) => corrupt(why),
                 TailError::Store(e) => e,
