@@ -18,7 +18,7 @@
 //!   `Request::Authorize` (the bearer JWT — verified once per token, then answered from the
 //!   enclave's bounded cache of verified tokens, as for an agent that presents its token again
 //!   — `State::decide`, the entry encoded, signed, hashed into the Merkle frontier and applied
-//!   in trusted mode, the `Persist` reply) and then `Durable`, which releases the final reply.
+//!   in trusted mode, the `Persist` and `Held` replies) and then the host's `Durable`.
 //!   `decision/service_resolve`: the same for a `Resolve` (one more Cedar evaluation per pinned
 //!   tool, and the handle JWT signed).
 //! - `decision/core_decide_sign_apply`: what the service does for an `Authorize` minus the
@@ -390,31 +390,29 @@ impl Host {
         self.now = at(self.now.as_millis() + ms);
     }
 
-    /// Sends `request`; a `Persist` is stored (if kept), reported durable, and the released
-    /// final reply returned.
+    /// Sends `request`; a `Persist` is stored (if kept), reported durable, and the final reply
+    /// held for it returned.
     fn send(&mut self, request: Request) -> Response {
         self.next_id += 1;
         let id = self.next_id;
         self.nsm.set_time(self.now);
-        let mut replies = self.enclave.handle(id, request, self.now);
-        let (_, reply) = replies.pop().unwrap_or_else(|| panic!("no reply"));
-        let Response::Persist { first_seq, entries } = reply else {
+        let mut replies = self.enclave.handle(id, request, self.now).into_iter();
+        let (_, reply) = replies.next().unwrap_or_else(|| panic!("no reply"));
+        let Response::Persist { entries, .. } = reply else {
             return reply;
         };
-        let through_seq = first_seq + entries.len() as u64 - 1;
+        let Some((_, Response::Held { through_seq, reply })) = replies.next() else {
+            panic!("no held reply after the Persist");
+        };
         if self.keep {
             self.store
                 .extend(entries.into_iter().map(ByteBuf::into_vec));
         }
         self.next_id += 1;
-        let released =
-            self.enclave
-                .handle(self.next_id, Request::Durable { through_seq }, self.now);
-        released
-            .into_iter()
-            .find(|(rid, _)| *rid == id)
-            .map(|(_, r)| r)
-            .unwrap_or_else(|| panic!("the final reply was not released"))
+        let _ = self
+            .enclave
+            .handle(self.next_id, Request::Durable { through_seq }, self.now);
+        *reply
     }
 
     fn admin(&mut self, key: &SigningKey, nonce: u64, action: AdminAction) {

@@ -55,23 +55,24 @@ impl Host {
         self.next_id += 1;
         let id = self.next_id;
         self.nsm.set_time(self.now);
-        let mut replies = self.enclave.handle(id, request, self.now);
-        let (_, reply) = replies.pop().ok_or("no reply")?;
+        let mut replies = self.enclave.handle(id, request, self.now).into_iter();
+        let (_, reply) = replies.next().ok_or("no reply")?;
         let Response::Persist { entries, .. } = reply else {
             return Ok(reply);
         };
+        let Some((_, Response::Held { through_seq, reply })) = replies.next() else {
+            return Err("no held reply after the Persist".into());
+        };
         self.store
             .extend(entries.into_iter().map(ByteBuf::into_vec));
-        let through_seq = self.store.len() as u64 - 1;
+        if through_seq + 1 != self.store.len() as u64 {
+            return Err("the reply is held for another entry than the last stored".into());
+        }
         self.next_id += 1;
-        let released =
-            self.enclave
-                .handle(self.next_id, Request::Durable { through_seq }, self.now);
-        released
-            .into_iter()
-            .find(|(rid, _)| *rid == id)
-            .map(|(_, r)| r)
-            .ok_or_else(|| "the held reply was not released".into())
+        let _ = self
+            .enclave
+            .handle(self.next_id, Request::Durable { through_seq }, self.now);
+        Ok(*reply)
     }
 }
 

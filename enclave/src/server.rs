@@ -11,11 +11,13 @@
 //! - One *handler* owns the [`Enclave`] and calls [`Enclave::handle`] for one request at a time,
 //!   in arrival order, on a blocking thread (a replay batch verifies thousands of signatures; it
 //!   must not stall the async workers). It keeps the routing table: request id → connection.
-//!   One request may produce several replies under different ids — a `Durable` releases replies
-//!   held for earlier requests, possibly sent on other connections — so replies are routed by
-//!   id, never by "whoever asked last". An id is in flight from its request until its final
-//!   reply (any reply but [`Response::Persist`]); a second request under an id in flight is
-//!   answered `Conflict` and never reaches the enclave.
+//!   A request's replies (for a two-phase request its [`Response::Persist`] and, right after
+//!   it, the final reply wrapped in [`Response::Held`]) are routed by id, and a `Persist` under
+//!   an id no connection asked for (the gateway's entries, or one whose connection closed) goes
+//!   to a live connection. An id is in flight from its request until its final reply (any reply
+//!   but `Persist`), which the enclave now returns in the same job: the enclave holds no reply
+//!   waiting for durability (the host does; see [`Response::Held`]). A second request under an
+//!   id in flight is answered `Conflict` and never reaches the enclave.
 //! - Short jobs are served in place. The handler sits behind a lock; a runtime task with a
 //!   short job takes it when it is free (`try_lock`, never waiting) and serves the job on its
 //!   own thread instead of queueing it for the handler thread: the gateway's jobs
@@ -45,26 +47,27 @@
 //! `Overloaded` under [`NO_REQUEST_ID`], and closed. At most
 //! [`ServerLimits::max_in_flight_per_connection`] requests in flight per connection (counted from
 //! the request until its final reply has been written); more are answered `Overloaded`.
-//! `Durable` is exempt: it is answered at once, and it is what releases held replies, so
-//! refusing it could deadlock. Frames are bounded by [`attestplane_proto::MAX_FRAME_LEN`] before
+//! `Durable` is exempt: it is answered at once, and the gateway's calls and the checkpoints
+//! wait for it, so refusing it could stall them. Frames are bounded by [`attestplane_proto::MAX_FRAME_LEN`] before
 //! any allocation; the handler's queue holds at most one request per allowed connection plus one
 //! being sent by each connection.
 //!
 //! Reply memory. Backpressure alone does not bound an outbox: requests read while the handler
-//! was still busy are answered later, and one `Durable` releases the held replies of every
-//! request in flight at once, into outboxes whose hosts may not be reading.
-//! So each outbox holds at most [`ServerLimits::max_queued_reply_bytes`] of encoded replies (or
-//! one reply of any size when it is otherwise empty). The handler never waits for a connection
+//! was still busy are answered later, each with up to two frames, and the `Persist` of the
+//! gateway's entries and of closed connections land in outboxes whose hosts may not be
+//! reading. So each outbox holds at most [`ServerLimits::max_queued_reply_bytes`] of encoded
+//! replies (or, when it is otherwise empty, one reply of any size, or a `Persist` and the final
+//! reply after it). The handler never waits for a connection
 //! (it serves them all); a reply that would overflow an outbox means that host has stopped
 //! reading while the enclave owes it more than the limit, and the connection is closed: its task
 //! abandons the write it is stuck in, its `Persist` replies go to another connection (below),
 //! its other replies are dropped. Reply memory is therefore bounded by
-//! `max_connections × max(max_queued_reply_bytes, MAX_FRAME_LEN)`, whatever the host does.
+//! `max_connections × max(max_queued_reply_bytes, 2 × MAX_FRAME_LEN)`, whatever the host does.
 //!
 //! Shutdown. When the `shutdown` future completes the listener is dropped (no new connections),
 //! every connection stops admitting new requests (answered `Overloaded`: the enclave is going
-//! away) but keeps reading `Durable` so that held replies can still be released, and closes as
-//! soon as it has nothing in flight. After [`ServerLimits::shutdown_grace`] the remaining
+//! away) but keeps reading `Durable` (the gateway may be waiting for it), and closes as soon as
+//! it has nothing in flight. After [`ServerLimits::shutdown_grace`] the remaining
 //! connections are closed regardless.
 //!
 //! Lost replies. A `Persist` carries entries the enclave has already signed and applied; if the
@@ -146,8 +149,8 @@ pub struct ServerLimits {
     pub max_in_flight_per_connection: usize,
     /// How long a graceful shutdown waits for in-flight requests before closing connections.
     pub shutdown_grace: Duration,
-    /// Encoded replies one connection's outbox may hold (one reply of any size fits in an
-    /// empty outbox). A reply that would overflow it closes the connection: its host has
+    /// Encoded replies one connection's outbox may hold (one reply of any size, or a `Persist`
+    /// and its final reply, fit in an empty outbox). A reply that would overflow it closes the connection: its host has
     /// stopped reading.
     pub max_queued_reply_bytes: usize,
 }
@@ -399,6 +402,9 @@ struct Outbox {
     queued: Arc<AtomicUsize>,
     /// Tells the connection's task to give up (its host has stopped reading).
     kill: Arc<Notify>,
+    /// The id of the `Persist` last queued, if it went into an empty outbox: the final reply
+    /// under the same id that follows it is taken whatever its size (a two-phase pair).
+    lone_persist: Option<u64>,
     /// Set once the handler knows the connection (its `Open` served): only then may the
     /// connection's task serve a job in place (a reply for an unknown connection is lost).
     open: Arc<AtomicBool>,
@@ -420,6 +426,7 @@ impl Outbox {
             staged: Vec::new(),
             queued: Arc::new(AtomicUsize::new(0)),
             kill: Arc::new(Notify::new()),
+            lone_persist: None,
             open: Arc::new(AtomicBool::new(false)),
         };
         (outbox, rx)
@@ -430,7 +437,9 @@ impl Outbox {
     }
 
     /// Queues `out` (staged until the next [`Outbox::flush`]) unless that would take the
-    /// outbox past `limit` (an empty outbox takes one reply of any size).
+    /// outbox past `limit`. An empty outbox takes one reply of any size, or a `Persist` and the
+    /// final reply that follows it under its id: a host that reads its replies gets a two-phase
+    /// request's pair whatever their sizes.
     fn push(&mut self, out: Outgoing, limit: usize) -> Result<(), Refused> {
         if self.tx.is_closed() {
             return Err(Refused::Gone(out));
@@ -438,9 +447,11 @@ impl Outbox {
         let len = out.bytes.len();
         // Only the handler adds, so what it reads here can only shrink before the add.
         let queued = self.queued();
-        if queued > 0 && queued.saturating_add(len) > limit {
+        let pair = !out.persist && self.lone_persist == Some(out.id);
+        if queued > 0 && !pair && queued.saturating_add(len) > limit {
             return Err(Refused::Full(out));
         }
+        self.lone_persist = (out.persist && queued == 0).then_some(out.id);
         self.queued.fetch_add(len, Ordering::AcqRel);
         self.staged.push(out);
         Ok(())
@@ -1232,7 +1243,11 @@ mod tests {
             id: 3,
             request: Request::Durable { through_seq: 1 },
         });
-        assert_eq!(next(&mut b), (3, Response::Ack, true), "not A's held Ack");
+        assert_eq!(
+            next(&mut b),
+            (3, Response::Ack, true),
+            "A's held Ack went with A"
+        );
         assert!(b.try_recv().is_err());
         assert!(h.routes.is_empty());
     }
@@ -1287,15 +1302,67 @@ mod tests {
         assert!(h.routes.is_empty(), "A's ids are no longer in flight");
     }
 
+    /// A two-phase request's `Persist` and its final reply, wrapped in `Held` through its last
+    /// entry, go to the asking connection together, in that order, in one hand-over: the
+    /// enclave keeps nothing back for a `Durable`.
     #[test]
-    fn duplicate_id_is_refused_without_reaching_the_enclave() {
+    fn a_two_phase_reply_is_its_persist_then_its_held_final_reply_in_one_hand_over() {
         let (mut h, mut a, mut b) = handler();
         begin(&mut h, A, 1);
+        assert_eq!(next(&mut a), (1, Response::Ack, true));
+        h.serve(Job::Request {
+            conn: A,
+            id: 2,
+            request: Request::ReplayEnd,
+        });
+        assert!(a.try_recv().is_err(), "staged until the flush");
+        h.flush();
+        let (id, reply, done) = next(&mut a);
+        assert_eq!(id, 2);
+        assert!(
+            matches!(reply, Response::Persist { first_seq: 0, ref entries } if entries.len() == 2),
+            "{reply:?}"
+        );
+        assert!(!done);
+        let held = Response::Held {
+            through_seq: 1,
+            reply: Box::new(Response::Ack),
+        };
+        assert_eq!(next(&mut a), (2, held, true));
+        assert!(a.try_recv().is_err() && b.try_recv().is_err());
+        assert!(h.routes.is_empty(), "nothing in flight after the job");
+    }
+
+    /// A `Persist` larger than the limit, and the final reply after it, reach a host that reads
+    /// its replies: the pair goes into an empty outbox whole (closing the connection for the
+    /// final reply would punish a host for the size of the enclave's own entries).
+    #[test]
+    fn a_persist_over_the_limit_and_its_final_reply_fit_an_empty_outbox() {
+        let (mut h, mut a, _b) = handler_with(64);
+        begin(&mut h, A, 1);
+        assert_eq!(next(&mut a), (1, Response::Ack, true));
+        // A's task has written the Ack: the outbox is empty.
+        h.conns.get(&A).unwrap().queued.store(0, Ordering::Release);
         h.job(Job::Request {
             conn: A,
             id: 2,
             request: Request::ReplayEnd,
         });
+        assert!(queued(&h, A) > Some(64), "the pair is over the limit");
+        let (_, persist, _) = next(&mut a);
+        assert!(matches!(persist, Response::Persist { .. }), "{persist:?}");
+        assert!(matches!(next(&mut a).1, Response::Held { .. }));
+        assert!(h.conns.contains_key(&A), "A was closed");
+    }
+
+    /// The enclave answers within the job, so an id is in flight across jobs only if a reply
+    /// were ever held back; the rule is kept (and pinned here) for that case.
+    #[test]
+    fn duplicate_id_is_refused_without_reaching_the_enclave() {
+        let (mut h, mut a, mut b) = handler();
+        begin(&mut h, A, 1);
+        assert_eq!(next(&mut a).0, 1);
+        h.routes.insert(2, A); // A's request 2 awaits its final reply.
         h.job(Job::Request {
             conn: B,
             id: 2,
@@ -1315,8 +1382,7 @@ mod tests {
         );
         assert!(done);
         assert_eq!(h.routes.get(&2), Some(&A), "the original keeps its route");
-        assert_eq!(next(&mut a).0, 1);
-        assert!(matches!(next(&mut a).1, Response::Persist { .. }));
+        assert!(a.try_recv().is_err(), "nothing for A");
     }
 
     /// Issue 9, item 6: a host that never reads one connection's replies cannot make the

@@ -1,13 +1,19 @@
 //! The enclave's request handling: a plain function of (request, time) that returns the
 //! replies to send, sans I/O.
 //!
-//! Every request that changes the log is answered in two phases. The enclave signs the new
-//! entries, applies them to its state, and answers `Persist { entries }` under the request's id;
-//! the final reply (a handle, an admin result …) is held until the host reports the entries
-//! durable with `Durable { through_seq }`. So no answer that depends on an entry leaves the
-//! enclave before the host has said it is stored. A host that lies about durability can lose
-//! entries, but never without the loss showing: the next boot's replay, an auditor's
-//! checkpoint and every receipt (a handle names its entry's sequence number) expose it.
+//! Every request that changes the log is answered in two phases, returned together. The enclave
+//! signs the new entries, applies them to its state, and answers `Persist { entries }` under the
+//! request's id, followed by the final reply (a handle, an admin result …) wrapped in
+//! `Held { through_seq }`, which names the last of those entries. The host releases the wrapped
+//! reply only once every entry through `through_seq` is durable in its store, and reports
+//! durability with `Durable { through_seq }`, which the enclave records (its checkpoints cover
+//! durable entries only, and its MCP gateway waits on it). Until protocol version 2 the enclave
+//! held the final reply itself until that `Durable`; that kept nothing from the host, which
+//! stores the entries and is the one that would report them durable (it could always release
+//! early by lying with `Durable`), and cost every request two more crossings between host and
+//! enclave. A host that releases early, or lies about durability, can lose entries, but never
+//! without the loss showing: the next boot's replay, an auditor's checkpoint and every receipt
+//! (a handle names its entry's sequence number) expose it.
 //!
 //! Boot: the host streams the stored log in (`ReplayBegin`, `ReplayEntries`…, `ReplayEnd`).
 //! The enclave verifies it and folds it into its state with the verifier library's one replay
@@ -83,9 +89,6 @@ pub const CHALLENGE_TTL_MS: u64 = 5 * 60 * 1000;
 /// The most outstanding attestation challenges.
 pub const MAX_CHALLENGES: usize = 10_000;
 
-/// The most replies held waiting for durability.
-pub const MAX_HELD: usize = 100_000;
-
 /// Length of an attestation challenge nonce.
 pub const NONCE_LEN: usize = 32;
 
@@ -123,12 +126,6 @@ enum Phase {
     Broken { seq: Option<u64>, message: String },
 }
 
-struct Held {
-    id: u64,
-    through_seq: u64,
-    response: Response,
-}
-
 /// The enclave.
 pub struct Enclave {
     nsm: Arc<dyn Nsm>,
@@ -136,7 +133,6 @@ pub struct Enclave {
     state: State,
     phase: Phase,
     durable: Option<u64>,
-    held: Vec<Held>,
     challenges: BTreeMap<String, (Vec<u8>, UnixMillis)>,
     pinned_genesis: Option<Vec<[u8; 32]>>,
     pinned_images: Vec<BTreeMap<PcrIndex, Pcr>>,
@@ -149,7 +145,6 @@ impl std::fmt::Debug for Enclave {
         f.debug_struct("Enclave")
             .field("state", &self.state)
             .field("durable", &self.durable)
-            .field("held", &self.held.len())
             .finish_non_exhaustive()
     }
 }
@@ -181,7 +176,6 @@ impl Enclave {
             config,
             phase: Phase::Booting,
             durable: None,
-            held: Vec::new(),
             challenges: BTreeMap::new(),
             pinned_genesis: None,
             pinned_images: Vec::new(),
@@ -280,7 +274,6 @@ impl Enclave {
                         head_seq: head.and_then(|h| h.size.checked_sub(1)),
                         durable_seq: self.durable,
                         servers: self.state.servers().count() as u64,
-                        held_replies: self.held.len() as u64,
                     },
                 )]
             }
@@ -290,13 +283,6 @@ impl Enclave {
                         id,
                         ErrorCode::NotReady,
                         "the enclave has not finished booting",
-                    );
-                }
-                if self.held.len() >= MAX_HELD {
-                    return error(
-                        id,
-                        ErrorCode::Overloaded,
-                        "too many replies await durability",
                     );
                 }
                 self.serve(id, other, now)
@@ -515,7 +501,8 @@ impl Enclave {
             .map_err(|e| e.to_string())
     }
 
-    /// Answers `Persist` now and holds `response` until the entries are durable.
+    /// Answers `Persist` with the written entries, then `response` wrapped in `Held` through
+    /// the last of them: the host releases it once they are durable.
     fn persist_then(&mut self, id: u64, written: Vec<Written>, response: Response) -> Replies {
         let (Some(first_seq), Some(through_seq)) = (
             written.first().map(|w| w.seq),
@@ -523,21 +510,18 @@ impl Enclave {
         ) else {
             return vec![(id, response)];
         };
-        self.held.push(Held {
-            id,
+        let persist = Response::Persist {
+            first_seq,
+            entries: written
+                .into_iter()
+                .map(|w| ByteBuf::from(w.bytes))
+                .collect(),
+        };
+        let held = Response::Held {
             through_seq,
-            response,
-        });
-        vec![(
-            id,
-            Response::Persist {
-                first_seq,
-                entries: written
-                    .into_iter()
-                    .map(|w| ByteBuf::from(w.bytes))
-                    .collect(),
-            },
-        )]
+            reply: Box::new(response),
+        };
+        vec![(id, persist), (id, held)]
     }
 
     fn durable(&mut self, id: u64, through_seq: u64) -> Replies {
@@ -547,18 +531,7 @@ impl Enclave {
             _ => return error(id, ErrorCode::BadRequest, "durable beyond the log's head"),
         }
         self.durable = Some(self.durable.map_or(through_seq, |d| d.max(through_seq)));
-        let durable = through_seq;
-        let mut out = Vec::new();
-        self.held.retain_mut(|h| {
-            if h.through_seq <= durable {
-                out.push((h.id, std::mem::replace(&mut h.response, Response::Ack)));
-                false
-            } else {
-                true
-            }
-        });
-        out.push((id, Response::Ack));
-        out
+        vec![(id, Response::Ack)]
     }
 
     /// Writes one event, applies it, and returns what was written.

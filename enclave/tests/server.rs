@@ -2,10 +2,13 @@
 //! loopback TCP on port 0 (never a fixed port), in front of an enclave over a mock NSM whose
 //! clock is pinned at [`T0`].
 //!
-//! What is checked: requests are answered on the connection that sent them, including replies a
-//! `Durable` on another connection releases; the boot sequence works over the wire; frame errors
+//! What is checked: requests are answered on the connection that sent them, a two-phase
+//! request with its `Persist` and then its final reply in a `Held` (the host, not the enclave,
+//! holds it until the entries are durable); the boot sequence works over the wire; frame errors
 //! are answered and either leave the connection usable or close it, and never stop the server;
-//! the connection and in-flight limits; graceful shutdown. A live-vsock test runs where the
+//! the connection and in-flight limits; graceful shutdown. Requests are kept in flight by
+//! occupying the handler with a job through the side door ([`Blocker`]): the enclave itself
+//! no longer holds any reply. A live-vsock test runs where the
 //! kernel offers vsock loopback and is skipped elsewhere (it never connects to CID 2 or 3).
 
 #![allow(
@@ -20,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use attestplane_enclave::nsm::{Clock, MockNsm};
-use attestplane_enclave::server::{ServerError, ServerLimits, run};
+use attestplane_enclave::server::{
+    EnclaveAccess, ServerError, ServerLimits, inside_channel, run_with_inside,
+};
 use attestplane_enclave::service::{Enclave, EnclaveConfig};
 use attestplane_proto::{
     Address, Body, ByteBuf, ErrorCode, Frame, FrameDecoder, Listener, MAX_FRAME_LEN, NO_REQUEST_ID,
@@ -69,7 +74,24 @@ struct TestServer {
     addr: Address,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServerError>>,
+    access: EnclaveAccess,
     _dir: tempfile::TempDir,
+}
+
+/// The handler occupied by a side-door job that waits until [`Blocker::release`]: requests
+/// read meanwhile wait in the handler's queue, in flight.
+struct Blocker {
+    release: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Blocker {
+    async fn release(self) {
+        let _ = self.release.send(());
+        tokio::task::spawn_blocking(move || self.thread.join().unwrap())
+            .await
+            .unwrap();
+    }
 }
 
 impl TestServer {
@@ -89,13 +111,46 @@ impl TestServer {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let task = tokio::spawn(run(listener, enclave(), || T0, limits, shutdown));
+        // Room for the side door's one job, and for the queued requests of the tests that
+        // block the handler.
+        let (access, inside) = inside_channel(64);
+        let task = tokio::spawn(run_with_inside(
+            listener,
+            enclave(),
+            || T0,
+            limits,
+            inside,
+            shutdown,
+        ));
         Self {
             addr,
             stop: Some(stop),
             task,
+            access,
             _dir: dir,
         }
+    }
+
+    /// Occupies the handler until the returned [`Blocker`] is released.
+    async fn block_handler(&self) -> Blocker {
+        let access = self.access.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let (started_tx, started) = oneshot::channel();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            runtime
+                .block_on(access.run(move |_, _| {
+                    let _ = started_tx.send(());
+                    let _ = wait.recv();
+                    ((), Vec::new())
+                }))
+                .unwrap();
+        });
+        tokio::time::timeout(PATIENCE, started)
+            .await
+            .expect("the blocking job did not start")
+            .unwrap();
+        Blocker { release, thread }
     }
 
     async fn client(&self) -> Client {
@@ -199,18 +254,32 @@ fn replay_begin(total_entries: u64) -> Request {
     }
 }
 
+/// `Ack` held until every entry through `through_seq` is durable.
+fn held_ack(through_seq: u64) -> Response {
+    Response::Held {
+        through_seq,
+        reply: Box::new(Response::Ack),
+    }
+}
+
 /// Starts and ends an empty replay on `client` (ids 1 and 2); returns the Persist's entries.
-/// The final `Ack` for id 2 is held until entry 1 is durable.
+/// The final `Ack` for id 2 follows at once, held until entry 1 is durable.
 async fn begin_boot(client: &mut Client) -> Vec<ByteBuf> {
     assert_eq!(client.call(1, replay_begin(0)).await, Response::Ack);
-    match client.call(2, Request::ReplayEnd).await {
+    let entries = match client.call(2, Request::ReplayEnd).await {
         Response::Persist { first_seq, entries } => {
             assert_eq!(first_seq, 0);
             assert_eq!(entries.len(), 2, "epoch start and genesis");
             entries
         }
         other => panic!("ReplayEnd did not ask to persist: {other:?}"),
-    }
+    };
+    assert_eq!(
+        client.recv().await,
+        (2, held_ack(1)),
+        "the final reply, held"
+    );
+    entries
 }
 
 #[tokio::test]
@@ -232,34 +301,30 @@ async fn hello_is_answered_on_unix_and_tcp() {
 }
 
 #[tokio::test]
-async fn boot_sequence_over_the_wire_releases_the_held_ack_on_durable() {
+async fn boot_sequence_over_the_wire_sends_the_ack_held_for_its_entries_and_records_durable() {
     let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
     let mut client = server.client().await;
     let entries = begin_boot(&mut client).await;
     for (seq, bytes) in (0u64..).zip(&entries) {
         assert_eq!(SignedEntry::decode(bytes).unwrap().entry().seq, seq);
     }
-    match client.call(3, Request::Status).await {
+    let durable_seq = |status: Response| match status {
         Response::Status {
-            ready,
-            held_replies,
-            durable_seq,
-            ..
+            ready, durable_seq, ..
         } => {
             assert!(ready);
-            assert_eq!(held_replies, 1);
-            assert_eq!(durable_seq, None);
+            durable_seq
         }
         other => panic!("not a status: {other:?}"),
-    }
-    client.send(4, Request::Durable { through_seq: 1 }).await;
+    };
+    assert_eq!(durable_seq(client.call(3, Request::Status).await), None);
+    // The host's report is recorded and acknowledged; nothing else comes with it.
     assert_eq!(
-        client.recv().await,
-        (2, Response::Ack),
-        "the held Ack first"
+        client.call(4, Request::Durable { through_seq: 1 }).await,
+        Response::Ack
     );
-    assert_eq!(client.recv().await, (4, Response::Ack));
-    assert!(client.hello(5).await, "ready after the boot");
+    assert_eq!(durable_seq(client.call(5, Request::Status).await), Some(1));
+    assert!(client.hello(6).await, "ready after the boot");
     server.stop().await.unwrap();
 }
 
@@ -284,6 +349,7 @@ async fn a_second_enclave_replays_what_the_first_persisted() {
         }
         other => panic!("not a persist: {other:?}"),
     }
+    assert_eq!(client.recv().await, (3, held_ack(2)));
     second.stop().await.unwrap();
 }
 
@@ -294,17 +360,30 @@ async fn replies_are_routed_to_the_connection_that_sent_the_request() {
     let mut b = server.client().await;
     begin_boot(&mut a).await;
 
-    // B reports durability: B gets only its own Ack; the Ack held for A's id 2 goes to A.
+    // B reports durability: B gets only its own Ack, and A nothing (its final reply came with
+    // its Persist).
     b.send(3, Request::Durable { through_seq: 1 }).await;
     assert_eq!(b.recv().await, (3, Response::Ack));
-    assert_eq!(a.recv().await, (2, Response::Ack));
     assert!(b.hello(4).await, "nothing else was queued on B");
+    assert!(a.hello(5).await, "nothing else was queued on A");
 
     // Pipelined requests on both connections, interleaved.
     a.send(10, Request::Status).await;
     b.send(11, Request::Status).await;
-    a.send(12, Request::Hello { version: 1 }).await;
-    b.send(13, Request::Hello { version: 1 }).await;
+    a.send(
+        12,
+        Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .await;
+    b.send(
+        13,
+        Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .await;
     let (id, reply) = a.recv().await;
     assert_eq!(id, 10);
     assert!(matches!(reply, Response::Status { .. }), "{reply:?}");
@@ -320,29 +399,31 @@ async fn replies_are_routed_to_the_connection_that_sent_the_request() {
     server.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn duplicate_request_id_in_flight_is_refused_with_conflict() {
+/// The enclave answers every request within the job that serves it, so an id is never in
+/// flight across jobs (the `Conflict` rule is pinned by the handler's unit test): the same id
+/// sent on two connections while both wait in the queue is answered on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_queued_on_two_connections_is_answered_on_each() {
     let server = TestServer::start(Transport::Tcp, ServerLimits::default()).await;
     let mut a = server.client().await;
     let mut b = server.client().await;
-    begin_boot(&mut a).await; // id 2 stays in flight until Durable.
-    assert_eq!(
-        error_code(&b.call(2, Request::Status).await),
-        ErrorCode::Conflict
-    );
-    assert_eq!(
-        error_code(&a.call(2, Request::Status).await),
-        ErrorCode::Conflict
-    );
-    // The original request still gets its final reply, on its own connection.
-    a.send(5, Request::Durable { through_seq: 1 }).await;
-    assert_eq!(a.recv().await, (2, Response::Ack));
-    assert_eq!(a.recv().await, (5, Response::Ack));
-    // Once answered, the id may be used again.
-    assert!(matches!(
-        b.call(2, Request::Status).await,
-        Response::Status { .. }
-    ));
+    begin_boot(&mut a).await;
+    let blocker = server.block_handler().await;
+    a.send(7, Request::Status).await;
+    b.send(
+        7,
+        Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .await;
+    blocker.release().await;
+    let (id, reply) = a.recv().await;
+    assert_eq!(id, 7);
+    assert!(matches!(reply, Response::Status { .. }), "{reply:?}");
+    let (id, reply) = b.recv().await;
+    assert_eq!(id, 7);
+    assert!(matches!(reply, Response::Hello { .. }), "{reply:?}");
     server.stop().await.unwrap();
 }
 
@@ -517,7 +598,13 @@ async fn connections_over_the_limit_are_told_overloaded_and_closed() {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let mut d = server.client().await;
-        d.send(4, Request::Hello { version: 1 }).await;
+        d.send(
+            4,
+            Request::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        )
+        .await;
         match d.recv().await {
             (4, Response::Hello { .. }) => break,
             (
@@ -536,7 +623,7 @@ async fn connections_over_the_limit_are_told_overloaded_and_closed() {
     server.stop().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_limit_answers_overloaded_but_admits_durable() {
     let limits = ServerLimits {
         max_in_flight_per_connection: 1,
@@ -544,15 +631,20 @@ async fn in_flight_limit_answers_overloaded_but_admits_durable() {
     };
     let server = TestServer::start(Transport::Unix, limits).await;
     let mut client = server.client().await;
-    begin_boot(&mut client).await; // id 2 in flight: the limit is reached.
+    begin_boot(&mut client).await;
+    let blocker = server.block_handler().await;
+    client.send(3, Request::Status).await; // In flight behind the blocker: the limit.
     assert_eq!(
-        error_code(&client.call(3, Request::Status).await),
+        error_code(&client.call(4, Request::Status).await),
         ErrorCode::Overloaded
     );
-    client.send(4, Request::Durable { through_seq: 1 }).await;
-    assert_eq!(client.recv().await, (2, Response::Ack));
-    assert_eq!(client.recv().await, (4, Response::Ack));
-    assert!(client.hello(5).await, "the slot is free again");
+    client.send(5, Request::Durable { through_seq: 1 }).await;
+    blocker.release().await;
+    let (id, reply) = client.recv().await;
+    assert_eq!(id, 3);
+    assert!(matches!(reply, Response::Status { .. }), "{reply:?}");
+    assert_eq!(client.recv().await, (5, Response::Ack));
+    assert!(client.hello(6).await, "the slot is free again");
     server.stop().await.unwrap();
 }
 
@@ -567,25 +659,56 @@ async fn graceful_shutdown_returns_and_closes_idle_connections() {
     assert!(connect(&addr).await.is_err(), "no longer accepting");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_lets_in_flight_requests_finish() {
-    let server = TestServer::start(Transport::Tcp, ServerLimits::default()).await;
+    let limits = ServerLimits {
+        max_in_flight_per_connection: 1,
+        ..ServerLimits::default()
+    };
+    let server = TestServer::start(Transport::Tcp, limits).await;
     let mut client = server.client().await;
-    begin_boot(&mut client).await; // id 2 awaits durability.
+    begin_boot(&mut client).await;
+    let blocker = server.block_handler().await;
+    client.send(3, Request::Status).await; // In flight behind the blocker.
+    assert_eq!(
+        error_code(&client.call(30, Request::Status).await),
+        ErrorCode::Overloaded,
+        "3 is in flight"
+    );
     let TestServer {
-        stop, task, _dir, ..
+        addr,
+        stop,
+        task,
+        _dir,
+        ..
     } = server;
     let _ = stop.map(|s| s.send(()));
+    // The listener is dropped just before the connections are told to drain.
+    while connect(&addr).await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
 
-    // Draining: new work is refused, but Durable is admitted and releases the held reply.
+    // Draining: new work is refused, but Durable is admitted.
+    match client.call(4, Request::Status).await {
+        Response::Error {
+            code: ErrorCode::Overloaded,
+            message,
+        } => assert!(message.contains("shutting down"), "{message}"),
+        other => panic!("not refused: {other:?}"),
+    }
+    assert!(!task.is_finished());
+    client.send(5, Request::Durable { through_seq: 1 }).await;
+    // Refused on the spot, after the Durable was read (frames are read in order).
     assert_eq!(
-        error_code(&client.call(3, Request::Status).await),
+        error_code(&client.call(6, Request::Status).await),
         ErrorCode::Overloaded
     );
-    assert!(!task.is_finished());
-    client.send(4, Request::Durable { through_seq: 1 }).await;
-    assert_eq!(client.recv().await, (2, Response::Ack));
-    assert_eq!(client.recv().await, (4, Response::Ack));
+    blocker.release().await;
+    let (id, reply) = client.recv().await;
+    assert_eq!(id, 3);
+    assert!(matches!(reply, Response::Status { .. }), "{reply:?}");
+    assert_eq!(client.recv().await, (5, Response::Ack));
     client.expect_closed().await;
     tokio::time::timeout(PATIENCE, task)
         .await
@@ -594,19 +717,30 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
         .unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_gives_up_on_in_flight_requests_after_the_grace_period() {
     let limits = ServerLimits {
         shutdown_grace: Duration::from_millis(200),
+        max_in_flight_per_connection: 1,
         ..ServerLimits::default()
     };
     let server = TestServer::start(Transport::Unix, limits).await;
     let mut client = server.client().await;
-    begin_boot(&mut client).await; // id 2 awaits a Durable that never comes.
+    begin_boot(&mut client).await;
+    let blocker = server.block_handler().await;
+    client.send(3, Request::Status).await; // Never answered while the handler is occupied.
+    assert_eq!(
+        error_code(&client.call(4, Request::Status).await),
+        ErrorCode::Overloaded,
+        "3 is in flight"
+    );
     let started = tokio::time::Instant::now();
-    server.stop().await.unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(200));
+    let stopping = tokio::spawn(server.stop());
     client.expect_closed().await;
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    // The handler finishes its job once free; only then does `run` return.
+    blocker.release().await;
+    stopping.await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -644,41 +778,36 @@ async fn serves_over_vsock_where_the_kernel_offers_loopback() {
 }
 
 /// Issue 9, item 6: a host that sends requests on a connection and never reads the replies
-/// cannot make the enclave hold more than `max_queued_reply_bytes` for it. Reading stops while
-/// replies wait (the socket buffers fill and the host's own writes stall); when a `Durable` on
-/// another connection releases more held replies than the limit into the stuck connection, the
-/// enclave closes it instead of queueing them; the other connection is served throughout, and
-/// every `Persist` the stuck connection was sent reached it before the close.
+/// cannot make the enclave hold more than `max_queued_reply_bytes` for it. While the handler
+/// is occupied, A's requests are read and queued (two admin requests, logged as refused, and
+/// status requests); then A is flooded until its socket is full of `Overloaded` refusals and
+/// its task is stuck writing. When the handler answers the queued requests, their replies
+/// overflow A's limit: the enclave closes A instead of queueing them, hands A's unwritten
+/// `Persist`s to B, and serves B throughout. Every entry reaches the host exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_that_never_reads_is_cut_off_at_the_reply_limit_and_others_are_served() {
     use attestplane_verifier::admin::{AdminAction, AdminRequest};
     use std::sync::atomic::AtomicUsize;
     use tokio::io::AsyncReadExt;
 
-    const LIMIT: usize = 1024;
-    /// Two-phase requests whose final replies the enclave holds until `Durable`; their
-    /// `AdminResult`s together are well over `LIMIT`.
-    const ADMIN: u64 = 40;
+    const LIMIT: usize = 2048;
+    /// Two-phase requests: a `Persist` and a held `AdminResult` each.
+    const ADMIN: u64 = 2;
+    /// Status requests whose replies take A past `LIMIT` together with the admin replies.
+    const STATUS: u64 = 40;
     let limits = ServerLimits {
         max_queued_reply_bytes: LIMIT,
-        // The held admin requests, and a few of the flood's (the rest are refused): what the
-        // enclave owes A while it is stuck stays under LIMIT until the Durable.
-        max_in_flight_per_connection: ADMIN as usize + 4,
+        max_in_flight_per_connection: (ADMIN + STATUS) as usize,
         ..ServerLimits::default()
     };
     let server = TestServer::start(Transport::Unix, limits).await;
     let mut a = server.client().await;
     let mut b = server.client().await;
     begin_boot(&mut a).await;
-    a.send(3, Request::Durable { through_seq: 1 }).await;
-    assert_eq!(a.recv().await, (2, Response::Ack));
-    assert_eq!(a.recv().await, (3, Response::Ack));
+    assert!(b.hello(3).await);
 
-    // From here on nobody reads A. Admin requests signed by a stranger, one at a time: each is
-    // logged as refused, a Persist now and an AdminResult once durable.
-    let (mut a_read, mut a_write) = tokio::io::split(a.stream);
+    let blocker = server.block_handler().await;
     let stranger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
-    let mut id = 1000;
     for i in 0..ADMIN {
         let request = AdminRequest {
             time: T0,
@@ -693,28 +822,24 @@ async fn host_that_never_reads_is_cut_off_at_the_reply_limit_and_others_are_serv
         }
         .sign(&stranger.verifying_key(), &stranger)
         .unwrap();
-        let frame = Frame::request(
-            100 + i,
-            Request::Admin {
-                request: ByteBuf::from(request),
-            },
-        );
-        a_write
-            .write_all(&encode_frame(&frame).unwrap())
-            .await
-            .unwrap();
-        loop {
-            id += 1;
-            match b.call(id, Request::Status).await {
-                Response::Status { head_seq, .. } if head_seq == Some(2 + i) => break,
-                Response::Status { .. } => tokio::time::sleep(Duration::from_millis(2)).await,
-                other => panic!("not a status: {other:?}"),
-            }
-        }
+        let request = Request::Admin {
+            request: ByteBuf::from(request),
+        };
+        a.send(100 + i, request).await;
     }
+    for i in 0..STATUS {
+        a.send(200 + i, Request::Status).await;
+    }
+    // One more than the limit: refused by A's task itself, so every request before it has
+    // been read and queued.
+    assert_eq!(
+        error_code(&a.call(999, Request::Status).await),
+        ErrorCode::Overloaded
+    );
 
-    // Fill A's socket with replies nobody reads, until the enclave stops reading A and the
-    // host's own writes stall.
+    // From here on nobody reads A. Flood it until its task is stuck writing refusals into a
+    // full socket and the host's own writes stall.
+    let (mut a_read, mut a_write) = tokio::io::split(a.stream);
     let sent = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&sent);
     let flood = tokio::spawn(async move {
@@ -738,27 +863,31 @@ async fn host_that_never_reads_is_cut_off_at_the_reply_limit_and_others_are_serv
             "the flood stopped: A was closed too early"
         );
     }
-    assert!(b.hello(id + 1).await, "B is served while A is stuck");
 
-    // B reports everything durable: the AdminResults held for A are released at once.
-    assert_eq!(
-        b.call(
-            id + 2,
-            Request::Durable {
-                through_seq: ADMIN + 1
+    // The queued requests are answered: A's replies overflow its limit.
+    blocker.release().await;
+    let mut persisted = Vec::new();
+    let mut id = 10;
+    while persisted.len() < ADMIN as usize {
+        id += 1;
+        b.send(id, Request::Status).await;
+        loop {
+            match b.recv().await {
+                (_, Response::Persist { first_seq, entries }) => {
+                    persisted.extend((first_seq..).take(entries.len()));
+                }
+                (got, Response::Status { .. }) if got == id => break,
+                other => panic!("B got {other:?}"),
             }
-        )
-        .await,
-        Response::Ack
-    );
+        }
+    }
     assert!(
-        b.hello(id + 3).await,
+        b.hello(id + 1).await,
         "B is served after A's replies overflowed"
     );
 
     // A is closed: reading it yields what its socket buffered, then the end.
     let mut decoder = FrameDecoder::new();
-    let mut persisted = Vec::new();
     let closed = tokio::time::timeout(PATIENCE, async {
         loop {
             match read_frame(&mut a_read, &mut decoder).await {
@@ -776,15 +905,16 @@ async fn host_that_never_reads_is_cut_off_at_the_reply_limit_and_others_are_serv
     assert!(closed.is_ok(), "the enclave kept the stuck connection open");
     let mut rest = Vec::new();
     assert_eq!(a_read.read_to_end(&mut rest).await.unwrap_or(0), 0);
+    persisted.sort_unstable();
     assert_eq!(
         persisted,
         (2..2 + ADMIN).collect::<Vec<_>>(),
-        "every Persist for A's requests reached A, once"
+        "every Persist for A's requests reached the host, once"
     );
     tokio::time::timeout(PATIENCE, flood)
         .await
         .expect("the host's writes to the closed connection still block")
         .unwrap();
-    assert!(b.hello(id + 4).await);
+    assert!(b.hello(id + 2).await);
     server.stop().await.unwrap();
 }

@@ -1200,8 +1200,11 @@ fn unauthenticated_requests_are_not_logged() {
 // The log: durability, boot, restart
 // ---------------------------------------------------------------------------------------------
 
+/// The final reply comes with its `Persist`, wrapped in `Held` through the last entry it
+/// depends on (the host releases it once that entry is durable); the enclave's own view of
+/// durability is the host's `Durable`, and checkpoints wait for it.
 #[test]
-fn final_reply_waits_for_durability() {
+fn final_reply_is_held_for_its_entry_and_checkpoints_wait_for_durable() {
     let admin = Admin::new(1);
     let server = McpServer::new("search", "acme", 1);
     let mut h = Harness::new(&[&admin]);
@@ -1219,58 +1222,47 @@ fn final_reply_waits_for_durability() {
     let (id2, r2) = h.send_raw(Request::Admin {
         request: ByteBuf::from(second),
     });
-    let seq_of = |replies: &Replies, id: u64| match replies.as_slice() {
-        [(rid, Response::Persist { first_seq, entries })] if *rid == id => {
+    let split = |replies: &Replies, id: u64| match replies.as_slice() {
+        [
+            (pid, Response::Persist { first_seq, entries }),
+            (hid, Response::Held { through_seq, reply }),
+        ] if *pid == id && *hid == id => {
             assert_eq!(entries.len(), 1);
-            (*first_seq, entries[0].to_vec())
+            assert_eq!(through_seq, first_seq, "held for its own entry");
+            (*first_seq, entries[0].to_vec(), (**reply).clone())
         }
-        other => panic!("expected only a Persist, got {other:?}"),
+        other => panic!("expected a Persist and a Held, got {other:?}"),
     };
-    let (s1, e1) = seq_of(&r1, id1);
-    let (s2, e2) = seq_of(&r2, id2);
+    let (s1, e1, final1) = split(&r1, id1);
+    let (s2, e2, final2) = split(&r2, id2);
     assert_eq!(s2, s1 + 1);
     assert_eq!(decode(&e2).prev, EntryHash::of(&e1));
-
-    // Nothing is final yet; a checkpoint would cover undurable entries.
-    let message = expect_error(h.send(Request::Checkpoint), ErrorCode::NotReady);
-    assert!(message.contains("durab"));
-    match h.status() {
-        Response::Status { held_replies, .. } => assert_eq!(held_replies, 2),
-        other => panic!("{other:?}"),
+    for (reply, seq) in [(final1, s1), (final2, s2)] {
+        assert_eq!(
+            reply,
+            Response::AdminResult {
+                accepted: true,
+                seq,
+                reason: None
+            }
+        );
     }
 
-    // Durable through the first releases the first only.
+    // Nothing reported durable yet: a checkpoint would cover undurable entries.
+    let message = expect_error(h.send(Request::Checkpoint), ErrorCode::NotReady);
+    assert!(message.contains("durab"));
+
+    // Durable through the first: acknowledged, nothing else; a checkpoint still waits.
     h.store.extend([e1, e2]);
-    let (did, released) = h.send_raw(Request::Durable { through_seq: s1 });
-    assert_eq!(
-        released,
-        vec![
-            (
-                id1,
-                Response::AdminResult {
-                    accepted: true,
-                    seq: s1,
-                    reason: None
-                }
-            ),
-            (did, Response::Ack)
-        ]
-    );
-    let (did, released) = h.send_raw(Request::Durable { through_seq: s2 });
-    assert_eq!(
-        released,
-        vec![
-            (
-                id2,
-                Response::AdminResult {
-                    accepted: true,
-                    seq: s2,
-                    reason: None
-                }
-            ),
-            (did, Response::Ack)
-        ]
-    );
+    let (did, acked) = h.send_raw(Request::Durable { through_seq: s1 });
+    assert_eq!(acked, vec![(did, Response::Ack)]);
+    expect_error(h.send(Request::Checkpoint), ErrorCode::NotReady);
+    let (did, acked) = h.send_raw(Request::Durable { through_seq: s2 });
+    assert_eq!(acked, vec![(did, Response::Ack)]);
+    match h.status() {
+        Response::Status { durable_seq, .. } => assert_eq!(durable_seq, Some(s2)),
+        other => panic!("{other:?}"),
+    }
     // Beyond the head is refused.
     expect_error(
         h.send(Request::Durable {
@@ -1817,7 +1809,10 @@ fn host_cannot_choose_genesis_keys_when_pinned() {
 
     // The host offers nothing: the pinned keys are used.
     let replies = boot(&[], &[]);
-    let Some(Response::Persist { entries, .. }) = replies.last() else {
+    let persist = replies
+        .iter()
+        .rfind(|r| matches!(r, Response::Persist { .. }));
+    let Some(Response::Persist { entries, .. }) = persist else {
         panic!("no genesis written: {replies:?}");
     };
     let genesis = SignedEntry::decode(&entries[1]).unwrap().into_entry().event;
@@ -1869,7 +1864,7 @@ fn host_chosen_genesis_is_refused_without_the_dev_flag() {
     let mut dev = Enclave::new(nsm.clone(), config(&nsm)).with_insecure_host_chosen_genesis();
     assert_eq!(dev.handle(1, begin, now), vec![(1, Response::Ack)]);
     let replies = dev.handle(2, Request::ReplayEnd, now);
-    let Some((_, Response::Persist { entries, .. })) = replies.last() else {
+    let Some((_, Response::Persist { entries, .. })) = replies.first() else {
         panic!("no genesis written: {replies:?}");
     };
     let log: Vec<Vec<u8>> = entries.iter().map(|b| b.to_vec()).collect();

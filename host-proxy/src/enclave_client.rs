@@ -6,23 +6,31 @@
 //! never a connection per request), sends each request on one of them under a fresh id, and completes
 //! the caller's future when the *final* reply arrives under that id.
 //!
-//! Durability. A request that writes the log is answered first with [`Response::Persist`]. The
-//! client hands those entries to the [`Store`] **in sequence order** — replies travel on
-//! different connections and may arrive out of order, and a `Persist` whose own connection died
-//! is re-sent by the enclave on another one under an id this client may not know — so every
-//! `Persist`, known id or not, goes through one sequencer that parks early batches until the gap
-//! before them is filled. When a group commit completes, the client reports the highest durable
-//! seq with [`Request::Durable`]; only then does the enclave release the final replies. So no
-//! caller is ever answered on the strength of an entry that is not on disk.
+//! Durability. A request that writes the log is answered with [`Response::Persist`] and, right
+//! after it, its final reply wrapped in [`Response::Held`], which names the last entry the reply
+//! depends on. The client hands the entries to the [`Store`] **in sequence order** — replies
+//! travel on different connections and may arrive out of order, and a `Persist` whose own
+//! connection died is re-sent by the enclave on another one under an id this client may not
+//! know — so every `Persist`, known id or not, goes through one sequencer that parks early
+//! batches until the gap before them is filled. The held reply waits in the client (with the
+//! caller's waiter, under the same lock as the durable watermark) until a commit makes every
+//! entry through its seq durable, whichever request's `Persist` carried them and on whichever
+//! connection; only then is the caller answered. A failed commit fails the client and every
+//! waiter, held or not, with the store's error: a held reply is never released after it. Each
+//! completed commit is also reported to the enclave with [`Request::Durable`] (its checkpoints
+//! and its MCP gateway wait on that), but the callers no longer wait for that round trip. So
+//! no caller is ever answered on the strength of an entry that is not on disk. The rule is
+//! this client's to keep (the enclave cannot see the disk; it never could: a host could
+//! always report `Durable` early), and it is pinned by `host-proxy/tests/enclave_client.rs`.
 //!
 //! Commits, two ways. Under concurrency the store's writer thread group-commits the queued
 //! batches and one task reports each completed commit. A lone `Persist` on an idle store (one
 //! client) is committed by the connection's reader itself ([`Store::submit_or_reserve`]):
 //! write and `fdatasync` on its own runtime thread, then the `Durable` queued on its own
 //! connection, without waking the writer thread and being woken back (two thread hand-offs per
-//! `Persist`, a tenth of a millisecond or more on a small VM). Either way the `Durable` is sent
-//! only after the `fdatasync` covering the entry returned, and never for an entry whose write
-//! failed (the store then fails and the client stops serving).
+//! `Persist`, a tenth of a millisecond or more on a small VM). Either way held replies are
+//! released, and the `Durable` sent, only after the `fdatasync` covering the entry returned, and
+//! never for an entry whose write failed (the store then fails and the client stops serving).
 //!
 //! Boot and reconnection. On every new connection the client says `Hello`. If the enclave has
 //! not replayed (a fresh enclave, or one that restarted), one connection streams the whole
@@ -40,7 +48,7 @@
 //! verify it afterwards. It never logs request or reply bodies (bearer tokens and handles pass
 //! through it).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -173,7 +181,7 @@ struct Shared {
     store: Arc<Store>,
     options: ClientOptions,
     next_id: AtomicU64,
-    waiters: Mutex<HashMap<u64, Waiter>>,
+    waiters: Mutex<Waiters>,
     links: Mutex<Vec<Option<Link>>>,
     round_robin: AtomicUsize,
     phase: watch::Sender<Phase>,
@@ -187,6 +195,63 @@ struct Shared {
     metrics: ClientMetrics,
 }
 
+/// Who waits for which request id, the final replies held for durability, and how far the
+/// store is known durable: one lock, so that a held reply is either released by the commit
+/// that covers it or finds that commit already recorded.
+struct Waiters {
+    map: HashMap<u64, Waiter>,
+    /// `(through_seq, id)` of every [`Waiter::Held`], in the order commits release them.
+    held: BTreeSet<(u64, u64)>,
+    /// Entries below this seq are durable in the store (commits this client saw complete, and
+    /// what the store held when the client started).
+    durable_next: u64,
+}
+
+impl Waiters {
+    fn insert(&mut self, id: u64, waiter: Waiter) {
+        let held = match &waiter {
+            Waiter::Held { through_seq, .. } => Some(*through_seq),
+            Waiter::Call { .. } | Waiter::Ignore { .. } => None,
+        };
+        if let Some(Waiter::Held { through_seq, .. }) = self.map.insert(id, waiter) {
+            self.held.remove(&(through_seq, id));
+        }
+        if let Some(through_seq) = held {
+            self.held.insert((through_seq, id));
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Waiter> {
+        let waiter = self.map.remove(&id);
+        if let Some(Waiter::Held { through_seq, .. }) = &waiter {
+            self.held.remove(&(*through_seq, id));
+        }
+        waiter
+    }
+
+    fn drain(&mut self) -> Vec<Waiter> {
+        self.held.clear();
+        self.map.drain().map(|(_, w)| w).collect()
+    }
+
+    /// Records every entry through `last` durable and takes the held replies that waited for
+    /// them.
+    fn durable_through(&mut self, last: u64) -> Vec<Waiter> {
+        self.durable_next = self.durable_next.max(last.saturating_add(1));
+        let mut released = Vec::new();
+        while let Some(&(seq, id)) = self.held.first() {
+            if seq > last {
+                break;
+            }
+            self.held.pop_first();
+            if let Some(waiter) = self.map.remove(&id) {
+                released.push(waiter);
+            }
+        }
+        released
+    }
+}
+
 enum Waiter {
     /// A caller waits for the final reply.
     Call {
@@ -194,14 +259,31 @@ enum Waiter {
         sent: Instant,
         reply: oneshot::Sender<Result<Response, ClientError>>,
     },
+    /// The final reply has arrived, held until every entry through `through_seq` is durable. It
+    /// no longer depends on its connection.
+    Held {
+        through_seq: u64,
+        sent: Instant,
+        response: Response,
+        reply: oneshot::Sender<Result<Response, ClientError>>,
+    },
     /// Nobody waits (the `Ack` of a `Durable`).
     Ignore { slot: usize },
 }
 
 impl Waiter {
-    fn slot(&self) -> usize {
+    /// The connection whose closing fails the waiter (none for a reply already received).
+    fn slot(&self) -> Option<usize> {
         match self {
-            Waiter::Call { slot, .. } | Waiter::Ignore { slot } => *slot,
+            Waiter::Call { slot, .. } | Waiter::Ignore { slot } => Some(*slot),
+            Waiter::Held { .. } => None,
+        }
+    }
+
+    /// Fails the caller, if one waits.
+    fn fail(self, error: ClientError) {
+        if let Waiter::Call { reply, .. } | Waiter::Held { reply, .. } = self {
+            let _ = reply.send(Err(error));
         }
     }
 }
@@ -232,13 +314,18 @@ impl EnclaveClient {
         let connections = options.connections.max(1);
         let (phase, _) = watch::channel(Phase::Connecting);
         let next = store.next_seq();
+        let durable_next = store.len();
         let (commits, committed) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             address,
             store,
             options,
             next_id: AtomicU64::new(1),
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(Waiters {
+                map: HashMap::new(),
+                held: BTreeSet::new(),
+                durable_next,
+            }),
             links: Mutex::new(vec![None; connections]),
             round_robin: AtomicUsize::new(0),
             phase,
@@ -355,14 +442,15 @@ impl Shared {
             },
         );
         if link.frames.send(Frame::request(id, request)).await.is_err() {
-            lock(&self.waiters).remove(&id);
+            lock(&self.waiters).remove(id);
             return Err(ClientError::Unavailable("connection closed".into()));
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ClientError::Unavailable("connection closed".into())),
             Err(_) => {
-                lock(&self.waiters).remove(&id);
+                // A reply still held for durability is dropped with its waiter.
+                lock(&self.waiters).remove(id);
                 Err(ClientError::Timeout)
             }
         }
@@ -593,11 +681,10 @@ impl Shared {
     fn fail(&self, why: &str) {
         tracing_line(&format!("not serving: {why}"));
         self.phase.send_replace(Phase::Failed(why.to_owned()));
-        let waiters: Vec<Waiter> = lock(&self.waiters).drain().map(|(_, w)| w).collect();
+        // Held replies included: whatever they wait for will never be reported durable.
+        let waiters = lock(&self.waiters).drain();
         for w in waiters {
-            if let Waiter::Call { reply, .. } = w {
-                let _ = reply.send(Err(ClientError::Failed(why.to_owned())));
-            }
+            w.fail(ClientError::Failed(why.to_owned()));
         }
     }
 
@@ -628,21 +715,22 @@ impl Shared {
                 });
             }
         }
+        // A reply already received and held for durability does not depend on the connection
+        // any more: its entries are with the store, and their commit releases or fails it.
         let orphans: Vec<Waiter> = {
             let mut waiters = lock(&self.waiters);
             let ids: Vec<u64> = waiters
+                .map
                 .iter()
-                .filter(|(_, w)| w.slot() == slot)
+                .filter(|(_, w)| w.slot() == Some(slot))
                 .map(|(id, _)| *id)
                 .collect();
-            ids.iter().filter_map(|id| waiters.remove(id)).collect()
+            ids.iter().filter_map(|id| waiters.remove(*id)).collect()
         };
         for w in orphans {
-            if let Waiter::Call { reply, .. } = w {
-                let _ = reply.send(Err(ClientError::Unavailable(
-                    "the connection to the enclave closed before the reply".into(),
-                )));
-            }
+            w.fail(ClientError::Unavailable(
+                "the connection to the enclave closed before the reply".into(),
+            ));
         }
     }
 
@@ -661,7 +749,10 @@ impl Shared {
                         // Blocks this runtime thread for one fdatasync: only taken when the
                         // store is otherwise idle (see `Store::submit_or_reserve`).
                         match inline.run() {
-                            Ok(last) => self.report_durable(last, Some(slot)).await,
+                            Ok(last) => {
+                                self.release_through(last);
+                                self.report_durable(last, Some(slot)).await;
+                            }
                             Err(e) => {
                                 self.fail_store(&e);
                             }
@@ -682,9 +773,9 @@ impl Shared {
                         "connection {slot}: bad frame from the enclave: {e}"
                     ));
                     if let Some(id) = e.request_id()
-                        && let Some(Waiter::Call { reply, .. }) = lock(&self.waiters).remove(&id)
+                        && let Some(waiter) = lock(&self.waiters).remove(id)
                     {
-                        let _ = reply.send(Err(ClientError::Protocol(e.to_string())));
+                        waiter.fail(ClientError::Protocol(e.to_string()));
                     }
                 }
             }
@@ -707,7 +798,7 @@ impl Shared {
             }
         };
         if let Response::Persist { first_seq, entries } = response {
-            let known = lock(&self.waiters).contains_key(&frame.id);
+            let known = lock(&self.waiters).map.contains_key(&frame.id);
             if !known {
                 self.metrics
                     .rerouted_persists
@@ -715,15 +806,24 @@ impl Shared {
             }
             return self.persist(first_seq, entries);
         }
-        let waiter = lock(&self.waiters).remove(&frame.id);
+        if let Response::Held { through_seq, reply } = response {
+            self.hold(frame.id, through_seq, *reply);
+            return Ok(None);
+        }
+        let waiter = lock(&self.waiters).remove(frame.id);
         match waiter {
             Some(Waiter::Call { sent, reply, .. }) => {
-                self.metrics.replies.fetch_add(1, Ordering::Relaxed);
-                let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-                self.metrics.round_trip_us.fetch_add(us, Ordering::Relaxed);
                 // Error replies (Overloaded included) go to the caller like any reply; the API
                 // maps every enclave code in one place.
-                let _ = reply.send(Ok(response));
+                self.answer(sent, reply, response);
+            }
+            Some(held @ Waiter::Held { .. }) => {
+                // A second final reply under an id whose first is held: the first stands.
+                lock(&self.waiters).insert(frame.id, held);
+                tracing_line(&format!(
+                    "the enclave sent a second final reply for request {}; ignored",
+                    frame.id
+                ));
             }
             Some(Waiter::Ignore { .. }) => {}
             None => {
@@ -736,6 +836,70 @@ impl Shared {
             }
         }
         Ok(None)
+    }
+
+    /// Completes a caller's call with `response`.
+    fn answer(
+        &self,
+        sent: Instant,
+        reply: oneshot::Sender<Result<Response, ClientError>>,
+        response: Response,
+    ) {
+        self.metrics.replies.fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.metrics.round_trip_us.fetch_add(us, Ordering::Relaxed);
+        let _ = reply.send(Ok(response));
+    }
+
+    /// A final reply that depends on every entry through `through_seq`: answered now if the
+    /// store has made them durable, otherwise held with its waiter until a commit does
+    /// ([`Shared::release_through`]). A reply nobody waits for (the call timed out) is dropped.
+    fn hold(&self, id: u64, through_seq: u64, response: Response) {
+        let mut waiters = lock(&self.waiters);
+        match waiters.remove(id) {
+            Some(Waiter::Call { sent, reply, .. }) => {
+                if through_seq < waiters.durable_next {
+                    drop(waiters);
+                    self.answer(sent, reply, response);
+                } else {
+                    waiters.insert(
+                        id,
+                        Waiter::Held {
+                            through_seq,
+                            sent,
+                            response,
+                            reply,
+                        },
+                    );
+                }
+            }
+            Some(other) => {
+                // Already held, or a `Durable`'s acknowledgement: not a reply to hold.
+                waiters.insert(id, other);
+                drop(waiters);
+                tracing_line(&format!(
+                    "the enclave sent a held reply for request {id}, which awaits none; ignored"
+                ));
+            }
+            None => {}
+        }
+    }
+
+    /// Called once every entry through `last` is durable (a commit returned): answers the
+    /// callers whose replies were held for those entries.
+    fn release_through(&self, last: u64) {
+        let released = lock(&self.waiters).durable_through(last);
+        for waiter in released {
+            if let Waiter::Held {
+                sent,
+                response,
+                reply,
+                ..
+            } = waiter
+            {
+                self.answer(sent, reply, response);
+            }
+        }
     }
 
     /// Queues a `Persist` batch for the store in seq order and reports durability as commits
@@ -826,6 +990,7 @@ impl Shared {
                     }
                 }
             }
+            self.release_through(last);
             self.report_durable(last, None).await;
         }
     }
@@ -851,7 +1016,7 @@ impl Shared {
             .await
             .is_err()
         {
-            lock(&self.waiters).remove(&id);
+            lock(&self.waiters).remove(id);
         }
     }
 }
@@ -886,6 +1051,7 @@ fn response_kind(r: &Response) -> &'static str {
         Response::Hello { .. } => "Hello",
         Response::Ack => "Ack",
         Response::Persist { .. } => "Persist",
+        Response::Held { .. } => "Held",
         Response::Challenge { .. } => "Challenge",
         Response::AdminResult { .. } => "AdminResult",
         Response::AttestResult { .. } => "AttestResult",

@@ -70,7 +70,6 @@ async fn fake_enclave(path: &std::path::Path, head_seq: Option<u64>, script: Scr
                             head_seq,
                             durable_seq: head_seq,
                             servers: 0,
-                            held_replies: 0,
                         }),
                         Request::Durable { .. } => Some(Response::Ack),
                         other => script(other),
@@ -984,4 +983,77 @@ async fn status_500_internal_for_enclave_failures_and_unexpected_replies() {
     api.get("/v1/attestation")
         .await
         .assert_error(internal, "internal", None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A final reply held for durability (protocol version 2).
+
+/// The enclave sends a handle at once, held until entry 0 is durable; the HTTP request stays
+/// pending while entry 0 is not in the store, and is answered once another request's `Persist`
+/// has stored it. The `Persist` request itself never gets a final reply: 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_held_for_an_entry_is_answered_only_once_the_entry_is_durable() {
+    let mut setup = Setup::new(|request| match request {
+        Request::Resolve { .. } => Some(Response::Held {
+            through_seq: 0,
+            reply: Box::new(Response::Handle {
+                token: "handle-jwt".into(),
+                seq: 0,
+                expires_at: 1_764_870_000,
+            }),
+        }),
+        Request::Admin { .. } => Some(Response::Persist {
+            first_seq: 0,
+            entries: vec![ByteBuf::from(b"entry 0".to_vec())],
+        }),
+        _ => error(ErrorCode::Internal, "unexpected request"),
+    });
+    setup.request_timeout = Duration::from_secs(3);
+    let api = Arc::new(setup.start().await);
+    let handle = tokio::spawn({
+        let api = Arc::clone(&api);
+        async move {
+            let answer = api.post("/v1/servers/s1/handle").await;
+            // The entry is on disk by the time the client sees its handle.
+            (answer.status, answer.json(), api.store.len())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!handle.is_finished(), "answered before entry 0 was stored");
+    assert_eq!(api.store.len(), 0);
+
+    let admin = tokio::spawn({
+        let api = Arc::clone(&api);
+        async move { api.post_json("/v1/admin", ADMIN_BODY).await.status }
+    });
+    let (status, body, stored) = tokio::time::timeout(Duration::from_secs(2), handle)
+        .await
+        .expect("not answered once entry 0 was durable")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"token": "handle-jwt", "seq": 0, "expires_at": 1_764_870_000u64})
+    );
+    assert_eq!(stored, 1);
+    assert_eq!(admin.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
+}
+
+/// A handle held for an entry that never reaches the store is never answered: the request
+/// times out (504), and no handle leaves the proxy.
+#[tokio::test]
+async fn a_handle_held_for_an_entry_never_stored_is_never_answered() {
+    let mut setup = Setup::new(always(Some(Response::Held {
+        through_seq: 5,
+        reply: Box::new(Response::Handle {
+            token: "handle-jwt".into(),
+            seq: 5,
+            expires_at: 1_764_870_000,
+        }),
+    })));
+    setup.request_timeout = Duration::from_millis(500);
+    let api = setup.start().await;
+    let answer = api.post("/v1/servers/s1/handle").await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(!answer.text().contains("handle-jwt"), "{}", answer.text());
 }

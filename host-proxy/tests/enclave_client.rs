@@ -9,6 +9,9 @@
 //! - A `Persist` overlapping stored entries stops the client instead of corrupting the store.
 //! - A lone `Persist` (committed by the connection's reader, not the writer thread) is reported
 //!   `Durable` only once it is on disk, and a `Persist` whose write fails never is.
+//! - A final reply the enclave sends `Held` for an entry is released to the caller only once
+//!   the entry is durable, whichever connection's `Persist` carried it, and never when its
+//!   commit fails.
 
 #![allow(
     clippy::unwrap_used,
@@ -114,7 +117,6 @@ impl Fake {
                             head_seq: head,
                             durable_seq: head,
                             servers: 0,
-                            held_replies: 0,
                         },
                     )
                     .await;
@@ -406,4 +408,177 @@ async fn a_lone_persist_is_reported_durable_only_once_stored_and_a_failed_write_
         "{later:?}"
     );
     assert_eq!(store.len(), 1);
+}
+
+fn held(through_seq: u64, reply: Response) -> Response {
+    Response::Held {
+        through_seq,
+        reply: Box::new(reply),
+    }
+}
+
+/// The handle is held for entry 1; entry 1 arrives before entry 0, so it waits in the
+/// sequencer and is not durable: the caller is not answered. Once entry 0 arrives (re-sent
+/// under an id the client never used) both are committed, and only then is the handle released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reply_is_released_only_once_its_entry_is_durable() {
+    let (_dir, mut fake, client, store) = setup(1).await;
+    let c = client.clone();
+    let call = tokio::spawn(async move {
+        let reply = c.call(resolve("a"), Duration::from_secs(10)).await;
+        (reply, c.store().len())
+    });
+    let (conn, id, _) = fake.next(None).await;
+    fake.send(
+        conn,
+        id,
+        Response::Persist {
+            first_seq: 1,
+            entries: vec![entry(1)],
+        },
+    )
+    .await;
+    fake.send(conn, id, held(1, handle(1))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!call.is_finished(), "released before entry 1 was durable");
+    assert_eq!(store.len(), 0);
+
+    fake.send(
+        conn,
+        987_654_321,
+        Response::Persist {
+            first_seq: 0,
+            entries: vec![entry(0)],
+        },
+    )
+    .await;
+    let (reply, stored) = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("not released once durable")
+        .unwrap();
+    assert_eq!(reply, Ok(handle(1)));
+    assert_eq!(stored, 2, "released before the commit");
+    // The enclave still hears about it.
+    fake.durable_through(1, None).await;
+}
+
+/// A held reply whose entry's commit fails is never released: the caller gets the store's
+/// failure, as it did when the enclave held the reply, whether the reply arrived before the
+/// `Persist` or after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reply_whose_commit_fails_is_never_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("enclave.sock");
+    let mut fake = Fake::start(&socket).await;
+    let log = dir.path().join("log");
+    let store = Arc::new(
+        Store::open_with(
+            &log,
+            StoreOptions {
+                segment_bytes: MIN_SEGMENT_BYTES,
+            },
+        )
+        .unwrap(),
+    );
+    let client = EnclaveClient::start(
+        Address::Unix(socket),
+        Arc::clone(&store),
+        ClientOptions {
+            connections: 1,
+            ..ClientOptions::default()
+        },
+    );
+    let c = client.clone();
+    let first = tokio::spawn(async move { c.call(resolve("a"), Duration::from_secs(10)).await });
+    let (conn, id, _) = fake.next(None).await;
+    // One entry that fills the first segment, so that the next commit starts segment 1.
+    let full = ByteBuf::from(vec![7u8; MIN_SEGMENT_BYTES as usize]);
+    fake.send(
+        conn,
+        id,
+        Response::Persist {
+            first_seq: 0,
+            entries: vec![full],
+        },
+    )
+    .await;
+    fake.send(conn, id, held(0, handle(0))).await;
+    assert_eq!(first.await.unwrap(), Ok(handle(0)));
+    fake.durable_through(0, None).await;
+
+    // A file squatting segment 1's name: creating it fails, a real I/O failure of the commit.
+    std::fs::File::create(log.join("segments").join("00000000000000000001.log")).unwrap();
+    let c = client.clone();
+    let second = tokio::spawn(async move { c.call(resolve("b"), Duration::from_secs(10)).await });
+    let (conn, id, request) = fake.next(Some(0)).await;
+    assert_eq!(request, resolve("b"));
+    // The held reply first (it waits), then the entry whose commit fails.
+    fake.send(conn, id, held(1, handle(1))).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!second.is_finished());
+    fake.send(
+        conn,
+        id,
+        Response::Persist {
+            first_seq: 1,
+            entries: vec![entry(1)],
+        },
+    )
+    .await;
+    let reply = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the caller was left waiting")
+        .unwrap();
+    assert!(matches!(reply, Err(ClientError::Failed(_))), "{reply:?}");
+    assert!(matches!(client.phase(), Phase::Failed(_)));
+    assert_eq!(store.len(), 1);
+}
+
+/// A reply held on one connection for an entry whose `Persist` comes on the other connection
+/// is released when that entry is durable, not before; a reply held for an entry already
+/// durable is released at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_held_for_another_connections_persist_is_released_when_that_is_durable() {
+    let (_dir, mut fake, client, store) = setup(2).await;
+    let c = client.clone();
+    let a = tokio::spawn(async move { c.call(resolve("a"), Duration::from_secs(10)).await });
+    let (conn_a, id_a, _) = fake.next(None).await;
+    let c = client.clone();
+    let b = tokio::spawn(async move { c.call(resolve("b"), Duration::from_secs(10)).await });
+    let (_, id_b, _) = fake.next(None).await;
+    // Both connections are up (the fake has accepted two).
+    for _ in 0..1000 {
+        if fake.writers.lock().await.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let other = 1 - conn_a;
+
+    fake.send(conn_a, id_a, held(0, handle(0))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!a.is_finished(), "released with no entry 0 anywhere");
+    assert_eq!(store.len(), 0);
+
+    // Entry 0 comes in B's Persist, on the other connection.
+    fake.send(
+        other,
+        id_b,
+        Response::Persist {
+            first_seq: 0,
+            entries: vec![entry(0)],
+        },
+    )
+    .await;
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), a)
+            .await
+            .expect("not released once entry 0 was durable")
+            .unwrap(),
+        Ok(handle(0))
+    );
+    assert_eq!(store.len(), 1);
+    assert!(!b.is_finished(), "B's own final reply has not come");
+    fake.send(other, id_b, held(0, handle(1))).await;
+    assert_eq!(b.await.unwrap(), Ok(handle(1)));
 }

@@ -187,7 +187,7 @@ mod tests {
         assert_eq!(code, ErrorCode::UnsupportedVersion);
         assert_eq!(
             message,
-            "unsupported protocol version 9 in frame 42 (expected 1)"
+            "unsupported protocol version 9 in frame 42 (expected 2)"
         );
     }
 

@@ -11,8 +11,9 @@
 //!
 //! Conversation. The host opens a few persistent connections and multiplexes requests over them
 //! by request id; the enclave answers each request under its id, out of order. Requests that
-//! write the log are answered in two phases: [`Response::Persist`] with the signed entries, then,
-//! once the host reports them durable with [`Request::Durable`], the final reply. Each request's
+//! write the log are answered in two phases, sent together: [`Response::Persist`] with the signed
+//! entries, then [`Response::Held`], the final reply, which the host releases only once those
+//! entries are durable in its store (and reports with [`Request::Durable`]). Each request's
 //! documentation lists its replies and its error replies.
 //!
 //! Trust: none, in both directions. The enclave must survive a hostile host and the host must

@@ -15,11 +15,17 @@
 //! the verifier crate.
 //!
 //! Two-phase replies. Everything that writes the log (`Admin`, `AttestEvidence`, `Resolve`,
-//! `Discover`, `Authorize`, `ReplayEnd`) is answered in two steps under the request's id: first
-//! [`Response::Persist`] with the signed entries to store; the host stores them durably and sends
-//! [`Request::Durable`]; only then does the enclave send the final reply (`AdminResult`,
-//! `AttestResult`, `Handle`, `Denied`, `Servers`, `Authorized`, `Ack`) under the original id.
-//! Nothing is released that depends on an entry the host has not reported durable.
+//! `Discover`, `Authorize`, `ReplayEnd`) is answered with two frames under the request's id,
+//! sent together: first [`Response::Persist`] with the signed entries to store, then
+//! [`Response::Held`], which wraps the final reply (`AdminResult`, `AttestResult`, `Handle`,
+//! `Denied`, `Servers`, `Authorized`, `Ack`) and names the last entry it depends on. The host
+//! stores the entries, and releases the wrapped reply to whoever asked only once every entry
+//! through that sequence number is durable in its store, never if storing them fails; it
+//! reports durability to the enclave with [`Request::Durable`] as before (the enclave's
+//! checkpoints and its MCP gateway wait on that report). So the rule is the host's to keep: it
+//! releases no response that depends on an entry before the entry is durable. It could always
+//! break it by lying with `Durable`; what changed in version 2 is that an honest host no longer
+//! sends the reply through the enclave a second time to keep it.
 //!
 //! Trust: none. Either side may be hostile (the host is untrusted by design; the enclave's
 //! replies reach a host that must not crash on them). Decoding enforces the counted limits below
@@ -43,8 +49,10 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 /// The protocol version this crate speaks. A frame carrying another version is refused with
-/// [`ErrorCode::UnsupportedVersion`]; there is no negotiation.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// [`ErrorCode::UnsupportedVersion`]; there is no negotiation. Version 2 added
+/// [`Response::Held`] (version 1's enclave held final replies until `Durable`) and removed
+/// `held_replies` from [`Response::Status`].
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Frame id reserved for replies to frames whose id could not be read (the host never sends it).
 pub const NO_REQUEST_ID: u64 = 0;
@@ -115,6 +123,9 @@ pub enum Body {
 /// enclave sheds load (retry later), and `Error { code: Internal }` when the enclave fails
 /// (for example the NSM does not answer). Requests other than `Hello`, `Status`, `Durable` and
 /// the replay sequence are answered `Error { code: NotReady }` until the replay has completed.
+///
+/// In a two-phase request's documentation, "→ `Persist`, then `X`" means `Persist` followed by
+/// [`Response::Held`] wrapping `X`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -154,14 +165,14 @@ pub enum Request {
         entries: Vec<ByteBuf>,
     },
     /// Ends the replay. Two-phase: → [`Response::Persist`] with the new epoch's opening entries,
-    /// then, once they are durable, [`Response::Ack`]; the enclave is ready from then on.
+    /// then [`Response::Ack`] (held until they are durable); the enclave is ready from then on.
     ///
     /// Errors: `Conflict` without a preceding `ReplayBegin`; [`Response::BrokenLog`] when fewer
     /// entries arrived than announced or the log as a whole fails verification.
     ReplayEnd,
     /// The host reports every entry up to and including `through_seq` durably stored;
-    /// → [`Response::Ack`] under this request's id. Replies held for those entries are then
-    /// released, each under its own request's id.
+    /// → [`Response::Ack`] under this request's id. The enclave's checkpoints and the entries
+    /// its MCP gateway writes wait for it; final replies do not (see [`Response::Held`]).
     ///
     /// Errors: `BadRequest` when `through_seq` is beyond the last entry the enclave handed out.
     Durable {
@@ -264,7 +275,9 @@ pub enum Response {
     /// Plain acknowledgement (`ReplayBegin`, `ReplayEntries`, `Durable`, the end of `ReplayEnd`).
     Ack,
     /// First phase of a two-phase reply: entries to store durably before the final reply is
-    /// released. The host stores them and reports them with [`Request::Durable`].
+    /// released. The host stores them and reports them with [`Request::Durable`]. May arrive
+    /// on another connection, under an id the host does not know, when the request's own
+    /// connection closed before it was written: the host stores it all the same.
     Persist {
         /// The sequence number of the first entry in `entries`; the rest follow densely.
         first_seq: u64,
@@ -274,6 +287,22 @@ pub enum Response {
             deserialize_with = "limits::de_entries"
         )]
         entries: Vec<ByteBuf>,
+    },
+    /// Second phase of a two-phase reply, sent right after its [`Response::Persist`]: the final
+    /// reply, which the host must not release to anyone (nor act on) before every entry up to
+    /// and including `through_seq` is durable in its store. The entries may have come in
+    /// another request's `Persist`, on another connection. If storing them fails, the reply is
+    /// never released. `reply` is never itself `Held` or `Persist` (refused when encoding and
+    /// decoding).
+    Held {
+        /// The last entry `reply` depends on.
+        through_seq: u64,
+        /// The final reply.
+        #[serde(
+            serialize_with = "limits::ser_held",
+            deserialize_with = "limits::de_held"
+        )]
+        reply: Box<Response>,
     },
     /// Reply to [`Request::AttestChallenge`].
     Challenge {
@@ -364,8 +393,6 @@ pub enum Response {
         durable_seq: Option<u64>,
         /// How many servers are registered.
         servers: u64,
-        /// How many final replies are held waiting for durability.
-        held_replies: u64,
     },
     /// The stored log failed verification; the enclave refuses to serve. Carries the evidence.
     BrokenLog {
@@ -625,6 +652,11 @@ impl fmt::Debug for Response {
                 .field("first_seq", first_seq)
                 .field("entries", &Batch(entries))
                 .finish(),
+            Response::Held { through_seq, reply } => f
+                .debug_struct("Held")
+                .field("through_seq", through_seq)
+                .field("reply", reply)
+                .finish(),
             Response::Challenge {
                 nonce,
                 expires_at_ms,
@@ -698,7 +730,6 @@ impl fmt::Debug for Response {
                 head_seq,
                 durable_seq,
                 servers,
-                held_replies,
             } => f
                 .debug_struct("Status")
                 .field("ready", ready)
@@ -706,7 +737,6 @@ impl fmt::Debug for Response {
                 .field("head_seq", head_seq)
                 .field("durable_seq", durable_seq)
                 .field("servers", servers)
-                .field("held_replies", held_replies)
                 .finish(),
             Response::BrokenLog { seq, message } => f
                 .debug_struct("BrokenLog")
@@ -734,7 +764,7 @@ mod limits {
 
     use super::{
         ED25519_PUBLIC_KEY_LEN, MAX_ADMIN_KEYS, MAX_ENTRIES_PER_FRAME, MAX_SERVERS_PER_REPLY,
-        ServerInfo,
+        Response, ServerInfo,
     };
 
     /// Upper bound on what a sequence's announced length may make us preallocate.
@@ -810,6 +840,33 @@ mod limits {
 
     pub(super) fn de_servers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerInfo>, D::Error> {
         de_bounded(d, MAX_SERVERS_PER_REPLY, "servers")
+    }
+
+    /// What a [`Response::Held`] may wrap: a final reply, never a `Persist` or another `Held`.
+    const HELD_EXPECTED: &str = "a final reply (not Persist or Held)";
+
+    fn holdable(reply: &Response) -> bool {
+        !matches!(reply, Response::Held { .. } | Response::Persist { .. })
+    }
+
+    pub(super) fn ser_held<S: Serializer>(v: &Response, s: S) -> Result<S::Ok, S::Error> {
+        if !holdable(v) {
+            return Err(ser::Error::custom(format_args!(
+                "a held reply must be {HELD_EXPECTED}"
+            )));
+        }
+        v.serialize(s)
+    }
+
+    pub(super) fn de_held<'de, D: Deserializer<'de>>(d: D) -> Result<Box<Response>, D::Error> {
+        let reply = Box::<Response>::deserialize(d)?;
+        if !holdable(&reply) {
+            return Err(de::Error::invalid_value(
+                de::Unexpected::Other("a Persist or Held reply"),
+                &HELD_EXPECTED,
+            ));
+        }
+        Ok(reply)
     }
 
     const KEY_EXPECTED: &str = "a 32-byte ed25519 public key";

@@ -150,17 +150,15 @@ fn response() -> impl Strategy<Value = Response> {
             option::of(any::<u64>()),
             option::of(any::<u64>()),
             option::of(any::<u64>()),
-            any::<u64>(),
             any::<u64>()
         )
             .prop_map(
-                |(ready, epoch, head_seq, durable_seq, servers, held_replies)| Response::Status {
+                |(ready, epoch, head_seq, durable_seq, servers)| Response::Status {
                     ready,
                     epoch,
                     head_seq,
                     durable_seq,
                     servers,
-                    held_replies
                 }
             ),
         (option::of(any::<u64>()), text())
@@ -169,10 +167,23 @@ fn response() -> impl Strategy<Value = Response> {
     ]
 }
 
+/// A final reply wrapped in `Held`.
+fn held() -> impl Strategy<Value = Response> {
+    (
+        any::<u64>(),
+        response().prop_filter("a final reply", |r| !matches!(r, Response::Persist { .. })),
+    )
+        .prop_map(|(through_seq, reply)| Response::Held {
+            through_seq,
+            reply: Box::new(reply),
+        })
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         (any::<u64>(), request()).prop_map(|(id, r)| Frame::request(id, r)),
         (any::<u64>(), response()).prop_map(|(id, r)| Frame::response(id, r)),
+        (any::<u64>(), held()).prop_map(|(id, r)| Frame::response(id, r)),
     ]
 }
 
@@ -282,10 +293,10 @@ proptest! {
 
 #[test]
 fn status_request_encodes_to_pinned_bytes() {
-    // {"version": 1, "id": 7, "body": {"request": "status"}}, written out by hand.
+    // {"version": 2, "id": 7, "body": {"request": "status"}}, written out by hand.
     let mut body = vec![0xa3];
     body.extend(t("version"));
-    body.push(0x01);
+    body.push(0x02);
     body.extend(t("id"));
     body.push(0x07);
     body.extend(t("body"));
@@ -305,11 +316,11 @@ fn status_request_encodes_to_pinned_bytes() {
 
 #[test]
 fn entries_travel_as_cbor_byte_strings() {
-    // {"version": 1, "id": 258, "body": {"response": {"persist": {"first_seq": 5,
+    // {"version": 2, "id": 258, "body": {"response": {"persist": {"first_seq": 5,
     //   "entries": [h'010203', h'']}}}}
     let mut body = vec![0xa3];
     body.extend(t("version"));
-    body.push(0x01);
+    body.push(0x02);
     body.extend(t("id"));
     body.extend([0x19, 0x01, 0x02]);
     body.extend(t("body"));
@@ -333,6 +344,84 @@ fn entries_travel_as_cbor_byte_strings() {
 }
 
 #[test]
+fn a_held_reply_encodes_to_pinned_bytes() {
+    // {"version": 2, "id": 9, "body": {"response": {"held": {"through_seq": 4,
+    //   "reply": "ack"}}}}
+    let mut body = vec![0xa3];
+    body.extend(t("version"));
+    body.push(0x02);
+    body.extend(t("id"));
+    body.push(0x09);
+    body.extend(t("body"));
+    body.push(0xa1);
+    body.extend(t("response"));
+    body.push(0xa1);
+    body.extend(t("held"));
+    body.push(0xa2);
+    body.extend(t("through_seq"));
+    body.push(0x04);
+    body.extend(t("reply"));
+    body.extend(t("ack"));
+    let frame = Frame::response(
+        9,
+        Response::Held {
+            through_seq: 4,
+            reply: Box::new(Response::Ack),
+        },
+    );
+    assert_eq!(encode_frame(&frame).unwrap(), framed(&body));
+    assert_eq!(decode_frame(&framed(&body)).unwrap(), frame);
+}
+
+/// A `Held` wraps a final reply: a `Persist` or a `Held` inside one is refused both ways (a
+/// host must never take entries, or a second gate, from inside a reply it is holding).
+#[test]
+fn a_held_reply_wrapping_a_persist_or_a_held_is_refused() {
+    let persist = Response::Persist {
+        first_seq: 0,
+        entries: vec![ByteBuf::from(vec![1])],
+    };
+    let inner = Response::Held {
+        through_seq: 1,
+        reply: Box::new(Response::Ack),
+    };
+    for bad in [persist, inner] {
+        let frame = Frame::response(
+            5,
+            Response::Held {
+                through_seq: 2,
+                reply: Box::new(bad.clone()),
+            },
+        );
+        assert!(encode_frame(&frame).is_err(), "encoded {bad:?} inside Held");
+        // Written by hand: {"version": 2, "id": 5, "body": {"response": {"held":
+        //   {"through_seq": 2, "reply": <bad>}}}}
+        let mut inner_bytes = Vec::new();
+        ciborium::into_writer(&bad, &mut inner_bytes).unwrap();
+        let mut body = vec![0xa3];
+        body.extend(t("version"));
+        body.push(0x02);
+        body.extend(t("id"));
+        body.push(0x05);
+        body.extend(t("body"));
+        body.push(0xa1);
+        body.extend(t("response"));
+        body.push(0xa1);
+        body.extend(t("held"));
+        body.push(0xa2);
+        body.extend(t("through_seq"));
+        body.push(0x02);
+        body.extend(t("reply"));
+        body.extend(inner_bytes);
+        let err = decode_frame(&framed(&body)).unwrap_err();
+        assert!(
+            matches!(err, ProtoError::Malformed { id: Some(5), .. }),
+            "{bad:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn error_codes_travel_as_their_machine_codes() {
     let frame = Frame::response(1, Response::error(ErrorCode::NotReady, "replay pending"));
     let bytes = encode_frame(&frame).unwrap();
@@ -343,14 +432,14 @@ fn error_codes_travel_as_their_machine_codes() {
 #[test]
 fn another_version_is_refused_with_its_number_and_id() {
     let mut f = Frame::request(77, Request::Status);
-    f.version = 2;
+    f.version = 1;
     let err = decode_frame(&encode_frame(&f).unwrap()).unwrap_err();
     assert!(
         matches!(
             err,
             ProtoError::UnsupportedVersion {
-                found: 2,
-                expected: 1,
+                found: 1,
+                expected: 2,
                 id: 77
             }
         ),
@@ -390,7 +479,7 @@ fn another_version_with_an_unknown_body_is_still_named() {
 fn malformed_body_with_a_readable_id_names_the_request() {
     let mut body = vec![0xa3];
     body.extend(t("version"));
-    body.push(0x01);
+    body.push(0x02);
     body.extend(t("id"));
     body.push(0x0b);
     body.extend(t("body"));
@@ -410,7 +499,7 @@ fn malformed_body_with_a_readable_id_names_the_request() {
 fn unknown_fields_are_refused() {
     let mut body = vec![0xa4];
     body.extend(t("version"));
-    body.push(0x01);
+    body.push(0x02);
     body.extend(t("id"));
     body.push(0x01);
     body.extend(t("body"));
@@ -430,7 +519,7 @@ fn unknown_fields_are_refused() {
 fn duplicate_fields_are_refused() {
     let mut body = vec![0xa4];
     body.extend(t("version"));
-    body.push(0x01);
+    body.push(0x02);
     body.extend(t("id"));
     body.push(0x01);
     body.extend(t("id"));
@@ -449,7 +538,7 @@ fn replay_begin_with_keys(keys: Vec<ByteBuf>) -> Vec<u8> {
     // Encode by hand: the encoder itself refuses such keys.
     let mut body = vec![0xa3];
     body.extend(t("version"));
-    body.push(0x01);
+    body.push(0x02);
     body.extend(t("id"));
     body.push(0x01);
     body.extend(t("body"));
@@ -579,7 +668,7 @@ fn a_huge_announced_array_costs_nothing_until_its_items_arrive() {
     // "entries" announces 2^32-1 items but the body ends: refused, with no large allocation.
     let mut body = vec![0xa3];
     body.extend(t("version"));
-    body.push(0x01);
+    body.push(0x02);
     body.extend(t("id"));
     body.push(0x01);
     body.extend(t("body"));
@@ -601,7 +690,7 @@ fn a_huge_announced_byte_string_is_refused_not_allocated() {
     // A document announcing 2^64-1 bytes inside a tiny frame.
     let mut body = vec![0xa3];
     body.extend(t("version"));
-    body.push(0x01);
+    body.push(0x02);
     body.extend(t("id"));
     body.push(0x01);
     body.extend(t("body"));

@@ -1,6 +1,6 @@
 //! Shared helpers for the enclave's service-level tests: a [`Harness`] that boots an
 //! [`Enclave`] over a mock NSM with a pinned clock and plays the host (it keeps the stored log
-//! as a list of entry bytes and does the `Persist` → `Durable` dance), admin keys that sign
+//! as a list of entry bytes and does the `Persist` → `Held` → `Durable` dance), admin keys that sign
 //! requests, an identity provider that mints agents' bearer tokens, and attested MCP servers
 //! (each a mock NSM with its own image PCRs).
 //!
@@ -408,15 +408,27 @@ impl Harness {
         (id, replies)
     }
 
-    /// Sends `request` and returns its final reply: a `Persist` is stored, reported durable,
-    /// and the released reply returned.
+    /// Sends `request` and returns its final reply: a `Persist` is stored, the `Held` reply
+    /// after it checked to name the last stored entry, durability reported, and the held reply
+    /// returned.
     pub fn send(&mut self, request: Request) -> Response {
-        let (id, mut replies) = self.send_raw(request);
-        assert_eq!(replies.len(), 1, "one reply expected, got {replies:?}");
-        let (rid, reply) = replies.remove(0);
+        let (id, replies) = self.send_raw(request);
+        let mut replies = replies.into_iter();
+        let (rid, reply) = replies.next().expect("no reply");
         assert_eq!(rid, id, "reply under another id");
         let Response::Persist { first_seq, entries } = reply else {
+            assert!(
+                !matches!(reply, Response::Held { .. }),
+                "a Held reply without its Persist"
+            );
+            assert!(replies.next().is_none(), "one reply expected");
             return reply;
+        };
+        let (hid, held) = replies.next().expect("no final reply after the Persist");
+        assert_eq!(hid, id, "final reply under another id");
+        assert!(replies.next().is_none(), "more than Persist and Held");
+        let Response::Held { through_seq, reply } = held else {
+            panic!("the final reply is not held for durability: {held:?}");
         };
         assert!(!entries.is_empty(), "an empty Persist");
         assert_eq!(
@@ -426,23 +438,14 @@ impl Harness {
         );
         self.store
             .extend(entries.into_iter().map(ByteBuf::into_vec));
-        let through_seq = self.store.len() as u64 - 1;
-        let (durable_id, released) = self.send_raw(Request::Durable { through_seq });
-        let mut final_reply = None;
-        let mut acked = false;
-        for (rid, r) in released {
-            if rid == id {
-                assert!(final_reply.is_none(), "two final replies");
-                final_reply = Some(r);
-            } else if rid == durable_id {
-                assert_eq!(r, Response::Ack);
-                acked = true;
-            } else {
-                panic!("a reply for request {rid} nobody waits for: {r:?}");
-            }
-        }
-        assert!(acked, "Durable was not acknowledged");
-        final_reply.expect("the final reply was not released after Durable")
+        assert_eq!(
+            through_seq,
+            self.store.len() as u64 - 1,
+            "held for another entry than its last"
+        );
+        let (durable_id, acked) = self.send_raw(Request::Durable { through_seq });
+        assert_eq!(acked, vec![(durable_id, Response::Ack)], "Durable");
+        *reply
     }
 
     /// A fresh admin nonce.

@@ -5,9 +5,9 @@
 //! attestation of the server by a second mock NSM with the same image measurements), with the
 //! host's part played in memory: every `Persist` is acknowledged at once with `Durable` (nothing
 //! stored), as `enclave/benches/decision.rs` does. The measured request is the one the HTTP
-//! clients send: `Resolve` for the registered server with one of the agents' bearer tokens,
-//! then the `Durable` that releases the handle. Time is the system clock, as in the enclave
-//! binary.
+//! clients send: `Resolve` for the registered server with one of the agents' bearer tokens
+//! (its handle comes back held for its entry, taken at once), then the host's `Durable`. Time
+//! is the system clock, as in the enclave binary.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -151,27 +151,28 @@ impl InProcess {
         self.next_id += 1;
         let id = self.next_id;
         let t = now();
-        let mut replies = self.enclave.handle(id, request, t);
-        let Some((_, reply)) = replies.pop() else {
+        let mut replies = self.enclave.handle(id, request, t).into_iter();
+        let Some((_, reply)) = replies.next() else {
             bail!("in-process enclave: no reply");
         };
         let Response::Persist { first_seq, entries } = reply else {
             return Ok(reply);
         };
-        let through_seq = first_seq + entries.len() as u64 - 1;
+        let Some((_, Response::Held { through_seq, reply })) = replies.next() else {
+            bail!("in-process enclave: no held reply after the Persist");
+        };
         if let Some(genesis) = 1u64
             .checked_sub(first_seq)
             .and_then(|i| entries.get(i as usize))
         {
             self.genesis = Some(EntryHash::of(genesis));
         }
+        // Stored at once (nothing is written), then reported, as the host does.
         self.next_id += 1;
-        self.enclave
-            .handle(self.next_id, Request::Durable { through_seq }, t)
-            .into_iter()
-            .find(|(rid, _)| *rid == id)
-            .map(|(_, r)| r)
-            .ok_or_else(|| anyhow::anyhow!("in-process enclave: the held reply was not released"))
+        let _ = self
+            .enclave
+            .handle(self.next_id, Request::Durable { through_seq }, t);
+        Ok(*reply)
     }
 
     /// One resolution with the next token; fails unless a handle is issued.

@@ -15,12 +15,13 @@
 //!
 //! 1. in-process: an `Enclave` on a `MockNsm` in this process, set up the same way (policy,
 //!    identity provider, registration, attestation), resolves back to back on one thread for
-//!    `--in-process` (each `Resolve` followed by the `Durable` that releases its handle, the host
-//!    played in memory, as `enclave/benches/decision.rs` does);
+//!    `--in-process` (each `Resolve`, whose handle comes held for its entry, followed by the
+//!    host's `Durable`, the host played in memory, as `enclave/benches/decision.rs` does);
 //! 2. HTTP: `--concurrency` clients, each on its own keep-alive connection, send
 //!    `POST /v1/servers/weather/handle` with a bearer back to back for `--warmup` + `--duration`;
-//!    every 200 is a handle the enclave signed and released only after the proxy fsync'd its log
-//!    entry (HTTP → proxy → enclave → durable store → enclave → proxy → HTTP);
+//!    every 200 is a handle the enclave signed and the proxy released only after it fsync'd its
+//!    log entry (HTTP → proxy → enclave → proxy's durable store → HTTP; the proxy then reports
+//!    the entry durable to the enclave);
 //!
 //! and a last in-process block after the last round. Each round's ratio divides the HTTP rate by
 //! the mean of the in-process blocks just before and after it (the machine's load drifts; the
