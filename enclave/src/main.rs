@@ -258,7 +258,7 @@ async fn main() -> Result<()> {
         let gateway = Arc::new(Gateway::new(config, access, upstreams));
         tokio::spawn(mcp_transport::serve_agents(
             mcp.listener,
-            move |stream| gateway.clone().serve_connection(stream),
+            move |stream| gateway.clone().serve_agent(stream),
             std::future::pending(),
         ))
     });

@@ -29,6 +29,16 @@
 //! accept loop. [`serve_agents`] calls it in the connection's task, under
 //! [`ESTABLISH_TIMEOUT`].
 //!
+//! Held bytes. What the gateway writes toward an agent or a server may depend on log entries
+//! (a call reaches its server only once its decision entry is durable, its answer the agent only
+//! once its result entry is). The host's relays hold such bytes for it
+//! ([`attestplane_proto::release`]): every dialled connection, and every agent connection the
+//! host's relay opens with [`RELEASE_PREAMBLE`], frames what the enclave writes, each frame
+//! marked with the [`Gate`] of its connection, and the host delivers a frame only once that many
+//! entries are durable. The gateway raises a connection's gate instead of waiting for the host's
+//! `Durable` ([`AgentStream::gate`], [`Dialed::gate`]); a connection without the preamble (an
+//! agent connected straight to the port, as tests do) has no gate, and the gateway waits.
+//!
 //! Trust: none in the host. It can refuse, delay, cut or misroute any connection, and it sees
 //! every byte until TLS lands; what it cannot do is reach the enclave any other way than
 //! through these streams, whose bytes the gateway parses as hostile input. A dial reply is
@@ -48,13 +58,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use attestplane_proto::{
-    Address, DialRequest, DialStatus, Listener, ProtoError, ServerId, Stream, connect,
-    read_dial_reply, write_dial,
+    Address, DialRequest, DialStatus, Gate, Held, Listener, ProtoError, RELEASE_PREAMBLE, ServerId,
+    Stream, connect, read_dial_reply, write_dial,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use crate::gateway::upstream::Dialed;
 
 /// Default enclave MCP address (production): the host relays agents here.
 pub const DEFAULT_MCP_LISTEN: &str = "vsock:any:5006";
@@ -91,10 +103,127 @@ pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
 
 /// An agent's connection, ready for the gateway's HTTP server.
-pub type AgentStream = Box<dyn ByteStream>;
+pub struct AgentStream {
+    io: Box<dyn ByteStream>,
+    gate: Option<Gate>,
+}
+
+impl AgentStream {
+    /// A connection whose bytes go out as they are written (no host holds them): the gateway
+    /// waits for entries to be durable before it writes what depends on them.
+    pub fn unheld(io: Box<dyn ByteStream>) -> AgentStream {
+        AgentStream { io, gate: None }
+    }
+
+    /// The gate of a connection the host holds frames on; `None` for an unheld one.
+    pub fn gate(&self) -> Option<&Gate> {
+        self.gate.as_ref()
+    }
+}
+
+impl std::fmt::Debug for AgentStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentStream")
+            .field("held", &self.gate.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for AgentStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AgentStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
 
 /// A connection to a registered MCP server, ready for the gateway's HTTP client.
 pub type UpstreamStream = Box<dyn ByteStream>;
+
+/// A stream that gives back one byte already read before reading on.
+struct Prefixed<S> {
+    first: Option<u8>,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() > 0
+            && let Some(b) = this.first.take()
+        {
+            buf.put_slice(&[b]);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
 
 /// A stream that holds a slot of a connection limit until it is dropped.
 struct Slotted<S> {
@@ -224,17 +353,47 @@ impl McpListener {
 }
 
 impl PendingAgent {
-    /// Completes the connection's set-up and hands it over as an [`AgentStream`]. Today there
-    /// is nothing to set up (the stream is the relayed connection itself); with TLS inside the
-    /// enclave this runs the handshake. Call it in the connection's own task, with a timeout
-    /// ([`serve_agents`] does both).
+    /// Completes the connection's set-up and hands it over as an [`AgentStream`]: reads the
+    /// first byte, and if it starts [`RELEASE_PREAMBLE`] (the host's relay holds this
+    /// connection's frames) the rest of the preamble, so the stream frames what is written to
+    /// it under a [`Gate`] of its own; any other first byte (an HTTP request) is given back to
+    /// the reader and the stream is unheld. With TLS inside the enclave this also runs the
+    /// handshake (inside the frames). Call it in the connection's own task, with a timeout
+    /// ([`serve_agents`] does both): it waits for the peer's first bytes.
     ///
-    /// Errors: none yet; the handshake's, later.
+    /// Errors: the connection closes or fails before its first byte, or starts the preamble
+    /// and does not finish it (`InvalidData`).
     pub async fn establish(self) -> io::Result<AgentStream> {
-        Ok(Box::new(Slotted {
-            inner: self.stream,
+        let mut stream = self.stream;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await?;
+        if first[0] != RELEASE_PREAMBLE[0] {
+            let io = Slotted {
+                inner: Prefixed {
+                    first: Some(first[0]),
+                    inner: stream,
+                },
+                _slot: self.slot,
+            };
+            return Ok(AgentStream::unheld(Box::new(io)));
+        }
+        let mut rest = [0u8; RELEASE_PREAMBLE.len() - 1];
+        stream.read_exact(&mut rest).await?;
+        if RELEASE_PREAMBLE.get(1..) != Some(&rest[..]) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the connection starts with a NUL byte but not with the host's preamble",
+            ));
+        }
+        let gate = Gate::new();
+        let io = Slotted {
+            inner: Held::new(stream, gate.clone()),
             _slot: self.slot,
-        }))
+        };
+        Ok(AgentStream {
+            io: Box::new(io),
+            gate: Some(gate),
+        })
     }
 }
 
@@ -462,11 +621,12 @@ impl Dialer {
     }
 
     /// Opens a connection to the registered server `server_id` through the host. The
-    /// returned stream carries the server's bytes; it holds one of the dialer's connection
-    /// slots until dropped.
+    /// returned stream carries the server's bytes; what is written to it goes out in held
+    /// frames under the returned gate (the dial protocol's version 2); it holds one of the
+    /// dialer's connection slots until dropped.
     ///
     /// Errors: see [`DialError`]; every variant names the server.
-    pub async fn dial(&self, server_id: &str) -> Result<UpstreamStream, DialError> {
+    pub async fn dial(&self, server_id: &str) -> Result<Dialed, DialError> {
         let server = ServerId::new(server_id).map_err(|source| DialError::BadServerId {
             server: server_id.to_owned(),
             source,
@@ -515,10 +675,17 @@ impl Dialer {
             })?;
         let message = reply.message;
         match reply.status {
-            DialStatus::Connected => Ok(Box::new(Slotted {
-                inner: stream,
-                _slot: slot,
-            })),
+            DialStatus::Connected => {
+                let gate = Gate::new();
+                let io = Slotted {
+                    inner: Held::new(stream, gate.clone()),
+                    _slot: slot,
+                };
+                Ok(Dialed {
+                    io: Box::new(io),
+                    gate: Some(gate),
+                })
+            }
             DialStatus::UnknownServer => Err(DialError::UnknownServer {
                 server: name,
                 message,
@@ -563,11 +730,16 @@ impl crate::gateway::upstream::Connect for Dialer {
         let dialer = self.clone();
         let server_id = server_id.to_owned();
         Box::pin(async move {
-            match dialer.dial(&server_id).await {
-                Ok(stream) => Ok(Box::new(stream) as crate::gateway::upstream::BoxedIo),
-                Err(e) => Err(io::Error::new(e.kind(), e)),
-            }
+            dialer
+                .dial(&server_id)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), e))
         })
+    }
+
+    /// Every dialled connection is held: the host speaks the dial protocol's version 2.
+    fn holds(&self) -> bool {
+        true
     }
 }
 

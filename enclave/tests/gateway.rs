@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use attestplane_enclave::gateway::GatewayConfig;
 use attestplane_enclave::gateway::http::Gateway;
-use attestplane_enclave::gateway::upstream::{BoxedIo, Connect, ConnectFuture, Upstreams};
+use attestplane_enclave::gateway::upstream::{BoxedIo, Connect, ConnectFuture, Dialed, Upstreams};
 use attestplane_enclave::server::{self, ServerLimits};
 use attestplane_proto::{Address, Body, Frame, FrameDecoder, Listener, Request, Response};
 use attestplane_verifier::admin::Digest32;
@@ -309,7 +309,10 @@ impl Connect for Direct {
         let addr = self.0;
         Box::pin(async move {
             let s = TcpStream::connect(addr).await?;
-            Ok(Box::new(s) as BoxedIo)
+            Ok(Dialed {
+                io: Box::new(s) as BoxedIo,
+                gate: None,
+            })
         })
     }
 }

@@ -19,7 +19,7 @@ use attestplane_enclave::mcp_transport::{
 };
 use attestplane_proto::{
     Address, DialReply, DialStatus, ProtoError, Stream, VSOCK_ANY, connect, read_dial_request,
-    write_dial,
+    read_held, write_dial,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -31,7 +31,8 @@ fn sock(dir: &tempfile::TempDir, name: &str) -> PathBuf {
 }
 
 /// A host dial port that answers every request with `reply` (after checking the request
-/// names `expect`), then echoes bytes if the reply was `Connected`. Counts requests.
+/// names `expect`), then, if the reply was `Connected`, echoes the payloads of the enclave's
+/// held frames at once (whatever their need: this host holds nothing). Counts requests.
 fn fake_host(path: PathBuf, expect: &'static str, reply: DialReply) -> Arc<AtomicUsize> {
     let listener = UnixListener::bind(path).unwrap();
     let requests = Arc::new(AtomicUsize::new(0));
@@ -47,7 +48,12 @@ fn fake_host(path: PathBuf, expect: &'static str, reply: DialReply) -> Arc<Atomi
                 write_dial(&mut s, &reply.encode().unwrap()).await.unwrap();
                 if reply.status == DialStatus::Connected {
                     let (mut r, mut w) = s.into_split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let mut payload = Vec::new();
+                    while let Ok(Some(_need)) = read_held(&mut r, &mut payload).await {
+                        if w.write_all(&payload).await.is_err() {
+                            break;
+                        }
+                    }
                     let _ = w.shutdown().await;
                 }
             });
@@ -82,7 +88,9 @@ fn connecting_host(max: usize) -> (tempfile::TempDir, Dialer, Arc<AtomicUsize>) 
 #[tokio::test]
 async fn dial_returns_a_stream_that_carries_the_upstreams_bytes() {
     let (_dir, d, requests) = connecting_host(4);
-    let mut s = d.dial("weather").await.unwrap();
+    let dialed = d.dial("weather").await.unwrap();
+    assert!(dialed.gate.is_some(), "a dialled connection is held");
+    let mut s = dialed.io;
     assert_eq!(d.open_connections(), 1);
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let (mut r, mut w) = tokio::io::split(&mut s);
@@ -339,8 +347,10 @@ async fn a_silent_agent_does_not_hold_up_the_others() {
         silent.push(s);
     }
     for i in 0..4u8 {
+        // Not a NUL first byte: that would start the host's preamble.
+        let byte = b'a' + i;
         let mut s = connect(&address).await.unwrap();
-        assert_eq!(exchange(&mut s, &[i; 1000]).await, vec![i; 1000]);
+        assert_eq!(exchange(&mut s, &[byte; 1000]).await, vec![byte; 1000]);
     }
     server.abort();
 }
@@ -363,7 +373,10 @@ async fn serve_agents_stops_accepting_on_shutdown() {
             let _ = stopped.await;
         },
     ));
-    let _a = connect(&address).await.unwrap();
+    // A connection is handed to the handler once its first byte says whether the host's
+    // relay holds it.
+    let mut a = connect(&address).await.unwrap();
+    a.write_all(b"G").await.unwrap();
     for _ in 0..200 {
         if served.load(Ordering::SeqCst) == 1 {
             break;
@@ -425,5 +438,54 @@ async fn vsock_addresses_bind_where_the_kernel_has_vsock() {
         Ok(Ok(mut s)) => assert_eq!(exchange(&mut s, b"vsock").await, b"vsock"),
         other => eprintln!("SKIPPED live vsock round trip: no vsock loopback (CID 1): {other:?}"),
     }
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_connection_opened_with_the_hosts_preamble_is_held_and_frames_what_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let address = Address::Unix(sock(&dir, "mcp.sock"));
+    let listener = McpListener::bind(&address, 4).await.unwrap();
+    let server = tokio::spawn(serve_agents(
+        listener,
+        |mut stream| async move {
+            let gate = stream.gate().cloned();
+            let mut request = [0u8; 3];
+            stream.read_exact(&mut request).await.unwrap();
+            if let Some(gate) = gate {
+                gate.require(9);
+            }
+            stream.write_all(&request).await.unwrap();
+            stream.flush().await.unwrap();
+        },
+        std::future::pending(),
+    ));
+    // The host's relay: preamble, then the agent's bytes; the answer comes back framed under
+    // the need the handler raised.
+    let mut host = connect(&address).await.unwrap();
+    host.write_all(&attestplane_proto::RELEASE_PREAMBLE)
+        .await
+        .unwrap();
+    host.write_all(b"abc").await.unwrap();
+    let mut payload = Vec::new();
+    let need = tokio::time::timeout(T, read_held(&mut host, &mut payload))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((need, payload.as_slice()), (Some(9), &b"abc"[..]));
+    // An agent straight on the port: raw bytes back, nothing held.
+    let mut agent = connect(&address).await.unwrap();
+    assert_eq!(exchange(&mut agent, b"xyz").await, b"xyz");
+    // A NUL that does not start the preamble: closed, nothing served.
+    let mut bad = connect(&address).await.unwrap();
+    bad.write_all(b"\0attestplane-xx1abc").await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(T, bad.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "a bad preamble was served: {rest:?}"
+    );
     server.abort();
 }

@@ -23,6 +23,18 @@
 //! inside the enclave (the next step of the confidential transport) the bytes they carry become
 //! ciphertext and nothing here changes; only [`DialTarget`] will then also admit `https://`.
 //!
+//! Held bytes. What the enclave sends toward an agent or a server depends on log entries: a
+//! call may reach its server only once its decision entry is durable, and its answer the agent
+//! only once its result entry is. So the enclave's side of both relays is framed
+//! ([`attestplane_proto::release`]): each frame says how many entries must be durable before
+//! its payload is delivered, and the relay holds it until the store's [`DurableWatch`] says so
+//! (frames in order; a store that fails delivers nothing more and the connection closes). The
+//! agent relay tells the enclave it holds frames by opening each connection with
+//! [`RELEASE_PREAMBLE`]; a dialled connection holds them by the dial protocol's version. This
+//! saves a round trip through the enclave per entry (the `Durable` to the enclave, the bytes
+//! back) and changes no trust: the host that delivers is the host that stores and that would
+//! report the entry durable. Bytes from agents and servers to the enclave are not framed.
+//!
 //! Limits. Each relay has a connection limit (one more connection is accepted and closed at
 //! once; the dialer first answers [`DialStatus::Overloaded`]), an idle timeout (no byte in
 //! either direction for that long closes both sides, so a peer that stops reading or writing
@@ -46,17 +58,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use attestplane_proto::{
-    Address, DialReply, DialRequest, DialStatus, Listener, Stream, connect, read_dial_request,
-    write_dial,
+    Address, DialReply, DialRequest, DialStatus, Listener, ProtoError, RELEASE_PREAMBLE, Stream,
+    connect, read_dial_request, read_held, write_dial,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{DurableWatch, Store};
 
 /// Default agent-facing address of the MCP relay.
 pub const DEFAULT_MCP_LISTEN: &str = "127.0.0.1:7300";
@@ -256,10 +268,12 @@ impl Relay {
         let dial_addr = dial.local_addr()?;
         let metrics = Arc::new(RelayMetrics::default());
         let (stop, stopped) = watch::channel(false);
+        let durable = store.durable_watch();
         let mut tasks = JoinSet::new();
         tasks.spawn(agent_accept_loop(
             agents,
             config.enclave_mcp,
+            durable.clone(),
             config.limits.clone(),
             Arc::clone(&metrics),
             stopped.clone(),
@@ -268,6 +282,7 @@ impl Relay {
             dial,
             Arc::new(Upstreams {
                 store,
+                durable,
                 registry: Registry::default(),
             }),
             config.limits,
@@ -317,6 +332,7 @@ impl Relay {
 async fn agent_accept_loop(
     listener: TcpListener,
     enclave: Address,
+    durable: DurableWatch,
     limits: RelayLimits,
     metrics: Arc<RelayMetrics>,
     mut stopped: watch::Receiver<bool>,
@@ -348,11 +364,12 @@ async fn agent_accept_loop(
         };
         let _ = agent.set_nodelay(true);
         let enclave = enclave.clone();
+        let durable = durable.clone();
         let limits = limits.clone();
         let metrics = Arc::clone(&metrics);
         connections.spawn(async move {
             let _slot = slot;
-            relay_agent(agent, &enclave, &limits, &metrics).await;
+            relay_agent(agent, &enclave, durable, &limits, &metrics).await;
         });
     }
     drop(listener);
@@ -363,10 +380,18 @@ async fn agent_accept_loop(
 async fn relay_agent(
     agent: TcpStream,
     enclave: &Address,
+    durable: DurableWatch,
     limits: &RelayLimits,
     metrics: &RelayMetrics,
 ) {
-    let inner = match tokio::time::timeout(limits.connect_timeout, connect(enclave)).await {
+    // Connect, then say that this peer holds the enclave's frames.
+    let opened = async {
+        let mut inner = connect(enclave).await?;
+        inner.write_all(&RELEASE_PREAMBLE).await?;
+        inner.flush().await?;
+        io::Result::Ok(inner)
+    };
+    let inner = match tokio::time::timeout(limits.connect_timeout, opened).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(_)) | Err(_) => {
             metrics
@@ -381,8 +406,8 @@ async fn relay_agent(
         agent,
         inner,
         limits.idle_timeout,
-        &metrics.agent_bytes_in,
-        &metrics.agent_bytes_out,
+        (&metrics.agent_bytes_in, None),
+        (&metrics.agent_bytes_out, Some(durable)),
     )
     .await;
     if end == SpliceEnd::Idle {
@@ -398,6 +423,8 @@ async fn relay_agent(
 #[derive(Debug)]
 struct Upstreams {
     store: Arc<Store>,
+    /// The enclave's frames on dialled connections wait on it.
+    durable: DurableWatch,
     registry: Registry,
 }
 
@@ -477,8 +504,8 @@ async fn serve_dial(
         conn,
         upstream,
         limits.idle_timeout,
-        &metrics.upstream_bytes_out,
-        &metrics.upstream_bytes_in,
+        (&metrics.upstream_bytes_out, Some(upstreams.durable.clone())),
+        (&metrics.upstream_bytes_in, None),
     )
     .await;
     if end == SpliceEnd::Idle {
@@ -767,13 +794,15 @@ enum SpliceEnd {
 
 /// Copies bytes between `a` and `b` both ways until both directions have finished, one fails,
 /// or nothing moves for `idle`. Each direction that reaches its end shuts down the other
-/// side's write half (half-close) and the other direction continues.
+/// side's write half (half-close) and the other direction continues. Each direction has its
+/// byte counter and, when its source is the enclave, the watch its held frames wait on (the
+/// source is then read as frames and their payloads delivered, [`copy_held`]).
 async fn splice<A, B>(
     a: A,
     b: B,
     idle: Duration,
-    a_to_b: &AtomicU64,
-    b_to_a: &AtomicU64,
+    (a_to_b, a_held): (&AtomicU64, Option<DurableWatch>),
+    (b_to_a, b_held): (&AtomicU64, Option<DurableWatch>),
 ) -> SpliceEnd
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -782,8 +811,8 @@ where
     let (mut a_read, mut a_write) = tokio::io::split(a);
     let (mut b_read, mut b_write) = tokio::io::split(b);
     let activity = Activity::new();
-    let forward = copy_half(&mut a_read, &mut b_write, a_to_b, &activity);
-    let backward = copy_half(&mut b_read, &mut a_write, b_to_a, &activity);
+    let forward = copy_direction(&mut a_read, &mut b_write, a_to_b, &activity, a_held);
+    let backward = copy_direction(&mut b_read, &mut a_write, b_to_a, &activity, b_held);
     tokio::pin!(forward, backward);
     let (mut forward_done, mut backward_done) = (false, false);
     loop {
@@ -810,6 +839,60 @@ where
         if forward_done && backward_done {
             return SpliceEnd::Closed;
         }
+    }
+}
+
+async fn copy_direction<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    counter: &AtomicU64,
+    activity: &Activity,
+    held: Option<DurableWatch>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match held {
+        Some(durable) => copy_held(reader, writer, counter, activity, durable).await,
+        None => copy_half(reader, writer, counter, activity).await,
+    }
+}
+
+/// Reads the enclave's held frames from `reader` and writes each payload to `writer` once the
+/// entries it needs are durable, in order. A stream that ends between frames shuts `writer`
+/// down (half-close); a malformed or cut-off frame, or a store that fails before a frame's
+/// entries are durable, is an error (the connection closes, the payload undelivered).
+async fn copy_held<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    counter: &AtomicU64,
+    activity: &Activity,
+    mut durable: DurableWatch,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // Buffered: a frame's header and payload usually arrive in one read.
+    let mut reader = BufReader::with_capacity(RELAY_BUFFER, reader);
+    let mut payload = Vec::with_capacity(RELAY_BUFFER);
+    loop {
+        let need = match read_held(&mut reader, &mut payload).await {
+            Ok(Some(need)) => need,
+            Ok(None) => {
+                writer.shutdown().await?;
+                return Ok(());
+            }
+            Err(ProtoError::Io(e)) => return Err(e),
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        };
+        activity.touch();
+        durable.reached(need).await.map_err(io::Error::other)?;
+        writer.write_all(&payload).await?;
+        writer.flush().await?;
+        counter.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        activity.touch();
     }
 }
 

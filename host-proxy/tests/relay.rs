@@ -1,7 +1,9 @@
 //! The MCP data path's byte relays (`attestplane_host::relay`), against stand-ins: a Unix
 //! socket plays the enclave's MCP port, raw TCP listeners play MCP servers (counting every
 //! connection they accept, so a test can prove that a refused dial never reached them), and a
-//! real store holds the admin entries the dialer reads registrations from.
+//! real store holds the admin entries the dialer reads registrations from. The stand-in enclave
+//! speaks what the real one does toward the host: it reads the agent relay's preamble, and
+//! frames what it sends (`attestplane_proto::release`), under need 0 unless a test says more.
 
 #![allow(
     clippy::unwrap_used,
@@ -19,8 +21,8 @@ use std::time::Duration;
 use attestplane_host::relay::{Relay, RelayConfig, RelayLimits};
 use attestplane_host::store::Store;
 use attestplane_proto::{
-    Address, DialReply, DialRequest, DialStatus, ServerId, Stream, connect, read_dial_reply,
-    write_dial,
+    Address, DialReply, DialRequest, DialStatus, Gate, Held, RELEASE_PREAMBLE, ReleaseHeader,
+    ServerId, Stream, connect, read_dial_reply, write_dial,
 };
 use attestplane_verifier::admin::AdminAction;
 use ed25519_dalek::SigningKey;
@@ -132,7 +134,7 @@ async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: S) {
     let _ = w.shutdown().await;
 }
 
-/// The enclave's MCP port: echoes every connection, counts them.
+/// The enclave's MCP port: echoes every connection (in frames that need nothing), counts them.
 fn echo_enclave(path: PathBuf) -> Arc<AtomicUsize> {
     let listener = UnixListener::bind(path).unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -140,10 +142,28 @@ fn echo_enclave(path: PathBuf) -> Arc<AtomicUsize> {
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(echo(s));
+            tokio::spawn(async move {
+                if let Ok(s) = enclave_side(s).await {
+                    echo(s).await;
+                }
+            });
         }
     });
     accepted
+}
+
+/// The enclave's side of a relayed agent connection: checks the host's preamble and frames
+/// what it sends.
+async fn enclave_side(
+    mut s: tokio::net::UnixStream,
+) -> std::io::Result<Held<tokio::net::UnixStream>> {
+    let mut preamble = [0u8; RELEASE_PREAMBLE.len()];
+    s.read_exact(&mut preamble).await?;
+    assert_eq!(
+        preamble, RELEASE_PREAMBLE,
+        "the agent relay opens with its preamble"
+    );
+    Ok(Held::new(s, Gate::new()))
 }
 
 /// Sends `data` through `stream` while reading everything that comes back.
@@ -221,7 +241,8 @@ async fn agent_half_close_is_relayed_and_the_answer_still_flows() {
     let relay = f.relay(limits()).await;
     // The enclave reads the request to its end (it sees the agent's FIN), then answers.
     let enclave = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        let mut s = enclave_side(s).await.unwrap();
         let mut request = Vec::new();
         s.read_to_end(&mut request).await.unwrap();
         let answer = payload(1 << 20, request.len() as u64);
@@ -249,7 +270,8 @@ async fn enclave_half_close_is_relayed_and_the_agent_can_still_send() {
     let relay = f.relay(limits()).await;
     // The enclave says hello and stops sending, then keeps reading.
     let enclave = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        let mut s = enclave_side(s).await.unwrap();
         s.write_all(b"hello").await.unwrap();
         s.shutdown().await.unwrap();
         let mut rest = Vec::new();
@@ -386,7 +408,7 @@ async fn dial_connects_to_the_registered_endpoint_and_relays_both_ways() {
     let (reply, stream) = dial(&relay, "weather").await;
     assert_eq!(reply.status, DialStatus::Connected, "{}", reply.message);
     let data = payload(4 << 20, 4);
-    assert!(round_trip(stream, data.clone()).await == data);
+    assert!(round_trip(Held::new(stream, Gate::new()), data.clone()).await == data);
     assert_eq!(upstream.accepted.load(Ordering::SeqCst), 1);
     let m = relay.metrics();
     eventually("byte counters", || {
@@ -581,5 +603,134 @@ fn server_ids_have_the_registry_bound() {
     assert_eq!(
         attestplane_proto::MAX_SERVER_ID_LEN,
         attestplane_verifier::admin::MAX_ID_LEN
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Held bytes.
+
+/// A TCP "MCP server" that records every byte it receives.
+async fn recording_server() -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&got);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let sink = Arc::clone(&sink);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_frame_reaches_the_server_only_once_its_entries_are_durable_and_in_order() {
+    let mut f = Fixture::new();
+    let (addr, got) = recording_server().await;
+    f.register("weather", &format!("http://{addr}/mcp")).await;
+    let relay = f.relay(limits()).await;
+    let (reply, mut stream) = dial(&relay, "weather").await;
+    assert_eq!(reply.status, DialStatus::Connected, "{}", reply.message);
+    // One entry is durable (the registration). The call needs two; the frame after it needs
+    // nothing, yet must not overtake it.
+    let mut wire = ReleaseHeader { len: 4, need: 2 }.encode().to_vec();
+    wire.extend_from_slice(b"call");
+    wire.extend_from_slice(&ReleaseHeader { len: 5, need: 0 }.encode());
+    wire.extend_from_slice(b"-next");
+    stream.write_all(&wire).await.unwrap();
+    stream.flush().await.unwrap();
+    settle().await;
+    assert!(
+        got.lock().unwrap().is_empty(),
+        "held bytes reached the server before their entry was durable"
+    );
+    f.admin(AdminAction::RevokeServer { id: "other".into() }, false)
+        .await;
+    eventually("the held bytes to arrive", || {
+        got.lock().unwrap().len() == 9
+    })
+    .await;
+    assert_eq!(&got.lock().unwrap()[..], b"call-next");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_answer_reaches_the_agent_only_once_its_entries_are_durable() {
+    let mut f = Fixture::new();
+    let listener = UnixListener::bind(f.path("enclave-mcp.sock")).unwrap();
+    let relay = f.relay(limits()).await;
+    let enclave = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let mut s = enclave_side(s).await.unwrap();
+        let mut request = [0u8; 3];
+        s.read_exact(&mut request).await.unwrap();
+        s.gate().require(1);
+        s.write_all(b"answer").await.unwrap();
+        s.flush().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    let mut agent = TcpStream::connect(relay.mcp_addr()).await.unwrap();
+    agent.write_all(b"ask").await.unwrap();
+    let mut answer = [0u8; 6];
+    let early = tokio::time::timeout(Duration::from_millis(300), agent.read(&mut answer)).await;
+    assert!(
+        early.is_err(),
+        "the answer reached the agent early: {early:?}"
+    );
+    f.admin(AdminAction::RevokeServer { id: "other".into() }, false)
+        .await;
+    tokio::time::timeout(T, agent.read_exact(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&answer, b"answer");
+    drop(agent);
+    let _ = tokio::time::timeout(T, enclave).await;
+}
+
+#[tokio::test]
+async fn a_malformed_or_cut_off_held_frame_closes_the_connection_and_delivers_nothing() {
+    let mut f = Fixture::new();
+    let (addr, got) = recording_server().await;
+    f.register("weather", &format!("http://{addr}/mcp")).await;
+    let relay = f.relay(limits()).await;
+    let oversized = ReleaseHeader {
+        len: u32::try_from(attestplane_proto::MAX_RELEASE_PAYLOAD).unwrap() + 1,
+        need: 0,
+    }
+    .encode()
+    .to_vec();
+    let empty = ReleaseHeader { len: 0, need: 0 }.encode().to_vec();
+    let mut cut = ReleaseHeader { len: 10, need: 0 }.encode().to_vec();
+    cut.extend_from_slice(b"short");
+    for bad in [oversized, empty, cut] {
+        let (reply, mut stream) = dial(&relay, "weather").await;
+        assert_eq!(reply.status, DialStatus::Connected, "{}", reply.message);
+        stream.write_all(&bad).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(T, stream.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "the relay kept a connection with a bad frame open"
+        );
+    }
+    settle().await;
+    assert!(
+        got.lock().unwrap().is_empty(),
+        "a bad frame's bytes were delivered"
     );
 }

@@ -85,7 +85,8 @@ async fn agent_to_enclave_to_upstream_and_back_through_both_relays() {
                 }
                 let server = String::from_utf8(line).unwrap();
                 match dialer.dial(&server).await {
-                    Ok(mut upstream) => {
+                    Ok(dialed) => {
+                        let mut upstream = dialed.io;
                         seen.lock().unwrap().push(Ok(server));
                         let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
                     }
@@ -135,5 +136,146 @@ async fn agent_to_enclave_to_upstream_and_back_through_both_relays() {
     let m = relay.metrics();
     assert_eq!(m.dials_connected.load(Ordering::Relaxed), 1);
     assert_eq!(m.dials_refused.load(Ordering::Relaxed), 1);
+    relay.shutdown().await;
+}
+
+/// What the enclave writes toward a server or an agent under a raised gate reaches neither
+/// before the store holds that many entries: the host's relays hold it, and deliver it right
+/// after the commit that makes it durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_bytes_reach_the_server_and_the_agent_only_once_their_entries_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path().join("log")).unwrap());
+    let key = SigningKey::from_bytes(&[9; 32]);
+
+    // The MCP server: records what reaches it and echoes it.
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let got = Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = upstream.accept().await {
+            let got = Arc::clone(&got);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let mut buf = [0u8; 64];
+                while let Ok(n) = r.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    append_admin(
+        &store,
+        &key,
+        0,
+        AdminAction::RegisterServer(spec("weather", &format!("http://{upstream_addr}"))),
+        true,
+    )
+    .await;
+
+    let enclave_mcp = Address::Unix(dir.path().join("enclave-mcp.sock"));
+    let relay = Relay::start(
+        RelayConfig {
+            mcp_listen: "127.0.0.1:0".parse().unwrap(),
+            enclave_mcp: enclave_mcp.clone(),
+            dial_listen: Address::Unix(dir.path().join("dial.sock")),
+            limits: RelayLimits::default(),
+        },
+        Arc::clone(&store),
+    )
+    .await
+    .unwrap();
+
+    // The stand-in gateway: the call may reach the server once entry 1 is durable (two
+    // entries), its answer the agent once entry 2 is (three).
+    let dialer = Dialer::new(relay.dial_addr().clone(), DialerLimits::default());
+    let listener = McpListener::bind(&enclave_mcp, 16).await.unwrap();
+    tokio::spawn(serve_agents(
+        listener,
+        move |mut agent| {
+            let dialer = dialer.clone();
+            async move {
+                let agent_gate = agent
+                    .gate()
+                    .cloned()
+                    .expect("the host's relay holds agents");
+                let mut request = [0u8; 4];
+                agent.read_exact(&mut request).await.unwrap();
+                let dialed = dialer.dial("weather").await.unwrap();
+                let mut upstream = dialed.io;
+                dialed
+                    .gate
+                    .expect("a dialled connection is held")
+                    .require(2);
+                upstream.write_all(&request).await.unwrap();
+                upstream.flush().await.unwrap();
+                let mut answer = [0u8; 4];
+                upstream.read_exact(&mut answer).await.unwrap();
+                agent_gate.require(3);
+                agent.write_all(&answer).await.unwrap();
+                agent.flush().await.unwrap();
+                let mut rest = Vec::new();
+                let _ = agent.read_to_end(&mut rest).await;
+            }
+        },
+        std::future::pending(),
+    ));
+
+    let mut agent = TcpStream::connect(relay.mcp_addr()).await.unwrap();
+    agent.write_all(b"call").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "the call reached the server before its entry was durable"
+    );
+
+    append_admin(
+        &store,
+        &key,
+        1,
+        AdminAction::RevokeServer {
+            id: "nothing".into(),
+        },
+        false,
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while received.lock().unwrap().len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(&received.lock().unwrap()[..], b"call");
+
+    let mut answer = [0u8; 4];
+    let early = tokio::time::timeout(Duration::from_millis(300), agent.read(&mut answer)).await;
+    assert!(
+        early.is_err(),
+        "the answer reached the agent before its entry was durable: {early:?}"
+    );
+    append_admin(
+        &store,
+        &key,
+        2,
+        AdminAction::RevokeServer {
+            id: "nothing".into(),
+        },
+        false,
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), agent.read_exact(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&answer, b"call");
     relay.shutdown().await;
 }

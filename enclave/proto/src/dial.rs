@@ -4,8 +4,10 @@
 //! connection to the host's dial address (vsock in production, a Unix socket or loopback TCP
 //! locally), sends one [`DialRequest`] naming the registered server it wants, and reads one
 //! [`DialReply`]. On [`DialStatus::Connected`] the same connection then carries the upstream's
-//! bytes both ways, untouched: the host copies them and parses nothing. On any other status the
-//! host closes the connection after the reply.
+//! bytes both ways: what the server sends reaches the enclave untouched, and what the enclave
+//! sends travels in held frames ([`crate::release`]) that the host unwraps and delivers once the
+//! log entries they depend on are durable; the host parses nothing of the bytes themselves. On
+//! any other status the host closes the connection after the reply.
 //!
 //! The request names a *server id*, never an address: the host dials only the endpoint that the
 //! server's accepted registration in the stored log names, so an enclave (or anything that can
@@ -33,8 +35,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::ProtoError;
 
-/// The dial protocol's version.
-pub const DIAL_VERSION: u16 = 1;
+/// The dial protocol's version. Version 2: the enclave's bytes after `Connected` are held
+/// frames ([`crate::release`]); version 1 carried them raw.
+pub const DIAL_VERSION: u16 = 2;
 
 /// Length of the prefix before each dial message: a big-endian `u16`.
 pub const DIAL_LEN_PREFIX: usize = 2;
@@ -396,10 +399,10 @@ mod tests {
 
     #[test]
     fn request_bytes_are_pinned() {
-        // {"version": 1, "server": "w"} with a 2-byte length prefix.
+        // {"version": 2, "server": "w"} with a 2-byte length prefix.
         let bytes = DialRequest::new(id("w")).encode().unwrap();
         let mut expected = vec![0x00, 0x13, 0xa2];
-        expected.extend(b"\x67version\x01\x66server\x61w");
+        expected.extend(b"\x67version\x02\x66server\x61w");
         assert_eq!(bytes, expected);
     }
 
@@ -429,7 +432,11 @@ mod tests {
             server: &'a str,
         }
         for server in ["", "a\u{1b}[2Jb"] {
-            let bytes = encode(&Raw { version: 1, server }).unwrap();
+            let bytes = encode(&Raw {
+                version: DIAL_VERSION,
+                server,
+            })
+            .unwrap();
             let err = read_dial_request(&mut bytes.as_slice()).await.unwrap_err();
             assert!(matches!(err, ProtoError::Malformed { .. }), "{err}");
         }
@@ -467,15 +474,17 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_a_foreign_version_by_name() {
+        // Version 1 (raw enclave bytes, nothing held) included: a host of that version would
+        // deliver what the enclave sends before its entries are durable.
         let mut request = DialRequest::new(id("w"));
-        request.version = 2;
+        request.version = 1;
         let bytes = request.encode().unwrap();
         let err = read_dial_request(&mut bytes.as_slice()).await.unwrap_err();
         assert!(
             matches!(
                 err,
                 ProtoError::DialVersion {
-                    found: 2,
+                    found: 1,
                     expected: DIAL_VERSION
                 }
             ),
@@ -510,7 +519,7 @@ mod tests {
             address: &'a str,
         }
         let bytes = encode(&Extra {
-            version: 1,
+            version: DIAL_VERSION,
             server: "w",
             address: "tcp:10.0.0.1:22",
         })

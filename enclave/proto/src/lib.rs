@@ -29,6 +29,8 @@
 //! connection to a registered MCP server with one [`DialRequest`] and reads one [`DialReply`],
 //! after which the connection carries the upstream's bytes ([`dial`]). Agent connections need
 //! no protocol of their own: the host relays their bytes to the enclave's MCP port unchanged.
+//! On both kinds, what the enclave sends toward an agent or a server travels in [`release`]
+//! frames that the host holds until the log entries they depend on are durable.
 //!
 //! Not here: what the requests mean and how they are decided (the enclave crate), durable storage
 //! and HTTP (the host proxy), the byte formats of log entries, checkpoints and attestation
@@ -42,6 +44,7 @@ pub mod dial;
 pub mod error;
 pub mod frame;
 pub mod messages;
+pub mod release;
 pub mod signal;
 pub mod transport;
 
@@ -56,6 +59,9 @@ pub use messages::{
     Body, ED25519_PUBLIC_KEY_LEN, ErrorCode, Frame, MAX_ADMIN_KEYS, MAX_ENTRIES_PER_FRAME,
     MAX_ERROR_MESSAGE_LEN, MAX_SERVERS_PER_REPLY, NO_REQUEST_ID, PROTOCOL_VERSION, Request,
     Response, ServerInfo,
+};
+pub use release::{
+    Gate, Held, MAX_RELEASE_PAYLOAD, RELEASE_HEADER_LEN, RELEASE_PREAMBLE, ReleaseHeader, read_held,
 };
 pub use serde_bytes::ByteBuf;
 pub use signal::shutdown_signal;

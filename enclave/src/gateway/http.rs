@@ -55,7 +55,9 @@ use super::relay::{AgentBody, CallRelay, Relays};
 use super::session::{SessionError, SessionOwner, Sessions};
 use super::upstream::{Answer, Endpoint, UpstreamError, Upstreams};
 use super::{GatewayConfig, MAX_REQUEST_BODY};
+use crate::mcp_transport::AgentStream;
 use crate::server::{EnclaveAccess, HandlerGone};
+use attestplane_proto::Gate;
 
 /// How long an upstream's listing is trusted for calls before it is fetched again.
 pub const TOOLS_TTL: Duration = Duration::from_secs(60);
@@ -115,6 +117,11 @@ struct Ctx {
     endpoint: Option<Endpoint>,
     /// The legacy session the request came in (checked), if any.
     session: Option<String>,
+    /// The gate of the agent's connection when the host holds what is written on it
+    /// ([`crate::mcp_transport::AgentStream::gate`]): an answer that depends on an entry is
+    /// then written at once and held by the host until the entry is durable. `None`: the
+    /// gateway waits for `Durable` before answering.
+    held: Option<Gate>,
 }
 
 /// The step a `tools/call` trip to the handler thread took.
@@ -143,8 +150,24 @@ impl Gateway {
         }
     }
 
-    /// Serves HTTP/1.1 on one agent connection until it closes.
+    /// Serves HTTP/1.1 on one agent connection until it closes; answers that depend on log
+    /// entries wait for the host's `Durable` before they are written.
     pub async fn serve_connection<S>(self: Arc<Self>, io: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve_held(io, None).await;
+    }
+
+    /// [`Self::serve_connection`] for a connection from the enclave's MCP listener: one the
+    /// host holds ([`AgentStream::gate`]) gets the answers that depend on entries written at
+    /// once, held by the host until the entries are durable.
+    pub async fn serve_agent(self: Arc<Self>, stream: AgentStream) {
+        let gate = stream.gate().cloned();
+        self.serve_held(stream, gate).await;
+    }
+
+    async fn serve_held<S>(self: Arc<Self>, io: S, held: Option<Gate>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -152,7 +175,8 @@ impl Gateway {
         let gateway = self;
         let service = hyper::service::service_fn(move |req| {
             let gateway = gateway.clone();
-            async move { Ok::<_, Infallible>(gateway.handle(req).await) }
+            let held = held.clone();
+            async move { Ok::<_, Infallible>(gateway.handle_held(req, held).await) }
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
@@ -188,6 +212,11 @@ impl Gateway {
     /// carries; never parsed as a message or scanned for PII. Nothing is decided, written or
     /// forwarded before the token checks out.
     pub async fn handle(&self, req: Request<Incoming>) -> Reply {
+        self.handle_held(req, None).await
+    }
+
+    /// [`Self::handle`] for a request on a connection the host holds under `held`.
+    async fn handle_held(&self, req: Request<Incoming>, held: Option<Gate>) -> Reply {
         let path = req.uri().path().to_owned();
         if let Some(id) = path.strip_prefix("/.well-known/oauth-protected-resource/mcp/") {
             return self.metadata(id).await;
@@ -289,6 +318,7 @@ impl Gateway {
             era,
             endpoint,
             session: headers.session.clone(),
+            held,
         };
         if era == Era::Legacy && method != "initialize" {
             let owner = owner(&ctx);
@@ -503,7 +533,7 @@ impl Gateway {
             .to_string();
             let answer = self
                 .upstreams
-                .call(endpoint, "tools/list", None, &body, None)
+                .call(endpoint, "tools/list", None, &body, None, 0)
                 .await?;
             let next = parse_message(&answer.body)
                 .ok()
@@ -860,7 +890,7 @@ impl Gateway {
         }
         let answer = match self
             .upstreams
-            .call(&endpoint, &method, None, &body, None)
+            .call(&endpoint, &method, None, &body, None, 0)
             .await
         {
             Ok(a) => a,
@@ -972,11 +1002,20 @@ impl Gateway {
         // The bytes to forward are made while the decision entry's fdatasync runs (making
         // them is not forwarding): the agent's message as it came, the receipt spliced into
         // `params._meta` and, under `redact`, the redacted arguments in place of the sent
-        // ones. Nothing leaves before the entry is durable.
+        // ones. Nothing reaches the server before the entry is durable: where the host holds
+        // the upstream connections the call is written at once under the entry's need and the
+        // host delivers it after its `fdatasync` (no round trip through the enclave);
+        // otherwise the gateway waits for `Durable` first. A call that relays server requests
+        // to its agent waits either way ([`Self::relayed_call`]).
         let outgoing = outgoing_body(message, arguments, redacted, rule, &receipt);
-        if self.access.durable(seq).await.is_err() {
-            return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
-        }
+        let need = if self.upstreams.holds() {
+            seq.saturating_add(1)
+        } else {
+            if self.access.durable(seq).await.is_err() {
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+            }
+            0
+        };
         let mut body = match outgoing {
             Ok(b) => b,
             Err(why) => {
@@ -1002,7 +1041,17 @@ impl Gateway {
             };
         }
         if let Some(reply) = self
-            .relayed_call(ctx, id, seq, rule, endpoint, &gated, &body, &receipt, era)
+            .relayed_call(
+                ctx,
+                id,
+                (seq, need),
+                rule,
+                endpoint,
+                &gated,
+                &body,
+                &receipt,
+                era,
+            )
             .await
         {
             return reply;
@@ -1015,6 +1064,7 @@ impl Gateway {
                 Some(gated.item),
                 &body,
                 Some(&receipt),
+                need,
             )
             .await
         {
@@ -1052,7 +1102,7 @@ impl Gateway {
         &self,
         ctx: &Ctx,
         id: Option<&str>,
-        seq: u64,
+        (seq, need): (u64, u64),
         rule: PiiAction,
         endpoint: &Endpoint,
         gated: &Gated<'_>,
@@ -1069,6 +1119,11 @@ impl Gateway {
         if allowed.is_empty() {
             return None;
         }
+        // A relayed call goes out through exchanges of its own (requests, answers to the
+        // server's requests) that are not held: the decision entry is durable first.
+        if need > 0 && self.access.durable(seq).await.is_err() {
+            return Some(plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"));
+        }
         let (head, headed) = tokio::sync::oneshot::channel();
         let mut relay = CallRelay::new(
             self.relays.clone(),
@@ -1080,12 +1135,15 @@ impl Gateway {
             id.map(str::to_owned),
             head,
         );
+        // The relayed call's final answer is written by a task of its own, after the relayed
+        // requests on the same stream: it waits for `Durable` rather than hold the stream.
         let ctx = Ctx {
             server: ctx.server.clone(),
             principal: ctx.principal.clone(),
             era: ctx.era,
             endpoint: ctx.endpoint.clone(),
             session: Some(session),
+            held: None,
         };
         let (endpoint, method, item) = (
             endpoint.clone(),
@@ -1263,8 +1321,14 @@ impl Gateway {
             .await;
         match written {
             Ok(Ok(result_seq)) => {
-                if self.access.durable(result_seq).await.is_err() {
-                    return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+                // Held by the host until the result entry is durable, or waited for here.
+                match &ctx.held {
+                    Some(gate) => gate.require(result_seq.saturating_add(1)),
+                    None => {
+                        if self.access.durable(result_seq).await.is_err() {
+                            return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
+                        }
+                    }
                 }
                 json(StatusCode::OK, body)
             }

@@ -38,6 +38,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use attestplane_proto::Gate;
 use attestplane_verifier::gateway::jsonrpc::{
     Kind, METHOD_NOT_FOUND, error_response, parse_message,
 };
@@ -58,13 +59,38 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpstreamIo for T {}
 /// A boxed upstream stream.
 pub type BoxedIo = Box<dyn UpstreamIo>;
 
+/// A new upstream connection: its stream and, when a host holds what is written to it until
+/// log entries are durable ([`attestplane_proto::release`]), its gate. With no gate, the
+/// gateway waits for the entries itself before writing what depends on them.
+pub struct Dialed {
+    /// The connection.
+    pub io: BoxedIo,
+    /// Raised to hold what is written next until that many entries are durable.
+    pub gate: Option<Gate>,
+}
+
+impl std::fmt::Debug for Dialed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialed")
+            .field("held", &self.gate.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The future a [`Connect`] returns.
-pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<BoxedIo>> + Send>>;
+pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<Dialed>> + Send>>;
 
 /// Opens byte streams to registered servers, by server id.
 pub trait Connect: Send + Sync + 'static {
     /// A new connection to server `server_id`'s registered endpoint.
     fn connect(&self, server_id: &str) -> ConnectFuture;
+
+    /// Whether every connection this opens is held by a host ([`Dialed::gate`] is set), so
+    /// the gateway may write a call before its decision entry is durable and let the host
+    /// hold it. `false` by default: the gateway then waits for `Durable` first.
+    fn holds(&self) -> bool {
+        false
+    }
 }
 
 /// The most SSE events read before the response.
@@ -186,6 +212,10 @@ pub enum UpstreamError {
     /// The call took too long.
     #[error("the server did not answer in time")]
     Timeout,
+    /// A request that may leave only once an entry is durable came to a connection no host
+    /// holds (never sent: the gateway asked for a held connection and got another).
+    #[error("the upstream connection cannot hold the request until its entry is durable")]
+    Unheld,
 }
 
 /// A server's endpoint, as registered.
@@ -254,10 +284,16 @@ pub struct Answer {
     pub server_requests: usize,
 }
 
+/// An open HTTP connection to a server, and its gate if a host holds it.
+struct Pooled {
+    sender: SendRequest<Full<Bytes>>,
+    gate: Option<Gate>,
+}
+
 /// The client: connections, eras and sessions per server.
 pub struct Upstreams {
     connect: Arc<dyn Connect>,
-    idle: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+    idle: Mutex<HashMap<String, Vec<Pooled>>>,
     known: Mutex<HashMap<String, Known>>,
     timeout: Duration,
 }
@@ -284,6 +320,12 @@ impl Upstreams {
         }
     }
 
+    /// Whether the host holds what is written on every upstream connection ([`Connect::holds`]):
+    /// then [`Self::call`] may be given a request that must wait for an entry.
+    pub fn holds(&self) -> bool {
+        self.connect.holds()
+    }
+
     /// The era of `endpoint`'s server, probing it the first time.
     pub async fn era(&self, endpoint: &Endpoint) -> Result<Era, UpstreamError> {
         Ok(self.known(endpoint).await?.era)
@@ -305,9 +347,7 @@ impl Upstreams {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn lock_idle(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, Vec<SendRequest<Full<Bytes>>>>> {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Pooled>>> {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -393,6 +433,12 @@ impl Upstreams {
     /// Sends one JSON-RPC request (`body`, already in the upstream's era) and returns the
     /// message that answers it. `name` is the tool name (`Mcp-Name`), `receipt` the receipt
     /// header. A legacy session the server has forgotten is renewed once.
+    ///
+    /// `need`: the log entries that must be durable before the request may reach the server
+    /// (0: none). More than 0 only where [`Self::holds`]: the request is written at once and
+    /// the host holds it until then; a connection without a gate refuses it
+    /// ([`UpstreamError::Unheld`]) and nothing is sent.
+    #[allow(clippy::too_many_arguments)]
     pub async fn call(
         &self,
         endpoint: &Endpoint,
@@ -400,22 +446,29 @@ impl Upstreams {
         name: Option<&str>,
         body: &str,
         receipt: Option<&str>,
+        need: u64,
     ) -> Result<Answer, UpstreamError> {
         let work = async {
             let known = self.known(endpoint).await?;
             let mut refuse = RefuseAll;
-            match self
-                .exchange(endpoint, &known, method, name, body, receipt, &mut refuse)
+            let mut send = async |known: &Known| {
+                self.exchange_after(
+                    endpoint,
+                    known,
+                    (method, name, body, receipt),
+                    &mut refuse,
+                    need,
+                )
                 .await
-            {
+                .map(|(a, _)| a)
+            };
+            match send(&known).await {
                 Err(UpstreamError::Status(404)) if known.era == Era::Legacy => {
                     self.forget(&endpoint.server);
                     let known = self.known(endpoint).await?;
-                    self.exchange(endpoint, &known, method, name, body, receipt, &mut refuse)
-                        .await
-                        .map(|(a, _)| a)
+                    send(&known).await
                 }
-                other => other.map(|(a, _)| a),
+                other => other,
             }
         };
         tokio::time::timeout(self.timeout, work)
@@ -476,40 +529,43 @@ impl Upstreams {
         }
     }
 
-    async fn sender(&self, server: &str) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+    async fn sender(&self, server: &str) -> Result<Pooled, UpstreamError> {
         loop {
             let candidate = self.lock_idle().get_mut(server).and_then(Vec::pop);
             match candidate {
-                Some(mut s) => {
-                    if s.ready().await.is_ok() {
-                        return Ok(s);
+                Some(mut p) => {
+                    if p.sender.ready().await.is_ok() {
+                        return Ok(p);
                     }
                 }
                 None => break,
             }
         }
-        let io = self
+        let dialed = self
             .connect
             .connect(server)
             .await
             .map_err(UpstreamError::Connect)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(dialed.io))
             .await
             .map_err(|e| UpstreamError::Http(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(sender)
+        Ok(Pooled {
+            sender,
+            gate: dialed.gate,
+        })
     }
 
-    fn give_back(&self, server: &str, sender: SendRequest<Full<Bytes>>) {
-        if sender.is_closed() {
+    fn give_back(&self, server: &str, pooled: Pooled) {
+        if pooled.sender.is_closed() {
             return;
         }
         let mut idle = self.lock_idle();
         let list = idle.entry(server.to_owned()).or_default();
         if list.len() < MAX_IDLE_PER_SERVER {
-            list.push(sender);
+            list.push(pooled);
         }
     }
 
@@ -526,9 +582,31 @@ impl Upstreams {
         receipt: Option<&str>,
         requests: &mut dyn ServerRequests,
     ) -> Result<(Answer, Option<String>), UpstreamError> {
+        self.exchange_after(endpoint, known, (method, name, body, receipt), requests, 0)
+            .await
+    }
+
+    /// [`Self::exchange`] of a request that may reach the server only once `need` entries are
+    /// durable: the connection's gate is raised to it before anything is written (a
+    /// connection without one refuses a `need` above 0).
+    async fn exchange_after(
+        &self,
+        endpoint: &Endpoint,
+        known: &Known,
+        (method, name, body, receipt): (&str, Option<&str>, &str, Option<&str>),
+        requests: &mut dyn ServerRequests,
+        need: u64,
+    ) -> Result<(Answer, Option<String>), UpstreamError> {
         let request = post_request(endpoint, known, method, name, body, receipt)?;
-        let mut sender = self.sender(&endpoint.server).await?;
-        let response = sender
+        let mut pooled = self.sender(&endpoint.server).await?;
+        if need > 0 {
+            match &pooled.gate {
+                Some(gate) => gate.require(need),
+                None => return Err(UpstreamError::Unheld),
+            }
+        }
+        let response = pooled
+            .sender
             .send_request(request)
             .await
             .map_err(|e| UpstreamError::Http(e.to_string()))?;
@@ -551,7 +629,7 @@ impl Upstreams {
                 .read_sse_answer(endpoint, known, response.into_body(), requests)
                 .await?;
             if finished {
-                self.give_back(&endpoint.server, sender);
+                self.give_back(&endpoint.server, pooled);
             }
             return Ok((answer, session));
         }
@@ -560,7 +638,7 @@ impl Upstreams {
             .await
             .map_err(|_| UpstreamError::BadAnswer("answer too large or cut off"))?
             .to_bytes();
-        self.give_back(&endpoint.server, sender);
+        self.give_back(&endpoint.server, pooled);
         if status == hyper::StatusCode::ACCEPTED && method.starts_with("notifications/") {
             return Ok((
                 Answer {
@@ -690,8 +768,9 @@ impl Upstreams {
         response: &str,
     ) -> Result<(), UpstreamError> {
         let post = post_request(endpoint, known, "", None, response, None)?;
-        let mut sender = self.sender(&endpoint.server).await?;
-        let answer = sender
+        let mut pooled = self.sender(&endpoint.server).await?;
+        let answer = pooled
+            .sender
             .send_request(post)
             .await
             .map_err(|e| UpstreamError::Http(e.to_string()))?;
@@ -700,7 +779,7 @@ impl Upstreams {
             .collect()
             .await
             .map_err(|_| UpstreamError::BadAnswer("the acknowledgement is too large or cut off"))?;
-        self.give_back(&endpoint.server, sender);
+        self.give_back(&endpoint.server, pooled);
         if !status.is_success() {
             return Err(UpstreamError::Status(status.as_u16()));
         }
@@ -843,12 +922,12 @@ impl Upstreams {
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| UpstreamError::Http(e.to_string()))?;
         // A connection of its own: the stream holds it for as long as it lasts.
-        let io = self
+        let dialed = self
             .connect
             .connect(&endpoint.server)
             .await
             .map_err(UpstreamError::Connect)?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(dialed.io))
             .await
             .map_err(|e| UpstreamError::Http(e.to_string()))?;
         tokio::spawn(async move {

@@ -467,6 +467,51 @@ pub struct StoreStats {
     pub commit_micros: u64,
 }
 
+/// How far the store's durable entries reach ([`Store::durable_watch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// This many entries, from seq 0, are durable.
+    Entries(u64),
+    /// A write or sync failed: nothing more becomes durable until the store is reopened.
+    Failed,
+}
+
+/// The entries a watcher waited for will never be durable: the store failed or closed first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+#[error("the store failed or closed before the entries were durable")]
+pub struct NeverDurable;
+
+/// Follows the number of durable entries: what holds bytes until entries are durable (the MCP
+/// relays, for the enclave's held frames) waits on it. Published after each group commit's
+/// `fdatasync` and index update, before its appends complete.
+#[derive(Clone, Debug)]
+pub struct DurableWatch(tokio::sync::watch::Receiver<Durability>);
+
+impl DurableWatch {
+    /// Returns once at least `need` entries are durable (at once for 0).
+    ///
+    /// Errors: [`NeverDurable`] when the store fails or closes first.
+    pub async fn reached(&mut self, need: u64) -> Result<(), NeverDurable> {
+        if need == 0 {
+            return Ok(());
+        }
+        let reached = self
+            .0
+            .wait_for(|d| !matches!(d, Durability::Entries(n) if *n < need))
+            .await
+            .map_err(|_| NeverDurable)?;
+        match *reached {
+            Durability::Entries(_) => Ok(()),
+            Durability::Failed => Err(NeverDurable),
+        }
+    }
+
+    /// The latest state, without waiting.
+    pub fn now(&self) -> Durability {
+        *self.0.borrow()
+    }
+}
+
 /// The durable log store. See the module documentation.
 pub struct Store {
     shared: Arc<Shared>,
@@ -517,7 +562,9 @@ impl Store {
         recovery.elapsed = started.elapsed();
 
         let next_seq = index.len();
+        let (durable, _) = tokio::sync::watch::channel(Durability::Entries(next_seq));
         let shared = Arc::new(Shared {
+            durable,
             dir,
             queue: Mutex::new(Queue::new(next_seq)),
             wake: Condvar::new(),
@@ -621,6 +668,11 @@ impl Store {
     /// The seq the next [`Store::submit`] must start with (durable plus queued entries).
     pub fn next_seq(&self) -> u64 {
         lock(&self.shared.queue).next_seq
+    }
+
+    /// A watch of the number of durable entries ([`DurableWatch`]).
+    pub fn durable_watch(&self) -> DurableWatch {
+        DurableWatch(self.shared.durable.subscribe())
     }
 
     /// The number of durable entries.
@@ -841,6 +893,8 @@ struct Shared {
     segments_created: AtomicU64,
     inline_commits: AtomicU64,
     commit_micros: AtomicU64,
+    /// The number of durable entries, published after each commit ([`DurableWatch`]).
+    durable: tokio::sync::watch::Sender<Durability>,
     /// Holds the advisory lock for the store's lifetime.
     _lock: File,
 }

@@ -25,8 +25,9 @@ use attestplane_verifier::merkle;
 
 use super::segment::{encode_record, segment_name};
 use super::{
-    MAX_APPEND_BYTES, MAX_APPEND_ENTRIES, MAX_BATCH_BYTES, MAX_ENTRY_LEN, MAX_SEGMENT_FILE_BYTES,
-    RECORD_HEADER_LEN, SegmentMeta, Shared, StoreError, lock, sync_dir, write,
+    Durability, MAX_APPEND_BYTES, MAX_APPEND_ENTRIES, MAX_BATCH_BYTES, MAX_ENTRY_LEN,
+    MAX_SEGMENT_FILE_BYTES, RECORD_HEADER_LEN, SegmentMeta, Shared, StoreError, lock, sync_dir,
+    write,
 };
 
 /// Completes with the last seq of an append once it is durable; see
@@ -534,6 +535,16 @@ fn commit(shared: &Shared, batch: Vec<Pending>, by: Committer) -> Result<(), Sto
             if wake {
                 shared.wake.notify_one();
             }
+            // Bytes held for these entries (the MCP relays) may go now.
+            if let Some(end) = batch.last().map(|p| p.end_seq) {
+                shared.durable.send_if_modified(|d| match d {
+                    Durability::Entries(n) if *n < end => {
+                        *d = Durability::Entries(end);
+                        true
+                    }
+                    _ => false,
+                });
+            }
             for p in batch {
                 let last = p.end_seq.saturating_sub(1);
                 p.done.complete(Ok(last));
@@ -547,6 +558,7 @@ fn commit(shared: &Shared, batch: Vec<Pending>, by: Committer) -> Result<(), Sto
                 queue.busy = false;
                 std::mem::take(&mut queue.pending)
             };
+            shared.durable.send_replace(Durability::Failed);
             // Wakes the writer thread if it waits (it stops: nothing is queued any more).
             shared.wake.notify_all();
             for p in batch {
@@ -748,6 +760,48 @@ mod tests {
         assert_eq!(inline.run().unwrap(), 0);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn the_durable_watch_follows_commits_and_a_failure_ends_every_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            segment_bytes: MIN_SEGMENT_BYTES,
+        };
+        let store = Store::open_with(dir.path(), options).unwrap();
+        let mut watch = store.durable_watch();
+        assert_eq!(watch.now(), Durability::Entries(0));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // Nothing durable yet: a wait for one entry is still waiting.
+        let early = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_millis(50), watch.reached(1)).await
+        });
+        assert!(early.is_err(), "reached before the commit");
+        let full = vec![7u8; MIN_SEGMENT_BYTES as usize];
+        store.append_blocking(0, vec![full]).unwrap();
+        assert_eq!(watch.now(), Durability::Entries(1));
+        rt.block_on(watch.reached(1)).unwrap();
+        rt.block_on(watch.reached(0)).unwrap();
+        // The next commit fails (its segment cannot be created): a wait for it ends in error,
+        // never in "durable".
+        File::create(
+            dir.path()
+                .join(super::super::segment::SEGMENTS_DIR)
+                .join(segment_name(1)),
+        )
+        .unwrap();
+        let mut waiting = store.durable_watch();
+        let wait = rt.spawn(async move { waiting.reached(2).await });
+        assert!(store.append_blocking(1, vec![entry(1)]).is_err());
+        assert_eq!(rt.block_on(wait).unwrap(), Err(super::super::NeverDurable));
+        assert_eq!(watch.now(), Durability::Failed);
+        assert_eq!(
+            rt.block_on(watch.reached(2)),
+            Err(super::super::NeverDurable)
+        );
     }
 
     #[test]
