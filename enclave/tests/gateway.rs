@@ -301,6 +301,58 @@ impl Upstream {
     }
 }
 
+/// Delivers what `from` (the enclave's side of a held connection) sends in frames to `to`, each
+/// payload once `stored` has reached its need: what the host's relays do.
+async fn hold_and_deliver<R, W>(
+    mut from: R,
+    mut to: W,
+    mut stored: tokio::sync::watch::Receiver<u64>,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt as _;
+    let mut payload = Vec::new();
+    while let Ok(Some(need)) = attestplane_proto::read_held(&mut from, &mut payload).await {
+        if stored.wait_for(|n| *n >= need).await.is_err() {
+            return;
+        }
+        if to.write_all(&payload).await.is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Connects every server id to one local address through a stand-in for the host's dialer
+/// that holds the enclave's frames until the fake host has stored what they need.
+struct HeldDirect(SocketAddr, tokio::sync::watch::Receiver<u64>);
+
+impl Connect for HeldDirect {
+    fn connect(&self, _server_id: &str) -> ConnectFuture {
+        let (addr, stored) = (self.0, self.1.clone());
+        Box::pin(async move {
+            let upstream = TcpStream::connect(addr).await?;
+            let (enclave_side, host_side) = tokio::io::duplex(256 * 1024);
+            let (host_r, mut host_w) = tokio::io::split(host_side);
+            let (mut up_r, up_w) = upstream.into_split();
+            tokio::spawn(hold_and_deliver(host_r, up_w, stored));
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut up_r, &mut host_w).await;
+            });
+            let gate = attestplane_proto::Gate::new();
+            Ok(Dialed {
+                io: Box::new(attestplane_proto::Held::new(enclave_side, gate.clone())) as BoxedIo,
+                gate: Some(gate),
+            })
+        })
+    }
+
+    fn holds(&self) -> bool {
+        true
+    }
+}
+
 /// Connects every server id to one local address.
 struct Direct(SocketAddr);
 
@@ -320,6 +372,8 @@ impl Connect for Direct {
 struct Stack {
     agent: SocketAddr,
     store: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// The most entries the fake host stores (and so reports durable); more wait.
+    limit: tokio::sync::watch::Sender<u64>,
     upstream: Arc<Upstream>,
     idp: Idp,
     now: attestplane_verifier::UnixMillis,
@@ -428,6 +482,10 @@ struct Opts {
     client_requests: Vec<attestplane_verifier::admin::ClientRequest>,
     /// How long a relayed request waits for the agent (the default otherwise).
     agent_answer_timeout: Option<Duration>,
+    /// Serve through stand-ins for the host's relays that hold the enclave's frames until the
+    /// fake host has stored what they need (agents connect to an `McpListener` through a relay
+    /// that sends the preamble; upstreams are dialled through [`HeldDirect`]).
+    held: bool,
 }
 
 async fn stack_opts(
@@ -515,6 +573,8 @@ async fn stack_opts(
     ));
     let host_store = store.clone();
     let host = attestplane_proto::connect(&host_addr).await.unwrap();
+    let (limit, mut limited) = tokio::sync::watch::channel(u64::MAX);
+    let (stored_tx, stored) = tokio::sync::watch::channel(store.lock().unwrap().len() as u64);
     tokio::spawn(async move {
         let (r, mut w) = tokio::io::split(host);
         let mut r = BufReader::new(r);
@@ -522,10 +582,13 @@ async fn stack_opts(
         let mut next = 1u64;
         while let Ok(Some(frame)) = attestplane_proto::read_frame(&mut r, &mut decoder).await {
             if let Body::Response(Response::Persist { first_seq, entries }) = frame.body {
+                let end = first_seq + entries.len() as u64;
+                let _ = limited.wait_for(|l| *l >= end).await;
                 let through_seq = {
                     let mut s = host_store.lock().unwrap();
                     assert_eq!(s.len() as u64, first_seq, "entries arrive in order");
                     s.extend(entries.into_iter().map(|e| e.into_vec()));
+                    stored_tx.send_replace(s.len() as u64);
                     s.len() as u64 - 1
                 };
                 next += 1;
@@ -543,22 +606,60 @@ async fn stack_opts(
     if let Some(t) = opts.agent_answer_timeout {
         config.agent_answer_timeout = t;
     }
+    let connect: Arc<dyn Connect> = if opts.held {
+        Arc::new(HeldDirect(up_addr, stored.clone()))
+    } else {
+        Arc::new(Direct(up_addr))
+    };
     let gateway = Arc::new(Gateway::new(
         config.clone(),
         access,
-        Upstreams::new(Arc::new(Direct(up_addr)), config.upstream_timeout),
+        Upstreams::new(connect, config.upstream_timeout),
     ));
     let agents = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = agents.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = agents.accept().await.unwrap();
-            tokio::spawn(gateway.clone().serve_connection(s));
-        }
-    });
+    if opts.held {
+        // The enclave's MCP listener, and a stand-in for the host's agent relay in front.
+        let mcp = Address::Tcp("127.0.0.1:0".parse().unwrap());
+        let listener = attestplane_enclave::mcp_transport::McpListener::bind(&mcp, 64)
+            .await
+            .unwrap();
+        let mcp = listener.local_addr().unwrap();
+        tokio::spawn(attestplane_enclave::mcp_transport::serve_agents(
+            listener,
+            move |stream| gateway.clone().serve_agent(stream),
+            std::future::pending(),
+        ));
+        tokio::spawn(async move {
+            loop {
+                let (agent, _) = agents.accept().await.unwrap();
+                let mut inner = attestplane_proto::connect(&mcp).await.unwrap();
+                let stored = stored.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt as _;
+                    inner
+                        .write_all(&attestplane_proto::RELEASE_PREAMBLE)
+                        .await
+                        .unwrap();
+                    let (inner_r, mut inner_w) = tokio::io::split(inner);
+                    let (mut agent_r, agent_w) = agent.into_split();
+                    tokio::spawn(hold_and_deliver(inner_r, agent_w, stored));
+                    let _ = tokio::io::copy(&mut agent_r, &mut inner_w).await;
+                });
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = agents.accept().await.unwrap();
+                tokio::spawn(gateway.clone().serve_connection(s));
+            }
+        });
+    }
     Stack {
         agent,
         store,
+        limit,
         upstream,
         idp,
         now,
@@ -2450,4 +2551,79 @@ async fn a_listing_whose_drift_is_more_than_an_entry_may_hold_is_logged_as_one_r
     assert_eq!(drift.len(), 1, "{drift:?}");
     assert_eq!(drift[0].kind, "invalid");
     replays(&s);
+}
+
+/// Where the host holds the enclave's bytes, the gateway writes a call at once under its
+/// decision entry's need and its answer under its result entry's: neither reaches the server or
+/// the agent while the host has not stored the entry (the fake host is paused), and both go
+/// once it has. A gateway that wrote them under a lower need would let the call through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_call_and_its_answer_wait_for_the_host_to_store_their_entries() {
+    let s = stack_opts(
+        true,
+        "",
+        &[],
+        None,
+        Opts {
+            held: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let token = s.token("weather", &["tool-user"]);
+    // Warm up (the listing the call needs, the upstream's era) with the host storing.
+    let (status, body) = s
+        .modern("weather", &token, &modern_call("add", r#"{"a":1,"b":2}"#))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let before = calls(&s);
+    let stored = s.entries().len();
+
+    // The host stores nothing more: the call must not reach the server.
+    s.limit.send_replace(stored as u64);
+    let call = {
+        let token = token.clone();
+        let s = &s;
+        async move {
+            s.modern("weather", &token, &modern_call("add", r#"{"a":4,"b":5}"#))
+                .await
+        }
+    };
+    tokio::pin!(call);
+    let early = tokio::time::timeout(Duration::from_millis(400), &mut call).await;
+    assert!(
+        early.is_err(),
+        "answered before anything was stored: {early:?}"
+    );
+    assert_eq!(
+        calls(&s),
+        before,
+        "the call reached the server before its decision entry was stored"
+    );
+    assert_eq!(s.entries().len(), stored);
+
+    // The host stores the decision entry only: the call goes, its answer must not.
+    s.limit.send_replace(stored as u64 + 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while calls(&s) == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call never reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let early = tokio::time::timeout(Duration::from_millis(400), &mut call).await;
+    assert!(
+        early.is_err(),
+        "the answer reached the agent before its result entry was stored: {early:?}"
+    );
+
+    s.limit.send_replace(u64::MAX);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(calls(&s), before + 1);
+    let events = s.entries();
+    assert_eq!(events.len(), stored + 2, "a decision and a result entry");
 }
