@@ -258,7 +258,10 @@ async fn main() -> Result<()> {
         let gateway = Arc::new(Gateway::new(config, access, upstreams));
         tokio::spawn(mcp_transport::serve_agents(
             mcp.listener,
-            move |stream| gateway.clone().serve_agent(stream),
+            move |stream| {
+                let held = stream.gate().cloned();
+                gateway.clone().serve_held(stream, held)
+            },
             std::future::pending(),
         ))
     });

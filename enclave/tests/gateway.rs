@@ -627,7 +627,10 @@ async fn stack_opts(
         let mcp = listener.local_addr().unwrap();
         tokio::spawn(attestplane_enclave::mcp_transport::serve_agents(
             listener,
-            move |stream| gateway.clone().serve_agent(stream),
+            move |stream| {
+                let held = stream.gate().cloned();
+                gateway.clone().serve_held(stream, held)
+            },
             std::future::pending(),
         ));
         tokio::spawn(async move {

@@ -55,7 +55,6 @@ use super::relay::{AgentBody, CallRelay, Relays};
 use super::session::{SessionError, SessionOwner, Sessions};
 use super::upstream::{Answer, Endpoint, UpstreamError, Upstreams};
 use super::{GatewayConfig, MAX_REQUEST_BODY};
-use crate::mcp_transport::AgentStream;
 use crate::server::{EnclaveAccess, HandlerGone};
 use attestplane_proto::Gate;
 
@@ -118,7 +117,7 @@ struct Ctx {
     /// The legacy session the request came in (checked), if any.
     session: Option<String>,
     /// The gate of the agent's connection when the host holds what is written on it
-    /// ([`crate::mcp_transport::AgentStream::gate`]): an answer that depends on an entry is
+    /// ([`Gateway::serve_held`]): an answer that depends on an entry is
     /// then written at once and held by the host until the entry is durable. `None`: the
     /// gateway waits for `Durable` before answering.
     held: Option<Gate>,
@@ -159,15 +158,11 @@ impl Gateway {
         self.serve_held(io, None).await;
     }
 
-    /// [`Self::serve_connection`] for a connection from the enclave's MCP listener: one the
-    /// host holds ([`AgentStream::gate`]) gets the answers that depend on entries written at
-    /// once, held by the host until the entries are durable.
-    pub async fn serve_agent(self: Arc<Self>, stream: AgentStream) {
-        let gate = stream.gate().cloned();
-        self.serve_held(stream, gate).await;
-    }
-
-    async fn serve_held<S>(self: Arc<Self>, io: S, held: Option<Gate>)
+    /// [`Self::serve_connection`] for a connection the host holds under `held` (the gate of
+    /// an agent connection from the enclave's MCP listener, `AgentStream::gate`): answers that
+    /// depend on entries are written at once under their need, and the host delivers them
+    /// once the entries are durable. `None`: as [`Self::serve_connection`].
+    pub async fn serve_held<S>(self: Arc<Self>, io: S, held: Option<Gate>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
