@@ -751,6 +751,12 @@ impl Shared {
                         match inline.run() {
                             Ok(last) => {
                                 self.release_through(last);
+                                // The commit woke the tasks waiting on these entries: the
+                                // relays holding the data path's calls and answers, and the
+                                // replies just released. Let them write before this thread
+                                // reports to the enclave (which wakes the connection's writer,
+                                // and that would run first).
+                                tokio::task::yield_now().await;
                                 self.report_durable(last, Some(slot)).await;
                             }
                             Err(e) => {
