@@ -27,10 +27,11 @@
 //!
 //! A second, smaller conversation serves the MCP data path: the enclave asks the host for a
 //! connection to a registered MCP server with one [`DialRequest`] and reads one [`DialReply`],
-//! after which the connection carries the upstream's bytes ([`dial`]). Agent connections need
-//! no protocol of their own: the host relays their bytes to the enclave's MCP port unchanged.
-//! On both kinds, what the enclave sends toward an agent or a server travels in [`release`]
-//! frames that the host holds until the log entries they depend on are durable.
+//! after which the connection carries the upstream's bytes ([`dial`]). Agent connections carry
+//! the agent's bytes to the enclave's MCP port unchanged, after a preamble from the host's relay
+//! ([`RELEASE_PREAMBLE`]). On both kinds, what the enclave sends toward an agent or a server
+//! travels in [`release`] frames that the host holds until the log entries they depend on are
+//! durable: the data path's counterpart of [`Response::Held`].
 //!
 //! Not here: what the requests mean and how they are decided (the enclave crate), durable storage
 //! and HTTP (the host proxy), the byte formats of log entries, checkpoints and attestation
