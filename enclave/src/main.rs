@@ -258,10 +258,7 @@ async fn main() -> Result<()> {
         let gateway = Arc::new(Gateway::new(config, access, upstreams));
         tokio::spawn(mcp_transport::serve_agents(
             mcp.listener,
-            move |stream| {
-                let held = stream.gate().cloned();
-                gateway.clone().serve_held(stream, held)
-            },
+            move |stream| gateway.clone().serve_held(stream.io, stream.gate),
             std::future::pending(),
         ))
     });

@@ -104,21 +104,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
 
 /// An agent's connection, ready for the gateway's HTTP server.
 pub struct AgentStream {
-    io: Box<dyn ByteStream>,
-    gate: Option<Gate>,
-}
-
-impl AgentStream {
-    /// A connection whose bytes go out as they are written (no host holds them): the gateway
-    /// waits for entries to be durable before it writes what depends on them.
-    pub fn unheld(io: Box<dyn ByteStream>) -> AgentStream {
-        AgentStream { io, gate: None }
-    }
-
-    /// The gate of a connection the host holds frames on; `None` for an unheld one.
-    pub fn gate(&self) -> Option<&Gate> {
-        self.gate.as_ref()
-    }
+    /// The connection's bytes.
+    pub io: Box<dyn ByteStream>,
+    /// The gate of a connection the host holds frames on (its relay opened it with the
+    /// preamble); `None` for an unheld one, whose bytes go out as they are written (the
+    /// gateway then waits for entries to be durable before it writes what depends on them).
+    pub gate: Option<Gate>,
 }
 
 impl std::fmt::Debug for AgentStream {
@@ -126,46 +117,6 @@ impl std::fmt::Debug for AgentStream {
         f.debug_struct("AgentStream")
             .field("held", &self.gate.is_some())
             .finish_non_exhaustive()
-    }
-}
-
-impl AsyncRead for AgentStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for AgentStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
     }
 }
 
@@ -375,7 +326,10 @@ impl PendingAgent {
                 },
                 _slot: self.slot,
             };
-            return Ok(AgentStream::unheld(Box::new(io)));
+            return Ok(AgentStream {
+                io: Box::new(io),
+                gate: None,
+            });
         }
         let mut rest = [0u8; RELEASE_PREAMBLE.len() - 1];
         stream.read_exact(&mut rest).await?;

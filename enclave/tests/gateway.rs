@@ -627,10 +627,7 @@ async fn stack_opts(
         let mcp = listener.local_addr().unwrap();
         tokio::spawn(attestplane_enclave::mcp_transport::serve_agents(
             listener,
-            move |stream| {
-                let held = stream.gate().cloned();
-                gateway.clone().serve_held(stream, held)
-            },
+            move |stream| gateway.clone().serve_held(stream.io, stream.gate),
             std::future::pending(),
         ));
         tokio::spawn(async move {

@@ -284,7 +284,7 @@ async fn echo_server(listener: McpListener) -> tokio::task::JoinHandle<std::io::
     tokio::spawn(serve_agents(
         listener,
         |stream| async move {
-            let (mut r, mut w) = tokio::io::split(stream);
+            let (mut r, mut w) = tokio::io::split(stream.io);
             let _ = tokio::io::copy(&mut r, &mut w).await;
             let _ = w.shutdown().await;
         },
@@ -448,8 +448,8 @@ async fn a_connection_opened_with_the_hosts_preamble_is_held_and_frames_what_is_
     let listener = McpListener::bind(&address, 4).await.unwrap();
     let server = tokio::spawn(serve_agents(
         listener,
-        |mut stream| async move {
-            let gate = stream.gate().cloned();
+        |stream| async move {
+            let (mut stream, gate) = (stream.io, stream.gate);
             let mut request = [0u8; 3];
             stream.read_exact(&mut request).await.unwrap();
             if let Some(gate) = gate {

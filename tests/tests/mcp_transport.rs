@@ -23,6 +23,36 @@ use tokio::net::{TcpListener, TcpStream};
 mod registrations;
 use registrations::{append_admin, spec};
 
+/// The host: `store` with server `weather` registered at `upstream` (entry 0, signed with the
+/// key `[9; 32]`), and both relays in front of an enclave MCP address in `dir`.
+async fn host(
+    dir: &tempfile::TempDir,
+    store: &Arc<Store>,
+    upstream: std::net::SocketAddr,
+) -> (Relay, Address) {
+    append_admin(
+        store,
+        &SigningKey::from_bytes(&[9; 32]),
+        0,
+        AdminAction::RegisterServer(spec("weather", &format!("http://{upstream}"))),
+        true,
+    )
+    .await;
+    let enclave_mcp = Address::Unix(dir.path().join("enclave-mcp.sock"));
+    let relay = Relay::start(
+        RelayConfig {
+            mcp_listen: "127.0.0.1:0".parse().unwrap(),
+            enclave_mcp: enclave_mcp.clone(),
+            dial_listen: Address::Unix(dir.path().join("dial.sock")),
+            limits: RelayLimits::default(),
+        },
+        Arc::clone(store),
+    )
+    .await
+    .unwrap();
+    (relay, enclave_mcp)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_to_enclave_to_upstream_and_back_through_both_relays() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,28 +73,8 @@ async fn agent_to_enclave_to_upstream_and_back_through_both_relays() {
             });
         }
     });
-    append_admin(
-        &store,
-        &SigningKey::from_bytes(&[9; 32]),
-        0,
-        AdminAction::RegisterServer(spec("weather", &format!("http://{upstream_addr}"))),
-        true,
-    )
-    .await;
-
     // The host.
-    let enclave_mcp = Address::Unix(dir.path().join("enclave-mcp.sock"));
-    let relay = Relay::start(
-        RelayConfig {
-            mcp_listen: "127.0.0.1:0".parse().unwrap(),
-            enclave_mcp: enclave_mcp.clone(),
-            dial_listen: Address::Unix(dir.path().join("dial.sock")),
-            limits: RelayLimits::default(),
-        },
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap();
+    let (relay, enclave_mcp) = host(&dir, &store, upstream_addr).await;
 
     // The enclave: each agent connection names a server in its first line (a stand-in for
     // the gateway's routing), is dialled through the host, and spliced.
@@ -74,10 +84,11 @@ async fn agent_to_enclave_to_upstream_and_back_through_both_relays() {
     let seen = Arc::clone(&outcomes);
     tokio::spawn(serve_agents(
         listener,
-        move |mut agent| {
+        move |agent| {
             let dialer = dialer.clone();
             let seen = Arc::clone(&seen);
             async move {
+                let mut agent = agent.io;
                 let mut line = Vec::new();
                 let mut byte = [0u8; 1];
                 while agent.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {
@@ -171,27 +182,7 @@ async fn held_bytes_reach_the_server_and_the_agent_only_once_their_entries_are_d
             });
         }
     });
-    append_admin(
-        &store,
-        &key,
-        0,
-        AdminAction::RegisterServer(spec("weather", &format!("http://{upstream_addr}"))),
-        true,
-    )
-    .await;
-
-    let enclave_mcp = Address::Unix(dir.path().join("enclave-mcp.sock"));
-    let relay = Relay::start(
-        RelayConfig {
-            mcp_listen: "127.0.0.1:0".parse().unwrap(),
-            enclave_mcp: enclave_mcp.clone(),
-            dial_listen: Address::Unix(dir.path().join("dial.sock")),
-            limits: RelayLimits::default(),
-        },
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap();
+    let (relay, enclave_mcp) = host(&dir, &store, upstream_addr).await;
 
     // The stand-in gateway: the call may reach the server once entry 1 is durable (two
     // entries), its answer the agent once entry 2 is (three).
@@ -199,13 +190,11 @@ async fn held_bytes_reach_the_server_and_the_agent_only_once_their_entries_are_d
     let listener = McpListener::bind(&enclave_mcp, 16).await.unwrap();
     tokio::spawn(serve_agents(
         listener,
-        move |mut agent| {
+        move |agent| {
             let dialer = dialer.clone();
             async move {
-                let agent_gate = agent
-                    .gate()
-                    .cloned()
-                    .expect("the host's relay holds agents");
+                let agent_gate = agent.gate.expect("the host's relay holds agents");
+                let mut agent = agent.io;
                 let mut request = [0u8; 4];
                 agent.read_exact(&mut request).await.unwrap();
                 let dialed = dialer.dial("weather").await.unwrap();
