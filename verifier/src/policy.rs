@@ -65,6 +65,7 @@ use cedar_policy::{
 mod memo;
 
 use memo::NumberUses;
+pub(crate) use memo::RequestKey;
 pub use memo::{DecisionMemo, MemoStats};
 
 use crate::gateway::json::{self, Value as JsonValue};
@@ -1120,7 +1121,7 @@ fn context_pairs(
 ) -> Result<Vec<(String, RestrictedExpression)>, String> {
     let a = &req.attestation;
     // The numbers come from the one function a memo's key is computed with.
-    let [time, age_ms, calls_last_minute, spend_micros] = memo::context_numbers(req);
+    let [time, age_ms, calls_last_minute, spend_micros] = memo::context_numbers(&req.key());
     let mut attestation = vec![
         (
             "verified".to_owned(),

@@ -261,8 +261,9 @@ impl Replay {
     ///
     /// Three steps: the log verifier checks the round (on all cores); the fold applies it in
     /// order, computing each logged decision's inputs from the state (cheap) and applying its
-    /// logged outcome; then the policy evaluations of the round's re-decided entries run on
-    /// all cores, each against the snapshot of its own inputs. The first failure of the three,
+    /// logged outcome, and checks on the spot each re-decided entry whose policy answers the
+    /// replay's memo holds; then the policy evaluations of the round's other re-decided
+    /// entries run on all cores, each against the snapshot of its own inputs. The first failure of the three,
     /// by sequence number, is reported. In a [pipelined](Replay::pipelined) replay the fold
     /// and its evaluations are those of the round pushed before, run while this one is
     /// verified; this round is folded by the next call or by the end of the replay.
@@ -424,7 +425,7 @@ impl Fold {
             }
         }
         let mode = self.trust.mode(entry);
-        let deferred = self.state.apply_deferring(entry, mode)?;
+        let deferred = self.state.apply_deferring(entry, mode, Some(&self.memo))?;
         *self
             .events
             .entry(entry.entry().event.type_name())

@@ -69,8 +69,8 @@ use crate::gateway::limits::{
 use crate::handle::Jwks;
 use crate::log::VerifiedEntry;
 use crate::policy::{
-    Action, AttestationFacts, CallFacts, Counters, Decision, DecisionMemo, DecisionRequest,
-    PiiAction, PolicyEngine, Principal, ServerFacts,
+    Action, AttestationFacts, Counters, Decision, DecisionMemo, DecisionRequest, PiiAction,
+    PolicyEngine, RequestKey,
 };
 use crate::reason::Reason;
 use crate::time::UnixMillis;
@@ -211,7 +211,13 @@ pub struct State {
     policy: Arc<PolicyEngine>,
     providers: BTreeMap<String, (IdentityProviderSpec, Jwks)>,
     admin_nonces: BTreeMap<[u8; 16], UnixMillis>,
+    /// The earliest time in `admin_nonces` (`u64::MAX` ms when there is none): `prune` walks
+    /// them only when one has left the window.
+    oldest_nonce: UnixMillis,
     calls: BTreeMap<String, VecDeque<UnixMillis>>,
+    /// Whether every queue of `calls` is in time order, as it is when the entries' times never
+    /// go back (the log verifier's rule): `counters` then counts by binary search.
+    calls_sorted: bool,
     server_attestation: AttestationVerifier,
     applied: u64,
     identity_generation: u64,
@@ -345,16 +351,6 @@ impl StateError {
     }
 }
 
-fn principal_of(p: &PrincipalRecord) -> Principal {
-    Principal {
-        agent: p.agent.clone(),
-        user: p.user.clone(),
-        tenant: p.tenant.clone(),
-        roles: p.roles.clone(),
-        issuer: p.issuer.clone(),
-    }
-}
-
 impl State {
     /// The empty state, before genesis. `server_anchor` is the root MCP servers' attestation
     /// documents must chain to (AWS's in production, the mock's locally).
@@ -370,7 +366,9 @@ impl State {
             policy: Arc::new(PolicyEngine::deny_all()),
             providers: BTreeMap::new(),
             admin_nonces: BTreeMap::new(),
+            oldest_nonce: UnixMillis::from_millis(u64::MAX),
             calls: BTreeMap::new(),
+            calls_sorted: true,
             server_attestation: AttestationVerifier::new(server_anchor),
             applied: 0,
             identity_generation: 0,
@@ -624,6 +622,8 @@ impl State {
         let request = prepared.signed.request();
         let time = request.time;
         self.admin_nonces.insert(request.nonce, time);
+        self.oldest_nonce =
+            UnixMillis::from_millis(self.oldest_nonce.as_millis().min(time.as_millis()));
         self.origin
             .get_or_insert_with(|| request.deployment.origin.clone());
         match request.action.clone() {
@@ -674,7 +674,16 @@ impl State {
         let horizon = now
             .as_millis()
             .saturating_sub(2 * crate::admin::ADMIN_REQUEST_WINDOW_MS);
-        self.admin_nonces.retain(|_, t| t.as_millis() >= horizon);
+        if self.oldest_nonce.as_millis() < horizon {
+            self.admin_nonces.retain(|_, t| t.as_millis() >= horizon);
+            self.oldest_nonce = UnixMillis::from_millis(
+                self.admin_nonces
+                    .values()
+                    .map(|t| t.as_millis())
+                    .min()
+                    .unwrap_or(u64::MAX),
+            );
+        }
         let call_horizon = now.as_millis().saturating_sub(CALL_WINDOW_MS);
         self.calls.retain(|_, q| {
             while q.front().is_some_and(|t| t.as_millis() <= call_horizon) {
@@ -787,38 +796,49 @@ impl State {
     /// The agent's counters at `now`.
     pub fn counters(&self, agent: &str, now: UnixMillis) -> Counters {
         let horizon = now.as_millis().saturating_sub(CALL_WINDOW_MS);
-        let calls = self
-            .calls
-            .get(agent)
-            .map_or(0, |q| q.iter().filter(|t| t.as_millis() > horizon).count());
+        let calls = self.calls.get(agent).map_or(0, |q| {
+            if self.calls_sorted {
+                q.len()
+                    .saturating_sub(q.partition_point(|t| t.as_millis() <= horizon))
+            } else {
+                q.iter().filter(|t| t.as_millis() > horizon).count()
+            }
+        });
         Counters {
             calls_last_minute: calls as u64,
             spend_micros: 0,
         }
     }
 
-    fn policy_request(
-        &self,
-        principal: &PrincipalRecord,
+    /// The request the policy evaluates for `principal` asking `action` of `server` (and
+    /// `tool`) at `now`, with these attestation facts and counters, borrowed from the state
+    /// and the principal: no call section (the caller adds a gateway action's).
+    #[allow(clippy::too_many_arguments)]
+    fn request_key<'a>(
+        principal: &'a PrincipalRecord,
         action: Action,
-        server: &ServerState,
-        tool: Option<&str>,
+        server: &'a ServerState,
+        tool: Option<&'a str>,
+        attestation: AttestationFacts,
+        counters: Counters,
         now: UnixMillis,
-    ) -> DecisionRequest {
-        DecisionRequest {
-            principal: principal_of(principal),
+    ) -> RequestKey<'a> {
+        RequestKey {
+            agent: &principal.agent,
+            user: &principal.user,
+            tenant: &principal.tenant,
+            roles: &principal.roles,
+            issuer: &principal.issuer,
             action,
-            server: ServerFacts {
-                id: server.spec.id.clone(),
-                name: server.spec.name.clone(),
-                tenant: server.spec.tenant.clone(),
-                resource: server.spec.resource.clone(),
-                assurance: server.spec.assurance.as_str().to_owned(),
-            },
-            tool: tool.map(str::to_string),
-            attestation: self.attestation_facts(server, now),
+            server_id: &server.spec.id,
+            server_name: &server.spec.name,
+            server_tenant: &server.spec.tenant,
+            server_resource: &server.spec.resource,
+            server_assurance: server.spec.assurance.as_str(),
+            tool,
+            attestation,
             time: now,
-            counters: self.counters(&principal.agent, now),
+            counters,
             call: None,
         }
     }
@@ -926,94 +946,66 @@ impl State {
         }
     }
 
-    /// [`State::decide_with`] up to the policy evaluation: the hard rules, attestation facts
-    /// and counters from the state, and the requests the policy is to evaluate (against the
-    /// policy engine in force, shared, so the evaluation can run later and elsewhere).
-    fn decide_plan(
-        &self,
+    /// The state's part of a decision: the attestation facts and counters the record logs,
+    /// then the hard rules, which do not depend on the policy: the server must exist, belong
+    /// to the agent's tenant, and (for resolve and gateway actions) hold a fresh verified
+    /// attestation; a called tool must be pinned. A gateway call's rate and spend outcomes
+    /// come from the limits' state now, used only if the policy and the PII rule allow it.
+    fn precheck<'a>(
+        &'a self,
         principal: &PrincipalRecord,
         action: Action,
         server_id: &str,
         tool: Option<&str>,
-        mut call: Option<CallRecord>,
+        has_call: bool,
         now: UnixMillis,
-    ) -> DecisionPlan {
-        if let Some(c) = call.as_mut() {
-            c.pii.action = PiiAction::DEFAULT.as_str().to_owned();
-        }
-        let mut record = DecisionRecord {
-            action: action.as_str().to_string(),
-            principal: principal.clone(),
-            server: server_id.to_string(),
-            tool: tool.map(str::to_string),
-            attestation: AttestationFactsRecord {
-                verified: false,
-                age_ms: None,
-                pcr_match: false,
-                debug: false,
-            },
-            calls_last_minute: 0,
-            spend_micros: 0,
-            allowed: false,
-            policies: Vec::new(),
-            reason: None,
-            handle: None,
-            call: None,
-        };
-        let facts = call.as_ref().map(|c| CallFacts {
-            arguments: c.arguments.clone(),
-            pii: c.pii.counts.clone(),
-        });
-        record.call = call;
+    ) -> Precheck<'a> {
         let Some(server) = self.servers.get(server_id) else {
-            record.reason = Some(Reason::UnknownServer {
-                server: server_id.to_string(),
-            });
-            return DecisionPlan::Settled(Box::new(record));
+            return Precheck {
+                attestation: AttestationFacts {
+                    verified: false,
+                    age_ms: None,
+                    pcr_match: false,
+                    debug: false,
+                },
+                counters: Counters::default(),
+                open: Err(Reason::UnknownServer {
+                    server: server_id.to_string(),
+                }),
+            };
         };
-        let mut req = self.policy_request(principal, action, server, tool, now);
-        if action.is_gated() {
-            req.call = facts;
-        }
-        record.attestation = AttestationFactsRecord {
-            verified: req.attestation.verified,
-            age_ms: req.attestation.age_ms,
-            pcr_match: req.attestation.pcr_match,
-            debug: req.attestation.debug,
+        let attestation = self.attestation_facts(server, now);
+        let counters = self.counters(&principal.agent, now);
+        let refuse = |reason| Precheck {
+            attestation,
+            counters,
+            open: Err(reason),
         };
-        record.calls_last_minute = req.counters.calls_last_minute;
-        record.spend_micros = req.counters.spend_micros;
-
         if principal.tenant != server.spec.tenant {
-            record.reason = Some(Reason::OtherTenant);
-            return DecisionPlan::Settled(Box::new(record));
+            return refuse(Reason::OtherTenant);
         }
         // A server registered without attestation (assurance none) is never attested: the
         // policy decides on its assurance level instead of this rule.
         if (action == Action::Resolve || action.is_gated())
             && server.spec.assurance == Assurance::Nitro
-            && !req.attestation.verified
+            && !attestation.verified
         {
-            record.reason = Some(match &server.attested {
+            return refuse(match &server.attested {
                 None => Reason::NotAttested,
                 Some(_) => Reason::AttestationStale,
             });
-            return DecisionPlan::Settled(Box::new(record));
         }
         if action == Action::Call {
             match tool {
                 Some(t) if server.spec.tools.contains_key(t) => {}
                 _ => {
-                    record.reason = Some(Reason::ToolNotPinned {
+                    return refuse(Reason::ToolNotPinned {
                         tool: tool.unwrap_or_default().to_string(),
                     });
-                    return DecisionPlan::Settled(Box::new(record));
                 }
             }
         }
-        // A gateway call's rate and spend outcomes depend on the limits' state now: computed
-        // here, used by the evaluation only if the policy and the PII rule allow the call.
-        let limits = if record.call.is_some() && action == Action::Call {
+        let limits = if has_call && action == Action::Call {
             let tool = tool.unwrap_or_default();
             let (rate, spend) = self.limit_outcomes(principal, server, tool, now);
             Some(match (rate.decision, spend.decision) {
@@ -1032,28 +1024,210 @@ impl State {
         } else {
             None
         };
+        Precheck {
+            attestation,
+            counters,
+            open: Ok(Open { server, limits }),
+        }
+    }
+
+    /// [`State::decide_with`] up to the policy evaluation: the hard rules, attestation facts
+    /// and counters from the state ([`State::precheck`]), and the requests the policy is to
+    /// evaluate (against the policy engine in force, shared, so the evaluation can run later
+    /// and elsewhere).
+    fn decide_plan(
+        &self,
+        principal: &PrincipalRecord,
+        action: Action,
+        server_id: &str,
+        tool: Option<&str>,
+        mut call: Option<CallRecord>,
+        now: UnixMillis,
+    ) -> DecisionPlan {
+        if let Some(c) = call.as_mut() {
+            c.pii.action = PiiAction::DEFAULT.as_str().to_owned();
+        }
+        let pre = self.precheck(principal, action, server_id, tool, call.is_some(), now);
+        let mut record = DecisionRecord {
+            action: action.as_str().to_string(),
+            principal: principal.clone(),
+            server: server_id.to_string(),
+            tool: tool.map(str::to_string),
+            attestation: facts_record(pre.attestation),
+            calls_last_minute: pre.counters.calls_last_minute,
+            spend_micros: pre.counters.spend_micros,
+            allowed: false,
+            policies: Vec::new(),
+            reason: None,
+            handle: None,
+            call: None,
+        };
+        let open = match pre.open {
+            Ok(open) => open,
+            Err(reason) => {
+                record.reason = Some(reason);
+                record.call = call;
+                return DecisionPlan::Settled(Box::new(record));
+            }
+        };
+        let server = open.server;
+        let mut key = Self::request_key(
+            principal,
+            action,
+            server,
+            tool,
+            pre.attestation,
+            pre.counters,
+            now,
+        );
+        if action.is_gated() {
+            key.call = call
+                .as_ref()
+                .map(|c| (c.arguments.as_deref(), &c.pii.counts));
+        }
+        let req = key.to_request();
         let tools = if action == Action::Resolve {
             server
                 .spec
                 .tools
                 .keys()
                 .map(|t| {
-                    let call = self.policy_request(principal, Action::Call, server, Some(t), now);
-                    (t.clone(), call)
+                    let call = Self::request_key(
+                        principal,
+                        Action::Call,
+                        server,
+                        Some(t),
+                        pre.attestation,
+                        pre.counters,
+                        now,
+                    );
+                    (t.clone(), call.to_request())
                 })
                 .collect()
         } else {
             Vec::new()
         };
+        record.call = call;
         DecisionPlan::Pending(Box::new(PendingDecision {
             record,
             policy: Arc::clone(&self.policy),
             req,
             tools,
-            limits,
+            limits: open.limits,
             expires: now.as_secs().saturating_add(HANDLE_TTL_SECS),
             audience: server.spec.resource.clone(),
         }))
+    }
+
+    /// For a replay: [`State::decide_plan`] and [`PendingDecision::evaluate`] on a logged
+    /// decision whose policy answers `memo` already holds, compared with the logged outcome.
+    /// The same rules and the same answers, without building the requests or the record's
+    /// inputs (which are the logged ones, and not compared). `None` when an answer is not in
+    /// the memo: the caller then plans the decision for Cedar.
+    fn recheck_from_memo(
+        &self,
+        seq: u64,
+        rec: &DecisionRecord,
+        action: Action,
+        now: UnixMillis,
+        memo: &DecisionMemo,
+    ) -> Option<Result<(), StateError>> {
+        let tool = rec.tool.as_deref();
+        let pre = self.precheck(
+            &rec.principal,
+            action,
+            &rec.server,
+            tool,
+            rec.call.is_some(),
+            now,
+        );
+        let mut replayed = DecisionRecord {
+            action: String::new(),
+            principal: PrincipalRecord {
+                agent: String::new(),
+                user: String::new(),
+                tenant: String::new(),
+                roles: Vec::new(),
+                issuer: String::new(),
+            },
+            server: String::new(),
+            tool: None,
+            attestation: facts_record(pre.attestation),
+            calls_last_minute: pre.counters.calls_last_minute,
+            spend_micros: pre.counters.spend_micros,
+            allowed: false,
+            policies: Vec::new(),
+            reason: None,
+            handle: None,
+            // What the comparison reads of the call: the PII rule and the price.
+            call: rec.call.as_ref().map(|_| CallRecord {
+                args: [0; 32],
+                definition: [0; 32],
+                arguments: None,
+                pii: PiiRecord {
+                    action: PiiAction::DEFAULT.as_str().to_owned(),
+                    counts: BTreeMap::new(),
+                },
+                price: None,
+            }),
+        };
+        match pre.open {
+            Err(reason) => replayed.reason = Some(reason),
+            Ok(open) => {
+                let server = open.server;
+                let mut key = Self::request_key(
+                    &rec.principal,
+                    action,
+                    server,
+                    tool,
+                    pre.attestation,
+                    pre.counters,
+                    now,
+                );
+                if action.is_gated() {
+                    key.call = rec
+                        .call
+                        .as_ref()
+                        .map(|c| (c.arguments.as_deref(), &c.pii.counts));
+                }
+                let decision = memo.lookup(&self.policy, &key)?;
+                let mut answered = 1;
+                let pii_found = rec.call.as_ref().is_some_and(|c| !c.pii.counts.is_empty());
+                let stands = apply_policy(
+                    &mut replayed,
+                    &self.policy,
+                    &decision,
+                    open.limits.as_ref(),
+                    pii_found,
+                );
+                if stands && action == Action::Resolve {
+                    let mut tools = Vec::new();
+                    for t in server.spec.tools.keys() {
+                        let call = Self::request_key(
+                            &rec.principal,
+                            Action::Call,
+                            server,
+                            Some(t),
+                            pre.attestation,
+                            pre.counters,
+                            now,
+                        );
+                        answered += 1;
+                        if memo.lookup(&self.policy, &call)?.allowed {
+                            tools.push(t.clone());
+                        }
+                    }
+                    replayed.handle = Some(HandleRecord {
+                        jti: String::new(),
+                        expires: now.as_secs().saturating_add(HANDLE_TTL_SECS),
+                        audience: server.spec.resource.clone(),
+                        tools,
+                    });
+                }
+                memo.answered(answered);
+            }
+        }
+        Some(compare_decision(seq, rec, &replayed))
     }
 
     /// The servers `principal` may discover at `now`: same tenant, and the policy allows
@@ -1070,11 +1244,59 @@ impl State {
                 .values()
                 .filter(|s| s.spec.tenant == principal.tenant)
                 .map(|s| {
-                    let req = self.policy_request(principal, Action::Discover, s, None, now);
-                    (s.spec.id.clone(), req)
+                    let req = Self::request_key(
+                        principal,
+                        Action::Discover,
+                        s,
+                        None,
+                        self.attestation_facts(s, now),
+                        self.counters(&principal.agent, now),
+                        now,
+                    );
+                    (s.spec.id.clone(), req.to_request())
                 })
                 .collect(),
         }
+    }
+
+    /// For a replay: whether a logged discovery lists exactly the servers the policy lets
+    /// `principal` see, when `memo` holds every answer ([`State::discover_plan`] evaluated
+    /// through it, without building the requests). `None` when an answer is missing or the
+    /// lists differ: the caller then plans the discovery, whose check reports the difference.
+    fn rediscover_from_memo(
+        &self,
+        principal: &PrincipalRecord,
+        logged: &[String],
+        now: UnixMillis,
+        memo: &DecisionMemo,
+    ) -> Option<()> {
+        let counters = self.counters(&principal.agent, now);
+        let mut logged = logged.iter();
+        let mut answered = 0;
+        for s in self
+            .servers
+            .values()
+            .filter(|s| s.spec.tenant == principal.tenant)
+        {
+            let key = Self::request_key(
+                principal,
+                Action::Discover,
+                s,
+                None,
+                self.attestation_facts(s, now),
+                counters,
+                now,
+            );
+            answered += 1;
+            if memo.lookup(&self.policy, &key)?.allowed && logged.next() != Some(&s.spec.id) {
+                return None;
+            }
+        }
+        if logged.next().is_some() {
+            return None;
+        }
+        memo.answered(answered);
+        Some(())
     }
 
     /// Applies an entry the log verifier accepted to the state, re-checking every logged
@@ -1088,7 +1310,7 @@ impl State {
     /// logged decision or discovery is not evaluated again; the state changes exactly as
     /// [`ApplyMode::Recheck`] would change it for an entry that `Recheck` accepts.
     pub fn apply_with(&mut self, entry: &VerifiedEntry, mode: ApplyMode) -> Result<(), StateError> {
-        match self.apply_deferring(entry, mode)? {
+        match self.apply_deferring(entry, mode, None)? {
             None => Ok(()),
             Some(deferred) => deferred.check(entry.entry(), None),
         }
@@ -1104,7 +1326,7 @@ impl State {
     }
 
     fn fold(&mut self, seq: u64, entry: &Entry, mode: ApplyMode) -> Result<(), StateError> {
-        match self.fold_deferring(seq, entry, mode, false)? {
+        match self.fold_deferring(seq, entry, mode, false, None)? {
             None => Ok(()),
             Some(deferred) => deferred.check(entry, None),
         }
@@ -1114,13 +1336,17 @@ impl State {
     /// [`ApplyMode::Recheck`] the policy evaluation of a logged decision or discovery is
     /// returned instead of done: the state changes as the logged outcome says (as it does
     /// whenever the re-check agrees), and the caller must run [`Deferred::check`] before it
-    /// accepts the entry. [`crate::replay`] runs those checks on all cores.
+    /// accepts the entry. [`crate::replay`] runs those checks on all cores. With `memo` (a
+    /// replay's), a decision or discovery whose every policy answer the memo holds is checked
+    /// here and now instead (`recheck_from_memo`, `rediscover_from_memo`: the same rules and
+    /// answers, without building its requests), and nothing is returned for it.
     pub(crate) fn apply_deferring(
         &mut self,
         entry: &VerifiedEntry,
         mode: ApplyMode,
+        memo: Option<&DecisionMemo>,
     ) -> Result<Option<Deferred>, StateError> {
-        let deferred = self.fold_deferring(entry.seq(), entry.entry(), mode, true)?;
+        let deferred = self.fold_deferring(entry.seq(), entry.entry(), mode, true, memo)?;
         if let Event::Genesis { .. } = entry.entry().event {
             // As in `apply_with`: admin requests name the genesis entry by its bytes' hash.
             self.set_genesis_hash(entry.signed().hash());
@@ -1134,6 +1360,7 @@ impl State {
         entry: &Entry,
         mode: ApplyMode,
         defer: bool,
+        memo: Option<&DecisionMemo>,
     ) -> Result<Option<Deferred>, StateError> {
         let mut deferred = None;
         let now = entry.time;
@@ -1242,7 +1469,15 @@ impl State {
                         ))),
                     });
                 }
-                if mode == ApplyMode::Recheck {
+                let from_memo = match memo {
+                    Some(m) if mode == ApplyMode::Recheck => {
+                        self.recheck_from_memo(seq, rec, action, now, m)
+                    }
+                    _ => None,
+                };
+                if let Some(checked) = from_memo {
+                    checked?;
+                } else if mode == ApplyMode::Recheck {
                     match self.decide_plan(
                         &rec.principal,
                         action,
@@ -1261,10 +1496,18 @@ impl State {
                     }
                 }
                 if action == Action::Call && rec.allowed {
-                    self.calls
-                        .entry(rec.principal.agent.clone())
-                        .or_default()
-                        .push_back(now);
+                    match self.calls.get_mut(rec.principal.agent.as_str()) {
+                        Some(q) => {
+                            if q.back().is_some_and(|t| t.as_millis() > now.as_millis()) {
+                                self.calls_sorted = false;
+                            }
+                            q.push_back(now);
+                        }
+                        None => {
+                            self.calls
+                                .insert(rec.principal.agent.clone(), VecDeque::from([now]));
+                        }
+                    }
                     // A gateway call counts against the limits in force, at its entry's time:
                     // the same arithmetic the decision ran, so the state after it is the one
                     // the next decision (live or replayed) sees.
@@ -1278,8 +1521,14 @@ impl State {
                     }
                 }
             }
-            Event::Discovery { principal, .. } => {
-                if mode == ApplyMode::Recheck {
+            Event::Discovery { principal, servers } => {
+                let from_memo = match memo {
+                    Some(m) if mode == ApplyMode::Recheck => {
+                        self.rediscover_from_memo(principal, servers, now, m)
+                    }
+                    _ => None,
+                };
+                if mode == ApplyMode::Recheck && from_memo.is_none() {
                     deferred = Some(Deferred {
                         seq,
                         what: Pending::Discovery(self.discover_plan(principal, now)),
@@ -1395,45 +1644,18 @@ impl PendingDecision {
     fn evaluate(self, memo: Option<&DecisionMemo>) -> DecisionRecord {
         let mut record = self.record;
         let decision = decide_through(&self.policy, &self.req, memo);
-        record.allowed = decision.allowed;
-        record.policies = decision.policies;
-        if decision.allowed
-            && let Some(c) = record.call.as_mut()
-        {
-            let rule = self.policy.pii_action(&record.policies);
-            c.pii.action = rule.as_str().to_owned();
-            let refusal = if rule == PiiAction::Refuse && !c.pii.counts.is_empty() {
-                Some(Reason::PiiRefused)
-            } else {
-                // Limits last: a call the policy refuses spends nothing.
-                match &self.limits {
-                    Some(Err(reason)) => Some(reason.clone()),
-                    Some(Ok(price)) => {
-                        c.price = price.clone();
-                        None
-                    }
-                    None => None,
-                }
-            };
-            if let Some(reason) = refusal {
-                record.allowed = false;
-                record.reason = Some(reason);
-                return record;
-            }
-        }
-        if !decision.allowed {
-            record.reason = Some(if !decision.errors.is_empty() {
-                Reason::PolicyError
-            } else if record.policies.is_empty() {
-                Reason::NoPermit
-            } else {
-                Reason::Forbidden {
-                    policies: record.policies.clone(),
-                }
-            });
-            return record;
-        }
-        if self.req.action == Action::Resolve {
+        let pii_found = record
+            .call
+            .as_ref()
+            .is_some_and(|c| !c.pii.counts.is_empty());
+        let stands = apply_policy(
+            &mut record,
+            &self.policy,
+            &decision,
+            self.limits.as_ref(),
+            pii_found,
+        );
+        if stands && self.req.action == Action::Resolve {
             let tools = self
                 .tools
                 .iter()
@@ -1449,6 +1671,84 @@ impl PendingDecision {
         }
         record
     }
+}
+
+/// Fills in `record` from the policy's `decision`: allowed and the determining policies; for
+/// an allowed gateway call, the PII rule of its permits (under `refuse`, a call with findings,
+/// `pii_found`, is denied) and then the limits (`limits`: a refusal, or the price the allowed
+/// call logs); for a denial, its reason. Whether the decision stands allowed (an allowed
+/// `resolve` then needs its handle's scope).
+fn apply_policy(
+    record: &mut DecisionRecord,
+    policy: &PolicyEngine,
+    decision: &Decision,
+    limits: Option<&Result<Option<PriceRecord>, Reason>>,
+    pii_found: bool,
+) -> bool {
+    record.allowed = decision.allowed;
+    record.policies = decision.policies.clone();
+    if decision.allowed
+        && let Some(c) = record.call.as_mut()
+    {
+        let rule = policy.pii_action(&record.policies);
+        c.pii.action = rule.as_str().to_owned();
+        let refusal = if rule == PiiAction::Refuse && pii_found {
+            Some(Reason::PiiRefused)
+        } else {
+            // Limits last: a call the policy refuses spends nothing.
+            match limits {
+                Some(Err(reason)) => Some(reason.clone()),
+                Some(Ok(price)) => {
+                    c.price = price.clone();
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(reason) = refusal {
+            record.allowed = false;
+            record.reason = Some(reason);
+            return false;
+        }
+    }
+    if !decision.allowed {
+        record.reason = Some(if !decision.errors.is_empty() {
+            Reason::PolicyError
+        } else if record.policies.is_empty() {
+            Reason::NoPermit
+        } else {
+            Reason::Forbidden {
+                policies: record.policies.clone(),
+            }
+        });
+        return false;
+    }
+    true
+}
+
+/// The record's form of attestation facts.
+fn facts_record(a: AttestationFacts) -> AttestationFactsRecord {
+    AttestationFactsRecord {
+        verified: a.verified,
+        age_ms: a.age_ms,
+        pcr_match: a.pcr_match,
+        debug: a.debug,
+    }
+}
+
+/// [`State::precheck`]'s answer.
+struct Precheck<'a> {
+    attestation: AttestationFacts,
+    counters: Counters,
+    /// Left to the policy, or refused by a hard rule.
+    open: Result<Open<'a>, Reason>,
+}
+
+/// A decision the hard rules leave to the policy.
+struct Open<'a> {
+    server: &'a ServerState,
+    /// For a gateway call: what the rate limits and spend caps say.
+    limits: Option<Result<Option<PriceRecord>, Reason>>,
 }
 
 /// A discovery's requests (one per server of the agent's tenant), to evaluate.
@@ -1931,5 +2231,174 @@ mod tests {
         // policy, so deny by default).
         let d = state.decide(&principal(), Action::Call, "plain", Some("echo"), now);
         assert_eq!(d.reason, Some(Reason::NoPermit));
+    }
+
+    #[test]
+    fn a_replay_answered_from_the_memo_still_names_a_forged_decision_or_discovery() {
+        use crate::admin::{Assurance, Digest32};
+        // A replay's fold answers a request the memo holds on the spot, without planning it
+        // for Cedar: a forged outcome of a request answered so must still be named, by the
+        // fold itself, field by field as the planned check names it.
+        let mut state = State::new(TrustAnchor::aws_nitro_root_g1());
+        let admin = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let now = UnixMillis::from_millis(1_000);
+        let at = |seq, event| Entry {
+            seq,
+            prev: EntryHash::ZERO,
+            epoch: 0,
+            time: now,
+            event,
+        };
+        state
+            .fold(
+                1,
+                &at(
+                    1,
+                    Event::Genesis {
+                        admin_keys: vec![admin.verifying_key().to_bytes()],
+                        host_chosen: false,
+                    },
+                ),
+                ApplyMode::Recheck,
+            )
+            .unwrap();
+        let genesis_hash = EntryHash::from_bytes([9; 32]);
+        state.set_genesis_hash(genesis_hash);
+        let spec = |id: &str| ServerSpec {
+            id: id.into(),
+            name: id.into(),
+            tenant: "acme".into(),
+            resource: format!("https://{id}.example/mcp"),
+            endpoint: format!("http://{id}.example"),
+            pcrs: BTreeMap::new(),
+            allow_debug: false,
+            max_attestation_age_ms: 60_000,
+            tools: [
+                ("echo".to_string(), Digest32([5; 32])),
+                ("wipe".to_string(), Digest32([6; 32])),
+            ]
+            .into(),
+            assurance: Assurance::None,
+            prices: BTreeMap::new(),
+            client_requests: Default::default(),
+        };
+        let policy = r#"permit(principal, action, resource) when { principal.roles.contains("user") };
+            forbid(principal, action, resource is Attestplane::Tool) when { resource.name == "wipe" };
+            forbid(principal, action, resource == Attestplane::Server::"hidden");"#;
+        for (seq, action) in [
+            (2, AdminAction::RegisterServer(spec("plain"))),
+            (3, AdminAction::RegisterServer(spec("hidden"))),
+            (
+                4,
+                AdminAction::SetPolicy {
+                    text: policy.into(),
+                },
+            ),
+        ] {
+            let request = crate::admin::AdminRequest {
+                time: now,
+                nonce: [seq as u8; 16],
+                deployment: Deployment {
+                    origin: "attestplane.test/log".into(),
+                    genesis: genesis_hash,
+                },
+                action,
+            }
+            .sign(&admin.verifying_key(), &admin)
+            .unwrap();
+            let event = Event::Admin {
+                request,
+                accepted: true,
+                reason: None,
+            };
+            state
+                .fold(seq, &at(seq, event), ApplyMode::Recheck)
+                .unwrap();
+        }
+        let who = PrincipalRecord {
+            roles: vec!["user".into()],
+            ..principal()
+        };
+        let memo = DecisionMemo::new();
+        // Folds `event` as a replay does; whether it was planned for Cedar, and the outcome.
+        let replay = |state: &mut State, seq: u64, event: Event| {
+            let entry = at(seq, event);
+            match state.fold_deferring(seq, &entry, ApplyMode::Recheck, true, Some(&memo)) {
+                Ok(None) => (false, Ok(())),
+                Ok(Some(deferred)) => (true, deferred.check(&entry, Some(&memo))),
+                Err(e) => (false, Err(e)),
+            }
+        };
+        let field = |r: Result<(), StateError>| match r {
+            Err(StateError::DecisionMismatch { field, .. }) => field,
+            other => panic!("a forged outcome was not named: {other:?}"),
+        };
+        // Decided live on the state as it is (each allowed call counts for the next).
+        let call = |state: &State| {
+            let d = state.decide(&who, Action::Call, "plain", Some("echo"), now);
+            assert!(d.allowed);
+            Event::Decision(Box::new(d))
+        };
+        let resolve = |state: &State| {
+            let mut d = state.decide(&who, Action::Resolve, "plain", None, now);
+            let handle = d.handle.as_mut().unwrap();
+            assert_eq!(handle.tools, ["echo"]);
+            handle.jti = "jti".into();
+            d
+        };
+        let discovery = |servers: &[&str]| Event::Discovery {
+            principal: who.clone(),
+            servers: servers.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(state.discover(&who, now), ["plain"]);
+        // First seen: planned for Cedar, and right.
+        let decision = |r: DecisionRecord| Event::Decision(Box::new(r));
+        let e = call(&state);
+        assert_eq!(replay(&mut state, 5, e), (true, Ok(())));
+        let e = decision(resolve(&state));
+        assert_eq!(replay(&mut state, 6, e), (true, Ok(())));
+        assert_eq!(replay(&mut state, 7, discovery(&["plain"])), (true, Ok(())));
+        // Seen again: answered from the memo, and right.
+        let e = call(&state);
+        assert_eq!(replay(&mut state, 8, e), (false, Ok(())));
+        let e = decision(resolve(&state));
+        assert_eq!(replay(&mut state, 9, e), (false, Ok(())));
+        assert_eq!(
+            replay(&mut state, 10, discovery(&["plain"])),
+            (false, Ok(()))
+        );
+        // Forged: named by the fold, without Cedar.
+        let Event::Decision(allowed) = call(&state) else {
+            unreachable!()
+        };
+        let denied = DecisionRecord {
+            allowed: false,
+            reason: Some(Reason::NoPermit),
+            ..(*allowed).clone()
+        };
+        let (planned, outcome) = replay(&mut state, 11, decision(denied));
+        assert_eq!((planned, field(outcome)), (false, "allowed"));
+        let mut wider = resolve(&state);
+        if let Some(h) = wider.handle.as_mut() {
+            h.tools.push("wipe".into());
+        }
+        let (planned, outcome) = replay(&mut state, 12, decision(wider));
+        assert_eq!((planned, field(outcome)), (false, "handle"));
+        let other_policies = DecisionRecord {
+            policies: vec!["policy9".into()],
+            ..*allowed
+        };
+        let (planned, outcome) = replay(&mut state, 13, decision(other_policies));
+        assert_eq!((planned, field(outcome)), (false, "policies"));
+        // A discovery listing a server the policy hides, or missing one: the lists differ, so
+        // the fold plans it and the check names it.
+        for (seq, servers) in [(14, &["hidden", "plain"][..]), (15, &[][..])] {
+            let (planned, outcome) = replay(&mut state, seq, discovery(servers));
+            assert_eq!((planned, field(outcome)), (true, "servers"));
+        }
+        let stats = memo.stats();
+        // Cedar answered each request once: the call (which the resolve's `echo` shares), the
+        // resolve, its `wipe`, and the two servers of the discovery.
+        assert_eq!(stats.misses, 1 + 1 + 1 + 2, "{stats:?}");
     }
 }

@@ -14,7 +14,9 @@
 //! - every field of the request equal, compared in full (the hash only picks the bucket):
 //!   principal (agent, user, tenant, roles, issuer: what the identity provider asserted),
 //!   action, server facts (id, name, tenant, resource, assurance: what the registry says),
-//!   item, attestation flags, the call's arguments and PII findings;
+//!   item, attestation flags, the call's arguments and PII findings. An answer keeps these
+//!   fields as one byte string that two requests share exactly when the fields are equal
+//!   (every text length-prefixed, every optional field tagged: `encode`), compared whole;
 //! - the context's numbers (`time`, `attestation.age_ms`, `counters.calls_last_minute`,
 //!   `counters.spend_micros`) either equal as Cedar sees them, or, for a number that every
 //!   policy of the set only compares with integer literals (`context.time > 1700000000`), the
@@ -32,10 +34,11 @@
 //! generation move to the current one.
 //!
 //! The enclave's live decisions do not use it ([`PolicyEngine::decide`] is unchanged); the
-//! replay fold does ([`crate::replay`]).
+//! replay fold does ([`crate::replay`]): it looks a request up borrowed from its own records
+//! (`RequestKey`), and builds the request only when Cedar has to answer it.
 
-use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
@@ -43,13 +46,122 @@ use std::sync::{Arc, Mutex};
 use cedar_policy::PolicySet;
 use serde_json::Value as J;
 
-use super::{AttestationFacts, Counters, Decision, DecisionRequest, PolicyEngine, saturating_long};
+use super::{
+    Action, AttestationFacts, CallFacts, Counters, Decision, DecisionRequest, PolicyEngine,
+    Principal, ServerFacts, saturating_long,
+};
+use crate::time::UnixMillis;
+
+/// A [`DecisionRequest`] borrowed: every field of it, so that the replay's fold can look an
+/// answer up without building (and then dropping) the request's strings. Made from a request
+/// by [`DecisionRequest::key`] or from the state's own records; [`RequestKey::to_request`]
+/// builds the request when Cedar has to answer it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RequestKey<'a> {
+    pub agent: &'a str,
+    pub user: &'a str,
+    pub tenant: &'a str,
+    pub roles: &'a [String],
+    pub issuer: &'a str,
+    pub action: Action,
+    pub server_id: &'a str,
+    pub server_name: &'a str,
+    pub server_tenant: &'a str,
+    pub server_resource: &'a str,
+    pub server_assurance: &'a str,
+    pub tool: Option<&'a str>,
+    pub attestation: AttestationFacts,
+    pub time: UnixMillis,
+    pub counters: Counters,
+    /// The call's arguments and PII findings ([`DecisionRequest::call`]).
+    pub call: Option<(Option<&'a str>, &'a BTreeMap<String, u64>)>,
+}
+
+impl DecisionRequest {
+    /// The request borrowed as the memo keys it. Written with every field named, so that a
+    /// field added to the request is a compile error here until the key has it.
+    pub(crate) fn key(&self) -> RequestKey<'_> {
+        let DecisionRequest {
+            principal:
+                Principal {
+                    agent,
+                    user,
+                    tenant,
+                    roles,
+                    issuer,
+                },
+            action,
+            server:
+                ServerFacts {
+                    id,
+                    name,
+                    tenant: server_tenant,
+                    resource,
+                    assurance,
+                },
+            tool,
+            attestation,
+            time,
+            counters,
+            call,
+        } = self;
+        RequestKey {
+            agent,
+            user,
+            tenant,
+            roles,
+            issuer,
+            action: *action,
+            server_id: id,
+            server_name: name,
+            server_tenant,
+            server_resource: resource,
+            server_assurance: assurance,
+            tool: tool.as_deref(),
+            attestation: *attestation,
+            time: *time,
+            counters: *counters,
+            call: call.as_ref().map(|c| (c.arguments.as_deref(), &c.pii)),
+        }
+    }
+}
+
+impl RequestKey<'_> {
+    /// The owned request.
+    pub(crate) fn to_request(self) -> DecisionRequest {
+        DecisionRequest {
+            principal: Principal {
+                agent: self.agent.to_owned(),
+                user: self.user.to_owned(),
+                tenant: self.tenant.to_owned(),
+                roles: self.roles.to_vec(),
+                issuer: self.issuer.to_owned(),
+            },
+            action: self.action,
+            server: ServerFacts {
+                id: self.server_id.to_owned(),
+                name: self.server_name.to_owned(),
+                tenant: self.server_tenant.to_owned(),
+                resource: self.server_resource.to_owned(),
+                assurance: self.server_assurance.to_owned(),
+            },
+            tool: self.tool.map(str::to_owned),
+            attestation: self.attestation,
+            time: self.time,
+            counters: self.counters,
+            call: self.call.map(|(arguments, pii)| CallFacts {
+                arguments: arguments.map(str::to_owned),
+                pii: pii.clone(),
+            }),
+        }
+    }
+}
 
 /// The context's numbers as Cedar sees them, in [`NUMBER_PATHS`] order: `time` (whole
 /// seconds), `attestation.age_ms` (absent without a verified attestation),
 /// `counters.calls_last_minute`, `counters.spend_micros`; each saturated at `i64::MAX`. The
 /// context is built from these very values.
-pub(super) fn context_numbers(req: &DecisionRequest) -> [Option<i64>; 4] {
+pub(super) fn context_numbers(req: &RequestKey<'_>) -> [Option<i64>; 4] {
     [
         Some(saturating_long(req.time.as_secs())),
         req.attestation.age_ms.map(saturating_long),
@@ -277,16 +389,35 @@ fn context_path(e: &J) -> Option<Vec<&str>> {
     Some(path)
 }
 
-/// Whether two requests are equal in every field but the context's numbers (which [`Seen`]
-/// compares). Written with every field named, so that a field added to the request is a
-/// compile error here until it is compared.
-fn same_but_numbers(a: &DecisionRequest, b: &DecisionRequest) -> bool {
-    let DecisionRequest {
-        principal,
+/// Writes every field of `key` but the context's numbers (which [`Seen`] compares) into `out`,
+/// so that two keys write the same bytes exactly when those fields are equal: every text and
+/// list is length-prefixed, every optional field tagged. Written with every field named, so
+/// that a field added to the key is a compile error here until it is written.
+fn encode(key: &RequestKey<'_>, out: &mut Vec<u8>) {
+    fn text(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    let RequestKey {
+        agent,
+        user,
+        tenant,
+        roles,
+        issuer,
         action,
-        server,
+        server_id,
+        server_name,
+        server_tenant,
+        server_resource,
+        server_assurance,
         tool,
-        attestation,
+        attestation:
+            AttestationFacts {
+                verified,
+                age_ms: _,
+                pcr_match,
+                debug,
+            },
         time: _,
         counters:
             Counters {
@@ -294,41 +425,76 @@ fn same_but_numbers(a: &DecisionRequest, b: &DecisionRequest) -> bool {
                 spend_micros: _,
             },
         call,
-    } = a;
-    let AttestationFacts {
-        verified,
-        age_ms: _,
-        pcr_match,
-        debug,
-    } = attestation;
-    *principal == b.principal
-        && *action == b.action
-        && *server == b.server
-        && *tool == b.tool
-        && *verified == b.attestation.verified
-        && *pcr_match == b.attestation.pcr_match
-        && *debug == b.attestation.debug
-        && *call == b.call
+    } = key;
+    out.clear();
+    out.push(*action as u8);
+    out.push(u8::from(*verified) | (u8::from(*pcr_match) << 1) | (u8::from(*debug) << 2));
+    for s in [
+        agent,
+        user,
+        tenant,
+        issuer,
+        server_id,
+        server_name,
+        server_tenant,
+        server_resource,
+        server_assurance,
+    ] {
+        text(out, s);
+    }
+    out.extend_from_slice(&(roles.len() as u64).to_le_bytes());
+    for r in *roles {
+        text(out, r);
+    }
+    match tool {
+        None => out.push(0),
+        Some(t) => {
+            out.push(1);
+            text(out, t);
+        }
+    }
+    match call {
+        None => out.push(0),
+        Some((arguments, pii)) => {
+            out.push(1);
+            match arguments {
+                None => out.push(0),
+                Some(a) => {
+                    out.push(1);
+                    text(out, a);
+                }
+            }
+            out.extend_from_slice(&(pii.len() as u64).to_le_bytes());
+            for (kind, n) in *pii {
+                text(out, kind);
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+        }
+    }
 }
 
-/// Some of the fields [`same_but_numbers`] compares (those that tell requests apart most:
-/// equal requests hash equally, and every field is compared in full within a bucket), and the
-/// numbers' key, hashed with a keyed hash: a log cannot choose requests that share a bucket.
-fn hash_key(state: &RandomState, req: &DecisionRequest, seen: &[Seen; 4]) -> u64 {
+/// The encoded fields ([`encode`]) and the numbers' key, hashed with a keyed hash: a log
+/// cannot choose requests that share a bucket. Equal keys hash equally; within a bucket the
+/// bytes are compared in full.
+fn hash_key(state: &RandomState, encoded: &[u8], seen: &[Seen; 4]) -> u64 {
     let mut h = state.build_hasher();
-    req.principal.agent.hash(&mut h);
-    req.action.hash(&mut h);
-    req.server.id.hash(&mut h);
-    req.tool.hash(&mut h);
+    encoded.hash(&mut h);
     seen.hash(&mut h);
     h.finish()
 }
 
+thread_local! {
+    /// Each thread's buffer for [`encode`]: a lookup allocates nothing.
+    static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One remembered answer.
 struct Slot {
-    req: DecisionRequest,
+    /// The request's fields but its numbers, [`encode`]d: compact (one allocation, compared
+    /// with one `memcmp`).
+    key: Box<[u8]>,
     seen: [Seen; 4],
-    decision: Decision,
+    decision: Arc<Decision>,
 }
 
 /// One generation of answers, by key hash.
@@ -339,11 +505,11 @@ struct Table {
 }
 
 impl Table {
-    fn position(&self, hash: u64, req: &DecisionRequest, seen: &[Seen; 4]) -> Option<usize> {
+    fn position(&self, hash: u64, key: &[u8], seen: &[Seen; 4]) -> Option<usize> {
         self.buckets
             .get(&hash)?
             .iter()
-            .position(|s| s.seen == *seen && same_but_numbers(&s.req, req))
+            .position(|s| s.seen == *seen && *s.key == *key)
     }
 
     fn take(&mut self, hash: u64, at: usize) -> Option<Slot> {
@@ -383,10 +549,10 @@ impl Inner {
         &mut self,
         engine: &Arc<PolicyEngine>,
         hash: u64,
-        req: &DecisionRequest,
+        req: &[u8],
         seen: &[Seen; 4],
         capacity: usize,
-    ) -> Option<Decision> {
+    ) -> Option<Arc<Decision>> {
         if !self.is_for(engine) {
             return None;
         }
@@ -396,11 +562,11 @@ impl Inner {
                 .buckets
                 .get(&hash)
                 .and_then(|b| b.get(at))
-                .map(|s| s.decision.clone());
+                .map(|s| Arc::clone(&s.decision));
         }
         let at = self.old.position(hash, req, seen)?;
         let slot = self.old.take(hash, at)?;
-        let decision = slot.decision.clone();
+        let decision = Arc::clone(&slot.decision);
         self.push(hash, slot, capacity);
         Some(decision)
     }
@@ -413,7 +579,7 @@ impl Inner {
             self.old = Table::default();
         }
         // Another thread may have answered the same request meanwhile.
-        if self.current.position(hash, &slot.req, &slot.seen).is_none() {
+        if self.current.position(hash, &slot.key, &slot.seen).is_none() {
             self.push(hash, slot, capacity);
         }
     }
@@ -459,11 +625,12 @@ impl Default for DecisionMemo {
 }
 
 impl DecisionMemo {
-    /// Answers per generation of [`DecisionMemo::new`]. A request and its answer take about
-    /// 2.7 KiB of heap with their strings and the tables: two generations of 8,192 took a
-    /// replay of a log whose requests all differ from 36 to 82 MiB peak RSS, against a bound
+    /// Answers per generation of [`DecisionMemo::new`]. When an answer held the whole request
+    /// (about 2.7 KiB of heap with its strings and the tables), two generations of 8,192 took
+    /// a replay of a log whose requests all differ from 36 to 82 MiB peak RSS, against a bound
     /// of 64; of 2,048, to 47 MiB, but the benchmark's world of about 3,800 distinct requests
-    /// then no longer fits (75 % answered from memory instead of 97 %).
+    /// then no longer fits (75 % answered from memory instead of 97 %). An answer now holds
+    /// the request's encoded fields (a few hundred bytes): 42 MiB on that log at 4,096.
     pub const DEFAULT_CAPACITY: usize = 4096;
 
     /// An empty memo of [`DecisionMemo::DEFAULT_CAPACITY`] answers per generation.
@@ -483,28 +650,61 @@ impl DecisionMemo {
     /// `engine.decide(req)`, answered from memory when the memo holds an answer of `engine`
     /// for a request Cedar cannot tell from `req`.
     pub fn decide(&self, engine: &Arc<PolicyEngine>, req: &DecisionRequest) -> Decision {
-        let seen = engine.numbers.seen(context_numbers(req));
-        let hash = hash_key(&self.hasher, req, &seen);
-        {
-            let Ok(mut inner) = self.inner.lock() else {
-                return engine.decide(req);
-            };
-            if let Some(d) = inner.get(engine, hash, req, &seen, self.capacity) {
-                inner.stats.hits += 1;
-                return d;
-            }
-            inner.stats.misses += 1;
+        let key = req.key();
+        let seen = engine.numbers.seen(context_numbers(&key));
+        let (hash, found, encoded) = ENCODED.with_borrow_mut(|buf| {
+            encode(&key, buf);
+            let hash = hash_key(&self.hasher, buf, &seen);
+            let found = self.inner.lock().ok().map(|mut inner| {
+                let hit = inner.get(engine, hash, buf, &seen, self.capacity);
+                match hit {
+                    Some(_) => inner.stats.hits += 1,
+                    None => inner.stats.misses += 1,
+                }
+                hit
+            });
+            // Kept only for an answer to remember.
+            let encoded = matches!(found, Some(None)).then(|| buf.as_slice().into());
+            (hash, found, encoded)
+        });
+        if let Some(Some(d)) = found {
+            return Decision::clone(&d);
         }
         let decision = engine.decide(req);
-        if let Ok(mut inner) = self.inner.lock() {
+        if let (Some(key), Ok(mut inner)) = (encoded, self.inner.lock()) {
             let slot = Slot {
-                req: req.clone(),
+                key,
                 seen,
-                decision: decision.clone(),
+                decision: Arc::new(decision.clone()),
             };
             inner.insert(engine, hash, slot, self.capacity);
         }
         decision
+    }
+
+    /// The memo's answer of `engine` for a request Cedar cannot tell from `key`, if it holds
+    /// one. Not counted: the caller counts the answers it used ([`DecisionMemo::answered`]);
+    /// one it could not use, or a `None`, it leaves to [`DecisionMemo::decide`], which counts
+    /// what it does.
+    pub(crate) fn lookup(
+        &self,
+        engine: &Arc<PolicyEngine>,
+        key: &RequestKey<'_>,
+    ) -> Option<Arc<Decision>> {
+        let seen = engine.numbers.seen(context_numbers(key));
+        ENCODED.with_borrow_mut(|buf| {
+            encode(key, buf);
+            let hash = hash_key(&self.hasher, buf, &seen);
+            let mut inner = self.inner.lock().ok()?;
+            inner.get(engine, hash, buf, &seen, self.capacity)
+        })
+    }
+
+    /// Counts `n` requests answered from memory through [`DecisionMemo::lookup`].
+    pub(crate) fn answered(&self, n: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.stats.hits += n;
+        }
     }
 
     /// Hits and misses so far.
@@ -596,7 +796,7 @@ mod tests {
         let t = |x: u64| {
             let mut r = request();
             r.time = UnixMillis::from_millis(x);
-            u.seen(context_numbers(&r))
+            u.seen(context_numbers(&r.key()))
         };
         // Milliseconds Cedar never sees, and seconds on the same side of every literal.
         assert_eq!(t(T * 1000 + 1), t(T * 1000 + 999));
@@ -919,5 +1119,76 @@ mod tests {
             }
             assert!(memo.stats().hits > 0, "{text}: {:?}", memo.stats());
         }
+    }
+
+    #[test]
+    fn the_encoding_tells_apart_requests_that_differ_in_any_field_but_the_numbers() {
+        let base = request();
+        let bytes = |r: &DecisionRequest| {
+            let mut out = Vec::new();
+            encode(&r.key(), &mut out);
+            out
+        };
+        let same = {
+            let mut r = request();
+            r.time = UnixMillis::from_millis(5);
+            r.counters.calls_last_minute = 9;
+            r.counters.spend_micros = 9;
+            r.attestation.age_ms = Some(123_456);
+            r
+        };
+        assert_eq!(bytes(&base), bytes(&same));
+        let changes: Vec<fn(&mut DecisionRequest)> = vec![
+            |r| r.principal.agent.push('x'),
+            |r| r.principal.user.push('x'),
+            |r| r.principal.tenant.push('x'),
+            |r| r.principal.roles.push("x".into()),
+            |r| r.principal.issuer.push('x'),
+            |r| r.action = Action::Resolve,
+            |r| r.server.id.push('x'),
+            |r| r.server.name.push('x'),
+            |r| r.server.tenant.push('x'),
+            |r| r.server.resource.push('x'),
+            |r| r.server.assurance.push('x'),
+            |r| r.tool = None,
+            |r| r.tool = Some(String::new()),
+            |r| r.attestation.verified = !r.attestation.verified,
+            |r| r.attestation.pcr_match = !r.attestation.pcr_match,
+            |r| r.attestation.debug = !r.attestation.debug,
+            |r| r.call = None,
+            |r| {
+                r.call = Some(CallFacts {
+                    arguments: Some("{}".into()),
+                    pii: BTreeMap::new(),
+                })
+            },
+            |r| {
+                r.call = Some(CallFacts {
+                    arguments: None,
+                    pii: BTreeMap::from([("email".to_owned(), 1)]),
+                })
+            },
+            // The same characters split otherwise between two fields.
+            |r| {
+                r.principal.agent.push('x');
+                r.principal.user.insert(0, 'x');
+            },
+        ];
+        let base_bytes = bytes(&base);
+        for (i, change) in changes.iter().enumerate() {
+            let mut r = request();
+            change(&mut r);
+            if r == base {
+                continue;
+            }
+            assert_ne!(bytes(&r), base_bytes, "change {i}: {r:?}");
+        }
+        let split = |roles: &[&str]| {
+            let mut r = request();
+            r.principal.roles = roles.iter().map(|s| s.to_string()).collect();
+            bytes(&r)
+        };
+        assert_ne!(split(&["ab", "c"]), split(&["a", "bc"]));
+        assert_ne!(split(&["ab"]), split(&["a", "b"]));
     }
 }
