@@ -123,13 +123,16 @@ impl std::fmt::Debug for AgentStream {
 /// A connection to a registered MCP server, ready for the gateway's HTTP client.
 pub type UpstreamStream = Box<dyn ByteStream>;
 
-/// A stream that gives back one byte already read before reading on.
-struct Prefixed<S> {
-    first: Option<u8>,
+/// A stream that holds a slot of a connection limit until it is dropped, and gives back the
+/// byte [`PendingAgent::establish`] read to tell an HTTP request from the host's preamble.
+struct Slotted<S> {
     inner: S,
+    _slot: OwnedSemaphorePermit,
+    /// A byte already read from `inner`, returned before anything else.
+    first: Option<u8>,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Slotted<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -143,52 +146,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-/// A stream that holds a slot of a connection limit until it is dropped.
-struct Slotted<S> {
-    inner: S,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Slotted<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
@@ -320,11 +277,9 @@ impl PendingAgent {
         stream.read_exact(&mut first).await?;
         if first[0] != RELEASE_PREAMBLE[0] {
             let io = Slotted {
-                inner: Prefixed {
-                    first: Some(first[0]),
-                    inner: stream,
-                },
+                inner: stream,
                 _slot: self.slot,
+                first: Some(first[0]),
             };
             return Ok(AgentStream {
                 io: Box::new(io),
@@ -343,6 +298,7 @@ impl PendingAgent {
         let io = Slotted {
             inner: Held::new(stream, gate.clone()),
             _slot: self.slot,
+            first: None,
         };
         Ok(AgentStream {
             io: Box::new(io),
@@ -634,6 +590,7 @@ impl Dialer {
                 let io = Slotted {
                     inner: Held::new(stream, gate.clone()),
                     _slot: slot,
+                    first: None,
                 };
                 Ok(Dialed {
                     io: Box::new(io),

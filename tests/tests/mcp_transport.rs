@@ -23,6 +23,14 @@ use tokio::net::{TcpListener, TcpStream};
 mod registrations;
 use registrations::{append_admin, spec};
 
+/// Appends entry `seq` to `store` (a refused admin act: it changes nothing).
+async fn one_more_entry(store: &Store, key: &SigningKey, seq: u64) {
+    let action = AdminAction::RevokeServer {
+        id: "nothing".into(),
+    };
+    append_admin(store, key, seq, action, false).await;
+}
+
 /// The host: `store` with server `weather` registered at `upstream` (entry 0, signed with the
 /// key `[9; 32]`), and both relays in front of an enclave MCP address in `dir`.
 async fn host(
@@ -225,16 +233,7 @@ async fn held_bytes_reach_the_server_and_the_agent_only_once_their_entries_are_d
         "the call reached the server before its entry was durable"
     );
 
-    append_admin(
-        &store,
-        &key,
-        1,
-        AdminAction::RevokeServer {
-            id: "nothing".into(),
-        },
-        false,
-    )
-    .await;
+    one_more_entry(&store, &key, 1).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while received.lock().unwrap().len() < 4 {
         assert!(
@@ -251,16 +250,7 @@ async fn held_bytes_reach_the_server_and_the_agent_only_once_their_entries_are_d
         early.is_err(),
         "the answer reached the agent before its entry was durable: {early:?}"
     );
-    append_admin(
-        &store,
-        &key,
-        2,
-        AdminAction::RevokeServer {
-            id: "nothing".into(),
-        },
-        false,
-    )
-    .await;
+    one_more_entry(&store, &key, 2).await;
     tokio::time::timeout(Duration::from_secs(10), agent.read_exact(&mut answer))
         .await
         .unwrap()
