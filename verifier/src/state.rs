@@ -1916,6 +1916,61 @@ mod tests {
     use crate::entry::EntryHash;
     use serde_json::json;
 
+    /// What the tests that fold a log from its genesis share: the admin key (`[1; 32]`, the one
+    /// genesis names), the time every entry carries, and the genesis hash admin requests name.
+    struct Genesis {
+        admin: ed25519_dalek::SigningKey,
+        now: UnixMillis,
+        hash: EntryHash,
+    }
+
+    impl Genesis {
+        /// Entry `seq` carrying `event`, at [`Genesis::now`].
+        fn entry(&self, seq: u64, event: Event) -> Entry {
+            Entry {
+                seq,
+                prev: EntryHash::ZERO,
+                epoch: 0,
+                time: self.now,
+                event,
+            }
+        }
+
+        /// An admin request for the test deployment, signed by the genesis admin key (its bytes).
+        fn signed(&self, nonce: u8, action: AdminAction) -> Vec<u8> {
+            crate::admin::AdminRequest {
+                time: self.now,
+                nonce: [nonce; 16],
+                deployment: Deployment {
+                    origin: "attestplane.test/log".into(),
+                    genesis: self.hash,
+                },
+                action,
+            }
+            .sign(&self.admin.verifying_key(), &self.admin)
+            .unwrap()
+        }
+    }
+
+    /// A state with its genesis entry (seq 1) folded, and the [`Genesis`] that made it.
+    fn after_genesis() -> (State, Genesis) {
+        let g = Genesis {
+            admin: ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+            now: UnixMillis::from_millis(1_000),
+            hash: EntryHash::from_bytes([9; 32]),
+        };
+        let mut state = State::new(TrustAnchor::aws_nitro_root_g1());
+        let genesis = Event::Genesis {
+            admin_keys: vec![g.admin.verifying_key().to_bytes()],
+            host_chosen: false,
+        };
+        state
+            .fold(1, &g.entry(1, genesis), ApplyMode::Recheck)
+            .unwrap();
+        state.set_genesis_hash(g.hash);
+        (state, g)
+    }
+
     fn principal() -> PrincipalRecord {
         PrincipalRecord {
             agent: "agent".into(),
@@ -2127,44 +2182,10 @@ mod tests {
         use crate::admin::{
             Assurance, ClientRequest, Digest32, Price, RateLimit, ScopeKind, SpendCap,
         };
-        let mut state = State::new(TrustAnchor::aws_nitro_root_g1());
-        let admin = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let now = UnixMillis::from_millis(1_000);
-        let at = |seq, event| Entry {
-            seq,
-            prev: EntryHash::ZERO,
-            epoch: 0,
-            time: now,
-            event,
-        };
-        state
-            .fold(
-                1,
-                &at(
-                    1,
-                    Event::Genesis {
-                        admin_keys: vec![admin.verifying_key().to_bytes()],
-                        host_chosen: false,
-                    },
-                ),
-                ApplyMode::Recheck,
-            )
-            .unwrap();
-        let genesis_hash = EntryHash::from_bytes([9; 32]);
-        state.set_genesis_hash(genesis_hash);
-        let signed = |nonce: u8, action| {
-            crate::admin::AdminRequest {
-                time: now,
-                nonce: [nonce; 16],
-                deployment: Deployment {
-                    origin: "attestplane.test/log".into(),
-                    genesis: genesis_hash,
-                },
-                action,
-            }
-            .sign(&admin.verifying_key(), &admin)
-            .unwrap()
-        };
+        let (mut state, g) = after_genesis();
+        let now = g.now;
+        let at = |seq, event| g.entry(seq, event);
+        let signed = |nonce: u8, action| g.signed(nonce, action);
         let spec = ServerSpec {
             id: "plain".into(),
             name: "Plain".into(),
@@ -2239,31 +2260,9 @@ mod tests {
         // A replay's fold answers a request the memo holds on the spot, without planning it
         // for Cedar: a forged outcome of a request answered so must still be named, by the
         // fold itself, field by field as the planned check names it.
-        let mut state = State::new(TrustAnchor::aws_nitro_root_g1());
-        let admin = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let now = UnixMillis::from_millis(1_000);
-        let at = |seq, event| Entry {
-            seq,
-            prev: EntryHash::ZERO,
-            epoch: 0,
-            time: now,
-            event,
-        };
-        state
-            .fold(
-                1,
-                &at(
-                    1,
-                    Event::Genesis {
-                        admin_keys: vec![admin.verifying_key().to_bytes()],
-                        host_chosen: false,
-                    },
-                ),
-                ApplyMode::Recheck,
-            )
-            .unwrap();
-        let genesis_hash = EntryHash::from_bytes([9; 32]);
-        state.set_genesis_hash(genesis_hash);
+        let (mut state, g) = after_genesis();
+        let now = g.now;
+        let at = |seq, event| g.entry(seq, event);
         let spec = |id: &str| ServerSpec {
             id: id.into(),
             name: id.into(),
@@ -2295,17 +2294,7 @@ mod tests {
                 },
             ),
         ] {
-            let request = crate::admin::AdminRequest {
-                time: now,
-                nonce: [seq as u8; 16],
-                deployment: Deployment {
-                    origin: "attestplane.test/log".into(),
-                    genesis: genesis_hash,
-                },
-                action,
-            }
-            .sign(&admin.verifying_key(), &admin)
-            .unwrap();
+            let request = g.signed(seq as u8, action);
             let event = Event::Admin {
                 request,
                 accepted: true,
