@@ -162,10 +162,18 @@ fn handle(seq: u64) -> Response {
 }
 
 async fn setup(connections: usize) -> (tempfile::TempDir, Fake, EnclaveClient, Arc<Store>) {
+    setup_with(connections, StoreOptions::default()).await
+}
+
+/// [`setup`] with a store of `options`, in the directory's `log`.
+async fn setup_with(
+    connections: usize,
+    options: StoreOptions,
+) -> (tempfile::TempDir, Fake, EnclaveClient, Arc<Store>) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("enclave.sock");
     let fake = Fake::start(&socket).await;
-    let store = Arc::new(Store::open(dir.path().join("log")).unwrap());
+    let store = Arc::new(Store::open_with(dir.path().join("log"), options).unwrap());
     let client = EnclaveClient::start(
         Address::Unix(socket),
         Arc::clone(&store),
@@ -339,27 +347,11 @@ async fn a_persist_overlapping_stored_entries_stops_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_persist_is_reported_durable_only_once_stored_and_a_failed_write_never() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("enclave.sock");
-    let mut fake = Fake::start(&socket).await;
+    let small = StoreOptions {
+        segment_bytes: MIN_SEGMENT_BYTES,
+    };
+    let (dir, mut fake, client, store) = setup_with(1, small).await;
     let log = dir.path().join("log");
-    let store = Arc::new(
-        Store::open_with(
-            &log,
-            StoreOptions {
-                segment_bytes: MIN_SEGMENT_BYTES,
-            },
-        )
-        .unwrap(),
-    );
-    let client = EnclaveClient::start(
-        Address::Unix(socket),
-        Arc::clone(&store),
-        ClientOptions {
-            connections: 1,
-            ..ClientOptions::default()
-        },
-    );
     let c = client.clone();
     let first = tokio::spawn(async move { c.call(resolve("a"), Duration::from_secs(10)).await });
     let (conn, id, _) = fake.next(None).await;
@@ -467,27 +459,11 @@ async fn a_held_reply_is_released_only_once_its_entry_is_durable() {
 /// `Persist` or after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_reply_whose_commit_fails_is_never_released() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("enclave.sock");
-    let mut fake = Fake::start(&socket).await;
+    let small = StoreOptions {
+        segment_bytes: MIN_SEGMENT_BYTES,
+    };
+    let (dir, mut fake, client, store) = setup_with(1, small).await;
     let log = dir.path().join("log");
-    let store = Arc::new(
-        Store::open_with(
-            &log,
-            StoreOptions {
-                segment_bytes: MIN_SEGMENT_BYTES,
-            },
-        )
-        .unwrap(),
-    );
-    let client = EnclaveClient::start(
-        Address::Unix(socket),
-        Arc::clone(&store),
-        ClientOptions {
-            connections: 1,
-            ..ClientOptions::default()
-        },
-    );
     let c = client.clone();
     let first = tokio::spawn(async move { c.call(resolve("a"), Duration::from_secs(10)).await });
     let (conn, id, _) = fake.next(None).await;
