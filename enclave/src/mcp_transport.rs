@@ -14,10 +14,11 @@
 //! - [`Dialer::dial`] opens a connection to a registered MCP server through the host: it
 //!   connects to the host's dial address, sends a [`DialRequest`] naming the server id, reads
 //!   the host's [`DialReply`](attestplane_proto::dial::DialReply) and returns the connection
-//!   as an [`UpstreamStream`], within a deadline and a limit on upstream connections, or a
-//!   typed [`DialError`].
+//!   as a [`Dialed`] (the stream and its gate), within a deadline and a limit on upstream
+//!   connections, or a typed [`DialError`].
 //!
-//! The TLS seam. Both stream types are boxed [`ByteStream`]s, so the gateway is written
+//! The TLS seam. Both streams are boxed byte streams ([`ByteStream`], the gateway's
+//! `UpstreamIo`), so the gateway is written
 //! against "some bytes both ways" and never against a socket type. When TLS ends inside the
 //! enclave (the confidential transport), [`PendingAgent::establish`] will run the server-side
 //! handshake with the key bound into the epoch's attestation document, and [`Dialer::dial`]
@@ -119,9 +120,6 @@ impl std::fmt::Debug for AgentStream {
             .finish_non_exhaustive()
     }
 }
-
-/// A connection to a registered MCP server, ready for the gateway's HTTP client.
-pub type UpstreamStream = Box<dyn ByteStream>;
 
 /// A stream that holds a slot of a connection limit until it is dropped, and gives back the
 /// byte [`PendingAgent::establish`] read to tell an HTTP request from the host's preamble.

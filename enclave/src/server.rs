@@ -36,7 +36,7 @@
 //!   answered `BadRequest`.
 //! - Replies reach a connection's task through its *outbox*, already encoded (the handler
 //!   encodes them, so it knows their size). The handler hands a burst's replies over together:
-//!   it serves the jobs already waiting (at most [`JOBS_PER_FLUSH`]) before passing their
+//!   it serves the jobs already waiting (at most `JOBS_PER_FLUSH`) before passing their
 //!   replies on, so a burst wakes each connection's task once. The task writes everything its outbox holds with
 //!   one write (one system call for a burst of replies, not one per frame), and it reads the
 //!   next request only when its outbox is empty: a host that does not read its replies stops
