@@ -289,14 +289,16 @@ pub async fn read_held<R: AsyncRead + Unpin>(
     let len = usize::try_from(header.len).unwrap_or(usize::MAX);
     payload.clear();
     payload.resize(len, 0);
-    if let Err(e) = reader.read_exact(payload).await {
-        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ProtoError::UnexpectedEof {
-                buffered: RELEASE_HEADER_LEN,
-            }
-        } else {
-            ProtoError::Io(e)
-        });
+    let mut got = 0;
+    while got < len {
+        let rest = payload.get_mut(got..).unwrap_or_default();
+        let n = reader.read(rest).await?;
+        if n == 0 {
+            return Err(ProtoError::UnexpectedEof {
+                buffered: RELEASE_HEADER_LEN + got,
+            });
+        }
+        got += n;
     }
     Ok(Some(header.need))
 }
@@ -399,7 +401,7 @@ mod tests {
             assert!(
                 matches!(
                     read_held(&mut reader, &mut payload).await,
-                    Err(ProtoError::UnexpectedEof { .. })
+                    Err(ProtoError::UnexpectedEof { buffered }) if buffered == cut
                 ),
                 "cut at {cut}"
             );
