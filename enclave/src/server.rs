@@ -60,9 +60,11 @@
 //! reply after it). The handler never waits for a connection
 //! (it serves them all); a reply that would overflow an outbox means that host has stopped
 //! reading while the enclave owes it more than the limit, and the connection is closed: its task
-//! abandons the write it is stuck in, its `Persist` replies go to another connection (below),
+//! abandons the write it is stuck in, its `Persist` replies go to another connection or wait
+//! for one (below),
 //! its other replies are dropped. Reply memory is therefore bounded by
-//! `max_connections × max(max_queued_reply_bytes, 2 × MAX_FRAME_LEN)`, whatever the host does.
+//! `max_connections × max(max_queued_reply_bytes, 2 × MAX_FRAME_LEN)` in the outboxes, plus the
+//! orphan queue's bound (below), whatever the host does.
 //!
 //! Shutdown. When the `shutdown` future completes the listener is dropped (no new connections),
 //! every connection stops admitting new requests (answered `Overloaded`: the enclave is going
@@ -71,14 +73,37 @@
 //! connections are closed regardless.
 //!
 //! Lost replies. A `Persist` carries entries the enclave has already signed and applied; if the
-//! host never stores them, the log it keeps has a hole and the next boot's replay refuses it. So
-//! a `Persist` whose connection has gone (closed before the reply was written whole) is sent on
-//! another live connection, under its original id, as a best effort: the one with the least
-//! unwritten replies that has room, never one stuck at its limit. A host client should store a
-//! `Persist` even when it does not know its id. A `Persist` written whole before its connection
-//! failed is not sent again, even when it shared a write with frames that were not: the host
-//! may have read it, and a second copy of stored entries is a protocol error. Other replies for
-//! a closed connection are dropped.
+//! host never stores them, the log it keeps has a hole, the host's sequencer waits for it
+//! forever (every later batch parked behind the gap) and the next boot's replay refuses it. So
+//! a `Persist` with no connection to go to (its own closed before the reply was written whole,
+//! or it is the gateway's, under an id no connection asked for) is sent on another live
+//! connection, under its original id: the one with the least unwritten replies that has room,
+//! never one stuck at its limit. A host client should store a `Persist` even when it does not
+//! know its id. A `Persist` written whole before its connection failed is not sent again, even
+//! when it shared a write with frames that were not: the host may have read it, and a second
+//! copy of stored entries is a protocol error. Other replies for a closed connection are
+//! dropped.
+//!
+//! Orphans. When no open connection has room for such a `Persist` (every outbox is at its
+//! limit, or no connection is open), it is never dropped: it waits in the handler's *orphan
+//! queue*, in the order the handler met it, and goes to a connection as soon as one can take it.
+//! The handler tries after every burst it serves (a connection that opens is one), and a
+//! connection's task whose outbox has just emptied while orphans wait asks the handler to try
+//! (served in place when the handler is free), so a drained outbox gets them even when no other
+//! job arrives. The queue is bounded in bytes by [`ServerLimits::max_orphaned_bytes`], without
+//! ever dropping an entry: while the orphans exceed it, the handler answers the host's requests
+//! that could write entries `Overloaded` (the host's retry-later code) and holds the side door's
+//! jobs, unrun, until the orphans are taken; everything else, `Durable` first (the gateway's
+//! waits depend on it), `Hello` (a new connection is how orphans get out), `Status` and the
+//! read-only requests, is served as usual. New entries are what the bound stops, not the
+//! service: signed entries the host has not taken are never thrown away to make room, since a
+//! hole in the log stalls it for good, and an enclave that keeps signing while its host takes
+//! nothing would grow its memory without bound. Orphaned bytes therefore stay under the bound
+//! plus one job's entries plus what closing connections hand back (already counted in their
+//! outboxes' bound). A side-door job held meanwhile is the gateway's call waiting, as it waits
+//! for a `Durable` after each of its writes; it holds no entry. Orphans still waiting when the
+//! enclave shuts down go with it (the host's next boot replays what it stored and opens a new
+//! epoch; nothing it acknowledged depends on them, since it acknowledges only durable entries).
 //!
 //! Trust: the host is untrusted and is the only peer. Every frame is hostile input; nothing here
 //! panics on it, and the server logs (to stderr) only connection events and counts, never
@@ -89,10 +114,10 @@
 //! enclave's clock comes from (the caller passes `clock`, read once per request), and retries or
 //! reconnection (the host's client).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -119,6 +144,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default for [`ServerLimits::max_queued_reply_bytes`]: far more than a host that reads its
 /// replies ever leaves queued (a few KiB), far less than the enclave's memory.
 pub const DEFAULT_MAX_QUEUED_REPLY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Default for [`ServerLimits::max_orphaned_bytes`]: room for thousands of typical `Persist`
+/// replies (a few hundred bytes each) while the host has no connection with room, and a small
+/// part of the enclave's memory.
+pub const DEFAULT_MAX_ORPHANED_BYTES: usize = 4 * 1024 * 1024;
 
 /// The most jobs the handler serves before handing their replies to the connections (it hands
 /// them over sooner when no job is waiting): bounds what a reply waits for its burst's end.
@@ -153,6 +183,11 @@ pub struct ServerLimits {
     /// and its final reply, fit in an empty outbox). A reply that would overflow it closes the connection: its host has
     /// stopped reading.
     pub max_queued_reply_bytes: usize,
+    /// Encoded `Persist` replies the handler may hold for no connection (none open has room for
+    /// them) before it refuses new requests that could write entries, answered `Overloaded`
+    /// until the host has taken them. They are never dropped (see the module documentation,
+    /// "Orphans").
+    pub max_orphaned_bytes: usize,
 }
 
 impl Default for ServerLimits {
@@ -162,6 +197,7 @@ impl Default for ServerLimits {
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_queued_reply_bytes: DEFAULT_MAX_QUEUED_REPLY_BYTES,
+            max_orphaned_bytes: DEFAULT_MAX_ORPHANED_BYTES,
         }
     }
 }
@@ -208,6 +244,9 @@ enum Job {
     },
     /// Work from inside the enclave (the MCP gateway) that needs the enclave itself.
     Inside(InsideJob),
+    /// A connection's outbox has emptied while orphaned `Persist` replies wait for room: the
+    /// handler hands them over (it does after every job; this one brings nothing else).
+    Room,
 }
 
 /// A closure run on the handler thread with the enclave, at the enclave's clock. What it
@@ -222,7 +261,9 @@ pub type InsideJob = Box<dyn FnOnce(&mut Enclave, UnixMillis) -> Vec<(u64, Respo
 /// A closure runs in place, on the calling task's thread, when the handler is free (it takes
 /// the handler's lock without waiting); otherwise it joins the handler's queue and runs on the
 /// handler thread. Either way it runs alone with the enclave, and its replies are routed and
-/// handed to the connections before [`EnclaveAccess::run`] returns.
+/// handed to the connections before [`EnclaveAccess::run`] returns. While the orphaned `Persist`
+/// replies exceed [`ServerLimits::max_orphaned_bytes`] a closure waits in the handler, unrun,
+/// until the host has taken them (it may write entries; see the server's module documentation).
 #[derive(Clone, Debug)]
 pub struct EnclaveAccess {
     door: watch::Receiver<Option<Door>>,
@@ -512,14 +553,14 @@ where
     } = inside;
     // One queue: a job per allowed connection plus the side door's room.
     let (jobs, queue) = mpsc::channel(limits.max_connections.max(1).saturating_add(capacity));
-    let handler = Arc::new(Mutex::new(Handler {
+    let stranded = Arc::new(AtomicBool::new(false));
+    let handler = Arc::new(Mutex::new(Handler::new(
         enclave,
         clock,
-        conns: BTreeMap::new(),
-        routes: HashMap::new(),
-        max_queued: limits.max_queued_reply_bytes,
-        durable: durable_tx,
-    }));
+        &limits,
+        durable_tx,
+        Arc::clone(&stranded),
+    )));
     let in_place: Arc<dyn InPlace> = handler.clone();
     door.send_replace(Some(Door {
         handler: Arc::downgrade(&in_place),
@@ -585,6 +626,7 @@ where
                         open,
                         queued,
                         kill,
+                        stranded: Arc::clone(&stranded),
                         batch: Vec::new(),
                     };
                     conns.spawn(connection.serve(rx, drain_rx.clone()));
@@ -667,9 +709,50 @@ struct Handler<C> {
     max_queued: usize,
     /// Where the durable watermark is published to the gateway.
     durable: watch::Sender<Option<u64>>,
+    /// `Persist` replies no open connection could take yet, oldest first (module
+    /// documentation, "Orphans").
+    orphans: VecDeque<Outgoing>,
+    /// Their encoded bytes.
+    orphaned_bytes: usize,
+    /// [`ServerLimits::max_orphaned_bytes`].
+    max_orphaned: usize,
+    /// Set while `orphans` is not empty, for the connections' tasks: one whose outbox empties
+    /// then sends [`Job::Room`].
+    stranded: Arc<AtomicBool>,
+    /// Side-door jobs that arrived while the orphans were over their bound, oldest first: run
+    /// once they are back under it.
+    held: VecDeque<InsideJob>,
+    /// Whether orphans have waited since the queue was last empty (for the log's transitions).
+    waiting: bool,
+    /// Whether the last hand-over left the orphans over their bound (for the log's transitions).
+    refusing: bool,
 }
 
 impl<C: Fn() -> UnixMillis> Handler<C> {
+    fn new(
+        enclave: Enclave,
+        clock: C,
+        limits: &ServerLimits,
+        durable: watch::Sender<Option<u64>>,
+        stranded: Arc<AtomicBool>,
+    ) -> Self {
+        Handler {
+            enclave,
+            clock,
+            conns: BTreeMap::new(),
+            routes: HashMap::new(),
+            max_queued: limits.max_queued_reply_bytes,
+            durable,
+            orphans: VecDeque::new(),
+            orphaned_bytes: 0,
+            max_orphaned: limits.max_orphaned_bytes,
+            stranded,
+            held: VecDeque::new(),
+            waiting: false,
+            refusing: false,
+        }
+    }
+
     /// Serves jobs until the queue closes. The replies of the jobs at hand (up to
     /// [`JOBS_PER_FLUSH`]) are handed to their connections together, once per burst.
     ///
@@ -702,9 +785,13 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
     }
 
     /// Hands every staged reply to its connection; a reply whose connection's task has gone
-    /// meanwhile is rerouted like any reply of a closed connection.
+    /// meanwhile is rerouted like any reply of a closed connection. The orphans go first to the
+    /// connections that have room now, and the side door's held jobs run once the orphans are
+    /// back under their bound.
     fn flush(&mut self) {
         loop {
+            self.place_orphans();
+            self.run_held();
             let mut lost = Vec::new();
             for outbox in self.conns.values_mut() {
                 if !outbox.staged.is_empty() {
@@ -712,11 +799,108 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
                 }
             }
             if lost.is_empty() {
-                return;
+                break;
             }
             for out in lost {
                 self.reroute(out);
             }
+        }
+        let refusing = self.over_bound();
+        if refusing != self.refusing {
+            self.refusing = refusing;
+            if refusing {
+                eprintln!(
+                    "attestplane-enclave: {} bytes of entries wait for a connection with room \
+                     (limit {}); requests that write entries are refused until the host takes \
+                     them",
+                    self.orphaned_bytes, self.max_orphaned
+                );
+            } else {
+                eprintln!(
+                    "attestplane-enclave: waiting entries are back under their limit; requests \
+                     that write entries are served again"
+                );
+            }
+        }
+    }
+
+    /// Whether the orphans are over their bound: requests that could write entries are refused
+    /// and side-door jobs held.
+    fn over_bound(&self) -> bool {
+        self.orphaned_bytes > self.max_orphaned
+    }
+
+    /// Hands the orphans, oldest first, to the open connections with room for them (the least
+    /// unwritten replies first); stops at the first that none can take, so they leave in order.
+    fn place_orphans(&mut self) {
+        if self.orphans.is_empty() {
+            return;
+        }
+        // Published before the outboxes are read (paired with the fence in
+        // `Connection::offer_room`): a task that empties its outbox after these reads sees it
+        // and asks again, so an orphan refused on a stale count is never forgotten.
+        self.stranded.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        while let Some(out) = self.orphans.pop_front() {
+            let len = out.bytes.len();
+            match self.place(out) {
+                Ok(()) => self.orphaned_bytes = self.orphaned_bytes.saturating_sub(len),
+                Err(back) => {
+                    self.orphans.push_front(back);
+                    if !self.waiting {
+                        self.waiting = true;
+                        eprintln!(
+                            "attestplane-enclave: entries wait for the host: no open connection \
+                             has room for them"
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+        self.stranded.store(false, Ordering::SeqCst);
+        if self.waiting {
+            self.waiting = false;
+            eprintln!("attestplane-enclave: the waiting entries have been handed to a connection");
+        }
+    }
+
+    /// Queues `out` for the open connection with the least unwritten replies that has room for
+    /// it; gives it back when none has.
+    fn place(&mut self, mut out: Outgoing) -> Result<(), Outgoing> {
+        let mut targets: Vec<(usize, ConnId)> = self
+            .conns
+            .iter()
+            .map(|(conn, outbox)| (outbox.queued(), *conn))
+            .collect();
+        targets.sort_unstable();
+        for (_, conn) in targets {
+            let Some(outbox) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            match outbox.push(out, self.max_queued) {
+                Ok(()) => return Ok(()),
+                Err(Refused::Full(back) | Refused::Gone(back)) => out = back,
+            }
+        }
+        Err(out)
+    }
+
+    /// Runs the side door's held jobs, oldest first, while the orphans are under their bound.
+    fn run_held(&mut self) {
+        while !self.over_bound() {
+            let Some(job) = self.held.pop_front() else {
+                return;
+            };
+            self.inside(job);
+        }
+    }
+
+    /// Runs a side-door job and routes its replies.
+    fn inside(&mut self, job: InsideJob) {
+        let now = (self.clock)();
+        for (id, response) in job(&mut self.enclave, now) {
+            self.route(id, response);
         }
     }
 
@@ -735,12 +919,11 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
                     changed
                 });
             }
-            Job::Inside(job) => {
-                let now = (self.clock)();
-                for (id, response) in job(&mut self.enclave, now) {
-                    self.route(id, response);
-                }
-            }
+            // Held jobs first, in order; this one waits behind them if it must.
+            Job::Inside(job) if self.held.is_empty() && !self.over_bound() => self.inside(job),
+            Job::Inside(job) => self.held.push_back(job),
+            // The hand-over after every job places the orphans.
+            Job::Room => {}
             Job::Closed { conn, undelivered } => {
                 let staged = self
                     .conns
@@ -758,6 +941,16 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
     fn request(&mut self, conn: ConnId, id: u64, request: Request) {
         if self.routes.contains_key(&id) {
             let reply = Response::error(ErrorCode::Conflict, "request id already in flight");
+            if let Some(out) = Outgoing::encode(id, reply) {
+                self.send(conn, out);
+            }
+            return;
+        }
+        if self.over_bound() && may_write(&request) {
+            let reply = Response::error(
+                ErrorCode::Overloaded,
+                "entries already written wait for the host to take them; retry later",
+            );
             if let Some(out) = Outgoing::encode(id, reply) {
                 self.send(conn, out);
             }
@@ -831,8 +1024,9 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
         }
     }
 
-    /// A reply whose connection has gone: a `Persist` goes to the live connection with the
-    /// least unwritten replies that has room for it (its entries must reach the store);
+    /// A reply whose connection has gone: a `Persist` joins the orphans (its entries must
+    /// reach the store), which go to the live connections with the least unwritten replies
+    /// that have room, at once if one has, else as soon as one has ([`Handler::flush`]);
     /// anything else is dropped.
     fn reroute(&mut self, mut out: Outgoing) {
         if !out.persist {
@@ -843,26 +1037,37 @@ impl<C: Fn() -> UnixMillis> Handler<C> {
             return;
         }
         out.done = false;
-        let mut targets: Vec<(usize, ConnId)> = self
-            .conns
-            .iter()
-            .map(|(conn, outbox)| (outbox.queued(), *conn))
-            .collect();
-        targets.sort_unstable();
-        for (_, conn) in targets {
-            let Some(outbox) = self.conns.get_mut(&conn) else {
-                continue;
-            };
-            match outbox.push(out, self.max_queued) {
+        if self.orphans.is_empty() {
+            match self.place(out) {
                 Ok(()) => return,
-                Err(Refused::Full(back) | Refused::Gone(back)) => out = back,
+                Err(back) => out = back,
             }
         }
-        eprintln!(
-            "attestplane-enclave: entries for request {} could not be handed to the host: no \
-             open connection has room for them",
-            out.id
-        );
+        self.orphaned_bytes = self.orphaned_bytes.saturating_add(out.bytes.len());
+        self.orphans.push_back(out);
+        // Tries again with the orphans published, so that no outbox's room is missed.
+        self.place_orphans();
+    }
+}
+
+/// Whether serving `request` may write log entries: refused while the orphans are over their
+/// bound. Listed without a catch-all, so that a new request kind must be placed here.
+fn may_write(request: &Request) -> bool {
+    match request {
+        Request::ReplayEnd
+        | Request::Admin { .. }
+        | Request::AttestEvidence { .. }
+        | Request::Resolve { .. }
+        | Request::Discover { .. }
+        | Request::Authorize { .. } => true,
+        Request::Hello { .. }
+        | Request::ReplayBegin { .. }
+        | Request::ReplayEntries { .. }
+        | Request::Durable { .. }
+        | Request::AttestChallenge { .. }
+        | Request::Checkpoint
+        | Request::GetAttestation { .. }
+        | Request::Status => false,
     }
 }
 
@@ -899,6 +1104,9 @@ struct Connection {
     queued: Arc<AtomicUsize>,
     /// Set by the handler when it closes this connection.
     kill: Arc<Notify>,
+    /// Set by the handler while orphaned `Persist` replies wait for room (see
+    /// [`Connection::offer_room`]).
+    stranded: Arc<AtomicBool>,
     /// The bytes of the write in progress (kept to reuse its allocation).
     batch: Vec<u8>,
 }
@@ -923,6 +1131,9 @@ impl Connection {
                 out = replies.recv() => match out {
                     Some(first) => {
                         if let Err(close) = self.write_out(first, &mut replies, &mut undelivered).await {
+                            break close;
+                        }
+                        if let Err(close) = self.offer_room().await {
                             break close;
                         }
                     }
@@ -1039,6 +1250,22 @@ impl Connection {
         self.jobs.send(job).await.map_err(|_| Close::HandlerGone)
     }
 
+    /// After a write: when orphaned `Persist` replies wait for room and this outbox is now
+    /// empty, asks the handler to hand them over ([`Job::Room`], served in place when the
+    /// handler is free). The handler tries after every job anyway; this covers an idle handler.
+    /// The fence pairs with the one in `Handler::place_orphans`: either the handler saw this
+    /// outbox's room, or this sees the orphans.
+    async fn offer_room(&mut self) -> Result<(), Close> {
+        fence(Ordering::SeqCst);
+        if !self.stranded.load(Ordering::SeqCst) || self.queued.load(Ordering::Acquire) != 0 {
+            return Ok(());
+        }
+        match self.in_place.try_serve(Job::Room) {
+            None => Ok(()),
+            Some(job) => self.jobs.send(job).await.map_err(|_| Close::HandlerGone),
+        }
+    }
+
     async fn refuse(&mut self, id: u64, code: ErrorCode, message: &str) -> Result<(), Close> {
         self.write_now(&Frame::response(id, Response::error(code, message)))
             .await
@@ -1145,10 +1372,20 @@ mod tests {
     const A: ConnId = 1;
     const B: ConnId = 2;
     const C: ConnId = 3;
+    const D: ConnId = 4;
 
     type Inbox = mpsc::UnboundedReceiver<Outgoing>;
 
     fn handler_with(max_queued: usize) -> (Handler<impl Fn() -> UnixMillis>, Inbox, Inbox) {
+        handler_bounded(max_queued, DEFAULT_MAX_ORPHANED_BYTES)
+    }
+
+    /// A handler whose outboxes hold `max_queued` bytes and whose orphans `max_orphaned`, with
+    /// connections A and B open.
+    fn handler_bounded(
+        max_queued: usize,
+        max_orphaned: usize,
+    ) -> (Handler<impl Fn() -> UnixMillis>, Inbox, Inbox) {
         let nsm = MockNsm::builder(*b"attestplane server unit tests v1", Clock::Fixed(T0)).build();
         let root = TrustAnchor::from_der(&nsm.root_der().unwrap()).unwrap();
         let config = EnclaveConfig {
@@ -1158,18 +1395,18 @@ mod tests {
             server_anchor: root,
             allow_debug: false,
         };
-        let mut h = Handler {
-            enclave: Enclave::new(Arc::new(nsm), config).with_pinned_genesis(vec![
-                ed25519_dalek::SigningKey::from_bytes(&[7; 32])
-                    .verifying_key()
-                    .to_bytes(),
-            ]),
-            clock: || T0,
-            conns: BTreeMap::new(),
-            routes: HashMap::new(),
-            max_queued,
-            durable: watch::channel(None).0,
+        let enclave = Enclave::new(Arc::new(nsm), config).with_pinned_genesis(vec![
+            ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+                .verifying_key()
+                .to_bytes(),
+        ]);
+        let limits = ServerLimits {
+            max_queued_reply_bytes: max_queued,
+            max_orphaned_bytes: max_orphaned,
+            ..ServerLimits::default()
         };
+        let stranded = Arc::new(AtomicBool::new(false));
+        let mut h = Handler::new(enclave, || T0, &limits, watch::channel(None).0, stranded);
         let a = open(&mut h, A);
         let b = open(&mut h, B);
         (h, a, b)
@@ -1484,6 +1721,309 @@ mod tests {
         assert_eq!(id, 2);
         assert!(matches!(reply, Response::Persist { .. }), "{reply:?}");
         assert!(!done);
+    }
+
+    /// A host's outbox at its limit: `bytes` handed over and none of them written.
+    fn stuck(h: &Handler<impl Fn() -> UnixMillis>, conn: ConnId, bytes: usize) {
+        h.conns
+            .get(&conn)
+            .unwrap()
+            .queued
+            .store(bytes, Ordering::Release);
+    }
+
+    /// Everything `inbox` holds, decoded.
+    fn drain(inbox: &mut Inbox) -> Vec<(u64, Response, bool)> {
+        std::iter::from_fn(|| inbox.try_recv().ok())
+            .map(|out| {
+                let (id, response) = decode(&out);
+                (id, response, out.done)
+            })
+            .collect()
+    }
+
+    /// Boots the enclave on `conn` (ids 1 and 2), its host reading every reply.
+    fn boot(h: &mut Handler<impl Fn() -> UnixMillis>, conn: ConnId, inbox: &mut Inbox) {
+        begin(h, conn, 1);
+        assert_eq!(next(inbox), (1, Response::Ack, true));
+        stuck(h, conn, 0);
+        h.job(Job::Request {
+            conn,
+            id: 2,
+            request: Request::ReplayEnd,
+        });
+        let got = drain(inbox);
+        assert!(
+            matches!(
+                got.as_slice(),
+                [
+                    (2, Response::Persist { .. }, false),
+                    (2, Response::Held { .. }, true)
+                ]
+            ),
+            "{got:?}"
+        );
+        stuck(h, conn, 0);
+    }
+
+    /// A request on A, whose host then writes all but one byte of its outbox; the replies.
+    fn ask(
+        h: &mut Handler<impl Fn() -> UnixMillis>,
+        a: &mut Inbox,
+        id: u64,
+        request: Request,
+    ) -> Vec<(u64, Response, bool)> {
+        h.job(Job::Request {
+            conn: A,
+            id,
+            request,
+        });
+        stuck(h, A, 1);
+        drain(a)
+    }
+
+    /// An admin request the enclave logs (refused: its key is not an admin's): one entry.
+    fn admin(nonce: u128) -> Request {
+        use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment};
+        let stranger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let request = AdminRequest {
+            time: T0,
+            nonce: nonce.to_be_bytes(),
+            deployment: Deployment {
+                origin: "attestplane.test/log".into(),
+                genesis: attestplane_verifier::entry::EntryHash::ZERO,
+            },
+            action: AdminAction::RevokeServer {
+                id: "nobody".to_owned(),
+            },
+        }
+        .sign(&stranger.verifying_key(), &stranger)
+        .unwrap();
+        Request::Admin {
+            request: ByteBuf::from(request),
+        }
+    }
+
+    /// The bug this pins: a `Persist` rerouted while every open connection's outbox was full
+    /// was dropped (a line on stderr), its entries signed and applied but never stored: the
+    /// host's sequencer then waited for the gap forever. It must wait for room instead, and
+    /// reach the host whole and once.
+    #[test]
+    fn a_persist_no_connection_has_room_for_waits_and_reaches_the_first_that_has() {
+        const LIMIT: usize = 64 * 1024;
+        let (mut h, mut a, mut b) = handler_with(LIMIT);
+        let mut c = open(&mut h, C);
+        begin(&mut h, C, 1);
+        h.job(Job::Request {
+            conn: C,
+            id: 2,
+            request: Request::ReplayEnd,
+        });
+        assert_eq!(next(&mut c).0, 1);
+        let persist = c.try_recv().unwrap();
+        assert!(persist.persist);
+        let sent = persist.bytes.clone();
+        // A's and B's hosts have stopped reading; C's dies with its Persist unwritten.
+        stuck(&h, A, LIMIT);
+        stuck(&h, B, LIMIT);
+        h.job(Job::Closed {
+            conn: C,
+            undelivered: vec![persist],
+        });
+        assert!(
+            a.try_recv().is_err() && b.try_recv().is_err(),
+            "no room: nothing sent"
+        );
+        assert_eq!(queued(&h, A), Some(LIMIT), "queued for A over its limit");
+        assert_eq!(queued(&h, B), Some(LIMIT), "queued for B over its limit");
+        // B's host catches up and asks for its status: B has room again.
+        stuck(&h, B, 0);
+        h.job(Job::Request {
+            conn: B,
+            id: 300,
+            request: Request::Status,
+        });
+        assert_eq!(next(&mut b).0, 300);
+        let out = b.try_recv().expect("the waiting Persist was lost");
+        assert!(
+            out.bytes == sent,
+            "not the Persist as it was written, whole"
+        );
+        assert_eq!((out.id, out.persist, out.done), (2, true, false));
+        // A catching up later gets no second copy, nor does B.
+        stuck(&h, A, 0);
+        h.job(Job::Request {
+            conn: A,
+            id: 301,
+            request: Request::Status,
+        });
+        let got = drain(&mut a);
+        assert!(
+            matches!(got.as_slice(), [(301, Response::Status { .. }, true)]),
+            "{got:?}"
+        );
+        assert!(b.try_recv().is_err(), "sent twice");
+    }
+
+    /// The same with no connection open at all: the `Persist` waits for the next one to open.
+    #[test]
+    fn a_persist_rerouted_while_no_connection_is_open_reaches_the_next_that_opens() {
+        let (mut h, mut a, b) = handler();
+        drop(b);
+        h.job(Job::Closed {
+            conn: B,
+            undelivered: Vec::new(),
+        });
+        begin(&mut h, A, 1);
+        h.job(Job::Request {
+            conn: A,
+            id: 2,
+            request: Request::ReplayEnd,
+        });
+        assert_eq!(next(&mut a).0, 1);
+        let persist = a.try_recv().unwrap();
+        assert!(persist.persist);
+        let sent = persist.bytes.clone();
+        drop(a);
+        h.job(Job::Closed {
+            conn: A,
+            undelivered: vec![persist],
+        });
+        assert!(h.conns.is_empty());
+        // The gateway writes meanwhile: its entry waits behind the first, in order.
+        h.job(Job::Inside(Box::new(|enclave: &mut Enclave, now| {
+            enclave.handle(77, admin(1), now)
+        })));
+        let mut c = open(&mut h, C);
+        let got: Vec<Outgoing> = std::iter::from_fn(|| c.try_recv().ok()).collect();
+        assert!(
+            got.first().is_some_and(|o| o.bytes == sent),
+            "not the boot's Persist as it was written, whole"
+        );
+        let seqs: Vec<(u64, u64)> = got
+            .iter()
+            .map(|out| match decode(out) {
+                (id, Response::Persist { first_seq, .. }) if !out.done => (id, first_seq),
+                other => panic!("not a rerouted Persist: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            seqs,
+            [(2, 0), (77, 2)],
+            "every waiting Persist, in order, once"
+        );
+        let mut d = open(&mut h, D);
+        assert!(d.try_recv().is_err(), "sent twice");
+    }
+
+    /// The orphans' bound: a host that takes nothing cannot make the enclave sign and hold
+    /// entries without end. Over the bound, requests that write entries are refused with the
+    /// host's retry-later code and the side door's jobs wait, unrun; `Durable`, `Status` and
+    /// the others are served; nothing already written is dropped; and once the host takes the
+    /// waiting entries everything is served again, the log gapless.
+    #[test]
+    fn over_the_orphan_bound_writes_are_refused_until_the_host_takes_the_entries() {
+        const LIMIT: usize = 256;
+        let (mut h, mut a, mut b) = handler_bounded(LIMIT, 1);
+        boot(&mut h, A, &mut a);
+        let mut c = open(&mut h, C);
+        h.job(Job::Request {
+            conn: C,
+            id: 10,
+            request: admin(1),
+        });
+        let persist = c.try_recv().unwrap();
+        assert!(persist.persist && persist.bytes.len() > LIMIT);
+        let sent = persist.bytes.clone();
+        // A and B each have a byte unwritten: no room for it. C's host dies before reading it.
+        stuck(&h, A, 1);
+        stuck(&h, B, 1);
+        h.job(Job::Closed {
+            conn: C,
+            undelivered: vec![persist],
+        });
+        assert!(a.try_recv().is_err() && b.try_recv().is_err());
+
+        let refused = ask(&mut h, &mut a, 11, admin(2));
+        assert!(
+            matches!(
+                refused.as_slice(),
+                [(
+                    11,
+                    Response::Error {
+                        code: ErrorCode::Overloaded,
+                        ..
+                    },
+                    true
+                )]
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(
+            ask(&mut h, &mut a, 12, Request::Durable { through_seq: 1 }),
+            [(12, Response::Ack, true)]
+        );
+        let status = ask(&mut h, &mut a, 13, Request::Status);
+        assert!(
+            matches!(
+                status.as_slice(),
+                [(
+                    13,
+                    Response::Status {
+                        head_seq: Some(2),
+                        ..
+                    },
+                    true
+                )]
+            ),
+            "the refused request wrote nothing: {status:?}"
+        );
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        h.job(Job::Inside(Box::new(move |enclave: &mut Enclave, now| {
+            flag.store(true, Ordering::Release);
+            enclave.handle(78, admin(3), now)
+        })));
+        assert!(
+            !ran.load(Ordering::Acquire),
+            "the side door wrote over the bound"
+        );
+
+        // The hosts catch up; a connection's task whose outbox emptied asks for the orphans.
+        stuck(&h, A, 0);
+        stuck(&h, B, 0);
+        h.job(Job::Room);
+        assert!(
+            ran.load(Ordering::Acquire),
+            "the held side-door job never ran"
+        );
+        let to_a = a.try_recv().expect("the waiting Persist was lost");
+        assert!(
+            to_a.id == 10 && to_a.bytes == sent,
+            "not the waiting Persist, whole"
+        );
+        assert!(a.try_recv().is_err(), "sent twice");
+        let gateway = drain(&mut b);
+        assert!(
+            matches!(
+                gateway.as_slice(),
+                [(78, Response::Persist { first_seq: 3, .. }, false)]
+            ),
+            "{gateway:?}"
+        );
+        stuck(&h, A, 0);
+        stuck(&h, B, 0);
+        let served = ask(&mut h, &mut a, 14, admin(4));
+        assert!(
+            matches!(
+                served.as_slice(),
+                [
+                    (14, Response::Persist { first_seq: 4, .. }, false),
+                    (14, Response::Held { through_seq: 4, .. }, true)
+                ]
+            ),
+            "writes are served again: {served:?}"
+        );
     }
 
     fn reply(id: u64, response: Response) -> Outgoing {

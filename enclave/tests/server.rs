@@ -6,10 +6,11 @@
 //! request with its `Persist` and then its final reply in a `Held` (the host, not the enclave,
 //! holds it until the entries are durable); the boot sequence works over the wire; frame errors
 //! are answered and either leave the connection usable or close it, and never stop the server;
-//! the connection and in-flight limits; graceful shutdown. Requests are kept in flight by
-//! occupying the handler with a job through the side door ([`Blocker`]): the enclave itself
-//! no longer holds any reply. A live-vsock test runs where the
-//! kernel offers vsock loopback and is skipped elsewhere (it never connects to CID 2 or 3).
+//! the connection and in-flight limits; graceful shutdown; a `Persist` no connection had room
+//! for (none open, or every outbox full) reaches the first that has, unasked. Requests are
+//! kept in flight by occupying the handler with a job through the side door ([`Blocker`]): the
+//! enclave itself no longer holds any reply. A live-vsock test runs where the kernel offers
+//! vsock loopback and is skipped elsewhere (it never connects to CID 2 or 3).
 
 #![allow(
     clippy::unwrap_used,
@@ -916,5 +917,132 @@ async fn host_that_never_reads_is_cut_off_at_the_reply_limit_and_others_are_serv
         .expect("the host's writes to the closed connection still block")
         .unwrap();
     assert!(b.hello(id + 2).await);
+    server.stop().await.unwrap();
+}
+
+/// An admin request signed by a key that is not an admin's: the enclave logs it (one entry)
+/// and refuses it.
+fn stranger_admin(nonce: u128) -> Request {
+    use attestplane_verifier::admin::{AdminAction, AdminRequest, Deployment};
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let request = AdminRequest {
+        time: T0,
+        nonce: nonce.to_be_bytes(),
+        deployment: Deployment {
+            origin: "attestplane.test/log".into(),
+            genesis: attestplane_verifier::entry::EntryHash::ZERO,
+        },
+        action: AdminAction::RevokeServer {
+            id: "nobody".to_owned(),
+        },
+    }
+    .sign(&stranger.verifying_key(), &stranger)
+    .unwrap();
+    Request::Admin {
+        request: ByteBuf::from(request),
+    }
+}
+
+/// Entries written while no host connection is open (the gateway's, say, while the proxy
+/// restarts) wait in the enclave and reach the first connection that opens: until this was
+/// fixed they were dropped, and the host's log stalled at the gap for good.
+#[tokio::test]
+async fn a_persist_written_while_no_connection_is_open_reaches_the_first_that_opens() {
+    let server = TestServer::start(Transport::Unix, ServerLimits::default()).await;
+    // The enclave boots through the side door, no host connection open at all: its opening
+    // entries have nowhere to go.
+    server
+        .access
+        .run(|enclave, now| {
+            let mut replies = enclave.handle(1, replay_begin(0), now);
+            replies.extend(enclave.handle(2, Request::ReplayEnd, now));
+            ((), replies)
+        })
+        .await
+        .unwrap();
+    let mut a = server.client().await;
+    a.send(
+        3,
+        Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .await;
+    let mut got = vec![a.recv().await, a.recv().await];
+    got.sort_by_key(|(id, _)| *id);
+    assert!(
+        matches!(
+            got.as_slice(),
+            [
+                (2, Response::Persist { first_seq: 0, entries }),
+                (3, Response::Hello { ready: true, .. }),
+            ] if entries.len() == 2
+        ),
+        "{got:?}"
+    );
+    assert!(
+        matches!(a.call(4, Request::Status).await, Response::Status { .. }),
+        "the Persist came twice"
+    );
+    server.stop().await.unwrap();
+}
+
+/// A `Persist` no connection had room for goes out as soon as an outbox drains, with no
+/// further request to carry it: the connection's task asks the handler for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_persist_goes_out_when_a_full_outbox_drains_without_another_request() {
+    const LIMIT: usize = 64 * 1024;
+    let limits = ServerLimits {
+        max_queued_reply_bytes: LIMIT,
+        ..ServerLimits::default()
+    };
+    let server = TestServer::start(Transport::Unix, limits).await;
+    let mut a = server.client().await;
+    begin_boot(&mut a).await;
+    // A large Persist A's host does not read yet: A's outbox holds it (an empty outbox takes
+    // one reply of any size), far over the limit, behind a full socket.
+    let big = Response::Persist {
+        first_seq: 1_000,
+        entries: vec![ByteBuf::from(vec![0xa5; 256 * 1024]); 8],
+    };
+    server
+        .access
+        .run(move |_, _| ((), vec![(9_001, big)]))
+        .await
+        .unwrap();
+    // The gateway writes an entry: A, the only connection, has no room for its Persist.
+    server
+        .access
+        .run(|enclave, now| ((), enclave.handle(50, stranger_admin(1), now)))
+        .await
+        .unwrap();
+    // A's host reads again, and sends nothing.
+    let (id, big) = a.recv().await;
+    assert!(
+        matches!(
+            big,
+            Response::Persist {
+                first_seq: 1_000,
+                ..
+            }
+        ),
+        "{id}"
+    );
+    let (id, waiting) = a.recv().await;
+    assert_eq!(id, 50);
+    assert!(
+        matches!(&waiting, Response::Persist { first_seq: 2, entries } if entries.len() == 1),
+        "{waiting:?}"
+    );
+    assert!(
+        matches!(
+            a.call(51, Request::Status).await,
+            Response::Status {
+                head_seq: Some(2),
+                ..
+            }
+        ),
+        "the Persist came twice"
+    );
     server.stop().await.unwrap();
 }
