@@ -2158,14 +2158,19 @@ fn rounds_replay(
 ) -> ReplayOutcome {
     use attestplane_verifier::replay::Replay;
     let mut replay = Replay::new(policy.clone(), at, server_anchor()).unwrap();
-    if pipelined {
-        replay = replay.pipelined();
-    }
     let failed = |e: attestplane_verifier::replay::ReplayError| (e.seq(), e.to_string());
-    for chunk in log.chunks(round) {
-        replay.push_round(chunk).map_err(failed)?;
-    }
-    let done = replay.finish().map_err(failed)?;
+    let done = if pipelined {
+        let mut replay = replay.pipelined();
+        for chunk in log.chunks(round) {
+            replay.push_round(chunk).map_err(failed)?;
+        }
+        replay.finish().map_err(failed)?
+    } else {
+        for chunk in log.chunks(round) {
+            replay.push_round(chunk).map_err(failed)?;
+        }
+        replay.finish().map_err(failed)?
+    };
     Ok((done.state.snapshot(), done.events, done.log.root()))
 }
 

@@ -474,15 +474,16 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
     // Verification and replay in one loop: every verified entry is folded into the state,
     // which re-checks every admin change, server attestation and policy decision the log
     // records. Three stages overlap: a reader thread splits the next round off the file while
-    // the replay verifies one round (signatures on all cores) and folds the round before it
-    // (in order on one core, its policy evaluations on all cores); see `Replay::pipelined`.
+    // the replay verifies one round (signatures on all cores) and its fold thread folds the
+    // rounds before it (in order, its policy evaluations on all cores); see `PipelinedReplay`.
     let (rounds_in, rounds) = std::sync::mpsc::sync_channel::<Result<Vec<Vec<u8>>, ReadError>>(1);
     let result = std::thread::scope(|scope| {
         scope.spawn(move || {
             let mut reader = EntryReader::new(file);
             loop {
-                // Half rounds: the round being read, the one waiting for the replay and the
-                // pipeline's two then hold about what whole rounds held unpipelined.
+                // Half rounds: the round being read, the one waiting for the replay, the one
+                // being verified and the fold's (waiting and being folded) hold about what
+                // two and a half whole rounds would.
                 let round = reader.next_round(attestplane_verifier::log::ROUND / 2);
                 let last = !matches!(&round, Ok(r) if !r.is_empty());
                 // A closed channel means the replay stopped: stop reading.
@@ -492,9 +493,7 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
             }
         });
         let result = (|| -> Result<ReplayedLog, LogFailure> {
-            let mut replay = Replay::new(policy, at, server_anchor)
-                .map_err(ReplayError::from)?
-                .pipelined();
+            let mut replay = Replay::new(policy, at, server_anchor).map_err(ReplayError::from)?;
             if !pinned_keys.is_empty() {
                 replay = replay.expect_genesis_keys(pinned_keys.clone());
             }
@@ -502,6 +501,7 @@ fn log(a: LogArgs) -> anyhow::Result<Verdict> {
             if let Some(origin) = checkpoint.as_deref().and_then(|n| n.lines().next()) {
                 replay = replay.with_origin(origin);
             }
+            let mut replay = replay.pipelined();
             if let Some(size) = checkpoint
                 .as_deref()
                 .and_then(attestplane_verifier::log::claimed_size)

@@ -9,10 +9,11 @@
 //! the log's length, so a caller that reads the log in rounds (as both consumers do) replays
 //! a log of any length.
 //!
-//! A [pipelined](Replay::pipelined) replay (the auditor's CLI) verifies each round while the
-//! round before it is folded and re-decided, so the in-order fold overlaps the signature
-//! checks; its verdict, and the first failure it names, are those of the unpipelined replay
-//! (a test compares the two, round sizes from 1 up, with the entry-by-entry fold).
+//! A [pipelined](Replay::pipelined) replay (the auditor's CLI, [`PipelinedReplay`]) folds on a
+//! thread of its own, a round or two behind the log verifier, so the in-order fold overlaps
+//! the signature checks; its verdict, and the first failure it names, are those of the
+//! unpipelined replay (a test compares the two, round sizes from 1 up, with the entry-by-entry
+//! fold).
 //!
 //! ## What a replay checks beyond the log verifier
 //!
@@ -41,6 +42,8 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 use thiserror::Error;
@@ -85,6 +88,12 @@ pub enum ReplayError {
         /// The keys the log's genesis names, sorted.
         found: Vec<[u8; 32]>,
     },
+    /// A pipelined replay's fold thread could not be started.
+    #[error("replay: the fold thread could not be started: {0}")]
+    FoldThread(String),
+    /// The replay stopped at an earlier failure, already reported: drop it.
+    #[error("replay: stopped at an earlier failure")]
+    Stopped,
 }
 
 fn fmt_keys(keys: &[[u8; 32]]) -> String {
@@ -100,6 +109,7 @@ impl ReplayError {
             ReplayError::GenesisKeysDiffer { seq, .. } | ReplayError::HostChosenGenesis { seq } => {
                 Some(*seq)
             }
+            ReplayError::FoldThread(_) | ReplayError::Stopped => None,
         }
     }
 }
@@ -161,14 +171,11 @@ pub struct ReplayedLog {
 pub struct Replay {
     verifier: LogVerifier,
     fold: Fold,
-    /// A pipelined replay's last round: verified, not folded yet.
-    pending: Vec<VerifiedEntry>,
-    pipelined: bool,
 }
 
 /// The in-order half of a replay: the state and what the fold checks beyond the log
 /// verifier. Separate from the [`LogVerifier`] so that the two can run at once (a pipelined
-/// replay folds one round while the next is verified).
+/// replay folds on its own thread while the next rounds are verified).
 #[derive(Debug)]
 struct Fold {
     policy: LogPolicy,
@@ -205,8 +212,6 @@ impl Replay {
                 events: BTreeMap::new(),
                 memo: DecisionMemo::new(),
             },
-            pending: Vec::new(),
-            pipelined: false,
         })
     }
 
@@ -239,16 +244,11 @@ impl Replay {
         self
     }
 
-    /// Pipelines the rounds: each [`Replay::push_round`] verifies its round while the round
-    /// pushed before it is folded and re-decided, so that on several cores a round costs
-    /// about its slower half rather than the sum of the two. A failure in a round may then be
-    /// reported by the next call (or by [`Replay::finish`]), still as the first failure by
-    /// sequence number and with the same verdict as an unpipelined replay. For a reader of a
-    /// whole log (the auditor's CLI); a caller that must know after each round whether it
-    /// folded (the enclave answering each batch at boot) leaves it off.
-    pub fn pipelined(mut self) -> Self {
-        self.pipelined = true;
-        self
+    /// Pipelines the rounds (see [`PipelinedReplay`]): for a reader of a whole log (the
+    /// auditor's CLI). A caller that must know after each round whether it folded (the
+    /// enclave answering each batch at boot) keeps the plain replay.
+    pub fn pipelined(self) -> PipelinedReplay {
+        PipelinedReplay::new(self)
     }
 
     /// Asks the log verifier to remember the Merkle root of the first `size` entries, to check
@@ -263,42 +263,17 @@ impl Replay {
     /// order, computing each logged decision's inputs from the state (cheap) and applying its
     /// logged outcome, and checks on the spot each re-decided entry whose policy answers the
     /// replay's memo holds; then the policy evaluations of the round's other re-decided
-    /// entries run on all cores, each against the snapshot of its own inputs. The first failure of the three,
-    /// by sequence number, is reported. In a [pipelined](Replay::pipelined) replay the fold
-    /// and its evaluations are those of the round pushed before, run while this one is
-    /// verified; this round is folded by the next call or by the end of the replay.
+    /// entries run on all cores, each against the snapshot of its own inputs. The first
+    /// failure of the three, by sequence number, is reported.
     pub fn push_round<B: AsRef<[u8]> + Sync>(&mut self, round: &[B]) -> Result<(), ReplayError> {
-        if !self.pipelined {
-            let (verified, failure) = self.verifier.verify_round_prefix(round);
-            // The fold runs over the verified prefix first: an earlier failure of its own
-            // is the one to report.
-            self.fold.settle(&verified)?;
-            return failure.map_or(Ok(()), |e| Err(e.into()));
-        }
-        let pending = std::mem::take(&mut self.pending);
-        let Self { verifier, fold, .. } = self;
-        let ((verified, failure), settled) = rayon::join(
-            || verifier.verify_round_prefix(round),
-            move || fold.settle(&pending),
-        );
-        // Everything of the round before comes before anything of this one.
-        settled?;
-        if let Some(e) = failure {
-            self.fold.settle(&verified)?;
-            return Err(e.into());
-        }
-        self.pending = verified;
-        Ok(())
+        let (verified, failure) = self.verifier.verify_round_prefix(round);
+        // The fold runs over the verified prefix first: an earlier failure of its own is the
+        // one to report.
+        self.fold.settle(&verified)?;
+        failure.map_or(Ok(()), |e| Err(e.into()))
     }
 
-    /// Folds a pipelined replay's last round.
-    fn drain(&mut self) -> Result<(), ReplayError> {
-        let pending = std::mem::take(&mut self.pending);
-        self.fold.settle(&pending)
-    }
-
-    /// Entries verified so far (in a [pipelined](Replay::pipelined) replay, the last round
-    /// pushed may not be folded yet).
+    /// Entries verified and folded so far.
     pub fn verified(&self) -> u64 {
         self.verifier.verified()
     }
@@ -308,8 +283,7 @@ impl Replay {
         &self.verifier
     }
 
-    /// The state so far (in a [pipelined](Replay::pipelined) replay, without the last round
-    /// pushed).
+    /// The state so far.
     pub fn state(&self) -> &State {
         &self.fold.state
     }
@@ -325,41 +299,170 @@ impl Replay {
         self.fold.memo.stats()
     }
 
-    /// The log verifier and the state, to continue the log from (the enclave at boot); a
-    /// pipelined replay folds its last round first.
-    pub fn into_parts(mut self) -> Result<(LogVerifier, State), ReplayError> {
-        self.drain()?;
+    /// The log verifier and the state, to continue the log from (the enclave at boot).
+    pub fn into_parts(self) -> Result<(LogVerifier, State), ReplayError> {
         Ok((self.verifier, self.fold.state))
     }
 
     /// Ends the replay: the log must not be empty.
-    pub fn finish(mut self) -> Result<ReplayedLog, ReplayError> {
-        self.drain()?;
+    pub fn finish(self) -> Result<ReplayedLog, ReplayError> {
         let log = self.verifier.finish()?;
-        Ok(ReplayedLog {
-            log,
-            memo: self.fold.memo.stats(),
-            state: self.fold.state,
-            events: self.fold.events,
-        })
+        Ok(self.fold.into_replayed(log))
     }
 
     /// Ends the replay and checks the log against a signed checkpoint held outside the host
     /// (see [`LogVerifier::finish_with_checkpoint`]); its size must have been announced with
     /// [`Replay::remember_root_at`].
-    pub fn finish_with_checkpoint(mut self, note: &str) -> Result<ReplayedLog, ReplayError> {
-        self.drain()?;
+    pub fn finish_with_checkpoint(self, note: &str) -> Result<ReplayedLog, ReplayError> {
         let log = self.verifier.finish_with_checkpoint(note)?;
-        Ok(ReplayedLog {
-            log,
-            memo: self.fold.memo.stats(),
-            state: self.fold.state,
-            events: self.fold.events,
-        })
+        Ok(self.fold.into_replayed(log))
+    }
+}
+
+/// A [`Replay`] whose fold runs on a thread of its own, a round or two behind the log
+/// verifier: each [`PipelinedReplay::push_round`] verifies its round (signatures on all
+/// cores) and hands it to the fold, which applies it in order and runs its policy evaluations
+/// on all cores meanwhile. The two halves never wait for each other round by round, so the
+/// cores stay busy while one of them is in an in-order part (the verifier linking entries, the
+/// fold applying them). Its verdict, and the first failure it names, are those of the plain
+/// replay (a test compares the two, round sizes from 1 up, with the entry-by-entry fold); a
+/// failure of the fold is reported by a later call than the one that pushed its round (at the
+/// latest by [`PipelinedReplay::finish`]). Memory: the rounds in flight, at most
+/// [`FOLD_QUEUE`] verified rounds waiting plus the one being folded, and the state. After an
+/// error, drop it: every later call fails with [`ReplayError::Stopped`].
+#[derive(Debug)]
+pub struct PipelinedReplay {
+    verifier: LogVerifier,
+    fold: FoldStage,
+}
+
+/// How many verified rounds may wait for the fold thread.
+pub const FOLD_QUEUE: usize = 1;
+
+#[derive(Debug)]
+enum FoldStage {
+    /// No round pushed yet.
+    Idle(Box<Fold>),
+    /// The fold thread, fed verified rounds; it returns the fold and its first failure when its
+    /// queue closes or when a round fails.
+    Running {
+        rounds: SyncSender<Vec<VerifiedEntry>>,
+        thread: JoinHandle<(Fold, Result<(), ReplayError>)>,
+    },
+    /// A call failed.
+    Stopped,
+}
+
+impl PipelinedReplay {
+    fn new(replay: Replay) -> Self {
+        Self {
+            verifier: replay.verifier,
+            fold: FoldStage::Idle(Box::new(replay.fold)),
+        }
+    }
+
+    /// Asks the log verifier to remember the Merkle root of the first `size` entries, to check
+    /// a checkpoint of that size at the end. Call before pushing entries.
+    pub fn remember_root_at(&mut self, size: u64) {
+        self.verifier.remember_root_at(size);
+    }
+
+    /// Entries verified so far (the fold may be a round or two behind).
+    pub fn verified(&self) -> u64 {
+        self.verifier.verified()
+    }
+
+    /// Verifies the next entries of the log and hands them to the fold. A failure is the
+    /// first by sequence number of this round's verification and of everything folded so far.
+    pub fn push_round<B: AsRef<[u8]> + Sync>(&mut self, round: &[B]) -> Result<(), ReplayError> {
+        if let FoldStage::Idle(_) = self.fold {
+            self.start()?;
+        }
+        let FoldStage::Running { rounds, .. } = &self.fold else {
+            return Err(ReplayError::Stopped);
+        };
+        let (verified, failure) = self.verifier.verify_round_prefix(round);
+        // The fold thread ends early only at a failure of its own: that one is earlier.
+        let handed = rounds.send(verified).is_ok();
+        match failure {
+            None if handed => Ok(()),
+            // The fold sees the verified prefix first: an earlier failure of its own is the
+            // one to report.
+            failure => {
+                self.join()?;
+                self.fold = FoldStage::Stopped;
+                failure.map_or(Err(ReplayError::Stopped), |e| Err(e.into()))
+            }
+        }
+    }
+
+    /// Ends the replay: the log must not be empty.
+    pub fn finish(mut self) -> Result<ReplayedLog, ReplayError> {
+        let fold = self.join()?;
+        let log = self.verifier.finish()?;
+        Ok(fold.into_replayed(log))
+    }
+
+    /// Ends the replay and checks the log against a signed checkpoint held outside the host
+    /// (see [`LogVerifier::finish_with_checkpoint`]); its size must have been announced with
+    /// [`PipelinedReplay::remember_root_at`].
+    pub fn finish_with_checkpoint(mut self, note: &str) -> Result<ReplayedLog, ReplayError> {
+        let fold = self.join()?;
+        let log = self.verifier.finish_with_checkpoint(note)?;
+        Ok(fold.into_replayed(log))
+    }
+
+    fn start(&mut self) -> Result<(), ReplayError> {
+        let FoldStage::Idle(fold) = std::mem::replace(&mut self.fold, FoldStage::Stopped) else {
+            return Err(ReplayError::Stopped);
+        };
+        let (rounds, queue) = sync_channel::<Vec<VerifiedEntry>>(FOLD_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("replay-fold".into())
+            .spawn(move || {
+                let mut fold = *fold;
+                for round in queue {
+                    if let Err(e) = fold.settle(&round) {
+                        return (fold, Err(e));
+                    }
+                }
+                (fold, Ok(()))
+            })
+            .map_err(|e| ReplayError::FoldThread(e.to_string()))?;
+        self.fold = FoldStage::Running { rounds, thread };
+        Ok(())
+    }
+
+    /// Closes the fold's queue and waits for it to fold what it holds: the fold, or its first
+    /// failure.
+    fn join(&mut self) -> Result<Fold, ReplayError> {
+        match std::mem::replace(&mut self.fold, FoldStage::Stopped) {
+            FoldStage::Idle(fold) => Ok(*fold),
+            FoldStage::Running { rounds, thread } => {
+                drop(rounds);
+                match thread.join() {
+                    Ok((fold, Ok(()))) => Ok(fold),
+                    Ok((_, Err(e))) => Err(e),
+                    // The fold has no panics on its input paths; should one happen, it is
+                    // the caller's as if the fold had run on its thread.
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            FoldStage::Stopped => Err(ReplayError::Stopped),
+        }
     }
 }
 
 impl Fold {
+    fn into_replayed(self, log: VerifiedLog) -> ReplayedLog {
+        ReplayedLog {
+            log,
+            memo: self.memo.stats(),
+            state: self.state,
+            events: self.events,
+        }
+    }
+
     /// Folds verified entries in order, then runs the policy evaluations of the re-decided
     /// ones on all cores; the first failure by sequence number.
     fn settle(&mut self, verified: &[VerifiedEntry]) -> Result<(), ReplayError> {
@@ -377,8 +480,12 @@ impl Fold {
         }
         // Every deferred check is of an entry before the fold's failure, if any.
         let memo = &self.memo;
+        // One check per task: their costs differ a thousandfold (a memo hit's comparison, a
+        // Cedar evaluation, an attestation document's P-384 signature) and cluster (a new
+        // epoch's attestations come together), so chunks of them would leave a core idle.
         let recheck_failure = deferred
             .into_par_iter()
+            .with_max_len(1)
             .filter_map(|(i, d)| {
                 let entry = verified.get(i)?;
                 d.check(entry.entry(), Some(memo)).err()

@@ -56,7 +56,9 @@ use crate::admin::{
     AdminAction, AdminError, Assurance, Deployment, IdentityProviderSpec, RateLimit, ServerSpec,
     SignedAdminRequest, SpendCap,
 };
-use crate::attestation::{AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt};
+use crate::attestation::{
+    AttestationVerifier, Expectations, Pcr, PcrIndex, TrustAnchor, VerifyAt, parse_attestation,
+};
 use crate::cbor::{self, uint};
 use crate::entry::{
     AttestationFactsRecord, AttestationRecord, CallRecord, DecisionRecord, Entry, EntryHash, Event,
@@ -109,6 +111,29 @@ pub fn measurement_digest(pcrs: &BTreeMap<PcrIndex, Pcr>) -> [u8; 48] {
     // A map of integers to byte strings always encodes.
     let bytes = cbor::encode(&value).unwrap_or_default();
     Sha384::digest(bytes).into()
+}
+
+/// Verifies a server's attestation document at `now` against `expect` (from its registration,
+/// see [`State::check_attestation`]) and names what it attests.
+fn verify_server_document(
+    verifier: &AttestationVerifier,
+    expect: &Expectations,
+    document: &[u8],
+    now: UnixMillis,
+) -> Result<Attested, Reason> {
+    let doc = verifier
+        .verify(document, expect, VerifyAt::Instant(now))
+        .map_err(|e| Reason::of_attestation_error(&e))?;
+    let matched: BTreeMap<PcrIndex, Pcr> = expect
+        .pcrs
+        .keys()
+        .filter_map(|i| doc.pcr(*i).map(|p| (*i, *p)))
+        .collect();
+    Ok(Attested {
+        at: now,
+        measurement: measurement_digest(&matched),
+        debug: doc.is_debug(),
+    })
 }
 
 /// A server's last successful attestation.
@@ -218,7 +243,8 @@ pub struct State {
     /// Whether every queue of `calls` is in time order, as it is when the entries' times never
     /// go back (the log verifier's rule): `counters` then counts by binary search.
     calls_sorted: bool,
-    server_attestation: AttestationVerifier,
+    /// Shared with the attestation checks a replay defers ([`Deferred`]), with its caches.
+    server_attestation: Arc<AttestationVerifier>,
     applied: u64,
     identity_generation: u64,
     allowed_images: Vec<BTreeMap<PcrIndex, Pcr>>,
@@ -369,7 +395,7 @@ impl State {
             oldest_nonce: UnixMillis::from_millis(u64::MAX),
             calls: BTreeMap::new(),
             calls_sorted: true,
-            server_attestation: AttestationVerifier::new(server_anchor),
+            server_attestation: Arc::new(AttestationVerifier::new(server_anchor)),
             applied: 0,
             identity_generation: 0,
             allowed_images: Vec::new(),
@@ -739,6 +765,13 @@ impl State {
         document: &[u8],
         now: UnixMillis,
     ) -> Result<Attested, Reason> {
+        let expect = self.attestation_expectations(server, nonce)?;
+        verify_server_document(&self.server_attestation, &expect, document, now)
+    }
+
+    /// What a document from `server` answering `nonce` must show, from its registration: the
+    /// registered PCRs, its debug rule, the nonce, freshness.
+    fn attestation_expectations(&self, server: &str, nonce: &[u8]) -> Result<Expectations, Reason> {
         let s = self
             .servers
             .get(server)
@@ -748,26 +781,12 @@ impl State {
         if s.spec.assurance == Assurance::None {
             return Err(Reason::NotAttestable);
         }
-        let expect = Expectations {
+        Ok(Expectations {
             pcrs: s.spec.pcrs.iter().map(|(i, p)| (*i, p.0)).collect(),
             allow_debug: s.spec.allow_debug,
             nonce: Some(nonce.to_vec()),
             max_age_ms: Some(ATTESTATION_FRESHNESS_MS),
             ..Expectations::default()
-        };
-        let doc = self
-            .server_attestation
-            .verify(document, &expect, VerifyAt::Instant(now))
-            .map_err(|e| Reason::of_attestation_error(&e))?;
-        let matched: BTreeMap<PcrIndex, Pcr> = expect
-            .pcrs
-            .keys()
-            .filter_map(|i| doc.pcr(*i).map(|p| (*i, *p)))
-            .collect();
-        Ok(Attested {
-            at: now,
-            measurement: measurement_digest(&matched),
-            debug: doc.is_debug(),
         })
     }
 
@@ -1426,7 +1445,7 @@ impl State {
                     });
                 }
             },
-            Event::Attestation(rec) => self.apply_attestation(seq, rec, now)?,
+            Event::Attestation(rec) => deferred = self.apply_attestation(seq, rec, now)?,
             Event::Decision(rec) => {
                 let action = match Action::parse(&rec.action) {
                     Some(a) if a != Action::Discover => a,
@@ -1543,27 +1562,45 @@ impl State {
         }
     }
 
+    /// Applies a logged attestation. An accepted one changes the state as logged at once and
+    /// returns the check of its document (the signatures, the expensive part) as a
+    /// [`Deferred`], made against the server's registration as it stands here; a refused one
+    /// is checked on the spot (rare).
     fn apply_attestation(
         &mut self,
         seq: u64,
         rec: &AttestationRecord,
         now: UnixMillis,
-    ) -> Result<(), StateError> {
+    ) -> Result<Option<Deferred>, StateError> {
         match (rec.verified, &rec.reason) {
             (true, None) => {
-                let attested = self
-                    .check_attestation(&rec.server, &rec.nonce, &rec.document, now)
+                let expect = self
+                    .attestation_expectations(&rec.server, &rec.nonce)
                     .map_err(|r| StateError::AttestationMismatch {
                         seq,
                         logged: None,
                         replayed: Some(r),
                     })?;
-                if rec.measurement != Some(attested.measurement) {
-                    return Err(StateError::MeasurementMismatch { seq });
+                // Read from the document before it is verified: the deferred check verifies
+                // it and compares, and the entry counts only once that passed.
+                let debug = parse_attestation(&rec.document).is_ok_and(|d| d.is_debug());
+                if let (Some(measurement), Some(s)) =
+                    (rec.measurement, self.servers.get_mut(&rec.server))
+                {
+                    s.attested = Some(Attested {
+                        at: now,
+                        measurement,
+                        debug,
+                    });
                 }
-                if let Some(s) = self.servers.get_mut(&rec.server) {
-                    s.attested = Some(attested);
-                }
+                return Ok(Some(Deferred {
+                    seq,
+                    what: Pending::Attestation(Box::new(PendingAttestation {
+                        verifier: Arc::clone(&self.server_attestation),
+                        expect,
+                        debug,
+                    })),
+                }));
             }
             (false, Some(logged)) if !logged.withdraws_attestation() => {
                 // Evidence refused for what the request carried (a nonce the enclave did not
@@ -1600,7 +1637,7 @@ impl State {
                 });
             }
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -1770,6 +1807,16 @@ impl PendingDiscovery {
 enum Pending {
     Decision(Box<PendingDecision>),
     Discovery(PendingDiscovery),
+    Attestation(Box<PendingAttestation>),
+}
+
+/// An accepted attestation's document check, against the server's registration when the entry
+/// was applied.
+struct PendingAttestation {
+    verifier: Arc<AttestationVerifier>,
+    expect: Expectations,
+    /// What the fold read from the unverified document.
+    debug: bool,
 }
 
 /// The policy evaluation of a logged decision or discovery, computed from the state the entry
@@ -1806,6 +1853,29 @@ impl Deferred {
                     })
                 }
             }
+            (Pending::Attestation(plan), Event::Attestation(rec)) => {
+                let attested = verify_server_document(
+                    &plan.verifier,
+                    &plan.expect,
+                    &rec.document,
+                    logged.time,
+                )
+                .map_err(|r| StateError::AttestationMismatch {
+                    seq,
+                    logged: None,
+                    replayed: Some(r),
+                })?;
+                if rec.measurement != Some(attested.measurement) {
+                    return Err(StateError::MeasurementMismatch { seq });
+                }
+                if attested.debug != plan.debug {
+                    return Err(StateError::Inconsistent {
+                        seq,
+                        what: "the attestation document reads differently verified and unverified",
+                    });
+                }
+                Ok(())
+            }
             (what, other) => Err(StateError::DecisionMismatch {
                 seq,
                 field: "event",
@@ -1814,6 +1884,7 @@ impl Deferred {
                     match what {
                         Pending::Decision(_) => "decision",
                         Pending::Discovery(_) => "discovery",
+                        Pending::Attestation(_) => "attestation",
                     }
                     .into(),
                 ),
