@@ -80,6 +80,10 @@ use crate::time::UnixMillis;
 /// Window over which `calls_last_minute` counts.
 pub const CALL_WINDOW_MS: u64 = 60_000;
 
+/// How much entry time passes between two sweeps of expired call times and limit state (see
+/// [`State::prune`]).
+const SWEEP_INTERVAL_MS: u64 = 1_000;
+
 /// How long a handle lives.
 pub const HANDLE_TTL_SECS: u64 = 300;
 
@@ -243,6 +247,11 @@ pub struct State {
     /// Whether every queue of `calls` is in time order, as it is when the entries' times never
     /// go back (the log verifier's rule): `counters` then counts by binary search.
     calls_sorted: bool,
+    /// The latest horizon of the call window so far: call times at or before it have left the
+    /// window, whether or not a sweep has dropped them yet (see [`State::prune`]).
+    calls_horizon: u64,
+    /// When (entry time, ms) `prune` next sweeps the call queues and the limits' state.
+    next_sweep: u64,
     /// Shared with the attestation checks a replay defers ([`Deferred`]), with its caches.
     server_attestation: Arc<AttestationVerifier>,
     applied: u64,
@@ -395,6 +404,8 @@ impl State {
             oldest_nonce: UnixMillis::from_millis(u64::MAX),
             calls: BTreeMap::new(),
             calls_sorted: true,
+            calls_horizon: 0,
+            next_sweep: 0,
             server_attestation: Arc::new(AttestationVerifier::new(server_anchor)),
             applied: 0,
             identity_generation: 0,
@@ -488,6 +499,20 @@ impl State {
         self.applied
     }
 
+    /// The call queues without the times that left the window since the last sweep: what an
+    /// entry-by-entry prune would have left.
+    fn calls_in_window(&self) -> impl Iterator<Item = (&String, Vec<UnixMillis>)> {
+        let horizon = self.calls_horizon;
+        self.calls.iter().filter_map(move |(k, q)| {
+            let kept: Vec<UnixMillis> = q
+                .iter()
+                .skip_while(|t| t.as_millis() <= horizon)
+                .copied()
+                .collect();
+            (!kept.is_empty()).then_some((k, kept))
+        })
+    }
+
     /// A comparable summary.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
@@ -513,13 +538,11 @@ impl State {
                 .collect(),
             admin_nonces: self.admin_nonces.len(),
             calls: self
-                .calls
-                .iter()
+                .calls_in_window()
                 .map(|(k, v)| (k.clone(), v.len()))
                 .collect(),
             call_times: self
-                .calls
-                .iter()
+                .calls_in_window()
                 .map(|(k, v)| (k.clone(), v.iter().map(|t| t.as_millis()).collect()))
                 .collect(),
             admin_nonce_times: self
@@ -689,10 +712,7 @@ impl State {
                 self.allowed_images
                     .push(pcrs.into_iter().map(|(i, p)| (i, p.0)).collect());
             }
-            AdminAction::SetLimits { rates, spends } => {
-                self.rate_limits = rates;
-                self.spend_caps = spends;
-            }
+            AdminAction::SetLimits { rates, spends } => self.set_limits(rates, spends),
         }
     }
 
@@ -710,17 +730,49 @@ impl State {
                     .unwrap_or(u64::MAX),
             );
         }
-        let call_horizon = now.as_millis().saturating_sub(CALL_WINDOW_MS);
-        self.calls.retain(|_, q| {
-            while q.front().is_some_and(|t| t.as_millis() <= call_horizon) {
-                q.pop_front();
+        // Call times that left the window, and limit state equal to "never seen" (a GCRA time
+        // passed, a spend window ended), change no decision: `counters` counts within the
+        // window only, and the limits read such state as absent (the kernel's property). They
+        // are dropped so that memory stays flat, by a sweep over every agent and key at most
+        // once per `SWEEP_INTERVAL_MS` of entry time (and after the limits change), not at
+        // every entry: between two sweeps memory holds at most that much more.
+        let at = now.as_millis();
+        self.calls_horizon = self.calls_horizon.max(at.saturating_sub(CALL_WINDOW_MS));
+        if at >= self.next_sweep || !self.calls_sorted {
+            let horizon = self.calls_horizon;
+            self.calls.retain(|_, q| {
+                while q.front().is_some_and(|t| t.as_millis() <= horizon) {
+                    q.pop_front();
+                }
+                !q.is_empty()
+            });
+            self.rate_state.prune(at);
+            self.spend_state.prune(at, &self.spend_caps);
+            self.next_sweep = at.saturating_add(SWEEP_INTERVAL_MS);
+        }
+    }
+
+    fn set_limits(&mut self, rates: Vec<RateLimit>, spends: Vec<SpendCap>) {
+        self.rate_limits = rates;
+        self.spend_caps = spends;
+        // The windows of a cap that went are dropped at the next entry, as by an
+        // entry-by-entry prune: a cap put back later starts empty.
+        self.next_sweep = 0;
+    }
+
+    /// Counts an allowed call of `agent` at `now`.
+    fn record_call(&mut self, agent: &str, now: UnixMillis) {
+        match self.calls.get_mut(agent) {
+            Some(q) => {
+                if q.back().is_some_and(|t| t.as_millis() > now.as_millis()) {
+                    self.calls_sorted = false;
+                }
+                q.push_back(now);
             }
-            !q.is_empty()
-        });
-        // Keys whose state equals "never seen" are dropped: memory stays flat, and no decision
-        // changes (the kernel's property).
-        self.rate_state.prune(now.as_millis());
-        self.spend_state.prune(now.as_millis(), &self.spend_caps);
+            None => {
+                self.calls.insert(agent.to_owned(), VecDeque::from([now]));
+            }
+        }
     }
 
     /// Whom and what a gateway call counts against.
@@ -1515,18 +1567,7 @@ impl State {
                     }
                 }
                 if action == Action::Call && rec.allowed {
-                    match self.calls.get_mut(rec.principal.agent.as_str()) {
-                        Some(q) => {
-                            if q.back().is_some_and(|t| t.as_millis() > now.as_millis()) {
-                                self.calls_sorted = false;
-                            }
-                            q.push_back(now);
-                        }
-                        None => {
-                            self.calls
-                                .insert(rec.principal.agent.clone(), VecDeque::from([now]));
-                        }
-                    }
+                    self.record_call(&rec.principal.agent, now);
                     // A gateway call counts against the limits in force, at its entry's time:
                     // the same arithmetic the decision ran, so the state after it is the one
                     // the next decision (live or replayed) sees.
@@ -2460,5 +2501,106 @@ mod tests {
         // Cedar answered each request once: the call (which the resolve's `echo` shares), the
         // resolve, its `wipe`, and the two servers of the discovery.
         assert_eq!(stats.misses, 1 + 1 + 1 + 2, "{stats:?}");
+    }
+
+    /// A small deterministic generator (xorshift), so the test needs no crate.
+    fn next(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    #[test]
+    fn sweeping_expired_calls_and_limit_state_once_a_second_changes_no_count_decision_or_snapshot()
+    {
+        // Two states driven by the same calls: one prunes at every entry (its sweep forced),
+        // the other as `prune` does, once per `SWEEP_INTERVAL_MS`. At every step the call
+        // counts of every agent, the rate and spend decisions of every call and the snapshot
+        // must agree, and the swept state must hold no more than a sweep interval's worth
+        // more. A cap removed and put back within a sweep interval starts empty in both.
+        use crate::gateway::limits::{Price, ScopeKind};
+        let agents = ["a1", "a2", "a3", "a4", "a5"];
+        let rates = vec![RateLimit {
+            scope: ScopeKind::Agent,
+            rate_per_minute: 30,
+            burst: 4,
+        }];
+        let caps = vec![SpendCap {
+            scope: ScopeKind::Agent,
+            asset: "USDC".into(),
+            cap: 20,
+            window_ms: 7_000,
+        }];
+        let price = Price {
+            amount: 7,
+            asset: "USDC".into(),
+        };
+        let mut eager = State::new(TrustAnchor::aws_nitro_root_g1());
+        let mut lazy = State::new(TrustAnchor::aws_nitro_root_g1());
+        for s in [&mut eager, &mut lazy] {
+            s.set_limits(rates.clone(), caps.clone());
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut now = 1_000_000u64;
+        let mut swept_fewer = false;
+        for step in 0..20_000 {
+            now += next(&mut seed) % 700;
+            let at = UnixMillis::from_millis(now);
+            if step % 5_000 == 4_999 {
+                // The cap goes and comes back at once.
+                for s in [&mut eager, &mut lazy] {
+                    s.set_limits(rates.clone(), Vec::new());
+                    s.prune(at);
+                    s.set_limits(rates.clone(), caps.clone());
+                }
+            }
+            eager.next_sweep = 0;
+            eager.prune(at);
+            lazy.prune(at);
+            let agent = agents[(next(&mut seed) % 5) as usize];
+            for a in agents {
+                assert_eq!(eager.counters(a, at), lazy.counters(a, at), "step {step}");
+            }
+            let scope = |agent: &str| CallScope {
+                tenant: "acme".into(),
+                user: "u".into(),
+                agent: agent.into(),
+                server: "srv".into(),
+                tool: "pay".into(),
+            };
+            let mut outcomes = Vec::new();
+            for s in [&mut eager, &mut lazy] {
+                let rate = decide_rate(&s.rate_state, now, &s.rate_limits, &scope(agent));
+                let spend = reserve(
+                    &s.spend_state,
+                    now,
+                    &s.spend_caps,
+                    &scope(agent),
+                    Some(&price),
+                );
+                let allowed = rate.decision == crate::gateway::limits::RateDecision::Allowed
+                    && spend.decision == crate::gateway::limits::SpendDecision::Allowed;
+                if allowed {
+                    s.rate_state.apply(&rate);
+                    s.spend_state.apply(&spend.updates);
+                    s.record_call(agent, at);
+                }
+                outcomes.push((rate.decision, spend.decision));
+            }
+            assert_eq!(outcomes[0], outcomes[1], "step {step}");
+            assert_eq!(eager.snapshot(), lazy.snapshot(), "step {step}");
+            let held = |s: &State| s.calls.values().map(VecDeque::len).sum::<usize>();
+            swept_fewer |= held(&lazy) > held(&eager);
+            // Five agents, at most one call per entry, entries at least 0 ms apart: the
+            // unswept calls are those of one interval, bounded by the calls allowed in it.
+            assert!(
+                held(&lazy) <= held(&eager) + 5 * 4 + 5 * SWEEP_INTERVAL_MS as usize / 2_000 + 5
+            );
+        }
+        assert!(
+            swept_fewer,
+            "the lazy state never held an expired call: the test is vacuous"
+        );
     }
 }
