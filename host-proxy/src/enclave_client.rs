@@ -40,7 +40,27 @@
 //! killed between the two), the client refuses to serve: continuing would extend a chain whose
 //! links the store does not have. Restarting the enclave recovers (it replays what is stored,
 //! and opens a new epoch after it). Nothing acknowledged to anyone is lost that way, because
-//! nothing is acknowledged before it is durable.
+//! nothing is acknowledged before it is durable. The exception is the boot this client was
+//! serving when its last connection dropped (same epoch: the enclave did not restart): it is
+//! served again at once, nothing reset and no head check, since its head may be ahead of the
+//! store by `Persist`s it re-sends on the new connections.
+//!
+//! Held replies across a restart. A held reply may wait for entries another connection's
+//! `Persist` is to carry. While the same boot of the enclave runs, they come: it re-sends a
+//! `Persist` whose connection closed on another live connection or on the next one to open. So
+//! a held reply is not failed when a connection drops, the last one included. A restart is
+//! different: the entries the old boot signed and never delivered are gone, and the new boot,
+//! replayed from the store, writes *other* entries at those seqs; releasing the reply when they
+//! become durable would answer on the strength of an entry that is in no log. So when the
+//! client adopts a boot after serving another (it replays it, or finds it ready at another
+//! epoch), before the new boot can write anything (`Shared::reset_sequencer`): every held
+//! reply waiting for an entry the store never received fails with
+//! [`ClientError::Unavailable`] (503 in the API), and every other connection is retired,
+//! closed, with whatever it still delivers ignored (the old boot's frames may still be read on
+//! one, and the new boot has written nothing any of them could carry). A held reply whose
+//! entries the store already has is left to their commit. The restart is seen when a
+//! connection reaches the new boot; while none can (the enclave is down), a held reply waits up
+//! to its caller's timeout (504), since a slow network and a restart look the same until then.
 //!
 //! Trust. The enclave's replies are input like any other: a malformed reply, an id this client
 //! never used, a `Persist` overlapping stored entries, all end in an error, never a panic. The
@@ -52,7 +72,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -74,6 +94,10 @@ const WRITE_QUEUE: usize = 1024;
 
 /// How long one replay step may take (a batch of 4096 entries is verified in well under this).
 const REPLAY_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Why a reply held for entries a restarted enclave never delivered is not released.
+const RESTARTED: &str = "the enclave restarted before the entries this reply depends on were \
+                         stored: they are in no log; retry";
 
 /// Reconnection back-off bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -187,6 +211,13 @@ struct Shared {
     phase: watch::Sender<Phase>,
     /// Serialises the decision to replay: one connection replays, the others wait.
     control: tokio::sync::Mutex<()>,
+    /// The epoch of the enclave boot this client last served. Kept when every connection
+    /// drops, to tell a reconnection to the same boot (which still owes its undelivered
+    /// `Persist`s) from a restart (which lost them).
+    served_epoch: Mutex<Option<u64>>,
+    /// How many times the client has retired its connections to a boot that is gone
+    /// ([`Shared::reset_sequencer`]); changed under the links' lock.
+    retirements: AtomicU64,
     sequencer: Mutex<Sequencer>,
     /// Group commits in submission order, for the one task that reports them durable.
     commits: mpsc::UnboundedSender<Commit>,
@@ -293,6 +324,11 @@ struct Link {
     /// Distinguishes this connection from an earlier one in the same slot.
     generation: u64,
     frames: mpsc::Sender<Frame>,
+    /// Set when the connection is retired ([`Shared::reset_sequencer`]): whatever it still
+    /// delivers is ignored.
+    retired: Arc<AtomicBool>,
+    /// Its reader, stopped when it is retired.
+    reader: tokio::task::AbortHandle,
 }
 
 /// Orders `Persist` batches by seq before they reach the store.
@@ -330,6 +366,8 @@ impl EnclaveClient {
             round_robin: AtomicUsize::new(0),
             phase,
             control: tokio::sync::Mutex::new(()),
+            served_epoch: Mutex::new(None),
+            retirements: AtomicU64::new(0),
             sequencer: Mutex::new(Sequencer {
                 next,
                 parked: BTreeMap::new(),
@@ -464,6 +502,7 @@ impl Shared {
             if matches!(*self.phase.borrow(), Phase::Failed(_)) {
                 return;
             }
+            let retirements = self.retirements.load(Ordering::SeqCst);
             let stream = match attestplane_proto::connect(&self.address).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -483,14 +522,31 @@ impl Shared {
             self.metrics.connects.fetch_add(1, Ordering::Relaxed);
             let (reader, writer) = tokio::io::split(stream);
             let (frames_tx, frames_rx) = mpsc::channel(WRITE_QUEUE);
-            if let Some(l) = lock(&self.links).get_mut(slot) {
-                *l = Some(Link {
-                    generation,
-                    frames: frames_tx,
-                });
-            }
+            let retired = Arc::new(AtomicBool::new(false));
+            let reader_task = {
+                let mut links = lock(&self.links);
+                if self.retirements.load(Ordering::SeqCst) != retirements {
+                    // The client retired its connections while this one opened: it may be
+                    // to the boot that is gone. Not used; the next one will be to the new.
+                    drop(links);
+                    tokio::time::sleep(BACKOFF_MIN).await;
+                    continue;
+                }
+                // Spawned under the links' lock, so that a retirement either happened before
+                // (seen above) or finds the link.
+                let reader_task =
+                    tokio::spawn(Arc::clone(&self).read_loop(slot, reader, Arc::clone(&retired)));
+                if let Some(l) = links.get_mut(slot) {
+                    *l = Some(Link {
+                        generation,
+                        frames: frames_tx,
+                        retired,
+                        reader: reader_task.abort_handle(),
+                    });
+                }
+                reader_task
+            };
             let writer_task = tokio::spawn(write_loop(writer, frames_rx));
-            let reader_task = tokio::spawn(Arc::clone(&self).read_loop(slot, reader));
             let greeted = self.greet(slot).await;
             if let Err(e) = &greeted {
                 tracing_line(&format!("connection {slot}: {e}"));
@@ -540,9 +596,13 @@ impl Shared {
             return Err(unexpected("Status", &status));
         };
         let phase = self.phase.borrow().clone();
+        let served = *lock(&self.served_epoch);
         match (ready, phase) {
             (_, Phase::Failed(why)) => Err(ClientError::Failed(why)),
             (true, Phase::Ready { epoch: known }) if epoch == Some(known) => Ok(()),
+            (true, _) if epoch.is_some() && epoch == served => {
+                self.resume(slot, epoch, head_seq, durable_seq).await
+            }
             (true, _) => {
                 // An enclave this client has not seen ready: its head must be the store's.
                 let stored = self.store.next_seq();
@@ -562,8 +622,8 @@ impl Shared {
                 // What the enclave knows to be durable; everything it holds is stored, so
                 // report it all (a proxy that restarted after storing entries it never got to
                 // report would otherwise leave the enclave waiting, e.g. for checkpoints).
-                self.reset_sequencer(stored, durable_seq.map_or(0, |d| d.saturating_add(1)));
-                self.phase.send_replace(Phase::Ready { epoch });
+                self.reset_sequencer(stored, durable_seq.map_or(0, |d| d.saturating_add(1)), slot);
+                self.serve(epoch);
                 tracing_line(&format!(
                     "enclave ready (epoch {epoch}, {stored} entries stored)"
                 ));
@@ -576,18 +636,124 @@ impl Shared {
         }
     }
 
-    fn reset_sequencer(&self, next: u64, reported: u64) {
+    /// Back to serving `epoch`, and remembered as the boot served.
+    fn serve(&self, epoch: u64) {
+        *lock(&self.served_epoch) = Some(epoch);
+        self.phase.send_replace(Phase::Ready { epoch });
+    }
+
+    /// Serving again the boot this client served before every connection dropped (same epoch,
+    /// so the enclave has not restarted). Its `Persist`s not yet delivered are re-sent, on this
+    /// connection or another, so nothing is reset: parked batches keep waiting for their gap
+    /// and held replies for their entries. Its head may be ahead of the store by exactly those
+    /// (which is why the head check of a boot not served before does not apply), never behind.
+    async fn resume(
+        &self,
+        slot: usize,
+        epoch: Option<u64>,
+        head_seq: Option<u64>,
+        durable_seq: Option<u64>,
+    ) -> Result<(), ClientError> {
+        let epoch = epoch
+            .ok_or_else(|| ClientError::Protocol("a ready enclave reported no epoch".into()))?;
+        let taken = lock(&self.sequencer).next;
+        let enclave_next = head_seq.map_or(0, |h| h.saturating_add(1));
+        if enclave_next < taken {
+            let why = format!(
+                "the enclave's log has {enclave_next} entries but it sent this client {taken}, \
+                 in the same epoch {epoch}"
+            );
+            self.fail(&why);
+            return Err(ClientError::Failed(why));
+        }
+        // A `Durable` lost with the old connections is sent again.
+        self.reported.fetch_min(
+            durable_seq.map_or(0, |d| d.saturating_add(1)),
+            Ordering::SeqCst,
+        );
+        self.serve(epoch);
+        tracing_line(&format!(
+            "enclave reachable again (same boot, epoch {epoch}; {} of its entries not yet \
+             received)",
+            enclave_next.saturating_sub(taken)
+        ));
+        if let Some(last) = self.store.len().checked_sub(1) {
+            self.report_durable(last, Some(slot)).await;
+        }
+        Ok(())
+    }
+
+    /// Adopts, on `slot`'s connection, a boot of the enclave this client has not served (a
+    /// fresh one it replays, or one ready at another epoch whose head is the store's): the next
+    /// entry it writes is `next`.
+    ///
+    /// If the client served another boot before, that boot is gone, with every entry it signed
+    /// that never reached the store, and the new one writes other entries at those seqs. So,
+    /// before the new boot can write anything: a held reply that depends on such an entry is
+    /// failed (released later, it would answer on the strength of the new boot's entry, not
+    /// its own); and every other connection is retired (closed, and whatever it still delivers
+    /// ignored: a `Persist` or held reply the old boot sent before it died may still be read on
+    /// one; the new boot has written nothing the store lacks, nothing at all before its replay
+    /// and, found ready, no entry past the store's head). Their callers get `Unavailable`. A
+    /// held reply whose entries the store has is left to their commit, which releases or fails
+    /// it.
+    fn reset_sequencer(&self, next: u64, reported: u64, slot: usize) {
+        let successor = lock(&self.served_epoch).is_some();
         let mut seq = lock(&self.sequencer);
+        let (lost, retired) = {
+            // The sequencer's lock first, as in `persist`: no batch is stored meanwhile, and a
+            // frame read on a retired connection is seen as such (`persist`, `hold`).
+            let mut waiters = lock(&self.waiters);
+            let ids: Vec<u64> = waiters
+                .held
+                .range((next.min(seq.next), 0)..)
+                .map(|&(_, id)| id)
+                .collect();
+            let lost: Vec<Waiter> = ids
+                .into_iter()
+                .filter_map(|id| waiters.remove(id))
+                .collect();
+            let mut retired = Vec::new();
+            if successor {
+                let mut links = lock(&self.links);
+                self.retirements.fetch_add(1, Ordering::SeqCst);
+                for (other, link) in links.iter_mut().enumerate() {
+                    if other != slot
+                        && let Some(link) = link.take()
+                    {
+                        link.retired.store(true, Ordering::SeqCst);
+                        link.reader.abort();
+                        retired.push(other);
+                    }
+                }
+            }
+            (lost, retired)
+        };
         seq.next = next;
         seq.parked.clear();
         self.reported.store(reported, Ordering::SeqCst);
+        drop(seq);
+        if !lost.is_empty() || !retired.is_empty() {
+            tracing_line(&format!(
+                "a new boot of the enclave: {} held replies depend on entries that were never \
+                 stored, and fail; {} connections to the old boot retired",
+                lost.len(),
+                retired.len()
+            ));
+        }
+        for waiter in lost {
+            waiter.fail(ClientError::Unavailable(RESTARTED.into()));
+        }
+        for other in retired {
+            self.fail_slot(other, "the enclave restarted before the reply");
+        }
     }
 
     /// Streams the stored log into the enclave on `slot`.
     async fn replay(&self, slot: usize) -> Result<(), ClientError> {
         self.metrics.replays.fetch_add(1, Ordering::Relaxed);
         let total = self.store.len();
-        self.reset_sequencer(self.store.next_seq(), 0);
+        self.reset_sequencer(self.store.next_seq(), 0, slot);
         self.phase.send_replace(Phase::Replaying { sent: 0, total });
         tracing_line(&format!(
             "replaying {total} stored entries into the enclave"
@@ -653,7 +819,7 @@ impl Shared {
         else {
             return Err(unexpected("Status after the replay", &status));
         };
-        self.phase.send_replace(Phase::Ready { epoch });
+        self.serve(epoch);
         tracing_line(&format!(
             "replay of {total} entries done in {:.1} s; serving epoch {epoch}",
             started.elapsed().as_secs_f64()
@@ -716,7 +882,18 @@ impl Shared {
             }
         }
         // A reply already received and held for durability does not depend on the connection
-        // any more: its entries are with the store, and their commit releases or fails it.
+        // any more: its entries are with the store (and their commit releases or fails it), or
+        // still to come in a `Persist` the same boot of the enclave re-sends on any connection,
+        // this one's successor included. If the enclave restarts instead, the replay fails it
+        // (`reset_sequencer`).
+        self.fail_slot(
+            slot,
+            "the connection to the enclave closed before the reply",
+        );
+    }
+
+    /// Fails the callers waiting for a reply on `slot`'s connection.
+    fn fail_slot(&self, slot: usize, why: &str) {
         let orphans: Vec<Waiter> = {
             let mut waiters = lock(&self.waiters);
             let ids: Vec<u64> = waiters
@@ -728,9 +905,7 @@ impl Shared {
             ids.iter().filter_map(|id| waiters.remove(*id)).collect()
         };
         for w in orphans {
-            w.fail(ClientError::Unavailable(
-                "the connection to the enclave closed before the reply".into(),
-            ));
+            w.fail(ClientError::Unavailable(why.into()));
         }
     }
 
@@ -738,12 +913,13 @@ impl Shared {
         self: Arc<Self>,
         slot: usize,
         reader: tokio::io::ReadHalf<attestplane_proto::Stream>,
+        retired: Arc<AtomicBool>,
     ) {
         let mut reader = BufReader::with_capacity(64 * 1024, reader);
         let mut decoder = FrameDecoder::new();
         loop {
             match read_frame(&mut reader, &mut decoder).await {
-                Ok(Some(frame)) => match self.on_frame(frame) {
+                Ok(Some(frame)) => match self.on_frame(frame, &retired) {
                     Ok(None) => {}
                     Ok(Some(inline)) => {
                         // Blocks this runtime thread for one fdatasync: only taken when the
@@ -788,9 +964,13 @@ impl Shared {
         }
     }
 
-    /// Handles one frame from the enclave; a `Persist` reserved for an inline commit is
-    /// returned for the caller to run.
-    fn on_frame(self: &Arc<Self>, frame: Frame) -> Result<Option<InlineCommit>, ClientError> {
+    /// Handles one frame from the enclave, read on a connection `retired` or not; a `Persist`
+    /// reserved for an inline commit is returned for the caller to run.
+    fn on_frame(
+        self: &Arc<Self>,
+        frame: Frame,
+        retired: &AtomicBool,
+    ) -> Result<Option<InlineCommit>, ClientError> {
         if frame.version != PROTOCOL_VERSION {
             return Err(ClientError::Protocol(format!(
                 "protocol version {} (this client speaks {PROTOCOL_VERSION})",
@@ -810,11 +990,12 @@ impl Shared {
                     .rerouted_persists
                     .fetch_add(1, Ordering::Relaxed);
             }
-            return self.persist(first_seq, entries);
+            return self.persist(first_seq, entries, retired);
         }
         if let Response::Held { through_seq, reply } = response {
-            self.hold(frame.id, through_seq, *reply);
-            return Ok(None);
+            return self
+                .hold(frame.id, through_seq, *reply, retired)
+                .map(|()| None);
         }
         let waiter = lock(&self.waiters).remove(frame.id);
         match waiter {
@@ -860,9 +1041,25 @@ impl Shared {
     /// A final reply that depends on every entry through `through_seq`: answered now if the
     /// store has made them durable, otherwise held with its waiter until a commit does
     /// ([`Shared::release_through`]). A reply nobody waits for (the call timed out) is dropped.
-    fn hold(&self, id: u64, through_seq: u64, response: Response) {
+    ///
+    /// A reply read on a `retired` connection comes from a boot of the enclave that is gone
+    /// (see [`Shared::reset_sequencer`]) and may depend on entries in no log, whose seqs are now
+    /// the new boot's: its caller gets `Unavailable`, and the reader stops (an error).
+    fn hold(
+        &self,
+        id: u64,
+        through_seq: u64,
+        response: Response,
+        retired: &AtomicBool,
+    ) -> Result<(), ClientError> {
         let mut waiters = lock(&self.waiters);
+        // Read under the waiters' lock, which `reset_sequencer` holds to set it.
+        let gone = retired.load(Ordering::SeqCst);
         match waiters.remove(id) {
+            Some(Waiter::Call { reply, .. }) if gone => {
+                drop(waiters);
+                let _ = reply.send(Err(ClientError::Unavailable(RESTARTED.into())));
+            }
             Some(Waiter::Call { sent, reply, .. }) => {
                 if through_seq < waiters.durable_next {
                     drop(waiters);
@@ -889,6 +1086,12 @@ impl Shared {
             }
             None => {}
         }
+        if gone {
+            return Err(ClientError::Protocol(
+                "a held reply from a boot of the enclave that is gone".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Called once every entry through `last` is durable (a commit returned): answers the
@@ -911,15 +1114,25 @@ impl Shared {
     /// Queues a `Persist` batch for the store in seq order and reports durability as commits
     /// complete; or, on an idle store, returns the batch's commit reserved for the caller to run
     /// (at most one: while it is reserved, later batches queue behind it).
+    ///
+    /// A batch read on a `retired` connection was signed by a boot that is gone, and its seqs
+    /// are the new boot's: it is dropped, and the reader stops (an error).
     fn persist(
         self: &Arc<Self>,
         first_seq: u64,
         entries: Vec<ByteBuf>,
+        retired: &AtomicBool,
     ) -> Result<Option<InlineCommit>, ClientError> {
         if entries.is_empty() {
             return Err(ClientError::Protocol("an empty Persist".into()));
         }
         let mut seq = lock(&self.sequencer);
+        // Read under the sequencer's lock, which `reset_sequencer` holds to set it.
+        if retired.load(Ordering::SeqCst) {
+            return Err(ClientError::Protocol(
+                "a Persist from a boot of the enclave that is gone; dropped".into(),
+            ));
+        }
         if first_seq < seq.next {
             let why = format!(
                 "the enclave asked to store seq {first_seq} again (the store is at {})",

@@ -12,6 +12,11 @@
 //! - A final reply the enclave sends `Held` for an entry is released to the caller only once
 //!   the entry is durable, whichever connection's `Persist` carried it, and never when its
 //!   commit fails.
+//! - A held reply survives the drop of any connection while the same boot of the enclave runs
+//!   (it re-sends the `Persist` on a live or a new connection), but one waiting for an entry a
+//!   restarted enclave never delivered fails with `Unavailable` as soon as the new boot is
+//!   found, and is never released when the new boot's entries fill those seqs; nothing the old
+//!   boot sends on a connection still open is used after that.
 
 #![allow(
     clippy::unwrap_used,
@@ -36,6 +41,13 @@ use tokio::sync::mpsc;
 struct Fake {
     requests: mpsc::UnboundedReceiver<(usize, u64, Request)>,
     writers: Arc<tokio::sync::Mutex<Vec<mpsc::UnboundedSender<Frame>>>>,
+    /// Per connection, the tasks that serve it: aborting them closes it.
+    tasks: Arc<tokio::sync::Mutex<Vec<[tokio::task::AbortHandle; 2]>>>,
+    /// The boot `Hello`/`Status` describe: its epoch, and whether it has been replayed.
+    epoch: u64,
+    ready: bool,
+    /// `Status` requests answered.
+    statuses: usize,
 }
 
 impl Fake {
@@ -45,7 +57,9 @@ impl Fake {
             .unwrap();
         let (req_tx, requests) = mpsc::unbounded_channel();
         let writers: Arc<tokio::sync::Mutex<Vec<mpsc::UnboundedSender<Frame>>>> = Arc::default();
+        let tasks: Arc<tokio::sync::Mutex<Vec<[tokio::task::AbortHandle; 2]>>> = Arc::default();
         let w = Arc::clone(&writers);
+        let t = Arc::clone(&tasks);
         tokio::spawn(async move {
             loop {
                 let Ok(stream) = listener.accept().await else {
@@ -53,12 +67,15 @@ impl Fake {
                 };
                 let (mut reader, mut writer) = tokio::io::split(stream);
                 let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+                // The connection's tasks are registered before it is numbered, so that
+                // `restart` closes every connection a request has come from.
+                let mut t = t.lock().await;
                 let conn = {
                     let mut w = w.lock().await;
                     w.push(tx);
                     w.len() - 1
                 };
-                tokio::spawn(async move {
+                let writing = tokio::spawn(async move {
                     while let Some(frame) = rx.recv().await {
                         if write_frame(&mut writer, &frame).await.is_err() {
                             return;
@@ -66,7 +83,7 @@ impl Fake {
                     }
                 });
                 let req_tx = req_tx.clone();
-                tokio::spawn(async move {
+                let reading = tokio::spawn(async move {
                     let mut decoder = FrameDecoder::new();
                     while let Ok(Some(frame)) = read_frame(&mut reader, &mut decoder).await {
                         if let Body::Request(r) = frame.body {
@@ -74,18 +91,78 @@ impl Fake {
                         }
                     }
                 });
+                t.push([writing.abort_handle(), reading.abort_handle()]);
             }
         });
-        Fake { requests, writers }
+        Fake {
+            requests,
+            writers,
+            tasks,
+            epoch: 3,
+            ready: true,
+            statuses: 0,
+        }
     }
 
+    /// Sends `response` on `conn`; dropped if that connection is closed (as an enclave drops
+    /// a reply whose connection has gone).
     async fn send(&self, conn: usize, id: u64, response: Response) {
         let w = self.writers.lock().await;
-        w[conn].send(Frame::response(id, response)).unwrap();
+        let _ = w[conn].send(Frame::response(id, response));
     }
 
-    /// The next request, answering `Hello`/`Status` as an enclave that is ready at epoch 3 with
-    /// `head` as its head seq, and acknowledging `Durable`s (returned too).
+    /// Closes every connection open now.
+    async fn close_all(&self) {
+        for [writing, reading] in self.tasks.lock().await.iter() {
+            writing.abort();
+            reading.abort();
+        }
+    }
+
+    /// Closes every connection and comes back as a new boot at `epoch`, not yet replayed:
+    /// whatever the old boot signed and did not deliver is gone with it.
+    async fn restart(&mut self, epoch: u64) {
+        self.close_all().await;
+        self.epoch = epoch;
+        self.ready = false;
+    }
+
+    /// Serves the client's replay of the stored log (answering everything else as
+    /// [`Fake::next`] does); `ReplayEnd` is answered with the new epoch's `opening` entries,
+    /// after the replayed ones, and its `Ack` held for them. Returns the entries replayed.
+    async fn serve_replay(&mut self, opening: Vec<ByteBuf>) -> u64 {
+        let mut total = 0;
+        loop {
+            let (conn, id, request) = self.next(None).await;
+            match request {
+                Request::ReplayBegin { total_entries, .. } => {
+                    total = total_entries;
+                    self.send(conn, id, Response::Ack).await;
+                }
+                Request::ReplayEntries { .. } => self.send(conn, id, Response::Ack).await,
+                Request::ReplayEnd => {
+                    let through = total + opening.len() as u64 - 1;
+                    self.send(
+                        conn,
+                        id,
+                        Response::Persist {
+                            first_seq: total,
+                            entries: opening,
+                        },
+                    )
+                    .await;
+                    self.ready = true;
+                    self.send(conn, id, held(through, Response::Ack)).await;
+                    return total;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next request, answering `Hello`/`Status` as an enclave that is ready at its epoch (3
+    /// unless it restarted) with `head` as its head seq, or not yet replayed, and acknowledging
+    /// `Durable`s (returned too).
     async fn next(&mut self, head: Option<u64>) -> (usize, u64, Request) {
         loop {
             let (conn, id, request) =
@@ -95,25 +172,28 @@ impl Fake {
                     .expect("the fake's listener is alive");
             match request {
                 Request::Hello { version } => {
+                    let (ready, epoch, head) = self.boot(head);
                     self.send(
                         conn,
                         id,
                         Response::Hello {
                             version,
-                            ready: true,
-                            epoch: Some(3),
+                            ready,
+                            epoch,
                             head_seq: head,
                         },
                     )
                     .await;
                 }
                 Request::Status => {
+                    self.statuses += 1;
+                    let (ready, epoch, head) = self.boot(head);
                     self.send(
                         conn,
                         id,
                         Response::Status {
-                            ready: true,
-                            epoch: Some(3),
+                            ready,
+                            epoch,
                             head_seq: head,
                             durable_seq: head,
                             servers: 0,
@@ -127,6 +207,16 @@ impl Fake {
                 }
                 other => return (conn, id, other),
             }
+        }
+    }
+
+    /// What `Hello` and `Status` report: (ready, epoch, head seq). A boot not yet replayed has
+    /// no log.
+    fn boot(&self, head: Option<u64>) -> (bool, Option<u64>, Option<u64>) {
+        if self.ready {
+            (true, Some(self.epoch), head)
+        } else {
+            (false, None, None)
         }
     }
 
@@ -557,4 +647,478 @@ async fn a_reply_held_for_another_connections_persist_is_released_when_that_is_d
     assert!(!b.is_finished(), "B's own final reply has not come");
     fake.send(other, id_b, held(0, handle(1))).await;
     assert_eq!(b.await.unwrap(), Ok(handle(1)));
+}
+
+type Call = tokio::task::JoinHandle<Result<Response, ClientError>>;
+
+/// Once both connections of a two-connection client have been checked, starts calls `a` and
+/// `b`, which go one on each: returns the calls and, for each, its connection and id.
+async fn two_calls(
+    fake: &mut Fake,
+    client: &EnclaveClient,
+    timeout: Duration,
+) -> (Call, Call, (usize, u64), (usize, u64)) {
+    while fake.statuses < 2 {
+        let _ = tokio::time::timeout(Duration::from_millis(100), fake.next(None)).await;
+    }
+    let c = client.clone();
+    let a = tokio::spawn(async move { c.call(resolve("a"), timeout).await });
+    let (conn_a, id_a, _) = fake.next(None).await;
+    let c = client.clone();
+    let b = tokio::spawn(async move { c.call(resolve("b"), timeout).await });
+    let (conn_b, id_b, _) = fake.next(None).await;
+    assert_ne!(conn_a, conn_b);
+    (a, b, (conn_a, id_a), (conn_b, id_b))
+}
+
+/// A reply held for an entry that another connection's `Persist` was to carry, when every
+/// connection drops and the enclave comes back as a new boot: the entry is gone with the old
+/// boot, and the new boot writes other entries at the same seqs. The caller must not get the
+/// reply when those become durable (it depends on an entry in no log): it gets `Unavailable`
+/// as soon as the client finds the enclave restarted, long before its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reply_whose_entries_die_with_the_enclave_is_failed_not_released() {
+    let (_dir, mut fake, client, store) = setup(2).await;
+    let timeout = Duration::from_secs(60);
+    let (a, b, (conn_a, id_a), _) = two_calls(&mut fake, &client, timeout).await;
+    fake.send(conn_a, id_a, held(0, handle(0))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!a.is_finished(), "released with no entry 0 anywhere");
+
+    // B's Persist (entry 0) never comes: the enclave restarts.
+    let restarted = std::time::Instant::now();
+    fake.restart(4).await;
+    assert_eq!(fake.serve_replay(vec![entry(100), entry(101)]).await, 0);
+    fake.durable_through(1, Some(1)).await;
+    assert_eq!(
+        store.range(0, 2).unwrap(),
+        vec![b"entry 100".to_vec(), b"entry 101".to_vec()],
+        "the new boot's entries fill seqs 0 and 1"
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(10), a)
+        .await
+        .expect("the caller still waits")
+        .unwrap();
+    assert!(
+        matches!(reply, Err(ClientError::Unavailable(_))),
+        "{reply:?}"
+    );
+    assert!(
+        restarted.elapsed() < timeout / 4,
+        "{:?}",
+        restarted.elapsed()
+    );
+    let reply = b.await.unwrap();
+    assert!(
+        matches!(reply, Err(ClientError::Unavailable(_))),
+        "{reply:?}"
+    );
+    // The client serves the new boot.
+    let serve = tokio::spawn(async move {
+        loop {
+            fake.next(Some(1)).await;
+        }
+    });
+    assert_eq!(client.wait_ready(Duration::from_secs(10)).await, Ok(4));
+    serve.abort();
+}
+
+/// A held reply whose entry was durable before every connection dropped is answered, and the
+/// enclave's restart leaves it alone; one whose entry was not is failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reply_whose_entries_were_durable_is_delivered_across_a_restart() {
+    let (_dir, mut fake, client, store) = setup(2).await;
+    let timeout = Duration::from_secs(60);
+    let (a, b, (conn_a, id_a), (other, id_b)) = two_calls(&mut fake, &client, timeout).await;
+    // A's reply waits for entry 0, which B's Persist carries; B's waits for entry 1, which
+    // never comes.
+    fake.send(conn_a, id_a, held(0, handle(0))).await;
+    fake.send(other, id_b, held(1, handle(1))).await;
+    fake.send(
+        other,
+        id_b,
+        Response::Persist {
+            first_seq: 0,
+            entries: vec![entry(0)],
+        },
+    )
+    .await;
+    fake.durable_through(0, Some(1)).await;
+    assert_eq!(store.len(), 1);
+
+    fake.restart(4).await;
+    assert_eq!(fake.serve_replay(vec![entry(100), entry(101)]).await, 1);
+    fake.durable_through(2, Some(2)).await;
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), a)
+            .await
+            .expect("A was not answered")
+            .unwrap(),
+        Ok(handle(0))
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("B still waits")
+        .unwrap();
+    assert!(
+        matches!(reply, Err(ClientError::Unavailable(_))),
+        "{reply:?}"
+    );
+}
+
+/// The connection that was to carry a held reply's entry drops, and the enclave (the same
+/// boot) re-sends that `Persist` on the live connection, under an id the client no longer
+/// waits on: the held reply is released once the entry is durable, not failed with the
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reply_survives_the_drop_of_the_connection_that_owed_its_entry() {
+    let (_dir, mut fake, client, store) = setup(2).await;
+    let (a, b, (conn_a, id_a), (other, id_b)) =
+        two_calls(&mut fake, &client, Duration::from_secs(30)).await;
+    fake.send(conn_a, id_a, held(0, handle(0))).await;
+    {
+        let tasks = fake.tasks.lock().await;
+        for task in &tasks[other] {
+            task.abort();
+        }
+    }
+    let reply = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("B was left waiting")
+        .unwrap();
+    assert!(
+        matches!(reply, Err(ClientError::Unavailable(_))),
+        "{reply:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!a.is_finished(), "released with no entry 0 anywhere");
+    fake.send(
+        conn_a,
+        id_b,
+        Response::Persist {
+            first_seq: 0,
+            entries: vec![entry(0)],
+        },
+    )
+    .await;
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), a)
+            .await
+            .expect("not released once entry 0 was durable")
+            .unwrap(),
+        Ok(handle(0))
+    );
+    assert_eq!(store.len(), 1);
+}
+
+/// Every connection drops but the enclave does not restart: the same boot (same epoch), ready,
+/// its head one entry ahead of the store, re-sends the undelivered `Persist` on one of the new
+/// connections, after the other has already checked its status. That is not a restart: the
+/// held reply waits for the entry and is released once it is durable, and the client serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reply_survives_losing_every_connection_to_the_same_boot() {
+    let (_dir, mut fake, client, store) = setup(2).await;
+    let (a, _b, (conn_a, id_a), (_, id_b)) =
+        two_calls(&mut fake, &client, Duration::from_secs(30)).await;
+    fake.send(conn_a, id_a, held(0, handle(0))).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fake.close_all().await;
+
+    // Both connections come back. Answer `Hello` and `Status` as the same boot, whose head is
+    // entry 0; once one connection has had its status, send the orphaned Persist on the other.
+    let mut statused = None;
+    let mut resent = false;
+    while !resent {
+        let (conn, id, request) =
+            tokio::time::timeout(Duration::from_secs(10), fake.requests.recv())
+                .await
+                .expect("a request within 10 s")
+                .unwrap();
+        if conn < 2 {
+            continue; // Sent before the drop.
+        }
+        match request {
+            Request::Hello { version } => {
+                fake.send(
+                    conn,
+                    id,
+                    Response::Hello {
+                        version,
+                        ready: true,
+                        epoch: Some(3),
+                        head_seq: Some(0),
+                    },
+                )
+                .await;
+            }
+            Request::Status => {
+                fake.send(
+                    conn,
+                    id,
+                    Response::Status {
+                        ready: true,
+                        epoch: Some(3),
+                        head_seq: Some(0),
+                        durable_seq: None,
+                        servers: 0,
+                    },
+                )
+                .await;
+                if statused.is_none() {
+                    statused = Some(conn);
+                    // Let the client act on the status before the Persist arrives.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    for _ in 0..1000 {
+                        if fake.writers.lock().await.len() == 4 {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    let other = if conn == 2 { 3 } else { 2 };
+                    fake.send(
+                        other,
+                        id_b,
+                        Response::Persist {
+                            first_seq: 0,
+                            entries: vec![entry(0)],
+                        },
+                    )
+                    .await;
+                    resent = true;
+                }
+            }
+            Request::Durable { .. } => fake.send(conn, id, Response::Ack).await,
+            _ => {}
+        }
+    }
+    let serve = tokio::spawn(async move {
+        loop {
+            fake.next(Some(0)).await;
+        }
+    });
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), a)
+            .await
+            .expect("not released once entry 0 was durable")
+            .unwrap(),
+        Ok(handle(0))
+    );
+    assert_eq!(store.len(), 1);
+    assert_eq!(client.wait_ready(Duration::from_secs(10)).await, Ok(3));
+    serve.abort();
+}
+
+/// Frames a boot of the enclave sent before it died can still be read after the client has
+/// adopted the next boot (they were buffered on a connection the client had not yet seen
+/// close). Here one connection of the old boot stays open while the other reconnects to a
+/// restarted enclave; once the replay has begun, the old connection delivers a held reply for
+/// entry 0 and a `Persist` of entry 0. Neither may be used (the client retires that
+/// connection): entry 0 is now the new boot's, so the reply is failed (never released when the
+/// new entry 0 is durable), and the old batch is not stored (it would put an entry of the old
+/// boot under the new boot's seq).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_from_a_boot_that_is_gone_are_not_used() {
+    let (_dir, mut fake, client, store) = setup(2).await;
+    let (a, b, (conn_a, id_a), (conn_b, id_b)) =
+        two_calls(&mut fake, &client, Duration::from_secs(60)).await;
+    {
+        let tasks = fake.tasks.lock().await;
+        for task in &tasks[conn_b] {
+            task.abort();
+        }
+    }
+    let reply = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("B was left waiting")
+        .unwrap();
+    assert!(
+        matches!(reply, Err(ClientError::Unavailable(_))),
+        "{reply:?}"
+    );
+    // The enclave restarted (in the fake, the old boot's connection `conn_a` stays open).
+    fake.epoch = 4;
+    fake.ready = false;
+    loop {
+        let (conn, id, request) = fake.next(None).await;
+        match request {
+            Request::ReplayBegin { total_entries, .. } => {
+                assert_eq!(total_entries, 0);
+                fake.send(conn, id, Response::Ack).await;
+                break;
+            }
+            Request::ReplayEntries { .. } => fake.send(conn, id, Response::Ack).await,
+            _ => {}
+        }
+    }
+    fake.send(
+        conn_a,
+        id_b,
+        Response::Persist {
+            first_seq: 0,
+            entries: vec![entry(0)],
+        },
+    )
+    .await;
+    fake.send(conn_a, id_a, held(0, handle(0))).await;
+    let reply = tokio::time::timeout(Duration::from_secs(10), a)
+        .await
+        .expect("A still waits")
+        .unwrap();
+    assert!(
+        matches!(reply, Err(ClientError::Unavailable(_))),
+        "{reply:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.next_seq(), 0, "the old boot's entry 0 was taken");
+    loop {
+        let (conn, id, request) = fake.next(None).await;
+        if request == Request::ReplayEnd {
+            fake.send(
+                conn,
+                id,
+                Response::Persist {
+                    first_seq: 0,
+                    entries: vec![entry(100), entry(101)],
+                },
+            )
+            .await;
+            fake.ready = true;
+            fake.send(conn, id, held(1, Response::Ack)).await;
+            break;
+        }
+    }
+    fake.durable_through(1, Some(1)).await;
+    assert_eq!(
+        store.range(0, 2).unwrap(),
+        vec![b"entry 100".to_vec(), b"entry 101".to_vec()]
+    );
+    let serve = tokio::spawn(async move {
+        loop {
+            fake.next(Some(1)).await;
+        }
+    });
+    assert_eq!(client.wait_ready(Duration::from_secs(10)).await, Ok(4));
+    serve.abort();
+}
+
+/// The same, on a connection the client has not finished checking (its `Hello` is still
+/// unanswered, but requests already go to it): a held reply to a request sent there before the
+/// enclave restarted, read after the new boot was adopted, is failed, not released when the new
+/// boot's entry 0 is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reply_to_a_request_sent_before_the_restart_is_not_used() {
+    let (_dir, mut fake, client, store) = setup(2).await;
+    // One connection is checked; the other's `Hello` waits unanswered.
+    let mut checked = None;
+    let mut unchecked = None;
+    let mut statused = false;
+    while !statused || unchecked.is_none() {
+        let (conn, id, request) =
+            tokio::time::timeout(Duration::from_secs(10), fake.requests.recv())
+                .await
+                .expect("a request within 10 s")
+                .unwrap();
+        match request {
+            Request::Hello { version } if unchecked.is_none() && checked != Some(conn) => {
+                if checked.is_none() && unchecked.is_none() {
+                    checked = Some(conn);
+                    fake.send(
+                        conn,
+                        id,
+                        Response::Hello {
+                            version,
+                            ready: true,
+                            epoch: Some(3),
+                            head_seq: None,
+                        },
+                    )
+                    .await;
+                } else {
+                    unchecked = Some(conn);
+                }
+            }
+            Request::Status => {
+                statused = true;
+                fake.send(
+                    conn,
+                    id,
+                    Response::Status {
+                        ready: true,
+                        epoch: Some(3),
+                        head_seq: None,
+                        durable_seq: None,
+                        servers: 0,
+                    },
+                )
+                .await;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(client.wait_ready(Duration::from_secs(10)).await, Ok(3));
+    let (checked, unchecked) = (checked.unwrap(), unchecked.unwrap());
+    // Two calls: one goes to each connection.
+    let mut calls = Vec::new();
+    for server in ["a", "b"] {
+        let c = client.clone();
+        calls.push(tokio::spawn(async move {
+            c.call(resolve(server), Duration::from_secs(60)).await
+        }));
+    }
+    let mut on_unchecked = None;
+    for _ in 0..2 {
+        let (conn, id, request) = fake.next(None).await;
+        if conn == unchecked {
+            on_unchecked = Some((id, request));
+        }
+    }
+    let (id, request) = on_unchecked.expect("no call went to the unchecked connection");
+    let call = calls.remove(usize::from(request != resolve("a")));
+
+    // The enclave restarts; the checked connection closes and comes back to the new boot.
+    {
+        let tasks = fake.tasks.lock().await;
+        for task in &tasks[checked] {
+            task.abort();
+        }
+    }
+    fake.epoch = 4;
+    fake.ready = false;
+    loop {
+        let (conn, rid, request) = fake.next(None).await;
+        if let Request::ReplayBegin { .. } = request {
+            fake.send(conn, rid, Response::Ack).await;
+            break;
+        }
+    }
+    // The old boot's held reply, read late on the connection still open.
+    fake.send(unchecked, id, held(0, handle(0))).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    loop {
+        let (conn, rid, request) = fake.next(None).await;
+        if request == Request::ReplayEnd {
+            fake.send(
+                conn,
+                rid,
+                Response::Persist {
+                    first_seq: 0,
+                    entries: vec![entry(100), entry(101)],
+                },
+            )
+            .await;
+            fake.ready = true;
+            fake.send(conn, rid, held(1, Response::Ack)).await;
+            break;
+        }
+    }
+    fake.durable_through(1, Some(1)).await;
+    assert_eq!(store.len(), 2);
+    let reply = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the caller still waits")
+        .unwrap();
+    assert!(
+        matches!(reply, Err(ClientError::Unavailable(_))),
+        "{reply:?}"
+    );
 }
