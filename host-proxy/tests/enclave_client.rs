@@ -435,17 +435,20 @@ async fn a_persist_overlapping_stored_entries_stops_the_client() {
     assert_eq!(store.range(0, 1).unwrap(), vec![b"entry 0".to_vec()]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lone_persist_is_reported_durable_only_once_stored_and_a_failed_write_never() {
-    let small = StoreOptions {
+/// Segments as small as the store allows, so that one entry can fill one.
+fn small_segments() -> StoreOptions {
+    StoreOptions {
         segment_bytes: MIN_SEGMENT_BYTES,
-    };
-    let (dir, mut fake, client, store) = setup_with(1, small).await;
-    let log = dir.path().join("log");
+    }
+}
+
+/// On a one-connection client over [`small_segments`]: starts a call and answers it with a
+/// `Persist` of one entry that fills segment 0, so that the next commit starts segment 1.
+/// Returns the call, its connection and its id.
+async fn fill_first_segment(fake: &mut Fake, client: &EnclaveClient) -> (Call, usize, u64) {
     let c = client.clone();
     let first = tokio::spawn(async move { c.call(resolve("a"), Duration::from_secs(10)).await });
     let (conn, id, _) = fake.next(None).await;
-    // One entry that fills the first segment, so that the next commit starts segment 1.
     let full = ByteBuf::from(vec![7u8; MIN_SEGMENT_BYTES as usize]);
     fake.send(
         conn,
@@ -456,6 +459,24 @@ async fn a_lone_persist_is_reported_durable_only_once_stored_and_a_failed_write_
         },
     )
     .await;
+    (first, conn, id)
+}
+
+/// A file squatting segment 1's name under the store in `dir`: creating it fails, a real I/O
+/// failure of the commit that starts it.
+fn squat_segment_one(dir: &std::path::Path) {
+    std::fs::File::create(
+        dir.join("log")
+            .join("segments")
+            .join("00000000000000000001.log"),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_persist_is_reported_durable_only_once_stored_and_a_failed_write_never() {
+    let (dir, mut fake, client, store) = setup_with(1, small_segments()).await;
+    let (first, conn, id) = fill_first_segment(&mut fake, &client).await;
     fake.durable_through(0, None).await;
     assert_eq!(store.len(), 1, "Durable(0) before entry 0 was durable");
     assert_eq!(
@@ -466,8 +487,7 @@ async fn a_lone_persist_is_reported_durable_only_once_stored_and_a_failed_write_
     fake.send(conn, id, handle(0)).await;
     assert_eq!(first.await.unwrap(), Ok(handle(0)));
 
-    // A file squatting segment 1's name: creating it fails, a real I/O failure of the commit.
-    std::fs::File::create(log.join("segments").join("00000000000000000001.log")).unwrap();
+    squat_segment_one(dir.path());
     let c = client.clone();
     let second = tokio::spawn(async move { c.call(resolve("b"), Duration::from_secs(10)).await });
     let (conn, id, _) = fake.next(Some(0)).await;
@@ -534,10 +554,7 @@ async fn a_held_reply_is_released_only_once_its_entry_is_durable() {
         },
     )
     .await;
-    let (reply, stored) = tokio::time::timeout(Duration::from_secs(10), call)
-        .await
-        .expect("not released once durable")
-        .unwrap();
+    let (reply, stored) = within(call, "not released once durable").await;
     assert_eq!(reply, Ok(handle(1)));
     assert_eq!(stored, 2, "released before the commit");
     // The enclave still hears about it.
@@ -549,31 +566,13 @@ async fn a_held_reply_is_released_only_once_its_entry_is_durable() {
 /// `Persist` or after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_reply_whose_commit_fails_is_never_released() {
-    let small = StoreOptions {
-        segment_bytes: MIN_SEGMENT_BYTES,
-    };
-    let (dir, mut fake, client, store) = setup_with(1, small).await;
-    let log = dir.path().join("log");
-    let c = client.clone();
-    let first = tokio::spawn(async move { c.call(resolve("a"), Duration::from_secs(10)).await });
-    let (conn, id, _) = fake.next(None).await;
-    // One entry that fills the first segment, so that the next commit starts segment 1.
-    let full = ByteBuf::from(vec![7u8; MIN_SEGMENT_BYTES as usize]);
-    fake.send(
-        conn,
-        id,
-        Response::Persist {
-            first_seq: 0,
-            entries: vec![full],
-        },
-    )
-    .await;
+    let (dir, mut fake, client, store) = setup_with(1, small_segments()).await;
+    let (first, conn, id) = fill_first_segment(&mut fake, &client).await;
     fake.send(conn, id, held(0, handle(0))).await;
     assert_eq!(first.await.unwrap(), Ok(handle(0)));
     fake.durable_through(0, None).await;
 
-    // A file squatting segment 1's name: creating it fails, a real I/O failure of the commit.
-    std::fs::File::create(log.join("segments").join("00000000000000000001.log")).unwrap();
+    squat_segment_one(dir.path());
     let c = client.clone();
     let second = tokio::spawn(async move { c.call(resolve("b"), Duration::from_secs(10)).await });
     let (conn, id, request) = fake.next(Some(0)).await;
@@ -591,10 +590,7 @@ async fn a_held_reply_whose_commit_fails_is_never_released() {
         },
     )
     .await;
-    let reply = tokio::time::timeout(Duration::from_secs(10), second)
-        .await
-        .expect("the caller was left waiting")
-        .unwrap();
+    let reply = within(second, "the caller was left waiting").await;
     assert!(matches!(reply, Err(ClientError::Failed(_))), "{reply:?}");
     assert!(matches!(client.phase(), Phase::Failed(_)));
     assert_eq!(store.len(), 1);
@@ -637,10 +633,7 @@ async fn a_reply_held_for_another_connections_persist_is_released_when_that_is_d
     )
     .await;
     assert_eq!(
-        tokio::time::timeout(Duration::from_secs(10), a)
-            .await
-            .expect("not released once entry 0 was durable")
-            .unwrap(),
+        within(a, "not released once entry 0 was durable").await,
         Ok(handle(0))
     );
     assert_eq!(store.len(), 1);
@@ -650,6 +643,21 @@ async fn a_reply_held_for_another_connections_persist_is_released_when_that_is_d
 }
 
 type Call = tokio::task::JoinHandle<Result<Response, ClientError>>;
+
+/// `task`'s result, which must come within 10 s (`what` says what was left waiting).
+async fn within<T>(task: tokio::task::JoinHandle<T>, what: &str) -> T {
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect(what)
+        .unwrap()
+}
+
+fn assert_unavailable(reply: &Result<Response, ClientError>) {
+    assert!(
+        matches!(reply, Err(ClientError::Unavailable(_))),
+        "{reply:?}"
+    );
+}
 
 /// Once both connections of a two-connection client have been checked, starts calls `a` and
 /// `b`, which go one on each: returns the calls and, for each, its connection and id.
@@ -695,24 +703,15 @@ async fn a_held_reply_whose_entries_die_with_the_enclave_is_failed_not_released(
         vec![b"entry 100".to_vec(), b"entry 101".to_vec()],
         "the new boot's entries fill seqs 0 and 1"
     );
-    let reply = tokio::time::timeout(Duration::from_secs(10), a)
-        .await
-        .expect("the caller still waits")
-        .unwrap();
-    assert!(
-        matches!(reply, Err(ClientError::Unavailable(_))),
-        "{reply:?}"
-    );
+    let reply = within(a, "the caller still waits").await;
+    assert_unavailable(&reply);
     assert!(
         restarted.elapsed() < timeout / 4,
         "{:?}",
         restarted.elapsed()
     );
     let reply = b.await.unwrap();
-    assert!(
-        matches!(reply, Err(ClientError::Unavailable(_))),
-        "{reply:?}"
-    );
+    assert_unavailable(&reply);
     // The client serves the new boot.
     let serve = tokio::spawn(async move {
         loop {
@@ -749,21 +748,9 @@ async fn a_held_reply_whose_entries_were_durable_is_delivered_across_a_restart()
     fake.restart(4).await;
     assert_eq!(fake.serve_replay(vec![entry(100), entry(101)]).await, 1);
     fake.durable_through(2, Some(2)).await;
-    assert_eq!(
-        tokio::time::timeout(Duration::from_secs(10), a)
-            .await
-            .expect("A was not answered")
-            .unwrap(),
-        Ok(handle(0))
-    );
-    let reply = tokio::time::timeout(Duration::from_secs(10), b)
-        .await
-        .expect("B still waits")
-        .unwrap();
-    assert!(
-        matches!(reply, Err(ClientError::Unavailable(_))),
-        "{reply:?}"
-    );
+    assert_eq!(within(a, "A was not answered").await, Ok(handle(0)));
+    let reply = within(b, "B still waits").await;
+    assert_unavailable(&reply);
 }
 
 /// The connection that was to carry a held reply's entry drops, and the enclave (the same
@@ -782,14 +769,8 @@ async fn a_held_reply_survives_the_drop_of_the_connection_that_owed_its_entry() 
             task.abort();
         }
     }
-    let reply = tokio::time::timeout(Duration::from_secs(10), b)
-        .await
-        .expect("B was left waiting")
-        .unwrap();
-    assert!(
-        matches!(reply, Err(ClientError::Unavailable(_))),
-        "{reply:?}"
-    );
+    let reply = within(b, "B was left waiting").await;
+    assert_unavailable(&reply);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!a.is_finished(), "released with no entry 0 anywhere");
     fake.send(
@@ -802,10 +783,7 @@ async fn a_held_reply_survives_the_drop_of_the_connection_that_owed_its_entry() 
     )
     .await;
     assert_eq!(
-        tokio::time::timeout(Duration::from_secs(10), a)
-            .await
-            .expect("not released once entry 0 was durable")
-            .unwrap(),
+        within(a, "not released once entry 0 was durable").await,
         Ok(handle(0))
     );
     assert_eq!(store.len(), 1);
@@ -897,10 +875,7 @@ async fn a_held_reply_survives_losing_every_connection_to_the_same_boot() {
         }
     });
     assert_eq!(
-        tokio::time::timeout(Duration::from_secs(10), a)
-            .await
-            .expect("not released once entry 0 was durable")
-            .unwrap(),
+        within(a, "not released once entry 0 was durable").await,
         Ok(handle(0))
     );
     assert_eq!(store.len(), 1);
@@ -927,14 +902,8 @@ async fn frames_from_a_boot_that_is_gone_are_not_used() {
             task.abort();
         }
     }
-    let reply = tokio::time::timeout(Duration::from_secs(10), b)
-        .await
-        .expect("B was left waiting")
-        .unwrap();
-    assert!(
-        matches!(reply, Err(ClientError::Unavailable(_))),
-        "{reply:?}"
-    );
+    let reply = within(b, "B was left waiting").await;
+    assert_unavailable(&reply);
     // The enclave restarted (in the fake, the old boot's connection `conn_a` stays open).
     fake.epoch = 4;
     fake.ready = false;
@@ -960,14 +929,8 @@ async fn frames_from_a_boot_that_is_gone_are_not_used() {
     )
     .await;
     fake.send(conn_a, id_a, held(0, handle(0))).await;
-    let reply = tokio::time::timeout(Duration::from_secs(10), a)
-        .await
-        .expect("A still waits")
-        .unwrap();
-    assert!(
-        matches!(reply, Err(ClientError::Unavailable(_))),
-        "{reply:?}"
-    );
+    let reply = within(a, "A still waits").await;
+    assert_unavailable(&reply);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(store.next_seq(), 0, "the old boot's entry 0 was taken");
     loop {
@@ -1113,12 +1076,6 @@ async fn a_held_reply_to_a_request_sent_before_the_restart_is_not_used() {
     }
     fake.durable_through(1, Some(1)).await;
     assert_eq!(store.len(), 2);
-    let reply = tokio::time::timeout(Duration::from_secs(10), call)
-        .await
-        .expect("the caller still waits")
-        .unwrap();
-    assert!(
-        matches!(reply, Err(ClientError::Unavailable(_))),
-        "{reply:?}"
-    );
+    let reply = within(call, "the caller still waits").await;
+    assert_unavailable(&reply);
 }
